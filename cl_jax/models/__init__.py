@@ -1,0 +1,59 @@
+"""Models as Flax NNX modules, used functionally: `FunctionalModel.apply(params, x, task)`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cl_jax.models.cnn import CNN
+from cl_jax.models.mlp import MLP
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FunctionalModel:
+  """A module split into its static graph and a plain params pytree (nested dicts of arrays).
+
+  `apply(params, x, task)` rebuilds the module from `params` (trace-time only under jit) and calls it:
+  every train step, loss, strategy and merge sees `params` as an ordinary pytree.
+  """
+  graphdef: Any
+
+  def apply(self, params: Params, x: jax.Array, task: jax.Array | None = None, method: str | None = None):
+    module = nnx.merge(self.graphdef, params)
+    if method is not None:
+      return getattr(module, method)(x)
+    return module(x, task)
+
+
+def functional(module: nnx.Module) -> tuple[FunctionalModel, Params]:
+  """Splits an NNX module into a `FunctionalModel` and its params as a pure dict pytree."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  if jax.tree.leaves(nnx.to_pure_dict(rest)):
+    raise ValueError("cl_jax models keep all their state in nnx.Param (no batch stats, no RNG state)")
+  return FunctionalModel(graphdef), nnx.to_pure_dict(params)
+
+
+def build_model(model_config, input_shape, num_outputs: int, num_heads: int, seed: int):
+  """Builds the model a config names: `model.name` in {mlp, cnn}. Returns (FunctionalModel, params)."""
+  rngs = nnx.Rngs(seed)
+  if model_config.name == "mlp":
+    module = MLP(int(np.prod(input_shape)), tuple(model_config.hidden), num_outputs,
+                 num_heads=num_heads, rngs=rngs)
+  elif model_config.name == "cnn":
+    module = CNN(input_shape, tuple(model_config.channels), int(model_config.cnn_hidden), num_outputs,
+                 num_heads=num_heads, rngs=rngs)
+  else:
+    raise ValueError(f"model.name={model_config.name!r}: expected one of 'mlp', 'cnn'")
+  return functional(module)
+
+
+def param_count(params: Params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+__all__ = ["MLP", "CNN", "FunctionalModel", "functional", "build_model", "param_count"]

@@ -1,0 +1,117 @@
+"""The Strategy type: a continual-learning method as a composable transform of the task loss.
+
+In the spirit of `optax.GradientTransformation`, a strategy is a tuple of pure functions:
+
+  init(params, task_info) -> strategy_state
+      The strategy's pytree (Fisher, anchors, teacher params, replay buffer, ...). It lives in the train
+      state, is sharded like the params it mirrors and is saved in every checkpoint.
+  loss(loss_fn) -> loss_fn'
+      Wraps a loss `loss_fn(params, batch, ctx) -> (loss, aux)`: adds a penalty (EWC), a distillation
+      term (LwF), or extends the batch (replay). `ctx.strategy_state` is this strategy's own state.
+  after_task(strategy_state, params, task_data, rng) -> strategy_state
+      Runs at each task boundary, outside the step: compute a Fisher, snapshot a teacher, fill a buffer.
+  train_tasks(task_index) -> tuple of task indices whose training data the task trains on.
+      The current task for every strategy but `joint`, which trains on all tasks seen so far.
+
+`chain(a, b, c)` composes strategies: states become a tuple, losses nest (a outermost), after_task runs
+each in order, train_tasks is the union. A new strategy is one new file in this folder that returns a
+`Strategy` and registers its builder in `cl_jax.strategies.REGISTRY`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+Params = Any
+Batch = dict  # {'x': float [B, ...], 'y': int32 [B], 'task': int32 [B]}
+
+
+class LossContext(NamedTuple):
+  """What a loss sees besides params and batch; a pytree, so it passes through jit."""
+  strategy_state: Any
+  rng: jax.Array
+  task_index: jax.Array  # int32 scalar: the task being trained (class-IL masks depend on it)
+
+
+LossFn = Callable[[Params, Batch, LossContext], tuple[jax.Array, dict]]
+
+
+class TaskData(NamedTuple):
+  """One task's training split as host arrays, handed to `after_task`."""
+  x: np.ndarray
+  y: np.ndarray
+  task: np.ndarray  # int32 task id per example
+  task_index: int
+
+
+class TaskInfo(NamedTuple):
+  """Static facts about the scenario that a strategy's `init` may size its state from."""
+  num_tasks: int
+  num_outputs: int
+  input_shape: tuple
+
+
+def current_task_only(task_index: int) -> tuple[int, ...]:
+  return (task_index,)
+
+
+def _keep_state(state, params, task_data, rng):
+  del params, task_data, rng
+  return state
+
+
+def _identity_loss(loss_fn: LossFn) -> LossFn:
+  return loss_fn
+
+
+def _no_state(params, task_info):
+  del params, task_info
+  return ()
+
+
+class Strategy(NamedTuple):
+  init: Callable[[Params, TaskInfo], Any] = _no_state
+  loss: Callable[[LossFn], LossFn] = _identity_loss
+  after_task: Callable[[Any, Params, TaskData, jax.Array], Any] = _keep_state
+  train_tasks: Callable[[int], Sequence[int]] = current_task_only
+  name: str = "naive"
+
+
+def chain(*strategies: Strategy) -> Strategy:
+  """Composes strategies; the first one's loss transform is the outermost."""
+  if len(strategies) == 1:
+    return strategies[0]
+
+  def init(params, task_info):
+    return tuple(s.init(params, task_info) for s in strategies)
+
+  def loss(loss_fn: LossFn) -> LossFn:
+    wrapped = loss_fn
+    for i in reversed(range(len(strategies))):
+      wrapped = _lift(strategies[i].loss, wrapped, i)
+    return wrapped
+
+  def after_task(state, params, task_data, rng):
+    rngs = jax.random.split(rng, len(strategies))
+    return tuple(s.after_task(st, params, task_data, r) for s, st, r in zip(strategies, state, rngs))
+
+  def train_tasks(task_index):
+    return tuple(sorted({t for s in strategies for t in s.train_tasks(task_index)}))
+
+  return Strategy(init, loss, after_task, train_tasks, "+".join(s.name for s in strategies))
+
+
+def _lift(transform, inner: LossFn, index: int) -> LossFn:
+  """Runs strategy `index`'s transform with its own state, handing the full tuple on to `inner`."""
+
+  def lifted(params, batch, ctx: LossContext):
+    full = ctx.strategy_state
+
+    def inner_with_full_state(p, b, c: LossContext):
+      return inner(p, b, c._replace(strategy_state=full))
+
+    return transform(inner_with_full_state)(params, batch, ctx._replace(strategy_state=full[index]))
+
+  return lifted
