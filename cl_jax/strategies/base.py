@@ -38,6 +38,20 @@ class LossContext(NamedTuple):
 LossFn = Callable[[Params, Batch, LossContext], tuple[jax.Array, dict]]
 
 
+class Learner(NamedTuple):
+  """The model as strategies see it: raw logits plus the scenario's logit mask.
+
+  `apply(params, x, task) -> logits [B, C]`; `logit_mask(task [B], task_index) -> bool [B, C]` or None
+  (class-IL: classes seen up to `task_index`; task-IL single-head: the example's own task's classes).
+  """
+  apply: Callable
+  logit_mask: Callable
+
+  def logits(self, params, x, task, task_index):
+    from cl_jax.losses import apply_mask
+    return apply_mask(self.apply(params, x, task), self.logit_mask(task, task_index))
+
+
 class TaskData(NamedTuple):
   """One task's training split as host arrays, handed to `after_task`."""
   x: np.ndarray
