@@ -1,0 +1,400 @@
+"""LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on params pytrees.
+
+A LoRA adapter replaces a frozen dense layer `h = x W + b` (W: [d_in, d_out]) by
+
+    h = x W + b + (alpha / r) * dropout(x) A B,      A: [d_in, r] ~ N(0, 1/d_in),  B: [r, d_out] = 0,
+
+so a fresh adapter is exactly the identity (B = 0) and only A, B (r (d_in + d_out) numbers per layer) are
+trained. Several named adapters can live beside one frozen base, one per task or domain:
+
+    params = {'base': base_params, 'adapters': {name: {module_path: {'A': [d_in, r], 'B': [r, d_out]}}}}
+
+`module_path` is the '/'-joined path of the module that owns a 2-D `kernel` in the base pytree
+('dense_0', 'layers/3/attn/q', ...). `LoraModel.apply` runs the base model with none, one, the sum of
+several, or a per-example choice of adapters; the optimizer sees only adapter leaves through
+`trainable_mask`, so the base -- and with it the base model's outputs -- is unchanged bit for bit by
+construction. `merge_adapter` folds `W <- W + (alpha / r) A B` into the base; `save_adapter` /
+`load_adapter` store one adapter by name with orbax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Params = Any
+
+# Last path components that name an output head: `all-linear` leaves these alone (Hu et al. adapt the
+# attention/MLP projections, not the classifier; a per-task head is a different mechanism).
+HEAD_NAMES = ("head", "lm_head", "unembed", "output", "classifier")
+ALL_LINEAR = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which layers get adapters and how they are shaped.
+
+  targets: 'all-linear' (every module holding a 2-D `kernel` except the output head) or a sequence of
+    fnmatch patterns over module paths, e.g. ('dense_*',) or ('layers/*/attn/*',).
+  rank: r. alpha: the update is scaled by alpha / r (so changing r does not change the initial step size
+    of Adam-like optimizers much; Hu et al. 2021 Sec. 4.1). dropout: applied to the adapter's input only.
+  """
+  targets: Any = ALL_LINEAR
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora.rank={self.rank!r}: expected a positive integer")
+    if not float(self.alpha) > 0:
+      raise ValueError(f"lora.alpha={self.alpha!r}: expected a positive number")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"lora.dropout={self.dropout!r}: expected a value in [0, 1)")
+    if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+      object.__setattr__(self, "targets", (self.targets,))
+    elif not isinstance(self.targets, str):
+      object.__setattr__(self, "targets", tuple(self.targets))
+      if not self.targets:
+        raise ValueError("lora.targets=(): expected 'all-linear' or a non-empty list of path patterns")
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / self.rank
+
+
+def default_config():
+  """The `lora` config section: targets, rank, alpha, dropout (see `LoraSpec`)."""
+  import ml_collections
+  return ml_collections.ConfigDict({"targets": ALL_LINEAR, "rank": 8, "alpha": 16.0, "dropout": 0.0})
+
+
+def spec_from_config(lora_config) -> LoraSpec:
+  targets = lora_config.targets
+  if not isinstance(targets, str):
+    targets = tuple(targets)
+  return LoraSpec(targets=targets, rank=int(lora_config.rank), alpha=float(lora_config.alpha),
+                  dropout=float(lora_config.dropout))
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+def _kernel_modules(tree, prefix=()):
+  """Yields (path tuple, module dict) for every dict in `tree` that holds a 2-D 'kernel'."""
+  if isinstance(tree, Mapping):
+    k = tree.get("kernel")
+    if k is not None and hasattr(k, "ndim") and k.ndim == 2:
+      yield prefix, tree
+    for key, sub in tree.items():
+      if isinstance(sub, Mapping):
+        yield from _kernel_modules(sub, (*prefix, key))
+
+
+def path_str(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def target_paths(base_params: Params, targets=ALL_LINEAR) -> tuple[str, ...]:
+  """Module paths ('dense_0', 'layers/0/attn/q', ...) of the 2-D kernels `targets` selects.
+
+  'all-linear' selects every 2-D kernel whose module is not an output head (`HEAD_NAMES`); a pattern list
+  selects the paths that match any pattern (fnmatch). A pattern matching no 2-D kernel is an error, so a
+  typo does not silently train nothing.
+  """
+  modules = [path_str(p) for p, _ in _kernel_modules(base_params)]
+  if isinstance(targets, str) and targets == ALL_LINEAR:
+    chosen = [p for p in modules if p.split("/")[-1] not in HEAD_NAMES]
+  else:
+    patterns = (targets,) if isinstance(targets, str) else tuple(targets)
+    for pat in patterns:
+      if not any(fnmatch.fnmatchcase(p, pat) for p in modules):
+        raise ValueError(f"lora.targets pattern {pat!r} matches no module with a 2-D kernel; "
+                         f"modules with 2-D kernels: {modules}")
+    chosen = [p for p in modules if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+  if not chosen:
+    raise ValueError(f"lora.targets={targets!r} selects no layer; modules with 2-D kernels: {modules}")
+  return tuple(chosen)
+
+
+def _get(tree, path: str):
+  node = tree
+  for part in path.split("/"):
+    if isinstance(node, Mapping):
+      node = node[part] if part in node else node[int(part)]
+    else:
+      node = node[int(part)] if part.isdigit() and not hasattr(node, part) else getattr(node, part)
+  return node
+
+
+def _with_kernel(tree, path: str, kernel):
+  """A shallow copy of `tree` with the kernel at `path` replaced (the input is never mutated)."""
+  parts = path.split("/")
+
+  def rec(node, i):
+    node = dict(node)
+    key = parts[i] if parts[i] in node else int(parts[i])
+    node[key] = rec(node[key], i + 1) if i + 1 < len(parts) else {**node[key], "kernel": kernel}
+    return node
+
+  return rec(tree, 0)
+
+
+# -------------------------------------------------------------------------------------- adapter pytrees
+
+def init_adapter(rng: jax.Array, base_params: Params, spec: LoraSpec) -> dict:
+  """A fresh adapter: A ~ N(0, 1/d_in) (Kaiming-like, as Hu et al.'s Gaussian A), B = 0 (identity at start)."""
+  paths = target_paths(base_params, spec.targets)
+  keys = jax.random.split(rng, len(paths))
+  adapter = {}
+  for key, path in zip(keys, paths):
+    kernel = _get(base_params, path)["kernel"]
+    d_in, d_out = kernel.shape
+    dtype = kernel.dtype
+    adapter[path] = {
+        "A": (jax.random.normal(key, (d_in, spec.rank), jnp.float32) / jnp.sqrt(d_in)).astype(dtype),
+        "B": jnp.zeros((spec.rank, d_out), dtype),
+    }
+  return adapter
+
+
+def lora_params(base_params: Params, adapters: Mapping[str, dict] | None = None) -> dict:
+  """Wraps a base params pytree for `LoraModel`: {'base': base, 'adapters': {name: adapter}}."""
+  return {"base": base_params, "adapters": dict(adapters or {})}
+
+
+def _check_params(params):
+  if not (isinstance(params, Mapping) and "base" in params and "adapters" in params):
+    raise ValueError("params: expected {'base': base_params, 'adapters': {...}} (see lora_params)")
+
+
+def adapter_names(params) -> tuple[str, ...]:
+  _check_params(params)
+  return tuple(params["adapters"])
+
+
+def _require(params, name):
+  _check_params(params)
+  if name not in params["adapters"]:
+    raise KeyError(f"adapter {name!r} not found; adapters: {sorted(params['adapters'])}")
+  return params["adapters"][name]
+
+
+def add_adapter(params, name: str, rng: jax.Array, spec: LoraSpec) -> dict:
+  """Returns params with a new identity adapter `name` (an error if the name is taken)."""
+  _check_params(params)
+  if name in params["adapters"]:
+    raise ValueError(f"adapter {name!r} already exists; adapters: {sorted(params['adapters'])}")
+  return {"base": params["base"],
+          "adapters": {**params["adapters"], name: init_adapter(rng, params["base"], spec)}}
+
+
+def remove_adapter(params, name: str) -> dict:
+  _require(params, name)
+  return {"base": params["base"], "adapters": {k: v for k, v in params["adapters"].items() if k != name}}
+
+
+def trainable_mask(params, names: str | Sequence[str]) -> dict:
+  """A bool pytree shaped like `params`: True on the leaves of the named adapters only.
+
+  Hand it to `build_optimizer(..., trainable=mask)` so the base and every other adapter get
+  `optax.set_to_zero` and hold no optimizer state.
+  """
+  names = (names,) if isinstance(names, str) else tuple(names)
+  for n in names:
+    _require(params, n)
+  return {"base": jax.tree.map(lambda _: False, params["base"]),
+          "adapters": {n: jax.tree.map(lambda _, n=n: n in names, a) for n, a in params["adapters"].items()}}
+
+
+def adapter_delta(adapter_layer: Mapping, scale: float) -> jax.Array:
+  """The dense update (alpha / r) A B of one layer, in float32."""
+  return scale * (adapter_layer["A"].astype(jnp.float32) @ adapter_layer["B"].astype(jnp.float32))
+
+
+def merge_adapter(params, name: str, spec: LoraSpec) -> dict:
+  """Folds adapter `name` into the base, W <- W + (alpha / r) A B, and removes it.
+
+  `LoraModel.apply(merged, x)` (no adapter) then equals `LoraModel.apply(params, x, adapter=name)` up to
+  float rounding; other adapters stay as they are (they were trained against the old base).
+  """
+  adapter = _require(params, name)
+  base = params["base"]
+  for path, layer in adapter.items():
+    kernel = _get(base, path)["kernel"]
+    scale = spec.alpha / layer["A"].shape[-1]
+    base = _with_kernel(base, path, (kernel.astype(jnp.float32) + adapter_delta(layer, scale)).astype(kernel.dtype))
+  return {"base": base, "adapters": {k: v for k, v in params["adapters"].items() if k != name}}
+
+
+def num_adapter_params(adapter: Mapping) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(adapter)))
+
+
+# ------------------------------------------------------------------------------------------ the forward
+
+class _LoraLinear:
+  """Stands in for an `nnx.Linear` at trace time: base(x) + sum_k w_k(x) (alpha / r_k) drop(x) A_k B_k.
+
+  `weights` is None (plain sum over the given adapters) or a [B, K] array of per-example adapter weights
+  (one-hot for routing: each example uses its own adapter). The per-example case is one matmul:
+  concat_k(w_k * x A_k) [B, K r] @ concat_k(s_k B_k) [K r, d_out].
+  """
+
+  def __init__(self, base, layers, scales, weights, dropout, rng):
+    self.base, self.layers, self.scales, self.weights = base, layers, scales, weights
+    self.dropout, self.rng = dropout, rng
+
+  def __call__(self, x):
+    out = self.base(x)
+    z = x
+    if self.rng is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(self.rng, 1.0 - self.dropout, x.shape)
+      z = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    if self.weights is None:
+      for layer, s in zip(self.layers, self.scales):
+        out = out + (s * ((z @ layer["A"]) @ layer["B"])).astype(out.dtype)
+      return out
+    zs = [(z @ layer["A"]) * self.weights[:, k, None].astype(z.dtype) for k, layer in enumerate(self.layers)]
+    bs = [s * layer["B"] for layer, s in zip(self.layers, self.scales)]
+    return out + (jnp.concatenate(zs, -1) @ jnp.concatenate(bs, 0)).astype(out.dtype)
+
+
+def _set_child(module, path: str, value):
+  parts = path.split("/")
+  parent = _get(module, "/".join(parts[:-1])) if len(parts) > 1 else module
+  last = parts[-1]
+  if hasattr(parent, last):
+    setattr(parent, last, value)
+  else:
+    parent[int(last)] = value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraModel:
+  """A `FunctionalModel` with named LoRA adapters on its dense layers.
+
+  `apply(params, x, task=None, *, adapter=None, adapter_index=None, rng=None, method=None)`:
+    adapter=None          the base model (adapters disabled): bit-identical to `model.apply(params['base'], ...)`;
+    adapter='name'        base + that adapter;
+    adapter=(n1, n2, ..)  base + the sum of the adapters (O-LoRA trains the newest on top of the frozen older ones);
+    adapter=(n1, ..), adapter_index=[B] int   each example uses adapter n_{index[b]} (task-IL with task
+                          labels, or a router's choice). A negative index means 'no adapter' for that example.
+  `rng` turns on adapter dropout (training); without it the forward is deterministic.
+  Adapted layers must be `nnx.Linear` modules (called as the adapter's side path, so dropout works);
+  any other module with a 2-D kernel used as x @ kernel gets the folded weight W + (alpha/r) A B instead.
+  """
+  model: Any  # FunctionalModel
+  spec: LoraSpec
+
+  def apply(self, params, x, task=None, *, adapter=None, adapter_index=None, rng=None, method=None):
+    _check_params(params)
+    base = params["base"]
+    if adapter is None:
+      if adapter_index is not None:
+        raise ValueError("adapter_index needs adapter=(names...) to index into")
+      return self.model.apply(base, x, task, method=method)
+    names = (adapter,) if isinstance(adapter, str) else tuple(adapter)
+    adapters = [_require(params, n) for n in names]
+    weights = None
+    if adapter_index is not None:
+      if isinstance(adapter, str):
+        raise ValueError("adapter_index needs a sequence of adapter names, got a single name")
+      weights = jax.nn.one_hot(jnp.asarray(adapter_index), len(names), dtype=jnp.float32)
+    paths = sorted({p for a in adapters for p in a})
+    # Non-Linear owners of a kernel: fold the update into the kernel (no dropout there).
+    module = nnx.merge(self.model.graphdef, base)
+    folded = [p for p in paths if not isinstance(_get(module, p), nnx.Linear)]
+    if folded:
+      if weights is not None:
+        raise ValueError(f"per-example adapters need nnx.Linear layers; {folded} are not")
+      for p in folded:
+        kernel = _get(base, p)["kernel"]
+        delta = sum(adapter_delta(a[p], self.spec.alpha / a[p]["A"].shape[-1]) for a in adapters if p in a)
+        base = _with_kernel(base, p, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+      module = nnx.merge(self.model.graphdef, base)
+    rngs = jax.random.split(rng, len(paths)) if rng is not None else [None] * len(paths)
+    for p, r in zip(paths, rngs):
+      if p in folded:
+        continue
+      present = [k for k, a in enumerate(adapters) if p in a]
+      layers = [adapters[k][p] for k in present]
+      scales = [self.spec.alpha / l["A"].shape[-1] for l in layers]
+      w = None if weights is None else weights[:, jnp.asarray(present)]
+      _set_child(module, p, _LoraLinear(_get(module, p), layers, scales, w, self.spec.dropout, r))
+    if method is not None:
+      return getattr(module, method)(x)
+    return module(x, task)
+
+  def bind(self, adapter=None):
+    """`(params, x, task) -> logits` with a fixed adapter choice: what a `Learner.apply` expects."""
+    return lambda params, x, task=None: self.apply(params, x, task, adapter=adapter)
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: bool = False) -> str:
+  """Saves adapter `name` to `directory/name` (orbax) plus its spec as `directory/name.json`."""
+  import orbax.checkpoint as ocp
+  adapter = _require(params, name)
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, name)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"adapter checkpoint {path} exists; pass overwrite=True to replace it")
+  # Orbax keys the saved tree by its dict keys; '/' inside a key would become a directory, so paths are
+  # stored with ':' and mapped back on load.
+  tree = {p.replace("/", ":"): layer for p, layer in adapter.items()}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree, force=overwrite)
+  with open(path + ".json", "w") as f:
+    json.dump({"name": name, "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
+               "targets": spec.targets if isinstance(spec.targets, str) else list(spec.targets),
+               "paths": sorted(adapter)}, f, indent=1)
+  return path
+
+
+def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec]:
+  """Loads adapter `name` from `directory`. Returns (params with the adapter added, spec) when `params`
+  is given (shapes are checked against its base), else (the adapter alone, spec)."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(os.path.abspath(directory), name)
+  if not os.path.exists(path + ".json") or not os.path.isdir(path):
+    raise FileNotFoundError(f"no adapter {name!r} under {directory} (expected {path} and {path}.json)")
+  with open(path + ".json") as f:
+    meta = json.load(f)
+  targets = meta["targets"] if isinstance(meta["targets"], str) else tuple(meta["targets"])
+  spec = LoraSpec(targets=targets, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+                  dropout=float(meta["dropout"]))
+  with ocp.StandardCheckpointer() as ckptr:
+    if params is not None:
+      _check_params(params)
+      abstract = {}
+      for p in meta["paths"]:
+        try:
+          kernel = _get(params["base"], p)["kernel"]
+        except (KeyError, ValueError, AttributeError, TypeError):
+          raise ValueError(f"adapter {name!r} adapts {p!r}, which the base params do not have") from None
+        d_in, d_out = kernel.shape
+        abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((d_in, spec.rank), kernel.dtype),
+                                         "B": jax.ShapeDtypeStruct((spec.rank, d_out), kernel.dtype)}
+      tree = ckptr.restore(path, abstract)
+    else:
+      tree = ckptr.restore(path)
+  adapter = {p.replace(":", "/"): {"A": jnp.asarray(l["A"]), "B": jnp.asarray(l["B"])} for p, l in tree.items()}
+  if params is None:
+    return adapter, spec
+  if name in params["adapters"]:
+    raise ValueError(f"adapter {name!r} already exists in params; remove_adapter it first")
+  return {"base": params["base"], "adapters": {**params["adapters"], name: adapter}}, spec
+
+
+__all__ = ["LoraSpec", "LoraModel", "ALL_LINEAR", "HEAD_NAMES", "default_config", "spec_from_config",
+           "target_paths", "init_adapter", "lora_params", "adapter_names", "add_adapter", "remove_adapter",
+           "trainable_mask", "adapter_delta", "merge_adapter", "num_adapter_params", "save_adapter",
+           "load_adapter"]
