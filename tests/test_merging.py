@@ -1,0 +1,255 @@
+"""Merging: hand-computed TIES / DARE / SLERP, identities between methods, validation, sharding."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cl_jax import merging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def f32(*xs):
+  return jnp.asarray(xs, jnp.float32)
+
+
+# Shared hand-computed TIES example (values chosen so every step matters; see test_ties_hand_computed).
+BASE = f32(1, 1, 1, 1, 1)
+TAUS = [f32(0.5, -2.0, 0.1, 3.0, -0.2), f32(-1.0, -1.0, 0.4, -0.1, 0.3), f32(2.0, 0.3, -0.6, 1.0, 0.05)]
+WEIGHTS = f32(1, 2, 1)
+
+
+def test_task_vector_linear_task_arithmetic():
+  base, a, b = f32(1, 2), f32(3, 2), f32(1, 6)
+  np.testing.assert_allclose(merging.task_vector(a, base), [2, 0])
+  # (1*[3,2] + 3*[1,6]) / 4
+  np.testing.assert_allclose(merging.linear([a, b], f32(1, 3)), [1.5, 5.0])
+  # base + 0.5 * (1*[2,0] + 3*[0,4])
+  np.testing.assert_allclose(merging.task_arithmetic(base, [a, b], f32(1, 3), 0.5), [2.0, 8.0])
+
+
+def test_ties_hand_computed():
+  thetas = [BASE + t for t in TAUS]
+  # density 0.6 of 5 entries keeps k = 3 per task vector:
+  #   trim(tau1) = [0.5, -2, 0, 3, 0], trim(tau2) = [-1, -1, 0.4, 0, 0], trim(tau3) = [2, 0, -0.6, 1, 0]
+  # weighted (w = 1, 2, 1) sum = [0.5, -4, 0.2, 4, 0] -> elected sign [+, -, +, +, 0]
+  # agreeing weighted entries: [0.5 + 2, -2 - 2, 0.8, 3 + 1, 0], agreeing weight [2, 3, 2, 2, 0]
+  out = merging.ties(BASE, thetas, WEIGHTS, density=0.6, lam=0.5, normalize=True)
+  np.testing.assert_allclose(out, 1 + 0.5 * np.array([2.5 / 2, -4 / 3, 0.8 / 2, 4 / 2, 0]), rtol=1e-6)
+  out = merging.ties(BASE, thetas, WEIGHTS, density=0.6, lam=0.5, normalize=False)
+  np.testing.assert_allclose(out, 1 + 0.5 * np.array([2.5, -4, 0.8, 4, 0]), rtol=1e-6)
+
+
+def test_ties_density_one_without_conflicts_is_task_arithmetic():
+  rng = np.random.default_rng(0)
+  base = jnp.asarray(rng.normal(size=(6, 7)), jnp.float32)
+  mags = [jnp.asarray(np.abs(rng.normal(size=(6, 7))), jnp.float32) for _ in range(3)]
+  sign = jnp.asarray(np.sign(rng.normal(size=(6, 7))), jnp.float32)  # shared: no sign conflicts
+  thetas = [base + sign * m for m in mags]
+  w = f32(0.5, 1.0, 2.0)
+  ta = merging.task_arithmetic(base, thetas, w, 0.7)
+  np.testing.assert_allclose(merging.ties(base, thetas, w, 1.0, 0.7, normalize=False), ta, rtol=1e-5)
+  # normalize divides by the agreeing weight, here all of it: task arithmetic with weights / sum(w).
+  np.testing.assert_allclose(merging.ties(base, thetas, w, 1.0, 0.7, normalize=True),
+                             merging.task_arithmetic(base, thetas, w / w.sum(), 0.7), rtol=1e-5)
+  # and with a conflict they differ (the test above can fail).
+  flipped = [thetas[0], base - sign * mags[1], thetas[2]]
+  assert not np.allclose(merging.ties(base, flipped, w, 1.0, 0.7, normalize=False),
+                         merging.task_arithmetic(base, flipped, w, 0.7))
+
+
+def test_trim_keeps_ties_at_threshold():
+  tau = f32(3, -1, 1, -1, 0.5, 2)
+  # k = ceil(0.5 * 6) = 3: the third-largest magnitude is 1, held by three entries; all are kept.
+  np.testing.assert_array_equal(merging.trim(tau, 0.5), [3, -1, 1, -1, 0, 2])
+  np.testing.assert_array_equal(merging.trim(tau, 1 / 3), [3, 0, 0, 0, 0, 2])
+  np.testing.assert_array_equal(merging.trim(tau, 1.0), tau)
+
+
+def test_sampled_threshold_keeps_about_density():
+  n = 3 * merging.EXACT_TOPK_MAX + 17  # above the exact cutoff: 'auto' samples
+  x = jax.random.normal(jax.random.key(1), (n // 17, 17)) * jnp.linspace(0.1, 3.0, 17)  # per-column scales
+  for density in (0.05, 0.2, 0.7):
+    kept = float(jnp.mean(merging.trim(x, density) != 0))
+    sigma = np.sqrt(density * (1 - density) / merging.THRESHOLD_SAMPLE_SIZE)
+    assert abs(kept - density) < 5 * sigma, (density, kept)
+    exact = merging.magnitude_threshold(x, density, method="exact")
+    approx = merging.magnitude_threshold(x, density)
+    assert abs(float(approx) / float(exact) - 1) < 0.02
+
+
+def test_dare_fixed_mask_hand_computed():
+  tau = f32(1, -2, 3, -4)
+  np.testing.assert_allclose(merging.dare(tau, 0.5, mask=jnp.array([1, 0, 1, 0], bool)), [2, 0, 6, 0])
+  base = f32(1, 1, 1, 1)
+  t1, t2 = f32(1, -2, 3, -4), f32(-1, 1, 1, 2)
+  masks = [jnp.array([1, 0, 1, 1], bool), jnp.array([1, 1, 0, 1], bool)]
+  # DARE at density 0.5: [2, 0, 6, -8] and [-2, 2, 0, 4]
+  thetas = [base + t1, base + t2]
+  out = merging.dare_linear(base, thetas, f32(1, 1), 0.5, masks=masks)
+  np.testing.assert_allclose(out, 1 + np.array([0, 2, 6, -4]))
+  # TIES on them: sum [0, 2, 6, -4] elects [0, +, +, -]; entry 0 has no agreeing model -> 0.
+  out = merging.dare_ties(base, thetas, f32(1, 1), 0.5, masks=masks)
+  np.testing.assert_allclose(out, 1 + np.array([0, 2, 6, -8]))
+
+
+def test_dare_random_mask_rate_unbiased_and_seeded():
+  tau = jnp.ones((200, 500), jnp.float32)
+  out = merging.dare(tau, 0.3, key=jax.random.key(7))
+  kept = np.asarray(out != 0)
+  assert abs(kept.mean() - 0.3) < 0.005
+  np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.3, rtol=1e-6)
+  assert abs(float(out.mean()) - 1) < 0.02  # E[DARE(tau)] = tau
+  np.testing.assert_array_equal(out, merging.dare(tau, 0.3, key=jax.random.key(7)))
+  assert not np.array_equal(out, merging.dare(tau, 0.3, key=jax.random.key(8)))
+
+
+def test_slerp_hand_computed_and_endpoints():
+  a, b = f32(2, 0), f32(0, 1)
+  # angle pi/2: coefficients sin(2pi/6) = sqrt(3)/2 and sin(pi/6) = 1/2 on the raw vectors
+  np.testing.assert_allclose(merging.slerp(a, b, 1 / 3), [np.sqrt(3), 0.5], rtol=1e-6)
+  np.testing.assert_allclose(merging.slerp(f32(1, 0), f32(0, 1), 0.5), [0.5 ** 0.5] * 2, rtol=1e-6)
+  np.testing.assert_allclose(merging.slerp(a, b, 0.0), a, atol=1e-7)
+  np.testing.assert_allclose(merging.slerp(a, b, 1.0), b, atol=1e-7)
+
+
+def test_slerp_colinear_falls_back_to_lerp():
+  a = f32(1, 2, 3)
+  np.testing.assert_allclose(merging.slerp(a, 2 * a, 0.25), 0.75 * a + 0.5 * a, rtol=1e-6)
+  np.testing.assert_allclose(merging.slerp(f32(1, 0), f32(-1, 0), 0.5), [0, 0], atol=1e-7)
+  np.testing.assert_allclose(merging.slerp(f32(0, 0), f32(2, 4), 0.5), [1, 2], rtol=1e-6)  # zero vector
+  assert np.all(np.isfinite(merging.slerp(a, a * (1 + 1e-7), 0.3)))
+
+
+def _mlp_params(key, scale=1.0):
+  ks = jax.random.split(key, 8)
+  p = {f"dense_{i}": {"kernel": scale * jax.random.normal(ks[2 * i], (4, 4)),
+                      "bias": scale * jax.random.normal(ks[2 * i + 1], (4,))} for i in range(3)}
+  p["head"] = {"kernel": jax.random.normal(ks[6], (4, 2)), "bias": jnp.zeros((2,))}
+  return p
+
+
+def test_merge_tree_matches_per_tensor_functions():
+  base = _mlp_params(jax.random.key(0))
+  models = [jax.tree.map(lambda x, d: x + d, base, _mlp_params(jax.random.key(i), 0.1)) for i in (1, 2, 3)]
+  w = [0.2, 0.3, 0.5]
+  leaf = lambda tree: tree["dense_1"]["kernel"]
+  ms = [leaf(m) for m in models]
+  out = merging.merge("ties", base, models, weights=w, density=0.5, lam=1.2)
+  np.testing.assert_allclose(leaf(out), merging.ties(leaf(base), ms, f32(*w), 0.5, 1.2), rtol=1e-6)
+  out = merging.merge("task_arithmetic", base, models, weights=w, lam=0.5)
+  np.testing.assert_allclose(leaf(out), merging.task_arithmetic(leaf(base), ms, f32(*w), 0.5), rtol=1e-6)
+  out = merging.merge("linear", None, models)
+  np.testing.assert_allclose(leaf(out), sum(ms) / 3, rtol=1e-6)
+  d1 = merging.merge("dare_ties", base, models, weights=w, density=0.4, seed=3)
+  d2 = merging.merge("dare_ties", base, models, weights=w, density=0.4, seed=3)
+  d3 = merging.merge("dare_ties", base, models, weights=w, density=0.4, seed=4)
+  jax.tree.map(np.testing.assert_array_equal, d1, d2)
+  assert not np.array_equal(leaf(d1), leaf(d3))
+  lin = merging.merge("dare", base, models, weights=w, density=0.4, seed=3)
+  assert jax.tree.structure(lin) == jax.tree.structure(base)
+
+
+def test_merge_slerp_endpoints_and_depth_schedule():
+  a, b = _mlp_params(jax.random.key(1)), _mlp_params(jax.random.key(2))
+  for t, want in ((0.0, a), (1.0, b)):
+    out = merging.merge("slerp", None, [a, b], t=t)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out, want)
+  # three numbered layers with anchors [0, 1]: t = 0, 0.5, 1 over depth; the head has its own t.
+  out = merging.merge("slerp", None, [a, b], t={"head": 0.25, "default": [0.0, 1.0]})
+  for name, t in (("dense_0", 0.0), ("dense_1", 0.5), ("dense_2", 1.0), ("head", 0.25)):
+    np.testing.assert_allclose(out[name]["kernel"], merging.slerp(a[name]["kernel"], b[name]["kernel"], t),
+                               atol=1e-6)
+  assert merging.resolve_t([0.0, 0.2, 1.0], ["l/0", "l/1", "l/2", "l/3", "l/4"]) == pytest.approx(
+      {"l/0": 0.0, "l/1": 0.1, "l/2": 0.2, "l/3": 0.6, "l/4": 1.0})
+
+
+def test_merge_preserves_dtype_and_int_leaves():
+  base = {"w": jnp.ones((3,), jnp.bfloat16), "step": jnp.int32(5)}
+  m = {"w": jnp.full((3,), 3.0, jnp.bfloat16), "step": jnp.int32(9)}
+  out = merging.merge("task_arithmetic", base, [m], lam=0.5)
+  assert out["w"].dtype == jnp.bfloat16 and int(out["step"]) == 5
+  np.testing.assert_allclose(np.asarray(out["w"], np.float32), [2, 2, 2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="ties", density=0.0), "density"),
+    (dict(method="ties", density=1.5), "density"),
+    (dict(method="dare_ties", density=-0.1), "density"),
+    (dict(method="slerp", t=1.2), "t must be in"),
+    (dict(method="slerp", t={"default": [0.0, -0.5]}), "t must be in"),
+    (dict(method="slerp", t=[0.0, 1.0]), "head"),  # a depth list cannot apply to the unnumbered head
+    (dict(method="task_arithmetic", weights=[1.0]), "weights: got 1 weights for 2 models"),
+    (dict(method="ties", weights=[1.0, -1.0]), "weights must be >= 0"),
+    (dict(method="median"), "method must be one of"),
+])
+def test_merge_rejects_bad_parameters(kwargs, match):
+  a, b = _mlp_params(jax.random.key(1)), _mlp_params(jax.random.key(2))
+  kwargs = dict(kwargs)
+  with pytest.raises(ValueError, match=match):
+    merging.merge(kwargs.pop("method"), a, [a, b], **kwargs)
+
+
+def test_merge_rejects_mismatched_trees_naming_the_path():
+  a = _mlp_params(jax.random.key(1))
+  missing = {k: v for k, v in a.items() if k != "dense_2"}
+  with pytest.raises(ValueError, match="dense_2/bias"):
+    merging.merge("linear", None, [a, missing])
+  wrong = jax.tree.map(lambda x: x, a)
+  wrong["head"]["kernel"] = jnp.zeros((4, 3))
+  with pytest.raises(ValueError, match=r"shape mismatch at 'head/kernel'"):
+    merging.merge("ties", a, [a, wrong], density=0.5)
+  with pytest.raises(ValueError, match="exactly two"):
+    merging.merge("slerp", None, [a, a, a], t=0.5)
+  with pytest.raises(ValueError, match="base"):
+    merging.merge("ties", None, [a], density=0.5)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+  import os
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from cl_jax import merging
+  assert jax.device_count() == 8, jax.devices()
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  spec = {"big": NamedSharding(mesh, P("fsdp", None)), "mat": NamedSharding(mesh, P(None, "fsdp")),
+          "bias": NamedSharding(mesh, P())}
+  def params(seed):
+    k = jax.random.split(jax.random.key(seed), 3)
+    # 'big' is above the exact top-k cutoff, so the sampled threshold runs on a sharded tensor.
+    p = {"big": jax.random.normal(k[0], (merging.EXACT_TOPK_MAX // 64 + 8, 128)),
+         "mat": jax.random.normal(k[1], (8, 16)), "bias": jax.random.normal(k[2], (5,))}
+    return {n: jax.device_put(x, spec[n]) for n, x in p.items()}
+  base, models = params(0), [params(i) for i in (1, 2, 3)]
+  host = lambda t: jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), t)
+  runs = {"linear": dict(), "task_arithmetic": dict(lam=0.5), "ties": dict(density=0.2),
+          "dare_linear": dict(density=0.5), "dare_ties": dict(density=0.5)}
+  for method, kw in runs.items():
+    out = merging.merge(method, base, models, **kw)
+    for n in spec:
+      assert out[n].sharding == base[n].sharding, (method, n, out[n].sharding)
+    ref = merging.merge(method, host(base), [host(m) for m in models], **kw)
+    for n in spec:
+      np.testing.assert_allclose(np.asarray(out[n]), np.asarray(ref[n]), rtol=1e-5, atol=1e-6,
+                                 err_msg=method + "/" + n)
+  out = merging.merge("slerp", None, models[:2], t=0.3)
+  for n in spec:
+    assert out[n].sharding == models[0][n].sharding, ("slerp", n)
+  print("SHARDED_OK")
+""")
+
+
+def test_merge_of_sharded_params_stays_sharded():
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stdout + proc.stderr
