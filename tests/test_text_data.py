@@ -1,0 +1,161 @@
+"""Text corpora, tokenizers, dedup/split/pack and cloze items (cl_jax.data.text, cl_jax.data.tokenizer)."""
+from __future__ import annotations
+
+import ast
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from cl_jax.data import text
+from cl_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def test_byte_tokenizer_round_trip_and_specials():
+  tok = ByteTokenizer()
+  s = "def f(x):\n  return 'héllo → ✓'"
+  ids = tok.encode(s)
+  assert ids.dtype == np.int32 and ids.max() < 256
+  assert len(ids) == len(s.encode("utf-8"))
+  assert tok.decode(ids) == s
+  with_specials = np.concatenate([[tok.bos_id], ids, [tok.eos_id, tok.pad_id]])
+  assert tok.decode(with_specials) == s
+  assert tok.vocab_size == 259 and len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
+
+
+def test_tokenizer_file_paths(tmp_path, monkeypatch):
+  path = tmp_path / "tok.json"
+  path.write_text("{}")
+  # A missing package is a clear ImportError that names it.
+  monkeypatch.setitem(sys.modules, "tokenizers", None)
+  with pytest.raises(ImportError, match="pip install tokenizers"):
+    load_tokenizer(str(path))
+  # With the package present, the file is loaded and the specials are found by name.
+  vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3}
+
+  class FakeTok:
+    @staticmethod
+    def from_file(p):
+      assert p == str(path)
+      return FakeTok()
+
+    def get_vocab_size(self, with_added_tokens=True):
+      return len(vocab)
+
+    def token_to_id(self, t):
+      return vocab.get(t)
+
+    def encode(self, s, add_special_tokens=False):
+      return types.SimpleNamespace(ids=[vocab[c] for c in s])
+
+    def decode(self, ids, skip_special_tokens=True):
+      inv = {v: k for k, v in vocab.items()}
+      return "".join(inv[i] for i in ids if not (skip_special_tokens and i < 2))
+
+  monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=FakeTok))
+  tok = load_tokenizer(str(path))
+  assert (tok.vocab_size, tok.pad_id, tok.eos_id, tok.bos_id) == (4, 0, 1, 1)
+  np.testing.assert_array_equal(tok.encode("abba"), [2, 3, 3, 2])
+  assert tok.decode([2, 1, 3]) == "ab"
+  with pytest.raises(ValueError, match="unknown file type"):
+    (tmp_path / "tok.txt").write_text("")
+    load_tokenizer(str(tmp_path / "tok.txt"))
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    load_tokenizer(str(tmp_path / "missing.model"))
+
+
+def test_dedup_and_group_split_have_no_overlap():
+  docs = text.deduplicate(text.general_documents())
+  norm = [" ".join(d.text.split()) for d in docs]
+  assert len(set(norm)) == len(norm)
+  assert len(text.deduplicate(docs + docs[:10])) == len(docs)
+  splits = text.split_documents(docs, seed=0, validation=0.1, test=0.1)
+  assert sum(len(v) for v in splits.values()) == len(docs)
+  groups = {s: {d.group for d in v} for s, v in splits.items()}
+  texts = {s: {" ".join(d.text.split()) for d in v} for s, v in splits.items()}
+  for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+    assert not groups[a] & groups[b], (a, b)
+    assert not texts[a] & texts[b], (a, b)
+  # Group-level fractions are near the configured ones (binomial tolerance over groups).
+  n_groups = len({d.group for d in docs})
+  for s in ("validation", "test"):
+    assert abs(len(groups[s]) / n_groups - 0.1) < 4 * np.sqrt(0.09 / n_groups)
+  # The split is a function of the seed: same seed, same split; another seed, another split.
+  again = text.split_documents(docs, seed=0, validation=0.1, test=0.1)
+  assert [d.group for d in again["test"]] == [d.group for d in splits["test"]]
+  other = text.split_documents(docs, seed=1, validation=0.1, test=0.1)
+  assert {d.group for d in other["test"]} != groups["test"]
+
+
+def test_general_and_code_domains_are_disjoint():
+  general = text.general_documents()
+  code = text.code_documents()
+  assert len(general) > 1000 and len(code) > 200
+  code_groups = {d.group for d in code}
+  assert not code_groups & {d.group for d in general}
+  # No docstring of the general domain sits inside a code document (it would leak held-out prose).
+  sample = general[::50]
+  blob = "\n".join(d.text for d in code)
+  clean = [d for d in sample if d.group.startswith("stdlib:")]
+  leaked = [d.group for d in clean if " ".join(d.text.split()[:12]) in " ".join(blob.split())]
+  assert len(leaked) <= len(clean) // 20, leaked  # only docstrings shared verbatim across modules
+  for d in code[:40]:
+    ast.parse(d.text)  # code documents are whole, valid Python modules
+
+
+def test_pack_layout():
+  docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9])]
+  packed = text.pack(docs, seq_len=4, eos_id=0)
+  # Stream: 1 2 3 0 | 4 0 5 6 | 7 8 9 0  (12 tokens -> 3 sequences, nothing dropped).
+  np.testing.assert_array_equal(packed.tokens, [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]])
+  np.testing.assert_array_equal(packed.doc_index, [0, 1, 2])
+  assert text.pack(docs, seq_len=5, eos_id=0).tokens.shape == (2, 5)  # the tail of 2 is dropped
+  with pytest.raises(ValueError, match="seq_len"):
+    text.pack(docs, seq_len=1, eos_id=0)
+
+
+def test_load_domain_from_local_files(tmp_path):
+  for i in range(40):
+    (tmp_path / f"doc{i}.txt").write_text(f"document number {i} " * 20)
+  (tmp_path / "dup.txt").write_text("document number 0 " * 20)  # exact duplicate of doc0
+  tok = ByteTokenizer()
+  dom = text.load_domain(f"files:{tmp_path}/*.txt", tok, seq_len=32, seed=0, validation=0.2, test=0.2)
+  n_docs = sum(len(v) for v in dom.documents.values())
+  assert n_docs == 40
+  for s in text.SPLITS:
+    p = dom.splits[s]
+    assert p.tokens.dtype == np.int32 and p.tokens.shape[1] == 32
+    # Every packed token stream decodes back to the split's documents joined by eos.
+    stream = np.concatenate([np.append(tok.encode(d.text), tok.eos_id) for d in dom.documents[s]])
+    np.testing.assert_array_equal(p.tokens.ravel(), stream[:p.tokens.size])
+  with pytest.raises(FileNotFoundError, match="no file matches"):
+    text.load_domain(f"files:{tmp_path}/*.none", tok, seq_len=32)
+  with pytest.raises(ValueError, match="expected 'general'"):
+    text.load_domain("wikipedia", tok, seq_len=32)
+
+
+def test_tfds_domain_through_data_source():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=30):
+    docs = text.domain_documents("tfds:imdb_reviews:train:text")
+    assert len(docs) == 30 and all(isinstance(d.text, str) for d in docs)
+    with pytest.raises(KeyError, match="no feature 'body'"):
+      text.domain_documents("tfds:imdb_reviews:train:body")
+
+
+def test_cloze_items_are_correct_and_fair():
+  tok = ByteTokenizer()
+  dom = text.load_domain("general", tok, seq_len=64)
+  items = text.make_cloze_items(dom.documents["test"], tok, num_items=50, context_tokens=48, seed=3)
+  assert items.context.shape == (50, 48) and items.choices.shape[:2] == (50, 4)
+  test_text = "\n".join(d.text for d in dom.documents["test"])
+  for i in range(50):
+    lens = items.choice_mask[i].sum(-1)
+    assert np.all(lens == lens[0])  # equal token lengths: summed log-likelihoods are comparable
+    words = [tok.decode(items.choices[i, k][items.choice_mask[i, k]]) for k in range(4)]
+    assert len(set(words)) == 4 and all(w.startswith(" ") for w in words)
+    # The true word really follows the context in the held-out text.
+    assert tok.decode(items.context[i]) + words[items.answer[i]] in test_text
+  # Answers are spread over positions (no position bias for a model to exploit).
+  assert len(np.unique(items.answer)) == 4
