@@ -9,14 +9,25 @@ from __future__ import annotations
 from cl_jax.strategies.base import (Learner, LossContext, LossFn, Strategy, TaskData, TaskInfo, chain)
 from cl_jax.strategies.joint import joint
 from cl_jax.strategies.naive import naive
+from cl_jax.strategies import distill as _distill, ewc as _ewc, fisher as _fisher, replay as _replay
 
 REGISTRY = {
     "naive": naive,
     "joint": joint,
+    "ewc": _ewc.ewc,
+    "online_ewc": _ewc.online_ewc,
+    "distill": _distill.distill,
+    "lwf": _distill.distill,
+    "replay": _replay.replay,
 }
 
 # Config sections owned by strategies: {section name: default_config function}.
-DEFAULT_CONFIGS = {}
+DEFAULT_CONFIGS = {
+    "ewc": _ewc.default_config,
+    "fisher": _fisher.default_config,
+    "distill": _distill.default_config,
+    "replay": _replay.default_config,
+}
 
 
 def parse_strategy_spec(spec: str) -> list[str]:

@@ -1,0 +1,90 @@
+"""Knowledge distillation from the previous model: Learning without Forgetting.
+
+At the end of every task the params are snapshot as the teacher (Li & Hoiem 2016, "Learning without
+Forgetting"). While training task t the loss gains, on the current batch,
+
+  α · T² · KL( softmax(z_teacher / T) ‖ softmax(z_student / T) )
+
+(Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"; T² keeps the gradient scale
+independent of T), averaged over the batch. Which logits are distilled follows the scenario:
+  class / domain   the classes seen before task t (`learner.logits(..., task_index=t-1)`): in class-IL
+                   the old classes' logits only, so the new classes are free to be learned;
+  task             every previous task k < t through its own head / class subset, averaged over k:
+                   LwF's one term per old task (costs one forward pass per task; see benchmarks).
+
+State: {'teacher': params pytree, 'tasks': int32 number of tasks finished (0: no teacher yet)}.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cl_jax.strategies.base import LossContext, Strategy
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `distill` config section (strategies 'distill' and its alias 'lwf')."""
+  return ml_collections.ConfigDict(dict(
+      alpha=1.0,         # α: weight of the distillation term
+      temperature=2.0,   # T: softmax temperature of teacher and student (van de Ven & Tolias 2019: 2)
+  ))
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
+  """Per-example T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)); masked logits (-1e9) drop out."""
+  t = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature)
+  log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
+  # Classes the teacher gives probability 0 (masked) contribute 0·(finite) = 0.
+  return temperature ** 2 * jnp.sum(jnp.where(t > 0, t * (log_t - log_s), 0.0), axis=-1)
+
+
+def _copy(params):
+  # A fresh buffer: the train step donates its state, and one buffer may not be donated twice.
+  return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+
+
+def distill(config, learner) -> Strategy:
+  """LwF-style distillation from the previous task's params; see the module docstring."""
+  alpha, temperature = float(config.distill.alpha), float(config.distill.temperature)
+  if alpha < 0:
+    raise ValueError(f"distill.alpha={alpha}: expected a non-negative weight")
+  if temperature <= 0:
+    raise ValueError(f"distill.temperature={temperature}: expected a positive temperature")
+  kind = config.scenario.kind if "scenario" in config and "kind" in config.scenario else "class"
+  per_task = kind == "task"
+  num_tasks = int(config.scenario.num_tasks) if per_task else 0
+
+  def init(params, task_info):
+    del task_info
+    return dict(teacher=_copy(params), tasks=jnp.zeros((), jnp.int32))
+
+  def term(params, teacher, x, task, previous):
+    student = learner.logits(params, x, task, previous)
+    target = jax.lax.stop_gradient(learner.logits(teacher, x, task, previous))
+    return jnp.mean(distillation_loss(student, target, temperature))
+
+  def loss(loss_fn):
+    def distill_loss(params, batch, ctx: LossContext):
+      value, aux = loss_fn(params, batch, ctx)
+      state = ctx.strategy_state
+      previous = jnp.maximum(ctx.task_index - 1, 0)
+      x, task = batch["x"], batch["task"]
+      if per_task:
+        # One term per finished task k, through task k's head / classes; unfinished ones weigh 0.
+        terms = jnp.stack([term(params, state["teacher"], x, jnp.full_like(task, k), previous)
+                           for k in range(num_tasks)])
+        done = (jnp.arange(num_tasks) < state["tasks"]).astype(jnp.float32)
+        kd = jnp.sum(terms * done) / jnp.maximum(done.sum(), 1.0)
+      else:
+        kd = term(params, state["teacher"], x, task, previous)
+      kd = jnp.where(state["tasks"] > 0, kd, 0.0)
+      return value + alpha * kd, {**aux, "distill_loss": kd}
+    return distill_loss
+
+  def after_task(state, params, task_data, rng):
+    del task_data, rng
+    return dict(teacher=_copy(params), tasks=state["tasks"] + 1)
+
+  return Strategy(init=init, loss=loss, after_task=after_task, name="distill")
