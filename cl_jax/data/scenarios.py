@@ -1,0 +1,191 @@
+"""Scenarios: a labelled source turned into a sequence of tasks, and the label space each scenario trains in.
+
+`split`     the classes are divided into `num_tasks` groups (in `class_order`); task t holds the examples of group t.
+`permuted`  every task holds the whole dataset under a fixed, seeded pixel permutation (Goodfellow et al. 2013).
+`rotated`   every task holds the whole dataset rotated by a fixed angle (bilinear, zero padding).
+
+Three ways to label them (van de Ven & Tolias 2019, "Three scenarios for continual learning"):
+`class`   one head over every class of every task; the logits of classes not seen yet are masked: training on
+          task t uses the classes of tasks 0..t; evaluating task i after training task j uses the classes of
+          tasks 0..max(i, j) (so a future task can be scored for FWT).
+`task`    the task id is given: by default one head per task (`model.multi_head=True`) with labels local to
+          the task; with a single head the logits are masked to the example's own task's classes, which gives
+          the same gradients as separate heads.
+`domain`  one head with the labels local to the task (task 0's "0 or 1" is task 1's "2 or 3").
+
+For permuted/rotated, task t's class c has the global id t*C + c (class-IL grows a head of T*C outputs).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from cl_jax.data.sources import LabelledData
+
+SCENARIOS = ("split", "permuted", "rotated")
+KINDS = ("class", "task", "domain")
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelRemap:
+  """out[:, p] = sum_k weights[k, p] * in[:, index[k, p]]: permutations and bilinear rotations alike."""
+  index: np.ndarray    # int32 [K, P]
+  weights: np.ndarray  # float32 [K, P]
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    flat = x.reshape(x.shape[0], -1)
+    out = np.einsum("bkp,kp->bp", flat[:, self.index], self.weights)
+    return out.reshape(x.shape).astype(np.float32)
+
+
+def permutation_remap(num_pixels: int, rng: np.random.Generator) -> PixelRemap:
+  perm = rng.permutation(num_pixels).astype(np.int32)
+  return PixelRemap(perm[None], np.ones((1, num_pixels), np.float32))
+
+
+def rotation_remap(height: int, width: int, degrees: float) -> PixelRemap:
+  """Bilinear rotation about the image centre; pixels that come from outside the image are zero."""
+  theta = np.deg2rad(degrees)
+  cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+  yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  # Inverse map: the source location that lands on each output pixel.
+  sy = np.cos(theta) * (yy - cy) - np.sin(theta) * (xx - cx) + cy
+  sx = np.sin(theta) * (yy - cy) + np.cos(theta) * (xx - cx) + cx
+  y0, x0 = np.floor(sy), np.floor(sx)
+  index, weights = [], []
+  for dy in (0, 1):
+    for dx in (0, 1):
+      py, px = y0 + dy, x0 + dx
+      w = (1 - np.abs(sy - py)) * (1 - np.abs(sx - px))
+      inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+      index.append(np.where(inside, py * width + px, 0).reshape(-1))
+      weights.append(np.where(inside, w, 0.0).reshape(-1))
+  return PixelRemap(np.asarray(index, np.int32), np.asarray(weights, np.float32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+  """One task: its examples (labels already in the scenario's label space) and the original classes in it."""
+  index: int
+  classes: tuple            # original class ids in this task
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  transform: PixelRemap | None = None  # applied per batch, so permuted tasks share one copy of the data
+
+  def inputs(self, x: np.ndarray) -> np.ndarray:
+    return x if self.transform is None else self.transform(x)
+
+  @property
+  def num_train(self) -> int:
+    return len(self.y_train)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scenario:
+  name: str
+  kind: str
+  tasks: tuple
+  num_outputs: int           # units per head
+  num_heads: int             # 1, or num_tasks for multi-head task-IL
+  input_shape: tuple
+  mask_table: np.ndarray | None  # bool [T, num_outputs]; None when no masking is needed
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  def logit_mask(self, task, task_index):
+    """Mask of the logits allowed for each example (see the module docstring); None = all allowed."""
+    if self.mask_table is None:
+      return None
+    table = jnp.asarray(self.mask_table)
+    row = jnp.maximum(task, task_index) if self.kind == "class" else task
+    return table[row]
+
+
+def check_scenario(scenario_config, num_classes: int | None = None) -> None:
+  """Validates the scenario section; raises ValueError naming the key."""
+  if scenario_config.name not in SCENARIOS:
+    raise ValueError(f"scenario.name={scenario_config.name!r}: expected one of {SCENARIOS}")
+  if scenario_config.kind not in KINDS:
+    raise ValueError(f"scenario.kind={scenario_config.kind!r}: expected one of {KINDS}")
+  t = scenario_config.num_tasks
+  if not isinstance(t, int) or t < 1:
+    raise ValueError(f"scenario.num_tasks={t!r}: must be a positive integer")
+  order = list(scenario_config.get("class_order") or [])
+  if scenario_config.name == "split" and num_classes is not None:
+    n = len(order) if order else num_classes
+    if order and sorted(order) != list(range(num_classes)):
+      raise ValueError(f"scenario.class_order={order}: must be a permutation of 0..{num_classes - 1}")
+    if n % t:
+      raise ValueError(f"scenario.num_tasks={t}: does not divide the {n} classes into equal tasks")
+    if t < 2 and scenario_config.kind != "class":
+      pass
+
+
+def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) -> Scenario:
+  check_scenario(scenario_config, data.num_classes)
+  name, kind, num_tasks = scenario_config.name, scenario_config.kind, scenario_config.num_tasks
+  seed = int(scenario_config.get("seed", 0))
+  if name == "split":
+    order = list(scenario_config.get("class_order") or range(data.num_classes))
+    if scenario_config.get("shuffle_classes", False):
+      order = list(np.random.default_rng(seed).permutation(order))
+    k = len(order) // num_tasks
+    groups = [tuple(int(c) for c in order[t * k:(t + 1) * k]) for t in range(num_tasks)]
+    tasks = []
+    for t, group in enumerate(groups):
+      local = {c: i for i, c in enumerate(group)}
+      tr = np.isin(data.y_train, group)
+      te = np.isin(data.y_test, group)
+
+      def relabel(y, t=t, local=local):
+        return np.asarray([_label(kind, multi_head, t, k, local[int(c)]) for c in y], np.int32)
+
+      tasks.append(Task(t, group, data.x_train[tr], relabel(data.y_train[tr]), data.x_test[te],
+                        relabel(data.y_test[te])))
+    classes_per_task = k
+  else:
+    c = data.num_classes
+    rng = np.random.default_rng(seed)
+    shape = data.input_shape
+    if name == "rotated":
+      if len(shape) != 2:
+        raise ValueError(f"scenario.name='rotated': needs 2-D images, {data.name} has input shape {shape}")
+      angles = list(scenario_config.get("angles") or
+                    np.linspace(0.0, float(scenario_config.get("max_angle", 180.0)), num_tasks, endpoint=False))
+      if len(angles) != num_tasks:
+        raise ValueError(f"scenario.angles: {len(angles)} angles for scenario.num_tasks={num_tasks}")
+    tasks = []
+    for t in range(num_tasks):
+      if name == "permuted":
+        identity = t == 0 and scenario_config.get("first_task_identity", False)
+        remap = None if identity else permutation_remap(int(np.prod(shape)), rng)
+      else:
+        remap = rotation_remap(shape[0], shape[1], float(angles[t]))
+      ytr = np.asarray([_label(kind, multi_head, t, c, int(y)) for y in range(c)], np.int32)
+      tasks.append(Task(t, tuple(range(c)), data.x_train, ytr[data.y_train], data.x_test, ytr[data.y_test], remap))
+    classes_per_task = c
+
+  num_heads = num_tasks if (kind == "task" and multi_head) else 1
+  num_outputs = classes_per_task if kind == "domain" or num_heads > 1 else classes_per_task * num_tasks
+  mask_table = None
+  if kind == "class" or (kind == "task" and num_heads == 1):
+    mask_table = np.zeros((num_tasks, num_outputs), bool)
+    for t in range(num_tasks):
+      if kind == "class":
+        mask_table[t, :(t + 1) * classes_per_task] = True
+      else:
+        mask_table[t, t * classes_per_task:(t + 1) * classes_per_task] = True
+  return Scenario(name, kind, tuple(tasks), num_outputs, num_heads, data.input_shape, mask_table)
+
+
+def _label(kind: str, multi_head: bool, task: int, classes_per_task: int, local: int) -> int:
+  """The label of local class `local` of task `task` in the scenario's output space."""
+  if kind == "domain" or (kind == "task" and multi_head):
+    return local
+  return task * classes_per_task + local

@@ -1,0 +1,132 @@
+"""Labelled data sources: arrays in memory (`LabelledData`) from bundled, local, generated or tfds data.
+
+Sources, by `data.name`:
+  digits   scikit-learn's bundled handwritten digits (1,797 8x8 images; stratified 80/20 split, seeded).
+  mnist    tfds `mnist` when it is prepared in `data.tfds_data_dir`, else a Keras-format `mnist.npz`
+           (x_train, y_train, x_test, y_test) named by `data.path` or the environment variable CL_JAX_MNIST.
+  mnist1d  MNIST-1D (Greydanus & Kobak 2020), generated locally by the `mnist1d` package from `data.seed`.
+  tfds:<name>  any tfds dataset with `image` and `label` features, read through `tfds.data_source`
+           (array_record; no tensorflow needed).
+Images are float32 in [0, 1]; labels int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledData:
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  name: str
+
+  @property
+  def num_classes(self) -> int:
+    return int(max(self.y_train.max(), self.y_test.max()) + 1)
+
+  @property
+  def input_shape(self) -> tuple:
+    return tuple(self.x_train.shape[1:])
+
+
+def mnist_path(data_config) -> str | None:
+  """The Keras-format MNIST file a config points at (config first, then $CL_JAX_MNIST)."""
+  return data_config.get("path") or os.environ.get("CL_JAX_MNIST") or None
+
+
+def check_source(data_config) -> None:
+  """Raises ValueError naming the key if the source cannot be loaded; loads nothing (runs before any write)."""
+  name = data_config.name
+  if name in ("digits", "mnist1d") or name.startswith("tfds:"):
+    return
+  if name == "mnist":
+    path = mnist_path(data_config)
+    if path is None:
+      if not _tfds_prepared("mnist", data_config.get("tfds_data_dir")):
+        raise ValueError("data.path: MNIST is not prepared in tfds and no mnist.npz was given; "
+                         "pass --config.data.path=/path/to/mnist.npz or set CL_JAX_MNIST")
+    elif not os.path.isfile(path):
+      raise ValueError(f"data.path={path!r}: no such file")
+    return
+  raise ValueError(f"data.name={name!r}: expected one of 'digits', 'mnist', 'mnist1d', 'tfds:<name>'")
+
+
+def load_source(data_config) -> LabelledData:
+  name = data_config.name
+  if name == "digits":
+    return load_digits(int(data_config.get("seed", 0)))
+  if name == "mnist":
+    path = mnist_path(data_config)
+    if path is None:
+      return load_tfds("mnist", data_config.get("tfds_data_dir"))
+    return load_mnist_npz(path)
+  if name == "mnist1d":
+    return load_mnist1d(int(data_config.get("seed", 0)))
+  if name.startswith("tfds:"):
+    return load_tfds(name[len("tfds:"):], data_config.get("tfds_data_dir"))
+  raise ValueError(f"data.name={name!r}: unknown source")
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> LabelledData:
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  x = (d.images / 16.0).astype(np.float32)
+  y = d.target.astype(np.int32)
+  # A stratified split so every class is in the test set of every task.
+  rng = np.random.default_rng(seed)
+  test = np.zeros(len(y), bool)
+  for c in np.unique(y):
+    idx = np.flatnonzero(y == c)
+    test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+  return LabelledData(x[~test], y[~test], x[test], y[test], "digits")
+
+
+def load_mnist_npz(path: str) -> LabelledData:
+  with np.load(path) as f:
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+    if missing:
+      raise ValueError(f"data.path={path!r}: not a Keras-format MNIST file (missing {sorted(missing)})")
+    return LabelledData((f["x_train"] / 255.0).astype(np.float32), f["y_train"].astype(np.int32),
+                        (f["x_test"] / 255.0).astype(np.float32), f["y_test"].astype(np.int32), "mnist")
+
+
+def load_mnist1d(seed: int = 0) -> LabelledData:
+  import mnist1d
+  args = mnist1d.get_dataset_args()
+  args.seed = int(seed)
+  d = mnist1d.data.make_dataset(args)
+  return LabelledData(d["x"].astype(np.float32), d["y"].astype(np.int32),
+                      d["x_test"].astype(np.float32), d["y_test"].astype(np.int32), "mnist1d")
+
+
+def _tfds_prepared(name: str, data_dir) -> bool:
+  try:
+    import tensorflow_datasets as tfds
+    tfds.builder(name, data_dir=data_dir).info  # noqa: B018 (raises when the dataset is unknown)
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def load_tfds(name: str, data_dir=None) -> LabelledData:
+  """Reads a tfds image-classification dataset through `tfds.data_source` (random access, no tensorflow)."""
+  import tensorflow_datasets as tfds
+
+  def read(split):
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    records = [source[i] for i in range(len(source))]
+    x = np.stack([np.asarray(r["image"]) for r in records])
+    y = np.asarray([r["label"] for r in records], np.int32)
+    if x.ndim == 4 and x.shape[-1] == 1:
+      x = x[..., 0]
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    return (x / scale).astype(np.float32), y
+
+  x_train, y_train = read("train")
+  x_test, y_test = read("test")
+  return LabelledData(x_train, y_train, x_test, y_test, f"tfds:{name}")

@@ -1,0 +1,94 @@
+"""Device mesh, sharding rules and multi-host start-up.
+
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices also split
+the parameters, optimizer state and strategy state, ZeRO-3 style). The batch is split over both axes. Each
+state leaf is sharded over `fsdp` along its largest dimension divisible by the `fsdp` size, and replicated
+when none divides (biases of odd size, scalars). The rule looks only at shapes, so the Adam moments, EWC's
+Fisher and anchors, and a distillation teacher, which mirror the params, are sharded exactly like them.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts `jax.distributed` on multi-host launches (TPU pods, SLURM/GPU clusters); a no-op on one host.
+
+  On Cloud TPU and under SLURM/Open MPI JAX discovers the coordinator itself; elsewhere set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
+    jax.distributed.initialize()
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int | None = None) -> tuple[int, int]:
+  """Resolves -1 (takes the remaining devices) and checks the mesh fits; raises ValueError naming the key."""
+  n = jax.device_count() if num_devices is None else num_devices
+  for key, v in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if v != -1 and v < 1:
+      raise ValueError(f"{key}={v}: must be a positive axis size or -1")
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp are both -1: at most one axis can take the remaining devices")
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f"mesh.fsdp={fsdp}: does not divide the {n} devices")
+    data = n // fsdp
+  if fsdp == -1:
+    if n % data:
+      raise ValueError(f"mesh.data={data}: does not divide the {n} devices")
+    fsdp = n // data
+  if data * fsdp > n:
+    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but only {n} are available")
+  return data, fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+  data, fsdp = mesh_shape(data, fsdp)
+  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
+  return Mesh(devices, (DATA, FSDP))
+
+
+def leaf_spec(shape: tuple, fsdp_size: int) -> P:
+  """Shards the largest dimension divisible by `fsdp_size` over `fsdp`; replicated if none divides."""
+  if fsdp_size <= 1 or not shape:
+    return P()
+  dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+  for d in dims:
+    if shape[d] % fsdp_size == 0 and shape[d] >= fsdp_size:
+      spec = [None] * len(shape)
+      spec[d] = FSDP
+      return P(*spec)
+  return P()
+
+
+def state_sharding(tree, mesh: Mesh):
+  """NamedShardings for every leaf of a state pytree (params, optimizer and strategy state alike)."""
+  fsdp_size = mesh.shape[FSDP]
+  return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp_size)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over both mesh axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host aware)."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

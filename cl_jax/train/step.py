@@ -1,0 +1,61 @@
+"""The pure train step and the base task loss."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cl_jax.losses import accuracy, cross_entropy
+from cl_jax.strategies.base import Learner, LossContext, LossFn
+from cl_jax.train.state import TrainState
+
+
+def task_loss(learner: Learner) -> LossFn:
+  """Mean masked cross-entropy of the batch; `batch['weight']`, if present, weights examples."""
+
+  def loss_fn(params, batch, ctx: LossContext):
+    logits = learner.logits(params, batch["x"], batch["task"], ctx.task_index)
+    ce = cross_entropy(logits, batch["y"])
+    if "weight" in batch:
+      w = batch["weight"].astype(jnp.float32)
+      loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-8)
+    else:
+      loss = jnp.mean(ce)
+    return loss, {"task_loss": loss, "accuracy": accuracy(logits, batch["y"])}
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: Callable):
+  """`train_step(state, batch) -> (state, metrics)`, pure; jit it with shardings (see `compile_train_step`).
+
+  Metrics (big_vision style): loss and the loss's aux values, the learning rate, and the l2 norms of the
+  gradient, the params and the update.
+  """
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng, step_rng = jax.random.split(state.rng)
+    ctx = LossContext(state.strategy_state, step_rng, state.task_index)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, ctx)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        **aux,
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "update_norm": optax.global_norm(updates),
+    }
+    new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_train_step(train_step, state_sharding, batch_sharding, replicated):
+  """jit with explicit shardings; the state is donated so its buffers are reused in place."""
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
