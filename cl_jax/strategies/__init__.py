@@ -10,6 +10,7 @@ from cl_jax.strategies.base import (Learner, LossContext, LossFn, Strategy, Task
 from cl_jax.strategies.joint import joint
 from cl_jax.strategies.naive import naive
 from cl_jax.strategies import distill as _distill, ewc as _ewc, fisher as _fisher, replay as _replay
+from cl_jax.strategies import olora as _olora
 
 REGISTRY = {
     "naive": naive,
@@ -19,6 +20,7 @@ REGISTRY = {
     "distill": _distill.distill,
     "lwf": _distill.distill,
     "replay": _replay.replay,
+    "olora": _olora.olora,
 }
 
 # Config sections owned by strategies: {section name: default_config function}.
@@ -27,6 +29,7 @@ DEFAULT_CONFIGS = {
     "fisher": _fisher.default_config,
     "distill": _distill.default_config,
     "replay": _replay.default_config,
+    "olora": _olora.default_config,
 }
 
 
