@@ -43,7 +43,7 @@ def test_causal_masking_later_tokens_do_not_change_earlier_logits():
   tokens = _tokens(0)
   cut = 5
   changed = tokens.at[:, cut + 1:].set((tokens[:, cut + 1:] + 17) % 64)
-  a, b = model.apply(params, tokens), model.apply(params, changed)
+  a, b = jax.jit(model.apply)(params, tokens), jax.jit(model.apply)(params, changed)
   np.testing.assert_allclose(a[:, :cut + 1], b[:, :cut + 1], rtol=0, atol=1e-5)
   # ... while the later positions do see the change (so the check above can fail).
   assert float(jnp.min(jnp.max(jnp.abs(a[:, cut + 1:] - b[:, cut + 1:]), axis=-1))) > 1e-2
