@@ -45,13 +45,18 @@ def _copy(params):
   return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
 
 
+def check_config(config) -> None:
+  """Raises ValueError naming the bad `distill.*` key."""
+  if float(config.distill.alpha) < 0:
+    raise ValueError(f"distill.alpha={config.distill.alpha}: expected a non-negative weight")
+  if float(config.distill.temperature) <= 0:
+    raise ValueError(f"distill.temperature={config.distill.temperature}: expected a positive temperature")
+
+
 def distill(config, learner) -> Strategy:
   """LwF-style distillation from the previous task's params; see the module docstring."""
+  check_config(config)
   alpha, temperature = float(config.distill.alpha), float(config.distill.temperature)
-  if alpha < 0:
-    raise ValueError(f"distill.alpha={alpha}: expected a non-negative weight")
-  if temperature <= 0:
-    raise ValueError(f"distill.temperature={temperature}: expected a positive temperature")
   kind = config.scenario.kind if "scenario" in config and "kind" in config.scenario else "class"
   per_task = kind == "task"
   num_tasks = int(config.scenario.num_tasks) if per_task else 0
@@ -88,3 +93,7 @@ def distill(config, learner) -> Strategy:
     return dict(teacher=_copy(params), tasks=state["tasks"] + 1)
 
   return Strategy(init=init, loss=loss, after_task=after_task, name="distill")
+
+
+# `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
+distill.check_config = check_config

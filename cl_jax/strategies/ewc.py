@@ -68,16 +68,22 @@ def consolidate(state, params, task_fisher, *, online: bool, gamma: float):
   return dict(fisher=fisher, anchor=anchor, const=state["const"] + gap, tasks=tasks)
 
 
-def ewc(config, learner, *, online: bool | None = None) -> Strategy:
-  """EWC (or online EWC) from `config.ewc` and `config.fisher`; see the module docstring."""
-  ewc_config, fisher_config = config.ewc, config.fisher
-  fisher_lib.validate_config(fisher_config)
-  online = bool(ewc_config.online) if online is None else online
-  lam, gamma = float(ewc_config.lam), float(ewc_config.gamma)
+def check_config(config) -> None:
+  """Raises ValueError naming the bad `ewc.*` / `fisher.*` key (run before anything is written)."""
+  fisher_lib.validate_config(config.fisher)
+  lam, gamma = float(config.ewc.lam), float(config.ewc.gamma)
   if lam < 0:
     raise ValueError(f"ewc.lam={lam}: expected a non-negative penalty strength")
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"ewc.gamma={gamma}: expected a decay in [0, 1]")
+
+
+def ewc(config, learner, *, online: bool | None = None) -> Strategy:
+  """EWC (or online EWC) from `config.ewc` and `config.fisher`; see the module docstring."""
+  check_config(config)
+  ewc_config, fisher_config = config.ewc, config.fisher
+  online = bool(ewc_config.online) if online is None else online
+  lam, gamma = float(ewc_config.lam), float(ewc_config.gamma)
 
   def init(params, task_info):
     del task_info
@@ -107,3 +113,8 @@ def ewc(config, learner, *, online: bool | None = None) -> Strategy:
 def online_ewc(config, learner) -> Strategy:
   """Online EWC whatever `ewc.online` says (so a config can name it as a strategy)."""
   return ewc(config, learner, online=True)
+
+
+# `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
+ewc.check_config = check_config
+online_ewc.check_config = check_config

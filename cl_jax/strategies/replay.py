@@ -110,9 +110,8 @@ def sample_replay_batch(buffer: dict, rng, batch_size: int) -> dict:
   return dict(x=buffer["x"][idx], y=buffer["y"][idx], task=buffer["task"][idx])
 
 
-def replay(config, learner) -> Strategy:
-  """Experience replay from `config.replay`; see the module docstring."""
-  del learner
+def check_config(config) -> None:
+  """Raises ValueError naming the bad `replay.*` key."""
   rc = config.replay
   capacity, batch_size, weight = int(rc.capacity), int(rc.batch_size), float(rc.weight)
   policy, per_class = rc.policy, int(rc.per_class)
@@ -126,6 +125,15 @@ def replay(config, learner) -> Strategy:
     raise ValueError(f"replay.weight={weight}: expected a non-negative weight")
   if per_class == 0 or per_class < -1:
     raise ValueError(f"replay.per_class={per_class}: expected a positive count or -1")
+
+
+def replay(config, learner) -> Strategy:
+  """Experience replay from `config.replay`; see the module docstring."""
+  del learner
+  check_config(config)
+  rc = config.replay
+  capacity, batch_size, weight = int(rc.capacity), int(rc.batch_size), float(rc.weight)
+  policy, per_class = rc.policy, int(rc.per_class)
 
   def init(params, task_info):
     del params
@@ -158,3 +166,7 @@ def replay(config, learner) -> Strategy:
     return class_balanced_add(buffer, x, y, task, rng, per_class=per_class)
 
   return Strategy(init=init, loss=loss, after_task=after_task, name="replay")
+
+
+# `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
+replay.check_config = check_config
