@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,36 +139,11 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
   sharding.maybe_initialize_distributed()
   t_start = time.time()
 
-  data = load_source(config.data)
-  scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head)
-  num_tasks = scenario.num_tasks
-  model, params = build_model(config.model, scenario.input_shape, scenario.num_outputs, scenario.num_heads,
-                              config.seed)
-  learner = Learner(model.apply, scenario.logit_mask)
-  strategy = build_strategy(config.strategy, config, learner)
-  task_info = TaskInfo(num_tasks, scenario.num_outputs, scenario.input_shape)
-
-  steps = [steps_for_task(config, scenario, strategy, t) for t in range(num_tasks)]
-  if len(set(steps)) > 1 and config.optim.scope == "global":
-    raise ConfigError("optim.scope='global' needs the same number of steps per task "
-                      "(use train.steps_per_task rather than epochs with a growing joint dataset)")
-  schedule = build_schedule(config.optim, steps[0], num_tasks)
-  optimizer = build_optimizer(config.optim, schedule)
-
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  root_key = jax.random.PRNGKey(config.seed)
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                     strategy_state=strategy.init(params, task_info),
-                     rng=jax.random.fold_in(root_key, 1), task_index=jnp.int32(0))
-  state_sh = sharding.state_sharding(state, mesh)
-  rep = sharding.replicated(mesh)
-  state_sh = state_sh._replace(step=rep, rng=rep, task_index=rep)
-  state = jax.device_put(state, state_sh)
-  batch_sh = sharding.batch_sharding(mesh)
-
-  step_fn = compile_train_step(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule),
-                               state_sh, batch_sh, rep)
-  eval_fn = make_eval_fn(learner, rep, batch_sh)
+  setup = build(config)
+  data, scenario, strategy, mesh, root_key = setup.data, setup.scenario, setup.strategy, setup.mesh, setup.root_key
+  state, state_sh, rep, step_fn, eval_fn, steps = (setup.state, setup.state_sharding, setup.replicated,
+                                                   setup.train_step, setup.eval_fn, setup.steps)
+  num_tasks, params = scenario.num_tasks, setup.state.params
   eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
 
   # Where to start: fresh, or the newest checkpoint.
@@ -275,6 +250,56 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
   report.write_report(workdir, results.as_dict(), f"{config.strategy} — {scenario.name} {scenario.kind}-IL "
                                                   f"({data.name})")
   return results
+
+
+class Setup(NamedTuple):
+  """Everything a run is made of, before any step: what `run` uses and what a notebook can poke at."""
+  data: Any
+  scenario: Any
+  model: Any
+  learner: Learner
+  strategy: Any
+  mesh: Any
+  state: TrainState
+  state_sharding: Any
+  replicated: Any
+  train_step: Any          # jitted (state, batch) -> (state, metrics), state donated
+  eval_fn: Any             # jitted (params, batch, task_index) -> (hits, count)
+  steps: list              # steps per task
+  root_key: jax.Array
+
+
+def build(config) -> Setup:
+  """Loads data, builds the scenario, model, strategy, optimizer, mesh, sharded state and jitted step."""
+  data = load_source(config.data)
+  scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head)
+  num_tasks = scenario.num_tasks
+  model, params = build_model(config.model, scenario.input_shape, scenario.num_outputs, scenario.num_heads,
+                              config.seed)
+  learner = Learner(model.apply, scenario.logit_mask)
+  strategy = build_strategy(config.strategy, config, learner)
+  task_info = TaskInfo(num_tasks, scenario.num_outputs, scenario.input_shape)
+
+  steps = [steps_for_task(config, scenario, strategy, t) for t in range(num_tasks)]
+  if len(set(steps)) > 1 and config.optim.scope == "global":
+    raise ConfigError("optim.scope='global' needs the same number of steps per task "
+                      "(use train.steps_per_task rather than epochs with a growing joint dataset)")
+  schedule = build_schedule(config.optim, steps[0], num_tasks)
+  optimizer = build_optimizer(config.optim, schedule)
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  root_key = jax.random.PRNGKey(config.seed)
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                     strategy_state=strategy.init(params, task_info),
+                     rng=jax.random.fold_in(root_key, 1), task_index=jnp.int32(0))
+  rep = sharding.replicated(mesh)
+  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
+  state = jax.device_put(state, state_sh)
+  step_fn = compile_train_step(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule),
+                               state_sh, sharding.batch_sharding(mesh), rep)
+  eval_fn = make_eval_fn(learner, rep, sharding.batch_sharding(mesh))
+  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, eval_fn, steps,
+               root_key)
 
 
 def strategy_record(config) -> dict:

@@ -1,0 +1,44 @@
+import ml_collections
+import numpy as np
+import pytest
+
+from cl_jax.train.schedules import build_schedule, wsd_schedule
+
+
+def test_wsd_values_at_boundaries():
+  s = wsd_schedule(1.0, total_steps=100, warmup_fraction=0.1, decay_fraction=0.2, end_lr_fraction=0.1)
+  assert float(s(0)) == pytest.approx(0.0)
+  assert float(s(5)) == pytest.approx(0.5)      # halfway through warmup
+  assert float(s(10)) == pytest.approx(1.0)     # end of warmup
+  assert float(s(50)) == pytest.approx(1.0)     # stable
+  assert float(s(80)) == pytest.approx(1.0)     # start of decay
+  assert float(s(90)) == pytest.approx(0.55)    # linear halfway 1.0 -> 0.1
+  assert float(s(100)) == pytest.approx(0.1)
+
+
+def test_wsd_cosine_decay_midpoint():
+  s = wsd_schedule(2.0, 100, 0.0, 0.5, end_lr_fraction=0.0, decay_shape="cosine")
+  assert float(s(50)) == pytest.approx(2.0)
+  assert float(s(75)) == pytest.approx(1.0, abs=1e-5)
+  assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _optim(**kw):
+  c = ml_collections.ConfigDict(dict(schedule="wsd", lr=1.0, warmup_fraction=0.1, decay_fraction=0.2,
+                                     end_lr_fraction=0.0, decay_shape="linear", scope="task"))
+  c.update(kw)
+  return c
+
+
+def test_per_task_scope_restarts_and_global_spans_the_run():
+  per_task = build_schedule(_optim(scope="task"), steps_per_task=100, num_tasks=3)
+  assert np.allclose([float(per_task(k)) for k in (0, 100, 200)], 0.0)
+  assert float(per_task(150)) == pytest.approx(1.0)
+  whole = build_schedule(_optim(scope="global"), steps_per_task=100, num_tasks=3)
+  assert float(whole(100)) == pytest.approx(1.0)   # past the 30-step warmup, no restart
+  assert float(whole(300)) == pytest.approx(0.0)
+
+
+def test_bad_fractions_are_refused():
+  with pytest.raises(ValueError, match="optim.warmup_fraction"):
+    build_schedule(_optim(warmup_fraction=0.9, decay_fraction=0.2), 100, 1)
