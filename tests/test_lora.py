@@ -203,3 +203,30 @@ def test_save_load_roundtrip(tmp_path, digits):
   jax.tree.map(np.testing.assert_array_equal, alone, p["adapters"]["task_1"])
   with pytest.raises(FileNotFoundError, match="missing"):
     lora.load_adapter(str(tmp_path), "missing")
+
+
+def test_transformer_lm_attention_and_mlp_kernels():
+  """The LM's einsum projections (q/k/v [D, H, Dh], o [H, Dh, D], up/down 2-D) take adapters too."""
+  from cl_jax.models.transformer import build_lm, model_config
+  cfg = model_config("tiny", vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_len=8)
+  model, base = build_lm(cfg, seed=0)
+  spec = lora.LoraSpec(rank=2, alpha=4.0)
+  lm = lora.LoraModel(model, spec)
+  assert lm.target_paths(base) == tuple(f"block_0/{m}" for m in ("attn/k", "attn/o", "attn/q", "attn/v",
+                                                                  "mlp/down", "mlp/up"))
+  assert lm.in_axes(base)["block_0/attn/o"] == 2 and lm.in_axes(base)["block_0/attn/q"] == 1
+  params = lm.add_adapter(lora.lora_params(base), "code", jax.random.key(0))
+  ad = params["adapters"]["code"]
+  assert ad["block_0/attn/o"]["A"].shape == (16, 2) and ad["block_0/attn/q"]["B"].shape == (2, 16)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+  ref = model.apply(base, tokens)
+  np.testing.assert_array_equal(lm.apply(params, tokens, adapter="code"), ref)
+  keys = jax.random.split(jax.random.key(3), len(ad))
+  ad = {p: {"A": l["A"], "B": 0.5 * jax.random.normal(k, l["B"].shape)} for k, (p, l) in zip(keys, ad.items())}
+  params = {"base": base, "adapters": {"code": ad}}
+  out = lm.apply(params, tokens, adapter="code")
+  assert float(jnp.abs(out - ref).max()) > 1e-3
+  np.testing.assert_allclose(lm.apply(lm.merge_adapter(params, "code"), tokens), out, rtol=1e-4, atol=1e-5)
+  # Only the adapter gets a gradient.
+  g = jax.grad(lambda p: lm.apply(p, tokens, adapter="code").sum())(params)
+  assert float(jnp.abs(g["adapters"]["code"]["block_0/mlp/up"]["B"]).max()) > 0

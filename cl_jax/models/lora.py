@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Params = Any
@@ -86,10 +87,10 @@ def spec_from_config(lora_config) -> LoraSpec:
 # ----------------------------------------------------------------------------------------------- paths
 
 def _kernel_modules(tree, prefix=()):
-  """Yields (path tuple, module dict) for every dict in `tree` that holds a 2-D 'kernel'."""
+  """Yields (path tuple, module dict) for every dict in `tree` that holds a 'kernel' of rank >= 2."""
   if isinstance(tree, Mapping):
     k = tree.get("kernel")
-    if k is not None and hasattr(k, "ndim") and k.ndim == 2:
+    if k is not None and hasattr(k, "ndim") and k.ndim >= 2:
       yield prefix, tree
     for key, sub in tree.items():
       if isinstance(sub, Mapping):
@@ -100,26 +101,68 @@ def path_str(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def target_paths(base_params: Params, targets=ALL_LINEAR) -> tuple[str, ...]:
-  """Module paths ('dense_0', 'layers/0/attn/q', ...) of the 2-D kernels `targets` selects.
+def linear_kernels(base_params: Params, in_axes: Mapping[str, int | None] | None = None) -> dict[str, int]:
+  """{module path: number of leading kernel axes contracted with the input} for every linear kernel.
 
-  'all-linear' selects every 2-D kernel whose module is not an output head (`HEAD_NAMES`); a pattern list
-  selects the paths that match any pattern (fnmatch). A pattern matching no 2-D kernel is an error, so a
-  typo does not silently train nothing.
+  From params alone a 2-D kernel is linear with one input axis; an N-D kernel (attention's [D, H, Dh],
+  a conv's [kh, kw, c_in, c_out]) is ambiguous and counts only when `in_axes` names it
+  (`LoraModel.in_axes` reads it off the modules: an einsum projection's spec, not a convolution).
   """
-  modules = [path_str(p) for p, _ in _kernel_modules(base_params)]
+  in_axes = dict(in_axes or {})
+  out = {}
+  for path, module in _kernel_modules(base_params):
+    p = path_str(path)
+    n_in = in_axes.get(p, 1 if module["kernel"].ndim == 2 else None)
+    if n_in is not None:
+      out[p] = int(n_in)
+  return out
+
+
+def target_paths(base_params: Params, targets=ALL_LINEAR, in_axes=None) -> tuple[str, ...]:
+  """Module paths ('dense_0', 'block_0/attn/q', ...) of the linear kernels `targets` selects.
+
+  'all-linear' selects every linear kernel (see `linear_kernels`) whose module is not an output head
+  (`HEAD_NAMES`); a pattern list selects the paths that match any pattern (fnmatch). A pattern matching
+  no linear kernel is an error, so a typo does not silently train nothing.
+  """
+  modules = list(linear_kernels(base_params, in_axes))
   if isinstance(targets, str) and targets == ALL_LINEAR:
     chosen = [p for p in modules if p.split("/")[-1] not in HEAD_NAMES]
   else:
     patterns = (targets,) if isinstance(targets, str) else tuple(targets)
     for pat in patterns:
       if not any(fnmatch.fnmatchcase(p, pat) for p in modules):
-        raise ValueError(f"lora.targets pattern {pat!r} matches no module with a 2-D kernel; "
-                         f"modules with 2-D kernels: {modules}")
+        raise ValueError(f"lora.targets pattern {pat!r} matches no linear kernel; linear kernels: {modules}")
     chosen = [p for p in modules if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
   if not chosen:
-    raise ValueError(f"lora.targets={targets!r} selects no layer; modules with 2-D kernels: {modules}")
+    raise ValueError(f"lora.targets={targets!r} selects no layer; linear kernels: {modules}")
   return tuple(chosen)
+
+
+def kernel_in_axes(module) -> int | None:
+  """How many leading kernel axes a module contracts with its input; None if it is not a linear map.
+
+  nnx.Linear: 1. A module with an einsum `spec` such as 'btd,dhk->bthk' (the transformer's projections):
+  the kernel letters that also index the input, which must lead the kernel ('d' here; 'hk' for the
+  output projection 'bthk,hkd->btd'). Convolutions: None.
+  """
+  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
+    return None
+  if isinstance(module, nnx.Linear):
+    return 1
+  kernel = getattr(module, "kernel", None)
+  spec = getattr(module, "spec", None)
+  if isinstance(spec, str) and "->" in spec and kernel is not None:
+    operands = [o.strip() for o in spec.split("->")[0].split(",")]
+    if len(operands) == 2:
+      x_sub, k_sub = operands
+      n_in = sum(c in x_sub for c in k_sub)
+      if 0 < n_in < len(k_sub) and all(c in x_sub for c in k_sub[:n_in]):
+        return n_in
+    return None
+  if kernel is not None and getattr(kernel, "ndim", 0) == 2:
+    return 1
+  return None
 
 
 def _get(tree, path: str):
@@ -147,14 +190,19 @@ def _with_kernel(tree, path: str, kernel):
 
 # -------------------------------------------------------------------------------------- adapter pytrees
 
-def init_adapter(rng: jax.Array, base_params: Params, spec: LoraSpec) -> dict:
-  """A fresh adapter: A ~ N(0, 1/d_in) (Kaiming-like, as Hu et al.'s Gaussian A), B = 0 (identity at start)."""
-  paths = target_paths(base_params, spec.targets)
+def init_adapter(rng: jax.Array, base_params: Params, spec: LoraSpec, in_axes=None) -> dict:
+  """A fresh adapter: A ~ N(0, 1/d_in) (Kaiming-like, as Hu et al.'s Gaussian A), B = 0 (identity at start).
+
+  An N-D kernel is adapted as the matrix [prod(input axes), prod(output axes)]: A: [d_in, r], B: [r, d_out].
+  """
+  axes = linear_kernels(base_params, in_axes)
+  paths = target_paths(base_params, spec.targets, in_axes)
   keys = jax.random.split(rng, len(paths))
   adapter = {}
   for key, path in zip(keys, paths):
     kernel = _get(base_params, path)["kernel"]
-    d_in, d_out = kernel.shape
+    d_in = int(np.prod(kernel.shape[:axes[path]]))
+    d_out = int(np.prod(kernel.shape[axes[path]:]))
     dtype = kernel.dtype
     adapter[path] = {
         "A": (jax.random.normal(key, (d_in, spec.rank), jnp.float32) / jnp.sqrt(d_in)).astype(dtype),
@@ -185,13 +233,13 @@ def _require(params, name):
   return params["adapters"][name]
 
 
-def add_adapter(params, name: str, rng: jax.Array, spec: LoraSpec) -> dict:
+def add_adapter(params, name: str, rng: jax.Array, spec: LoraSpec, in_axes=None) -> dict:
   """Returns params with a new identity adapter `name` (an error if the name is taken)."""
   _check_params(params)
   if name in params["adapters"]:
     raise ValueError(f"adapter {name!r} already exists; adapters: {sorted(params['adapters'])}")
   return {"base": params["base"],
-          "adapters": {**params["adapters"], name: init_adapter(rng, params["base"], spec)}}
+          "adapters": {**params["adapters"], name: init_adapter(rng, params["base"], spec, in_axes)}}
 
 
 def remove_adapter(params, name: str) -> dict:
@@ -212,9 +260,11 @@ def trainable_mask(params, names: str | Sequence[str]) -> dict:
           "adapters": {n: jax.tree.map(lambda _, n=n: n in names, a) for n, a in params["adapters"].items()}}
 
 
-def adapter_delta(adapter_layer: Mapping, scale: float) -> jax.Array:
-  """The dense update (alpha / r) A B of one layer, in float32."""
-  return scale * (adapter_layer["A"].astype(jnp.float32) @ adapter_layer["B"].astype(jnp.float32))
+def adapter_delta(adapter_layer: Mapping, scale: float, shape=None) -> jax.Array:
+  """The dense update (alpha / r) A B of one layer in float32, reshaped to the kernel's `shape` if given
+  (input axes lead, row-major, as `init_adapter` flattened them)."""
+  delta = scale * (adapter_layer["A"].astype(jnp.float32) @ adapter_layer["B"].astype(jnp.float32))
+  return delta if shape is None else delta.reshape(shape)
 
 
 def merge_adapter(params, name: str, spec: LoraSpec) -> dict:
@@ -228,7 +278,8 @@ def merge_adapter(params, name: str, spec: LoraSpec) -> dict:
   for path, layer in adapter.items():
     kernel = _get(base, path)["kernel"]
     scale = spec.alpha / layer["A"].shape[-1]
-    base = _with_kernel(base, path, (kernel.astype(jnp.float32) + adapter_delta(layer, scale)).astype(kernel.dtype))
+    delta = adapter_delta(layer, scale, kernel.shape)
+    base = _with_kernel(base, path, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
   return {"base": base, "adapters": {k: v for k, v in params["adapters"].items() if k != name}}
 
 
@@ -315,7 +366,8 @@ class LoraModel:
         raise ValueError(f"per-example adapters need nnx.Linear layers; {folded} are not")
       for p in folded:
         kernel = _get(base, p)["kernel"]
-        delta = sum(adapter_delta(a[p], self.spec.alpha / a[p]["A"].shape[-1]) for a in adapters if p in a)
+        delta = sum(adapter_delta(a[p], self.spec.alpha / a[p]["A"].shape[-1], kernel.shape)
+                    for a in adapters if p in a)
         base = _with_kernel(base, p, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
       module = nnx.merge(self.model.graphdef, base)
     rngs = jax.random.split(rng, len(paths)) if rng is not None else [None] * len(paths)
@@ -330,6 +382,24 @@ class LoraModel:
     if method is not None:
       return getattr(module, method)(x)
     return module(x, task)
+
+  def in_axes(self, base_params) -> dict[str, int | None]:
+    """{path: input axes} of every module with a kernel of rank >= 2 (None: not linear, e.g. a conv)."""
+    module = nnx.merge(self.model.graphdef, base_params)
+    return {path_str(p): kernel_in_axes(_get(module, path_str(p))) for p, _ in _kernel_modules(base_params)}
+
+  def target_paths(self, base_params) -> tuple[str, ...]:
+    return target_paths(base_params, self.spec.targets, self.in_axes(base_params))
+
+  def init_adapter(self, rng, base_params) -> dict:
+    return init_adapter(rng, base_params, self.spec, self.in_axes(base_params))
+
+  def add_adapter(self, params, name: str, rng) -> dict:
+    """`add_adapter` with the input axes read off the modules (needed for N-D kernels)."""
+    return add_adapter(params, name, rng, self.spec, self.in_axes(params["base"]))
+
+  def merge_adapter(self, params, name: str) -> dict:
+    return merge_adapter(params, name, self.spec)
 
   def bind(self, adapter=None):
     """`(params, x, task) -> logits` with a fixed adapter choice: what a `Learner.apply` expects."""
@@ -355,7 +425,8 @@ def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: b
   with open(path + ".json", "w") as f:
     json.dump({"name": name, "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
                "targets": spec.targets if isinstance(spec.targets, str) else list(spec.targets),
-               "paths": sorted(adapter)}, f, indent=1)
+               "shapes": {p: [int(l["A"].shape[0]), int(l["B"].shape[1])] for p, l in adapter.items()}},
+              f, indent=1)
   return path
 
 
@@ -375,12 +446,14 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
     if params is not None:
       _check_params(params)
       abstract = {}
-      for p in meta["paths"]:
+      for p, (d_in, d_out) in meta["shapes"].items():
         try:
           kernel = _get(params["base"], p)["kernel"]
         except (KeyError, ValueError, AttributeError, TypeError):
           raise ValueError(f"adapter {name!r} adapts {p!r}, which the base params do not have") from None
-        d_in, d_out = kernel.shape
+        if kernel.size != d_in * d_out:
+          raise ValueError(f"adapter {name!r} at {p!r} is [{d_in}, r] x [r, {d_out}], but the base kernel "
+                           f"has shape {tuple(kernel.shape)}")
         abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((d_in, spec.rank), kernel.dtype),
                                          "B": jax.ShapeDtypeStruct((spec.rank, d_out), kernel.dtype)}
       tree = ckptr.restore(path, abstract)
@@ -395,6 +468,6 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
 
 
 __all__ = ["LoraSpec", "LoraModel", "ALL_LINEAR", "HEAD_NAMES", "default_config", "spec_from_config",
-           "target_paths", "init_adapter", "lora_params", "adapter_names", "add_adapter", "remove_adapter",
+           "target_paths", "linear_kernels", "kernel_in_axes", "init_adapter", "lora_params", "adapter_names", "add_adapter", "remove_adapter",
            "trainable_mask", "adapter_delta", "merge_adapter", "num_adapter_params", "save_adapter",
            "load_adapter"]
