@@ -1,0 +1,143 @@
+"""Continual pre-training loop and regression monitor (cl_jax.lm.cpt, cl_jax.lm.monitor)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cl_jax.lm import cpt
+from cl_jax.lm.monitor import RegressionMonitor, relative_regression
+
+BASE = {"general/perplexity": 10.0, "general/accuracy": 0.50, "general/cloze_accuracy": 0.60,
+        "domain/perplexity": 20.0, "domain/accuracy": 0.30}
+
+
+def test_relative_regression_directions():
+  assert relative_regression(10.0, 10.3, higher_better=False) == pytest.approx(0.03)
+  assert relative_regression(0.5, 0.49, higher_better=True) == pytest.approx(0.02)
+  assert relative_regression(0.5, 0.55, higher_better=True) == pytest.approx(-0.1)
+
+
+def test_monitor_hard_stop_on_forced_regression_keeps_best_inside():
+  m = RegressionMonitor(BASE, threshold=0.02)
+  assert m.check(0, BASE).is_best
+  ok = {**BASE, "general/perplexity": 10.15, "domain/perplexity": 15.0}   # +1.5%: inside
+  v = m.check(50, ok)
+  assert v.within and v.is_best and not m.should_stop
+  better_domain_but_regressed = {**BASE, "general/accuracy": 0.485, "domain/perplexity": 12.0}  # -3% acc
+  v = m.check(100, better_domain_but_regressed)
+  assert v.crossed == ["general/accuracy"] and not v.within and not v.is_best
+  assert m.should_stop and m.stopped["step"] == 100
+  assert m.stopped["regressions"]["general/accuracy"] == pytest.approx(0.03)
+  assert m.best["step"] == 50  # the better-domain checkpoint is outside the threshold, so not kept
+  assert "Hard stop at step 100: general/accuracy +3.00%" in m.describe() and "step 50" in m.describe()
+  # The first crossing is the one reported, even if another metric crosses later.
+  m.check(150, {**BASE, "general/perplexity": 11.0})
+  assert m.stopped["step"] == 100
+
+
+def test_monitor_noise_guard_and_errors():
+  m = RegressionMonitor(BASE, threshold=0.02, min_z=2.0, counts={"general/cloze_accuracy": 100})
+  # 0.60 -> 0.58 is 3.3% relative, but 2 items of 100: SE = 0.049, so it is noise.
+  assert m.check(10, {**BASE, "general/cloze_accuracy": 0.58}).within
+  # 0.60 -> 0.48 is 2.4 SE: a real regression.
+  assert m.check(20, {**BASE, "general/cloze_accuracy": 0.48}).crossed == ["general/cloze_accuracy"]
+  with pytest.raises(ValueError, match="threshold"):
+    RegressionMonitor(BASE, threshold=0.0)
+  with pytest.raises(ValueError, match="regression.select"):
+    RegressionMonitor(BASE, select="domain/bleu")
+  with pytest.raises(KeyError, match="general/accuracy"):
+    RegressionMonitor(BASE).check(1, {k: v for k, v in BASE.items() if k != "general/accuracy"})
+
+
+def _tiny(**changes):
+  c = cpt.default_config()
+  c.lm.d_model, c.lm.num_layers, c.lm.num_heads, c.lm.seq_len = 32, 1, 2, 32
+  c.text.update(max_train_sequences=256, eval_sequences=16, cloze_items=16, cloze_context=16)
+  c.optim.lr = 1e-2
+  c.pretrain.update(steps=30, batch_size=8)
+  c.adapt.update(steps=20, batch_size=8, mixture="70_30")
+  c.regression.update(eval_every=5, eval_batch_size=16)
+  c.train.log_every_steps = 5
+  for k, v in changes.items():
+    section, key = k.split("__")
+    c[section][key] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data():
+  return cpt.load_data(_tiny())
+
+
+@pytest.fixture(scope="module")
+def base_run(data, tmp_path_factory):
+  """A finished run with a loose threshold: pretraining, adaptation to the end, all outputs."""
+  workdir = str(tmp_path_factory.mktemp("cpt") / "run")
+  c = _tiny(regression__threshold=0.5)
+  return cpt.run(c, workdir, progress=False, data=data), workdir
+
+
+def test_run_writes_outputs_and_logs_realised_mixture(base_run):
+  results, workdir = base_run
+  r = results.record
+  for f in ("results.json", "summary.md", "monitor.png", "metrics.jsonl", "config.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  assert r["stopped"] is None and r["steps_run"] == 20 and len(r["history"]) == 5  # steps 0,5,...,20
+  # Adaptation helped the domain it trained on.
+  assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
+  # The realised mixture per eval interval: 70/30 within binomial tolerance over all intervals.
+  log = r["realised_mixture"]
+  assert [e["end"] for e in log] == [5, 10, 15, 20]
+  share = np.mean([e["realised"]["domain"] for e in log])
+  assert abs(share - 0.7) < 4 * np.sqrt(0.21 / (20 * 8))
+  assert all(e["configured_at_end"]["domain"] == pytest.approx(0.7) for e in log)
+  # The best checkpoint is named, exists, and its test metrics are what the table row reports.
+  assert os.path.isdir(r["best_checkpoint"])
+  assert r["row"]["domain_ppl_gain_pct"] == pytest.approx(
+      100 * (1 - r["test"]["best"]["domain/perplexity"] / r["test"]["base"]["domain/perplexity"]))
+  evals = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"eval"' in l]
+  assert [e["step"] for e in evals] == [0, 5, 10, 15, 20] and "realised_mixture" in evals[1]
+
+
+def test_hard_stop_fires_on_forced_regression(data, base_run, tmp_path):
+  _, base_workdir = base_run
+  # Force a regression: adapt on code only with a learning rate 30x the pre-training one.
+  c = _tiny(adapt__mixture="domain_only", adapt__lr_ratio=30.0, pretrain__base_dir=base_workdir)
+  r = cpt.run(c, str(tmp_path / "stop"), progress=False, data=data).record
+  assert r["stopped"] is not None and r["stopped"]["step"] == 5 and r["steps_run"] == 5
+  assert all(r["history"][1]["regressions"][m] > 0.02 for m in r["stopped"]["metrics"])
+  assert "Hard stop at step 5" in r["monitor"]
+  # Nothing after the base stayed inside 2%, so the kept checkpoint is the base itself (step 0).
+  assert r["best_step"] == 0 and r["best_checkpoint"].endswith(os.path.join("best", "0"))
+  for k, v in r["test"]["base"].items():
+    assert r["test"]["best"][k] == pytest.approx(v, rel=1e-6), k
+  assert r["row"]["stopped"] and r["row"]["stopped_step"] == 5
+
+
+def test_lora_keeps_the_base_exactly(data, base_run, tmp_path):
+  _, base_workdir = base_run
+  c = _tiny(adapt__method="lora", adapt__lr_ratio=1.0, adapt__mixture="domain_only",
+            pretrain__base_dir=base_workdir, regression__threshold=0.5)
+  r = cpt.run(c, str(tmp_path / "lora"), progress=False, data=data).record
+  assert r["lora_base_unchanged"] is True
+  assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
+
+
+def test_config_entry_point_and_errors():
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs.cpt_lm import get_config
+  c = get_config("mixture=two_phase,schedule=cosine")
+  assert c.kind == "lm" and c.adapt.mixture == "two_phase" and c.optim.schedule == "cosine"
+  cpt.check_config(c)
+  stages = cpt.adaptation_stages(c)
+  assert stages[1][0] == c.adapt.steps - round(c.optim.decay_fraction * c.adapt.steps)
+  with pytest.raises(ValueError, match="mixture='60_30'"):
+    cpt.check_config(get_config("mixture=60_30"))
+  bad = get_config()
+  bad.adapt.lr_ratio = 0.0
+  with pytest.raises(ValueError, match="adapt.lr_ratio"):
+    cpt.check_config(bad)
