@@ -45,9 +45,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         "loss": loss,
         **aux,
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
     }
     new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics

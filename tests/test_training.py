@@ -1,0 +1,61 @@
+"""One real run per bound on Split Digits: naive forgets in class-IL, joint does not; outputs are written."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from cl_jax.train import run
+
+
+@pytest.fixture(scope="module")
+def naive_and_joint(tmp_path_factory):
+  out = {}
+  for strategy in ("naive", "joint"):
+    workdir = tmp_path_factory.mktemp(strategy)
+    out[strategy] = (run(tiny_config(strategy, steps=80), str(workdir), progress=False), workdir)
+  return out
+
+
+def test_naive_forgets_and_joint_does_not(naive_and_joint):
+  naive, _ = naive_and_joint["naive"]
+  joint, _ = naive_and_joint["joint"]
+  r = np.asarray(naive.accuracy_matrix)
+  assert np.all(np.diag(r[1:]) > 0.9)          # each task is learnt...
+  assert naive.bwt < -0.8                      # ...and forgotten (class-IL, nothing against it)
+  assert joint.bwt > -0.1 and joint.acc > 0.85
+  assert joint.acc - naive.acc > 0.5
+
+
+def test_run_writes_every_output(naive_and_joint):
+  _, workdir = naive_and_joint["naive"]
+  for name in ("config.json", "metrics.jsonl", "results.json", "summary.md", "accuracy_matrix.png",
+               "accuracy_curves.png"):
+    assert (workdir / name).stat().st_size > 0, name
+  assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+  results = json.loads((workdir / "results.json").read_text())
+  assert len(results["accuracy_matrix"]) == 6 and len(results["accuracy_matrix"][0]) == 5
+  assert set(results) >= {"acc", "bwt", "fwt", "forgetting", "timing"}
+  assert len(results["timing"]["task_seconds"]) == 5
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["type"] == "train"]
+  assert [r["step"] for r in train] == list(range(1, 401))
+  assert {"loss", "accuracy", "lr", "grad_norm", "param_norm", "update_norm"} <= set(train[0])
+  assert len(os.listdir(workdir / "checkpoints" / "tasks")) == 5
+
+
+def test_same_seed_same_results(tmp_path, naive_and_joint):
+  again = run(tiny_config("naive", steps=80), str(tmp_path / "again"), progress=False)
+  np.testing.assert_array_equal(again.accuracy_matrix, naive_and_joint["naive"][0].accuracy_matrix)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  from cl_jax.train.loop import NonFiniteLossError
+  c = tiny_config("naive", steps=30)
+  c.optim.name = "sgd"
+  c.optim.lr = 1e12   # diverges within a few steps
+  c.train.log_every_steps = 1
+  with pytest.raises(NonFiniteLossError, match="loss is nan|loss is inf"):
+    run(c, str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w" / "results.json").exists()
