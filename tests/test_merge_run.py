@@ -1,0 +1,60 @@
+"""run.py --config configs/merge.py: merge a run's task checkpoints, evaluate every task, refuse bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cl_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+  from cl_jax.config import base_config
+  from cl_jax.train import run
+  c = base_config()
+  c.data.name = "digits"
+  c.scenario.num_tasks = 2
+  c.scenario.kind = "task"
+  c.model.hidden = [32]
+  c.train.steps_per_task = 30
+  c.train.batch_size = 32
+  c.eval.batch_size = 256
+  workdir = str(tmp_path_factory.mktemp("src") / "run")
+  results = run(c, workdir, progress=False)
+  return workdir, np.asarray(results.accuracy_matrix)
+
+
+def test_merge_cli_reproduces_inputs_and_merges(source_run, tmp_path):
+  src, matrix = source_run
+  out = str(tmp_path / "ties")
+  assert main(["--config", f"configs/merge.py:method=ties,run={src},tasks=2", "--workdir", out,
+               "--config.merge.density=0.5", "--no_progress"]) == 0
+  res = json.load(open(os.path.join(out, "results.json")))
+  # The runner's evaluation of each input equals the task loop's accuracy-matrix rows.
+  np.testing.assert_allclose(res["inputs"][f"{src}:task=1"], matrix[1], atol=1e-9)
+  np.testing.assert_allclose(res["inputs"][f"{src}:task=2"], matrix[2], atol=1e-9)
+  assert len(res["accuracy"]) == 2 and os.path.isdir(os.path.join(out, "merged"))
+  # A linear merge of one model is that model; the saved merged params load back as a params directory.
+  out2 = str(tmp_path / "lin")
+  assert main(["--config", "configs/merge.py:method=linear", "--workdir", out2, "--no_progress",
+               f"--config.merge.models=['{src}:task=2', '{os.path.join(out, 'merged')}']",
+               "--config.merge.weights=[1.0, 0.0]"]) == 0
+  res2 = json.load(open(os.path.join(out2, "results.json")))
+  np.testing.assert_allclose(res2["accuracy"], matrix[2], atol=1e-9)
+  np.testing.assert_allclose(res2["inputs"][os.path.join(out, "merged")], res["accuracy"], atol=1e-9)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.merge.density=1.5", "merge.density"),
+    ("--config.merge.method=soup", "merge.method"),
+    ("--config.merge.base=/nonexistent/run:task=1", "no such checkpoint"),
+])
+def test_bad_input_is_refused_before_writing(source_run, tmp_path, capsys, override, message):
+  src, _ = source_run
+  out = str(tmp_path / "bad")
+  assert main(["--config", f"configs/merge.py:method=ties,run={src},tasks=2", "--workdir", out, override]) == 2
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(out)
