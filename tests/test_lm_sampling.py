@@ -45,7 +45,7 @@ def test_sampled_kv_cache_equals_full_recompute_with_same_key(temperature, top_k
 
 def test_eos_stops_each_row_and_fills_with_eos():
   greedy = generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0)
-  eos = int(greedy[0, 7])  # row 0 emits this token at step 2
+  eos = int(greedy[0, 7])  # row 0 emits this token by step 2 at the latest
   a = generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0,
                eos_id=eos)
   b = generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0,
@@ -78,3 +78,18 @@ def test_bad_arguments_are_named():
     generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=4, temperature=-1.0)
   with pytest.raises(ValueError, match="top_k"):
     generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=4, top_k=0)
+
+
+def test_replay_batch_masks_the_fill_after_eos():
+  from cl_jax.lm.sampling import replay_batch
+  greedy = generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0)
+  eos = int(greedy[0, 7])
+  batch = replay_batch(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0,
+                       eos_id=eos)
+  assert batch["tokens"].shape == batch["mask"].shape == (3, 15)
+  for row in range(3):
+    gen = np.asarray(batch["tokens"][row, 5:])
+    hits = np.flatnonzero(gen == eos)
+    keep = 5 + (hits[0] + 1 if len(hits) else 10)
+    np.testing.assert_array_equal(batch["mask"][row], (np.arange(15) < keep).astype(np.float32))
+  assert float(batch["mask"][0].sum()) <= 8.0  # row 0 emits eos within its first 3 new tokens

@@ -1,6 +1,12 @@
 """The causal transformer LM and its losses."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,14 +68,18 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_prefill_cache_matches_full_forward_and_decode_continues_it():
   model, params = build_lm(CFG)
-  module = nnx.merge(model.graphdef, params)
   tokens = _tokens(1)
-  full = model.apply(params, tokens)
+  full = jax.jit(model.apply)(params, tokens)
+
+  @jax.jit
+  def run(params, tokens, start, cache):
+    return nnx.merge(model.graphdef, params).forward_with_cache(tokens, start, cache)
+
   cache = init_cache(CFG, 2, 12)
-  logits, cache = module.forward_with_cache(tokens[:, :8], jnp.int32(0), cache)
+  logits, cache = run(params, tokens[:, :8], jnp.int32(0), cache)
   np.testing.assert_allclose(logits, full[:, :8], atol=1e-5)
   for t in range(8, 12):
-    step, cache = module.forward_with_cache(tokens[:, t:t + 1], jnp.int32(t), cache)
+    step, cache = run(params, tokens[:, t:t + 1], jnp.int32(t), cache)
     np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
@@ -78,8 +88,8 @@ def test_bf16_compute_keeps_f32_params_and_f32_logits():
   model16, params16 = build_lm(CFG.replace(compute_dtype="bfloat16"))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
   tokens = _tokens(2)
-  a = model32.apply(params, tokens)
-  b = model16.apply(params, tokens)  # same params, bf16 matmuls
+  a = jax.jit(model32.apply)(params, tokens)
+  b = jax.jit(model16.apply)(params, tokens)  # same params, bf16 matmuls
   assert b.dtype == jnp.float32
   err = float(jnp.max(jnp.abs(a - b)))
   assert 1e-4 < err < 0.1 * float(jnp.max(jnp.abs(a)))  # rounded, but the same function
@@ -101,7 +111,7 @@ def test_layernorm_variant_runs_and_differs():
   m_rms, p_rms = build_lm(CFG, seed=4)
   m_ln, p_ln = build_lm(CFG.replace(norm="layernorm"), seed=4)
   assert "bias" in p_ln["final_norm"]
-  a, b = m_rms.apply(p_rms, tokens), m_ln.apply(p_ln, tokens)
+  a, b = jax.jit(m_rms.apply)(p_rms, tokens), jax.jit(m_ln.apply)(p_ln, tokens)
   assert a.shape == b.shape and float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
@@ -170,22 +180,52 @@ def test_flop_count_matches_xla_cost_analysis():
   assert ours <= cost["flops"] < 1.25 * ours
 
 
-@pytest.mark.skipif(jax.device_count() < 2, reason="needs >= 2 devices (XLA fake CPU devices)")
-def test_fsdp_sharded_params_give_the_same_logits():
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  n = 2
-  mesh = Mesh(np.array(jax.devices()[:n]), ("fsdp",))
-  model, params = build_lm(CFG)
+SHARD_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from cl_jax import sharding
+    from cl_jax.lm.losses import lm_loss_fn
+    from cl_jax.models.transformer import build_lm, model_config
+    from cl_jax.train.state import TrainState
+    from cl_jax.train.step import compile_train_step, make_train_step
 
-  def spec(x):
-    # Shard the first dimension divisible by the mesh (what FSDP does), replicate otherwise.
-    dims = [i for i, d in enumerate(x.shape) if d % n == 0]
-    parts = [None] * x.ndim
-    if dims:
-      parts[dims[0]] = "fsdp"
-    return NamedSharding(mesh, P(*parts))
+    assert jax.device_count() == 8, jax.devices()
+    cfg = model_config("tiny", vocab_size=64, d_model=32, num_heads=4, num_layers=2, max_len=32)
+    model, params = build_lm(cfg)
+    tx = optax.adamw(1e-2)
+    step = make_train_step(lm_loss_fn(model.apply), tx, lambda s: 1e-2)
+    tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 64)
+    out = {}
+    for name, (data, fsdp) in {"single": (1, 1), "data2_fsdp4": (2, 4)}.items():
+      mesh = sharding.make_mesh(data, fsdp)
+      fresh = jax.tree.map(np.asarray, params)  # host copies: the donated state must not alias `params`
+      state = TrainState(jnp.int32(0), fresh, tx.init(fresh), (),
+                         jax.random.key_data(jax.random.key(0)), jnp.int32(0))
+      state_sh = sharding.state_sharding(state, mesh)
+      state = jax.device_put(state, state_sh)
+      fn = compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+      batch = sharding.put_batch({"tokens": np.asarray(tokens)}, mesh)
+      losses = []
+      for _ in range(3):
+        state, m = fn(state, batch)
+        losses.append(float(m["loss"]))
+      q = state.params["block_0"]["attn"]["q"]["kernel"]
+      out[name] = {"losses": losses, "q": np.asarray(q).ravel().tolist(),
+                   "q_shard": q.addressable_shards[0].data.size / q.size}
+    print("RESULT" + json.dumps(out))
+""")
 
-  sharded = jax.tree.map(lambda x: jax.device_put(x, spec(x)), params)
-  tokens = jax.device_put(_tokens(5, (4, 12)), NamedSharding(mesh, P("fsdp", None)))
-  np.testing.assert_allclose(jax.jit(model.apply)(sharded, tokens), model.apply(params, _tokens(5, (4, 12))),
-                             atol=1e-5)
+
+def test_fsdp_and_data_sharded_train_step_matches_single_device():
+  """The project's sharding rules (cl_jax.sharding) on a 2 x 4 (data, fsdp) mesh of fake CPU devices."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0][len("RESULT"):])
+  single, sharded = out["single"], out["data2_fsdp4"]
+  assert single["losses"][-1] < single["losses"][0]
+  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5)
+  np.testing.assert_allclose(sharded["q"], single["q"], rtol=1e-4, atol=1e-6)
+  assert sharded["q_shard"] == 0.25 and single["q_shard"] == 1.0

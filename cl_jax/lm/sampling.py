@@ -133,3 +133,25 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
   return fn(model, params, jnp.asarray(prompt), key, max_new_tokens=int(max_new_tokens),
             temperature=float(temperature), top_k=None if top_k is None else int(top_k),
             eos_id=None if eos_id is None else int(eos_id))
+
+
+def replay_batch(model, params, prompts: jax.Array, key: jax.Array, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 eos_id: int | None = None) -> dict:
+  """Generative replay data (Shin et al. 2017, "Continual Learning with Deep Generative Replay"; for
+  LMs, Sun et al. 2020, LAMOL): the current model continues stored general-domain `prompts`, and the
+  prompt + continuation is returned as an LM training batch `{'tokens': int32 [B, T+N], 'mask': [B, T+N]}`.
+
+  `mask` is 1 on the prompt, the continuation and its first `eos_id`, 0 on the eos fill after it, so
+  `cl_jax.lm.losses.next_token_metrics` never trains on fill. Sampling uses the KV cache.
+  """
+  tokens = generate(model, params, prompts, key, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, eos_id=eos_id)
+  mask = jnp.ones(tokens.shape, jnp.float32)
+  if eos_id is not None:
+    prompt_len = prompts.shape[1]
+    is_eos = (tokens == eos_id) & (jnp.arange(tokens.shape[1]) >= prompt_len)[None]
+    # Positions strictly after the first generated eos are fill.
+    after_first = jnp.cumsum(is_eos, axis=1) - is_eos > 0
+    mask = jnp.where(after_first, 0.0, mask)
+  return {"tokens": tokens, "mask": mask}
