@@ -93,19 +93,21 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
 
-# Named sizes. `tiny` trains on 2 CPU cores in minutes (byte-level, ~0.4M params); the rest follow the
-# GPT-2/Pythia width/depth ratios. Larger ones are meant for accelerators: e.g. on a v4-32 pod slice,
-#   python run.py --config configs/cpt_lm.py:size=350m --config.mesh.fsdp=16 --config.mesh.data=1
-# shards every kernel over 'fsdp' (ZeRO-3 style) and the batch over ('data', 'fsdp'); with
-# compute_dtype='bfloat16' the 1b size fits 16 chips of 32 GiB with Adam state in float32.
+# Named sizes (parameter counts exclude the V x D embedding). `tiny` trains on 2 CPU cores in minutes
+# (byte-level); the others follow GPT-2 / Pythia width-to-depth ratios and are meant for accelerators.
+# On a pod, every kernel is sharded over the mesh's 'fsdp' axis (ZeRO-3 style, cl_jax.sharding) and
+# the batch over ('data', 'fsdp'); e.g. on a v4-32 slice (16 chips), see configs/cpt_lm.py:
+#   python run.py --config configs/cpt_lm.py:mixture=70_30,size=350m --config.mesh.fsdp=16
+# For `1b` (bf16 compute), float32 params + grads + Adam moments are ~13 GB in all, < 1 GB per chip
+# over 16 chips; activations, not weights, then bound the per-chip batch.
 SIZES: dict[str, dict[str, Any]] = {
-  "tiny": dict(d_model=128, num_layers=2, num_heads=4, max_len=256),             # ~0.4M + embed
+  "tiny": dict(d_model=128, num_layers=2, num_heads=4, max_len=256),             # ~0.4M
   "small": dict(d_model=256, num_layers=4, num_heads=4, max_len=512),            # ~3.1M
   "base": dict(d_model=512, num_layers=8, num_heads=8, max_len=1024),            # ~25M
-  "125m": dict(d_model=768, num_layers=12, num_heads=12, max_len=2048),          # ~85M + embed
-  "350m": dict(d_model=1024, num_layers=24, num_heads=16, max_len=2048),         # ~300M + embed
+  "125m": dict(d_model=768, num_layers=12, num_heads=12, max_len=2048),          # ~85M
+  "350m": dict(d_model=1024, num_layers=24, num_heads=16, max_len=2048),         # ~300M
   "1b": dict(d_model=2048, num_layers=16, num_heads=16, max_len=2048,
-             compute_dtype="bfloat16"),                                          # ~0.8B + embed
+             compute_dtype="bfloat16"),                                          # ~0.8B
 }
 
 
