@@ -5,7 +5,7 @@ machine's peak float32 matmul FLOP/s, both measured in this run.
 
 Model FLOPs per step: 6 * batch * (weights of the three dense layers) (forward 2, backward 4 FLOPs per weight
 per example), the convention of Kaplan et al. 2020 / PaLM's MFU. Two ways to drive the step are timed:
-`per-call` (one jitted call per step, as the task loop does) and `scan` (K steps fused in one jitted lax.scan,
+`per-call` (one jitted call per step, as the task loop does) and `scan` (K steps fused in one jitted lax.scan, what `train.steps_per_call=K` does in the task loop,
 which removes the per-call dispatch overhead that dominates small models on CPU).
 """
 from __future__ import annotations

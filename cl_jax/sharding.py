@@ -77,18 +77,18 @@ def state_sharding(tree, mesh: Mesh):
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp_size)), tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension over both mesh axes."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Batch dimension over both mesh axes: the leading one, or the second for stacked [K, B, ...] batches."""
+  return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
+def put_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host aware)."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, stacked)
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -59,3 +59,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
   with pytest.raises(NonFiniteLossError, match="loss is nan|loss is inf"):
     run(c, str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w" / "results.json").exists()
+
+
+def test_fused_steps_match_one_step_per_call(tmp_path, naive_and_joint):
+  c = tiny_config("naive", steps=80)
+  c.train.steps_per_call = 8
+  fused = run(c, str(tmp_path / "fused"), progress=False)
+  _, ref_dir = naive_and_joint["naive"]
+
+  def losses(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      return [r["loss"] for r in map(json.loads, f) if r["type"] == "train"]
+
+  a, b = losses(tmp_path / "fused"), losses(ref_dir)
+  assert len(a) == len(b) == 400
+  np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(fused.accuracy_matrix, naive_and_joint["naive"][0].accuracy_matrix, atol=0.02)

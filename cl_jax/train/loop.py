@@ -143,6 +143,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
   data, scenario, strategy, mesh, root_key = setup.data, setup.scenario, setup.strategy, setup.mesh, setup.root_key
   state, state_sh, rep, step_fn, eval_fn, steps = (setup.state, setup.state_sharding, setup.replicated,
                                                    setup.train_step, setup.eval_fn, setup.steps)
+  multi_step_fn = setup.multi_step
   num_tasks, params = scenario.num_tasks, setup.state.params
   eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
 
@@ -189,35 +190,46 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
     pending = []
 
     def flush_metrics():
-      for step_no, metrics in jax.device_get(pending):
-        rec = {"type": "train", "step": step_no, "task": t + 1, **{k: float(v) for k, v in metrics.items()}}
-        if not np.isfinite(rec["loss"]):
-          raise NonFiniteLossError(
-              f"loss is {rec['loss']} at step {step_no} (task {t + 1}); stopping. The last good checkpoint is "
-              f"kept in {workdir}/checkpoints; lower optim.lr or set optim.grad_clip.")
-        log.write(rec)
-      if pending:
-        bar.set_postfix(loss=f"{float(pending[-1][1]['loss']):.4f}")
+      last_loss = None
+      for first, metrics in jax.device_get(pending):  # metrics: {name: [n]} for n consecutive steps
+        for i in range(len(metrics["loss"])):
+          rec = {"type": "train", "step": first + i, "task": t + 1,
+                 **{name: float(v[i]) for name, v in metrics.items()}}
+          if not np.isfinite(rec["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {rec['loss']} at step {first + i} (task {t + 1}); stopping. The last good checkpoint "
+                f"is kept in {workdir}/checkpoints; lower optim.lr or set optim.grad_clip.")
+          log.write(rec)
+          last_loss = rec["loss"]
+      if last_loss is not None:
+        bar.set_postfix(loss=f"{last_loss:.4f}")
       pending.clear()
 
-    for k in range(done, task_steps):
-      batch = sharding.put_batch(next(it), mesh)
-      state, metrics = step_fn(state, batch)
-      step_no = first_step + k + 1
-      pending.append((step_no, metrics))
-      bar.update(1)
-      if len(pending) >= config.train.log_every_steps:
+    per_call = config.train.steps_per_call
+    for k in range(done, task_steps, per_call):
+      n = min(per_call, task_steps - k)
+      if per_call == 1:
+        state, metrics = step_fn(state, sharding.put_batch(next(it), mesh))
+        metrics = jax.tree.map(lambda m: m[None], metrics)
+      else:  # n steps fused into one jitted lax.scan (a shorter last chunk compiles once more)
+        group = [next(it) for _ in range(n)]
+        stacked = {key: np.stack([b[key] for b in group]) for key in group[0]}
+        state, metrics = multi_step_fn(state, sharding.put_batch(stacked, mesh, stacked=True))
+      step_no = first_step + k + n
+      pending.append((step_no - n + 1, metrics))
+      bar.update(n)
+      if sum(len(m["loss"]) for _, m in pending) >= config.train.log_every_steps:
         flush_metrics()
-      if config.eval.every_steps and (k + 1) % config.eval.every_steps == 0 and k + 1 < task_steps:
+      if config.eval.every_steps and (k + n) % config.eval.every_steps == 0 and k + n < task_steps:
         flush_metrics()
         log.write({"type": "eval", "step": step_no, "task": t + 1, "accuracy": evaluate_all(t),
                    "boundary": False})
-      if config.checkpoint.every_steps and (k + 1) % config.checkpoint.every_steps == 0 and k + 1 < task_steps:
+      if config.checkpoint.every_steps and (k + n) % config.checkpoint.every_steps == 0 and k + n < task_steps:
         flush_metrics()
         log.flush()
         checkpoints.save(step_no, state, {"task": t, "iterator": it.get_state(), "rows": rows,
                                           "task_seconds": task_seconds}, boundary=False)
-      if step_no == kill_at:
+      if step_no - n < kill_at <= step_no:
         flush_metrics()
         log.flush()
         checkpoints.wait()
@@ -264,6 +276,7 @@ class Setup(NamedTuple):
   state_sharding: Any
   replicated: Any
   train_step: Any          # jitted (state, batch) -> (state, metrics), state donated
+  multi_step: Any          # jitted (state, batches [K, B, ...]) -> (state, metrics [K]): K steps in one lax.scan
   eval_fn: Any             # jitted (params, batch, task_index) -> (hits, count)
   steps: list              # steps per task
   root_key: jax.Array
@@ -295,10 +308,13 @@ def build(config) -> Setup:
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = jax.device_put(state, state_sh)
-  step_fn = compile_train_step(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule),
-                               state_sh, sharding.batch_sharding(mesh), rep)
+  train_step = make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule)
+  step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
+  multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
+                                  sharding.batch_sharding(mesh, stacked=True), rep)
   eval_fn = make_eval_fn(learner, rep, sharding.batch_sharding(mesh))
-  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, eval_fn, steps,
+  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
+               steps,
                root_key)
 
 
