@@ -18,8 +18,8 @@ strings: `embed.embedding`, `block_{i}.attn.{q,k,v,o}.kernel`, `block_{i}.mlp.{u
 `block_{i}.{attn_norm,mlp_norm}.scale`, `final_norm.scale`, `lm_head.kernel` (untied only).
 
 Mixed precision: parameters are always float32; with `compute_dtype='bfloat16'` weights and
-activations are cast to bf16 for the matmuls, while norms, softmax and the returned logits stay float32
-(the usual recipe, Micikevicius et al. 2018).
+activations are cast to bf16 for the matmuls, while the residual stream, norms, softmax and the returned
+logits stay float32 (the usual recipe, Micikevicius et al. 2018).
 
 The same module serves training (`__call__`, the full causal forward pass) and KV-cache decoding
 (`forward_with_cache`), used by `cl_jax.lm.sampling`.
@@ -283,7 +283,9 @@ class TransformerLM(nnx.Module):
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     table = self.embed.embedding[...]
-    return jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(self.config.dtype)
+    # The residual stream stays float32 (each projection casts its input to the compute dtype), so bf16
+    # rounding does not accumulate over the depth of the network.
+    return jnp.take(table, tokens.astype(jnp.int32), axis=0)
 
   def __call__(self, tokens: jax.Array, task: jax.Array | None = None) -> jax.Array:
     del task
