@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
       kind="exact",        # exact | sampled | empirical | batched (see module docstring)
       num_samples=-1,      # examples of the task the Fisher averages over; -1 = all of them
       batch_size=128,      # mini-batch size of the `batched` kind only
-      chunk_size=256,      # examples per vectorised chunk: bounds memory (chunk x params for vmap)
+      chunk_size=0,        # examples per vectorised chunk (bounds memory); 0 = auto (see fisher_diagonal)
       method="auto",       # auto | vmap | dense: how per-example kinds are computed (same numbers)
   ))
 
@@ -67,13 +67,14 @@ def validate_config(fisher_config) -> None:
   n = int(fisher_config.num_samples)
   if n == 0 or n < -1:
     raise ValueError(f"fisher.num_samples={n}: expected a positive count or -1 (all examples)")
-  for key in ("batch_size", "chunk_size"):
-    if int(fisher_config[key]) < 1:
-      raise ValueError(f"fisher.{key}={fisher_config[key]}: expected a positive integer")
+  if int(fisher_config.batch_size) < 1:
+    raise ValueError(f"fisher.batch_size={fisher_config.batch_size}: expected a positive integer")
+  if int(fisher_config.chunk_size) < 0:
+    raise ValueError(f"fisher.chunk_size={fisher_config.chunk_size}: expected a positive size or 0 (auto)")
 
 
 def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kind: str = "exact",
-                    rng: jax.Array | None = None, num_samples: int = -1, chunk_size: int = 256,
+                    rng: jax.Array | None = None, num_samples: int = -1, chunk_size: int = 0,
                     batch_size: int = 128, method: str = "auto") -> Params:
   """Diagonal Fisher of the masked softmax classifier `learner.logits(params, x, task, task_index)`.
 
@@ -85,7 +86,10 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
     kind: exact | sampled | empirical | batched (module docstring).
     rng: for the subset of `num_samples` examples and the labels of `sampled`.
     num_samples: average over this many examples drawn without replacement; -1 = all.
-    chunk_size: examples per vectorised chunk (per-example kinds).
+    chunk_size: examples per vectorised chunk (per-example kinds); 0 = auto: 256 on the dense path;
+      on the vmap path 64 on accelerators and 1 on CPU, where XLA lowers the batched rank-1 products
+      of per-example kernel gradients ~100x slower than a scan over single examples (measured: MLP
+      784-400-400, 512 examples, 0.14 s with chunks of 1 against 17 s with chunks of 16).
     batch_size: mini-batch size (`batched` only).
     method: auto | vmap | dense (per-example kinds; `batched` always uses plain batch gradients).
   Returns:
@@ -116,12 +120,14 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
   if method in ("auto", "dense"):
     layout = dense_layout(learner, params, x[:8], task[:8], task_index)
     if layout is not None:
-      xs, ys, ts, ws = _chunk(chunk_size, x, y, task)
+      xs, ys, ts, ws = _chunk(chunk_size or 256, x, y, task)
       total = _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng, kind)
       return jax.tree.map(lambda f: f / n, total)
     if method == "dense":
       raise ValueError("method='dense': params are not an MLP of dense_i + head layers whose forward "
                        "pass matches learner.apply; use method='vmap' or 'auto'")
+  if not chunk_size:
+    chunk_size = 1 if jax.default_backend() == "cpu" else 64
   xs, ys, ts, ws = _chunk(chunk_size, x, y, task)
   total = _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind)
   return jax.tree.map(lambda f: f / n, total)
