@@ -141,3 +141,24 @@ def test_config_entry_point_and_errors():
   bad.adapt.lr_ratio = 0.0
   with pytest.raises(ValueError, match="adapt.lr_ratio"):
     cpt.check_config(bad)
+
+
+def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_path, monkeypatch):
+  reference, base_workdir = base_run
+  # Same adaptation as `base_run` (same seed, same base restored from it), crashing after step 10.
+  c = _tiny(regression__threshold=0.5, pretrain__base_dir=base_workdir)
+  workdir = str(tmp_path / "resume")
+  monkeypatch.setenv(cpt.CRASH_ENV, "10")
+  with pytest.raises(cpt.SimulatedCrash):
+    cpt.run(c, workdir, progress=False, data=data)
+  monkeypatch.delenv(cpt.CRASH_ENV)
+  r = cpt.run(c, workdir, progress=False, data=data).record
+  ref = reference.record
+  assert [h["step"] for h in r["history"]] == [0, 5, 10, 15, 20]
+  for split_model in ("best", "final"):
+    for k, v in ref["test"][split_model].items():
+      assert r["test"][split_model][k] == pytest.approx(v, rel=1e-5), (split_model, k)
+  assert r["realised_mixture"] == ref["realised_mixture"]
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))
+           if json.loads(l)["type"] == "eval"]
+  assert steps == [0, 5, 10, 15, 20]  # nothing logged twice

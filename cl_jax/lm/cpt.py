@@ -55,6 +55,13 @@ from cl_jax.train.step import compile_train_step, make_train_step
 
 GENERAL, DOMAIN = "general", "domain"
 
+# Test hook: raise SimulatedCrash right after the adaptation checkpoint of this step is written.
+CRASH_ENV = "CL_JAX_CPT_CRASH_AT_STEP"
+
+
+class SimulatedCrash(RuntimeError):
+  pass
+
 
 # ----------------------------------------------------------------------------- config
 
@@ -397,8 +404,15 @@ def _params_manager(path: str, keep: int | None = None):
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=True, max_to_keep=keep))
 
 
+def _latest_step(path: str):
+  with _params_manager(path) as m:
+    return m.latest_step()
+
+
 def save_params(path: str, step: int, params) -> None:
   with _params_manager(path, 1) as m:
+    if step in m.all_steps():  # a rerun writing the same step again (resume): replace it
+      m.delete(step)
     m.save(step, args=ocp.args.StandardSave(params), force=True)
     m.wait_until_finished()
 
@@ -477,20 +491,35 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
 
   log_path = os.path.join(workdir, "metrics.jsonl")
-  log_file = open(log_path, "a")
+  log_file = None
 
   def log(rec):
     log_file.write(json.dumps(rec) + "\n")
 
+  def reopen_log(keep: Callable[[dict], bool]):
+    """Keeps the records `keep` accepts (a rerun logs the rest again, identically) and reopens for append."""
+    nonlocal log_file
+    if log_file is not None:
+      log_file.close()
+    kept = []
+    if os.path.exists(log_path):
+      with open(log_path) as f:
+        kept = [line for line in f if keep(json.loads(line))]
+    with open(log_path, "w") as f:
+      f.writelines(kept)
+    log_file = open(log_path, "a")
+
   # --- the base model
   base_path = os.path.join(ckpt_root, "base")
   t_pre = time.time()
-  if c.pretrain.base_dir:
+  have_base = os.path.isdir(base_path) and _latest_step(base_path) is not None
+  if resume and have_base:
+    params, _ = load_params(base_path, params)
+  elif c.pretrain.base_dir:
     params, _ = load_params(os.path.join(os.path.abspath(c.pretrain.base_dir), "checkpoints", "base"), params)
     save_params(base_path, 0, params)
-  elif resume and os.path.isdir(base_path) and _params_manager(base_path).latest_step() is not None:
-    params, _ = load_params(base_path, params)
   else:
+    reopen_log(lambda rec: False)
     params = pretrain(c, data, model, params, mesh, log, progress)
     save_params(base_path, c.pretrain.steps, params)
   base_params = params
@@ -505,7 +534,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   baseline = evaluate_base(base_params, data, "validation")
   counts = {"general/cloze_accuracy": len(data.cloze["validation"].answer)}
   monitor = RegressionMonitor(baseline, c.regression.threshold, select=c.regression.select,
-                              min_z=c.regression.min_z, counts=counts)
+                              min_z=c.regression.min_z, counts=counts, hard_stop=c.regression.hard_stop)
 
   orders = None
   if c.adapt.difficulty:
@@ -540,8 +569,10 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
     monitor.load_state_dict(restored.meta["monitor"])
     mixture_log = restored.meta["mixture"]
     start = int(phase.state.step)
+    reopen_log(lambda rec: rec.get("phase") == "pretrain" or rec["step"] <= start)
     print(f"Resuming {workdir} at adaptation step {start}.")
   else:
+    reopen_log(lambda rec: rec.get("phase") == "pretrain")
     monitor.check(0, baseline)  # the base itself is the in-threshold fallback
     log({"type": "eval", "phase": "adapt", "step": 0, **baseline, "regressions": monitor.history[-1]["regressions"]})
     save_params(best_path, 0, lm.unwrap(phase.state.params))
@@ -569,6 +600,10 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
     adapt_mgr.save(step_done, args=ocp.args.Composite(
         state=ocp.args.StandardSave(phase.state),
         meta=ocp.args.JsonSave({"monitor": monitor.state_dict(), "mixture": mixture_log})), force=True)
+    if step_done == int(os.environ.get(CRASH_ENV, "-1")):
+      adapt_mgr.wait_until_finished()
+      log_file.flush()
+      raise SimulatedCrash(f"{CRASH_ENV}={step_done}")
     return bool(c.regression.hard_stop and monitor.should_stop)
 
   t_adapt = time.time()
@@ -607,9 +642,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   plot_monitor(monitor.history, baseline, c.regression.threshold, os.path.join(workdir, "monitor.png"),
                title=f"{record['mixture']} / {record['schedule']} / {c.adapt.method} / {c.strategy}",
                stopped_step=None if monitor.stopped is None else monitor.stopped["step"], best_step=best_step)
-  write_summary(workdir, record)
-  if progress:
-    print(open(os.path.join(workdir, "summary.md")).read())
+  print(open(write_summary(workdir, record)).read())
   return CPTResults(workdir, record)
 
 

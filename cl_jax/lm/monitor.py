@@ -57,11 +57,13 @@ class RegressionMonitor:
     threshold: the relative regression allowed on any general metric (0.02 = 2%).
     select: the metric that picks the best in-threshold checkpoint (default: 'domain/perplexity').
     counts: `{metric: n}` evaluation-set sizes of accuracy metrics, for the `min_z` noise guard.
+    hard_stop: whether the crossing ends training (the caller acts on `should_stop`); only the wording of
+      `describe` depends on it.
   """
 
   def __init__(self, baseline: Mapping[str, float], threshold: float = 0.02, *,
                select: str = "domain/perplexity", general_prefix: str = "general/",
-               min_z: float = 0.0, counts: Mapping[str, int] | None = None):
+               min_z: float = 0.0, counts: Mapping[str, int] | None = None, hard_stop: bool = True):
     if not threshold > 0:
       raise ValueError(f"regression.threshold={threshold}: must be a positive fraction (0.02 = 2%)")
     if min_z < 0:
@@ -74,6 +76,7 @@ class RegressionMonitor:
     if select not in self.baseline:
       raise ValueError(f"regression.select={select!r}: not a measured metric; metrics: {sorted(self.baseline)}")
     self.threshold = float(threshold)
+    self.hard_stop = bool(hard_stop)  # False: record-only (the crossing is reported, training goes on)
     self.select = select
     self.min_z = float(min_z)
     self.counts = dict(counts or {})
@@ -130,8 +133,8 @@ class RegressionMonitor:
     if self.stopped is None:
       return f"No general metric regressed beyond {100 * self.threshold:.1f}%; {best}."
     parts = ", ".join(f"{m} {100 * r:+.2f}%" for m, r in self.stopped["regressions"].items())
-    return (f"Hard stop at step {self.stopped['step']}: {parts} (threshold {100 * self.threshold:.1f}%); "
-            f"{best}.")
+    what = "Hard stop" if self.hard_stop else "Threshold crossed (record-only, training continued)"
+    return f"{what} at step {self.stopped['step']}: {parts} (threshold {100 * self.threshold:.1f}%); {best}."
 
 
 def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
@@ -164,7 +167,7 @@ def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: 
   ax.set_title("domain (higher = better)")
   for ax in axes:
     if stopped_step is not None:
-      ax.axvline(stopped_step, color="red", lw=1, label="hard stop")
+      ax.axvline(stopped_step, color="red", lw=1, label="threshold crossed")
     if best_step is not None:
       ax.axvline(best_step, color="green", lw=1, ls=":", label="best kept")
     ax.legend(fontsize=7)
