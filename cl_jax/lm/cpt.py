@@ -137,6 +137,11 @@ def check_config(c) -> None:
   if c.lm.seq_len < 2 or c.text.cloze_context + 1 > c.lm.seq_len:
     raise ValueError(f"lm.seq_len={c.lm.seq_len}, text.cloze_context={c.text.cloze_context}: need "
                      "2 <= cloze_context + 1 <= seq_len")
+  data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
+  for section in ("pretrain", "adapt"):
+    if c[section].batch_size % (data * fsdp):
+      raise ValueError(f"{section}.batch_size={c[section].batch_size}: not divisible by the {data * fsdp} devices "
+                       f"of the mesh (mesh.data={data}, mesh.fsdp={fsdp})")
   if c.distill.temperature <= 0 or c.distill.alpha < 0:
     raise ValueError(f"distill.alpha={c.distill.alpha}, distill.temperature={c.distill.temperature}: "
                      "need alpha >= 0 and temperature > 0")
