@@ -76,6 +76,7 @@ def parse_args(argv=None):
   p.add_argument("--lora_lr", type=float, default=3e-3)
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--val", type=int, default=1000, help="validation examples held out per task")
+  p.add_argument("--report_only", action="store_true", help="rewrite the .md and .png from the saved .json")
   return p.parse_args(argv)
 
 
@@ -183,6 +184,9 @@ def grid_search(name, make, grid, evaluate, tasks):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.report_only:
+    with open(os.path.splitext(args.out)[0] + ".json") as f:
+      return write_report(json.load(f), args.out)
   if args.quick:
     args.hidden, args.base_steps, args.steps, args.val = [64, 64], 150, 100, 60
   t0 = time.time()
@@ -403,7 +407,8 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------- report
 
 MAIN_ROWS = ["sequential", "sequential+EWC", "joint", "linear", "task arithmetic", "TIES", "DARE-TIES",
-             "SLERP (tasks 2, 3)", "LoRA sum (adapters merged)", "O-LoRA (adapters summed)", "LoRA + routing",
+             "SLERP (tasks 2, 3)", "LoRA sum (adapters merged)", "O-LoRA (adapters summed)",
+             "sequential LoRA, no orthogonality (lambda1=0)", "LoRA + routing",
              "progressive nets (+ pixel router)"]
 
 
@@ -574,9 +579,11 @@ def plot(record, path):
     ax.scatter(np.full(len(res[n]["task_il"]), i - 0.2), 100 * np.asarray(res[n]["task_il"]), s=8, color="k", zorder=3)
   ax.set_xticks(x, names, rotation=30, ha="right")
   ax.set_ylabel("test accuracy (%), average over 5 tasks")
-  ax.set_ylim(0, 100)
-  ax.legend(loc="lower left")
-  ax.set_title("Split MNIST: merging specialists vs sequential training (dots: per task)")
+  ax.set_ylim(0, 115)
+  ax.set_yticks(range(0, 101, 20))
+  ax.legend(loc="upper center", ncol=2, frameon=False)
+  data = "Split MNIST" if record["setup"]["data"] == "mnist" else "Split digits (--quick)"
+  ax.set_title(f"{data}: merging specialists vs sequential training (dots: task-IL per task)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -9,8 +9,10 @@ trained. Several named adapters can live beside one frozen base, one per task or
 
     params = {'base': base_params, 'adapters': {name: {module_path: {'A': [d_in, r], 'B': [r, d_out]}}}}
 
-`module_path` is the '/'-joined path of the module that owns a 2-D `kernel` in the base pytree
-('dense_0', 'layers/3/attn/q', ...). `LoraModel.apply` runs the base model with none, one, the sum of
+`module_path` is the '/'-joined path of the module that owns the `kernel` in the base pytree
+('dense_0', 'block_0/attn/q', ...). An N-D kernel (the transformer's q/k/v [D, H, Dh], o [H, Dh, D]) is
+adapted as the matrix [prod(input axes), prod(output axes)]; `LoraModel` reads the input axes off the
+modules (`kernel_in_axes`). `LoraModel.apply` runs the base model with none, one, the sum of
 several, or a per-example choice of adapters; the optimizer sees only adapter leaves through
 `trainable_mask`, so the base -- and with it the base model's outputs -- is unchanged bit for bit by
 construction. `merge_adapter` folds `W <- W + (alpha / r) A B` into the base; `save_adapter` /
@@ -337,8 +339,9 @@ class LoraModel:
     adapter=(n1, ..), adapter_index=[B] int   each example uses adapter n_{index[b]} (task-IL with task
                           labels, or a router's choice). A negative index means 'no adapter' for that example.
   `rng` turns on adapter dropout (training); without it the forward is deterministic.
-  Adapted layers must be `nnx.Linear` modules (called as the adapter's side path, so dropout works);
-  any other module with a 2-D kernel used as x @ kernel gets the folded weight W + (alpha/r) A B instead.
+  `nnx.Linear` layers get the adapter as a side path (so dropout and per-example choice work); any other
+  linear module (an einsum projection) gets the folded kernel W + (alpha/r) reshape(A B) instead, which is
+  the same function but supports neither dropout nor `adapter_index`.
   """
   model: Any  # FunctionalModel
   spec: LoraSpec
@@ -364,6 +367,9 @@ class LoraModel:
     if folded:
       if weights is not None:
         raise ValueError(f"per-example adapters need nnx.Linear layers; {folded} are not")
+      if rng is not None and self.spec.dropout > 0:
+        raise ValueError(f"lora.dropout={self.spec.dropout}: adapter dropout needs nnx.Linear layers, and "
+                         f"{folded} are not (their update is folded into the kernel); set lora.dropout=0")
       for p in folded:
         kernel = _get(base, p)["kernel"]
         delta = sum(adapter_delta(a[p], self.spec.alpha / a[p]["A"].shape[-1], kernel.shape)
