@@ -571,14 +571,17 @@ def plot(record, path):
   names = [n for n in MAIN_ROWS if n in res]
   til = [100 * np.mean(res[n]["task_il"]) for n in names]
   cil = [100 * np.mean(res[n]["class_il"]) for n in names]
-  fig, ax = plt.subplots(figsize=(10, 4.2))
+  short = {"sequential LoRA, no orthogonality (lambda1=0)": "O-LoRA, lambda1=0",
+           "progressive nets (+ pixel router)": "progressive nets", "LoRA sum (adapters merged)": "LoRA sum",
+           "O-LoRA (adapters summed)": "O-LoRA"}
+  fig, ax = plt.subplots(figsize=(10, 4.6))
   x = np.arange(len(names))
   ax.bar(x - 0.2, til, 0.4, label="task-IL (task label given)", color="#4477aa")
   ax.bar(x + 0.2, cil, 0.4, label="class-IL (no task label)", color="#ee7733")
   for i, n in enumerate(names):
     ax.scatter(np.full(len(res[n]["task_il"]), i - 0.2), 100 * np.asarray(res[n]["task_il"]), s=8, color="k", zorder=3)
-  ax.set_xticks(x, names, rotation=30, ha="right")
-  ax.set_ylabel("test accuracy (%), average over 5 tasks")
+  ax.set_xticks(x, [short.get(n, n) for n in names], rotation=30, ha="right")
+  ax.set_ylabel("test accuracy (%), mean of 5 tasks")
   ax.set_ylim(0, 115)
   ax.set_yticks(range(0, 101, 20))
   ax.legend(loc="upper center", ncol=2, frameon=False)
