@@ -28,12 +28,14 @@ from cl_jax import merging  # noqa: E402
 
 
 def make_params(key, n_params: int, n_large: int, scale: float = 1.0):
-  """n_large matrices [rows, 1024] with ~98 % of n_params, the rest in 1024-wide vectors."""
+  """n_large matrices [rows, cols] with ~98 % of n_params, 4 medium matrices with the rest, and two
+  cols-wide vectors (bias, norm) per large matrix: 8 + 4 + 16 leaves at the default sizes."""
   cols = 1024 if n_params >= 1e6 else 64
   rows = max(1, int(0.98 * n_params) // (n_large * cols))
-  n_small = max(1, (n_params - n_large * rows * cols) // cols)
+  medium_rows = max(1, (n_params - n_large * rows * cols - 2 * n_large * cols) // (4 * cols))
   shapes = {f"layers_{i}/kernel": (rows, cols) for i in range(n_large)}
-  shapes.update({f"layers_{i % n_large}/norm_{i // n_large}": (cols,) for i in range(n_small)})
+  shapes.update({f"embed_{i}": (medium_rows, cols) for i in range(4)})
+  shapes.update({f"layers_{i}/{v}": (cols,) for i in range(n_large) for v in ("bias", "norm")})
   keys = jax.random.split(key, len(shapes))
 
   @jax.jit
@@ -94,10 +96,12 @@ def main(argv=None):
       "# Merge speed",
       "",
       f"{total / 1e6:.1f}M float32 parameters per model ({args.large} tensors of "
-      f"{jax.tree.leaves(base)[0].size / 1e6:.2f}M + {len(jax.tree.leaves(base)) - args.large} small), "
+      f"{base['layers_0/kernel'].size / 1e6:.2f}M, 4 of {base['embed_0'].size / 1e6:.2f}M and "
+      f"{len(jax.tree.leaves(base)) - args.large - 4} of {base['layers_0/bias'].size}), "
       f"{args.models} models merged (slerp: 2), density {args.density}; median of {args.repeats} runs.",
       f"Device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s), "
-      f"{os.cpu_count()} host cores, jax {jax.__version__}, {platform.machine()}.",
+      f"{os.cpu_count()} host cores (1-min load average {os.getloadavg()[0]:.1f} at the end: shared "
+      f"machines make every figure noisy), jax {jax.__version__}, {platform.machine()}.",
       "",
       f"Command: `python benchmarks/merge_speed.py --params {args.params:g} --models {args.models} "
       f"--density {args.density} --repeats {args.repeats}{' --exact' if args.exact else ''}`",
@@ -106,6 +110,13 @@ def main(argv=None):
       "|---|---:|---:|",
   ]
   lines += [f"| {name} | {t * 1e3:.1f} | {t / ref:.2f} |" for name, t in rows]
+  lines += [
+      "",
+      "TIES finds each large tensor's top-k threshold by bit bisection on a 2^16-entry random sample of",
+      "|tau| (no sort; `cl_jax.merging.magnitude_threshold`), so after the thresholds the merge is one",
+      "fused pass over base + models. The DARE methods draw one threefry random number per entry and",
+      "model; on CPU that hash costs several times the memory pass, on accelerators it is cheap.",
+  ]
   table = "\n".join(lines) + "\n"
   print(table)
   if args.out:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -198,13 +199,16 @@ def ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array,
 
 
 def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
-                lam: float | jax.Array = 1.0, *, keys: Sequence[jax.Array] | None = None,
-                masks: Sequence[jax.Array] | None = None) -> jax.Array:
-  """DARE + task arithmetic: theta_base + lam * sum_i w_i DARE(tau_i) (Yu et al. 2024)."""
+                lam: float | jax.Array = 1.0, normalize: bool = False, *,
+                keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None) -> jax.Array:
+  """DARE + task arithmetic: theta_base + lam * sum_i w_i DARE(tau_i) (Yu et al. 2024).
+
+  With `normalize` the sum is divided by sum_i w_i (a weighted mean of the sparsified task vectors).
+  """
   dt = _compute_dtype(theta_base, *thetas)
   base = theta_base.astype(dt)
   taus = _dare_all([t.astype(dt) - base for t in thetas], density, keys, masks)
-  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=False)
+  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=normalize)
 
 
 def dare_ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
@@ -387,7 +391,7 @@ def _merge_fn(method: str, paths: tuple, treedef, static: tuple, sharding_leaves
       if method == "dare_ties":
         out = dare_ties(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys)
       else:
-        out = dare_linear(base, thetas, weights, st["density"], lam, keys=keys)
+        out = dare_linear(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys)
     elif method == "slerp":
       out = slerp(thetas[0], thetas[1], t)
     else:
@@ -412,8 +416,8 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
 
   method: 'linear' (weights, normalize=True; base unused), 'task_arithmetic' (weights, lam), 'ties'
   (weights, density, lam, normalize=True, threshold), 'dare_linear' or its alias 'dare' (weights,
-  density, lam, seed), 'dare_ties' (weights, density, lam, normalize=True, seed), 'slerp' (exactly two
-  models, t: number, depth gradient list or {regex: ...} dict, see `resolve_t`; base unused).
+  density, lam, normalize=False, seed), 'dare_ties' (weights, density, lam, normalize=True, seed),
+  'slerp' (exactly two models, t: number, depth gradient list or {regex: ...} dict, see `resolve_t`; base unused).
   weights default to 1 per model (so 'linear' is the plain mean). See the per-tensor functions for
   the formulas. Everything is validated before any computation: an unknown method, trees that differ
   (the offending path is named), density outside (0, 1], t outside [0, 1], a weight count that is not
@@ -442,7 +446,7 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
     raise ValueError(f"weights must be >= 0 for {method} (sign election), got {weights}")
   if method == "linear" and (normalize is None or normalize) and sum(weights) == 0:
     raise ValueError(f"weights sum to 0; linear cannot normalize by them: {weights}")
-  if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
+  if isinstance(lam, bool) or not (isinstance(lam, numbers.Real) and math.isfinite(lam)):
     raise ValueError(f"lam must be a finite number, got {lam!r}")
   if method in ("ties", "dare", "dare_linear", "dare_ties"):
     _check_unit("density", density, lo_open=True)
