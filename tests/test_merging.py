@@ -123,7 +123,12 @@ def test_slerp_hand_computed_and_endpoints():
 def test_slerp_colinear_falls_back_to_lerp():
   a = f32(1, 2, 3)
   np.testing.assert_allclose(merging.slerp(a, 2 * a, 0.25), 0.75 * a + 0.5 * a, rtol=1e-6)
-  np.testing.assert_allclose(merging.slerp(f32(1, 0), f32(-1, 0), 0.5), [0, 0], atol=1e-7)
+  np.testing.assert_allclose(merging.slerp(f32(1, 0), f32(-1, 0), 0.25), [0.5, 0], atol=1e-7)  # antiparallel
+  # angle 0.02 rad: |cos| = 0.9998 > 0.9995, so lerp; the sine formula would give 0.500012 per vector.
+  b = f32(np.cos(0.02), np.sin(0.02))
+  np.testing.assert_allclose(merging.slerp(f32(1, 0), b, 0.5), 0.5 * (f32(1, 0) + b), rtol=1e-7, atol=1e-9)
+  b = f32(np.cos(0.1), np.sin(0.1))  # |cos| = 0.995: real slerp, off the chord
+  np.testing.assert_allclose(merging.slerp(f32(1, 0), b, 0.5), [np.cos(0.05), np.sin(0.05)], rtol=1e-6)
   np.testing.assert_allclose(merging.slerp(f32(0, 0), f32(2, 4), 0.5), [1, 2], rtol=1e-6)  # zero vector
   assert np.all(np.isfinite(merging.slerp(a, a * (1 + 1e-7), 0.3)))
 
