@@ -84,16 +84,16 @@ def test_adapter_forward_matches_hand_formula(digits):
                              rtol=1e-5, atol=1e-5)
 
 
-def _adapter_optimizer(params, name, lr=1e-2):
-  """What build_optimizer(trainable=...) does: adam on True leaves, set_to_zero (no state) elsewhere."""
-  mask = lora.trainable_mask(params, name)
-  labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
-  return optax.multi_transform({"train": optax.adam(lr), "frozen": optax.set_to_zero()}, labels)
-
-
 def test_training_an_adapter_leaves_base_bit_identical(digits):
+  """The adapter trained with the task loop's own pieces: build_optimizer(trainable=...) + make_train_step."""
+  from cl_jax.config import base_config
+  from cl_jax.strategies import LossContext
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.state import TrainState
+  from cl_jax.train.step import make_train_step
+
   x_all, y_all = digits
-  x, y = jnp.asarray(x_all[:512]), jnp.asarray(y_all[:512])
+  batch = {"x": jnp.asarray(x_all[:512]), "y": jnp.asarray(y_all[:512]), "task": jnp.zeros((512,), jnp.int32)}
   model, base = _mlp()
   spec = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1)
   lm = lora.LoraModel(model, spec)
@@ -101,30 +101,38 @@ def test_training_an_adapter_leaves_base_bit_identical(digits):
   params = lora.add_adapter(params, "task", jax.random.key(1), spec)
   base_before = jax.tree.map(np.array, params["base"])
   other_before = jax.tree.map(np.array, params["adapters"]["other"])
-  out_before = np.array(model.apply(base, x))
-  opt = _adapter_optimizer(params, "task")
+  out_before = np.array(model.apply(base, batch["x"]))
+  optim = base_config().optim
+  optim.lr = 1e-2
+  schedule = optax.constant_schedule(1e-2)
+  opt = build_optimizer(optim, schedule, trainable=lora.trainable_mask(params, "task"))
   opt_state = opt.init(params)
   # The optimizer state holds exactly two Adam moments of the adapter, nothing of the base.
   n_state = sum(l.size for l in jax.tree.leaves(opt_state) if l.ndim > 0)
   assert n_state == 2 * lora.num_adapter_params(params["adapters"]["task"])
 
-  @jax.jit
-  def step(params, opt_state, rng):
-    def loss_fn(p):
-      return cross_entropy(lm.apply(p, x, adapter="task", rng=rng), y).mean()
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    upd, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, upd), opt_state, loss
+  def loss_fn(p, b, ctx: LossContext):  # adapter dropout draws from the step's rng
+    loss = cross_entropy(lm.apply(p, b["x"], adapter="task", rng=ctx.rng), b["y"]).mean()
+    return loss, {}
 
+  step = jax.jit(make_train_step(loss_fn, opt, schedule))
+  state = TrainState(jnp.int32(0), params, opt_state, (), jax.random.key(3), jnp.int32(0))
   losses = []
-  for i in range(60):
-    params, opt_state, loss = step(params, opt_state, jax.random.key(100 + i))
-    losses.append(float(loss))
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  params = state.params
   assert losses[-1] < 0.5 * losses[0]  # the adapter learns
   jax.tree.map(np.testing.assert_array_equal, params["base"], base_before)
   jax.tree.map(np.testing.assert_array_equal, params["adapters"]["other"], other_before)
-  np.testing.assert_array_equal(np.array(lm.apply(params, x)), out_before)
+  np.testing.assert_array_equal(np.array(lm.apply(params, batch["x"])), out_before)
   assert float(jnp.abs(params["adapters"]["task"]["dense_0"]["B"]).max()) > 0
+  # Dropout is on in training (two rngs, two outputs) and off without an rng.
+  a = lm.apply(params, batch["x"], adapter="task", rng=jax.random.key(1))
+  b = lm.apply(params, batch["x"], adapter="task", rng=jax.random.key(2))
+  assert float(jnp.abs(a - b).max()) > 1e-4
+  np.testing.assert_array_equal(lm.apply(params, batch["x"], adapter="task"),
+                                lm.apply(params, batch["x"], adapter="task"))
 
 
 def test_merge_adapter_equals_running_with_it(digits):
