@@ -18,7 +18,6 @@ different hosts can each take their own slice of positions without communicating
 from __future__ import annotations
 
 import bisect
-import functools
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -223,6 +222,7 @@ class MixtureSampler:
         raise ValueError(f"orders[{d!r}] must be a permutation of range({n})")
       self.orders[d] = order
     self._prefix = {0: np.zeros(len(self.domains), np.int64)}
+    self._perms: dict = {}
 
   # -- domain draws
   def domain_ids(self, steps: np.ndarray | int) -> np.ndarray:
@@ -254,9 +254,14 @@ class MixtureSampler:
       counts = counts + np.bincount(ids.ravel(), minlength=len(self.domains))
     return counts
 
-  @functools.lru_cache(maxsize=64)
   def _epoch_perm(self, d: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, 7919, d, epoch]).permutation(self.sizes[d])
+    """Domain d's order in `epoch`: a permutation seeded by (seed, d, epoch); the last few are cached."""
+    key = (d, epoch)
+    if key not in self._perms:
+      if len(self._perms) >= 8:
+        self._perms.pop(next(iter(self._perms)))
+      self._perms[key] = np.random.default_rng([self.seed, 7919, d, epoch]).permutation(self.sizes[d])
+    return self._perms[key]
 
   def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """`(domain_id [B], example_index [B])` of the batch at `step`."""
