@@ -40,7 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
       lam=1.0,           # task arithmetic / TIES / DARE scale lambda
       density=0.5,       # TIES / DARE kept fraction, in (0, 1]
       normalize=True,    # linear / TIES / DARE-TIES: divide by the (agreeing) weights
-      t=0.5,             # SLERP factor in [0, 1], or a list of anchors over depth
+      t=0.5,             # SLERP factor in [0, 1] (for every tensor, or those without a layer number)
+      t_layers=[],       # SLERP anchors over depth for numbered layers, e.g. [0, 0.5, 1] (mergekit-style)
       seed=0,            # DARE drop masks
       save=True,         # write the merged params to <workdir>/merged
   ))
@@ -121,9 +122,10 @@ def check_settings(c) -> None:
   if c.method in ("ties", "dare", "dare_linear", "dare_ties") and not 0 < float(c.density) <= 1:
     raise ValueError(f"merge.density={c.density}: must be in (0, 1]")
   if c.method == "slerp":
-    ts = list(c.t) if isinstance(c.t, (list, tuple)) else [c.t]
-    if not ts or any(not 0 <= float(t) <= 1 for t in ts):
+    if not 0 <= float(c.t) <= 1:
       raise ValueError(f"merge.t={c.t}: must be in [0, 1]")
+    if any(not 0 <= float(t) <= 1 for t in c.t_layers):
+      raise ValueError(f"merge.t_layers={list(c.t_layers)}: every anchor must be in [0, 1]")
 
 
 def _eval_sections(config, checkpoints):
@@ -200,7 +202,10 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
   if c.method in ("linear", "ties", "dare_ties"):
     kwargs["normalize"] = bool(c.normalize)
   if c.method == "slerp":
-    kwargs["t"] = list(c.t) if isinstance(c.t, (list, tuple)) else float(c.t)
+    # Numbered layers (a layer index in the path, see merging.layer_index) follow the depth schedule;
+    # the rest (embeddings, head) take t.
+    kwargs["t"] = ({merging._LAYER_RE.pattern: [float(a) for a in c.t_layers], "default": float(c.t)}
+                   if list(c.t_layers) else float(c.t))
   merged = merging.merge(c.method, base, models, **kwargs)
 
   accs = evaluate_every_task([merged] + ([base] if base is not None else []) + models,

@@ -58,3 +58,36 @@ def test_bad_input_is_refused_before_writing(source_run, tmp_path, capsys, overr
   assert main(["--config", f"configs/merge.py:method=ties,run={src},tasks=2", "--workdir", out, override]) == 2
   assert message in capsys.readouterr().err
   assert not os.path.exists(out)
+
+
+def test_mismatched_trees_are_refused_before_writing(source_run, tmp_path, capsys):
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  src, _ = source_run
+  wrong = str(tmp_path / "wrong")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(wrong, {"dense_0": {"kernel": jnp.zeros((64, 32)), "bias": jnp.zeros((32,))}})
+  out = str(tmp_path / "bad")
+  assert main(["--config", "configs/merge.py:method=linear", "--workdir", out,
+               f"--config.merge.models=['{src}:task=2', '{wrong}']"]) == 2
+  assert "head" in capsys.readouterr().err  # the path the second tree lacks is named
+  assert not os.path.exists(out)
+
+
+def test_slerp_depth_schedule(source_run, tmp_path, capsys):
+  src, matrix = source_run
+  out = str(tmp_path / "slerp")
+  # t = 0 everywhere (head by `t`, dense_0 by the depth schedule) returns the first model.
+  assert main(["--config", f"configs/merge.py:method=slerp,run={src},tasks=2", "--workdir", out, "--config.merge.t=0.0",
+               "--config.merge.t_layers=[0.0, 0.0]", "--no_progress"]) == 0
+  res = json.load(open(os.path.join(out, "results.json")))
+  np.testing.assert_allclose(res["accuracy"], matrix[1], atol=1e-9)
+  # t = 1 returns the second; an anchor outside [0, 1] is refused.
+  assert main(["--config", f"configs/merge.py:method=slerp,run={src},tasks=2", "--workdir", out + "1",
+               "--config.merge.t=1.0", "--config.merge.t_layers=[1.0]", "--no_progress"]) == 0
+  res = json.load(open(os.path.join(out + "1", "results.json")))
+  np.testing.assert_allclose(res["accuracy"], matrix[2], atol=1e-9)
+  capsys.readouterr()
+  assert main(["--config", f"configs/merge.py:method=slerp,run={src},tasks=2", "--workdir", out + "2",
+               "--config.merge.t_layers=[0.0, 1.5]"]) == 2
+  assert "merge.t_layers" in capsys.readouterr().err

@@ -97,6 +97,14 @@ def freeze_all_but(params, task_index: jax.Array, num_tasks: int):
   return {"base": jax.lax.stop_gradient(params["base"]), "adapters": {**others, **adapters}}
 
 
+def check_config(config) -> None:
+  """Called by config validation before the workdir is touched (see cl_jax.config)."""
+  cfg = config.olora
+  for key in ("lambda1", "lambda2"):
+    if not float(cfg[key]) >= 0:
+      raise ValueError(f"olora.{key}={cfg[key]!r}: expected a non-negative weight")
+
+
 def olora(config, learner=None) -> Strategy:
   """Builds O-LoRA from `config.olora.{lambda1, lambda2}`; params must come from `init_olora_params`."""
   del learner
@@ -149,5 +157,8 @@ def olora(config, learner=None) -> Strategy:
   return Strategy(init=init, loss=loss, after_task=after_task, name="olora")
 
 
-__all__ = ["olora", "default_config", "slot_name", "slot_names", "init_olora_params", "overlap_l1",
+olora.check_config = check_config
+
+
+__all__ = ["olora", "default_config", "check_config", "slot_name", "slot_names", "init_olora_params", "overlap_l1",
            "orthogonality_penalty", "norm_penalty", "safe_norm", "freeze_all_but"]
