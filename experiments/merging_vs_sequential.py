@@ -547,6 +547,8 @@ def observations(record) -> list[str]:
                ", ".join(f"{n:,}" for n in pc) + f"; {sum(pc):,} in all after {len(pc)} tasks, "
                f"{sum(pc) / record['setup']['params']:.1f}x one MLP (LoRA library: "
                f"{record['setup']['params'] + (len(pc) - 1) * record['setup']['lora_params_per_task']:,}).")
+  out.append(f"- One seed ({record['setup']['seed']}): differences of a point or so between methods are within "
+             "what a different seed could change; seed variance was not measured.")
   edge = []
   for k, grid in record["grids"].items():
     for key in grid[0]:
