@@ -23,8 +23,9 @@ Two ways to compute the per-example kinds, which give the same numbers:
          the diagonal of its square is (a²) ⊗ (δ²) and the sum over examples is (a²)ᵀ(δ²): one matmul,
          no per-example gradient is ever materialised. For softmax cross-entropy the output error for
          label y is δ_out = p − e_y, and Σ_y p_y (p − e_y)(p − e_y)ᵀ = diag(p) − ppᵀ, so the exact
-         Fisher needs the C error vectors u_y = √p_y (p − e_y) back-propagated together (C extra
-         backward passes through the hidden layers, none through the input layer's weights).
+         Fisher needs the error vectors u_y = √p_y (p − e_y) of the labels the logit mask leaves
+         active (p_y = 0 for the others) back-propagated together: one extra backward pass through the
+         hidden layers per active label, none through the input layer's weights.
 
 `fisher_diagonal(..., method='auto')` takes the dense path when it applies and verifies, on a few
 examples, that its own forward pass reproduces `learner.apply`; otherwise it falls back to vmap.
@@ -116,12 +117,14 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
   if kind == "batched":
     xs, ys, ts, ws = _chunk(batch_size, x, y, task)
     return _batched_fisher(learner, params, xs, ys, ts, ws, task_index)
+  num_labels = _max_active_labels(learner, params, x, task, task_index) if kind == "exact" else 1
 
   if method in ("auto", "dense"):
     layout = dense_layout(learner, params, x[:8], task[:8], task_index)
     if layout is not None:
       xs, ys, ts, ws = _chunk(chunk_size or 256, x, y, task)
-      total = _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng, kind)
+      total = _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng, kind,
+                            num_labels)
       return jax.tree.map(lambda f: f / n, total)
     if method == "dense":
       raise ValueError("method='dense': params are not an MLP of dense_i + head layers whose forward "
@@ -129,8 +132,29 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
   if not chunk_size:
     chunk_size = 1 if jax.default_backend() == "cpu" else 64
   xs, ys, ts, ws = _chunk(chunk_size, x, y, task)
-  total = _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind)
+  total = _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind, num_labels)
   return jax.tree.map(lambda f: f / n, total)
+
+
+def _max_active_labels(learner, params, x, task, task_index) -> int:
+  """The most labels any example can take under the logit mask (all of them without a mask).
+
+  The exact Fisher sums over labels weighted by p(y|x), and masked labels have p = 0: only the active ones
+  need a backward pass. In class-IL after task 1 of Split MNIST that is 2 of 10.
+  """
+  num_outputs = learner.logits(params, x[:1], task[:1], task_index).shape[-1]
+  mask = learner.logit_mask(task, task_index)
+  if mask is None:
+    return num_outputs
+  return max(1, int(jnp.max(jnp.sum(jnp.broadcast_to(mask, (task.shape[0], num_outputs)), axis=-1))))
+
+
+def _active_labels(mask, prob, num_labels):
+  """[B, num_labels] label ids covering every active label of each example (masked ones have p = 0)."""
+  if mask is None:
+    return jnp.broadcast_to(jnp.arange(num_labels), (prob.shape[0], num_labels))
+  # Active labels score 1 and come first; fillers are masked labels (p = 0, so they add nothing).
+  return jax.lax.top_k(jnp.broadcast_to(mask, prob.shape).astype(jnp.float32), num_labels)[1]
 
 
 def _chunk(size: int, *arrays):
@@ -158,8 +182,8 @@ def _example_keys(label_rng, num_chunks, size):
 # ----------------------------------------------------------------------------------------- vmap path
 
 
-@functools.partial(jax.jit, static_argnames=("learner", "kind"))
-def _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind):
+@functools.partial(jax.jit, static_argnames=("learner", "kind", "num_labels"))
+def _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind, num_labels):
   """Σ_n w_n E_q[g_n²] by per-example gradients, one chunk at a time (see module docstring)."""
   keys = _example_keys(label_rng, xs.shape[0], xs.shape[1])
 
@@ -170,13 +194,15 @@ def _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind):
     if kind == "exact":
       logits, vjp = jax.vjp(lambda p: example_logits(p, x, t), params)
       prob = jax.nn.softmax(logits)
+      mask = learner.logit_mask(t[None], task_index)
+      labels = _active_labels(None if mask is None else mask[0], prob[None], num_labels)[0]
       # ∂/∂θ CE(logits, c) = Jᵀ(p − e_c): one vjp per label, weighted by p_c; scanned over labels so
       # memory stays one gradient per example.
       def one_label(acc, c):
         (g,) = vjp(prob - jax.nn.one_hot(c, prob.shape[0]))
         return jax.tree.map(lambda a, gi: a + prob[c] * gi * gi, acc, g), None
       zeros = jax.tree.map(jnp.zeros_like, params)
-      out, _ = jax.lax.scan(one_label, zeros, jnp.arange(prob.shape[0]))
+      out, _ = jax.lax.scan(one_label, zeros, labels)
     else:
       if kind == "sampled":
         y = jax.random.categorical(key, jax.lax.stop_gradient(example_logits(params, x, t)))
@@ -275,8 +301,8 @@ def _mlp_masked_logits(learner, layout, params, x, task, task_index):
   return logits, mask, inputs, gates, heads
 
 
-@functools.partial(jax.jit, static_argnames=("learner", "layout", "kind"))
-def _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng, kind):
+@functools.partial(jax.jit, static_argnames=("learner", "layout", "kind", "num_labels"))
+def _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng, kind, num_labels):
   """Σ_n w_n E_q[g_n²] for an MLP without per-example gradients: diag = (a²)ᵀ(Σ_label δ²)."""
   num_hidden, num_heads, num_outputs = layout
   keys = _example_keys(label_rng, xs.shape[0], xs.shape[1])
@@ -285,10 +311,12 @@ def _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng
     x, y, t, key, w = chunk
     logits, mask, inputs, gates, heads = _mlp_masked_logits(learner, layout, params, x, t, task_index)
     prob = jax.nn.softmax(logits)
-    eye = jnp.eye(num_outputs)
     if kind == "exact":
-      # u_c = √p_c (p − e_c), c = 1..C: Σ_c u_c u_cᵀ = diag(p) − ppᵀ = E_{y~p}[(p − e_y)(p − e_y)ᵀ].
-      delta = jnp.sqrt(prob)[:, :, None] * (prob[:, None, :] - eye[None])   # [B, labels, C]
+      # u_c = √p_c (p − e_c), c = 1..C: Σ_c u_c u_cᵀ = diag(p) − ppᵀ = E_{y~p}[(p − e_y)(p − e_y)ᵀ];
+      # only active labels (p_c > 0 possible) need a vector.
+      labels = _active_labels(mask, prob, num_labels)                          # [B, labels]
+      p_label = jnp.take_along_axis(prob, labels, axis=1)
+      delta = jnp.sqrt(p_label)[:, :, None] * (prob[:, None, :] - jax.nn.one_hot(labels, num_outputs))
     else:
       if kind == "sampled":
         y = jax.vmap(jax.random.categorical)(key, logits)
