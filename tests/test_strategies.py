@@ -373,3 +373,15 @@ def test_strategy_state_survives_checkpoint_and_resume(tmp_path):
   resumed = _train_task(setup, restored, 1, 5, seed=7)
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_strategy_settings_fail_config_validation_by_name():
+  from conftest import tiny_config
+  from cl_jax.config import ConfigError, validate
+  for strategy, key, value, needle in [("ewc", "fisher.kind", "diag", "fisher.kind"),
+                                       ("online_ewc", "ewc.gamma", 2.0, "ewc.gamma"),
+                                       ("lwf", "distill.temperature", 0.0, "distill.temperature"),
+                                       ("ewc+replay", "replay.policy", "fifo", "replay.policy")]:
+    with pytest.raises(ConfigError, match=needle):
+      validate(tiny_config(strategy, **{key: value}))
+  validate(tiny_config("ewc+lwf+replay"))   # the defaults are valid
