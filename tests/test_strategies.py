@@ -385,3 +385,34 @@ def test_bad_strategy_settings_fail_config_validation_by_name():
     with pytest.raises(ConfigError, match=needle):
       validate(tiny_config(strategy, **{key: value}))
   validate(tiny_config("ewc+lwf+replay"))   # the defaults are valid
+
+
+_SHARDED_SCRIPT = """
+import sys
+sys.path[:0] = ['tests', '.']
+import jax, numpy as np
+from conftest import tiny_config
+from cl_jax.train.loop import build
+from test_strategies import _finish_task, _train_task
+setup = build(tiny_config('ewc+lwf+replay', kind='class', **{'mesh.data': 4, 'mesh.fsdp': 2,
+                                                            'replay.capacity': 64, 'replay.batch_size': 16}))
+state = _train_task(setup, _finish_task(setup, _train_task(setup, setup.state, 0, 5), 0), 1, 5)
+ewc, lwf, buffer = state.strategy_state
+assert tuple(ewc['fisher']['dense_0']['kernel'].sharding.spec) == ('fsdp', None), ewc['fisher']['dense_0']['kernel'].sharding
+assert int(buffer['size']) == 64 and float(np.sum(np.asarray(ewc['fisher']['head']['kernel']))) > 0
+assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+print('OK', len(jax.devices()))
+"""
+
+
+def test_strategies_train_on_a_sharded_mesh():
+  """ewc+lwf+replay on 8 fake CPU devices (data 4 x fsdp 2): Fisher, teacher and buffer sharded, steps run."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK 8" in out.stdout
