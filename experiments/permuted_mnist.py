@@ -49,7 +49,7 @@ def main(argv=None):
   p.add_argument("--hidden", default="1000,1000", help="MLP widths (paper: 1000,1000)")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--tuning_seed", type=int, default=100)
-  p.add_argument("--grid", default="1e2,1e4,1e6")
+  p.add_argument("--grid", default="1e0,1e1,1e2")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--workroot", default="/tmp/cl_jax_runs/permuted_mnist")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "permuted_mnist.md"))
