@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  from cl_jax.models.lora import default_config as lora_config
+  c.lora = lora_config()  # adapters: targets, rank, alpha, dropout
   from cl_jax.strategies import DEFAULT_CONFIGS  # strategy-owned sections (ewc, replay, ...)
   for name, default in DEFAULT_CONFIGS.items():
     c[name] = default()
