@@ -73,7 +73,7 @@ class LoraSpec:
 
 
 def default_config():
-  """The `lora` config section: targets, rank, alpha, dropout (see `LoraSpec`)."""
+  """The `lora` config section: targets ('all-linear' or comma-separated patterns), rank, alpha, dropout."""
   import ml_collections
   return ml_collections.ConfigDict({"targets": ALL_LINEAR, "rank": 8, "alpha": 16.0, "dropout": 0.0})
 
@@ -82,6 +82,8 @@ def spec_from_config(lora_config) -> LoraSpec:
   targets = lora_config.targets
   if not isinstance(targets, str):
     targets = tuple(targets)
+  elif targets != ALL_LINEAR:  # a config string: comma-separated patterns, e.g. 'dense_*,head'
+    targets = tuple(t.strip() for t in targets.split(",") if t.strip())
   return LoraSpec(targets=targets, rank=int(lora_config.rank), alpha=float(lora_config.alpha),
                   dropout=float(lora_config.dropout))
 

@@ -12,6 +12,13 @@ In the spirit of `optax.GradientTransformation`, a strategy is a tuple of pure f
       Runs at each task boundary, outside the step: compute a Fisher, snapshot a teacher, fill a buffer.
   train_tasks(task_index) -> tuple of task indices whose training data the task trains on.
       The current task for every strategy but `joint`, which trains on all tasks seen so far.
+  prepare(model, params, task_info, rng) -> (apply, params, trainable)   (optional)
+      For strategies that change the model itself (O-LoRA's adapter slots): called once before training;
+      returns the `apply` the Learner uses, the params to train, and a bool pytree of which params the
+      optimizer updates (None: all). Frozen params get no optimizer state.
+  reset_optimizer
+      True to re-initialise the optimizer state at every task boundary (so momentum from task t cannot move
+      params that are frozen from task t+1 on).
 
 `chain(a, b, c)` composes strategies: states become a tuple, losses nest (a outermost), after_task runs
 each in order, train_tasks is the union. A new strategy is one new file in this folder that returns a
@@ -91,6 +98,8 @@ class Strategy(NamedTuple):
   after_task: Callable[[Any, Params, TaskData, jax.Array], Any] = _keep_state
   train_tasks: Callable[[int], Sequence[int]] = current_task_only
   name: str = "naive"
+  prepare: Callable | None = None
+  reset_optimizer: bool = False
 
 
 def chain(*strategies: Strategy) -> Strategy:
@@ -114,7 +123,13 @@ def chain(*strategies: Strategy) -> Strategy:
   def train_tasks(task_index):
     return tuple(sorted({t for s in strategies for t in s.train_tasks(task_index)}))
 
-  return Strategy(init, loss, after_task, train_tasks, "+".join(s.name for s in strategies))
+  prepares = [s.prepare for s in strategies if s.prepare is not None]
+  if len(prepares) > 1:
+    raise ValueError("strategy: at most one strategy in a chain may change the model (prepare); got "
+                     f"{[s.name for s in strategies if s.prepare is not None]}")
+
+  return Strategy(init, loss, after_task, train_tasks, "+".join(s.name for s in strategies),
+                  prepares[0] if prepares else None, any(s.reset_optimizer for s in strategies))
 
 
 def _lift(transform, inner: LossFn, index: int) -> LossFn:

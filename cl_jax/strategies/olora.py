@@ -154,7 +154,17 @@ def olora(config, learner=None) -> Strategy:
     new = params["adapters"][slot_name(t)]
     return {"A_old": {p: a.at[t].set(new[p]["A"].astype(jnp.float32)) for p, a in state["A_old"].items()}}
 
-  return Strategy(init=init, loss=loss, after_task=after_task, name="olora")
+  def prepare(model, params, task_info, rng):
+    """In the task loop: one adapter slot per task on the frozen base; the model sums every slot."""
+    spec = lora.spec_from_config(config.lora) if config is not None and "lora" in config else lora.LoraSpec()
+    lora_model = lora.LoraModel(model, spec)
+    names = slot_names(task_info.num_tasks)
+    lora_params = init_olora_params(params, task_info.num_tasks, rng, spec)
+    return lora_model.bind(names), lora_params, lora.trainable_mask(lora_params, names)
+
+  # reset_optimizer: Adam's moments from slot t would otherwise keep moving it after it is frozen.
+  return Strategy(init=init, loss=loss, after_task=after_task, name="olora", prepare=prepare,
+                  reset_optimizer=True)
 
 
 olora.check_config = check_config

@@ -186,6 +186,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
     it = train_iterator(dataset, iterator_state)
     iterator_state = None
     done = int(state.step) - first_step
+    if strategy.reset_optimizer and t > 0 and done == 0:
+      state = state._replace(opt_state=jax.device_put(setup.optimizer.init(state.params), state_sh.opt_state))
     bar = _progress(progress, task_steps, done, f"task {t + 1}/{num_tasks}")
     pending = []
 
@@ -280,6 +282,7 @@ class Setup(NamedTuple):
   eval_fn: Any             # jitted (params, batch, task_index) -> (hits, count)
   steps: list              # steps per task
   root_key: jax.Array
+  optimizer: Any
 
 
 def build(config) -> Setup:
@@ -292,16 +295,21 @@ def build(config) -> Setup:
   learner = Learner(model.apply, scenario.logit_mask)
   strategy = build_strategy(config.strategy, config, learner)
   task_info = TaskInfo(num_tasks, scenario.num_outputs, scenario.input_shape)
+  root_key = jax.random.PRNGKey(config.seed)
+  trainable = None
+  if strategy.prepare is not None:  # a strategy that changes the model (O-LoRA): rebuild around it
+    apply, params, trainable = strategy.prepare(model, params, task_info, jax.random.fold_in(root_key, 2))
+    learner = Learner(apply, scenario.logit_mask)
+    strategy = build_strategy(config.strategy, config, learner)
 
   steps = [steps_for_task(config, scenario, strategy, t) for t in range(num_tasks)]
   if len(set(steps)) > 1 and config.optim.scope == "global":
     raise ConfigError("optim.scope='global' needs the same number of steps per task "
                       "(use train.steps_per_task rather than epochs with a growing joint dataset)")
   schedule = build_schedule(config.optim, steps[0], num_tasks)
-  optimizer = build_optimizer(config.optim, schedule)
+  optimizer = build_optimizer(config.optim, schedule, trainable)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  root_key = jax.random.PRNGKey(config.seed)
   state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                      strategy_state=strategy.init(params, task_info),
                      rng=jax.random.fold_in(root_key, 1), task_index=jnp.int32(0))
@@ -314,8 +322,7 @@ def build(config) -> Setup:
                                   sharding.batch_sharding(mesh, stacked=True), rep)
   eval_fn = make_eval_fn(learner, rep, sharding.batch_sharding(mesh))
   return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
-               steps,
-               root_key)
+               steps, root_key, optimizer)
 
 
 def strategy_record(config) -> dict:
