@@ -90,6 +90,8 @@ def main(argv=None):
   p.add_argument("--workroot", default=os.path.join(ROOT, "runs", "continual_pretraining"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "continual_pretraining.md"))
   p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke run")
+  p.add_argument("--continue_json", action="store_true", help="keep the runs already in the results JSON, "
+                 "run only the missing (seed, variant) pairs, reusing each seed's base")
   p.add_argument("--from_json", default="", help="rewrite the report from a saved results JSON (the runs of "
                  "--seeds only), training nothing")
   args = p.parse_args(argv)
@@ -112,10 +114,17 @@ def main(argv=None):
 
   t0 = time.time()
   records = []
+  stem = os.path.splitext(args.out)[0]
+  if args.continue_json and os.path.exists(stem + ".json"):
+    with open(stem + ".json") as f:
+      records = [dict(r, threshold=r.get("threshold", 0.02)) for r in json.load(f)["runs"]]
+  done = {(r["seed"], r["variant"]) for r in records}
   data = None
   for seed in args.seeds:
-    base_dir = ""
+    base_dir = next((r["workdir"] for r in records if r["seed"] == seed), "")
     for name in args.variants:
+      if (seed, name) in done:
+        continue
       c = make_config(args, seed, VARIANTS[name], base_dir)
       if data is None:
         data = cpt.load_data(c)  # the corpora do not depend on the seed (split_seed is fixed)
@@ -285,8 +294,12 @@ def claims(groups) -> list[str]:
   """Verdicts on the seed's claims from paired (same seed, same base) differences of final test numbers."""
   out = []
 
+  seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in groups.values()]))
+
   def final(name, key):
-    return np.array([r["row"][key] for r in sorted(groups.get(name, []), key=lambda r: r["seed"])], float)
+    """Per-seed values over the seeds every variant has (so differences are paired)."""
+    by_seed = {r["seed"]: r["row"][key] for r in groups.get(name, [])}
+    return np.array([by_seed[s] for s in seeds], float)
 
   def paired(x, y):
     d = x - y
