@@ -54,23 +54,21 @@ def config_key(config) -> str:
 
 
 def run_cached(config, workroot: str) -> dict:
-  """Runs `config` in workroot/<config hash> unless an equivalent run already finished; returns results.json.
+  """Runs `config` under workroot/<config hash> unless an equivalent run already finished; returns its
+  results.json (the earliest equivalent run's, so a table stays the one series it was first made from).
 
   Equivalent: every setting the two configs both have is equal. A key added to the codebase's base config
   after a run (another subsystem's section, a new option at its default) does not force a rerun.
   """
   from cl_jax.train.loop import config_dict, run
-  workdir = os.path.join(workroot, config_key(config))
-  path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
-    found = _equivalent_run(config_dict(config), workroot)
-    if found is not None:
-      path = found
-    else:
-      t0 = time.time()
-      run(config, workdir, overwrite=True, progress=False)
-      print(f"  ran {config.strategy} {config.scenario.kind} seed {config.seed} in {time.time() - t0:.0f}s",
-            flush=True)
+  path = _equivalent_run(config_dict(config), workroot)
+  if path is None:
+    workdir = os.path.join(workroot, config_key(config))
+    t0 = time.time()
+    run(config, workdir, overwrite=True, progress=False)
+    print(f"  ran {config.strategy} {config.scenario.kind} seed {config.seed} in {time.time() - t0:.0f}s",
+          flush=True)
+    path = os.path.join(workdir, "results.json")
   with open(path) as f:
     return json.load(f)
 
@@ -78,14 +76,15 @@ def run_cached(config, workroot: str) -> dict:
 def _equivalent_run(want: dict, workroot: str) -> str | None:
   if not os.path.isdir(workroot):
     return None
-  for name in sorted(os.listdir(workroot)):
+  found = []
+  for name in os.listdir(workroot):
     results = os.path.join(workroot, name, "results.json")
     if not os.path.exists(results):
       continue
     with open(os.path.join(workroot, name, "config.json")) as f:
       if _agree(json.load(f), want):
-        return results
-  return None
+        found.append((os.path.getmtime(results), results))
+  return min(found)[1] if found else None
 
 
 def _agree(a, b) -> bool:
