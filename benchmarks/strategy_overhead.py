@@ -5,7 +5,8 @@
 Setting: Split MNIST class-IL, MLP 784-400-400-10, batch 128, Adam (configs/split_mnist.py), the train step
 exactly as the task loop compiles it. Every strategy's state is made real first (after_task on task 1: a
 Fisher, a teacher, a full buffer) and the steps run on task 2's batches. Each step is timed alone
-(block_until_ready); the figure is the median over `--steps` steps after two warm-up steps.
+(block_until_ready), the strategies taking turns step by step; the figure is the median over `--steps`
+steps after two warm-up steps.
 
 Fisher: over task 1's training set (~12.7k examples), relative to one plain gradient pass over the same
 examples in the same chunks (a jitted scan of jax.grad of the summed cross-entropy); medians of `--repeats`.
@@ -44,24 +45,34 @@ def split_mnist_config(strategy: str, data_path: str):
   return c
 
 
-def step_time(strategy: str, data_path: str, steps: int) -> float:
+def prepared_step(strategy: str, data_path: str, steps: int):
+  """(step function, state, batches) with the strategy's state made real by after_task on task 1."""
+  from cl_jax import sharding
   setup = build(split_mnist_config(strategy, data_path))
   state = setup.state
   sstate = setup.strategy.after_task(state.strategy_state, state.params, task_data(setup.scenario, 0),
                                      jax.random.key(0))
   state = state._replace(strategy_state=jax.device_put(sstate, setup.state_sharding.strategy_state),
                          task_index=jax.device_put(jnp.int32(1), setup.replicated))
-  from cl_jax import sharding
   it = train_iterator(train_dataset(setup.scenario, (1,), 128, 0, 1))
   batches = [sharding.put_batch(next(it), setup.mesh) for _ in range(steps + 2)]
-  times = []
-  for i, batch in enumerate(batches):
-    t0 = time.perf_counter()
-    state, metrics = setup.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return setup.train_step, state, batches
+
+
+def step_times(strategies, data_path: str, steps: int) -> dict:
+  """Median seconds per step. Strategies take turns step by step, so a load spike on this shared machine
+  hits all of them alike instead of whichever happened to be running."""
+  prepared = {name: prepared_step(name, data_path, steps) for name in strategies}
+  states = {name: p[1] for name, p in prepared.items()}
+  times = {name: [] for name in strategies}
+  for i in range(steps + 2):
+    for name, (step, _, batches) in prepared.items():
+      t0 = time.perf_counter()
+      states[name], metrics = step(states[name], batches[i])
+      jax.block_until_ready((states[name], metrics))
+      if i >= 2:   # the first two include compilation
+        times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("learner",))
@@ -124,11 +135,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus visible), "
         f"load average {os.getloadavg()[0]:.1f}")
-  steps = {}
-  for name in args.strategies.split(","):
-    steps[name] = step_time(name, args.data_path, args.steps)
-    print(f"step {name:12s} {1e3 * steps[name]:8.2f} ms  {steps[name] / steps['naive']:5.2f}x naive",
-          flush=True)
+  steps = step_times(args.strategies.split(","), args.data_path, args.steps)
+  for name, t in steps.items():
+    print(f"step {name:12s} {1e3 * t:8.2f} ms  {t / steps['naive']:5.2f}x naive", flush=True)
   fisher = fisher_times(args.data_path, args.repeats, args.vmap_examples)
   print(f"Fisher over {fisher['examples']} examples; one gradient pass {fisher['gradient_pass_s']:.3f} s")
   for k, v in fisher.items():
