@@ -97,3 +97,4 @@ def distill(config, learner) -> Strategy:
 
 # `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
 distill.check_config = check_config
+distill.config_sections = ("distill",)   # what results.json should record (also under the name 'lwf')

@@ -118,3 +118,5 @@ def online_ewc(config, learner) -> Strategy:
 # `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
 ewc.check_config = check_config
 online_ewc.check_config = check_config
+# The config sections a run's results.json should record with this strategy (λ with the Fisher kind).
+ewc.config_sections = online_ewc.config_sections = ("ewc", "fisher")

@@ -170,3 +170,4 @@ def replay(config, learner) -> Strategy:
 
 # `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.
 replay.check_config = check_config
+replay.config_sections = ("replay",)   # what results.json should record
