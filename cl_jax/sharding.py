@@ -71,10 +71,39 @@ def leaf_spec(shape: tuple, fsdp_size: int) -> P:
   return P()
 
 
+# State node types whose leaves hold examples (a replay buffer): sharded along their leading axis over the
+# batch axes like a batch is, rather than by the parameter rule.
+BATCH_AXIS_TYPES: set = set()
+
+
+def shard_like_batch(cls):
+  """Class decorator: instances in a state pytree are sharded along their leading axis like a batch."""
+  BATCH_AXIS_TYPES.add(cls)
+  return cls
+
+
+def batch_leaf_spec(shape: tuple, mesh: Mesh) -> P:
+  size = mesh.shape[DATA] * mesh.shape[FSDP]
+  if len(shape) >= 1 and shape[0] % size == 0:
+    return P(BATCH_AXES)
+  return P()
+
+
 def state_sharding(tree, mesh: Mesh):
   """NamedShardings for every leaf of a state pytree (params, optimizer and strategy state alike)."""
   fsdp_size = mesh.shape[FSDP]
-  return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp_size)), tree)
+
+  def node_sharding(x):
+    if type(x) in BATCH_AXIS_TYPES:
+      return jax.tree.map(lambda leaf: NamedSharding(mesh, batch_leaf_spec(np.shape(leaf), mesh)), tuple(x))
+    return NamedSharding(mesh, leaf_spec(np.shape(x), fsdp_size))
+
+  def rebuild(x, sh):
+    return type(x)(*sh) if type(x) in BATCH_AXIS_TYPES else sh
+
+  is_marked = lambda n: type(n) in BATCH_AXIS_TYPES
+  shardings = jax.tree.map(node_sharding, tree, is_leaf=is_marked)
+  return jax.tree.map(rebuild, tree, shardings, is_leaf=is_marked)
 
 
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:

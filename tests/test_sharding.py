@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent("""
                      if getattr(x, "ndim", 0) == 2]
       out[name] = {"losses": losses, "params": params, "shard_fraction": shard_fraction,
                    "mu_fraction": mu_fraction}
+    c = tiny_config("replay", steps=2)
+    c.mesh.data, c.mesh.fsdp = 2, 4
+    c.replay.capacity = 96
+    buf = build(c).state.strategy_state
+    out["replay_specs"] = {k: str(getattr(buf, k).sharding.spec) for k in ("x", "y", "size")}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -69,6 +74,8 @@ def test_sharded_run_matches_single_device_and_shards_are_one_eighth():
   assert out["fsdp8"]["mu_fraction"] and all(f == 1 / 8 for f in out["fsdp8"]["mu_fraction"])
   assert out["data2_fsdp4"]["shard_fraction"]["dense_0/kernel"] == 1 / 4
   assert all(f == 1.0 for f in single["shard_fraction"].values())
+  # The replay buffer is sharded along its slots over both batch axes, like a batch; counters replicated.
+  assert out["replay_specs"] == {"x": "P(('data', 'fsdp'),)", "y": "P(('data', 'fsdp'),)", "size": "P()"}
 
 
 def _leaves(tree):

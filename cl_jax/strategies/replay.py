@@ -22,11 +22,13 @@ and w = 0 while the buffer is empty. The task loss must honour `batch['weight']`
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cl_jax.sharding import shard_like_batch
 from cl_jax.strategies.base import LossContext, Strategy
 
 POLICIES = ("reservoir", "class_balanced")
@@ -44,10 +46,23 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def empty_buffer(capacity: int, input_shape) -> dict:
-  return dict(x=jnp.zeros((capacity, *input_shape), jnp.float32),
-              y=jnp.zeros((capacity,), jnp.int32), task=jnp.zeros((capacity,), jnp.int32),
-              size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
+@shard_like_batch
+class ReplayBuffer(NamedTuple):
+  """The buffer's arrays; `buffer['x']` works as for a dict. Sharded along the slot axis like a batch."""
+  x: jax.Array
+  y: jax.Array
+  task: jax.Array
+  size: jax.Array
+  seen: jax.Array
+
+  def __getitem__(self, key):
+    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
+def empty_buffer(capacity: int, input_shape) -> ReplayBuffer:
+  return ReplayBuffer(x=jnp.zeros((capacity, *input_shape), jnp.float32),
+                      y=jnp.zeros((capacity,), jnp.int32), task=jnp.zeros((capacity,), jnp.int32),
+                      size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
 
 
 @jax.jit
@@ -91,8 +106,8 @@ def class_balanced_add(buffer: dict, x, y, task, rng, per_class: int = -1) -> di
   size = jnp.minimum(keep.sum(), capacity).astype(jnp.int32)
   old = dict(x=buffer["x"], y=buffer["y"], task=buffer["task"])
   pick = lambda old_a, new_a: jnp.concatenate([old_a, new_a.astype(old_a.dtype)])[chosen]
-  return dict(x=pick(old["x"], x), y=pick(old["y"], y), task=pick(old["task"], task),
-              size=size, seen=buffer["seen"] + n)
+  return ReplayBuffer(x=pick(old["x"], x), y=pick(old["y"], y), task=pick(old["task"], task),
+                      size=size, seen=buffer["seen"] + n)
 
 
 def _write(buffer, winner, x, y, task, size):
@@ -100,8 +115,8 @@ def _write(buffer, winner, x, y, task, size):
   src = jnp.maximum(winner, 0)
   put = lambda old, new: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new[src].astype(old.dtype),
                                    old)
-  return dict(x=put(buffer["x"], x), y=put(buffer["y"], y), task=put(buffer["task"], task),
-              size=size.astype(jnp.int32), seen=buffer["seen"] + x.shape[0])
+  return ReplayBuffer(x=put(buffer["x"], x), y=put(buffer["y"], y), task=put(buffer["task"], task),
+                      size=size.astype(jnp.int32), seen=buffer["seen"] + x.shape[0])
 
 
 def sample_replay_batch(buffer: dict, rng, batch_size: int) -> dict:

@@ -327,12 +327,12 @@ def build(config) -> Setup:
 
 def strategy_record(config) -> dict:
   """The strategy-owned config sections the run used (e.g. EWC's lambda and Fisher kind), for results.json."""
-  from cl_jax.strategies import DEFAULT_CONFIGS, parse_strategy_spec
-  names = set(parse_strategy_spec(config.strategy))
+  from cl_jax.strategies import REGISTRY, parse_strategy_spec
   used = {}
-  for section in DEFAULT_CONFIGS:
-    if section in names or any(section.startswith(n) or n.startswith(section) for n in names):
-      used[section] = config_dict(config[section]) if hasattr(config[section], "to_dict") else config[section]
+  for name in parse_strategy_spec(config.strategy):
+    for section in getattr(REGISTRY[name], "config_sections", (name,)):
+      if section in config:
+        used[section] = config_dict(config[section])
   return {"strategy_config": used} if used else {}
 
 
