@@ -162,3 +162,25 @@ def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_pat
   steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))
            if json.loads(l)["type"] == "eval"]
   assert steps == [0, 5, 10, 15, 20]  # nothing logged twice
+
+
+def test_generative_replay_pool_and_run(data, base_run, tmp_path):
+  _, base_workdir = base_run
+  c = _tiny(pretrain__base_dir=base_workdir, regression__threshold=0.5, generative_replay__num_prompts=12,
+            generative_replay__prompt_len=8, generative_replay__batch_size=8)
+  c.strategy = "generative_replay"
+  from cl_jax.lm.cpt import generative_replay_pool
+  from cl_jax.models.transformer import build_lm
+  model, params = build_lm(cpt.model_config(c, data.tokenizer.vocab_size), seed=0)
+  general = data.train["general"]
+  pool = generative_replay_pool(c, model, params, general)
+  again = generative_replay_pool(c, model, params, general)
+  assert pool.shape == (12, general.shape[1]) and np.array_equal(pool, again)
+  # Each sample continues a stored general prompt: the prefix is a real sequence's first 8 tokens...
+  prefixes = {tuple(r[:8]) for r in general}
+  assert all(tuple(r[:8]) in prefixes for r in pool)
+  # ...and the continuation is the model's, not the stored text.
+  assert not any(any(np.array_equal(r, g) for g in general) for r in pool)
+  r = cpt.run(c, str(tmp_path / "genreplay"), progress=False, data=data).record
+  assert r["strategy"] == "generative_replay" and r["steps_run"] == 20
+  assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]

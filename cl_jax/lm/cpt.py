@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "lm"
   c.seed = 0
-  c.strategy = "naive"  # naive | distill (distillation to the pre-adaptation model)
+  c.strategy = "naive"  # naive | distill (to the pre-adaptation model) | generative_replay
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
       seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True))
@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
       steps=400, batch_size=16, lr_ratio=0.1, mixture="70_30", difficulty=False,
       method="full", lora_rank=8, lora_alpha=16.0))
   c.distill = ml_collections.ConfigDict(dict(alpha=1.0, temperature=2.0))
+  # generative_replay: the pre-adaptation model continues `num_prompts` stored general prompts of
+  # `prompt_len` tokens; those samples take the place of the real general data in the mixture.
+  c.generative_replay = ml_collections.ConfigDict(dict(num_prompts=256, prompt_len=16, temperature=1.0,
+                                                       batch_size=64))
   c.regression = ml_collections.ConfigDict(dict(
       threshold=0.02, eval_every=500, hard_stop=True, min_z=0.0, select="domain/perplexity",
       eval_batch_size=64))
@@ -105,9 +109,16 @@ def check_config(c) -> None:
   """Raises ValueError naming the key for every value that would waste a run."""
   if c.kind != "lm":
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cpt runs kind='lm' configs")
-  if c.strategy not in ("naive", "distill"):
-    raise ValueError(f"strategy={c.strategy!r}: LM continual pre-training supports 'naive' and 'distill' "
-                     "(general-data replay is the mixture itself: adapt.mixture)")
+  if c.strategy not in ("naive", "distill", "generative_replay"):
+    raise ValueError(f"strategy={c.strategy!r}: LM continual pre-training supports 'naive', 'distill' and "
+                     "'generative_replay' (replay of real general data is the mixture itself: adapt.mixture)")
+  g = c.generative_replay
+  if c.strategy == "generative_replay":
+    if not 1 <= g.prompt_len < c.lm.seq_len:
+      raise ValueError(f"generative_replay.prompt_len={g.prompt_len}: must be in [1, lm.seq_len={c.lm.seq_len})")
+    if g.num_prompts < 1 or g.batch_size < 1 or not g.temperature >= 0:
+      raise ValueError(f"generative_replay: num_prompts={g.num_prompts}, batch_size={g.batch_size}, "
+                       f"temperature={g.temperature}: need positive counts and temperature >= 0")
   for key in ("steps", "batch_size"):
     if not isinstance(c.adapt[key], int) or c.adapt[key] < 1:
       raise ValueError(f"adapt.{key}={c.adapt[key]!r}: must be a positive integer")
@@ -316,6 +327,27 @@ def _schedule(kind: str, lr: float, steps: int, warmup: float, decay: float, end
     return cosine_schedule(lr, steps, warmup, end)
   return optax.join_schedules([optax.linear_schedule(0.0, lr, max(int(round(warmup * steps)), 1)),
                                optax.constant_schedule(lr)], [int(round(warmup * steps))])
+
+
+def generative_replay_pool(c, model, base_params, general_train: np.ndarray) -> np.ndarray:
+  """Generative replay for LMs (Shin et al. 2017; Sun et al. 2020, LAMOL): the pre-adaptation model continues
+  stored general prompts (the first `prompt_len` tokens of `num_prompts` general training sequences, chosen
+  with the seed) to full sequence length, with the KV-cache sampler. The samples stand in for the general
+  data during adaptation, so no real general text is replayed. Deterministic for a seed (resume regenerates
+  the same pool)."""
+  from cl_jax.lm.sampling import replay_batch
+  g = c.generative_replay
+  rows = _subset(len(general_train), g.num_prompts, 97 + c.seed)
+  prompts = np.asarray(general_train[rows, :g.prompt_len])
+  length = general_train.shape[1]
+  key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 7)
+  pool = []
+  for i, start in enumerate(range(0, len(prompts), g.batch_size)):
+    out = replay_batch(model, base_params, jnp.asarray(prompts[start:start + g.batch_size]),
+                       jax.random.fold_in(key, i), max_new_tokens=length - g.prompt_len,
+                       temperature=float(g.temperature))
+    pool.append(np.asarray(out["tokens"], general_train.dtype))
+  return np.concatenate(pool)
 
 
 def adaptation_stages(c) -> list:
@@ -544,8 +576,11 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   orders = None
   if c.adapt.difficulty:
     orders = {DOMAIN: difficulty_order_for(lm.base_apply, base_params, data, c.regression.eval_batch_size, mesh)}
+  adapt_train = data.train
+  if c.strategy == "generative_replay":
+    adapt_train = {**data.train, GENERAL: generative_replay_pool(c, model, base_params, data.train[GENERAL])}
   stages = adaptation_stages(c)
-  sampler = mx.MixtureSampler(stages, {GENERAL: len(data.train[GENERAL]), DOMAIN: len(data.train[DOMAIN])},
+  sampler = mx.MixtureSampler(stages, {GENERAL: len(adapt_train[GENERAL]), DOMAIN: len(adapt_train[DOMAIN])},
                               c.adapt.batch_size, seed=c.seed, orders=orders)
   steps = c.adapt.steps
   lr = c.optim.lr * c.adapt.lr_ratio
@@ -614,7 +649,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   t_adapt = time.time()
   steps_run = start
   if not (resume and monitor.should_stop and c.regression.hard_stop):
-    steps_run = train_steps(phase, data.train, mesh, start, steps, log, "adapt", c.train.log_every_steps,
+    steps_run = train_steps(phase, adapt_train, mesh, start, steps, log, "adapt", c.train.log_every_steps,
                             progress, on_step)
   adapt_mgr.wait_until_finished()
   adapt_mgr.close()
