@@ -83,7 +83,16 @@ def distill(config, learner) -> Strategy:
         done = (jnp.arange(num_tasks) < state["tasks"]).astype(jnp.float32)
         kd = jnp.sum(terms * done) / jnp.maximum(done.sum(), 1.0)
       else:
-        kd = term(params, state["teacher"], x, task, previous)
+        raw = aux.get("_raw_logits")
+        if raw is not None and raw.shape[0] == x.shape[0]:
+          # The task loss already ran the student on this batch: reuse its logits (one forward and one
+          # backward pass through the network instead of two).
+          from cl_jax.losses import apply_mask
+          student = apply_mask(raw, learner.logit_mask(task, previous))
+          target = jax.lax.stop_gradient(learner.logits(state["teacher"], x, task, previous))
+          kd = jnp.mean(distillation_loss(student, target, temperature))
+        else:
+          kd = term(params, state["teacher"], x, task, previous)
       kd = jnp.where(state["tasks"] > 0, kd, 0.0)
       return value + alpha * kd, {**aux, "distill_loss": kd}
     return distill_loss

@@ -7,23 +7,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_jax.losses import accuracy, cross_entropy
+from cl_jax.losses import accuracy, apply_mask, cross_entropy
 from cl_jax.strategies.base import Learner, LossContext, LossFn
 from cl_jax.train.state import TrainState
 
 
 def task_loss(learner: Learner) -> LossFn:
-  """Mean masked cross-entropy of the batch; `batch['weight']`, if present, weights examples."""
+  """Mean masked cross-entropy of the batch; `batch['weight']`, if present, weights examples.
+
+  The unmasked logits go out in aux as `_raw_logits` so that an outer strategy (distillation) can reuse this
+  forward pass instead of running the student again; aux keys starting with '_' are not logged.
+  """
 
   def loss_fn(params, batch, ctx: LossContext):
-    logits = learner.logits(params, batch["x"], batch["task"], ctx.task_index)
+    raw = learner.apply(params, batch["x"], batch["task"])
+    logits = apply_mask(raw, learner.logit_mask(batch["task"], ctx.task_index))
     ce = cross_entropy(logits, batch["y"])
     if "weight" in batch:
       w = batch["weight"].astype(jnp.float32)
       loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-8)
     else:
       loss = jnp.mean(ce)
-    return loss, {"task_loss": loss, "accuracy": accuracy(logits, batch["y"])}
+    return loss, {"task_loss": loss, "accuracy": accuracy(logits, batch["y"]), "_raw_logits": raw}
 
   return loss_fn
 
@@ -43,7 +48,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        **aux,
+        **{k: v for k, v in aux.items() if not k.startswith("_")},
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
