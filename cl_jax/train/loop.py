@@ -316,7 +316,8 @@ def build(config) -> Setup:
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = jax.device_put(state, state_sh)
-  train_step = make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule)
+  train_step = make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule,
+                               log_norms=config.train.log_norms)
   step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
   multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
                                   sharding.batch_sharding(mesh, stacked=True), rep)
