@@ -10,7 +10,8 @@ arg: comma-separated `key=value` among
   mixture   domain_only | general_only | <D>_<G> (e.g. 70_30 = 70% code, 30% general) | three_phase |
             two_phase | cyclical | difficulty (domain only, documents ordered by base perplexity)
   schedule  wsd | cosine (adaptation LR schedule; 5% warmup; WSD decays over the last 25%)
-  strategy  naive | distill (token-level KL to the pre-adaptation model) | generative_replay (the base
+  strategy  naive | distill (token-level KL to the pre-adaptation model) | ewc (Fisher over general
+            text, anchored at the base) | generative_replay (the base
             model's continuations of stored general prompts replace the general data in the mixture)
   method    full | lora
   size      tiny | small | base | 125m | 350m | 1b (cl_jax.models.transformer.SIZES)

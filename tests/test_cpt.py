@@ -184,3 +184,39 @@ def test_generative_replay_pool_and_run(data, base_run, tmp_path):
   r = cpt.run(c, str(tmp_path / "genreplay"), progress=False, data=data).record
   assert r["strategy"] == "generative_replay" and r["steps_run"] == 20
   assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
+
+
+def test_lm_fisher_is_the_mean_of_per_sequence_squared_gradients(data):
+  import jax
+  from cl_jax.lm.cpt import lm_fisher_diagonal
+  from cl_jax.lm.losses import next_token_metrics
+  from cl_jax.models.transformer import build_lm
+  model, params = build_lm(cpt.model_config(_tiny(), data.tokenizer.vocab_size), seed=0)
+  seqs = data.train["general"][:3]
+  fisher = lm_fisher_diagonal(model.apply, params, seqs)
+
+  def loss(p, s):
+    return next_token_metrics(model.apply(p, s[None, :-1]), {"tokens": s[None]})[0]
+
+  grads = [jax.grad(loss)(params, s) for s in seqs]
+  expected = jax.tree.map(lambda *g: sum(np.square(np.asarray(x)) for x in g) / 3, *grads)
+  for a, b in zip(jax.tree.leaves(fisher), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-10)
+  # Not the square of the mean gradient (which cancels across sequences).
+  mean_sq = jax.tree.map(lambda *g: np.square(sum(np.asarray(x) for x in g) / 3), *grads)
+  assert sum(np.sum(a) for a in jax.tree.leaves(fisher)) > sum(np.sum(b) for b in jax.tree.leaves(mean_sq))
+
+
+def test_ewc_on_the_lm_holds_general_text(data, base_run, tmp_path):
+  _, base_workdir = base_run
+  common = dict(adapt__mixture="domain_only", adapt__lr_ratio=3.0, pretrain__base_dir=base_workdir,
+                regression__threshold=0.9, ewc__num_sequences=32)
+  naive = cpt.run(_tiny(**common), str(tmp_path / "naive"), progress=False, data=data).record
+  c = _tiny(ewc__lam=1e8, **common)  # the tiny base is far from converged: a strong anchor shows the effect
+  c.strategy = "ewc"
+  ewc = cpt.run(c, str(tmp_path / "ewc"), progress=False, data=data).record
+
+  def general_change(r):
+    return abs(r["test"]["final"]["general/perplexity"] / r["test"]["base"]["general/perplexity"] - 1)
+
+  assert general_change(ewc) < 0.5 * general_change(naive)

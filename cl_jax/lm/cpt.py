@@ -45,6 +45,7 @@ from cl_jax import sharding
 from cl_jax.data import mixture as mx
 from cl_jax.data import text as textdata
 from cl_jax.data.tokenizer import load_tokenizer
+from cl_jax.strategies.ewc import ewc_penalty
 from cl_jax.lm.losses import distillation_kl, next_token_metrics, token_cross_entropy
 from cl_jax.lm.monitor import RegressionMonitor, plot_monitor
 from cl_jax.strategies.base import LossContext
@@ -70,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "lm"
   c.seed = 0
-  c.strategy = "naive"  # naive | distill (to the pre-adaptation model) | generative_replay
+  c.strategy = "naive"  # naive | distill (to the pre-adaptation model) | generative_replay | ewc
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
       seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True))
@@ -91,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
       steps=400, batch_size=16, lr_ratio=0.1, mixture="70_30", difficulty=False,
       method="full", lora_rank=8, lora_alpha=16.0))
   c.distill = ml_collections.ConfigDict(dict(alpha=1.0, temperature=2.0))
+  # ewc: lam/2 * sum_i F_i (theta_i - theta*_i)^2 with F the empirical Fisher of the base on `num_sequences`
+  # general training sequences (per-sequence gradients of the mean token NLL, squared and averaged).
+  c.ewc = ml_collections.ConfigDict(dict(lam=1000.0, num_sequences=256))
   # generative_replay: the pre-adaptation model continues `num_prompts` stored general prompts of
   # `prompt_len` tokens; those samples take the place of the real general data in the mixture.
   c.generative_replay = ml_collections.ConfigDict(dict(num_prompts=256, prompt_len=16, temperature=1.0,
@@ -109,9 +113,15 @@ def check_config(c) -> None:
   """Raises ValueError naming the key for every value that would waste a run."""
   if c.kind != "lm":
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cpt runs kind='lm' configs")
-  if c.strategy not in ("naive", "distill", "generative_replay"):
-    raise ValueError(f"strategy={c.strategy!r}: LM continual pre-training supports 'naive', 'distill' and "
-                     "'generative_replay' (replay of real general data is the mixture itself: adapt.mixture)")
+  if c.strategy not in ("naive", "distill", "generative_replay", "ewc"):
+    raise ValueError(f"strategy={c.strategy!r}: LM continual pre-training supports 'naive', 'distill', "
+                     "'generative_replay' and 'ewc' (replay of real general data is the mixture itself: "
+                     "adapt.mixture)")
+  if c.strategy == "ewc" and (c.ewc.lam < 0 or c.ewc.num_sequences < 1):
+    raise ValueError(f"ewc.lam={c.ewc.lam}, ewc.num_sequences={c.ewc.num_sequences}: need lam >= 0 and "
+                     "num_sequences >= 1")
+  if c.strategy == "ewc" and c.adapt.method == "lora":
+    raise ValueError("adapt.method='lora' with strategy='ewc': the LoRA base is frozen already")
   g = c.generative_replay
   if c.strategy == "generative_replay":
     if not 1 <= g.prompt_len < c.lm.seq_len:
@@ -229,8 +239,31 @@ def make_lm(c, model, rng) -> LM:
             lambda p: lora.trainable_mask(p, DOMAIN))
 
 
+def lm_fisher_diagonal(apply: Callable, params, sequences: np.ndarray) -> Any:
+  """Empirical diagonal Fisher of an LM over sequences: F = mean_n (grad_theta l_n)^2, l_n the mean next-token
+  NLL of sequence n (one per-example gradient per sequence, never the square of a batch gradient; see
+  cl_jax.strategies.fisher). A `lax.scan` over sequences keeps memory at one gradient."""
+  def seq_loss(p, tokens):
+    logits = apply(p, tokens[None, :-1])
+    loss, _ = next_token_metrics(logits, {"tokens": tokens[None]})
+    return loss
+
+  grad = jax.grad(seq_loss)
+
+  @jax.jit
+  def fisher(p, seqs):
+    def body(acc, tokens):
+      g = grad(p, tokens)
+      return jax.tree.map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g), None
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p)
+    total, _ = jax.lax.scan(body, zero, seqs)
+    return jax.tree.map(lambda t: t / seqs.shape[0], total)
+
+  return fisher(params, jnp.asarray(sequences))
+
+
 def cpt_loss(apply: Callable, teacher_apply: Callable | None = None, alpha: float = 0.0,
-             temperature: float = 1.0):
+             temperature: float = 1.0, ewc_lam: float = 0.0):
   """Next-token cross-entropy, plus `alpha * T^2 KL(teacher || student)` when distilling.
 
     L = CE(student) + alpha * T^2 * mean_t KL(softmax(z_base_t / T) || softmax(z_t / T))
@@ -248,6 +281,10 @@ def cpt_loss(apply: Callable, teacher_apply: Callable | None = None, alpha: floa
       kd = distillation_kl(logits, teacher_apply(ctx.strategy_state["teacher"], inputs), temperature)
       aux["distill_kl"] = kd
       loss = loss + alpha * kd
+    if ewc_lam > 0:  # EWC (Kirkpatrick et al. 2017) around the base, Fisher over general text
+      penalty = 0.5 * ewc_lam * ewc_penalty(params, ctx.strategy_state["ewc"])
+      aux["ewc_penalty"] = penalty
+      loss = loss + penalty
     return loss, aux
 
   return loss_fn
@@ -587,11 +624,18 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   schedule = _schedule(c.optim.schedule, lr, steps, c.optim.warmup_fraction, c.optim.decay_fraction,
                        c.optim.end_lr_fraction, c.optim.decay_shape)
   distill = c.strategy == "distill"
-  loss_fn = cpt_loss(lm.apply, lm.base_apply if distill else None, c.distill.alpha, c.distill.temperature)
+  use_ewc = c.strategy == "ewc"
+  loss_fn = cpt_loss(lm.apply, lm.base_apply if distill else None, c.distill.alpha, c.distill.temperature,
+                     float(c.ewc.lam) if use_ewc else 0.0)
   # Copies: the step donates its state, and the base must survive for the baseline, the teacher and the
   # final comparison.
   adapt_params = jax.tree.map(lambda p: jnp.array(p, copy=True), lm.wrap(base_params))
   sstate = {"teacher": jax.tree.map(lambda p: jnp.array(p, copy=True), base_params)} if distill else ()
+  if use_ewc:
+    rows = _subset(len(data.train[GENERAL]), int(c.ewc.num_sequences), 131 + c.seed)
+    sstate = {"ewc": dict(fisher=lm_fisher_diagonal(lm.base_apply, base_params, data.train[GENERAL][rows]),
+                          anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), base_params),
+                          const=jnp.zeros((), jnp.float32))}
   phase = _init_phase(c, mesh, loss_fn, adapt_params, schedule, lm.trainable(adapt_params), sstate, sampler, 3)
 
   adapt_mgr = ocp.CheckpointManager(os.path.join(ckpt_root, "adapt"), options=ocp.CheckpointManagerOptions(
