@@ -5,6 +5,7 @@
   python run.py --config configs/cpt_lm.py:mixture=domain_only,strategy=distill
   python run.py --config configs/cpt_lm.py:mixture=domain_only,method=lora
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.eval_every=50
+  python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.patience=3  # ride out a dip
 
 arg: comma-separated `key=value` among
   mixture   domain_only | general_only | <D>_<G> (e.g. 70_30 = 70% code, 30% general) | three_phase |

@@ -220,3 +220,17 @@ def test_ewc_on_the_lm_holds_general_text(data, base_run, tmp_path):
     return abs(r["test"]["final"]["general/perplexity"] / r["test"]["base"]["general/perplexity"] - 1)
 
   assert general_change(ewc) < 0.5 * general_change(naive)
+
+
+def test_monitor_patience_rides_out_a_dip_that_recovers():
+  dip = dict(BASE, **{"general/perplexity": BASE["general/perplexity"] * 1.05})
+  m = RegressionMonitor(BASE, threshold=0.02, patience=2)
+  m.check(50, dip)
+  assert not m.should_stop            # one crossing: within patience
+  m.check(100, BASE)                  # recovered: the streak resets
+  m.check(150, dip)
+  assert not m.should_stop
+  m.check(200, dip)                   # two in a row: stop
+  assert m.should_stop and m.stopped["step"] == 200
+  with pytest.raises(ValueError, match="regression.patience"):
+    RegressionMonitor(BASE, patience=0)

@@ -100,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.generative_replay = ml_collections.ConfigDict(dict(num_prompts=256, prompt_len=16, temperature=1.0,
                                                        batch_size=64))
   c.regression = ml_collections.ConfigDict(dict(
-      threshold=0.02, eval_every=500, hard_stop=True, min_z=0.0, select="domain/perplexity",
+      threshold=0.02, eval_every=500, hard_stop=True, patience=1, min_z=0.0, select="domain/perplexity",
       eval_batch_size=64))
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
@@ -608,6 +608,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True,
   baseline = evaluate_base(base_params, data, "validation")
   counts = {"general/cloze_accuracy": len(data.cloze["validation"].answer)}
   monitor = RegressionMonitor(baseline, c.regression.threshold, select=c.regression.select,
+                              patience=c.regression.patience,
                               min_z=c.regression.min_z, counts=counts, hard_stop=c.regression.hard_stop)
 
   orders = None

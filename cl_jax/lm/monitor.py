@@ -59,11 +59,17 @@ class RegressionMonitor:
     counts: `{metric: n}` evaluation-set sizes of accuracy metrics, for the `min_z` noise guard.
     hard_stop: whether the crossing ends training (the caller acts on `should_stop`); only the wording of
       `describe` depends on it.
+    patience: how many consecutive evaluations must cross before the stop (1, the default: the first
+      crossing stops). Continual pre-training often dips at its first evaluations and recovers (the
+      "stability gap", De Lange et al. 2023); patience > 1 lets a run ride out a dip that recovers.
   """
 
   def __init__(self, baseline: Mapping[str, float], threshold: float = 0.02, *,
                select: str = "domain/perplexity", general_prefix: str = "general/",
-               min_z: float = 0.0, counts: Mapping[str, int] | None = None, hard_stop: bool = True):
+               min_z: float = 0.0, counts: Mapping[str, int] | None = None, hard_stop: bool = True,
+               patience: int = 1):
+    if not isinstance(patience, int) or patience < 1:
+      raise ValueError(f"regression.patience={patience!r}: must be a positive integer")
     if not threshold > 0:
       raise ValueError(f"regression.threshold={threshold}: must be a positive fraction (0.02 = 2%)")
     if min_z < 0:
@@ -80,6 +86,7 @@ class RegressionMonitor:
     self.select = select
     self.min_z = float(min_z)
     self.counts = dict(counts or {})
+    self.patience = patience
     self.history: list[dict] = []
     self.best: dict | None = None     # {'step', 'metrics'} of the best in-threshold evaluation
     self.stopped: dict | None = None  # {'step', 'metrics': [crossed...], 'regressions'} at the hard stop
@@ -107,7 +114,12 @@ class RegressionMonitor:
     is_best = within and better
     if is_best:
       self.best = {"step": int(step), "score": score, "metrics": {k: float(v) for k, v in metrics.items()}}
-    if crossed and self.stopped is None:
+    streak = 0
+    for h in reversed(self.history):
+      if not h["crossed"]:
+        break
+      streak += 1
+    if crossed and self.stopped is None and streak + 1 >= self.patience:
       self.stopped = {"step": int(step), "metrics": crossed,
                       "regressions": {m: regressions[m] for m in crossed}}
     self.history.append({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()},
