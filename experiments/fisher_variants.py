@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from experiments.split_mnist import fmt, mean_std, run_cached, split_config, tune
+from experiments.split_mnist import fmt, mean_std, run_cached, split_config, tune, write_markdown
 
 KINDS = ("exact", "sampled", "empirical", "batched")
 PUBLISHED = {"exact": 99.12, "sampled": None, "empirical": 99.12, "batched": 99.11, "none": 85.41}
@@ -83,12 +83,7 @@ def write_report(a, rows, seeds, tune_iters):
     lines.append(f"| {name} | {fmt(m, s)}{flag} | {'—' if pub is None else f'{pub:.2f}'} | "
                  f"{'—' if lam is None else f'{lam:g}'} | {cells} |")
   lines += ["", "† differs from the published number by more than 2 points (see notes).", ""]
-  notes_path = os.path.splitext(a.out)[0] + ".notes.md"
-  if os.path.exists(notes_path):
-    with open(notes_path) as f:
-      lines += [f.read().strip(), ""]
-  with open(a.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  write_markdown(a.out, lines)
   plot(rows, os.path.splitext(a.out)[0] + ".png")
 
 

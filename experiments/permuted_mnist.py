@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cl_jax.config import set_overrides
-from experiments.split_mnist import MNIST, fmt, mean_std, run_cached, tune
+from experiments.split_mnist import MNIST, fmt, mean_std, run_cached, tune, write_markdown
 
 METHODS = {
     "none": ("naive", {}),
@@ -110,12 +110,7 @@ def write_report(a, table, lams, grids, seeds, tune_iters):
       cells = ", ".join(f"{k:g}: {100 * v:.1f}" for k, v in scores.items())
       lines.append(f"| {method} | {cells} | {lams[method]:g} |")
     lines.append("")
-  notes_path = os.path.splitext(a.out)[0] + ".notes.md"
-  if os.path.exists(notes_path):
-    with open(notes_path) as f:
-      lines += [f.read().strip(), ""]
-  with open(a.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  write_markdown(a.out, lines)
   plot(table, os.path.splitext(a.out)[0] + ".png")
 
 

@@ -93,6 +93,17 @@ def _agree(a, b) -> bool:
   return a == b
 
 
+def write_markdown(path: str, lines: list) -> None:
+  """Writes a results table, followed by the hand-written `<name>.notes.md` beside it when there is one."""
+  notes_path = os.path.splitext(path)[0] + ".notes.md"
+  if os.path.exists(notes_path):
+    with open(notes_path) as f:
+      lines = [*lines, f.read().strip(), ""]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 def mean_std(values) -> tuple[float, float]:
   v = 100 * np.asarray(values, np.float64)
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -204,13 +215,7 @@ def write_report(a, table, lams, grids, seeds, scenarios, methods, tune_iters):
       cells = ", ".join(f"{k:g}: {100 * v:.1f}" for k, v in scores.items())
       lines.append(f"| {scenario} | {method} | {cells} | {lams[(scenario, method)]:g} |")
     lines.append("")
-  notes_path = os.path.splitext(a.out)[0] + ".notes.md"
-  if os.path.exists(notes_path):
-    with open(notes_path) as f:
-      lines += [f.read().strip(), ""]
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  write_markdown(a.out, lines)
   plot(table, methods, os.path.splitext(a.out)[0] + ".png")
 
 

@@ -123,8 +123,6 @@ def check_scenario(scenario_config, num_classes: int | None = None) -> None:
       raise ValueError(f"scenario.class_order={order}: must be a permutation of 0..{num_classes - 1}")
     if n % t:
       raise ValueError(f"scenario.num_tasks={t}: does not divide the {n} classes into equal tasks")
-    if t < 2 and scenario_config.kind != "class":
-      pass
 
 
 def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) -> Scenario:

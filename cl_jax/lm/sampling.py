@@ -64,17 +64,24 @@ def _finish(new, done, eos_id):
   return new, done | (new == eos_id)
 
 
+def _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id):
+  """Checks the arguments; returns the module and the output buffer: the prompt, then eos (or 0) fill."""
+  module = nnx.merge(model.graphdef, params)
+  _check(module, prompt, max_new_tokens, temperature, top_k)
+  total = prompt.shape[1] + max_new_tokens
+  fill = 0 if eos_id is None else eos_id
+  out = jnp.full((prompt.shape[0], total), fill, jnp.int32).at[:, :prompt.shape[1]].set(prompt.astype(jnp.int32))
+  return module, out
+
+
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "eos_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_cached(model, params, prompt, key, *, max_new_tokens, temperature, top_k, eos_id):
-  module = nnx.merge(model.graphdef, params)
-  _check(module, prompt, max_new_tokens, temperature, top_k)
+  module, out = _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id)
   batch, prompt_len = prompt.shape
-  total = prompt_len + max_new_tokens
-  fill = 0 if eos_id is None else eos_id
-  out = jnp.full((batch, total), fill, jnp.int32).at[:, :prompt_len].set(prompt.astype(jnp.int32))
+  total = out.shape[1]
 
   cache = init_cache(module.config, batch, total)
   logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
@@ -102,12 +109,8 @@ def _generate_cached(model, params, prompt, key, *, max_new_tokens, temperature,
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_recompute(model, params, prompt, key, *, max_new_tokens, temperature, top_k, eos_id):
-  module = nnx.merge(model.graphdef, params)
-  _check(module, prompt, max_new_tokens, temperature, top_k)
+  _, out = _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id)
   batch, prompt_len = prompt.shape
-  total = prompt_len + max_new_tokens
-  fill = 0 if eos_id is None else eos_id
-  out = jnp.full((batch, total), fill, jnp.int32).at[:, :prompt_len].set(prompt.astype(jnp.int32))
 
   def body(i, carry):
     out, done = carry
