@@ -1,0 +1,358 @@
+"""One workdir policy for every kind of run: usability checks, "same run?", the lock, config.json, metrics.
+
+A workdir holds one run:
+
+  config.json         the config (written once, by process 0, when the run starts fresh)
+  .lock               {pid, host, start}: held while a run is live; a second live run is refused (WorkdirLocked),
+                      a lock whose pid is dead on this host is taken over
+  metrics.jsonl       one JSON object per line (strict JSON: non-finite floats are written as null)
+  tensorboard/        the same scalars as TensorBoard event files
+  checkpoints/        orbax (cl_jax.checkpoint)
+  results.json, summary.md, *.png   at the end
+
+Rerunning the same config resumes; "same" compares `cl_jax.config.comparable(config)` (the config without
+strategy sections the run does not use), so adding a strategy to the package never blocks resuming an old run.
+On multi-host launches only process 0 writes any of these files (checkpoints are written collectively).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import socket
+from typing import Callable
+
+from cl_jax.errors import WorkdirError, WorkdirLocked
+
+LOCK = ".lock"
+
+
+def is_writer() -> bool:
+  """True on the process that writes logs and reports (process 0; every process of a single-host run)."""
+  import jax
+  return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- checks without writing
+
+def check_usable(workdir: str) -> None:
+  """Raises WorkdirError naming the path when `workdir` cannot hold a run; writes nothing."""
+  if not workdir:
+    raise WorkdirError("workdir is empty: pass --workdir DIR")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"workdir {workdir!r} is a file, not a directory")
+  existing = path
+  while not os.path.exists(existing):
+    parent = os.path.dirname(existing)
+    if parent == existing:
+      break
+    existing = parent
+  if os.path.exists(existing) and not os.path.isdir(existing):
+    raise WorkdirError(f"workdir {workdir!r} lies under {existing!r}, which is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "is not writable" if existing == path else f"cannot be created: {existing!r} is not writable"
+    raise WorkdirError(f"workdir {workdir!r} {what}")
+
+
+def config_dict(config) -> dict:
+  """A ConfigDict as the plain dict config.json holds."""
+  if isinstance(config, dict):
+    return json.loads(json.dumps(config, sort_keys=True))
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def comparable_dict(config) -> dict:
+  """What decides "same run": `cl_jax.config.comparable` when present, else the whole config."""
+  try:
+    from cl_jax.config import comparable
+  except ImportError:
+    return config_dict(config)
+  if isinstance(config, dict):
+    import ml_collections
+    config = ml_collections.ConfigDict(config)
+  return config_dict(comparable(config))
+
+
+def _diff_keys(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix.rstrip(".")
+
+
+def read_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path}: unreadable ({e}); use --overwrite to discard this workdir") from e
+
+
+def decide(config, workdir: str, overwrite: bool) -> bool:
+  """True when `workdir` holds this run (resume); False for a fresh start. Reads only.
+
+  Raises WorkdirError when it holds another config, or files that are not a cl_jax run, and `overwrite` is off.
+  """
+  check_usable(workdir)
+  if overwrite or not os.path.isdir(workdir):
+    return False
+  old = read_config(workdir)
+  if old is None:
+    leftovers = [n for n in os.listdir(workdir) if n != LOCK]
+    if leftovers:
+      raise WorkdirError(f"workdir {workdir!r} is not empty and holds no cl_jax run (found {sorted(leftovers)[:5]});"
+                         " use another --workdir, or --overwrite to replace it")
+    return False
+  new_c, old_c = comparable_dict(config), comparable_dict(old)
+  if new_c != old_c:
+    diff = sorted(_diff_keys(old_c, new_c))
+    raise WorkdirError(f"workdir {workdir!r} holds a run with a different config (differs in {diff[:8]}); "
+                       "use another --workdir, or --overwrite to discard it")
+  return True
+
+
+# ----------------------------------------------------------------------------- the lock
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by another user
+    return True
+  return True
+
+
+class Lock:
+  """`<workdir>/.lock`, created atomically (O_EXCL). A lock whose pid is dead on this host is stale."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK)
+    self.held = False
+
+  def acquire(self) -> "Lock":
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is not None and not self._stale(holder):
+          raise WorkdirLocked(
+              f"workdir {os.path.dirname(self.path)!r} is in use by a live run (pid {holder.get('pid')} on "
+              f"{holder.get('host')}, started {holder.get('start')}); wait for it or use another --workdir "
+              f"(if that run is dead, delete {self.path})")
+        print(f"warning: taking over the stale lock {self.path} of dead pid "
+              f"{None if holder is None else holder.get('pid')}")
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      return self
+    raise WorkdirLocked(f"could not take the lock {self.path}: another run keeps taking it")
+
+  def _holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None  # half-written by a process killed while writing it: stale
+
+  @staticmethod
+  def _stale(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+      return False  # cannot tell whether a pid on another host lives: assume it does
+    pid = int(holder.get("pid", -1))
+    return pid == os.getpid() or pid <= 0 or not _pid_alive(pid)
+
+  def release(self) -> None:
+    if self.held:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+      self.held = False
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+class Workdir:
+  """A run's claim on its workdir: `open()` locks it, clears it on `overwrite`, writes config.json.
+
+  `resume` is True when the workdir already holds this run. Only process 0 touches the file system; the decision
+  is process 0's, broadcast to the others so every process resumes (or not) alike.
+  """
+
+  def __init__(self, config, workdir: str, overwrite: bool = False):
+    self.config, self.path, self.overwrite = config, workdir, overwrite
+    self.writer = is_writer()
+    self.lock = Lock(workdir)
+    self.resume = False
+
+  def open(self) -> "Workdir":
+    """Takes the lock (raises WorkdirLocked), decides resume vs fresh, prepares the directory."""
+    error = None
+    if self.writer:
+      try:
+        check_usable(self.path)
+        self.lock.acquire()
+        self.resume = decide(self.config, self.path, self.overwrite)
+        if not self.resume:
+          for name in os.listdir(self.path):
+            if name != LOCK:
+              p = os.path.join(self.path, name)
+              shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+          with open(os.path.join(self.path, "config.json"), "w") as f:
+            json.dump(config_dict(self.config), f, indent=2, sort_keys=True)
+      except (WorkdirError, WorkdirLocked, OSError) as e:
+        self.lock.release()
+        error = e
+    self.resume = _broadcast_flag(self.resume, error is not None)
+    if error is not None:
+      raise error if not isinstance(error, OSError) else WorkdirError(f"workdir {self.path!r}: {error}")
+    if self.resume is None:
+      raise WorkdirError(f"workdir {self.path!r}: process 0 refused it (see its log)")
+    return self
+
+  def close(self) -> None:
+    self.lock.release()
+
+  def __enter__(self):
+    return self.open()
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _broadcast_flag(resume: bool, failed: bool):
+  """Process 0's (resume, failed) on every process: None when process 0 failed."""
+  import jax
+  if jax.process_count() == 1:
+    return None if failed else resume
+  import numpy as np
+  from jax.experimental import multihost_utils
+  code = int(multihost_utils.broadcast_one_to_all(np.int32(2 if failed else int(resume))))
+  return None if code == 2 else bool(code)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl + TensorBoard
+
+def finite_or_none(x):
+  """Strict JSON: a non-finite float becomes null (json.dumps would write the invalid tokens NaN / Infinity)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: finite_or_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite_or_none(v) for v in x]
+  return x
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl; a torn last line (a process killed mid-write) is skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        pass
+  return out
+
+
+class MetricsLog:
+  """metrics.jsonl plus TensorBoard event files, written by process 0 only (a no-op elsewhere).
+
+  Opening it makes the log consistent with where the run starts: with `resume_step=None` (a fresh start, also a
+  rerun of a run killed before its first checkpoint) the log starts empty; when resuming at step s it keeps the
+  records with `step <= s` (or those `keep(record)` accepts) and drops the rest, which the rerun writes again, so a
+  killed-and-resumed run's metrics.jsonl is byte-identical to an uninterrupted one's. TensorBoard gets
+  `purge_step=s + 1`, so its readers drop the earlier events past s instead of showing steps twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None, keep: Callable[[dict], bool] | None = None,
+               tensorboard: bool = True):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = is_writer()
+    self.file = self.tb = None
+    if not self.writer:
+      return
+    if keep is None:
+      keep = (lambda rec: False) if resume_step is None else (lambda rec: rec.get("step", 0) <= resume_step)
+    kept = [r for r in read_metrics(workdir) if keep(r)]
+    with open(self.path, "w") as f:
+      f.writelines(self._line(r) for r in kept)
+    self.file = open(self.path, "a")
+    if tensorboard:
+      tb_dir = os.path.join(workdir, "tensorboard")
+      if resume_step is None and not kept and os.path.isdir(tb_dir):
+        shutil.rmtree(tb_dir)  # a fresh start: no events of an earlier attempt
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+      except ImportError:  # TensorBoard files are optional
+        self.tb = None
+
+  @staticmethod
+  def _line(record: dict) -> str:
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
+
+  def write(self, record: dict) -> None:
+    if not self.writer:
+      return
+    self.file.write(self._line(record))
+    if self.tb is not None:
+      prefix = record["type"] if "phase" not in record else f"{record['phase']}/{record['type']}"
+      for k, v in record.items():
+        if isinstance(v, float) and math.isfinite(v):
+          self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        elif k == "accuracy" and isinstance(v, list):
+          for i, a in enumerate(v):
+            self.tb.add_scalar(f"{prefix}/accuracy_task{i + 1}", a, record["step"])
+
+  def flush(self):
+    if self.file is not None:
+      self.file.flush()
+      os.fsync(self.file.fileno())
+    if self.tb is not None:
+      self.tb.flush()
+
+  def close(self):
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
+
+
+def write_json(workdir: str, name: str, obj) -> None:
+  """Writes `<workdir>/name` (strict JSON) on process 0, atomically (a reader never sees half a file)."""
+  if not is_writer():
+    return
+  path = os.path.join(workdir, name)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(finite_or_none(obj), f, indent=2, allow_nan=False)
+  os.replace(tmp, path)
