@@ -1,23 +1,34 @@
-"""The base experiment config and its validation.
+"""The base experiment config, its validation, and the part of it that identifies a run.
 
-Every `configs/*.py` starts from `base_config()` and changes what it needs; `validate(config)` runs before
-anything is written and raises `ConfigError` naming the key and the reason. The base config is locked, so a
-misspelt key (in a config file or a `--config.key=value` override) is an error, not a silently new field.
+Every `configs/*.py` starts from `base_config()` (or, for `kind='lm'`, from `cl_jax.lm`'s default config) and
+changes what it needs. `validate(config)` covers every kind (classic | lm | merge) and runs before anything is
+written: it raises `ConfigError` (exit code 2) whose one-line message starts with the full key and its value and
+says what is allowed, e.g. "optim.lr=inf: must be a finite number". The base config is locked, so a misspelt key
+(in a config file or a `--config.key=value` override) is an error, not a silently new field.
+
+`comparable(config)` is the config as a plain dict without the strategy-owned sections the run's chain does not
+read; a workdir compares it to decide whether it holds the same run, so registering a new strategy (which adds a
+default section to `base_config()`) never stops an existing workdir from resuming.
+
+`check_against_data(config, scenario)` holds the checks that need the data (a batch larger than a task's training
+set); the runner calls it after building the scenario, still before anything is written.
 """
 from __future__ import annotations
 
 import difflib
+import json
+import math
+from typing import Mapping
 
 import ml_collections
 
 from cl_jax import sharding
 from cl_jax.data import scenarios, sources
+from cl_jax.errors import CLJaxError, ConfigError
 from cl_jax.train import schedules
 from cl_jax.train.optim import OPTIMIZERS
 
-
-class ConfigError(ValueError):
-  """A config key has a bad value, or does not exist."""
+KINDS = ("classic", "lm", "merge")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   from cl_jax.models.lora import default_config as lora_config
   c.lora = lora_config()  # adapters: targets, rank, alpha, dropout
-  from cl_jax.strategies import DEFAULT_CONFIGS  # strategy-owned sections (ewc, replay, ...)
-  for name, default in DEFAULT_CONFIGS.items():
+  from cl_jax.strategies import default_configs  # strategy-owned sections (ewc, replay, ...), from the registry
+  for name, default in default_configs().items():
     c[name] = default()
   c.lock()
   return c
@@ -77,20 +88,162 @@ def unknown_key_message(prefix: str, key: str, valid) -> str:
   return f"unknown config key {full!r}{hint}; valid keys {where}are: {sorted(valid)}"
 
 
+def comparable(config) -> dict:
+  """The config as a JSON-style dict, without the strategy-owned sections that `config.strategy` does not read.
+
+  Accepts a ConfigDict or a dict loaded from a workdir's config.json. Two runs are the same run when their
+  `comparable` dicts are equal: a section that only an unused strategy reads (e.g. `si` in a naive run, or one
+  that did not exist when the workdir was written) does not take part. A strategy name that is not registered
+  keeps its section of the same name (the comparison stays strict about what it cannot interpret).
+  """
+  if isinstance(config, ml_collections.ConfigDict):
+    d = json.loads(config.to_json_best_effort(sort_keys=True))
+  else:
+    d = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+  from cl_jax.strategies import REGISTRY, default_configs
+  spec = d.get("strategy")
+  names = [n.strip() for n in spec.split("+")] if isinstance(spec, str) else []
+  used = set()
+  for name in names:
+    used.update(REGISTRY[name].config_sections if name in REGISTRY else (name,))
+  owned = set(default_configs())
+  return {k: v for k, v in d.items() if k not in owned or k in used}
+
+
 def validate(c) -> None:
-  """Checks every value whose mistake would cost a run; raises ConfigError naming the key."""
+  """Checks every value whose mistake would cost a run, for every kind; raises ConfigError naming the full key.
+
+  classic: the sections of `base_config()` and the `check_config` of every strategy in the chain.
+  lm:      `cl_jax.lm.check_config`; merge: `cl_jax.merge_run.check_config`.
+  Every kind: each leaf has the type of the kind's default config (an int where an int is expected, a number
+  where a float is; ints are accepted for floats), and every float is finite.
+  """
   try:
     _validate(c)
-  except ConfigError:
+  except CLJaxError:
     raise
   except (ValueError, KeyError, AttributeError, TypeError) as e:
-    raise ConfigError(str(e)) from e
+    raise ConfigError(_one_line(e)) from e
+
+
+def _one_line(e: Exception) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return " ".join(str(text).split())
+
+
+def reference_config(kind: str):
+  """The default config a `kind`'s configs start from (the types every leaf must keep); None if unknown."""
+  if kind == "lm":
+    import cl_jax.lm as lm
+    default = getattr(lm, "default_config", None)
+    if default is None:
+      from cl_jax.lm.cpt import default_config as default
+    return default()
+  c = base_config()
+  if kind == "merge":
+    from cl_jax.merge_run import default_config as merge_default
+    with c.unlocked():
+      c.merge = merge_default()
+  return c
+
+
+def check_types(config, reference, prefix: str = "") -> None:
+  """Every leaf of `config` that `reference` also has must have its type; every float must be finite.
+
+  bool keys take bools; int keys ints (not bools, not 2.0); float keys ints or floats; str keys strings; list keys
+  lists whose items have the type of the reference's items (when it has any). Keys `reference` lacks are skipped.
+  """
+  for key in config.keys():
+    full = f"{prefix}{key}"
+    value = config[key]
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{full}={value!r}: must be a finite number")
+    if reference is None or key not in reference:
+      if isinstance(value, (ml_collections.ConfigDict, dict)):
+        check_types(value, None, f"{full}.")
+      continue
+    ref = reference[key]
+    if isinstance(ref, (ml_collections.ConfigDict, dict)):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"{full}={value!r}: expected a section (a ConfigDict), with keys {sorted(ref.keys())}")
+      check_types(value, ref, f"{full}.")
+    elif isinstance(ref, (list, tuple)):
+      if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{full}={value!r}: expected a list")
+      for i, item in enumerate(value):
+        if isinstance(item, float) and not math.isfinite(item):
+          raise ConfigError(f"{full}[{i}]={item!r}: must be a finite number")
+        if ref and all(type(r) is type(ref[0]) for r in ref):
+          problem = _type_problem(item, ref[0])
+          if problem:
+            raise ConfigError(f"{full}={list(value)!r}: item {i} is {item!r}; {problem}")
+    else:
+      problem = _type_problem(value, ref)
+      if problem:
+        raise ConfigError(f"{full}={value!r}: {problem}")
+
+
+def _type_problem(value, ref) -> str:
+  """What is wrong with `value` where the default is `ref` ('' when nothing is)."""
+  if ref is None:
+    return ""
+  if isinstance(ref, bool):
+    return "" if isinstance(value, bool) else "expected true or false"
+  if isinstance(ref, int):
+    return "" if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+  if isinstance(ref, float):
+    return "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "expected a number"
+  if isinstance(ref, str):
+    return "" if isinstance(value, str) else "expected a string"
+  return ""
+
+
+def check_against_data(config, scenario) -> None:
+  """The checks that need the data: each task's training set must hold at least one batch.
+
+  The runner calls it right after building the scenario, before anything is written.
+  """
+  b = config.train.batch_size
+  sizes = [task.num_train for task in scenario.tasks]
+  small = [t for t, n in enumerate(sizes) if n < b]
+  if small:
+    t = small[0]
+    raise ConfigError(f"train.batch_size={b}: larger than task {t + 1}'s {sizes[t]} training examples "
+                      f"(data.name={config.data.name!r}, {scenario.num_tasks} tasks); use at most {min(sizes)}")
 
 
 def _validate(c) -> None:
-  if c.kind != "classic":
-    return  # lm / merge runners validate their own sections
-  from cl_jax.strategies import parse_strategy_spec
+  kind = c.get("kind", "classic")
+  if kind not in KINDS:
+    raise ConfigError(f"kind={kind!r}: expected one of {list(KINDS)}")
+  check_types(c, reference_config(kind))
+  if kind == "lm":
+    _check_lm(c)
+  elif kind == "merge":
+    _check_merge(c)
+  else:
+    _check_classic(c)
+
+
+def _check_lm(c) -> None:
+  import cl_jax.lm as lm
+  check = getattr(lm, "check_config", None)
+  if check is None:  # until the LM package exports it
+    from cl_jax.lm.cpt import check_config as check
+  check(c)
+
+
+def _check_merge(c) -> None:
+  from cl_jax import merge_run
+  check = getattr(merge_run, "check_config", None)
+  if check is not None:
+    check(c)
+  else:  # what merge_run.run checks before loading anything
+    merge_run.check_settings(c.merge)
+
+
+def _check_classic(c) -> None:
+  from cl_jax.strategies import check_strategy_config, parse_strategy_spec
   parse_strategy_spec(c.strategy)
   if not isinstance(c.seed, int) or c.seed < 0:
     raise ConfigError(f"seed={c.seed!r}: must be a non-negative integer")
@@ -126,8 +279,4 @@ def _validate(c) -> None:
   if c.train.batch_size % (data * fsdp):
     raise ConfigError(f"train.batch_size={c.train.batch_size}: not divisible by the {data * fsdp} devices of "
                       f"the mesh (mesh.data={data}, mesh.fsdp={fsdp})")
-  from cl_jax.strategies import REGISTRY
-  for name in parse_strategy_spec(c.strategy):
-    check = getattr(REGISTRY[name], "check_config", None)
-    if check is not None:
-      check(c)
+  check_strategy_config(c)

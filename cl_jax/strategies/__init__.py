@@ -1,10 +1,29 @@
-"""Strategies by name. `build_strategy('ewc+replay', config, learner)` chains the named ones.
+"""Strategies by name: one `StrategyEntry` per name in `REGISTRY`. `build_strategy('ewc+replay', config, learner)`
+chains the named ones (see `base.chain` for what the order of a chain means).
 
-To add a strategy: write `cl_jax/strategies/<name>.py` with a builder `(config, learner) -> Strategy`
-(and, if it has settings, a `default_config() -> ConfigDict` for its config section), then add it to
-REGISTRY (and DEFAULT_CONFIGS) below.
+The contract of an entry (README "Adding a strategy"):
+
+  build           (config, learner) -> Strategy. Reads only its own config sections (and the shared ones such as
+                  `scenario`, `lora`); may raise ValueError for a bad value, but `check_config` should catch it first.
+  default_config  {section name: () -> ConfigDict}: the config sections this strategy owns, with their defaults.
+                  `cl_jax.config.base_config()` adds every registered section, so `--config.<section>.<key>=...`
+                  works for every strategy. Two names may share a section (`lwf` and `distill`; `ewc`, `online_ewc`
+                  and the `fisher` section) by naming the same default function.
+  check_config    (config) -> None, or None. Raises ValueError whose message starts with the full key and value,
+                  e.g. "ewc.lam=-1.0: expected a non-negative penalty strength". `cl_jax.config.validate` calls it
+                  for every strategy in the chain, before anything is written.
+  config_sections the sections the strategy reads: results.json records them under `strategy_config`, and
+                  `cl_jax.config.comparable` keeps them (and drops every other strategy-owned section) when a workdir
+                  decides whether it holds the same run. List every section the strategy reads (usually the keys
+                  of `default_config`; O-LoRA adds the base config's `lora`).
+
+Registering a strategy is one line below:
+
+  REGISTRY["si"] = StrategyEntry(si.si, {"si": si.default_config}, si.check_config, ("si",))
 """
 from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
 
 from cl_jax.strategies.base import (Learner, LossContext, LossFn, Strategy, TaskData, TaskInfo, chain)
 from cl_jax.strategies.joint import joint
@@ -12,39 +31,94 @@ from cl_jax.strategies.naive import naive
 from cl_jax.strategies import distill as _distill, ewc as _ewc, fisher as _fisher, replay as _replay
 from cl_jax.strategies import olora as _olora
 
-REGISTRY = {
-    "naive": naive,
-    "joint": joint,
-    "ewc": _ewc.ewc,
-    "online_ewc": _ewc.online_ewc,
-    "distill": _distill.distill,
-    "lwf": _distill.distill,
-    "replay": _replay.replay,
-    "olora": _olora.olora,
+
+class StrategyEntry(NamedTuple):
+  """One registered strategy; see the module docstring for each field's contract."""
+  build: Callable[..., Strategy]
+  default_config: Mapping[str, Callable] = {}
+  check_config: Callable | None = None
+  config_sections: tuple[str, ...] = ()
+
+
+def entry_from_builder(build, default_config: Mapping[str, Callable] | None = None) -> StrategyEntry:
+  """An entry for a builder that carries `check_config` / `config_sections` as function attributes."""
+  default_config = dict(default_config or {})
+  sections = getattr(build, "config_sections", None)
+  return StrategyEntry(build, default_config, getattr(build, "check_config", None),
+                       tuple(sections) if sections is not None else tuple(default_config))
+
+
+_DISTILL = {"distill": _distill.default_config}
+_EWC = {"ewc": _ewc.default_config, "fisher": _fisher.default_config}
+
+REGISTRY: dict[str, StrategyEntry] = {
+    "naive": StrategyEntry(naive, {}, None, ()),
+    "joint": StrategyEntry(joint, {}, None, ()),
+    "ewc": entry_from_builder(_ewc.ewc, _EWC),
+    "online_ewc": entry_from_builder(_ewc.online_ewc, _EWC),
+    "distill": entry_from_builder(_distill.distill, _DISTILL),
+    "lwf": entry_from_builder(_distill.distill, _DISTILL),
+    "replay": entry_from_builder(_replay.replay, {"replay": _replay.default_config}),
+    # O-LoRA also reads the base config's `lora` section (adapter rank, targets), so results.json records it.
+    "olora": StrategyEntry(_olora.olora, {"olora": _olora.default_config}, _olora.check_config, ("olora", "lora")),
 }
 
-# Config sections owned by strategies: {section name: default_config function}.
-DEFAULT_CONFIGS = {
-    "ewc": _ewc.default_config,
-    "fisher": _fisher.default_config,
-    "distill": _distill.default_config,
-    "replay": _replay.default_config,
-    "olora": _olora.default_config,
-}
+
+def default_configs() -> dict[str, Callable]:
+  """{section: default function} over every registered strategy; one function per section."""
+  sections: dict[str, Callable] = {}
+  for name, entry in REGISTRY.items():
+    for section, default in entry.default_config.items():
+      if sections.setdefault(section, default) is not default:
+        raise ValueError(f"strategy {name!r}: config section {section!r} is already owned by another strategy "
+                         "with a different default_config (share the same function, or rename the section)")
+  return sections
+
+
+# Config sections owned by strategies: {section name: default_config function}. Derived from REGISTRY; a
+# strategy registered after import (a notebook) appears in `default_configs()`.
+DEFAULT_CONFIGS = default_configs()
 
 
 def parse_strategy_spec(spec: str) -> list[str]:
-  names = [n.strip() for n in spec.split("+") if n.strip()]
+  """'ewc+replay' -> ['ewc', 'replay']; an unknown, empty or repeated name is a ValueError naming `strategy`."""
+  if not isinstance(spec, str):
+    raise ValueError(f"strategy={spec!r}: expected a string of strategy names joined by '+'")
+  names = [n.strip() for n in spec.split("+")]
+  valid = f"valid names: {sorted(REGISTRY)} (chain them with '+', each at most once)"
+  if not spec.strip() or any(not n for n in names):
+    raise ValueError(f"strategy={spec!r}: empty strategy name; {valid}")
   unknown = [n for n in names if n not in REGISTRY]
-  if not names or unknown:
-    raise ValueError(f"strategy={spec!r}: unknown strategy {unknown or spec!r}; "
-                     f"valid names: {sorted(REGISTRY)} (chain them with '+')")
+  if unknown:
+    raise ValueError(f"strategy={spec!r}: unknown strategy {unknown}; {valid}")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"strategy={spec!r}: {repeated} named more than once; {valid}")
   return names
 
 
+def used_sections(spec: str) -> tuple[str, ...]:
+  """The config sections the strategies of `spec` read, in chain order, without repeats."""
+  out: list[str] = []
+  for name in parse_strategy_spec(spec):
+    out += [s for s in REGISTRY[name].config_sections if s not in out]
+  return tuple(out)
+
+
+def check_strategy_config(config) -> None:
+  """Runs `check_config` of every strategy in `config.strategy` (a chain sharing a section checks it once)."""
+  seen = set()
+  for name in parse_strategy_spec(config.strategy):
+    check = REGISTRY[name].check_config
+    if check is not None and check not in seen:
+      seen.add(check)
+      check(config)
+
+
 def build_strategy(spec: str, config, learner: Learner) -> Strategy:
-  return chain(*[REGISTRY[n](config, learner) for n in parse_strategy_spec(spec)])
+  return chain(*[REGISTRY[n].build(config, learner) for n in parse_strategy_spec(spec)])
 
 
-__all__ = ["Strategy", "LossContext", "LossFn", "TaskData", "TaskInfo", "Learner", "chain",
-           "build_strategy", "parse_strategy_spec", "REGISTRY", "DEFAULT_CONFIGS"]
+__all__ = ["Strategy", "LossContext", "LossFn", "TaskData", "TaskInfo", "Learner", "chain", "StrategyEntry",
+           "entry_from_builder", "build_strategy", "parse_strategy_spec", "used_sections", "check_strategy_config",
+           "default_configs", "REGISTRY", "DEFAULT_CONFIGS"]
