@@ -1,23 +1,40 @@
-"""A small decoder-only (causal) transformer language model in Flax NNX.
+"""A decoder-only (causal) transformer language model in Flax NNX, config-driven over the families it imports.
 
-Architecture (GPT-2 / LLaMA family, pre-norm):
+Architecture (pre-norm; GPT-2, Llama 2/3, Mistral and Qwen2 are all instances of it):
 
-  h_0     = E[tokens]                                           embedding, E in R^{V x D}
-  h'_l    = h_{l-1} + Attn_l(Norm(h_{l-1}))                     causal multi-head self-attention
-  h_l     = h'_l + MLP_l(Norm(h'_l))                            MLP(x) = W_down gelu(W_up x)
+  h_0     = E[tokens] (+ P[positions] with learned positions, GPT-2)     embedding, E in R^{V x D}
+  h'_l    = h_{l-1} + Attn_l(Norm(h_{l-1}))                               causal self-attention
+  h_l     = h'_l + MLP_l(Norm(h'_l))
   logits  = Norm(h_L) W_out,   W_out = E^T when embeddings are tied (Press & Wolf 2017)
 
-Attention uses rotary position embeddings (RoPE; Su et al. 2021, "RoFormer"): queries and keys are
-rotated pairwise by angle `pos * base^(-2i/d_head)`, so q.k depends on positions only through their
-difference and no position parameters exist. The norm is RMSNorm (Zhang & Sennrich 2019) or LayerNorm.
+  Norm      RMSNorm x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016),
+            both in float32 with the checkpoint's eps.
+  MLP       'gelu':   W_down gelu(W_up x + b_up) + b_down (tanh-approximated gelu by default: GPT-2's
+                      `gelu_new`, Hendrycks & Gimpel 2016);
+            'swiglu': W_down (silu(W_gate x) * W_up x) (Shazeer 2020; Llama, Mistral, Qwen2).
+  Attn      softmax(q k^T / sqrt(Dh) + causal mask) v with H query heads and K <= H key/value heads:
+            grouped-query attention (Ainslie et al. 2023) lets query head h read key/value head h // (H/K);
+            an optional sliding window (Mistral) hides keys more than `sliding_window - 1` positions back.
+            Optional biases: q/k/v (Qwen2; GPT-2 with all the others), o, MLP.
+  Positions rotary (RoPE; Su et al. 2021): queries and keys are rotated pairwise, (x_i, x_{i+Dh/2}) by angle
+            pos * f_i with f_i = theta^(-2i/Dh) ("rotate-half" layout, as the Hugging Face checkpoints of
+            Llama-family models are stored), so q.k depends on positions only through their difference.
+            Context-extension scalings of f: 'linear' f_i / factor (Chen et al. 2023, position
+            interpolation) and 'llama3' (Meta's Llama 3.1 recipe: wavelengths 2 pi / f_i above
+            L_orig / low_freq_factor are divided by `factor`, those below L_orig / high_freq_factor kept, and
+            the band between interpolated with s = (L_orig / wavelength - low) / (high - low):
+            f' = (1 - s) f / factor + s f). Or 'learned' absolute position embeddings P (GPT-2).
 
-Every projection is an explicit `einsum` over a named-axes kernel (`q: [D, H, Dh]`, `o: [H, Dh, D]`,
-`up: [D, F]`, `down: [F, D]`), so GSPMD can shard any axis of any kernel (FSDP over `fsdp`, heads or
-MLP width over a model axis) and the batch over `data` without code changes. Parameter paths are stable
-strings: `embed.embedding`, `block_{i}.attn.{q,k,v,o}.kernel`, `block_{i}.mlp.{up,down}.kernel`,
-`block_{i}.{attn_norm,mlp_norm}.scale`, `final_norm.scale`, `lm_head.kernel` (untied only).
+Every projection is an explicit `einsum` over a named-axes kernel (`q: [D, H, Dh]`, `k, v: [D, K, Dh]`,
+`o: [H, Dh, D]`, `up, gate: [D, F]`, `down: [F, D]`), so GSPMD can shard any axis of any kernel (FSDP over
+`fsdp`, heads or MLP width over a model axis) and the batch over `data` without code changes. Parameter paths
+are stable strings: `embed.embedding`, `pos_embed.embedding` (learned positions only),
+`block_{i}.attn.{q,k,v,o}.{kernel,bias}`, `block_{i}.mlp.{gate,up,down}.{kernel,bias}`,
+`block_{i}.{attn_norm,mlp_norm}.{scale,bias}`, `final_norm.{scale,bias}`, `lm_head.kernel` (untied only);
+biases, `gate` and the norms' `bias` exist only where the config asks for them.
+`cl_jax.models.hf_checkpoint` maps Hugging Face checkpoints onto these paths and back.
 
-Mixed precision: parameters are always float32; with `compute_dtype='bfloat16'` weights and
+Mixed precision: parameters are float32 unless loaded otherwise; with `compute_dtype='bfloat16'` weights and
 activations are cast to bf16 for the matmuls, while the residual stream, norms, softmax and the returned
 logits stay float32 (the usual recipe, Micikevicius et al. 2018).
 
@@ -41,12 +58,21 @@ _MASK_VALUE = -1e9
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+_NORMS = ("rmsnorm", "layernorm")
+_MLPS = ("gelu", "swiglu")
+_POSITIONS = ("rope", "learned")
+_ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyper-parameters of `TransformerLM`. Frozen, so it can be a static jit argument.
 
-  `max_len` is the context length the model is trained and sampled at (RoPE has no position table,
-  so it only bounds sampling and data); `mlp_ratio` sets the hidden width F = mlp_ratio * d_model.
+  `max_len` is the context length the model is trained and sampled at (with RoPE it only bounds sampling and
+  data; with learned positions it is the size of the position table). The MLP's hidden width is `mlp_hidden`,
+  or `mlp_ratio * d_model` when that is 0; `num_kv_heads=0` means one key/value head per query head;
+  `attn_head_dim=0` means d_model / num_heads. The `rope_*` fields other than `rope_base` (theta) matter only
+  for their `rope_scaling` ('linear': rope_factor; 'llama3': all four, see the module docstring).
   """
   vocab_size: int = 256
   d_model: int = 128
@@ -59,31 +85,70 @@ class TransformerConfig:
   compute_dtype: str = "float32"  # 'float32' | 'bfloat16'
   rope_base: float = 10_000.0
   init_std: float = 0.02
+  norm_eps: float = 1e-6
+  mlp: str = "gelu"  # 'gelu' | 'swiglu'
+  gelu_approximate: bool = True  # tanh form (GPT-2's gelu_new); False: exact erf form
+  mlp_hidden: int = 0  # 0: mlp_ratio * d_model
+  num_kv_heads: int = 0  # 0: num_heads (multi-head attention); fewer: grouped-query attention
+  attn_head_dim: int = 0  # 0: d_model // num_heads
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  positions: str = "rope"  # 'rope' | 'learned'
+  rope_scaling: str = "none"  # 'none' | 'linear' | 'llama3'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  sliding_window: int = 0  # 0: none; W: a query sees the W most recent keys (itself included)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_len"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"TransformerConfig.{name}={value!r}: expected a positive integer")
-    if self.d_model % self.num_heads:
+    for name in ("mlp_hidden", "num_kv_heads", "attn_head_dim", "sliding_window"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"TransformerConfig.{name}={value!r}: expected a non-negative integer (0: default)")
+    if not self.attn_head_dim and self.d_model % self.num_heads:
       raise ValueError(f"TransformerConfig.d_model={self.d_model} is not divisible by "
+                       f"num_heads={self.num_heads} (or set attn_head_dim)")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"TransformerConfig.num_kv_heads={self.num_kv_heads}: must divide "
                        f"num_heads={self.num_heads}")
-    if (self.d_model // self.num_heads) % 2:
-      raise ValueError(f"TransformerConfig: head dim d_model/num_heads={self.d_model // self.num_heads} "
-                       "must be even for RoPE")
-    if self.norm not in ("rmsnorm", "layernorm"):
+    if self.positions not in _POSITIONS:
+      raise ValueError(f"TransformerConfig.positions={self.positions!r}: expected one of {_POSITIONS}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"TransformerConfig: head dim {self.head_dim} must be even for RoPE")
+    if self.norm not in _NORMS:
       raise ValueError(f"TransformerConfig.norm={self.norm!r}: expected 'rmsnorm' or 'layernorm'")
+    if not self.norm_eps > 0:
+      raise ValueError(f"TransformerConfig.norm_eps={self.norm_eps!r}: expected a positive number")
+    if self.mlp not in _MLPS:
+      raise ValueError(f"TransformerConfig.mlp={self.mlp!r}: expected one of {_MLPS}")
+    if self.rope_scaling not in _ROPE_SCALINGS:
+      raise ValueError(f"TransformerConfig.rope_scaling={self.rope_scaling!r}: expected one of {_ROPE_SCALINGS}")
+    if self.rope_scaling != "none" and not self.rope_factor > 0:
+      raise ValueError(f"TransformerConfig.rope_factor={self.rope_factor!r}: expected a positive number")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+      raise ValueError(f"TransformerConfig.rope_low_freq_factor={self.rope_low_freq_factor}, "
+                       f"rope_high_freq_factor={self.rope_high_freq_factor}: need high > low > 0")
     if self.compute_dtype not in _DTYPES:
       raise ValueError(f"TransformerConfig.compute_dtype={self.compute_dtype!r}: expected one of "
                        f"{sorted(_DTYPES)}")
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.attn_head_dim or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @property
   def mlp_dim(self) -> int:
-    return self.mlp_ratio * self.d_model
+    return self.mlp_hidden or self.mlp_ratio * self.d_model
 
   @property
   def dtype(self):
@@ -130,15 +195,21 @@ def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
 
 
 class Projection(nnx.Module):
-  """A bias-free linear map `y = einsum(spec, x, kernel)` over a named-axes kernel."""
+  """A linear map `y = einsum(spec, x, kernel) (+ bias)` over a named-axes kernel; the bias has the output axes'
+  shape and starts at zero."""
 
-  def __init__(self, spec: str, shape, *, std: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, spec: str, shape, *, std: float, dtype, rngs: nnx.Rngs, bias_shape=None):
     self.spec = spec
     self.dtype = dtype
     self.kernel = _normal(rngs, tuple(shape), std)
+    if bias_shape is not None:
+      self.bias = nnx.Param(jnp.zeros(tuple(bias_shape), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if hasattr(self, "bias"):
+      y = y + self.bias[...].astype(self.dtype)
+    return y
 
 
 class Norm(nnx.Module):
@@ -162,14 +233,36 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def rope_frequencies(cfg: TransformerConfig) -> np.ndarray:
+  """The RoPE angular frequencies f_i = theta^(-2i/Dh), i < Dh/2, after the config's scaling (float32).
+
+  Computed once on the host in float64, so a scaled model's frequencies are as exact as the unscaled ones.
+  """
+  dh = cfg.head_dim
+  freqs = 1.0 / cfg.rope_base ** (np.arange(0, dh, 2, dtype=np.float64) / dh)
+  if cfg.rope_scaling == "linear":
+    freqs = freqs / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original = cfg.rope_original_max_len
+    wavelength = 2 * np.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    interpolated = (1 - smooth) * freqs / factor + smooth * freqs
+    freqs = np.where(wavelength > original / low, freqs / factor,
+                     np.where(wavelength < original / high, freqs, interpolated))
+  return freqs.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Array:
   """Rotary embedding of `x [B, T, H, Dh]` at integer `positions [T]` (Su et al. 2021).
 
-  Pairs (x_i, x_{i+Dh/2}) are rotated by angle `pos * base^(-2i/Dh)` ("rotate-half" layout), in float32.
+  Pairs (x_i, x_{i+Dh/2}) are rotated by angle `pos * f_i` ("rotate-half" layout), in float32, with
+  f_i = base^(-2i/Dh) unless `freqs [Dh/2]` (see `rope_frequencies`) is given.
   """
   half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, half]
+  if freqs is None:
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]  # [T, half]
   sin = jnp.sin(angles)[None, :, None, :]
   cos = jnp.cos(angles)[None, :, None, :]
   x32 = x.astype(jnp.float32)
@@ -179,72 +272,103 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                     k_positions: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(Dh) + M) v with M[t, s] = 0 if k_pos[s] <= q_pos[t] else -inf.
+                     k_positions: jax.Array, sliding_window: int = 0) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh) + M) v with M[t, s] = 0 if k_pos[s] <= q_pos[t] (and, with a sliding window W,
+  q_pos[t] - k_pos[s] < W) else -inf.
 
-  q: [B, T, H, Dh]; k, v: [B, S, H, Dh]; positions are absolute token indices, so the same function
-  serves the full forward pass (S = T) and one decode step against a preallocated cache (T = 1, the
-  cache's unwritten slots have positions > q_pos and are masked out).
+  q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with K dividing H (grouped-query attention: query head h reads
+  key/value head h // (H / K)). Positions are absolute token indices, so the same function serves the full
+  forward pass (S = T) and one decode step against a preallocated cache (T = 1, the cache's unwritten slots
+  have positions > q_pos and are masked out).
   """
-  scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
-  scores = scores * (1.0 / np.sqrt(q.shape[-1]))
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+  scores = scores * (1.0 / np.sqrt(dh))
   visible = k_positions[None, :] <= q_positions[:, None]  # [T, S]
-  scores = jnp.where(visible[None, None], scores, _MASK_VALUE)
+  if sliding_window:
+    visible = visible & (q_positions[:, None] - k_positions[None, :] < sliding_window)
+  scores = jnp.where(visible[None, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhts,bshk->bthk", probs, v)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 class Attention(nnx.Module):
-  """Multi-head causal self-attention with RoPE; kernels q/k/v `[D, H, Dh]`, o `[H, Dh, D]`."""
+  """Causal self-attention with RoPE (or none, under learned positions); kernels q `[D, H, Dh]`,
+  k/v `[D, K, Dh]`, o `[H, Dh, D]`."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    d, h, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
+    d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     # GPT-2's residual scaling: output projections start at std / sqrt(2 L) so the residual stream's
     # variance does not grow with depth.
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
-    self.q = Projection("btd,dhk->bthk", (d, h, dh), std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
-    self.k = Projection("btd,dhk->bthk", (d, h, dh), std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
-    self.v = Projection("btd,dhk->bthk", (d, h, dh), std=cfg.init_std, dtype=cfg.dtype, rngs=rngs)
-    self.o = Projection("bthk,hkd->btd", (h, dh, d), std=out_std, dtype=cfg.dtype, rngs=rngs)
+    common = dict(dtype=cfg.dtype, rngs=rngs)
+    self.q = Projection("btd,dhk->bthk", (d, h, dh), std=cfg.init_std,
+                        bias_shape=(h, dh) if cfg.qkv_bias else None, **common)
+    self.k = Projection("btd,dhk->bthk", (d, kv, dh), std=cfg.init_std,
+                        bias_shape=(kv, dh) if cfg.qkv_bias else None, **common)
+    self.v = Projection("btd,dhk->bthk", (d, kv, dh), std=cfg.init_std,
+                        bias_shape=(kv, dh) if cfg.qkv_bias else None, **common)
+    self.o = Projection("bthk,hkd->btd", (h, dh, d), std=out_std, bias_shape=(d,) if cfg.o_bias else None,
+                        **common)
     self.rope_base = cfg.rope_base
+    self.use_rope = cfg.positions == "rope"
+    self.sliding_window = int(cfg.sliding_window)
+    # A tuple of Python floats (static, hashable), not an array: the module's state stays params only.
+    self.rope_freqs = tuple(float(f) for f in rope_frequencies(cfg)) if self.use_rope else None
+
+  def _rotate(self, x, positions):
+    if not self.use_rope:
+      return x
+    return rope(x, positions, self.rope_base, np.asarray(self.rope_freqs, np.float32))
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
-    """Returns (output, new_cache). With a cache `{'k','v': [B, S, H, Dh]}` the new keys/values are
+    """Returns (output, new_cache). With a cache `{'k','v': [B, S, K, Dh]}` the new keys/values are
     written at `positions` (which must be contiguous) and attention runs over the whole cache."""
-    q = rope(self.q(x), positions, self.rope_base)
-    k = rope(self.k(x), positions, self.rope_base)
+    q = self._rotate(self.q(x), positions)
+    k = self._rotate(self.k(x), positions)
     v = self.v(x)
     if cache is None:
-      return self.o(causal_attention(q, k, v, positions, positions)), None
+      return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window)), None
     start = positions[0]
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
     k_positions = jnp.arange(k_all.shape[1])
-    out = causal_attention(q, k_all, v_all, positions, k_positions)
+    out = causal_attention(q, k_all, v_all, positions, k_positions, self.sliding_window)
     return self.o(out), {"k": k_all, "v": v_all}
 
 
 class MLP(nnx.Module):
-  """`down(gelu(up(x)))` with up `[D, F]`, down `[F, D]`."""
+  """'gelu': `down(gelu(up(x)))`; 'swiglu': `down(silu(gate(x)) * up(x))`. up/gate `[D, F]`, down `[F, D]`."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
-    self.up = Projection("btd,df->btf", (cfg.d_model, cfg.mlp_dim), std=cfg.init_std, dtype=cfg.dtype,
-                         rngs=rngs)
-    self.down = Projection("btf,fd->btd", (cfg.mlp_dim, cfg.d_model), std=out_std, dtype=cfg.dtype,
-                           rngs=rngs)
+    d, f = cfg.d_model, cfg.mlp_dim
+    common = dict(dtype=cfg.dtype, rngs=rngs)
+    self.kind = cfg.mlp
+    self.gelu_approximate = bool(cfg.gelu_approximate)
+    if cfg.mlp == "swiglu":
+      self.gate = Projection("btd,df->btf", (d, f), std=cfg.init_std, bias_shape=(f,) if cfg.mlp_bias else None,
+                             **common)
+    self.up = Projection("btd,df->btf", (d, f), std=cfg.init_std, bias_shape=(f,) if cfg.mlp_bias else None,
+                         **common)
+    self.down = Projection("btf,fd->btd", (f, d), std=out_std, bias_shape=(d,) if cfg.mlp_bias else None,
+                           **common)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x)))
+    if self.kind == "swiglu":
+      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(jax.nn.gelu(self.up(x), approximate=self.gelu_approximate))
 
 
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = Norm(cfg.d_model, cfg.norm)
+    self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = Norm(cfg.d_model, cfg.norm)
+    self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
@@ -265,9 +389,12 @@ class TransformerLM(nnx.Module):
     self.config = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                            embedding_init=nnx.initializers.normal(cfg.init_std))
+    if cfg.positions == "learned":
+      self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs,
+                                 embedding_init=nnx.initializers.normal(cfg.init_std))
     for i in range(cfg.num_layers):
       setattr(self, f"block_{i}", Block(cfg, rngs=rngs))
-    self.final_norm = Norm(cfg.d_model, cfg.norm)
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     if not cfg.tied_embeddings:
       self.lm_head = Projection("btd,dv->btv", (cfg.d_model, cfg.vocab_size), std=cfg.init_std,
                                 dtype=cfg.dtype, rngs=rngs)
@@ -281,18 +408,21 @@ class TransformerLM(nnx.Module):
       logits = self.lm_head(h)
     return logits.astype(jnp.float32)
 
-  def _embed(self, tokens: jax.Array) -> jax.Array:
+  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     table = self.embed.embedding[...]
     # The residual stream stays float32 (each projection casts its input to the compute dtype), so bf16
     # rounding does not accumulate over the depth of the network.
-    return jnp.take(table, tokens.astype(jnp.int32), axis=0)
+    h = jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(jnp.float32)
+    if self.config.positions == "learned":
+      h = h + jnp.take(self.pos_embed.embedding[...], positions, axis=0)[None].astype(jnp.float32)
+    return h
 
   def __call__(self, tokens: jax.Array, task: jax.Array | None = None) -> jax.Array:
     del task
     if tokens.ndim != 2:
       raise ValueError(f"TransformerLM: tokens must be [batch, time], got shape {tokens.shape}")
     positions = jnp.arange(tokens.shape[1])
-    h = self._embed(tokens)
+    h = self._embed(tokens, positions)
     for i in range(self.config.num_layers):
       h, _ = getattr(self, f"block_{i}")(h, positions)
     return self._logits(h)
@@ -301,7 +431,7 @@ class TransformerLM(nnx.Module):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
     whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache)."""
     positions = start + jnp.arange(tokens.shape[1])
-    h = self._embed(tokens)
+    h = self._embed(tokens, positions)
     new_cache = []
     for i in range(self.config.num_layers):
       h, c = getattr(self, f"block_{i}")(h, positions, cache[i])
@@ -310,8 +440,8 @@ class TransformerLM(nnx.Module):
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> tuple:
-  """A zeroed KV cache: one `{'k','v': [B, length, H, Dh]}` per layer, in the compute dtype."""
-  shape = (batch_size, length, cfg.num_heads, cfg.head_dim)
+  """A zeroed KV cache: one `{'k','v': [B, length, K, Dh]}` per layer (K key/value heads), in the compute dtype."""
+  shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
   return tuple({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
                for _ in range(cfg.num_layers))
 
@@ -322,18 +452,28 @@ def build_lm(cfg: TransformerConfig, seed: int = 0):
   return functional(TransformerLM(cfg, rngs=nnx.Rngs(seed)))
 
 
+def abstract_lm(cfg: TransformerConfig):
+  """(FunctionalModel, params of `jax.ShapeDtypeStruct`s): the model's graph and parameter shapes, with no
+  weights initialised (for loading a checkpoint straight into its shardings)."""
+  from cl_jax.models import functional
+  return functional(nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0))))
+
+
 def matmul_flops_per_token(cfg: TransformerConfig, seq_len: int) -> dict[str, float]:
   """Model FLOPs of one token's forward pass, counting multiply-adds as 2 (Kaplan et al. 2020, Tab. 1).
 
-    projections: 2 * L * (4 D^2 + 2 D F)       q, k, v, o and the MLP
-    attention:   2 * L * 2 * T * D              q k^T and p v over T keys (non-causal count, as in
-                                                PaLM's MFU definition, Chowdhery et al. 2022, App. B)
+    projections: 2 * L * (2 D H Dh + 2 D K Dh + m D F)   q and o, k and v (K kv heads), the MLP's m matrices
+                                                          (m = 2 for gelu, 3 for swiglu)
+    attention:   2 * L * 2 * T * H Dh                    q k^T and p v over T keys (non-causal count, as in
+                                                          PaLM's MFU definition, Chowdhery et al. 2022, App. B)
     lm head:     2 * D * V
   Training costs 3x the forward pass (backward = 2x forward).
   """
   d, f, n_layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
-  proj = 2.0 * n_layers * (4 * d * d + 2 * d * f)
-  attn = 2.0 * n_layers * 2 * seq_len * d
+  hd, kd = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  n_mlp = 3 if cfg.mlp == "swiglu" else 2
+  proj = 2.0 * n_layers * (2 * d * hd + 2 * d * kd + n_mlp * d * f)
+  attn = 2.0 * n_layers * 2 * seq_len * hd
   head = 2.0 * d * cfg.vocab_size
   return {"projections": proj, "attention": attn, "lm_head": head, "forward": proj + attn + head,
           "train": 3.0 * (proj + attn + head)}
