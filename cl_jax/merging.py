@@ -16,6 +16,26 @@ arithmetic").
   dare_ties         TIES with DARE in place of the trim     Super Mario", DARE)
   slerp             spherical interpolation of two models with per-path t (Shoemake 1985)
 
+Two modes (`mode=`), which differ only where the papers leave a choice open:
+
+  'mergekit' (the default) does what mergekit (arcee-ai/mergekit, `merge_methods/generalized_task_arithmetic.py`
+    and `sparsify.py`) does, so numbers can be checked against it:
+    - the TIES trim keeps exactly k = max(1, int(density * n)) entries per tensor (int truncates: n=1024,
+      density=0.4 keeps 409), the k largest |tau|; entries tied at the k-th magnitude are kept in flat
+      (row-major) index order until k are kept, so the result is deterministic (mergekit's argsort leaves the
+      order of ties unspecified);
+    - the elected sign is +1 where the weighted sum is exactly 0 (gamma = +1 if sum_i w_i tau_i >= 0 else -1);
+    - `normalize` divides task arithmetic / DARE-linear by sum_i w_i (1 when |sum_i w_i| < 1e-8), and TIES /
+      DARE-TIES by the agreeing weight; defaults as in mergekit: True for linear and ties, False for
+      task_arithmetic, dare_linear and dare_ties.
+  'cl_jax' (this module's earlier behaviour): the trim keeps every entry with |tau| >= t, t the k-th largest
+    magnitude with k = ceil(density * n), so ties at t may keep a few more than k and the result does not depend
+    on the order of entries (and tensors above EXACT_TOPK_MAX entries may use a sampled threshold,
+    `threshold='sample'`); a zero weighted sum elects no sign (the entry is 0); normalize defaults to True for
+    linear, ties and dare_ties.
+DARE's random drop is Bernoulli(density) with the 1/density rescale in both modes (mergekit's `rescale=True`);
+its random stream is JAX's, so masks match mergekit's only in distribution.
+
 Arithmetic runs in float32 (or wider, if the inputs are wider) and results are cast back to the
 reference leaf's dtype. Non-floating leaves (step counters, int tables) are copied from the reference.
 """
@@ -42,10 +62,53 @@ THRESHOLD_SAMPLE_SIZE = 1 << 16
 SLERP_COLINEAR_DOT = 0.9995
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
+MODES = ("mergekit", "cl_jax")
+# mergekit replaces a |sum of weights| below this by 1 before dividing (task arithmetic, DARE-linear).
+WEIGHT_SUM_EPS = 1e-8
 
 
 def _compute_dtype(*xs) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def _check_mode(mode: str, fn: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_density(density, fn: str) -> None:
+  """0 < density <= 1 for a concrete number (a traced density cannot be checked and is taken as given)."""
+  if isinstance(density, jax.core.Tracer):
+    return
+  d = np.asarray(density)
+  if d.ndim != 0 or not np.issubdtype(d.dtype, np.number) or isinstance(density, bool):
+    raise ValueError(f"{fn}: density must be a number in (0, 1], got {density!r}")
+  if not (np.isfinite(d) and 0 < float(d) <= 1):
+    raise ValueError(f"{fn}: density must be in (0, 1], got {float(d)!r}")
+
+
+def _check_shapes(fn: str, named: Sequence[tuple[str, Any]]) -> None:
+  """ValueError naming the first argument whose shape differs from the first one's."""
+  (n0, x0), *rest = named
+  for name, x in rest:
+    if tuple(np.shape(x)) != tuple(np.shape(x0)):
+      raise ValueError(f"{fn}: {name} has shape {tuple(np.shape(x))}, {n0} has {tuple(np.shape(x0))}")
+
+
+def _check_models(fn: str, thetas: Sequence[Any], weights, base=None, base_name: str = "theta_base") -> None:
+  if len(thetas) == 0:
+    raise ValueError(f"{fn}: need at least one tensor to merge")
+  named = ([(base_name, base)] if base is not None else []) + [(f"thetas[{i}]", t) for i, t in enumerate(thetas)]
+  _check_shapes(fn, named)
+  if weights is not None and tuple(np.shape(weights)) != (len(thetas),):
+    raise ValueError(f"{fn}: weights must have shape ({len(thetas)},), one per tensor, got "
+                     f"{tuple(np.shape(weights))}")
+
+
+def _weight_divisor(weights: jax.Array, dt) -> jax.Array:
+  """sum_i w_i, or 1 where |sum_i w_i| < WEIGHT_SUM_EPS (mergekit's guard against dividing by ~0)."""
+  total = jnp.sum(weights).astype(dt)
+  return jnp.where(jnp.abs(total) < WEIGHT_SUM_EPS, jnp.ones_like(total), total)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,29 +117,48 @@ def _compute_dtype(*xs) -> jnp.dtype:
 
 def task_vector(theta_ft: jax.Array, theta_base: jax.Array) -> jax.Array:
   """tau = theta_ft - theta_base (Ilharco et al. 2023)."""
+  _check_shapes("task_vector", [("theta_base", theta_base), ("theta_ft", theta_ft)])
   return theta_ft - theta_base
 
 
 def linear(thetas: Sequence[jax.Array], weights: jax.Array, normalize: bool = True) -> jax.Array:
-  """Weighted average `sum_i w_i theta_i / sum_i w_i` (a plain weighted sum with normalize=False)."""
+  """Weighted average `sum_i w_i theta_i / sum_i w_i` (a plain weighted sum with normalize=False).
+
+  With normalize, a |sum_i w_i| below WEIGHT_SUM_EPS divides by 1 instead (as mergekit does); `merge` rejects
+  weights summing to 0 for 'linear' before that can happen.
+  """
+  _check_models("linear", thetas, weights)
   dt = _compute_dtype(*thetas)
   out = sum(weights[i].astype(dt) * thetas[i].astype(dt) for i in range(len(thetas)))
   if normalize:
-    out = out / jnp.sum(weights).astype(dt)
+    out = out / _weight_divisor(weights, dt)
   return out
 
 
 def task_arithmetic(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array,
-                    lam: float | jax.Array = 1.0) -> jax.Array:
-  """`theta_base + lam * sum_i w_i (theta_i - theta_base)` (Ilharco et al. 2023)."""
+                    lam: float | jax.Array = 1.0, normalize: bool = False) -> jax.Array:
+  """`theta_base + lam * sum_i w_i (theta_i - theta_base) [/ sum_i w_i]` (Ilharco et al. 2023).
+
+  normalize=True divides the weighted sum of task vectors by sum_i w_i (1 if |sum_i w_i| < 1e-8), as
+  mergekit's `normalize` does; the default (False) is mergekit's default for task arithmetic.
+  """
+  _check_models("task_arithmetic", thetas, weights, theta_base)
   dt = _compute_dtype(theta_base, *thetas)
   base = theta_base.astype(dt)
   taus = [t.astype(dt) - base for t in thetas]
-  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=False)
+  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=normalize)
 
 
-def num_kept(size: int, density: float) -> int:
-  """k = ceil(density * n), at least 1: how many entries a trim to `density` keeps."""
+def num_kept(size: int, density: float, mode: str = "mergekit") -> int:
+  """How many entries a trim to `density` keeps out of `size`.
+
+  mode='mergekit': k = max(1, int(density * size)) (int truncates: 1024 entries at density 0.4 keep 409);
+  mode='cl_jax': k = ceil(density * size), at least 1 (410 there).
+  """
+  _check_mode(mode, "num_kept")
+  _check_density(density, "num_kept")
+  if mode == "mergekit":
+    return max(1, min(size, int(float(density) * size)))
   return max(1, min(size, math.ceil(density * size - 1e-9)))
 
 
@@ -100,14 +182,41 @@ def kth_largest(values: jax.Array, k: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
+def _flat_cumsum(c: jax.Array) -> jax.Array:
+  """Inclusive cumulative sum of `c` in row-major (flat index) order, without reshaping: the running sum
+  along the last axis plus everything in the rows before (a sharded tensor is never flattened)."""
+  if c.ndim <= 1:
+    return jnp.cumsum(c)
+  rows = jnp.sum(c, axis=-1)
+  before = _flat_cumsum(rows) - rows
+  return jnp.cumsum(c, axis=-1) + before[..., None]
+
+
+def topk_mask(x: jax.Array, k: int) -> jax.Array:
+  """Boolean mask of exactly k entries of x with the largest |x|, ties broken by flat index order.
+
+  t = the k-th largest |x| (`kth_largest`); every |x| > t is kept, then entries with |x| = t in row-major
+  index order until k are kept. Magnitudes are compared in float32.
+  """
+  n = int(np.prod(x.shape)) if x.ndim else 1
+  if k >= n:
+    return jnp.ones(x.shape, bool)
+  mag = jnp.abs(x).astype(jnp.float32)
+  t = kth_largest(mag, k)
+  above = mag > t
+  tied = mag == t
+  room = k - jnp.sum(above, dtype=jnp.int32)
+  return above | (tied & (_flat_cumsum(tied.astype(jnp.int32)) <= room))
+
+
 def magnitude_threshold(x: jax.Array, density: float, *, method: str = "auto",
-                        sample_size: int = THRESHOLD_SAMPLE_SIZE, key: jax.Array | None = None) -> jax.Array:
+                        sample_size: int = THRESHOLD_SAMPLE_SIZE, key: jax.Array | None = None,
+                        mode: str = "mergekit") -> jax.Array:
   """A magnitude t such that keeping `|x| >= t` keeps the top `density` fraction of x's entries.
 
-  method='exact': t is the k-th largest |x|, k = ceil(density * n), found by bit bisection
-    (`kth_largest`: 31 passes over x). Entries tied with t are all kept, so exactly k are kept unless
-    ties straddle t, and then a few more: the result does not depend on the order of entries, which a
-    "first k" tie-break would.
+  method='exact': t is the k-th largest |x|, k = num_kept(n, density, mode), found by bit bisection
+    (`kth_largest`: 31 passes over x). Keeping `|x| >= t` keeps exactly k entries unless ties straddle t
+    (then a few more; `topk_mask` keeps exactly k).
   method='sample': for large tensors, one pass. t is the same order statistic of |x| at s = sample_size
     positions drawn uniformly with replacement from a fixed key (one gather of s entries, indexed per
     axis so a sharded x is never reshaped), found by bisection on the sample. The kept fraction is
@@ -115,33 +224,48 @@ def magnitude_threshold(x: jax.Array, density: float, *, method: str = "auto",
     density 0.2 and s = 2^16), with ties at t kept as above.
   method='auto': exact for n <= EXACT_TOPK_MAX entries, sample above.
   """
+  _check_density(density, "magnitude_threshold")
   n = int(np.prod(x.shape)) if x.ndim else 1
   if method == "auto":
     method = "exact" if n <= EXACT_TOPK_MAX else "sample"
   if method == "exact":
-    return kth_largest(jnp.abs(x), num_kept(n, density))
+    return kth_largest(jnp.abs(x), num_kept(n, density, mode))
   if method != "sample":
     raise ValueError(f"magnitude_threshold: method must be 'auto', 'exact' or 'sample', got {method!r}")
   key = jax.random.key(0) if key is None else key
   keys = jax.random.split(key, max(x.ndim, 1))
   idx = tuple(jax.random.randint(keys[d], (sample_size,), 0, x.shape[d]) for d in range(x.ndim))
   sample = jnp.abs(x[idx] if x.ndim else jnp.broadcast_to(x, (sample_size,)))
-  return kth_largest(sample, num_kept(sample_size, density))
+  return kth_largest(sample, num_kept(sample_size, density, mode))
 
 
-def trim(tau: jax.Array, density: float, *, method: str = "auto") -> jax.Array:
+def trim(tau: jax.Array, density: float, *, method: str = "auto", mode: str = "mergekit") -> jax.Array:
   """TIES step 1 (Yadav et al. 2023): zero all but the top `density` fraction of tau by magnitude.
 
-  `tau * [|tau| >= t]` with t from `magnitude_threshold` (ties at t kept). density=1 is the identity.
+  mode='mergekit': keeps exactly k = max(1, int(density * n)) entries, the largest |tau|, ties at the k-th
+    magnitude broken by flat index order (lower index kept; `topk_mask`). method must be 'auto' or 'exact'.
+  mode='cl_jax': `tau * [|tau| >= t]` with t from `magnitude_threshold` (k = ceil(density * n); every entry
+    tied with t kept; method 'sample' or 'auto' uses a sampled t above EXACT_TOPK_MAX entries).
+  density=1 is the identity in both.
   """
+  _check_mode(mode, "trim")
+  _check_density(density, "trim")
+  if method not in ("auto", "exact", "sample"):
+    raise ValueError(f"trim: method must be 'auto', 'exact' or 'sample', got {method!r}")
   if density >= 1.0:
     return tau
-  t = magnitude_threshold(tau, density, method=method)
+  if mode == "mergekit":
+    if method == "sample":
+      raise ValueError("trim: method='sample' keeps about, not exactly, k entries; it needs mode='cl_jax'")
+    n = int(np.prod(tau.shape)) if tau.ndim else 1
+    return jnp.where(topk_mask(tau, num_kept(n, density, mode)), tau, jnp.zeros_like(tau))
+  t = magnitude_threshold(tau, density, method=method, mode=mode)
   return jnp.where(jnp.abs(tau) >= t, tau, jnp.zeros_like(tau))
 
 
 def dare_mask(key: jax.Array, density: float, shape: Sequence[int]) -> jax.Array:
   """Bernoulli(density) keep-mask of DARE (Yu et al. 2024)."""
+  _check_density(density, "dare_mask")
   return jax.random.bernoulli(key, density, tuple(shape))
 
 
@@ -152,6 +276,9 @@ def dare(tau: jax.Array, density: float, *, key: jax.Array | None = None,
   `tau * m / density`, m ~ Bernoulli(density) drawn from `key`, or the given boolean `mask`. The
   rescale keeps E[DARE(tau)] = tau, so the merged model's expected output is unchanged.
   """
+  _check_density(density, "dare")
+  if mask is not None:
+    _check_shapes("dare", [("tau", tau), ("mask", mask)])
   if density >= 1.0 and mask is None:
     return tau
   if mask is None:
@@ -161,21 +288,30 @@ def dare(tau: jax.Array, density: float, *, key: jax.Array | None = None,
   return jnp.where(mask, tau / jnp.asarray(density, tau.dtype), jnp.zeros_like(tau))
 
 
-def elect_sign(weighted_taus: Sequence[jax.Array]) -> jax.Array:
-  """TIES step 2: gamma = sgn(sum_i w_i tau_i), the sign of the total weighted mass per entry."""
-  return jnp.sign(sum(weighted_taus))
+def elect_sign(weighted_taus: Sequence[jax.Array], mode: str = "mergekit") -> jax.Array:
+  """TIES step 2: the sign of the total weighted mass per entry, s = sum_i w_i tau_i.
+
+  mode='mergekit': gamma = +1 where s >= 0, else -1 (a tie elects +1); mode='cl_jax': gamma = sgn(s) (0 on a tie).
+  """
+  _check_mode(mode, "elect_sign")
+  total = sum(weighted_taus)
+  if mode == "mergekit":
+    return jnp.where(total >= 0, jnp.ones_like(total), -jnp.ones_like(total))
+  return jnp.sign(total)
 
 
-def disjoint_merge(taus: Sequence[jax.Array], weights: jax.Array, normalize: bool = True) -> jax.Array:
+def disjoint_merge(taus: Sequence[jax.Array], weights: jax.Array, normalize: bool = True,
+                   mode: str = "mergekit") -> jax.Array:
   """TIES steps 2-3 on (already trimmed) task vectors.
 
-  gamma = sgn(sum_i w_i tau_i); A_i = [sgn(w_i tau_i) = gamma and tau_i != 0];
+  gamma = elect_sign(w_i tau_i); A_i = [sgn(w_i tau_i) = gamma and tau_i != 0];
   tau_m = sum_i A_i w_i tau_i, divided by sum_i A_i w_i with `normalize` (the paper's mean over the
-  agreeing models, weighted). Entries where no model agrees (gamma = 0) are 0.
+  agreeing models, weighted). Entries where no model agrees are 0.
   """
+  _check_models("disjoint_merge", taus, weights)
   dt = _compute_dtype(*taus)
   wt = [weights[i].astype(dt) * taus[i].astype(dt) for i in range(len(taus))]
-  gamma = elect_sign(wt)
+  gamma = elect_sign(wt, mode)
   agree = [(jnp.sign(x) == gamma) & (x != 0) for x in wt]
   num = sum(jnp.where(a, x, 0) for a, x in zip(agree, wt))
   if not normalize:
@@ -185,17 +321,22 @@ def disjoint_merge(taus: Sequence[jax.Array], weights: jax.Array, normalize: boo
 
 
 def ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
-         lam: float | jax.Array = 1.0, normalize: bool = True, *, threshold: str = "auto") -> jax.Array:
+         lam: float | jax.Array = 1.0, normalize: bool = True, *, threshold: str = "auto",
+         mode: str = "mergekit") -> jax.Array:
   """TIES-Merging (Yadav et al. 2023): theta_base + lam * disjoint_merge(trim(tau_i, density)).
 
   Trim each tau_i = theta_i - theta_base to its top-`density` magnitudes (per tensor), elect the sign
   per entry from the weighted sum, and merge the weighted entries agreeing with it (see `trim` and
-  `disjoint_merge`). With density=1 and no sign conflicts and normalize=False this is task arithmetic.
+  `disjoint_merge`; `mode` as there). With density=1 and no sign conflicts and normalize=False this is
+  task arithmetic.
   """
+  _check_mode(mode, "ties")
+  _check_density(density, "ties")
+  _check_models("ties", thetas, weights, theta_base)
   dt = _compute_dtype(theta_base, *thetas)
   base = theta_base.astype(dt)
-  taus = [trim(t.astype(dt) - base, density, method=threshold) for t in thetas]
-  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize)
+  taus = [trim(t.astype(dt) - base, density, method=threshold, mode=mode) for t in thetas]
+  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize, mode)
 
 
 def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
@@ -203,8 +344,11 @@ def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax
                 keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None) -> jax.Array:
   """DARE + task arithmetic: theta_base + lam * sum_i w_i DARE(tau_i) (Yu et al. 2024).
 
-  With `normalize` the sum is divided by sum_i w_i (a weighted mean of the sparsified task vectors).
+  With `normalize` the sum is divided by sum_i w_i (a weighted mean of the sparsified task vectors; 1 when
+  |sum_i w_i| < 1e-8, as mergekit does).
   """
+  _check_density(density, "dare_linear")
+  _check_models("dare_linear", thetas, weights, theta_base)
   dt = _compute_dtype(theta_base, *thetas)
   base = theta_base.astype(dt)
   taus = _dare_all([t.astype(dt) - base for t in thetas], density, keys, masks)
@@ -213,19 +357,27 @@ def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax
 
 def dare_ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
               lam: float | jax.Array = 1.0, normalize: bool = True, *,
-              keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None) -> jax.Array:
+              keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None,
+              mode: str = "mergekit") -> jax.Array:
   """DARE-TIES: TIES sign election and disjoint merge on DARE-sparsified task vectors (Yu et al. 2024)."""
+  _check_mode(mode, "dare_ties")
+  _check_density(density, "dare_ties")
+  _check_models("dare_ties", thetas, weights, theta_base)
   dt = _compute_dtype(theta_base, *thetas)
   base = theta_base.astype(dt)
   taus = _dare_all([t.astype(dt) - base for t in thetas], density, keys, masks)
-  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize)
+  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize, mode)
 
 
 def _dare_all(taus, density, keys, masks):
   if masks is not None:
+    if len(masks) != len(taus):
+      raise ValueError(f"dare: {len(masks)} masks for {len(taus)} models")
     return [dare(t, density, mask=m) for t, m in zip(taus, masks)]
   if keys is None:
     raise ValueError("dare: give `keys` (one per model) or fixed `masks`")
+  if len(keys) != len(taus):
+    raise ValueError(f"dare: {len(keys)} keys for {len(taus)} models")
   return [dare(t, density, key=k) for t, k in zip(taus, keys)]
 
 
@@ -238,6 +390,7 @@ def slerp(theta_a: jax.Array, theta_b: jax.Array, t: float | jax.Array,
   ill-conditioned, so it falls back to lerp = (1-t) a + t b (the limit as Omega -> 0). Reductions run
   over all axes, so a sharded tensor is never reshaped. t=0 gives a and t=1 gives b.
   """
+  _check_shapes("slerp", [("theta_a", theta_a), ("theta_b", theta_b)])
   out_dtype = jnp.result_type(theta_a, theta_b)
   dt = _compute_dtype(theta_a, theta_b)
   a, b = theta_a.astype(dt), theta_b.astype(dt)
@@ -372,10 +525,10 @@ def _is_float(x) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
-def _merge_fn(method: str, paths: tuple, treedef, static: tuple, sharding_leaves: tuple) -> Callable:
-  """One jitted function per (method, tree, static params, shardings): the whole tree in one program."""
+def _merge_fn(method: str, paths: tuple, static: tuple, shardings: tuple) -> Callable:
+  """One jitted function per (method, leaves, static params, shardings): the leaves in one program."""
   st = dict(static)
-  out_shardings = jax.tree.unflatten(treedef, list(sharding_leaves))
+  mode = st["mode"]
 
   def per_leaf(path, ref, base, thetas, weights, lam, t, seed):
     if not _is_float(ref):
@@ -383,13 +536,13 @@ def _merge_fn(method: str, paths: tuple, treedef, static: tuple, sharding_leaves
     if method == "linear":
       out = linear(thetas, weights, st["normalize"])
     elif method == "task_arithmetic":
-      out = task_arithmetic(base, thetas, weights, lam)
+      out = task_arithmetic(base, thetas, weights, lam, st["normalize"])
     elif method == "ties":
-      out = ties(base, thetas, weights, st["density"], lam, st["normalize"], threshold=st["threshold"])
+      out = ties(base, thetas, weights, st["density"], lam, st["normalize"], threshold=st["threshold"], mode=mode)
     elif method in ("dare", "dare_linear", "dare_ties"):
       keys = [_leaf_key(seed, path, i) for i in range(len(thetas))]
       if method == "dare_ties":
-        out = dare_ties(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys)
+        out = dare_ties(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys, mode=mode)
       else:
         out = dare_linear(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys)
     elif method == "slerp":
@@ -398,35 +551,43 @@ def _merge_fn(method: str, paths: tuple, treedef, static: tuple, sharding_leaves
       raise AssertionError(method)
     return out.astype(ref.dtype)
 
-  def run(base, models, weights, lam, ts, seed):
-    refs = jax.tree.leaves(base if base is not None else models[0])
-    bases = jax.tree.leaves(base) if base is not None else [None] * len(refs)
-    model_leaves = [jax.tree.leaves(m) for m in models]
-    outs = [per_leaf(p, refs[j], bases[j], [ml[j] for ml in model_leaves], weights, lam, ts[j], seed)
+  def run(refs, bases, model_leaves, weights, lam, ts, seed):
+    bases = bases if bases is not None else [None] * len(refs)
+    return [per_leaf(p, refs[j], bases[j], [ml[j] for ml in model_leaves], weights, lam, ts[j], seed)
             for j, p in enumerate(paths)]
-    return jax.tree.unflatten(treedef, outs)
 
-  return jax.jit(run, out_shardings=out_shardings)
+  return jax.jit(run, out_shardings=list(shardings))
+
+
+def _device_ids(sharding) -> tuple:
+  return tuple(sorted(d.id for d in sharding.device_set))
 
 
 def merge(method: str, base: Params | None, models: Sequence[Params], *, weights: Sequence[float] | None = None,
           lam: float = 1.0, density: float = 1.0, normalize: bool | None = None, t=None, seed: int = 0,
-          threshold: str = "auto") -> Params:
+          threshold: str = "auto", mode: str = "mergekit") -> Params:
   """Merge fine-tuned `models` (params pytrees, sharded or not) into one params pytree.
 
-  method: 'linear' (weights, normalize=True; base unused), 'task_arithmetic' (weights, lam), 'ties'
-  (weights, density, lam, normalize=True, threshold), 'dare_linear' or its alias 'dare' (weights,
-  density, lam, normalize=False, seed), 'dare_ties' (weights, density, lam, normalize=True, seed),
-  'slerp' (exactly two models, t: number, depth gradient list or {regex: ...} dict, see `resolve_t`; base unused).
+  method: 'linear' (weights, normalize; base unused), 'task_arithmetic' (weights, lam, normalize), 'ties'
+  (weights, density, lam, normalize, threshold), 'dare_linear' or its alias 'dare' (weights, density, lam,
+  normalize, seed), 'dare_ties' (weights, density, lam, normalize, seed), 'slerp' (exactly two models, t:
+  number, depth gradient list or {regex: ...} dict, see `resolve_t`; base unused).
+  mode: 'mergekit' (default) or 'cl_jax', see the module docstring; normalize=None takes the mode's default
+  (mergekit: True for linear and ties, False otherwise; cl_jax: True for linear, ties and dare_ties).
+  threshold ('auto' | 'exact' | 'sample') only matters in mode='cl_jax'; mergekit mode always keeps exactly k.
   weights default to 1 per model (so 'linear' is the plain mean). See the per-tensor functions for
-  the formulas. Everything is validated before any computation: an unknown method, trees that differ
+  the formulas. Everything is validated before any computation: an unknown method or mode, trees that differ
   (the offending path is named), density outside (0, 1], t outside [0, 1], a weight count that is not
   the model count, or negative weights for the sign-electing methods raise ValueError.
   The result has the reference tree's structure, dtypes and shardings (base, or models[0] when base
-  is None or unused).
+  is None or unused). Every input leaf is first placed like the reference leaf, so trees may mix sharded
+  and single-device leaves (and base and models may be placed differently); leaves on the same devices are
+  merged in one jitted program, one program per distinct device set.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   models = list(models)
   if not models:
     raise ValueError("models: need at least one model to merge")
@@ -452,6 +613,8 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
     _check_unit("density", density, lo_open=True)
   if threshold not in ("auto", "exact", "sample"):
     raise ValueError(f"threshold must be 'auto', 'exact' or 'sample', got {threshold!r}")
+  if mode == "mergekit" and threshold == "sample" and method == "ties":
+    raise ValueError("threshold='sample' keeps about, not exactly, k entries; it needs mode='cl_jax'")
 
   trees = ([base] if needs_base else []) + models
   names = (["base"] if needs_base else []) + [f"models[{i}]" for i in range(len(models))]
@@ -471,14 +634,27 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
     ts = [None] * len(paths)
 
   if normalize is None:
-    normalize = method in ("linear", "ties", "dare_ties")
-  static = (("density", float(density)), ("normalize", bool(normalize)), ("threshold", threshold))
+    normalize = method in (("linear", "ties") if mode == "mergekit" else ("linear", "ties", "dare_ties"))
+  static = (("density", float(density)), ("normalize", bool(normalize)), ("threshold", threshold),
+            ("mode", mode))
   # Outputs are placed like the reference tree's leaves: elementwise merges of sharded params stay
-  # sharded, with no gather to one device.
-  to_array = lambda tree: jax.tree.map(jnp.asarray, tree)
-  ref = to_array(ref)
-  shardings = tuple(x.sharding for x in jax.tree.leaves(ref))
-  fn = _merge_fn(method, paths, treedef, static, shardings)
-  base_arr = to_array(base) if needs_base else None
-  return fn(base_arr, [to_array(m) for m in models], jnp.asarray(weights, jnp.float32),
-            jnp.float32(lam), ts, jnp.uint32(seed))
+  # sharded, with no gather to one device. Inputs placed elsewhere are moved there first (jit refuses
+  # committed arguments on different devices), and leaves are grouped by device set for the same reason.
+  refs = [jnp.asarray(x) for x in jax.tree.leaves(ref)]
+  shardings = [x.sharding for x in refs]
+  place = lambda tree: [jax.device_put(jnp.asarray(x), s) for x, s in zip(jax.tree.leaves(tree), shardings)]
+  bases = place(base) if needs_base else None
+  model_leaves = [place(m) for m in models]
+  groups: dict[tuple, list[int]] = {}
+  for j, s in enumerate(shardings):
+    groups.setdefault(_device_ids(s), []).append(j)
+  w = jnp.asarray(weights, jnp.float32)
+  out = [None] * len(refs)
+  for idx in groups.values():
+    fn = _merge_fn(method, tuple(paths[j] for j in idx), static, tuple(shardings[j] for j in idx))
+    pick = lambda leaves: [leaves[j] for j in idx]
+    res = fn(pick(refs), pick(bases) if bases is not None else None, [pick(ml) for ml in model_leaves], w,
+             jnp.float32(lam), pick(ts), jnp.uint32(seed))
+    for j, r in zip(idx, res):
+      out[j] = r
+  return jax.tree.unflatten(treedef, out)

@@ -65,23 +65,140 @@ def test_ties_density_one_without_conflicts_is_task_arithmetic():
                          merging.task_arithmetic(base, flipped, w, 0.7))
 
 
-def test_trim_keeps_ties_at_threshold():
+def test_trim_cl_jax_mode_keeps_ties_at_threshold():
   tau = f32(3, -1, 1, -1, 0.5, 2)
   # k = ceil(0.5 * 6) = 3: the third-largest magnitude is 1, held by three entries; all are kept.
-  np.testing.assert_array_equal(merging.trim(tau, 0.5), [3, -1, 1, -1, 0, 2])
-  np.testing.assert_array_equal(merging.trim(tau, 1 / 3), [3, 0, 0, 0, 0, 2])
+  np.testing.assert_array_equal(merging.trim(tau, 0.5, mode="cl_jax"), [3, -1, 1, -1, 0, 2])
+  np.testing.assert_array_equal(merging.trim(tau, 1 / 3, mode="cl_jax"), [3, 0, 0, 0, 0, 2])
+  np.testing.assert_array_equal(merging.trim(tau, 1.0, mode="cl_jax"), tau)
+
+
+def test_trim_mergekit_mode_keeps_exactly_k_ties_by_index():
+  tau = f32(3, -1, 1, -1, 0.5, 2)
+  # k = int(0.5 * 6) = 3: 3 and 2, then the first of the three entries tied at |1| (index 1).
+  np.testing.assert_array_equal(merging.trim(tau, 0.5), [3, -1, 0, 0, 0, 2])
+  # k = int(0.7 * 6) = int(4.2) = 4: two of the tied entries, indices 1 and 2.
+  np.testing.assert_array_equal(merging.trim(tau, 0.7), [3, -1, 1, 0, 0, 2])
+  # k = max(1, int(0.1 * 6)) = 1.
+  np.testing.assert_array_equal(merging.trim(tau, 0.1), [3, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(merging.trim(tau, 1.0), tau)
+  # Row-major index order across rows: all 12 magnitudes tie, k = int(0.5 * 12) = 6 keeps row 0 and half of row 1.
+  x = jnp.asarray([[1, -1, 1, -1], [1, 1, -1, 1], [-1, 1, 1, 1]], jnp.float32)
+  np.testing.assert_array_equal(merging.trim(x, 0.5) != 0, [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+  y = jnp.ones((2, 3, 4), jnp.float32).at[1, 2, 3].set(5.0)  # the largest last, then ties in flat order
+  kept = np.asarray(merging.trim(y, 0.25) != 0).ravel()   # k = 6
+  np.testing.assert_array_equal(np.flatnonzero(kept), [0, 1, 2, 3, 4, 23])
+
+
+def test_num_kept_modes():
+  assert merging.num_kept(1024, 0.4) == 409            # int(409.6), as mergekit
+  assert merging.num_kept(1024, 0.4, mode="cl_jax") == 410
+  assert merging.num_kept(10, 0.05) == 1                # max(1, int(0.5))
+  assert merging.num_kept(10, 1.0) == 10
+  tau = jax.random.normal(jax.random.key(0), (32, 32))
+  assert int(jnp.sum(merging.trim(tau, 0.4) != 0)) == 409
+  assert int(jnp.sum(merging.trim(tau, 0.4, mode="cl_jax") != 0)) == 410
+
+
+def _np_mergekit_ties(base, thetas, weights, density, normalize):
+  """An independent numpy transcription of mergekit's TIES semantics: magnitude sparsify keeping the
+  int(density*n) largest |delta| (stable order for ties), sum consensus electing +1 on >= 0, masked weighted mean."""
+  deltas = []
+  for th in thetas:
+    d = (th - base).astype(np.float64).ravel()
+    k = max(1, int(density * d.size))
+    keep = np.argsort(-np.abs(d.astype(np.float32)), kind="stable")[:k]
+    m = np.zeros_like(d)
+    m[keep] = 1
+    deltas.append((d * m).reshape(base.shape))
+  deltas = np.stack(deltas)
+  w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * base.ndim)
+  wd = deltas * w
+  majority = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+  mask = np.sign(wd) == majority
+  mixed = (wd * mask).sum(0)
+  div = (w * mask).sum(0)
+  div[div == 0] = 1
+  if normalize:
+    mixed = mixed / div
+  return base + mixed
+
+
+def test_ties_matches_numpy_mergekit_transcription_with_ties():
+  rng = np.random.default_rng(1)
+  base = rng.normal(size=(7, 9)).astype(np.float32)
+  # magnitudes on a coarse grid (many exact ties), random signs, one entry where the weighted sum cancels
+  thetas = [base + (rng.integers(-3, 4, size=(7, 9)) * 0.5).astype(np.float32) for _ in range(3)]
+  w = [1.0, 2.0, 1.0]
+  for density in (0.3, 0.45, 1.0):
+    for normalize in (True, False):
+      want = _np_mergekit_ties(base, thetas, w, density, normalize)
+      got = merging.merge("ties", {"x": base}, [{"x": t} for t in thetas], weights=w, density=density,
+                          normalize=normalize)["x"]
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"{density} {normalize}")
+
+
+def test_zero_weighted_sign_sum_elects_plus_one_in_mergekit_mode():
+  base = f32(0, 0, 0)
+  thetas = [f32(1, 2, 0), f32(-1, -1, 0)]  # entry 0: 1 - 1 = 0 exactly
+  # mergekit: gamma = [+1, +1, +1]; entry 0 keeps model 0 alone (mean 1); entry 2 has no nonzero delta -> 0.
+  np.testing.assert_allclose(merging.ties(base, thetas, f32(1, 1), 1.0), [1, 2, 0])
+  np.testing.assert_allclose(merging.elect_sign([f32(1, 2, 0), f32(-1, -1, 0)]), [1, 1, 1])
+  # cl_jax: gamma = [0, +1, 0]; entry 0 has no agreeing model -> 0.
+  np.testing.assert_allclose(merging.ties(base, thetas, f32(1, 1), 1.0, mode="cl_jax"), [0, 2, 0])
+  np.testing.assert_allclose(merging.elect_sign([f32(1, 2, 0), f32(-1, -1, 0)], mode="cl_jax"), [0, 1, 0])
+
+
+def test_task_arithmetic_normalize():
+  base, a, b = f32(1, 2), f32(3, 2), f32(1, 6)
+  # base + 0.5 * (1*[2,0] + 3*[0,4]) / 4
+  np.testing.assert_allclose(merging.task_arithmetic(base, [a, b], f32(1, 3), 0.5, normalize=True),
+                             [1.25, 3.5])
+  out = merging.merge("task_arithmetic", {"x": base}, [{"x": a}, {"x": b}], weights=[1, 3], lam=0.5,
+                      normalize=True)
+  np.testing.assert_allclose(out["x"], [1.25, 3.5])
+  out = merging.merge("task_arithmetic", {"x": base}, [{"x": a}, {"x": b}], weights=[1, 3], lam=0.5)
+  np.testing.assert_allclose(out["x"], [2.0, 8.0])  # mergekit's default: no normalization
+  # weights summing to ~0: divide by 1, as mergekit does
+  np.testing.assert_allclose(merging.task_arithmetic(base, [a, b], f32(1, -1), 1.0, normalize=True), [3, -2])
+
+
+def test_merge_default_normalize_per_mode():
+  base = {"x": f32(0, 0, 0, 0)}
+  models = [{"x": f32(2, 4, 6, 8)}, {"x": f32(2, 4, 6, 8)}]
+  # dare_ties: mergekit does not normalize by default (sum = 2 * tau / density); cl_jax does (mean = tau / density).
+  mk = merging.merge("dare_ties", base, models, density=1.0)["x"]
+  cj = merging.merge("dare_ties", base, models, density=1.0, mode="cl_jax")["x"]
+  np.testing.assert_allclose(mk, [4, 8, 12, 16])
+  np.testing.assert_allclose(cj, [2, 4, 6, 8])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: merging.trim(f32(1, 2), 0.0), "trim: density must be in"),
+    (lambda: merging.trim(f32(1, 2), 1.5), "trim: density must be in"),
+    (lambda: merging.dare(f32(1, 2), -0.2, key=jax.random.key(0)), "dare: density must be in"),
+    (lambda: merging.ties(f32(1, 2), [f32(1, 2), f32(1, 2, 3)], f32(1, 1), 0.5), r"ties: thetas\[1\] has shape"),
+    (lambda: merging.ties(f32(1, 2), [f32(1, 2)], f32(1, 1), 0.5), "weights must have shape"),
+    (lambda: merging.task_arithmetic(f32(1, 2, 3), [f32(1, 2)], f32(1)), "task_arithmetic: thetas"),
+    (lambda: merging.slerp(f32(1, 2), f32(1, 2, 3), 0.5), "slerp: theta_b has shape"),
+    (lambda: merging.dare(f32(1, 2), 0.5, mask=jnp.ones((3,), bool)), "dare: mask has shape"),
+    (lambda: merging.trim(f32(1, 2), 0.5, mode="torch"), "mode must be one of"),
+    (lambda: merging.trim(f32(1, 2), 0.5, method="sample"), "needs mode='cl_jax'"),
+])
+def test_per_tensor_functions_validate(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
 
 
 def test_sampled_threshold_keeps_about_density():
   n = 3 * merging.EXACT_TOPK_MAX + 17  # above the exact cutoff: 'auto' samples
   x = jax.random.normal(jax.random.key(1), (n // 17, 17)) * jnp.linspace(0.1, 3.0, 17)  # per-column scales
   for density in (0.05, 0.2, 0.7):
-    kept = float(jnp.mean(merging.trim(x, density) != 0))
+    kept = float(jnp.mean(merging.trim(x, density, mode="cl_jax") != 0))
     sigma = np.sqrt(density * (1 - density) / merging.THRESHOLD_SAMPLE_SIZE)
     assert abs(kept - density) < 5 * sigma, (density, kept)
-    exact = merging.magnitude_threshold(x, density, method="exact")
-    approx = merging.magnitude_threshold(x, density)
+    exact = merging.magnitude_threshold(x, density, method="exact", mode="cl_jax")
+    approx = merging.magnitude_threshold(x, density, mode="cl_jax")
     assert abs(float(approx) / float(exact) - 1) < 0.02
 
 
@@ -95,8 +212,11 @@ def test_dare_fixed_mask_hand_computed():
   thetas = [base + t1, base + t2]
   out = merging.dare_linear(base, thetas, f32(1, 1), 0.5, masks=masks)
   np.testing.assert_allclose(out, 1 + np.array([0, 2, 6, -4]))
-  # TIES on them: sum [0, 2, 6, -4] elects [0, +, +, -]; entry 0 has no agreeing model -> 0.
+  # TIES on them: sum [0, 2, 6, -4] elects [+, +, +, -] (mergekit: +1 on a zero sum); entry 0 keeps model 0's 2.
   out = merging.dare_ties(base, thetas, f32(1, 1), 0.5, masks=masks)
+  np.testing.assert_allclose(out, 1 + np.array([2, 2, 6, -8]))
+  # cl_jax mode elects [0, +, +, -]; entry 0 has no agreeing model -> 0.
+  out = merging.dare_ties(base, thetas, f32(1, 1), 0.5, masks=masks, mode="cl_jax")
   np.testing.assert_allclose(out, 1 + np.array([0, 2, 6, -8]))
 
 
@@ -251,11 +371,40 @@ SHARDED_SCRIPT = textwrap.dedent("""
   out = merging.merge("slerp", None, models[:2], t=0.3)
   for n in spec:
     assert out[n].sharding == models[0][n].sharding, ("slerp", n)
+  # cl_jax mode's sampled threshold on the sharded 'big' tensor
+  out = merging.merge("ties", base, models, density=0.2, mode="cl_jax")
+  ref = merging.merge("ties", host(base), [host(m) for m in models], density=0.2, mode="cl_jax")
+  for n in spec:
+    np.testing.assert_allclose(np.asarray(out[n]), np.asarray(ref[n]), rtol=1e-5, atol=1e-6, err_msg=n)
+
+  # Trees mixing sharded and single-device leaves: the base has a sharded leaf, one on device 3 and one on
+  # device 0; the models are placed differently again (one all on device 5, one sharded another way).
+  dev = jax.devices()
+  mixed = {"big": base["big"], "mat": jax.device_put(np.asarray(base["mat"]), dev[3]),
+           "bias": jax.device_put(np.asarray(base["bias"]), dev[0])}
+  other = {"big": NamedSharding(mesh, P(None, "fsdp")), "mat": NamedSharding(mesh, P("data", None)),
+           "bias": NamedSharding(mesh, P())}
+  mixed_models = [jax.tree.map(lambda x: jax.device_put(np.asarray(x), dev[5]), models[0]),
+                  {n: jax.device_put(np.asarray(x), other[n]) for n, x in models[1].items()}, models[2]]
+  for method in ("linear", "ties", "dare_ties"):
+    kw = runs[method]
+    out = merging.merge(method, mixed, mixed_models, **kw)
+    ref = merging.merge(method, host(base), [host(m) for m in models], **kw)
+    placed_like = mixed_models[0] if method == "linear" else mixed  # linear ignores the base
+    for n in spec:
+      assert out[n].sharding == placed_like[n].sharding, (method, n, out[n].sharding)
+      np.testing.assert_allclose(np.asarray(out[n]), np.asarray(ref[n]), rtol=1e-5, atol=1e-6,
+                                 err_msg="mixed " + method + "/" + n)
+  out = merging.merge("slerp", None, [mixed, mixed_models[1]], t=0.3)
+  ref = merging.merge("slerp", None, [host(base), host(models[1])], t=0.3)
+  for n in spec:
+    assert out[n].sharding == mixed[n].sharding, ("slerp mixed", n)
+    np.testing.assert_allclose(np.asarray(out[n]), np.asarray(ref[n]), rtol=1e-5, atol=1e-6)
   print("SHARDED_OK")
 """)
 
 
-def test_merge_of_sharded_params_stays_sharded():
+def test_merge_of_sharded_and_mixed_params():
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=ROOT, capture_output=True,
