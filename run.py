@@ -1,7 +1,7 @@
 """Launch an experiment: `python run.py --config configs/X.py[:arg] [--config.key=value ...] [--workdir DIR]`.
 
-Kept thin on purpose: parse flags, build and validate the config, call the runner. Everything it does is an
-importable function (`cl_jax.train.run(config, workdir)`), for notebooks.
+The same as the `cl-jax` command (`pip install -e .`) and as `cl_jax.run(config, workdir)` in Python. Kept thin
+on purpose: parse flags, build and validate the config, call `cl_jax.run`; see cl_jax/cli.py for the exit codes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Command line of run.py: `--config file.py[:arg]`, `--config.a.b=value` overrides, `--workdir`, `--overwrite`."""
+"""Command line of `run.py` and the `cl-jax` command: `--config file.py[:arg]`, `--config.a.b=value` overrides,
+`--workdir`, `--overwrite`, `--no_progress`.
+
+`main(argv)` starts `jax.distributed` on multi-host launches, builds and validates the config, calls
+`cl_jax.run(config, workdir)` and turns a `cl_jax.errors.CLJaxError` into one line on stderr and its exit code
+(2 bad input, 3 divergence, 4 workdir locked, 75 preempted; see cl_jax/errors.py). No traceback for those.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,48 +12,155 @@ import ast
 import datetime
 import importlib.util
 import os
+import re
 import sys
 
 from cl_jax.config import ConfigError, set_overrides, validate
+from cl_jax.errors import CLJaxError
 
 
 def load_config(spec: str):
-  """Imports `path.py` and calls its `get_config(arg)` with what follows the first ':'."""
+  """Imports `path.py` and calls its `get_config(arg)` with what follows the first ':'.
+
+  A config in a package folder (one with `__init__.py`, such as `configs/`) may import its siblings
+  (`from configs.common import parse_arg`): when that package is not importable from where it lies (a copy of
+  `configs/` elsewhere), it is loaded from its folder by path, so nothing is added to `sys.path`.
+  """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"--config {path!r}: no such file")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)  # so configs can import their siblings as `configs.common`
-  module_spec = importlib.util.spec_from_file_location("_cl_jax_config", path)
+  package = _package_of(path)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  name = f"{package}.{stem}" if package and stem.isidentifier() else "_cl_jax_config"
+  module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config {path!r}: syntax error at line {e.lineno}: {e.msg}") from e
+  except ImportError as e:
+    raise ConfigError(f"--config {path!r}: cannot import: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config {path!r}: defines no get_config(arg)")
   try:
     return module.get_config(arg) if arg else module.get_config()
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  except CLJaxError:
+    raise
+  except TypeError as e:  # a locked ConfigDict refuses a value of another type (e.g. a float for an int key)
+    raise ConfigError(_type_error_message(e, spec)) from e
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f"--config {spec!r}: {' '.join(str(e).split())}") from e
 
 
-def parse_value(text: str, current):
-  """A command-line string as the type of the field it overrides."""
+_OVERRIDE_RE = re.compile(r"Could not override field '(?P<field>[^']+)'.*?of original type <class '(?P<got>\w+)'> "
+                          r"and cannot be casted to type <class '(?P<want>\w+)'>", re.S)
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
+
+
+def _type_error_message(error: TypeError, spec: str) -> str:
+  """ml_collections names only the field's last part; find its full key from the section being set."""
+  text = " ".join(str(error).split())
+  m = _OVERRIDE_RE.search(text)
+  if not m:
+    return f"--config {spec!r}: {text}"
+  want = _TYPE_NAMES.get(m["want"], f"a {m['want']}")
+  return f"{_full_key(error, m['field'])}: expected {want}, got a {m['got']} (set in --config {spec!r})"
+
+
+def _full_key(error: BaseException, field: str) -> str:
+  """The dotted key of `field` in the section whose assignment raised, found from the config in the caller's frame."""
+  import ml_collections
+  frames, tb = [], error.__traceback__
+  while tb is not None:
+    frames.append(tb.tb_frame)
+    tb = tb.tb_next
+  sections = [f.f_locals["self"] for f in frames if isinstance(f.f_locals.get("self"), ml_collections.ConfigDict)]
+  if not sections:
+    return field
+  roots = [v for f in frames for v in f.f_locals.values() if isinstance(v, ml_collections.ConfigDict)]
+  for root in roots:
+    prefix = _path_to(root, sections[-1])
+    if prefix is not None:
+      return f"{prefix}{field}"
+  return field
+
+
+def _path_to(node, target, prefix: str = ""):
+  if node is target:
+    return prefix
+  for key in node.keys():
+    child = node[key]
+    if hasattr(child, "keys"):
+      found = _path_to(child, target, f"{prefix}{key}.")
+      if found is not None:
+        return found
+  return None
+
+
+def _package_of(path: str) -> str | None:
+  """The package a config file lies in (its folder has `__init__.py`), made importable; None if it has none."""
+  folder = os.path.dirname(os.path.abspath(path))
+  name = os.path.basename(folder)
+  if not (os.path.isfile(os.path.join(folder, "__init__.py")) and name.isidentifier()):
+    return None
+
+  def here(locations) -> bool:
+    return any(os.path.abspath(p) == folder for p in (locations or []))
+
+  loaded = sys.modules.get(name)
+  if loaded is not None:
+    return name if here(getattr(loaded, "__path__", None)) else None
+  try:
+    found = importlib.util.find_spec(name)
+  except (ImportError, ValueError):
+    found = None
+  if found is not None and here(found.submodule_search_locations):
+    return name
+  if found is not None:
+    return None  # another package of that name is installed: do not shadow it
+  spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                submodule_search_locations=[folder])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules[name] = package
+  spec.loader.exec_module(package)
+  return name
+
+
+def parse_value(text: str, current, key: str = ""):
+  """A command-line string as the type of the field it overrides; ConfigError naming `key` when it is not one.
+
+  bool: true/false/1/0/yes/no. int: an integer literal (not 2.5, not 'abc'). float: any number, ints included
+  ('1e-3', '3', 'inf' parses but validation refuses non-finite values). str: the text as is. list: a Python list or
+  tuple literal ('[64, 32]'). Other fields (None, sections): a Python literal if the text is one, else the text.
+  """
+  where = f"{key}={text!r}" if key else repr(text)
   if isinstance(current, bool):
     if text.lower() in ("true", "1", "yes"):
       return True
     if text.lower() in ("false", "0", "no"):
       return False
-    raise ConfigError(f"expected true or false, got {text!r}")
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
+    raise ConfigError(f"{where}: expected true or false")
   if isinstance(current, str):
     return text
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if isinstance(current, (list, tuple)) and isinstance(value, tuple):
-    return list(value)
+  try:
+    value = ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    value = text
+  if isinstance(current, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ConfigError(f"{where}: expected an integer")
+  if isinstance(current, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    try:
+      return float(text)  # 'inf', 'nan': parsed here, refused by validation with the key named
+    except ValueError:
+      raise ConfigError(f"{where}: expected a number") from None
+  if isinstance(current, (list, tuple)):
+    if isinstance(value, (list, tuple)):
+      return list(value)
+    raise ConfigError(f"{where}: expected a list, e.g. [64, 32]")
   return value
 
 
@@ -74,25 +187,18 @@ def _lookup(config, dotted):
   return node
 
 
-def build_config(argv):
+def build_config(argv, prog: str = "run.py"):
+  """(validated config, parsed args) from the command line; raises ConfigError before anything is written."""
   overrides, rest = split_args(argv)
-  parser = argparse.ArgumentParser(prog="run.py", description=__doc__)
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__)
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
   parser.add_argument("--workdir", default="", help="output folder (default: a new one under runs/)")
   parser.add_argument("--overwrite", action="store_true", help="discard a workdir holding another run")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = parser.parse_args(rest)
   config = load_config(args.config)
-  typed = {}
-  for key, text in overrides.items():
-    try:
-      typed[key] = parse_value(text, _lookup(config, key))
-    except ConfigError as e:
-      raise ConfigError(f"--config.{key}: {e}") from e
-  try:
-    set_overrides(config, typed)
-  except TypeError as e:
-    raise ConfigError(f"bad override type: {e}") from e
+  typed = {key: parse_value(text, _lookup(config, key), key) for key, text in overrides.items()}
+  set_overrides(config, typed)
   validate(config)
   if not args.workdir:
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
@@ -101,30 +207,36 @@ def build_config(argv):
   return config, args
 
 
-def main(argv) -> int:
+def main(argv, prog: str = "run.py") -> int:
+  """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of the CLJaxError that ended the run)."""
+  from cl_jax import sharding
   try:
-    config, args = build_config(argv)
-    if config.kind == "lm":
-      from cl_jax.lm.cpt import run as runner
-    elif config.kind == "merge":
-      from cl_jax.merge_run import run as runner
-    else:
-      from cl_jax.train import run as runner
-    results = runner(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress)
-  except ValueError as e:  # ConfigError, WorkdirError and bad data: a clear message, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices
+    config, args = build_config(argv, prog)
+    import cl_jax
+    results = cl_jax.run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress)
+  except CLJaxError as e:
+    return _fail(e, e.exit_code)
+  except ValueError as e:  # bad input a runner reports as a plain ValueError: still bad input, still no write
+    return _fail(e, 2)
   print_results(results)
   return 0
 
 
+def console_main() -> None:
+  """The `cl-jax` console command (pyproject.toml): the same as `python run.py`."""
+  sys.exit(main(sys.argv[1:], prog="cl-jax"))
+
+
+def _fail(error: Exception, code: int) -> int:
+  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+  return code
+
+
 def print_results(results) -> None:
-  if not hasattr(results, "accuracy_matrix"):
+  summary = getattr(results, "summary", None)
+  if summary is None:
     return
-  from cl_jax import report
   print()
-  print(report.matrix_table(results.accuracy_matrix))
-  print()
-  print(report.metrics_table(results.as_dict()))
-  print(f"\nOutputs in {results.workdir}/: results.json, summary.md, accuracy_matrix.png, accuracy_curves.png, "
-        "metrics.jsonl, tensorboard/, checkpoints/")
+  print(summary())
+  print(f"\nOutputs in {results.workdir}/ (results.json, summary.md, metrics.jsonl, plots, checkpoints/)")

@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.strategy = "naive"
 
-  c.data = ml_collections.ConfigDict(dict(name="digits", path="", tfds_data_dir="", seed=0))
+  # on_device: auto | true | false: training data resident on the devices, batches gathered inside the jitted
+  # step (cl_jax/data/device.py); auto = when it fits in a quarter of a device's memory.
+  c.data = ml_collections.ConfigDict(dict(name="digits", path="", tfds_data_dir="", seed=0, on_device="auto"))
   c.scenario = ml_collections.ConfigDict(dict(
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
       first_task_identity=False, angles=[], max_angle=180.0, seed=0))
@@ -75,9 +77,20 @@ def set_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
         prefix = ".".join(parts[:i])
         raise ConfigError(unknown_key_message(prefix, part, keys))
       if i == len(parts) - 1:
-        node[part] = value
+        try:
+          node[part] = value
+        except TypeError as e:  # a locked ConfigDict keeps each field's type
+          raise ConfigError(f"{dotted}={value!r}: expected {_type_name(node[part])} "
+                            f"({' '.join(str(e).split())})") from e
       else:
         node = node[part]
+
+
+def _type_name(value) -> str:
+  if isinstance(value, bool):
+    return "true or false"
+  return {int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list"}.get(
+      type(value), f"a {type(value).__name__}")
 
 
 def unknown_key_message(prefix: str, key: str, valid) -> str:
@@ -248,6 +261,8 @@ def _check_classic(c) -> None:
   if not isinstance(c.seed, int) or c.seed < 0:
     raise ConfigError(f"seed={c.seed!r}: must be a non-negative integer")
   sources.check_source(c.data)
+  from cl_jax.data.device import check_on_device
+  check_on_device(c.data.on_device)
   num_classes = {"digits": 10, "mnist": 10, "mnist1d": 10}.get(c.data.name)
   scenarios.check_scenario(c.scenario, num_classes)
   if c.model.name not in ("mlp", "cnn"):

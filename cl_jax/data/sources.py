@@ -12,6 +12,7 @@ Images are float32 in [0, 1]; labels int32.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 
 import numpy as np
@@ -40,20 +41,69 @@ def mnist_path(data_config) -> str | None:
 
 
 def check_source(data_config) -> None:
-  """Raises ValueError naming the key if the source cannot be loaded; loads nothing (runs before any write)."""
+  """Raises ConfigError naming the key if the source cannot be loaded; reads at most an npz's file list (runs
+  before any write)."""
+  from cl_jax.errors import ConfigError
   name = data_config.name
-  if name in ("digits", "mnist1d") or name.startswith("tfds:"):
+  if name in ("digits", "mnist1d"):
+    return
+  if name.startswith("tfds:"):
+    check_tfds_name(name[len("tfds:"):])
     return
   if name == "mnist":
     path = mnist_path(data_config)
     if path is None:
       if not _tfds_prepared("mnist", data_config.get("tfds_data_dir")):
-        raise ValueError("data.path: MNIST is not prepared in tfds and no mnist.npz was given; "
-                         "pass --config.data.path=/path/to/mnist.npz or set CL_JAX_MNIST")
-    elif not os.path.isfile(path):
-      raise ValueError(f"data.path={path!r}: no such file")
+        raise ConfigError("data.path: MNIST is not prepared in tfds and no mnist.npz was given; "
+                          "pass --config.data.path=/path/to/mnist.npz or set CL_JAX_MNIST")
+    else:
+      check_mnist_npz(path)
     return
-  raise ValueError(f"data.name={name!r}: expected one of 'digits', 'mnist', 'mnist1d', 'tfds:<name>'")
+  raise ConfigError(f"data.name={name!r}: expected one of 'digits', 'mnist', 'mnist1d', 'tfds:<name>'")
+
+
+MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def check_mnist_npz(path: str) -> None:
+  """A Keras-format MNIST file: an existing, complete npz (zip) archive holding x_train, y_train, x_test, y_test."""
+  import zipfile
+  from cl_jax.errors import ConfigError
+  what = f"data.path={path!r}"
+  allowed = "expected a Keras-format mnist.npz (x_train, y_train, x_test, y_test)"
+  if os.path.isdir(path):
+    raise ConfigError(f"{what}: is a directory; {allowed}")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{what}: no such file; {allowed}")
+  if not zipfile.is_zipfile(path):  # a truncated archive loses its central directory at the end
+    raise ConfigError(f"{what}: not an npz archive, or a truncated one; {allowed}")
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = {n[:-len(".npy")] if n.endswith(".npy") else n for n in z.namelist()}
+      bad = z.testzip() if os.path.getsize(path) < (64 << 20) else None  # CRCs of a small file: cheap
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ConfigError(f"{what}: unreadable npz ({e}); {allowed}") from e
+  if bad is not None:
+    raise ConfigError(f"{what}: member {bad!r} is corrupt (a truncated or damaged file); {allowed}")
+  missing = sorted(set(MNIST_KEYS) - names)
+  if missing:
+    raise ConfigError(f"{what}: missing arrays {missing}; {allowed}")
+
+
+def check_tfds_name(name: str) -> None:
+  """`tfds:<name>[/<config>][:<version>]` must name a dataset tensorflow-datasets knows (offline list)."""
+  from cl_jax.errors import ConfigError
+  builder = name.split("/")[0].split(":")[0]
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    return  # load_tfds reports the missing package
+  known = tfds.list_builders(with_community_datasets=False)
+  if builder not in known:
+    near = difflib.get_close_matches(builder, known, n=3)
+    hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+    raise ConfigError(f"data.name='tfds:{name}': tensorflow-datasets has no dataset {builder!r}{hint}; "
+                      "expected 'tfds:<name>' with a name from tfds.list_builders()")
 
 
 def load_source(data_config) -> LabelledData:
@@ -87,12 +137,15 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> LabelledData:
 
 
 def load_mnist_npz(path: str) -> LabelledData:
-  with np.load(path) as f:
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-    if missing:
-      raise ValueError(f"data.path={path!r}: not a Keras-format MNIST file (missing {sorted(missing)})")
-    return LabelledData((f["x_train"] / 255.0).astype(np.float32), f["y_train"].astype(np.int32),
-                        (f["x_test"] / 255.0).astype(np.float32), f["y_test"].astype(np.int32), "mnist")
+  import zipfile
+  from cl_jax.errors import ConfigError
+  check_mnist_npz(path)
+  try:
+    with np.load(path) as f:
+      return LabelledData((f["x_train"] / 255.0).astype(np.float32), f["y_train"].astype(np.int32),
+                          (f["x_test"] / 255.0).astype(np.float32), f["y_test"].astype(np.int32), "mnist")
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a member damaged past the zip directory
+    raise ConfigError(f"data.path={path!r}: unreadable npz ({e}); expected a Keras-format mnist.npz") from e
 
 
 def load_mnist1d(seed: int = 0) -> LabelledData:

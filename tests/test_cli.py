@@ -1,0 +1,184 @@
+"""The command line: typed overrides (`cli.parse_value`), config files, and bad input refused with exit 2, one line
+naming the full key or path, no traceback, and the workdir untouched."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from cl_jax.cli import load_config, main, parse_value
+from cl_jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _in_root(monkeypatch):
+  monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize("text, current, expected", [
+    ("true", False, True), ("False", True, False), ("1", False, True), ("no", True, False),
+    ("3", 0, 3), ("-2", 5, -2),
+    ("3", 0.5, 3.0), ("1e-3", 0.5, 1e-3), ("-0.25", 0.5, -0.25),
+    ("[64, 32]", [400], [64, 32]), ("(1, 2)", [], [1, 2]), ("[]", [3], []),
+    ("ewc+replay", "naive", "ewc+replay"), ("123", "naive", "123"), ("[1]", "x", "[1]"),
+    ("None", None, None), ("abc", None, "abc"),
+])
+def test_parse_value_types_the_text_like_the_field(text, current, expected):
+  value = parse_value(text, current, "a.b")
+  assert value == expected and type(value) is type(expected)
+
+
+def test_parse_value_float_keys_take_inf_and_nan_for_validation_to_refuse():
+  assert parse_value("1e999", 0.1, "optim.lr") == float("inf")
+  assert np.isnan(parse_value("nan", 0.1, "optim.lr"))
+
+
+@pytest.mark.parametrize("text, current, message", [
+    ("maybe", True, "a.b='maybe': expected true or false"),
+    ("2.5", 3, "a.b='2.5': expected an integer"),
+    ("abc", 3, "a.b='abc': expected an integer"),
+    ("True", 3, "a.b='True': expected an integer"),
+    ("abc", 0.5, "a.b='abc': expected a number"),
+    ("5", [1], "a.b='5': expected a list"),
+])
+def test_parse_value_refuses_a_value_of_another_type(text, current, message):
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    parse_value(text, current, "a.b")
+
+
+def _refused(capsys, workdir, *args, config="configs/quickstart.py"):
+  """Runs the CLI; asserts exit 2, an untouched workdir, and returns the one-line message."""
+  rc = main(["--config", config, *args, "--workdir", str(workdir), "--no_progress"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2, err
+  assert not workdir.exists()
+  assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+  return err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=abc", "train.batch_size='abc': expected an integer"),
+    ("train.batch_size=12.5", "train.batch_size='12.5': expected an integer"),
+    ("optim.lr=fast", "optim.lr='fast': expected a number"),
+    ("optim.lr=1e999", "optim.lr=inf: must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number"),
+    ("optim.lr=nan", "optim.lr=nan: must be a finite number"),
+    ("model.multi_head=maybe", "model.multi_head='maybe': expected true or false"),
+    ("model.hidden=64", "model.hidden='64': expected a list"),
+    ("strategy=ewc+ewc", "strategy='ewc+ewc': ['ewc'] named more than once"),
+    ("strategy=ewc++", "strategy='ewc++': empty strategy name"),
+    ("strategy=+", "strategy='+': empty strategy name"),
+    ("data.name=tfds:mnistt", "data.name='tfds:mnistt': tensorflow-datasets has no dataset 'mnistt'"),
+    ("kind=sft", "kind='sft': expected one of"),
+])
+def test_bad_override_exits_2_naming_the_key(tmp_path, capsys, override, message):
+  assert message in _refused(capsys, tmp_path / "run", f"--config.{override}")
+
+
+def _config_file(tmp_path, body):
+  path = tmp_path / "my_config.py"
+  path.write_text("from cl_jax.config import base_config\n\n\ndef get_config(arg=''):\n  c = base_config()\n"
+                  + "".join(f"  {line}\n" for line in body) + "  return c\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("body, message", [
+    (["c.train.batch_size = 12.5"], "error: train.batch_size: expected an integer, got a float"),
+    (["c.train.steps_per_task = '10'"], "error: train.steps_per_task: expected an integer, got a str"),
+    (["c.optim.lr = float('inf')"], "optim.lr=inf: must be a finite number"),
+    (["c.optim.lr = float('nan')"], "optim.lr=nan: must be a finite number"),
+    (["c.model.hidden = [64, 'wide']"], "model.hidden=[64, 'wide']: item 1 is 'wide'; expected an integer"),
+    (["with c.unlocked():", "  c.train = dict(c.train.to_dict(), batch_size=3.0)"],
+     "train.batch_size=3.0: expected an integer"),
+    (["c.strategy = 'replay+ewc+replay'"], "strategy='replay+ewc+replay': ['replay'] named more than once"),
+])
+def test_bad_value_in_a_config_file_exits_2_naming_the_key(tmp_path, capsys, body, message):
+  assert message in _refused(capsys, tmp_path / "run", config=_config_file(tmp_path, body))
+
+
+def test_config_file_with_a_syntax_error(tmp_path, capsys):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(arg=''):\n  return base_config(\n")
+  err = _refused(capsys, tmp_path / "run", config=str(path))
+  assert f"--config {str(path)!r}: syntax error at line" in err
+
+
+def _npz(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def _mnist_like(path, n=20):
+  x = np.zeros((n, 28, 28), np.uint8)
+  y = np.arange(n, dtype=np.uint8) % 10
+  return _npz(path, x_train=x, y_train=y, x_test=x, y_test=y)
+
+
+def test_bad_data_paths(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  mnist = ["--config.data.name=mnist"]
+  err = _refused(capsys, workdir, *mnist, f"--config.data.path={tmp_path}")
+  assert f"data.path={str(tmp_path)!r}: is a directory" in err
+
+  text = tmp_path / "notes.txt"
+  text.write_text("not an archive")
+  err = _refused(capsys, workdir, *mnist, f"--config.data.path={text}")
+  assert f"data.path={str(text)!r}: not an npz archive, or a truncated one" in err
+
+  good = _mnist_like(tmp_path / "mnist.npz")
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(open(good, "rb").read()[:-100])
+  err = _refused(capsys, workdir, *mnist, f"--config.data.path={truncated}")
+  assert f"data.path={str(truncated)!r}: not an npz archive, or a truncated one" in err
+
+  wrong = _npz(tmp_path / "wrong.npz", images=np.zeros(3))
+  err = _refused(capsys, workdir, *mnist, f"--config.data.path={wrong}")
+  assert "missing arrays ['x_test', 'x_train', 'y_test', 'y_train']" in err
+
+  damaged = tmp_path / "damaged.npz"  # the zip directory is intact, a member's bytes are not
+  data = bytearray(open(good, "rb").read())
+  with zipfile.ZipFile(good) as z:
+    info = z.getinfo("x_train.npy")
+  start = info.header_offset + 30 + len(info.filename) + 200
+  data[start:start + 50] = b"\xff" * 50
+  damaged.write_bytes(bytes(data))
+  err = _refused(capsys, workdir, *mnist, f"--config.data.path={damaged}")
+  assert f"data.path={str(damaged)!r}: member 'x_train.npy' is corrupt" in err
+
+
+def test_batch_larger_than_a_task_is_refused_before_anything_is_written(tmp_path, capsys):
+  # Split Digits: about 288 training examples per task.
+  err = _refused(capsys, tmp_path / "run", "--config.train.batch_size=400", "--config.mesh.data=1")
+  assert err.startswith("error: train.batch_size=400: larger than")
+
+
+def test_run_py_prints_one_line_and_exits_2(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "run.py", "--config", "configs/quickstart.py", "--config.optim.lr=1e999",
+                         "--workdir", str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == ["error: optim.lr=inf: must be a finite number"]
+  assert not workdir.exists()
+
+
+def test_config_package_siblings_load_by_path_from_a_copy(tmp_path):
+  """A copy of the configs folder elsewhere imports its own `common` (not the checkout's), with no sys.path edit."""
+  pkg = tmp_path / "myconfigs"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "shared.py").write_text("STEPS = 7\n")
+  (pkg / "exp.py").write_text("from cl_jax.config import base_config\nfrom myconfigs.shared import STEPS\n\n\n"
+                              "def get_config(arg=''):\n  c = base_config()\n  c.train.steps_per_task = STEPS\n"
+                              "  return c\n")
+  before = list(sys.path)
+  try:
+    assert load_config(str(pkg / "exp.py")).train.steps_per_task == 7
+    assert sys.path == before
+  finally:
+    sys.modules.pop("myconfigs", None)
+    sys.modules.pop("myconfigs.shared", None)
