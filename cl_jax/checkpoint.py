@@ -1,58 +1,121 @@
-"""Orbax checkpoints: a permanent one at every task boundary plus rolling mid-task ones.
+"""Orbax checkpoints: a permanent one at every task boundary plus rolling mid-task ones (and an optional best).
 
-Two `CheckpointManager`s under `<workdir>/checkpoints/`: `tasks/` keeps every task-boundary checkpoint (one per
-task, for analysis and for merging), `rolling/` keeps the last `checkpoint.keep` mid-task ones. Each holds the
-whole train state (params, optimizer, strategy state, rng, step) and a JSON `meta` item (data-iterator state,
-accuracy-matrix rows so far, where in the task loop it was taken). Resuming takes the newest of both.
+`CheckpointManager`s under `<workdir>/checkpoints/`: `tasks/` keeps every task-boundary checkpoint (one per task,
+for analysis and for merging), `rolling/` the last `checkpoint.keep` mid-task ones, `best/` the one a per-
+evaluation hook marked best (the LM regression monitor). Each holds the whole train state (params, optimizer,
+strategy state, rng, step) and a JSON `meta` item (data-iterator state, evaluation records so far, where in the
+task loop it was taken, accumulated wall time).
+
+Resuming takes the newest intact one of `tasks/` and `rolling/`. A newest checkpoint that cannot be read (a
+truncated file, missing metadata, a partial `*.orbax-checkpoint-tmp*` directory left by a killed save) is
+reported with a warning naming its path, and the next older one is used. On multi-host runs every process calls
+`save` and `restore` (orbax writes collectively; each process reads its own shards).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+KINDS = ("tasks", "rolling", "best")
+
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 2):
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.tasks = ocp.CheckpointManager(os.path.join(root, "tasks"),
-                                       options=ocp.CheckpointManagerOptions(create=True))
-    self.rolling = ocp.CheckpointManager(os.path.join(root, "rolling"),
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._warn_partial()
+    opts = lambda keep: ocp.CheckpointManagerOptions(create=True, max_to_keep=keep)
+    self.tasks = ocp.CheckpointManager(os.path.join(self.root, "tasks"), options=opts(None))
+    self.rolling = ocp.CheckpointManager(os.path.join(self.root, "rolling"), options=opts(keep))
+    self._best = None
 
-  def save(self, step: int, state, meta: dict, boundary: bool) -> None:
-    manager = self.tasks if boundary else self.rolling
+  @property
+  def best(self):
+    if self._best is None:
+      self._best = ocp.CheckpointManager(os.path.join(self.root, "best"),
+                                         options=ocp.CheckpointManagerOptions(create=True, max_to_keep=1))
+    return self._best
+
+  def _manager(self, kind: str):
+    kind = {"task": "tasks", "boundary": "tasks"}.get(kind, kind)
+    if kind not in KINDS:
+      raise ValueError(f"checkpoint kind {kind!r}: expected one of {KINDS}")
+    return getattr(self, kind)
+
+  def _warn_partial(self) -> None:
+    for kind in KINDS:
+      d = os.path.join(self.root, kind)
+      if not os.path.isdir(d):
+        continue
+      for name in sorted(os.listdir(d)):
+        if ".orbax-checkpoint-tmp" in name:
+          warnings.warn(f"ignoring the partial checkpoint {os.path.join(d, name)} (a save that did not finish)",
+                        stacklevel=3)
+
+  def save(self, step: int, state, meta: dict, boundary: bool | None = None, kind: str = "rolling") -> None:
+    """Saves asynchronously; `kind` is 'tasks' (or 'task'), 'rolling' or 'best' (`boundary=True` means 'tasks')."""
+    if boundary is not None:
+      kind = "tasks" if boundary else "rolling"
+    manager = self._manager(kind)
+    if step in manager.all_steps():
+      return  # already saved (a preemption right after a periodic checkpoint)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  force=True)
 
-  def latest(self) -> tuple[Any, int] | None:
-    """(manager, step) of the newest checkpoint; a task-boundary one wins a tie."""
-    found = [(m.latest_step(), i, m) for i, m in enumerate((self.rolling, self.tasks)) if m.latest_step() is not None]
-    if not found:
-      return None
-    step, _, manager = max(found, key=lambda f: (f[0], f[1]))
-    return manager, step
+  def has(self, step: int) -> bool:
+    return any(step in m.all_steps() for m in (self.tasks, self.rolling))
 
-  def restore(self, abstract_state, manager=None, step=None):
-    """Restores (state, meta) into the shardings of `abstract_state` (a pytree of ShapeDtypeStructs)."""
-    if manager is None:
-      latest = self.latest()
-      if latest is None:
+  def candidates(self) -> list[tuple[int, str]]:
+    """(step, kind) of every checkpoint to resume from, newest first; a task-boundary one wins a tie."""
+    found = [(s, "tasks") for s in self.tasks.all_steps()] + [(s, "rolling") for s in self.rolling.all_steps()]
+    return sorted(found, key=lambda f: (f[0], f[1] == "tasks"), reverse=True)
+
+  def latest(self) -> tuple[Any, int] | None:
+    """(manager, step) of the newest checkpoint (intact or not); a task-boundary one wins a tie."""
+    c = self.candidates()
+    return (self._manager(c[0][1]), c[0][0]) if c else None
+
+  def path(self, kind: str, step: int) -> str:
+    return os.path.join(self.root, {"task": "tasks"}.get(kind, kind), str(step))
+
+  def restore(self, abstract_state, manager=None, step=None, kind: str | None = None):
+    """(state, meta) restored into the shardings of `abstract_state` (a pytree of ShapeDtypeStructs), or None.
+
+    Without `manager`/`kind`: the newest intact checkpoint, falling back past unreadable ones with a warning.
+    `kind='best'`: the best one.
+    """
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if manager is not None or kind is not None:
+      manager = manager or self._manager(kind)
+      step = manager.latest_step() if step is None else step
+      if step is None:
         return None
-      manager, step = latest
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+      restored = manager.restore(step, args=args)
+      return restored.state, restored.meta
+    for step, kind in self.candidates():
+      try:
+        restored = self._manager(kind).restore(step, args=args)
+        if not isinstance(restored.meta, dict) or restored.state is None:
+          raise ValueError("no meta")
+        return restored.state, restored.meta
+      except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back to an older one
+        warnings.warn(f"checkpoint {self.path(kind, step)} is unreadable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to an older checkpoint",
+                      stacklevel=2)
+    return None
 
   def wait(self) -> None:
-    self.tasks.wait_until_finished()
-    self.rolling.wait_until_finished()
+    for m in (self.tasks, self.rolling, self._best):
+      if m is not None:
+        m.wait_until_finished()
 
   def close(self) -> None:
-    self.tasks.close()
-    self.rolling.close()
+    for m in (self.tasks, self.rolling, self._best):
+      if m is not None:
+        m.close()
 
 
 def abstract_like(state, shardings):

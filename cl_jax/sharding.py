@@ -21,14 +21,30 @@ BATCH_AXES = (DATA, FSDP)
 def maybe_initialize_distributed() -> None:
   """Starts `jax.distributed` on multi-host launches (TPU pods, SLURM/GPU clusters); a no-op on one host.
 
-  On Cloud TPU and under SLURM/Open MPI JAX discovers the coordinator itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  Must run before any other JAX call (a device query starts the backends, after which `initialize` fails);
+  `cl_jax.run` and the CLI call it first. Idempotent. On Cloud TPU and under SLURM/Open MPI JAX discovers the
+  coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. On CPU hosts
+  the processes' collectives go through gloo.
   """
+  global _DISTRIBUTED
+  if _DISTRIBUTED:
+    return
+  from jax._src import distributed as _dist  # the client exists once initialize() has run (here or by the user)
+  if getattr(_dist.global_state, "client", None) is not None:
+    _DISTRIBUTED = True
+    return
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
                                int(os.environ["JAX_PROCESS_ID"]))
+    _DISTRIBUTED = True
   elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
     jax.distributed.initialize()
+    _DISTRIBUTED = True
+
+
+_DISTRIBUTED = False
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int | None = None) -> tuple[int, int]:
@@ -116,8 +132,66 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
-  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host aware)."""
+  """This process's rows of a global batch (numpy) -> global jax.Arrays sharded over the batch axes.
+
+  On one process the rows are the whole batch. On N processes each holds its own 1/N of the rows (the grain
+  pipeline slices them) and the global shape is given explicitly: batch dimension x N.
+  """
   sharding = batch_sharding(mesh, stacked)
-  if jax.process_count() == 1:
+  n = jax.process_count()
+  if n == 1:
     return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  axis = 1 if stacked else 0
+
+  def put(x):
+    x = np.asarray(x)
+    shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+
+  return jax.tree.map(put, batch)
+
+
+def process_rows(batch: dict, stacked: bool = False) -> dict:
+  """This process's contiguous 1/N of the rows of a whole global batch that every process holds (eval)."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  axis = 1 if stacked else 0
+
+  def rows(x):
+    x = np.asarray(x)
+    size = x.shape[axis]
+    if size % n:
+      raise ValueError(f"a batch of {size} rows does not split over {n} processes")
+    return np.take(x, np.arange(i * size // n, (i + 1) * size // n), axis=axis)
+
+  return jax.tree.map(rows, batch)
+
+
+def put_global_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
+  """A whole global batch held identically by every process -> sharded global jax.Arrays."""
+  return put_batch(process_rows(batch, stacked), mesh, stacked)
+
+
+def put_global(tree, shardings):
+  """A pytree whose every process holds the same full values -> global arrays with `shardings`.
+
+  `shardings` is one sharding or a pytree of them. On one process this is `jax.device_put`; on several, each
+  process places the shards its devices own (`make_array_from_callback`), with no cross-process transfer.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if not isinstance(shardings, jax.sharding.Sharding):
+    flat_sh = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [_put_leaf(x, s) for x, s in zip(leaves, flat_sh)])
+  return jax.tree.map(lambda x: _put_leaf(x, shardings), tree)
+
+
+def _put_leaf(x, sharding):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)  # already global: reshard
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    raise TypeError("put_global: typed PRNG keys are not supported; store raw uint32 keys")
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

@@ -1,20 +1,36 @@
-"""The task loop: `run(config, workdir) -> Results`, what `run.py` and a notebook call.
+"""The task loop every run goes through, and the classic run built on it.
 
-For each task t: train `train.steps_per_task` steps (or `train.epochs_per_task` epochs) on the data of
-`strategy.train_tasks(t)`, run the strategy's `after_task`, evaluate every task (the accuracy-matrix row
-"after task t"), and save a permanent checkpoint. Row 0 of the matrix is measured before any training.
-Rolling checkpoints every `checkpoint.every_steps`; rerunning on the same workdir resumes from the newest one
-and ends with the same `results.json` (all but the `timing` key, which is wall-clock).
+`run_tasks(plan, workdir, ...)` is THE loop. It is handed a `Plan`: what differs between kinds of run (the batch
+source of each task, the jitted step, the task hooks, the evaluator, a per-evaluation hook such as the LM
+regression monitor), and it owns what does not: resuming from the newest intact checkpoint, metrics logging,
+evaluation and checkpoint intervals, divergence detection, preemption, progress bars and timing.
+
+For each task t: `begin_task` -> `steps[t]` train steps on batches from `batches(t, ...)` (evaluations every
+`eval_every` steps and rolling checkpoints every `checkpoint_every` steps inside the task) -> `after_task` ->
+evaluate (the boundary record, e.g. the accuracy-matrix row "after task t") -> a permanent task-boundary
+checkpoint. With `eval_before`, the boundary record of "task 0" (before any training) comes first.
+
+Faults:
+- SIGTERM / SIGINT: the step in flight finishes, a mid-task checkpoint (with the data iterator's state) is saved,
+  the logs are flushed and `Preempted` (exit 75) is raised; rerunning resumes there and ends identically.
+- divergence: a non-finite loss or params, or a loss above `divergence_factor` x the early loss, raises
+  `DivergenceError` (exit 3) before any checkpoint of the diverged state is written. "Early loss": the larger of
+  the first step's loss of the run and of the current task (losses at parameters no update has touched yet, so a
+  step that blows up at once cannot inflate the reference).
+
+`run(config, workdir)` is the classic run: `build(config)` -> `classic_plan(...)` -> `run_tasks` -> results.json,
+summary.md and plots. Rerunning on the same workdir resumes from the newest checkpoint and ends with the same
+`results.json` (all but `timing`, which is wall-clock; it adds up across restarts).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import signal
+import threading
 import time
-from typing import Any, NamedTuple
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,259 +38,330 @@ import numpy as np
 
 from cl_jax import report, sharding
 from cl_jax.checkpoint import Checkpoints, abstract_like
-from cl_jax.config import ConfigError, validate
-from cl_jax.data import make_scenario, task_data, test_batches, train_dataset, train_iterator
-from cl_jax.data.sources import load_source
-from cl_jax.eval.metrics import summarize
-from cl_jax.models import build_model, param_count
-from cl_jax.strategies import Learner, TaskInfo, build_strategy
-from cl_jax.train.optim import build_optimizer
-from cl_jax.train.schedules import build_schedule
-from cl_jax.train.state import TrainState
-from cl_jax.train.step import compile_train_step, make_train_step, task_loss
+from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
+from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, write_json
 
-# Test hook: SIGKILL this process right after the given global step (a real crash, mid-task).
+# Test hooks: SIGKILL this process right after the given global step (a real crash, mid-task); replace the
+# inputs of the batch of the given global step by NaN (divergence).
 KILL_ENV = "CL_JAX_TEST_KILL_AT_STEP"
+NAN_ENV = "CL_JAX_TEST_NAN_AT_STEP"
+NonFiniteLossError = DivergenceError  # the old name
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+# ----------------------------------------------------------------------------- the plan
 
-
-class WorkdirError(ValueError):
-  pass
+class Verdict(NamedTuple):
+  """What a per-evaluation hook decides: stop the run now; keep this state as the best checkpoint."""
+  stop: bool = False
+  best: bool = False
 
 
 @dataclasses.dataclass
-class Results:
-  accuracy_matrix: np.ndarray
-  acc: float
-  bwt: float
-  fwt: float
-  forgetting: float
-  workdir: str
-  extra: dict
+class Plan:
+  """What one kind of run hands the task loop. Callables run on the host; `train_step` is jitted.
 
-  def as_dict(self) -> dict:
-    return {"accuracy_matrix": np.asarray(self.accuracy_matrix).tolist(), "acc": self.acc, "bwt": self.bwt,
-            "fwt": self.fwt, "forgetting": self.forgetting, **self.extra}
-
-
-def config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def prepare_workdir(config, workdir: str, overwrite: bool) -> bool:
-  """Refuses a workdir that holds another config; returns True when it holds this one (resume)."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old == config_dict(config) and not overwrite:
-      return True
-    if not overwrite:
-      diff = sorted(_diff_keys(old, config_dict(config)))
-      raise WorkdirError(f"workdir {workdir!r} holds a run with a different config (differs in {diff[:8]}); "
-                         "use another --workdir, or --overwrite to discard it")
-    shutil.rmtree(workdir)
-  elif os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
-    raise WorkdirError(f"workdir {workdir!r} is not empty and holds no cl_jax run; use --overwrite to replace it")
-  elif overwrite and os.path.isdir(workdir):
-    shutil.rmtree(workdir)
-  return False
-
-
-def _diff_keys(a, b, prefix=""):
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in set(a) | set(b):
-      yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-  elif a != b:
-    yield prefix.rstrip(".")
+  batches(t, iterator_state) -> source: a Python iterator of host batches (dicts of numpy arrays holding this
+      process's rows of each global batch) with `get_state()` (JSON-able, saved in mid-task checkpoints) and
+      `iterator_state=None` meaning the task's start. A source may instead (or also) have `next_on_device(n)`
+      returning the device batch of n steps (stacked [n, B, ...] when n > 1): it is used when present.
+  evaluate(state, t) -> dict: the fields of an eval record after training up to task t (e.g. {"accuracy": row}).
+  on_eval(state, step, record) -> Verdict | None: called after every evaluation (mid-task and boundary).
+  begin_task(state, t, done) -> state: before training task t (`done` steps of it already run, on resume).
+  after_task(state, t) -> state: after the last step of task t, before its boundary evaluation.
+  meta() -> dict / load_meta(dict): the hooks' own JSON state (a monitor's history), saved in every checkpoint.
+  put_batch(batch, stacked) -> device batch.
+  """
+  state: Any
+  state_sharding: Any
+  steps: Sequence[int]
+  batches: Callable[[int, Any], Any]
+  train_step: Callable
+  put_batch: Callable
+  evaluate: Callable[[Any, int], dict] | None = None
+  multi_step: Callable | None = None
+  steps_per_call: int = 1
+  begin_task: Callable | None = None
+  after_task: Callable | None = None
+  on_eval: Callable | None = None
+  meta: Callable[[], dict] | None = None
+  load_meta: Callable[[dict], None] | None = None
+  eval_before: bool = True
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  log_every: int = 10
+  divergence_factor: float = 0.0
+  names: Sequence[str] | None = None      # task names for progress bars and messages
+  record: dict = dataclasses.field(default_factory=dict)  # fields added to every metrics record (e.g. phase)
 
 
-class MetricsLog:
-  """metrics.jsonl (one JSON object per line) plus TensorBoard event files via tensorboardX."""
-
-  def __init__(self, workdir: str, resume_step: int | None):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None and os.path.exists(self.path):
-      # Drop what was logged after the checkpoint we resume from: the rerun logs it again, identically.
-      with open(self.path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
-    self.file = open(self.path, "a")
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # TensorBoard files are optional
-      self.tb = None
-
-  def write(self, record: dict) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      prefix = record["type"]
-      for k, v in record.items():
-        if isinstance(v, float):
-          self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-        elif k == "accuracy" and isinstance(v, list):
-          for i, a in enumerate(v):
-            self.tb.add_scalar(f"{prefix}/accuracy_task{i + 1}", a, record["step"])
-
-  def flush(self):
-    self.file.flush()
-    if self.tb is not None:
-      self.tb.flush()
-
-  def close(self):
-    self.file.close()
-    if self.tb is not None:
-      self.tb.close()
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  boundary: list          # the boundary eval records, in order (classic: their "accuracy" are the matrix rows)
+  task_seconds: list
+  seconds: float          # wall time of the loop, added up across restarts
+  stopped: dict | None    # {"step", "task"} when on_eval stopped the run early
+  resumed_from: int | None
 
 
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True) -> Results:
-  """Runs the experiment `config` describes in `workdir`; see the module docstring."""
-  validate(config)
-  resume = prepare_workdir(config, workdir, overwrite)
-  sharding.maybe_initialize_distributed()
+def with_finite_flag(train_step):
+  """Adds `_finite` to the step's metrics: whether every updated param is finite (one fused reduction).
+
+  A sum over all params is non-finite iff some param is (inf + -inf is nan), so one pass tells it.
+  """
+  def step(state, batch):
+    new, metrics = train_step(state, batch)
+    total = sum(jnp.sum(p.astype(jnp.float32)) for p in jax.tree.leaves(new.params))
+    return new, {**metrics, "_finite": jnp.isfinite(total)}
+  return step
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class PreemptionFlag:
+  """SIGTERM / SIGINT set a flag the loop checks at every step boundary; the previous handlers come back on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self.previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+      for s in self.SIGNALS:
+        self.previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+    self.previous = {}
+
+  def is_set(self) -> bool:
+    local = self.signum is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # all processes stop at the same step
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+# ----------------------------------------------------------------------------- batches
+
+def fetch_batches(source, n: int, put_batch, first_step: int, stacked: bool):
+  """The device batch of the next n steps (stacked [n, ...] when `stacked`): the one place batches are drawn."""
+  if hasattr(source, "next_on_device"):
+    return source.next_on_device(n)
+  group = [next(source) for _ in range(n)]
+  nan_at = int(os.environ.get(NAN_ENV, "-1"))
+  if first_step <= nan_at < first_step + n:
+    i = nan_at - first_step
+    group[i] = {k: (np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v)
+                for k, v in group[i].items()}
+  if not stacked:
+    return put_batch(group[0], False)
+  return put_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _Divergence:
+  """Loss and params checks over the logged steps; the reference losses travel in checkpoint meta."""
+
+  def __init__(self, factor: float, state: dict | None):
+    self.factor = factor
+    self.run_ref = (state or {}).get("run_ref")
+    self.task_ref = (state or {}).get("task_ref")
+
+  def state(self) -> dict:
+    return {"run_ref": self.run_ref, "task_ref": self.task_ref}
+
+  def new_task(self):
+    self.task_ref = None
+
+  def check(self, step: int, name: str, loss, finite) -> None:
+    loss_arr = np.asarray(loss, np.float64)
+    if not np.all(np.isfinite(loss_arr)):
+      raise DivergenceError(f"loss is {loss_arr.tolist()} at step {step} ({name}): the run diverged; the last good "
+                            "checkpoint is intact. Lower optim.lr or set optim.grad_clip, then rerun")
+    if finite is not None and not bool(np.all(finite)):
+      raise DivergenceError(f"non-finite params after step {step} ({name}): the run diverged; the last good "
+                            "checkpoint is intact. Lower optim.lr or set optim.grad_clip, then rerun")
+    value = float(np.max(loss_arr))
+    if self.run_ref is None:
+      self.run_ref = value
+    if self.task_ref is None:
+      self.task_ref = value
+    ref = max(self.run_ref, self.task_ref)
+    if self.factor > 0 and ref > 0 and value > self.factor * ref:
+      raise DivergenceError(f"loss {value:.4g} at step {step} ({name}) exceeds train.divergence_factor="
+                            f"{self.factor:g} x its early value {ref:.4g}: the run diverged; the last good "
+                            "checkpoint is intact. Lower optim.lr, set optim.grad_clip, or raise the factor")
+
+
+def _metric_value(v):
+  v = np.asarray(v)
+  return float(v) if v.ndim == 0 else v.astype(np.float64).tolist()  # a seed axis: one value per seed
+
+
+def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, progress: bool = True,
+              open_log: Callable[[int | None], MetricsLog] | None = None) -> LoopResult:
+  """Runs `plan` to its end (or its hook's stop), resuming from the newest intact checkpoint when `resume`."""
   t_start = time.time()
-
-  setup = build(config)
-  data, scenario, strategy, mesh, root_key = setup.data, setup.scenario, setup.strategy, setup.mesh, setup.root_key
-  state, state_sh, rep, step_fn, eval_fn, steps = (setup.state, setup.state_sharding, setup.replicated,
-                                                   setup.train_step, setup.eval_fn, setup.steps)
-  multi_step_fn = setup.multi_step
-  num_tasks, params = scenario.num_tasks, setup.state.params
-  eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
-
-  # Where to start: fresh, or the newest checkpoint.
-  os.makedirs(workdir, exist_ok=True)
-  checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-  rows: list[list[float]] = []
-  task_seconds: list[float] = []
-  start_task, iterator_state, resume_step = 0, None, None
-  latest = checkpoints.latest() if resume else None
-  if latest is not None:
-    state, meta = checkpoints.restore(abstract_like(state, state_sh), *latest)
-    rows, task_seconds = meta["rows"], meta["task_seconds"]
+  num_tasks = len(plan.steps)
+  names = list(plan.names or [f"task {t + 1}/{num_tasks}" for t in range(num_tasks)])
+  state = plan.state
+  boundary, task_seconds, prior_seconds = [], [], 0.0
+  start_task, iterator_state, resume_step, div_state, stopped = 0, None, None, None, None
+  restored = checkpoints.restore(abstract_like(state, plan.state_sharding)) if resume else None
+  if restored is not None:
+    state, meta = restored
+    boundary, task_seconds = meta["boundary"], meta["task_seconds"]
     start_task, iterator_state = meta["task"], meta["iterator"]
+    prior_seconds, div_state, stopped = meta.get("seconds", 0.0), meta.get("divergence"), meta.get("stopped")
+    if plan.load_meta is not None:
+      plan.load_meta(meta.get("plan", {}))
     resume_step = int(state.step)
-    print(f"Resuming {workdir} from step {resume_step} (task {start_task + 1}"
+    print(f"Resuming {workdir} from step {resume_step} ({names[min(start_task, num_tasks - 1)]}"
           f"{', start' if iterator_state is None else ', mid-task'}).")
-  else:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict(config), f, indent=2, sort_keys=True)
-  log = MetricsLog(workdir, resume_step)
-
-  def evaluate_all(task_index: int) -> list[float]:
-    return [evaluate_task(eval_fn, state.params, scenario, i, task_index, eval_batch, mesh)
-            for i in range(num_tasks)]
-
-  if not rows:
-    rows.append(evaluate_all(0))
-    log.write({"type": "eval", "step": 0, "task": 0, "accuracy": rows[0], "boundary": True})
-
+  log = (open_log or (lambda s: MetricsLog(workdir, s)))(resume_step)
+  divergence = _Divergence(plan.divergence_factor, div_state)
   kill_at = int(os.environ.get(KILL_ENV, "-1"))
-  print(f"{config.strategy} on {scenario.name}/{scenario.kind} ({data.name}): {num_tasks} tasks, "
-        f"{param_count(params):,} params, mesh {dict(mesh.shape)}")
-  for t in range(start_task, num_tasks):
-    t0 = time.time()
-    task_steps = steps[t]
-    first_step = sum(steps[:t])
-    state = state._replace(task_index=jax.device_put(jnp.int32(t), rep))
-    dataset = train_dataset(scenario, strategy.train_tasks(t), config.train.batch_size, config.seed, t)
-    it = train_iterator(dataset, iterator_state)
-    iterator_state = None
-    done = int(state.step) - first_step
-    if strategy.reset_optimizer and t > 0 and done == 0:
-      state = state._replace(opt_state=jax.device_put(setup.optimizer.init(state.params), state_sh.opt_state))
-    bar = _progress(progress, task_steps, done, f"task {t + 1}/{num_tasks}")
-    pending = []
+  seconds = lambda: prior_seconds + time.time() - t_start
 
-    def flush_metrics():
-      last_loss = None
-      for first, metrics in jax.device_get(pending):  # metrics: {name: [n]} for n consecutive steps
-        for i in range(len(metrics["loss"])):
-          rec = {"type": "train", "step": first + i, "task": t + 1,
-                 **{name: float(v[i]) for name, v in metrics.items()}}
-          if not np.isfinite(rec["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {rec['loss']} at step {first + i} (task {t + 1}); stopping. The last good checkpoint "
-                f"is kept in {workdir}/checkpoints; lower optim.lr or set optim.grad_clip.")
-          log.write(rec)
-          last_loss = rec["loss"]
-      if last_loss is not None:
-        bar.set_postfix(loss=f"{last_loss:.4f}")
-      pending.clear()
+  def meta(task, iterator):
+    return {"task": task, "iterator": iterator, "boundary": boundary, "task_seconds": task_seconds,
+            "seconds": seconds(), "divergence": divergence.state(), "stopped": stopped,
+            "plan": plan.meta() if plan.meta is not None else {}}
 
-    per_call = config.train.steps_per_call
-    for k in range(done, task_steps, per_call):
-      n = min(per_call, task_steps - k)
-      if per_call == 1:
-        state, metrics = step_fn(state, sharding.put_batch(next(it), mesh))
-        metrics = jax.tree.map(lambda m: m[None], metrics)
-      else:  # n steps fused into one jitted lax.scan (a shorter last chunk compiles once more)
-        group = [next(it) for _ in range(n)]
-        stacked = {key: np.stack([b[key] for b in group]) for key in group[0]}
-        state, metrics = multi_step_fn(state, sharding.put_batch(stacked, mesh, stacked=True))
-      step_no = first_step + k + n
-      pending.append((step_no - n + 1, metrics))
-      bar.update(n)
-      if sum(len(m["loss"]) for _, m in pending) >= config.train.log_every_steps:
+  def write_eval(step, t_record, fields, is_boundary):
+    rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
+    log.write(rec)
+    verdict = plan.on_eval(state, step, rec) if plan.on_eval is not None else None
+    return rec, verdict or Verdict()
+
+  try:
+    with PreemptionFlag() as preempt:
+      if not boundary and plan.eval_before and plan.evaluate is not None:
+        rec, verdict = write_eval(int(state.step), 0, plan.evaluate(state, 0), True)
+        boundary.append(rec)
+        if verdict.best:
+          checkpoints.save(int(state.step), state, meta(0, None), kind="best")
+      for t in range(start_task, num_tasks):
+        if stopped is not None:
+          break
+        t0 = time.time()
+        first_step = sum(plan.steps[:t])
+        task_steps = plan.steps[t]
+        done = int(state.step) - first_step
+        if iterator_state is None:
+          divergence.new_task()
+        source = plan.batches(t, iterator_state)
+        iterator_state = None
+        if plan.begin_task is not None:
+          state = plan.begin_task(state, t, done)
+        bar = _progress(progress, task_steps, done, names[t])
+        pending = []
+
+        def flush_metrics():
+          last = None
+          for first, metrics in jax.device_get(pending):  # metrics: {name: [n, ...]} for n consecutive steps
+            finite = metrics.pop("_finite", None)
+            for i in range(len(metrics["loss"])):
+              divergence.check(first + i, names[t], metrics["loss"][i], None if finite is None else finite[i])
+              rec = {"type": "train", **plan.record, "step": first + i, "task": t + 1,
+                     **{k: _metric_value(v[i]) for k, v in metrics.items() if not k.startswith("_")}}
+              log.write(rec)
+              last = rec["loss"]
+          if isinstance(last, float):
+            bar.set_postfix(loss=f"{last:.4f}")
+          pending.clear()
+
+        def save_mid_task(step_no):
+          flush_metrics()  # checks divergence first: a diverged state is never saved
+          log.flush()
+          checkpoints.save(step_no, state, meta(t, source.get_state()), kind="rolling")
+
+        per_call = max(1, plan.steps_per_call if plan.multi_step is not None else 1)
+        k = done
+        while k < task_steps:
+          n = min(per_call, task_steps - k)
+          step_no = first_step + k + n
+          if n == 1 and (per_call == 1 or plan.multi_step is None):
+            state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, step_no, False))
+            metrics = jax.tree.map(lambda m: m[None], metrics)
+          else:  # n steps fused into one jitted lax.scan (a shorter last chunk compiles once more)
+            state, metrics = plan.multi_step(state, fetch_batches(source, n, plan.put_batch, step_no - n + 1, True))
+          k += n
+          pending.append((step_no - n + 1, metrics))
+          bar.update(n)
+          if sum(len(m["loss"]) for _, m in pending) >= plan.log_every:
+            flush_metrics()
+          if plan.eval_every and k % plan.eval_every == 0 and k < task_steps and plan.evaluate is not None:
+            flush_metrics()
+            _, verdict = write_eval(step_no, t + 1, plan.evaluate(state, t), False)
+            if verdict.best:
+              checkpoints.save(step_no, state, meta(t, source.get_state()), kind="best")
+            if verdict.stop:
+              stopped = {"step": step_no, "task": t + 1}
+          if stopped is not None or (plan.checkpoint_every and k % plan.checkpoint_every == 0 and k < task_steps):
+            save_mid_task(step_no)
+            if stopped is not None:
+              break
+          if preempt.is_set():
+            if not checkpoints.has(step_no):
+              save_mid_task(step_no)
+            checkpoints.wait()
+            log.flush()
+            bar.close()
+            raise Preempted(f"preempted by signal {preempt.signum} at step {step_no} ({names[t]}); a checkpoint "
+                            f"was saved in {workdir}: rerun the same command to resume")
+          if step_no - n < kill_at <= step_no:
+            flush_metrics()
+            log.flush()
+            checkpoints.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
         flush_metrics()
-      if config.eval.every_steps and (k + n) % config.eval.every_steps == 0 and k + n < task_steps:
-        flush_metrics()
-        log.write({"type": "eval", "step": step_no, "task": t + 1, "accuracy": evaluate_all(t),
-                   "boundary": False})
-      if config.checkpoint.every_steps and (k + n) % config.checkpoint.every_steps == 0 and k + n < task_steps:
-        flush_metrics()
+        bar.close()
+        if stopped is not None:
+          break
+        if plan.after_task is not None:
+          state = plan.after_task(state, t)
+        fields = plan.evaluate(state, t) if plan.evaluate is not None else {}
+        task_seconds.append(time.time() - t0)
+        rec, verdict = write_eval(int(state.step), t + 1, fields, True)
+        boundary.append(rec)
         log.flush()
-        checkpoints.save(step_no, state, {"task": t, "iterator": it.get_state(), "rows": rows,
-                                          "task_seconds": task_seconds}, boundary=False)
-      if step_no - n < kill_at <= step_no:
-        flush_metrics()
-        log.flush()
-        checkpoints.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-    flush_metrics()
-    bar.close()
-
-    new_sstate = strategy.after_task(state.strategy_state, state.params, task_data(scenario, t),
-                                     jax.random.fold_in(root_key, 1000 + t))
-    state = state._replace(strategy_state=jax.device_put(new_sstate, state_sh.strategy_state))
-    rows.append(evaluate_all(t))
-    task_seconds.append(time.time() - t0)
-    log.write({"type": "eval", "step": int(state.step), "task": t + 1, "accuracy": rows[-1], "boundary": True})
-    log.flush()
-    checkpoints.save(int(state.step), state, {"task": t + 1, "iterator": None, "rows": rows,
-                                              "task_seconds": task_seconds}, boundary=True)
-    print(f"after task {t + 1}: " + " ".join(f"{100 * a:5.1f}" for a in rows[-1]))
-
-  checkpoints.wait()
-  checkpoints.close()
+        if verdict.best:
+          checkpoints.save(int(state.step), state, meta(t + 1, None), kind="best")
+        if verdict.stop:
+          stopped = {"step": int(state.step), "task": t + 1}
+        checkpoints.save(int(state.step), state, meta(t + 1, None), kind="task")
+      checkpoints.wait()
+  except BaseException:
+    try:
+      checkpoints.wait()  # the last good checkpoint is complete on disk
+    finally:
+      log.close()
+    raise
   log.close()
-  r = np.asarray(rows)
-  extra = {"strategy": config.strategy, "scenario": f"{scenario.name}/{scenario.kind}", "data": data.name,
-           "num_params": param_count(params), "steps_per_task": steps,
-           "timing": {"task_seconds": task_seconds, "total_seconds": time.time() - t_start}}
-  extra.update(strategy_record(config))
-  results = Results(r, **summarize(r), workdir=workdir, extra=extra)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results.as_dict(), f, indent=2)
-  report.write_report(workdir, results.as_dict(), f"{config.strategy} — {scenario.name} {scenario.kind}-IL "
-                                                  f"({data.name})")
-  return results
+  return LoopResult(state, boundary, task_seconds, seconds(), stopped, resume_step)
 
+
+# ----------------------------------------------------------------------------- the classic run
 
 class Setup(NamedTuple):
   """Everything a run is made of, before any step: what `run` uses and what a notebook can poke at."""
   data: Any
   scenario: Any
   model: Any
-  learner: Learner
+  learner: Any
   strategy: Any
   mesh: Any
-  state: TrainState
+  state: Any
   state_sharding: Any
   replicated: Any
   train_step: Any          # jitted (state, batch) -> (state, metrics), state donated
@@ -287,6 +374,14 @@ class Setup(NamedTuple):
 
 def build(config) -> Setup:
   """Loads data, builds the scenario, model, strategy, optimizer, mesh, sharded state and jitted step."""
+  from cl_jax.data import make_scenario
+  from cl_jax.data.sources import load_source
+  from cl_jax.models import build_model
+  from cl_jax.strategies import Learner, TaskInfo, build_strategy
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.schedules import build_schedule
+  from cl_jax.train.state import TrainState
+  from cl_jax.train.step import compile_train_step, make_train_step, task_loss
   data = load_source(config.data)
   scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head)
   num_tasks = scenario.num_tasks
@@ -306,24 +401,106 @@ def build(config) -> Setup:
   if len(set(steps)) > 1 and config.optim.scope == "global":
     raise ConfigError("optim.scope='global' needs the same number of steps per task "
                       "(use train.steps_per_task rather than epochs with a growing joint dataset)")
+  check_data_fits(config, scenario, strategy)
   schedule = build_schedule(config.optim, steps[0], num_tasks)
   optimizer = build_optimizer(config.optim, schedule, trainable)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
                      strategy_state=strategy.init(params, task_info),
-                     rng=jax.random.fold_in(root_key, 1), task_index=jnp.int32(0))
+                     rng=jax.random.fold_in(root_key, 1), task_index=np.int32(0))
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
-  state = jax.device_put(state, state_sh)
-  train_step = make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule,
-                               log_norms=config.train.log_norms)
+  state = sharding.put_global(state, state_sh)
+  train_step = with_finite_flag(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule,
+                                                log_norms=config.train.log_norms))
   step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
   multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
                                   sharding.batch_sharding(mesh, stacked=True), rep)
   eval_fn = make_eval_fn(learner, rep, sharding.batch_sharding(mesh))
   return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
                steps, root_key, optimizer)
+
+
+def check_data_fits(config, scenario, strategy) -> None:
+  """A batch larger than a task's training data: a config error before anything is written."""
+  for t in range(scenario.num_tasks):
+    n = sum(scenario.tasks[i].num_train for i in strategy.train_tasks(t))
+    if n < config.train.batch_size:
+      raise ConfigError(f"train.batch_size={config.train.batch_size}: larger than the {n} training examples of "
+                        f"task {t + 1}; use at most {n}")
+
+
+def classic_plan(config, setup: Setup) -> Plan:
+  """The classic kind's plan: grain batches of `strategy.train_tasks(t)`, accuracy rows, strategy after_task."""
+  from cl_jax.data import task_data, train_dataset, train_iterator
+  scenario, strategy, mesh, rep = setup.scenario, setup.strategy, setup.mesh, setup.replicated
+  num_tasks = scenario.num_tasks
+  eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
+
+  def batches(t, iterator_state):
+    dataset = train_dataset(scenario, strategy.train_tasks(t), config.train.batch_size, config.seed, t)
+    return train_iterator(dataset, iterator_state)
+
+  def begin_task(state, t, done):
+    state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
+    if strategy.reset_optimizer and t > 0 and done == 0:
+      opt = sharding.put_global(jax.device_get(setup.optimizer.init(state.params)), setup.state_sharding.opt_state)
+      state = state._replace(opt_state=opt)
+    return state
+
+  def after_task(state, t):
+    new = strategy.after_task(state.strategy_state, state.params, task_data(scenario, t),
+                              jax.random.fold_in(setup.root_key, 1000 + t))
+    return state._replace(strategy_state=sharding.put_global(new, setup.state_sharding.strategy_state))
+
+  def evaluate(state, t):
+    return {"accuracy": [evaluate_task(setup.eval_fn, state.params, scenario, i, t, eval_batch, mesh)
+                         for i in range(num_tasks)]}
+
+  return Plan(state=setup.state, state_sharding=setup.state_sharding, steps=setup.steps, batches=batches,
+              train_step=setup.train_step, multi_step=setup.multi_step,
+              put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
+              evaluate=evaluate, steps_per_call=config.train.steps_per_call, begin_task=begin_task,
+              after_task=after_task, eval_every=config.eval.every_steps,
+              checkpoint_every=config.checkpoint.every_steps, log_every=config.train.log_every_steps,
+              divergence_factor=float(config.train.get("divergence_factor", 0.0)))
+
+
+def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
+  """Runs the classic experiment `config` describes in `workdir`; see the module docstring."""
+  from cl_jax.config import validate
+  from cl_jax.eval.metrics import summarize
+  from cl_jax.models import param_count
+  from cl_jax.results import Results
+  sharding.maybe_initialize_distributed()
+  validate(config)
+  decide(config, workdir, overwrite)  # a workdir holding another run fails here, before any work
+  setup = build(config)
+  scenario, data = setup.scenario, setup.data
+  plan = classic_plan(config, setup)
+  with Workdir(config, workdir, overwrite) as wd:
+    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
+    try:
+      print(f"{config.strategy} on {scenario.name}/{scenario.kind} ({data.name}): {scenario.num_tasks} tasks, "
+            f"{param_count(setup.state.params):,} params, mesh {dict(setup.mesh.shape)}")
+      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress)
+      for t, rec in enumerate(out.boundary[1:]):
+        if out.resumed_from is None or int(rec["step"]) > out.resumed_from:
+          print(f"after task {t + 1}: " + " ".join(f"{100 * a:5.1f}" for a in rec["accuracy"]))
+    finally:
+      checkpoints.close()
+    r = np.asarray([rec["accuracy"] for rec in out.boundary])
+    extra = {"strategy": config.strategy, "scenario": f"{scenario.name}/{scenario.kind}", "data": data.name,
+             "num_params": param_count(setup.state.params), "steps_per_task": setup.steps,
+             "timing": {"task_seconds": out.task_seconds, "total_seconds": out.seconds}}
+    extra.update(strategy_record(config))
+    results = Results("classic", workdir, r, **summarize(r), extra=extra)
+    if is_writer():
+      write_json(workdir, "results.json", results.as_dict())
+      report.write_report(workdir, results.as_dict(), f"{config.strategy} — {scenario.name} {scenario.kind}-IL "
+                                                      f"({data.name})")
+  return results
 
 
 def strategy_record(config) -> dict:
@@ -344,7 +521,7 @@ def steps_for_task(config, scenario, strategy, t: int) -> int:
   return config.train.steps_per_task
 
 
-def make_eval_fn(learner: Learner, rep, batch_sh):
+def make_eval_fn(learner, rep, batch_sh):
   def correct(params, batch, task_index):
     logits = learner.logits(params, batch["x"], batch["task"], task_index)
     hit = (jnp.argmax(logits, -1) == batch["y"]) & batch["valid"]
@@ -355,16 +532,31 @@ def make_eval_fn(learner: Learner, rep, batch_sh):
 
 def evaluate_task(eval_fn, params, scenario, task_id: int, task_index: int, batch_size: int, mesh) -> float:
   """Test accuracy on one task with the logit mask of having trained up to `task_index`."""
+  from cl_jax.data import test_batches
   hits, total = 0, 0
-  ti = jnp.int32(task_index)
+  ti = sharding.put_global(np.int32(task_index), sharding.replicated(mesh))
   for batch in test_batches(scenario, task_id, batch_size):
-    h, n = eval_fn(params, sharding.put_batch(batch, mesh), ti)
+    h, n = eval_fn(params, sharding.put_global_batch(batch, mesh), ti)
     hits, total = hits + h, total + n
   return float(hits) / max(float(total), 1.0)
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
   from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+  return tqdm(total=total, initial=initial, desc=desc, disable=not enabled or not is_writer(), dynamic_ncols=True,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
                          "{rate_fmt}{postfix}]")
+
+
+# Kept for callers of the old names (cl_jax.lm.cpt): the workdir policy lives in cl_jax.workdir now.
+def prepare_workdir(config, workdir: str, overwrite: bool) -> bool:
+  import shutil
+  resume = decide(config, workdir, overwrite)
+  if not resume and overwrite and os.path.isdir(workdir):
+    shutil.rmtree(workdir)
+  return resume
+
+
+__all__ = ["Plan", "Verdict", "LoopResult", "run_tasks", "fetch_batches", "with_finite_flag", "run", "build",
+           "classic_plan", "Setup", "evaluate_task", "make_eval_fn", "steps_for_task", "strategy_record",
+           "prepare_workdir", "config_dict", "MetricsLog", "WorkdirError", "NonFiniteLossError"]
