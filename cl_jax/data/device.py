@@ -22,6 +22,7 @@ needs no iterator state, and a vmapped many-seed run draws each run's order from
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, NamedTuple, Sequence
@@ -34,7 +35,6 @@ from cl_jax.data.scenarios import Scenario
 
 _SALT = 0x5EED_DA7A  # the data-order stream: independent of the parameter init drawn from the same seed
 AUTO_FRACTION = 0.25  # 'auto' puts the data on device when it takes at most this share of device memory
-ON_DEVICE_VALUES = ("auto", True, False)
 
 
 class DevicePool(NamedTuple):
@@ -87,17 +87,26 @@ def device_memory_bytes(device=None) -> int:
 
 
 def check_on_device(value) -> None:
-  if value not in ON_DEVICE_VALUES or isinstance(value, (int, float)) and not isinstance(value, bool):
-    raise ValueError(f"data.on_device={value!r}: expected 'auto', True or False")
+  if _parse_on_device(value) is None:
+    raise ValueError(f"data.on_device={value!r}: expected 'auto', 'true' or 'false'")
+
+
+def _parse_on_device(value):
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str):
+    return {"auto": "auto", "true": True, "on": True, "false": False, "off": False}.get(value.strip().lower())
+  return None
 
 
 def use_device_data(value, scenario: Scenario) -> bool:
   """Resolves `data.on_device`: 'auto' is on when the pool takes at most AUTO_FRACTION of a device's memory."""
   check_on_device(value)
+  value = _parse_on_device(value)
   if value == "auto":
     memory = device_memory_bytes()
     return memory > 0 and pool_nbytes(scenario) <= AUTO_FRACTION * memory
-  return bool(value)
+  return value
 
 
 class DeviceData:
@@ -155,11 +164,10 @@ class DeviceData:
   def batches(self, seed, task_id, first_step, num_steps: int, table: TaskTable | None = None):
     """The `num_steps` batches of task `task_id` from its step `first_step` on, stacked [K, B, ...] (eager)."""
     table = self.table(task_id) if table is None else table
-    idx = chunk_indices(seed, task_id, first_step, num_steps, table.size, self.max_size, self.batch_size,
-                        self.epochs_spanned(num_steps))
-    return jax.vmap(lambda i: gather_batch(self.pool, table, i))(idx)
+    return _batches(self.pool, table, seed, task_id, first_step, num_steps, self.max_size, self.batch_size,
+                    self.epochs_spanned(num_steps))
 
-  def chunk_fn(self, train_step: Callable, num_steps: int) -> Callable:
+  def chunk_fn(self, train_step: Callable, num_steps: int, batch_sharding=None) -> Callable:
     """`chunk(state, pool, table, seed, task_id, first_step) -> (state, metrics {name: [K]})`, unjitted.
 
     K = `num_steps` consecutive train steps of one task as one `lax.scan`, each gathering its own batch on
@@ -172,11 +180,98 @@ class DeviceData:
       idx = chunk_indices(seed, task_id, first_step, num_steps, table.size, max_size, batch_size, epochs)
 
       def body(state, step_idx):
-        return train_step(state, gather_batch(pool, table, step_idx))
+        batch = gather_batch(pool, table, step_idx)
+        if batch_sharding is not None:  # the pool is replicated; the step's batch is split over the mesh
+          batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return train_step(state, batch)
 
       return jax.lax.scan(body, state, idx)
 
     return chunk
+
+
+class TestTables(NamedTuple):
+  rows: jax.Array   # int32 [T, num_batches, B]: rows of `DevicePool.x` of the test pool (padding: row 0)
+  y: jax.Array      # int32 [T, num_batches, B]
+  valid: jax.Array  # bool [T, num_batches, B]
+
+
+class DeviceTestData:
+  """Every task's test split on the devices, and one jitted program that scores all of them.
+
+  Same numbers as evaluating task by task with `pipeline.test_batches` (same batches, same masks), in one
+  dispatch: `accuracy(params, task_index) -> float32 [T]`, the accuracy-matrix row after training up to
+  `task_index`. `accuracy_fn(learner)` gives the unjitted function for vmapping over runs.
+  """
+
+  def __init__(self, scenario: Scenario, batch_size: int, replicated=None, batch_sharding=None):
+    self.batch_sharding = batch_sharding
+    put = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jnp.asarray
+    arrays, which = [], []
+    for task in scenario.tasks:
+      found = [i for i, a in enumerate(arrays) if a is task.x_test]
+      if not found:
+        arrays.append(task.x_test)
+      which.append(found[0] if found else len(arrays) - 1)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
+    x = np.concatenate([np.asarray(a, np.float32) for a in arrays])
+    remaps = [task.transform for task in scenario.tasks]
+    if any(r is not None for r in remaps):
+      index, weights = _stack_remaps(remaps, int(np.prod(scenario.input_shape)))
+      self.pool = DevicePool(put(x), put(index), put(weights))
+    else:
+      self.pool = DevicePool(put(x), None, None)
+    sizes = [len(t.y_test) for t in scenario.tasks]
+    nb = max(-(-n // batch_size) for n in sizes)
+    rows = np.zeros((len(sizes), nb * batch_size), np.int32)
+    y = np.zeros_like(rows)
+    valid = np.zeros(rows.shape, bool)
+    for t, task in enumerate(scenario.tasks):
+      n = sizes[t]
+      rows[t, :n] = offsets[which[t]] + np.arange(n)
+      y[t, :n] = task.y_test
+      valid[t, :n] = True
+    shape = (len(sizes), nb, batch_size)
+    self.tables = TestTables(put(rows.reshape(shape)), put(y.reshape(shape)), put(valid.reshape(shape)))
+    self._jitted = {}
+
+  def accuracy_fn(self, learner) -> Callable:
+    """`accuracy(params, pool, tables, task_index) -> float32 [T]` (unjitted)."""
+
+    def accuracy(params, pool: DevicePool, tables: TestTables, task_index):
+      def one_task(args):
+        t, rows, y, valid = args
+
+        def one_batch(carry, batch):
+          r, yb, vb = batch
+          task = jnp.full(r.shape, t, jnp.int32)
+          xb = gather_batch(pool, TaskTable(r, yb, task, jnp.int32(0)), jnp.arange(r.shape[0]))["x"]
+          if self.batch_sharding is not None:
+            xb = jax.lax.with_sharding_constraint(xb, self.batch_sharding)
+          logits = learner.logits(params, xb, task, task_index)
+          hits = jnp.sum((jnp.argmax(logits, -1) == yb) & vb)
+          return carry + hits, None
+
+        hits, _ = jax.lax.scan(one_batch, jnp.zeros((), jnp.int32), (rows, y, valid))
+        return hits.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+      t_ids = jnp.arange(tables.rows.shape[0], dtype=jnp.int32)
+      return jax.lax.map(one_task, (t_ids, tables.rows, tables.y, tables.valid))
+
+    return accuracy
+
+  def accuracy(self, learner, params, task_index: int) -> np.ndarray:
+    """The accuracy of every task [T] after training up to `task_index` (one jitted call; cached per learner)."""
+    fn = self._jitted.get(id(learner))
+    if fn is None:
+      fn = self._jitted[id(learner)] = (learner, jax.jit(self.accuracy_fn(learner)))
+    return np.asarray(fn[1](params, self.pool, self.tables, jnp.int32(task_index)))
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _batches(pool, table, seed, task_id, first_step, num_steps, max_size, batch_size, epochs):
+  idx = chunk_indices(seed, task_id, first_step, num_steps, table.size, max_size, batch_size, epochs)
+  return jax.vmap(lambda i: gather_batch(pool, table, i))(idx)
 
 
 def epoch_order(seed, task_id, epoch, size, max_size: int) -> jax.Array:
@@ -260,3 +355,68 @@ def default_chunk(task_steps: int, boundaries: Sequence[int], cap: int = 500) ->
 
 __all__ = ["DevicePool", "TaskTable", "DeviceData", "epoch_order", "chunk_indices", "gather_batch",
            "use_device_data", "check_on_device", "pool_nbytes", "chunk_lengths", "default_chunk"]
+
+
+# ----------------------------------------------------------------------------- the classic plan on device
+
+class StepSource:
+  """The batch source of a device-resident task: nothing to iterate, the step number says which batch comes.
+
+  Its `get_state()` goes into mid-task checkpoints like a grain iterator's state; resuming needs none of it.
+  """
+
+  def __init__(self, task_id: int):
+    self.task_id = task_id
+
+  def get_state(self) -> dict:
+    return {"device_resident": True, "task": self.task_id}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    raise RuntimeError("device-resident batches are drawn inside the jitted chunk (Plan.train_chunk)")
+
+
+def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
+  """`plan` (the classic one) with its training batches and test sets on the devices.
+
+  Training runs in chunks of K fused steps (`Plan.train_chunk`); K divides every task's steps and the
+  evaluation and checkpoint intervals, so one program serves the whole run and intervals land on chunk ends.
+  Evaluation of every task is one jitted call (`DeviceTestData`).
+  """
+  import dataclasses
+  from cl_jax import sharding
+  mesh, rep = setup.mesh, setup.replicated
+  batch_sh = sharding.batch_sharding(mesh) if mesh.size > 1 else None
+  data = DeviceData(setup.scenario, setup.strategy.train_tasks, config.train.batch_size, rep)
+  eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
+  test = DeviceTestData(setup.scenario, eval_batch, rep, batch_sh)
+  boundaries = [config.eval.every_steps, config.checkpoint.every_steps]
+  k = math.gcd(*setup.steps)
+  cap = max(1, int(config.train.steps_per_call)) if config.train.steps_per_call > 1 else 500
+  k = default_chunk(k, boundaries, cap)
+  step = setup.raw_train_step if hasattr(setup, "raw_train_step") else setup.train_step
+  nan_at = int(os.environ.get(nan_env, "-1"))
+  if nan_at >= 0:  # test hook: the batch of global step `nan_at` (counted from 1) gets NaN inputs
+    inner = step
+
+    def step(state, batch):
+      bad = state.step + 1 == nan_at
+      return inner(state, {**batch, "x": jnp.where(bad, jnp.nan, batch["x"])})
+
+  programs = {}
+  seed = np.int32(config.seed)
+
+  def train_chunk(state, t, first, n):
+    fn = programs.get(n)
+    if fn is None:
+      fn = programs[n] = jax.jit(data.chunk_fn(step, n, batch_sh), donate_argnums=0,
+                                 out_shardings=(setup.state_sharding, rep))
+    return fn(state, data.pool, data.table(t), seed, np.int32(t), np.int32(first))
+
+  def evaluate(state, t):
+    return {"accuracy": [float(a) for a in test.accuracy(setup.learner, state.params, t)]}
+
+  return dataclasses.replace(plan, batches=lambda t, iterator_state: StepSource(t), train_chunk=train_chunk,
+                             steps_per_call=k, evaluate=evaluate)
