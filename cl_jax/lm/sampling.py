@@ -110,12 +110,29 @@ def _generate_cached(model, params, prompt, key, *, max_new_tokens, temperature,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_recompute(model, params, prompt, key, *, max_new_tokens, temperature, top_k, eos_id):
   _, out = _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id)
-  batch, prompt_len = prompt.shape
+  return _recompute_loop(model.apply, params, out, prompt.shape[1], key, max_new_tokens, temperature, top_k, eos_id)
+
+
+def continue_with_apply(apply, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+                        temperature: float = 1.0) -> jax.Array:
+  """The full-recompute sampler for any `apply(params, tokens) -> logits` (a LoRA-wrapped model, say): continues
+  `prompt [B, T]` by `max_new_tokens` tokens, int32 [B, T + max_new_tokens]. Same draws as `generate`."""
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  out = jnp.concatenate([prompt, jnp.zeros((prompt.shape[0], max_new_tokens), jnp.int32)], axis=1)
+  run = jax.jit(lambda p, o, k: _recompute_loop(apply, p, o, prompt.shape[1], k, max_new_tokens,
+                                                float(temperature), None, None))
+  return run(params, out, key)
+
+
+def _recompute_loop(apply, params, out, prompt_len, key, max_new_tokens, temperature, top_k, eos_id):
+  batch = out.shape[0]
 
   def body(i, carry):
     out, done = carry
     # The buffer's last slot is never an input, so the forward pass runs on total-1 positions.
-    logits = model.apply(params, out[:, :-1])
+    logits = apply(params, out[:, :-1])
     last = jax.lax.dynamic_index_in_dim(logits, prompt_len + i - 1, axis=1, keepdims=False)
     new, done = _finish(sample_token(last, jax.random.fold_in(key, i), temperature, top_k), done, eos_id)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, prompt_len + i))

@@ -62,6 +62,13 @@ REGISTRY: dict[str, StrategyEntry] = {
     # O-LoRA also reads the base config's `lora` section (adapter rank, targets), so results.json records it.
     "olora": StrategyEntry(_olora.olora, {"olora": _olora.default_config}, _olora.check_config, ("olora", "lora")),
 }
+# LoRA (one adapter on the frozen base, through `prepare`; reads the base config's `lora` section) and the LM's
+# generative replay (H3).
+from cl_jax.strategies import generative_replay as _generative_replay, lora as _lora  # noqa: E402
+REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",))
+REGISTRY["generative_replay"] = StrategyEntry(
+    _generative_replay.generative_replay, {"generative_replay": _generative_replay.default_config},
+    _generative_replay.check_config, ("generative_replay",))
 
 
 def default_configs() -> dict[str, Callable]:

@@ -1,4 +1,4 @@
-"""Knowledge distillation from the previous model: Learning without Forgetting.
+"""Knowledge distillation from the previous model: Learning without Forgetting (and its token-level LM form).
 
 At the end of every task the params are snapshot as the teacher (Li & Hoiem 2016, "Learning without
 Forgetting"). While training task t the loss gains, on the current batch,
@@ -11,6 +11,11 @@ independent of T), averaged over the batch. Which logits are distilled follows t
                    the old classes' logits only, so the new classes are free to be learned;
   task             every previous task k < t through its own head / class subset, averaged over k:
                    LwF's one term per old task (costs one forward pass per task; see benchmarks).
+
+Shape-generic: logits may be [B, C] (a classifier) or [B, L, V] (a language model's next-token logits); the KL is
+taken over the last axis and averaged over every other position, weighted by `batch['mask']` when the batch has
+one (the LM's per-target mask; see `cl_jax.eval.evaluator` for the convention). On an LM run the teacher is the
+base (the snapshot after task 1, general pre-training): token-level distillation to the pre-adaptation model.
 
 State: {'teacher': params pytree, 'tasks': int32 number of tasks finished (0: no teacher yet)}.
 """
@@ -40,6 +45,15 @@ def distillation_loss(student_logits, teacher_logits, temperature: float) -> jax
   return temperature ** 2 * jnp.sum(jnp.where(t > 0, t * (log_t - log_s), 0.0), axis=-1)
 
 
+def mean_over_positions(values: jax.Array, batch) -> jax.Array:
+  """The mean of per-position values [B, ...], weighted by `batch['mask']` (same shape) when present."""
+  mask = batch.get("mask") if hasattr(batch, "get") else None
+  if mask is None:
+    return jnp.mean(values)
+  w = mask.astype(jnp.float32)
+  return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def _copy(params):
   # A fresh buffer: the train step donates its state, and one buffer may not be donated twice.
   return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
@@ -65,10 +79,11 @@ def distill(config, learner) -> Strategy:
     del task_info
     return dict(teacher=_copy(params), tasks=jnp.zeros((), jnp.int32))
 
-  def term(params, teacher, x, task, previous):
+  def term(params, teacher, batch, task, previous):
+    x = batch["x"]
     student = learner.logits(params, x, task, previous)
     target = jax.lax.stop_gradient(learner.logits(teacher, x, task, previous))
-    return jnp.mean(distillation_loss(student, target, temperature))
+    return mean_over_positions(distillation_loss(student, target, temperature), batch)
 
   def loss(loss_fn):
     def distill_loss(params, batch, ctx: LossContext):
@@ -78,7 +93,7 @@ def distill(config, learner) -> Strategy:
       x, task = batch["x"], batch["task"]
       if per_task:
         # One term per finished task k, through task k's head / classes; unfinished ones weigh 0.
-        terms = jnp.stack([term(params, state["teacher"], x, jnp.full_like(task, k), previous)
+        terms = jnp.stack([term(params, state["teacher"], batch, jnp.full_like(task, k), previous)
                            for k in range(num_tasks)])
         done = (jnp.arange(num_tasks) < state["tasks"]).astype(jnp.float32)
         kd = jnp.sum(terms * done) / jnp.maximum(done.sum(), 1.0)
@@ -90,9 +105,9 @@ def distill(config, learner) -> Strategy:
           from cl_jax.losses import apply_mask
           student = apply_mask(raw, learner.logit_mask(task, previous))
           target = jax.lax.stop_gradient(learner.logits(state["teacher"], x, task, previous))
-          kd = jnp.mean(distillation_loss(student, target, temperature))
+          kd = mean_over_positions(distillation_loss(student, target, temperature), batch)
         else:
-          kd = term(params, state["teacher"], x, task, previous)
+          kd = term(params, state["teacher"], batch, task, previous)
       kd = jnp.where(state["tasks"] > 0, kd, 0.0)
       return value + alpha * kd, {**aux, "distill_loss": kd}
     return distill_loss

@@ -29,6 +29,13 @@ Two ways to compute the per-example kinds, which give the same numbers:
 
 `fisher_diagonal(..., method='auto')` takes the dense path when it applies and verifies, on a few
 examples, that its own forward pass reproduces `learner.apply`; otherwise it falls back to vmap.
+
+Sequence models. When an example has a label per position (a language model: x [L-1] tokens, y [L-1] next
+tokens, logits [L-1, V]), log p(y | x) is the sum over positions and the per-example loss whose gradient is
+squared is its mean over positions, l_n = mean_t -log p(y_{n,t} | x_{n,<=t}); `empirical` is then the per-sequence
+empirical Fisher of continual pre-training's EWC, `sampled` draws every target token from the model
+(teacher-forced on the real context), and `batched` squares mini-batch gradients as above. `exact` would sum
+over all V^(L-1) label sequences and is refused.
 """
 from __future__ import annotations
 
@@ -41,12 +48,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cl_jax.losses import cross_entropy
 
 Params = Any
 
 KINDS = ("exact", "sampled", "empirical", "batched")
 METHODS = ("auto", "vmap", "dense")
+
+
+def example_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """-log p(label) per example, averaged over any positions: logits [B, ..., C], labels [B, ...] -> [B]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return nll.reshape(nll.shape[0], -1).mean(axis=1)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -113,6 +126,9 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
     x, y, task = x[keep], y[keep], task[keep]
     n = num_samples
   task_index = jnp.asarray(task_index, jnp.int32)
+  if kind == "exact" and y.ndim > 1:
+    raise ValueError(f"fisher.kind='exact': the examples have a label per position (labels {tuple(y.shape)}); the "
+                     "exact Fisher would sum over every label sequence. Use 'empirical' or 'sampled'")
 
   if kind == "batched":
     xs, ys, ts, ws = _chunk(batch_size, x, y, task)
@@ -206,7 +222,7 @@ def _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind, n
     else:
       if kind == "sampled":
         y = jax.random.categorical(key, jax.lax.stop_gradient(example_logits(params, x, t)))
-      g = jax.grad(lambda p: cross_entropy(example_logits(p, x, t)[None], y[None])[0])(params)
+      g = jax.grad(lambda p: example_nll(example_logits(p, x, t)[None], y[None])[0])(params)
       out = jax.tree.map(jnp.square, g)
     return jax.tree.map(lambda o: w * o, out)
 
@@ -227,7 +243,7 @@ def _batched_fisher(learner, params, xs, ys, ts, ws, task_index):
     x, y, t, w = batch
 
     def mean_loss(p):
-      ce = cross_entropy(learner.logits(p, x, t, task_index), y)
+      ce = example_nll(learner.logits(p, x, t, task_index), y)
       return jnp.sum(w * ce) / jnp.maximum(w.sum(), 1.0)
 
     g = jax.grad(mean_loss)(params)

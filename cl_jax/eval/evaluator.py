@@ -1,0 +1,145 @@
+"""The one evaluator: classifier accuracy rows and language-model perplexity / next-token accuracy / cloze.
+
+Mask convention (the same for every kind of run):
+
+  valid [B]        bool, per example: False on the padding rows that fill the last evaluation batch up to a
+                   multiple of the device count. A padded row never counts.
+  mask  [B, ...]   float, per target: 1 where a target counts, 0 where it does not (an LM batch's targets
+                   after a generated sequence's eos fill). Absent: every target of a valid example counts.
+  logit mask       the scenario's `Learner.logit_mask(task, task_index)`: which classes may be predicted after
+                   training up to `task_index` (class-IL: the classes seen so far; task-IL: the example's own
+                   task's classes). Evaluation applies it exactly as training does.
+
+Classic accuracy: `accuracy_row(eval_fn, params, scenario, task_index, ...)` is row `task_index + 1` of the
+accuracy matrix R (row 0 before any training: `task_index = 0`), the accuracy on every task with the logit mask of
+having trained up to `task_index`. The merge runner evaluates a merged model as a row after the last task
+(`task_index = T - 1`). A strategy with a `predict` hook (`predict(params, strategy_state, x, task, task_index) ->
+int32 [B]`, e.g. iCaRL's nearest-mean-of-exemplars classifier) is evaluated through it instead of the argmax.
+
+LM metrics, over fixed evaluation sequences tokens [n, L] (the model reads tokens[:, :-1], predicts tokens[:, 1:]):
+
+  perplexity = exp( sum_{valid targets} -log p(y_t | x_<=t) / number of valid targets )
+  accuracy   = fraction of valid targets where argmax p(. | x_<=t) = y_t
+  cloze      = fraction of cloze items whose true word has the highest summed log-likelihood among its choices
+               (`cl_jax.data.text.make_cloze_items`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cl_jax import sharding
+
+
+def padded_size(batch_size: int, mesh) -> int:
+  """The evaluation batch rounded up to a multiple of the device count (every device gets rows)."""
+  return -(-int(batch_size) // mesh.size) * mesh.size
+
+
+def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """`x` with zero rows appended up to n rows (their `valid` is False)."""
+  x = np.asarray(x)
+  return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)]) if len(x) < n else x
+
+
+# --------------------------------------------------------------------------------------------- classic
+
+
+def make_accuracy_fn(learner, replicated, batch_sharding, predict: Callable | None = None):
+  """jitted `(params, batch, task_index[, strategy_state]) -> (hits, count)` over the valid rows of a batch."""
+
+  def hits(params, batch, task_index, strategy_state=()):
+    if predict is not None:
+      pred = predict(params, strategy_state, batch["x"], batch["task"], task_index)
+    else:
+      pred = jnp.argmax(learner.logits(params, batch["x"], batch["task"], task_index), -1)
+    hit = (pred == batch["y"]) & batch["valid"]
+    return jnp.sum(hit), jnp.sum(batch["valid"])
+
+  return jax.jit(hits, in_shardings=(None, batch_sharding, replicated, None), out_shardings=replicated)
+
+
+def task_accuracy(eval_fn, params, scenario, task_id: int, task_index: int, batch_size: int, mesh,
+                  strategy_state=()) -> float:
+  """Test accuracy on task `task_id` with the logit mask of having trained up to `task_index`."""
+  from cl_jax.data import test_batches
+  hits, total = 0, 0
+  ti = jnp.int32(task_index)
+  for batch in test_batches(scenario, task_id, batch_size):
+    h, n = eval_fn(params, sharding.put_batch(batch, mesh), ti, strategy_state)
+    hits, total = hits + h, total + n
+  return float(hits) / max(float(total), 1.0)
+
+
+def accuracy_row(eval_fn, params, scenario, task_index: int, batch_size: int, mesh, strategy_state=()) -> list:
+  """Accuracy on every task of the scenario after training up to `task_index`: one row of R."""
+  return [task_accuracy(eval_fn, params, scenario, i, task_index, batch_size, mesh, strategy_state)
+          for i in range(scenario.num_tasks)]
+
+
+# -------------------------------------------------------------------------------------------------- LM
+
+
+def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
+  """`evaluate(params, sequences: {name: tokens [n, L]}, cloze: ClozeItems | None) -> {name/perplexity, ...}`.
+
+  `apply(params, tokens) -> logits`. Every process builds the same padded chunks and feeds only its own rows.
+  """
+  from cl_jax.lm.data import put_rows
+  from cl_jax.lm.losses import token_cross_entropy
+  size = padded_size(batch_size, mesh)
+
+  @jax.jit
+  def nll_batch(params, tokens, valid):
+    logits = apply(params, tokens[:, :-1])
+    targets = tokens[:, 1:]
+    nll = token_cross_entropy(logits, targets)
+    hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    w = valid[:, None].astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(hit * w), jnp.sum(w) * targets.shape[1]
+
+  @jax.jit
+  def cloze_batch(params, context, choices, mask):
+    b, k, w = choices.shape
+    seq = jnp.concatenate([jnp.repeat(context[:, None], k, 1), choices], -1).reshape(b * k, -1)
+    logits = apply(params, seq[:, :-1])
+    c = context.shape[1]
+    nll = token_cross_entropy(logits[:, c - 1:], seq[:, c:]).reshape(b, k, w)
+    return -jnp.sum(nll * mask, -1)  # log-likelihood of each choice
+
+  def perplexity(params, tokens):
+    s_nll = s_hit = s_n = 0.0
+    for i in range(0, len(tokens), size):
+      chunk = tokens[i:i + size]
+      batch = put_rows({"t": pad_rows(chunk, size), "v": pad_rows(np.ones(len(chunk), bool), size)}, mesh)
+      a, h, n = nll_batch(params, batch["t"], batch["v"])
+      s_nll, s_hit, s_n = s_nll + float(a), s_hit + float(h), s_n + float(n)
+    return math.exp(s_nll / s_n), s_hit / s_n
+
+  def cloze_accuracy(params, items):
+    per = padded_size(max(size // items.choices.shape[1], 1), mesh)
+    scores = []
+    for i in range(0, len(items.answer), per):
+      sl = slice(i, i + per)
+      n = len(items.answer[sl])
+      batch = put_rows({"c": pad_rows(items.context[sl], per), "x": pad_rows(items.choices[sl], per),
+                        "m": pad_rows(items.choice_mask[sl], per)}, mesh)
+      scores.append(np.asarray(jax.device_get(cloze_batch(params, batch["c"], batch["x"], batch["m"])))[:n])
+    return float(np.mean(np.argmax(np.concatenate(scores), -1) == items.answer))
+
+  def evaluate(params, sequences: dict, cloze=None) -> dict:
+    out = {}
+    for name, tokens in sequences.items():
+      out[f"{name}/perplexity"], out[f"{name}/accuracy"] = perplexity(params, tokens)
+    if cloze is not None:
+      out["general/cloze_accuracy"] = cloze_accuracy(params, cloze)
+    return out
+
+  return evaluate
+
+
+__all__ = ["padded_size", "pad_rows", "make_accuracy_fn", "task_accuracy", "accuracy_row", "make_lm_evaluator"]

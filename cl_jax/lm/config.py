@@ -1,0 +1,141 @@
+"""The language-model run's config (`kind='lm'`): its default and its validation.
+
+The strategy sections are the classic path's own (`lora.*`, `ewc.*`, `fisher.*`, `distill.*`, and every other
+section a registered strategy owns), so a strategy reads the same keys whichever kind of run it is in. What is
+LM-specific:
+
+  lm          the model (size preset and overrides, sequence length, tokenizer, compute dtype)
+  text        the two corpora (`general`, `domain`), their splits, evaluation subsets and cloze items
+  pretrain    task 1: the base, trained on general text (or loaded from `base_dir`)
+  adapt       task 2: adaptation on the mixture `adapt.mixture`, peak LR `adapt.lr_ratio * optim.lr`
+  regression  the regression monitor (cl_jax.lm.monitor): threshold, evaluation interval, hard stop
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from cl_jax import sharding
+from cl_jax.data import mixture as mx
+
+GENERAL, DOMAIN = "general", "domain"
+
+# Strategies an LM run can chain: the loss transforms that are shape-generic (token logits [B, L, V]) plus the
+# LM's own generative replay; LoRA trains one adapter on the frozen base (through `prepare`).
+LM_STRATEGIES = ("naive", "distill", "lwf", "ewc", "online_ewc", "generative_replay", "lora")
+FISHER_KINDS = ("empirical", "sampled", "batched")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full LM config (locked: a misspelt key is an error). `configs/cpt_lm.py` starts from this."""
+  from cl_jax.models.lora import default_config as lora_config
+  from cl_jax.strategies import default_configs
+  c = ml_collections.ConfigDict()
+  c.kind = "lm"
+  c.seed = 0
+  c.strategy = "naive"  # a '+' chain of LM_STRATEGIES, e.g. 'lora', 'distill', 'ewc', 'generative_replay'
+  c.lm = ml_collections.ConfigDict(dict(
+      size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
+      seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True))
+  c.text = ml_collections.ConfigDict(dict(
+      general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
+      split_seed=0, validation=0.05, test=0.05,
+      max_train_sequences=0,             # 0: all; else a fixed random subset of each domain's train split
+      eval_sequences=256,                # fixed random subset of validation / test per domain
+      cloze_items=400, cloze_context=48, cloze_choices=4))
+  # The classic `optim` keys; `schedule` / fractions shape the adaptation LR (pre-training is cosine).
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
+      schedule="wsd", scope="task", warmup_fraction=0.05, decay_fraction=0.25, end_lr_fraction=0.0,
+      decay_shape="linear"))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=1500, batch_size=16, warmup_fraction=0.05, end_lr_fraction=0.1,
+      base_dir=""))  # a finished LM run's workdir whose base to start from instead of pre-training
+  c.adapt = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr_ratio=0.1, mixture="70_30",
+                                           difficulty=False))
+  c.lora = lora_config()
+  for name, default in default_configs().items():
+    c[name] = default()
+  # EWC on the LM: Fisher of the base over general training sequences (per-sequence gradients of the mean
+  # token NLL, squared and averaged: the empirical kind), anchored at the base.
+  c.ewc.lam = 1000.0
+  c.fisher.kind = "empirical"
+  c.fisher.num_samples = 256
+  c.regression = ml_collections.ConfigDict(dict(
+      threshold=0.02, eval_every=500, hard_stop=True, patience=1, min_z=0.0, select="domain/perplexity",
+      eval_batch_size=64))
+  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.lock()
+  return c
+
+
+def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
+  v = c[section][key]
+  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    raise ValueError(f"{section}.{key}={v!r}: must be an integer >= {minimum}")
+
+
+def check_config(c) -> None:
+  """Raises ValueError whose message starts with the full key, for every value that would waste a run."""
+  from cl_jax.strategies import REGISTRY, parse_strategy_spec
+  from cl_jax.train.schedules import check_schedule
+  if c.kind != "lm":
+    raise ValueError(f"kind={c.kind!r}: cl_jax.lm runs kind='lm' configs")
+  names = parse_strategy_spec(c.strategy)
+  other = [n for n in names if n not in LM_STRATEGIES]
+  if other:
+    raise ValueError(f"strategy={c.strategy!r}: {other} cannot run on a language model; LM runs chain "
+                     f"{list(LM_STRATEGIES)} (replay of real general data is the mixture itself: adapt.mixture)")
+  if {"ewc", "online_ewc"} & set(names) and "lora" in names:
+    raise ValueError(f"strategy={c.strategy!r}: EWC with LoRA; the LoRA base is frozen already")
+  if {"ewc", "online_ewc"} & set(names) and c.fisher.kind not in FISHER_KINDS:
+    raise ValueError(f"fisher.kind={c.fisher.kind!r}: an LM predicts a label per token, so the exact Fisher "
+                     f"(a sum over every label sequence) is out of reach; expected one of {FISHER_KINDS}")
+  if not isinstance(c.seed, int) or c.seed < 0:
+    raise ValueError(f"seed={c.seed!r}: must be a non-negative integer")
+  for key in ("steps", "batch_size"):
+    _positive_int(c, "adapt", key)
+  _positive_int(c, "pretrain", "steps", 0)
+  _positive_int(c, "pretrain", "batch_size")
+  for key in ("log_every_steps",):
+    _positive_int(c, "train", key)
+  _positive_int(c, "checkpoint", "keep")
+  if not c.adapt.lr_ratio > 0:
+    raise ValueError(f"adapt.lr_ratio={c.adapt.lr_ratio}: must be positive (adaptation peak LR = "
+                     "lr_ratio * optim.lr)")
+  for key in ("warmup_fraction", "end_lr_fraction"):
+    if not 0 <= c.pretrain[key] <= 1:
+      raise ValueError(f"pretrain.{key}={c.pretrain[key]}: must be in [0, 1]")
+  from cl_jax.train.optim import OPTIMIZERS
+  if c.optim.name not in OPTIMIZERS:
+    raise ValueError(f"optim.name={c.optim.name!r}: expected one of {OPTIMIZERS}")
+  check_schedule(c.optim)
+  mx.from_spec(c.adapt.mixture, c.adapt.steps)  # raises naming adapt.mixture's value
+  _positive_int(c, "regression", "eval_every")
+  _positive_int(c, "regression", "eval_batch_size")
+  if not 0 < c.regression.threshold < 1:
+    raise ValueError(f"regression.threshold={c.regression.threshold}: must be a fraction in (0, 1)")
+  _positive_int(c, "regression", "patience")
+  if c.regression.min_z < 0:
+    raise ValueError(f"regression.min_z={c.regression.min_z}: must be >= 0 (0 disables the noise guard)")
+  if c.lm.seq_len < 2 or c.text.cloze_context + 1 > c.lm.seq_len:
+    raise ValueError(f"lm.seq_len={c.lm.seq_len}, text.cloze_context={c.text.cloze_context}: need "
+                     "2 <= cloze_context + 1 <= seq_len")
+  for key in ("validation", "test"):
+    if not 0 < c.text[key] < 0.5:
+      raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
+  data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
+  for section in ("pretrain", "adapt"):
+    if c[section].batch_size % (data * fsdp):
+      raise ValueError(f"{section}.batch_size={c[section].batch_size}: not divisible by the {data * fsdp} devices "
+                       f"of the mesh (mesh.data={data}, mesh.fsdp={fsdp})")
+  seen = set()
+  for name in names:
+    check = REGISTRY[name].check_config if name in REGISTRY else None
+    if check is not None and check not in seen:
+      seen.add(check)
+      check(c)
+
+
+__all__ = ["default_config", "check_config", "GENERAL", "DOMAIN", "LM_STRATEGIES", "FISHER_KINDS"]

@@ -1,0 +1,130 @@
+"""Data of a language-model run: the two corpora, fixed evaluation subsets, cloze items, and per-host batches.
+
+Batch layout (the one every LM loss, strategy and the evaluator read; `cl_jax.eval.evaluator` documents the mask
+convention it shares with the classic path):
+
+  x       int32 [B, L-1]  the model's input, tokens[:, :-1]
+  y       int32 [B, L-1]  the targets, tokens[:, 1:] (next-token prediction)
+  task    int32 [B]       the task (0: general pre-training, 1: adaptation)
+  domain  int32 [B]       which mixture domain each row came from (`MixtureSampler.domains`; host side only)
+  mask    float [B, L-1]  optional: 1 on targets that count (generated replay with eos fill has zeros)
+
+Multi-host: the sampler decides every row of the global batch from (seed, step) alone, so each process gathers
+only its own rows (`process_rows`) and `global_batch` assembles the global array with its global shape given
+explicitly; no process ever builds, or feeds, another's rows.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from cl_jax import sharding
+from cl_jax.data import text as textdata
+from cl_jax.data.tokenizer import load_tokenizer
+from cl_jax.lm.config import DOMAIN, GENERAL
+
+
+class CPTData(NamedTuple):
+  tokenizer: Any
+  train: dict      # role -> int32 [N, L] train sequences
+  doc_index: dict  # role -> int32 [N] document of each train sequence
+  eval: dict       # split -> role -> int32 [n, L] fixed evaluation sequences
+  cloze: dict      # split -> ClozeItems on held-out general prose
+  num_docs: dict   # role -> number of train documents
+
+
+def subset(n: int, k: int, seed: int) -> np.ndarray:
+  """A fixed sorted random subset of k of range(n) (all of it when k <= 0 or k >= n)."""
+  if k <= 0 or k >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def load_data(c) -> CPTData:
+  """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config)."""
+  tok = load_tokenizer(c.lm.tokenizer)
+  t = c.text
+  domains = {role: textdata.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
+                                        test=t.test, name=role)
+             for role, spec in ((GENERAL, t.general), (DOMAIN, t.domain))}
+  train, doc_index, evals = {}, {}, {"validation": {}, "test": {}}
+  for i, (role, dom) in enumerate(domains.items()):
+    tr = dom.splits["train"]
+    keep = subset(len(tr.tokens), t.max_train_sequences, 11 + i)
+    train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    for j, split in enumerate(("validation", "test")):
+      ev = dom.splits[split].tokens
+      evals[split][role] = ev[subset(len(ev), t.eval_sequences, 101 + 10 * i + j)]
+  cloze = {split: textdata.make_cloze_items(domains[GENERAL].documents[split], tok, num_items=t.cloze_items,
+                                            context_tokens=t.cloze_context, num_choices=t.cloze_choices,
+                                            seed=7 + j)
+           for j, split in enumerate(("validation", "test"))}
+  return CPTData(tok, train, doc_index, evals, cloze,
+                 {role: len(dom.documents["train"]) for role, dom in domains.items()})
+
+
+def check_against_data(c, data: CPTData) -> None:
+  """Data-dependent checks (before anything is written): every batch fits in its corpus."""
+  for section, roles in (("pretrain", (GENERAL,)), ("adapt", (GENERAL, DOMAIN))):
+    for role in roles:
+      n = len(data.train[role])
+      if n < 1:
+        raise ValueError(f"text.{role}={c.text[role]!r}: no training sequence of lm.seq_len={c.lm.seq_len}")
+
+
+def process_rows(global_batch: int) -> slice:
+  """The rows of each global batch this process feeds (a contiguous block, in device order)."""
+  count, index = jax.process_count(), jax.process_index()
+  if global_batch % count:
+    raise ValueError(f"batch size {global_batch}: not divisible by the {count} processes")
+  local = global_batch // count
+  return slice(index * local, (index + 1) * local)
+
+
+def next_token_batch(tokens: np.ndarray, task: int, domain: np.ndarray | None = None) -> dict:
+  """tokens [B, L] -> the LM batch layout (module docstring)."""
+  tokens = np.asarray(tokens)
+  out = {"x": tokens[:, :-1].astype(np.int32), "y": tokens[:, 1:].astype(np.int32),
+         "task": np.full((len(tokens),), task, np.int32)}
+  if domain is not None:
+    out["domain"] = np.asarray(domain, np.int32)
+  return out
+
+
+def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
+  """This process's rows of the mixture's global batch at `step`, in the LM batch layout."""
+  ids, example = sampler.indices(step)
+  rows = process_rows(sampler.batch_size)
+  ids, example = ids[rows], example[rows]
+  first = np.asarray(data_by_role[sampler.domains[0]])
+  tokens = np.empty((len(ids),) + first.shape[1:], first.dtype)
+  for d in np.unique(ids):
+    where = ids == d
+    tokens[where] = np.asarray(data_by_role[sampler.domains[d]])[example[where]]
+  return next_token_batch(tokens, task, ids)
+
+
+def global_batch(local: dict, mesh, global_size: int) -> dict:
+  """This process's rows -> global jax.Arrays sharded over the batch axes, the global shape given explicitly.
+
+  Host-side keys (`domain`) are dropped: they are for the run's bookkeeping, not the step.
+  """
+  sh = sharding.batch_sharding(mesh)
+  arrays = {k: v for k, v in local.items() if k != "domain"}
+  if jax.process_count() == 1:
+    return jax.device_put(arrays, sh)
+  return {k: jax.make_array_from_process_local_data(sh, v, (global_size,) + v.shape[1:])
+          for k, v in arrays.items()}
+
+
+def put_rows(full: dict, mesh) -> dict:
+  """A global batch every process can build cheaply (evaluation chunks): each feeds only its own rows."""
+  size = len(next(iter(full.values())))
+  rows = process_rows(size)
+  return global_batch({k: np.asarray(v)[rows] for k, v in full.items()}, mesh, size)
+
+
+__all__ = ["CPTData", "load_data", "subset", "check_against_data", "process_rows", "next_token_batch",
+           "sampler_batch", "global_batch", "put_rows"]
