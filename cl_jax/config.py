@@ -10,8 +10,8 @@ says what is allowed, e.g. "optim.lr=inf: must be a finite number". The base con
 read; a workdir compares it to decide whether it holds the same run, so registering a new strategy (which adds a
 default section to `base_config()`) never stops an existing workdir from resuming.
 
-`check_against_data(config, scenario)` holds the checks that need the data (a batch larger than a task's training
-set); the runner calls it after building the scenario, still before anything is written.
+Checks that need the data (a batch larger than a task's training set) run in the runner's build, after the
+scenario exists and still before anything is written (`cl_jax.train.loop.check_data_fits`).
 """
 from __future__ import annotations
 
@@ -209,20 +209,6 @@ def _type_problem(value, ref) -> str:
   if isinstance(ref, str):
     return "" if isinstance(value, str) else "expected a string"
   return ""
-
-
-def check_against_data(config, scenario) -> None:
-  """The checks that need the data: each task's training set must hold at least one batch.
-
-  The runner calls it right after building the scenario, before anything is written.
-  """
-  b = config.train.batch_size
-  sizes = [task.num_train for task in scenario.tasks]
-  small = [t for t, n in enumerate(sizes) if n < b]
-  if small:
-    t = small[0]
-    raise ConfigError(f"train.batch_size={b}: larger than task {t + 1}'s {sizes[t]} training examples "
-                      f"(data.name={config.data.name!r}, {scenario.num_tasks} tasks); use at most {min(sizes)}")
 
 
 def _validate(c) -> None:

@@ -52,3 +52,66 @@ def test_workdir_with_another_config_is_refused_and_kept(tmp_path, capsys):
   assert "different config" in capsys.readouterr().err
   assert json.loads((workdir / "config.json").read_text()) == {"something": "else"}
   assert (workdir / "results.json").exists()
+
+
+def _register_extra_strategy():
+  """Registers a strategy with a config section of its own, as a later version of the code would."""
+  import ml_collections
+  from cl_jax.strategies import REGISTRY, StrategyEntry, naive
+
+  def default_config():
+    return ml_collections.ConfigDict(dict(strength=1.0))
+
+  REGISTRY["h2_extra"] = StrategyEntry(naive, {"h2_extra": default_config}, None, ("h2_extra",))
+
+
+def test_comparable_drops_only_the_sections_the_chain_does_not_read():
+  from cl_jax.config import base_config, comparable
+  c = base_config()
+  c.strategy = "ewc+replay"
+  d = comparable(c)
+  assert {"ewc", "fisher", "replay", "optim", "train", "lora"} <= set(d)
+  assert not {"distill", "olora"} & set(d)
+  c.replay.capacity = 7
+  assert comparable(c)["replay"]["capacity"] == 7 and comparable(c) != d   # a used section still counts
+  c.distill.alpha = 5.0
+  assert comparable(c)["replay"]["capacity"] == 7 and "distill" not in comparable(c)
+  assert comparable(json.loads(c.to_json_best_effort())) == comparable(c)   # config.json or ConfigDict alike
+
+
+def test_adding_a_strategy_keeps_old_workdirs_resumable(tmp_path):
+  """A finished run's workdir, written before a new strategy (and its config section) existed, still resumes."""
+  import cl_jax
+  from cl_jax.strategies import REGISTRY
+  from conftest import tiny_config
+  workdir = str(tmp_path / "run")
+  first = cl_jax.run(tiny_config(steps=4, **{"scenario.num_tasks": 2}), workdir, progress=False)
+  written = json.loads((tmp_path / "run" / "config.json").read_text())
+  try:
+    _register_extra_strategy()
+    c = tiny_config(steps=4, **{"scenario.num_tasks": 2})
+    assert "h2_extra" in c and "h2_extra" not in written
+    again = cl_jax.run(c, workdir, progress=False)   # resumes (nothing left to train) instead of refusing
+    assert again.acc == first.acc
+    c.strategy = "h2_extra"
+    with pytest.raises(Exception, match="different config"):   # a run that does read the new section differs
+      cl_jax.run(c, workdir, progress=False)
+  finally:
+    REGISTRY.pop("h2_extra", None)
+
+
+def test_lm_config_errors_name_the_full_key(tmp_path, capsys):
+  rc = main(["--config", "configs/cpt_lm.py", "--config.adapt.steps=abc", "--workdir", str(tmp_path / "w")])
+  assert rc == 2 and "adapt.steps='abc': expected an integer" in capsys.readouterr().err
+  rc = main(["--config", "configs/cpt_lm.py", "--config.adapt.steps=0", "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: adapt.steps=0"), err
+  assert not (tmp_path / "w").exists()
+
+
+def test_merge_config_errors_name_the_full_key(tmp_path, capsys):
+  rc = main(["--config", "configs/merge.py:method=ties,run=runs/none", "--config.merge.density=1.5",
+             "--workdir", str(tmp_path / "w")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: merge.density=1.5"), err
+  assert not (tmp_path / "w").exists()
