@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # log_norms=False drops the grad / param / update l2 norms from the metrics: three passes over the params
   # that cost ~25% of a small model's step on CPU (benchmarks/step_throughput.py).
   c.train = ml_collections.ConfigDict(dict(steps_per_task=500, epochs_per_task=0, batch_size=128,
-                                           log_every_steps=10, steps_per_call=1, log_norms=True))
+                                           log_every_steps=10, steps_per_call=1, log_norms=True,
+                                           divergence_factor=100.0))
+  # divergence_factor: stop (exit 3) when a step's loss exceeds this x the early loss (0 disables; see loop.py).
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -263,6 +265,8 @@ def _check_classic(c) -> None:
       continue
     if not isinstance(c.train[key], int) or c.train[key] < 1:
       raise ConfigError(f"train.{key}={c.train[key]!r}: must be a positive integer")
+  if not c.train.divergence_factor >= 0:
+    raise ConfigError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0 disables the check)")
   if c.train.epochs_per_task < 0:
     raise ConfigError(f"train.epochs_per_task={c.train.epochs_per_task}: must be >= 0 (0 = use steps_per_task)")
   if c.eval.every_steps < 0 or c.eval.batch_size < 1:
