@@ -37,6 +37,8 @@ def runner_for(kind: str):
 def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   """Runs `config` in `workdir` (resuming the run there, if any) and returns its `Results`."""
   sharding.maybe_initialize_distributed()
+  from cl_jax import compilation_cache
+  compilation_cache.enable()
   from cl_jax.config import validate
   from cl_jax.results import Results
   from cl_jax.workdir import check_usable

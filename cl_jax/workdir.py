@@ -84,6 +84,31 @@ def _diff_keys(a, b, prefix=""):
     yield prefix.rstrip(".")
 
 
+def _reference(kind: str) -> dict:
+  try:
+    from cl_jax.config import reference_config
+    ref = reference_config(kind)
+  except Exception:  # noqa: BLE001 — no reference: compare strictly
+    return {}
+  return config_dict(ref) if ref is not None else {}
+
+
+def _drop_new_defaults(new: dict, old: dict, ref: dict) -> dict:
+  """`new` without the keys `old` lacks whose value is the default: a key added to the package later (with a
+  default that keeps the old behaviour) does not stop an old workdir from resuming."""
+  out = {}
+  for k, v in new.items():
+    if k not in old:
+      if isinstance(ref, dict) and k in ref and ref[k] == v:
+        continue
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(old[k], dict):
+      out[k] = _drop_new_defaults(v, old[k], ref.get(k, {}) if isinstance(ref, dict) else {})
+    else:
+      out[k] = v
+  return out
+
+
 def read_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -111,6 +136,7 @@ def decide(config, workdir: str, overwrite: bool) -> bool:
                          " use another --workdir, or --overwrite to replace it")
     return False
   new_c, old_c = comparable_dict(config), comparable_dict(old)
+  new_c = _drop_new_defaults(new_c, old_c, _reference(new_c.get("kind", "classic")))
   if new_c != old_c:
     diff = sorted(_diff_keys(old_c, new_c))
     raise WorkdirError(f"workdir {workdir!r} holds a run with a different config (differs in {diff[:8]}); "

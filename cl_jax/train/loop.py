@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cl_jax import report, sharding
+from cl_jax import compilation_cache, report, sharding
 from cl_jax.checkpoint import Checkpoints, abstract_like
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, write_json
@@ -80,6 +80,9 @@ class Plan:
   evaluate: Callable[[Any, int], dict] | None = None
   multi_step: Callable | None = None
   steps_per_call: int = 1
+  # (state, t, k, n) -> (state, metrics {name: [n, ...]}): n steps of task t from its step k, batches drawn on
+  # device inside the jitted program (device-resident data); when set, `batches` only supplies get_state().
+  train_chunk: Callable | None = None
   begin_task: Callable | None = None
   after_task: Callable | None = None
   on_eval: Callable | None = None
@@ -285,12 +288,15 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           log.flush()
           checkpoints.save(step_no, state, meta(t, source.get_state()), kind="rolling")
 
-        per_call = max(1, plan.steps_per_call if plan.multi_step is not None else 1)
+        fused = plan.multi_step is not None or plan.train_chunk is not None
+        per_call = max(1, plan.steps_per_call if fused else 1)
         k = done
         while k < task_steps:
           n = min(per_call, task_steps - k)
           step_no = first_step + k + n
-          if n == 1 and (per_call == 1 or plan.multi_step is None):
+          if plan.train_chunk is not None:
+            state, metrics = plan.train_chunk(state, t, k, n)
+          elif n == 1 and (per_call == 1 or plan.multi_step is None):
             state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, step_no, False))
             metrics = jax.tree.map(lambda m: m[None], metrics)
           else:  # n steps fused into one jitted lax.scan (a shorter last chunk compiles once more)
@@ -413,7 +419,7 @@ def build(config) -> Setup:
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = sharding.put_global(state, state_sh)
   train_step = with_finite_flag(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule,
-                                                log_norms=config.train.log_norms))
+                                                log_norms=config.train.log_norms, strategy=strategy))
   step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
   multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
                                   sharding.batch_sharding(mesh, stacked=True), rep)
@@ -474,6 +480,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   from cl_jax.models import param_count
   from cl_jax.results import Results
   sharding.maybe_initialize_distributed()
+  compilation_cache.enable()
   validate(config)
   decide(config, workdir, overwrite)  # a workdir holding another run fails here, before any work
   setup = build(config)
