@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cl_jax.lm.losses import lm_loss_fn  # noqa: E402
 from cl_jax.lm.sampling import generate  # noqa: E402
 from cl_jax.models.transformer import build_lm, matmul_flops_per_token, model_config  # noqa: E402

@@ -17,13 +17,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cl_jax import merging  # noqa: E402
 
 

@@ -19,10 +19,7 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +35,6 @@ STRATEGIES = ("naive", "ewc", "online_ewc", "lwf", "replay", "ewc+replay", "lwf+
 
 
 def split_mnist_config(strategy: str, data_path: str):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs.split_mnist import get_config
   c = get_config(f"scenario=class,strategy={strategy}")
   set_overrides(c, {"data.path": data_path})

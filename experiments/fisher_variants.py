@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from experiments.split_mnist import fmt, mean_std, run_cached, split_config, tune, write_markdown
 
 KINDS = ("exact", "sampled", "empirical", "batched")

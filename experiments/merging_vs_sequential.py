@@ -34,7 +34,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import jax
@@ -42,8 +41,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cl_jax import merging, routing  # noqa: E402
 from cl_jax.config import base_config  # noqa: E402

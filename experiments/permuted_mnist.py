@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from cl_jax.config import set_overrides
 from experiments.split_mnist import MNIST, fmt, mean_std, run_cached, tune, write_markdown
 

@@ -17,12 +17,9 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import numpy as np
 
 from cl_jax.config import set_overrides

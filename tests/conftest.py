@@ -1,12 +1,9 @@
 """Shared test fixtures. Tests run on CPU; sharding tests start a subprocess with 8 fake devices."""
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 MNIST_NPZ = os.path.join(ROOT, "..", "shared", "data", "mnist.npz")
 

@@ -388,8 +388,6 @@ def test_bad_strategy_settings_fail_config_validation_by_name():
 
 
 _SHARDED_SCRIPT = """
-import sys
-sys.path[:0] = ['tests', '.']
 import jax, numpy as np
 from conftest import tiny_config
 from cl_jax.train.loop import build
@@ -412,7 +410,7 @@ def test_strategies_train_on_a_sharded_mesh():
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=os.path.join(root, "tests"), env=env,
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK 8" in out.stdout

@@ -1,0 +1,1 @@
+"""Scripts that reproduce a published table end to end over `cl_jax.run`; each writes its table under results/."""
