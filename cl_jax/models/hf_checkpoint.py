@@ -1,0 +1,630 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors <-> `TransformerLM` params.
+
+    loaded = hf_checkpoint.load("path/to/Llama-3.2-1B", mesh=mesh, dtype=jnp.bfloat16)
+    loaded.model.apply(loaded.params, tokens)         # logits, as transformers' LlamaForCausalLM gives them
+    hf_checkpoint.export("out/", loaded.hf_config, params, tokenizer=loaded.tokenizer)
+
+Families (config.json's `model_type`): `llama` (Llama 2 / 3 / 3.1+, RoPE scalings 'linear' and 'llama3',
+optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases) and `gpt2`
+(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]). All with
+grouped-query attention where the config has it, tied or untied embeddings.
+
+Layouts. A torch `nn.Linear` weight is stored [out, in]; cl_jax kernels are [in..., out...] with named axes
+(`q: [D, H, Dh]`, `o: [H, Dh, D]`, see `cl_jax.models.transformer`), so `q_proj.weight [H Dh, D]` becomes
+`q.kernel = W^T.reshape(D, H, Dh)`, head-major as transformers splits heads (`view(..., H, Dh)`). GPT-2's
+Conv1D weights are already [in, out]; its fused `c_attn` [D, 3D] holds q, k and v side by side. Every
+mapping is one `Piece`: an HF tensor, the cl_jax param path, and for each HF axis the cl_jax axes it splits
+into (and an offset along it, for the fused tensor). Import and export both read this one table, so they
+cannot disagree, and export -> import is a pure data move (bit-exact).
+
+Streaming. `load(..., mesh=m)` builds each param with `jax.make_array_from_callback`: for every device's
+shard, the callback reads only the rows / columns of the HF tensor that shard needs (safetensors
+`safe_open(...).get_slice`, which reads from the memory-mapped file), transposes and reshapes them on the
+host, and hands them to that device: a device only ever receives its own shard, and the host holds one
+shard's rows at a time, never a whole stacked checkpoint. The target shardings are the project's rule
+(`cl_jax.sharding.state_sharding`), so the params come out exactly as the trainer would shard them.
+
+Export writes `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most
+`max_shard_bytes` plus `model.safetensors.index.json` (the layout `save_pretrained` writes and
+`from_pretrained` reads); each tensor is gathered to the host one at a time. A LoRA params pytree
+(`cl_jax.models.lora`) is exported with its named adapter merged into the base (W + alpha/r A B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from contextlib import ExitStack
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cl_jax.errors import ConfigError
+from cl_jax.models import FunctionalModel
+from cl_jax.models.transformer import TransformerConfig, abstract_lm
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+# Files that travel with tokenizer.json (transformers' AutoTokenizer reads them when present).
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Non-parameter tensors some checkpoints carry (RoPE tables, GPT-2's causal-mask buffers): skipped.
+_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+# transformers' names for the tanh approximation of gelu (GPT-2's `gelu_new`) and for the exact one.
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_GELU_EXACT = ("gelu",)
+
+
+class Loaded(NamedTuple):
+  """What `load` returns: the model (graph), its params, the tokenizer (None without tokenizer.json),
+  config.json as a dict, and the `TransformerConfig` it maps to."""
+  model: FunctionalModel
+  params: Any
+  tokenizer: Any
+  hf_config: dict
+  config: TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One cl_jax param <- (part of) one HF tensor.
+
+  groups: in cl_jax axis order, (hf_axis, cl_jax axes' sizes, offset): the cl_jax axes `sizes` are the
+  row-major split of HF axis `hf_axis` over [offset, offset + prod(sizes)).
+  """
+  path: tuple[str, ...]
+  name: str
+  groups: tuple[tuple[int, tuple[int, ...], int], ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(s for _, sizes, _ in self.groups for s in sizes)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+def _fail(path: str, message: str):
+  raise ConfigError(f"{path}: {message}")
+
+
+def _rope_settings(hf: dict, path: str) -> dict:
+  """theta and scaling from either transformers layout: v5 `rope_parameters` (theta inside) or v4
+  `rope_theta` + `rope_scaling`."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+  merged = {**params, **scaling}
+  kind = merged.get("rope_type", merged.get("type", "default"))
+  partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial not in (None, 1, 1.0):
+    _fail(path, f"partial_rotary_factor={partial}: only full rotary embeddings are supported")
+  out = dict(rope_base=float(theta))
+  if kind == "default":
+    return out
+  if kind == "linear":
+    return {**out, "rope_scaling": "linear", "rope_factor": float(merged["factor"])}
+  if kind == "llama3":
+    return {**out, "rope_scaling": "llama3", "rope_factor": float(merged["factor"]),
+            "rope_low_freq_factor": float(merged["low_freq_factor"]),
+            "rope_high_freq_factor": float(merged["high_freq_factor"]),
+            "rope_original_max_len": int(merged.get("original_max_position_embeddings",
+                                                    hf.get("max_position_embeddings")))}
+  _fail(path, f"RoPE scaling type {kind!r} is not supported; supported: 'default', 'linear', 'llama3'")
+
+
+def _sliding_window(hf: dict, family: str, path: str) -> int:
+  if family == "mistral":
+    return int(hf.get("sliding_window") or 0)
+  if family == "qwen2" and hf.get("use_sliding_window"):
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or ["sliding_attention" if i >= int(hf.get("max_window_layers", n)) else
+                                      "full_attention" for i in range(n)]
+    if len(set(types)) > 1:
+      _fail(path, f"layer_types={types}: a mix of sliding and full attention layers is not supported")
+    return int(hf["sliding_window"]) if types[0] == "sliding_attention" else 0
+  return 0
+
+
+def transformer_config(hf: Mapping, path: str = "config.json", **overrides) -> TransformerConfig:
+  """The `TransformerConfig` of an HF config.json dict (`overrides`: e.g. compute_dtype='bfloat16')."""
+  hf = dict(hf)
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    _fail(path, f"model_type={family!r} is not supported; supported families: {', '.join(FAMILIES)}")
+  if family == "gpt2":
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GELU_TANH + _GELU_EXACT:
+      _fail(path, f"activation_function={act!r}: expected one of {_GELU_TANH + _GELU_EXACT}")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+      _fail(path, "scale_attn_weights=false / scale_attn_by_inverse_layer_idx=true are not supported")
+    d = int(hf["n_embd"])
+    fields = dict(
+        vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["n_layer"]), num_heads=int(hf["n_head"]),
+        max_len=int(hf["n_positions"]), mlp_hidden=int(hf.get("n_inner") or 4 * d),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", True)), norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), mlp="gelu", gelu_approximate=act in _GELU_TANH,
+        qkv_bias=True, o_bias=True, mlp_bias=True, positions="learned")
+  else:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      _fail(path, f"hidden_act={act!r}: only 'silu' (SwiGLU) is supported for {family}")
+    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or d // heads)
+    attn_bias = {"llama": bool(hf.get("attention_bias", False)), "mistral": False, "qwen2": True}[family]
+    fields = dict(
+        vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        attn_head_dim=0 if head_dim * heads == d else head_dim,
+        max_len=int(hf.get("max_position_embeddings", 2048)), mlp_hidden=int(hf["intermediate_size"]),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)), norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", qkv_bias=attn_bias,
+        o_bias=attn_bias and family == "llama", mlp_bias=bool(hf.get("mlp_bias", False)) and family == "llama",
+        positions="rope", sliding_window=_sliding_window(hf, family, path), **_rope_settings(hf, path))
+  try:
+    return TransformerConfig(**{**fields, **overrides})
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{path}: {e}") from e
+
+
+def family_of(cfg: TransformerConfig) -> str:
+  """The HF family a config exports as; ConfigError when none can hold it (e.g. the byte model's RoPE + gelu)."""
+  if cfg.positions == "learned":
+    if (cfg.norm, cfg.mlp, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == ("layernorm", "gelu", True, True, True):
+      return "gpt2"
+  elif cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+    if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias and cfg.rope_scaling == "none":
+      return "qwen2"
+    if cfg.sliding_window:
+      if not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias) and cfg.rope_scaling == "none":
+        return "mistral"
+    elif cfg.qkv_bias == cfg.o_bias:
+      return "llama"
+  raise ConfigError(f"TransformerConfig(norm={cfg.norm!r}, mlp={cfg.mlp!r}, positions={cfg.positions!r}, "
+                    f"biases q/k/v={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}, "
+                    f"sliding_window={cfg.sliding_window}) matches no Hugging Face family; exportable: "
+                    "llama/mistral/qwen2 (rmsnorm + swiglu + rope) and gpt2 (layernorm + gelu + learned "
+                    "positions + biases)")
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "gpt2": "GPT2LMHeadModel"}
+
+
+def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping | None = None) -> dict:
+  """config.json for `cfg` in `family`'s layout; fields of `base` (e.g. the imported config: token ids,
+  generation settings) are kept unless `cfg` determines them."""
+  family = family or family_of(cfg)
+  if family not in FAMILIES:
+    raise ConfigError(f"family={family!r}: supported families: {', '.join(FAMILIES)}")
+  if family_of(cfg) != family and not (family in ("llama", "mistral", "qwen2") and
+                                       _fits_llama_family(cfg, family)):
+    raise ConfigError(f"family={family!r} cannot hold this model (it exports as {family_of(cfg)!r})")
+  out = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+  out.update(model_type=family, architectures=[_ARCHITECTURES[family]], vocab_size=cfg.vocab_size,
+             tie_word_embeddings=cfg.tied_embeddings)
+  if family == "gpt2":
+    out.update(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_positions=cfg.max_len,
+               n_inner=cfg.mlp_dim, layer_norm_epsilon=cfg.norm_eps,
+               activation_function="gelu_new" if cfg.gelu_approximate else "gelu",
+               scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+    return out
+  out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+             num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
+             max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu")
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+  if cfg.rope_scaling == "linear":
+    rope.update(rope_type="linear", factor=cfg.rope_factor)
+  elif cfg.rope_scaling == "llama3":
+    rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  # Both layouts: transformers >= 5 reads `rope_parameters`, 4.x reads `rope_theta` + `rope_scaling`.
+  out["rope_parameters"] = rope
+  out["rope_theta"] = cfg.rope_base
+  out["rope_scaling"] = None if cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
+  if family == "llama":
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif family == "mistral":
+    out.update(sliding_window=cfg.sliding_window or None)
+  else:
+    out.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+               layer_types=[("sliding_attention" if cfg.sliding_window else "full_attention")
+                            for _ in range(cfg.num_layers)])
+    if cfg.sliding_window:  # every layer slides (cl_jax has one window for all layers)
+      out["max_window_layers"] = 0
+  return out
+
+
+def _fits_llama_family(cfg: TransformerConfig, family: str) -> bool:
+  """Whether `family` can hold `cfg` exactly (a bias-free Llama is also a valid Mistral, and so on)."""
+  if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.positions != "rope":
+    return False
+  if family == "llama":
+    return cfg.qkv_bias == cfg.o_bias and not cfg.sliding_window
+  if family == "mistral":
+    return not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias) and cfg.rope_scaling == "none"
+  return cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias and cfg.rope_scaling == "none"
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> list[Piece]:
+  """Every cl_jax param of `cfg` and where it lives in `family`'s checkpoint (see `Piece`)."""
+  d, h, kv, dh, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  pieces: list[Piece] = []
+
+  def add(path, name, *groups):
+    pieces.append(Piece(tuple(path.split("/")), name, tuple((a, tuple(s), o) for a, s, o in groups)))
+
+  def vector(path, name, sizes, offset=0):
+    add(path, name, (0, sizes, offset))
+
+  if family == "gpt2":
+    p = "transformer." if prefix is None else prefix
+    add("embed/embedding", p + "wte.weight", (0, (v,), 0), (1, (d,), 0))
+    add("pos_embed/embedding", p + "wpe.weight", (0, (cfg.max_len,), 0), (1, (d,), 0))
+    for i in range(cfg.num_layers):
+      b, n = f"block_{i}/", f"{p}h.{i}."
+      for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        vector(b + ours + "/scale", n + theirs + ".weight", (d,))
+        vector(b + ours + "/bias", n + theirs + ".bias", (d,))
+      for j, proj in enumerate("qkv"):  # c_attn [D, 3D] = [q | k | v] along its output axis
+        add(f"{b}attn/{proj}/kernel", n + "attn.c_attn.weight", (0, (d,), 0), (1, (h, dh), j * d))
+        vector(f"{b}attn/{proj}/bias", n + "attn.c_attn.bias", (h, dh), j * d)
+      add(b + "attn/o/kernel", n + "attn.c_proj.weight", (0, (h, dh), 0), (1, (d,), 0))
+      vector(b + "attn/o/bias", n + "attn.c_proj.bias", (d,))
+      add(b + "mlp/up/kernel", n + "mlp.c_fc.weight", (0, (d,), 0), (1, (f,), 0))
+      vector(b + "mlp/up/bias", n + "mlp.c_fc.bias", (f,))
+      add(b + "mlp/down/kernel", n + "mlp.c_proj.weight", (0, (f,), 0), (1, (d,), 0))
+      vector(b + "mlp/down/bias", n + "mlp.c_proj.bias", (d,))
+    vector("final_norm/scale", p + "ln_f.weight", (d,))
+    vector("final_norm/bias", p + "ln_f.bias", (d,))
+  else:
+    p = "model." if prefix is None else prefix
+    add("embed/embedding", p + "embed_tokens.weight", (0, (v,), 0), (1, (d,), 0))
+    for i in range(cfg.num_layers):
+      b, n = f"block_{i}/", f"{p}layers.{i}."
+      vector(b + "attn_norm/scale", n + "input_layernorm.weight", (d,))
+      vector(b + "mlp_norm/scale", n + "post_attention_layernorm.weight", (d,))
+      for proj, heads in (("q", h), ("k", kv), ("v", kv)):  # nn.Linear [out, in] -> kernel [in, heads, Dh]
+        add(f"{b}attn/{proj}/kernel", f"{n}self_attn.{proj}_proj.weight", (1, (d,), 0), (0, (heads, dh), 0))
+        if cfg.qkv_bias:
+          vector(f"{b}attn/{proj}/bias", f"{n}self_attn.{proj}_proj.bias", (heads, dh))
+      add(b + "attn/o/kernel", n + "self_attn.o_proj.weight", (1, (h, dh), 0), (0, (d,), 0))
+      if cfg.o_bias:
+        vector(b + "attn/o/bias", n + "self_attn.o_proj.bias", (d,))
+      for proj, fan_in, fan_out in (("gate", d, f), ("up", d, f), ("down", f, d)):
+        add(f"{b}mlp/{proj}/kernel", f"{n}mlp.{proj}_proj.weight", (1, (fan_in,), 0), (0, (fan_out,), 0))
+        if cfg.mlp_bias:
+          vector(f"{b}mlp/{proj}/bias", f"{n}mlp.{proj}_proj.bias", (fan_out,))
+    vector("final_norm/scale", p + "norm.weight", (d,))
+  if not cfg.tied_embeddings:
+    add("lm_head/kernel", "lm_head.weight", (1, (d,), 0), (0, (v,), 0))
+  return pieces
+
+
+def _hf_shapes(pieces) -> dict[str, tuple[int, ...]]:
+  """The shape of every HF tensor the pieces cover."""
+  shapes: dict[str, list[int]] = {}
+  for piece in pieces:
+    rank = len(piece.groups)
+    shape = shapes.setdefault(piece.name, [0] * rank)
+    for axis, sizes, offset in piece.groups:
+      shape[axis] = max(shape[axis], offset + math.prod(sizes))
+  return {k: tuple(v) for k, v in shapes.items()}
+
+
+def _flat_params(tree, prefix=()):
+  for k, sub in tree.items():
+    if isinstance(sub, Mapping):
+      yield from _flat_params(sub, (*prefix, k))
+    else:
+      yield (*prefix, k), sub
+
+
+def _set(tree: dict, path: tuple, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: tuple):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _check_layout(pieces, abstract_params) -> None:
+  expected = {path: tuple(x.shape) for path, x in _flat_params(abstract_params)}
+  mapped = {p.path: p.shape for p in pieces}
+  if expected != mapped:  # an internal inconsistency between transformer.py and this table
+    raise AssertionError(f"hf_checkpoint layout does not match the model's params: "
+                         f"only in the model {sorted(set(expected) - set(mapped))}, only in the layout "
+                         f"{sorted(set(mapped) - set(expected))}, shape differences "
+                         f"{[(k, expected[k], mapped[k]) for k in expected.keys() & mapped.keys() if expected[k] != mapped[k]]}")
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+def _read_piece(tensor, piece: Piece, index: tuple[slice, ...], dtype) -> np.ndarray:
+  """The part `index` (slices over the cl_jax param's axes) of `piece`, read from a safetensors slice object.
+
+  Each HF axis is read over the bounding range of the flat indices the requested box covers (the whole
+  box when only the leading cl_jax axis of a group is sliced, as the sharding rule does for kernels), then the
+  box is picked out, the axes put in cl_jax order and split.
+  """
+  hf_sel, picks, box_shapes, axis = {}, {}, [], 0
+  for hf_axis, sizes, offset in piece.groups:
+    ranges = [np.arange(*index[axis + j].indices(sizes[j])) for j in range(len(sizes))]
+    axis += len(sizes)
+    flat = np.ravel_multi_index(np.ix_(*ranges), sizes).ravel() if sizes else np.zeros(1, np.int64)
+    lo, hi = int(flat.min()), int(flat.max()) + 1
+    hf_sel[hf_axis] = slice(offset + lo, offset + hi)
+    if len(flat) != hi - lo:
+      picks[hf_axis] = flat - lo
+    box_shapes.append([len(r) for r in ranges])
+  block = np.asarray(tensor[tuple(hf_sel[a] for a in range(len(piece.groups)))])
+  for hf_axis, where in picks.items():
+    block = np.take(block, where, axis=hf_axis)
+  block = np.transpose(block, [hf_axis for hf_axis, _, _ in piece.groups])
+  return block.reshape([s for shape in box_shapes for s in shape]).astype(dtype)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """{tensor name: file} from the index of a sharded checkpoint, or from the single file."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as fh:
+      weight_map = json.load(fh).get("weight_map")
+    if not isinstance(weight_map, dict):
+      _fail(index, "no 'weight_map' object")
+    missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(path, f))})
+    if missing:
+      _fail(index, f"names shard files that do not exist in {path}: {missing}")
+    return {k: os.path.join(path, f) for k, f in weight_map.items()}
+  single = os.path.join(path, SINGLE_FILE)
+  if not os.path.exists(single):
+    _fail(path, f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read; convert a "
+                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))")
+  from safetensors import safe_open
+  with safe_open(single, framework="numpy") as fh:
+    return {k: single for k in fh.keys()}
+
+
+def read_config(path: str) -> dict:
+  """config.json of a checkpoint directory (ConfigError naming the path when it is not one)."""
+  if not os.path.isdir(path):
+    _fail(path, f"not a directory; expected a Hugging Face checkpoint directory ({CONFIG_FILE} + "
+                f"{SINGLE_FILE} or {INDEX_FILE}) of a supported family: {', '.join(FAMILIES)}")
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    _fail(path, f"no {CONFIG_FILE}; expected a Hugging Face checkpoint directory of a supported family: "
+                f"{', '.join(FAMILIES)}")
+  with open(config_path) as fh:
+    return json.load(fh)
+
+
+def _prefix(names, family: str) -> str:
+  """'model.' / 'transformer.' for *ForCausalLM checkpoints, '' for bare-model ones (the original gpt2)."""
+  root = "transformer." if family == "gpt2" else "model."
+  return root if any(n.startswith(root) for n in names) else ""
+
+
+def _token_id(value):
+  return value[0] if isinstance(value, list) and value else value
+
+
+def load_tokenizer(path: str, hf: Mapping | None = None):
+  """tokenizer.json of a checkpoint directory through `tokenizers` (None when there is none); the eos / bos
+  ids come from config.json where it names them."""
+  file = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.exists(file):
+    return None
+  from cl_jax.data.tokenizer import HFTokenizer
+  hf = dict(hf or {})
+  return HFTokenizer(file, eos_id=_token_id(hf.get("eos_token_id")), bos_id=_token_id(hf.get("bos_token_id")),
+                     pad_id=_token_id(hf.get("pad_token_id")))
+
+
+def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **overrides) -> Loaded:
+  """Reads an HF checkpoint directory into a `TransformerLM`: (model, params, tokenizer, hf_config, config).
+
+  mesh: a `jax.sharding.Mesh` with the project's ('data', 'fsdp') axes: each param is built straight into
+    its sharding (`cl_jax.sharding.state_sharding`), one device's shard at a time. None: the default device.
+  dtype: the params' dtype (float32, or bfloat16 to halve their memory).
+  overrides: `TransformerConfig` fields that do not change the params, e.g. compute_dtype='bfloat16'.
+  """
+  from safetensors import safe_open
+  hf = read_config(path)
+  cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE), **overrides)
+  family = hf["model_type"]
+  files = _weight_files(path)
+  pieces = layout(cfg, family, _prefix(files, family))
+  model, abstract = abstract_lm(cfg)
+  _check_layout(pieces, abstract)
+  expected = _hf_shapes(pieces)
+  missing = sorted(set(expected) - set(files))
+  if missing:
+    _fail(path, f"the checkpoint lacks tensors a {family} model with this config.json needs: {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}")
+  unexpected = sorted(n for n in set(files) - set(expected) if not n.endswith(_BUFFER_SUFFIXES)
+                      and not (cfg.tied_embeddings and n == "lm_head.weight"))
+  if unexpected:
+    _fail(path, f"tensors this {family} config.json does not account for: {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''} (is config.json from the same model?)")
+  if mesh is None:
+    device = jax.devices()[0]
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+  else:
+    from cl_jax import sharding
+    shardings = sharding.state_sharding(abstract, mesh)
+  np_dtype = np.dtype(dtype)
+  params: dict = {}
+  with ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+    for piece in pieces:
+      tensor = handles[files[piece.name]].get_slice(piece.name)
+      shape = tuple(tensor.get_shape())
+      if shape != expected[piece.name]:
+        _fail(files[piece.name], f"tensor {piece.name} has shape {list(shape)}, but config.json implies "
+                                 f"{list(expected[piece.name])}")
+      array = jax.make_array_from_callback(
+          piece.shape, _get(shardings, piece.path),
+          lambda index, tensor=tensor, piece=piece: _read_piece(tensor, piece, index, np_dtype))
+      _set(params, piece.path, array)
+  tok = load_tokenizer(path, hf) if tokenizer else None
+  return Loaded(model, params, tok, hf, cfg)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _merged_base(params, adapter: str | None, lora_spec):
+  """The plain params to export: `params` itself, or a LoRA pytree's base with `adapter` merged."""
+  if isinstance(params, Mapping) and set(params) == {"base", "adapters"}:
+    if adapter is None:
+      if params["adapters"]:
+        raise ConfigError(f"export: params hold LoRA adapters {sorted(params['adapters'])}; name the one to "
+                          "merge with adapter=... (and its lora_spec), or pass params['base'] to export the base")
+      return params["base"]
+    if lora_spec is None:
+      raise ConfigError(f"export: adapter={adapter!r} needs lora_spec (its alpha sets the merge scale)")
+    from cl_jax.models import lora
+    return lora.merge_adapter(params, adapter, lora_spec)["base"]
+  if adapter is not None:
+    raise ConfigError(f"export: adapter={adapter!r} given, but params are not a LoRA pytree "
+                      "({'base': ..., 'adapters': ...})")
+  return params
+
+
+def _write_tokenizer(path: str, tokenizer) -> None:
+  if isinstance(tokenizer, str):
+    source = tokenizer if tokenizer.endswith(".json") else os.path.join(tokenizer, TOKENIZER_FILE)
+    if not os.path.exists(source):
+      raise ConfigError(f"export: tokenizer={tokenizer!r}: no such tokenizer.json")
+  else:
+    source = getattr(tokenizer, "path", None)
+    if source is None or not os.path.exists(source):
+      raise ConfigError(f"export: tokenizer {tokenizer!r} has no tokenizer.json to copy (expected a "
+                        "cl_jax.data.tokenizer.HFTokenizer or a path)")
+  shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
+  for side in TOKENIZER_SIDE_FILES:
+    other = os.path.join(os.path.dirname(source), side)
+    if os.path.exists(other):
+      shutil.copyfile(other, os.path.join(path, side))
+
+
+def export(path: str, model_config, params, tokenizer=None, *, family: str | None = None,
+           max_shard_bytes: int = 5 * 2**30, dtype=None, adapter: str | None = None, lora_spec=None) -> list[str]:
+  """Writes `params` as an HF checkpoint directory: config.json + safetensors (+ tokenizer.json).
+
+  model_config: the imported config.json dict (`Loaded.hf_config`: its family and token ids are kept) or a
+    `TransformerConfig` (the family is `family`, or the one that holds it: `family_of`).
+  params: TransformerLM params, or a LoRA pytree {'base', 'adapters'} with `adapter` merged into the base
+    (`lora_spec`: its `cl_jax.models.lora.LoraSpec`).
+  max_shard_bytes: larger checkpoints are split into shards with model.safetensors.index.json.
+  dtype: the stored dtype (default: each param's own, so export -> import is bit-exact).
+  Only process 0 writes. Returns the files written.
+  """
+  from safetensors.numpy import save_file
+  if isinstance(model_config, TransformerConfig):
+    cfg, base = model_config, None
+  elif isinstance(model_config, Mapping):
+    base = dict(model_config)
+    cfg = transformer_config(base, "export: model_config")
+    family = family or base["model_type"]
+  else:
+    raise ConfigError(f"export: model_config must be a config.json dict or a TransformerConfig, got "
+                      f"{type(model_config).__name__}")
+  params = _merged_base(params, adapter, lora_spec)
+  vocab = _get(params, ("embed", "embedding")).shape[0]
+  if vocab != cfg.vocab_size:  # e.g. after cl_jax.lm.vocab.extend_vocab
+    cfg = cfg.replace(vocab_size=int(vocab))
+  out_config = hf_config(cfg, family, base)
+  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id")):
+    if base is None and getattr(tokenizer, attr, None) is not None:
+      out_config[key] = int(getattr(tokenizer, attr))
+  family = out_config["model_type"]
+  pieces = layout(cfg, family)
+  _check_layout(pieces, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  if max_shard_bytes < 1:
+    raise ConfigError(f"export: max_shard_bytes={max_shard_bytes}: must be positive")
+  by_name: dict[str, list[Piece]] = {}
+  for piece in pieces:
+    by_name.setdefault(piece.name, []).append(piece)
+  shapes = _hf_shapes(pieces)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    # A checkpoint written here before (sharded differently) would shadow or contradict this one.
+    for stale in os.listdir(path):
+      if stale in (SINGLE_FILE, INDEX_FILE) or (stale.startswith("model-") and stale.endswith(".safetensors")):
+        os.remove(os.path.join(path, stale))
+  shard_files: list[tuple[str, list[str]]] = []  # (temporary file, tensor names), in order
+  current: dict[str, np.ndarray] = {}
+  total = 0
+
+  def flush():
+    name = f".shard-{len(shard_files):05d}.safetensors"
+    if writer:
+      save_file(current, os.path.join(path, name), metadata={"format": "pt"})
+    shard_files.append((name, list(current)))
+    current.clear()
+
+  for name, group in by_name.items():
+    first = _to_host(_get(params, group[0].path))
+    out_dtype = np.dtype(dtype) if dtype is not None else first.dtype
+    tensor = np.empty(shapes[name], out_dtype)
+    for piece in group:
+      x = first if piece is group[0] else _to_host(_get(params, piece.path))
+      # cl_jax axes -> HF axes: merge each group's axes, then order the groups by their HF axis.
+      merged = x.reshape([math.prod(sizes) for _, sizes, _ in piece.groups])
+      merged = np.transpose(merged, np.argsort([hf_axis for hf_axis, _, _ in piece.groups]))
+      where = [slice(None)] * len(piece.groups)
+      for hf_axis, sizes, offset in piece.groups:
+        where[hf_axis] = slice(offset, offset + math.prod(sizes))
+      tensor[tuple(where)] = merged.astype(out_dtype)
+    if current and sum(t.nbytes for t in current.values()) + tensor.nbytes > max_shard_bytes:
+      flush()
+    current[name] = tensor
+    total += tensor.nbytes
+  flush()
+  written = [CONFIG_FILE]
+  if writer:
+    n = len(shard_files)
+    if n == 1:
+      os.replace(os.path.join(path, shard_files[0][0]), os.path.join(path, SINGLE_FILE))
+      written.append(SINGLE_FILE)
+    else:
+      weight_map = {}
+      for k, (tmp, names) in enumerate(shard_files):
+        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(os.path.join(path, tmp), os.path.join(path, final))
+        weight_map.update({t: final for t in names})
+        written.append(final)
+      with open(os.path.join(path, INDEX_FILE), "w") as fh:
+        json.dump({"metadata": {"total_size": int(total)}, "weight_map": dict(sorted(weight_map.items()))},
+                  fh, indent=2)
+      written.append(INDEX_FILE)
+    with open(os.path.join(path, CONFIG_FILE), "w") as fh:
+      json.dump(out_config, fh, indent=2, sort_keys=True)
+    if tokenizer is not None:
+      _write_tokenizer(path, tokenizer)
+      written.append(TOKENIZER_FILE)
+  return written
+
+
+__all__ = ["FAMILIES", "Loaded", "Piece", "load", "export", "read_config", "transformer_config", "hf_config",
+           "family_of", "layout", "load_tokenizer"]

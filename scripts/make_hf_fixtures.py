@@ -1,0 +1,157 @@
+"""Builds the Hugging Face reference fixtures of tests/test_hf_checkpoint.py (tests/fixtures/hf/).
+
+    pip install torch==2.13.0 transformers    # reference-only: never needed by the test suite
+    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--check-export]
+
+For each family (llama with grouped-query attention and Llama-3.1 RoPE scaling, sharded; mistral with a
+sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2) it builds a tiny
+random model with `transformers` (PyTorch, CPU, float32, eager attention), perturbs every parameter (norm
+gains and biases too, so a mis-mapped one changes the logits), and writes into `<out>/<family>/`:
+
+  config.json, model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json),
+  tokenizer.json (+ tokenizer_config.json)   -- `save_pretrained`, the layout real checkpoints have
+  reference.npz   tokens [2, T] int32, logits [2, T, V] float32 (the transformers forward pass),
+                  text (str) and text_ids (the transformers tokenizer's ids of `text`)
+
+The tokenizer is a small BPE trained with the `tokenizers` package on a paragraph of CPython's own
+documentation (pydoc_data), so the fixtures depend on nothing downloaded.
+
+`--check-export` also goes the other way: cl_jax imports each fixture, exports it with
+`cl_jax.models.hf_checkpoint.export`, and transformers loads the export; it prints the largest logit
+difference against the reference (it should be ~1e-6).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 128
+SEQ = 16
+TEXT = "The quick brown fox jumps over the lazy dog; def f(x): return x + 1"
+
+
+def train_tokenizer(path: str) -> None:
+  """A byte-fallback-free BPE with a 128-token vocabulary over a few pydoc topics."""
+  from pydoc_data.topics import topics
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  corpus = [topics[k] for k in sorted(topics)[:40]] + [TEXT]
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                limit_alphabet=60, show_progress=False)
+  tok.train_from_iterator(corpus, trainer)
+  tok.save(path)
+
+
+def family_configs():
+  import transformers as tf
+  common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+  return {
+      "llama": tf.LlamaConfig(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+          rope_parameters=dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+                               high_freq_factor=4.0, original_max_position_embeddings=64), **common),
+      "mistral": tf.MistralConfig(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=6, tie_word_embeddings=True,
+          rope_parameters=dict(rope_type="default", rope_theta=1000.0), **common),
+      "qwen2": tf.Qwen2Config(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+          max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+          rope_parameters=dict(rope_type="default", rope_theta=10000.0), **common),
+      "gpt2": tf.GPT2Config(
+          n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, activation_function="gelu_new",
+          layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, vocab_size=VOCAB,
+          bos_token_id=1, eos_token_id=2),
+  }
+
+
+def perturb(model, seed: int) -> None:
+  """Every parameter away from its init: weights N(0, 0.3^2) (large enough that logits depend strongly on
+  every layer), norm gains 1 + N(0, 0.2^2), biases N(0, 0.2^2)."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+      if name.endswith("bias"):
+        p.copy_(0.2 * noise)
+      elif p.ndim == 1:  # norm gains
+        p.copy_(1.0 + 0.2 * noise)
+      else:
+        p.copy_(0.3 * noise)
+
+
+def build(out: str) -> None:
+  import torch
+  import transformers as tf
+  torch.manual_seed(0)
+  tok_path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+  train_tokenizer(tok_path)
+  hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=tok_path, unk_token="<unk>", bos_token="<s>",
+                                      eos_token="</s>")
+  text_ids = np.asarray(hf_tok(TEXT, add_special_tokens=False)["input_ids"], np.int32)
+  rng = np.random.default_rng(0)
+  tokens = np.stack([np.resize(text_ids, SEQ), rng.integers(0, VOCAB, SEQ)]).astype(np.int32)
+  classes = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+             "gpt2": tf.GPT2LMHeadModel}
+  for i, (family, config) in enumerate(family_configs().items()):
+    config._attn_implementation = "eager"
+    model = classes[family](config).eval()
+    perturb(model, seed=100 + i)
+    if config.tie_word_embeddings:
+      model.tie_weights()
+    directory = os.path.join(out, family)
+    shutil.rmtree(directory, ignore_errors=True)
+    # llama is saved in shards (each a few KB), the others as one file.
+    model.save_pretrained(directory, max_shard_size="20KB" if family == "llama" else "50GB")
+    hf_tok.save_pretrained(directory)
+    with torch.no_grad():
+      logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
+    np.savez(os.path.join(directory, "reference.npz"), tokens=tokens, logits=logits.astype(np.float32),
+             text=np.asarray(TEXT), text_ids=text_ids)
+    files = sorted(os.listdir(directory))
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+    print(f"{family}: {files} ({size / 1024:.0f} KiB); |logits| max {np.abs(logits).max():.2f}")
+
+
+def check_export(out: str) -> None:
+  """cl_jax import -> cl_jax export -> transformers load: logits equal the reference."""
+  import torch
+  import transformers as tf
+  sys.path.insert(0, ROOT)
+  from cl_jax.models import hf_checkpoint
+  for family in ("llama", "mistral", "qwen2", "gpt2"):
+    ref = np.load(os.path.join(out, family, "reference.npz"))
+    loaded = hf_checkpoint.load(os.path.join(out, family))
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_checkpoint.export(tmp, loaded.hf_config, loaded.params, tokenizer=loaded.tokenizer)
+      model = tf.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager", dtype=torch.float32).eval()
+      with torch.no_grad():
+        logits = model(torch.from_numpy(ref["tokens"]).long()).logits.numpy()
+    print(f"{family}: transformers on cl_jax's export, max |logit - reference| = "
+          f"{np.abs(logits - ref['logits']).max():.2e}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "hf"))
+  parser.add_argument("--check-export", action="store_true")
+  parser.add_argument("--skip-build", action="store_true", help="only --check-export the existing fixtures")
+  args = parser.parse_args()
+  if not args.skip_build:
+    build(args.out)
+  if args.check_export:
+    check_export(args.out)
+
+
+if __name__ == "__main__":
+  main()

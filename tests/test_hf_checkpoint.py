@@ -1,0 +1,233 @@
+"""Hugging Face checkpoint import / export (cl_jax.models.hf_checkpoint) against transformers' own logits.
+
+The fixtures under tests/fixtures/hf/ were written by scripts/make_hf_fixtures.py with transformers + PyTorch
+(CPU, float32): tiny random llama (GQA, Llama-3.1 RoPE scaling, sharded files), mistral (sliding window,
+tied), qwen2 (q/k/v biases, untied) and gpt2 models with their reference logits. This file needs neither.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cl_jax.errors import ConfigError
+from cl_jax.models import hf_checkpoint as hc
+from cl_jax.models import lora
+from cl_jax.models.transformer import build_lm, model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def _fixture(family):
+  return os.path.join(FIXTURES, family)
+
+
+def _reference(family):
+  return np.load(os.path.join(_fixture(family), "reference.npz"))
+
+
+def _logits(loaded, tokens):
+  return np.asarray(jax.jit(loaded.model.apply)(loaded.params, jnp.asarray(tokens)))
+
+
+def _flat(params):
+  return {"/".join(str(k.key) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_reference(family):
+  ref = _reference(family)
+  loaded = hc.load(_fixture(family))
+  logits = _logits(loaded, ref["tokens"])
+  assert logits.shape == ref["logits"].shape and np.abs(ref["logits"]).max() > 1.0
+  np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=1e-4)
+  # The tokenizer (tokenizer.json through `tokenizers`) encodes like transformers' tokenizer did, and the
+  # eos id comes from config.json.
+  np.testing.assert_array_equal(loaded.tokenizer.encode(str(ref["text"])), ref["text_ids"])
+  assert loaded.tokenizer.eos_id == loaded.hf_config["eos_token_id"] == 2
+  assert "brown fox jumps over the" in loaded.tokenizer.decode(ref["text_ids"])
+
+
+def test_each_family_feature_is_exercised_by_its_fixture():
+  """The reference check above can fail: without the feature each fixture carries, logits move."""
+  cfgs = {f: hc.load(_fixture(f)).config for f in FAMILIES}
+  assert cfgs["llama"].kv_heads < cfgs["llama"].num_heads and cfgs["llama"].rope_scaling == "llama3"
+  assert not cfgs["llama"].tied_embeddings and cfgs["mistral"].tied_embeddings
+  assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].o_bias and cfgs["qwen2"].kv_heads == 1
+  assert cfgs["gpt2"].positions == "learned" and cfgs["gpt2"].norm == "layernorm"
+  for family, override in (("llama", dict(rope_scaling="none")), ("mistral", dict(sliding_window=0)),
+                           ("gpt2", dict(gelu_approximate=False))):
+    ref = _reference(family)
+    changed = _logits(hc.load(_fixture(family), **override), ref["tokens"])
+    assert np.abs(changed - ref["logits"]).max() > 1e-3, (family, override)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_then_import_is_bit_exact(family, tmp_path):
+  loaded = hc.load(_fixture(family))
+  # Small shards: every family also goes through the index path.
+  files = hc.export(str(tmp_path), loaded.hf_config, loaded.params, tokenizer=loaded.tokenizer,
+                    max_shard_bytes=20_000)
+  assert hc.INDEX_FILE in files and sum(f.endswith(".safetensors") for f in files) > 1
+  again = hc.load(str(tmp_path))
+  a, b = _flat(loaded.params), _flat(again.params)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  assert again.config == loaded.config
+  # config.json keeps every field of the original (RoPE settings are rewritten in both transformers layouts).
+  rope_keys = ("rope_scaling", "rope_parameters", "rope_theta")
+  assert {k: v for k, v in loaded.hf_config.items() if k not in rope_keys} == {
+      k: again.hf_config.get(k) for k in loaded.hf_config if k not in rope_keys}
+  np.testing.assert_array_equal(again.tokenizer.encode("fox jumps"), loaded.tokenizer.encode("fox jumps"))
+  # One file when it fits; a re-export replaces the shards instead of leaving them beside it.
+  files = hc.export(str(tmp_path), loaded.config, loaded.params, family=family)
+  assert hc.SINGLE_FILE in files and not any(f.startswith("model-") for f in os.listdir(tmp_path))
+  np.testing.assert_array_equal(_flat(hc.load(str(tmp_path)).params)["embed/embedding"], a["embed/embedding"])
+
+
+def test_export_with_a_lora_adapter_merged(tmp_path):
+  loaded = hc.load(_fixture("qwen2"))
+  spec = lora.LoraSpec(rank=4, alpha=8.0)
+  lm = lora.LoraModel(loaded.model, spec)
+  params = lm.add_adapter(lora.lora_params(loaded.params), "med", jax.random.key(0))
+  # A trained adapter: B != 0 everywhere.
+  params["adapters"]["med"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                                           params["adapters"]["med"])
+  tokens = jnp.asarray(_reference("qwen2")["tokens"])
+  adapted = np.asarray(jax.jit(lambda p, x: lm.apply(p, x, adapter="med"))(params, tokens))
+  with pytest.raises(ConfigError, match="adapter="):
+    hc.export(str(tmp_path), loaded.hf_config, params)
+  hc.export(str(tmp_path), loaded.hf_config, params, adapter="med", lora_spec=spec)
+  merged = _logits(hc.load(str(tmp_path)), tokens)
+  np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-4)
+  assert np.abs(merged - _reference("qwen2")["logits"]).max() > 1e-2  # the adapter is really in there
+
+
+SHARD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from cl_jax import sharding
+    from cl_jax.models import hf_checkpoint as hc
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    for family in ("llama", "gpt2"):
+      path = "tests/fixtures/hf/" + family
+      single = hc.load(path)
+      ref = np.load(path + "/reference.npz")
+      for name, (data, fsdp) in {"fsdp8": (1, 8), "data2_fsdp4": (2, 4)}.items():
+        mesh = sharding.make_mesh(data, fsdp)
+        sharded = hc.load(path, mesh=mesh)
+        flat_s = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded.params)[0]}
+        flat_1 = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(single.params)[0]}
+        want = sharding.state_sharding(single.params, mesh)
+        flat_w = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+        equal = all(np.array_equal(np.asarray(flat_s[k]), np.asarray(flat_1[k])) for k in flat_1)
+        specs = all(flat_s[k].sharding.is_equivalent_to(flat_w[k], flat_s[k].ndim) for k in flat_1)
+        fractions = {k: x.addressable_shards[0].data.size / x.size for k, x in flat_s.items()}
+        logits = np.asarray(jax.jit(sharded.model.apply)(sharded.params, ref["tokens"]))
+        out[family + "/" + name] = {"equal": equal, "specs": specs, "fractions": fractions,
+                                    "err": float(np.abs(logits - ref["logits"]).max())}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_load_streams_into_fsdp_shardings_on_8_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0][len("RESULT"):])
+  for key, r in out.items():
+    assert r["equal"] and r["specs"], key
+    assert r["err"] < 1e-4, key
+  # Kernels are split 8 (or 4) ways: each device holds only its slice of, e.g., q [D=32, H, Dh] (split along
+  # D) and GPT-2's fused c_attn (the q / k / v parts each split along D).
+  f8 = out["llama/fsdp8"]["fractions"]
+  assert f8["['block_0']['attn']['q']['kernel']"] == 1 / 8
+  assert f8["['block_1']['mlp']['down']['kernel']"] == 1 / 8
+  assert f8["['embed']['embedding']"] == 1 / 8
+  assert out["gpt2/data2_fsdp4"]["fractions"]["['block_0']['attn']['k']['kernel']"] == 1 / 4
+  assert out["gpt2/fsdp8"]["fractions"]["['pos_embed']['embedding']"] == 1 / 8
+
+
+def _copy(family, tmp_path):
+  dst = tmp_path / family
+  shutil.copytree(_fixture(family), dst)
+  return dst
+
+
+def _edit_config(directory, **changes):
+  path = directory / "config.json"
+  cfg = json.loads(path.read_text())
+  cfg.update(changes)
+  path.write_text(json.dumps(cfg))
+
+
+def test_clear_errors_name_the_path_and_the_supported_families(tmp_path):
+  with pytest.raises(ConfigError, match=f"{tmp_path / 'nope'}: not a directory.*llama, mistral, qwen2, gpt2"):
+    hc.load(str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ConfigError, match="empty: no config.json"):
+    hc.load(str(tmp_path / "empty"))
+  d = _copy("mistral", tmp_path)
+  _edit_config(d, model_type="bert")
+  with pytest.raises(ConfigError, match=r"config.json: model_type='bert' is not supported; supported "
+                                        "families: llama, mistral, qwen2, gpt2"):
+    hc.load(str(d))
+  _edit_config(d, model_type="mistral", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+  with pytest.raises(ConfigError, match="RoPE scaling type 'yarn' is not supported"):
+    hc.load(str(d))
+  _edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": 1e3}, hidden_act="gelu")
+  with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+    hc.load(str(d))
+  _edit_config(d, hidden_act="silu", intermediate_size=40)
+  with pytest.raises(ConfigError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight has "
+                                        r"shape \[48, 32\], but config.json implies \[40, 32\]"):
+    hc.load(str(d))
+  _edit_config(d, intermediate_size=48, tie_word_embeddings=False)
+  with pytest.raises(ConfigError, match=r"lacks tensors .*\['lm_head.weight'\]"):
+    hc.load(str(d))
+  os.remove(d / "model.safetensors")
+  with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
+    hc.load(str(d))
+  s = _copy("llama", tmp_path)
+  os.remove(s / "model-00003-of-00006.safetensors")
+  with pytest.raises(ConfigError, match=r"index.json: names shard files that do not exist .*00003"):
+    hc.load(str(s))
+  # The byte-level model cl_jax trains itself (RoPE + gelu MLP) is no HF family: export says so up front.
+  cfg = model_config("tiny", vocab_size=32, d_model=16, num_heads=2, num_layers=1)
+  _, params = build_lm(cfg)
+  with pytest.raises(ConfigError, match="matches no Hugging Face family; exportable: llama/mistral/qwen2"):
+    hc.export(str(tmp_path / "out"), cfg, params)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_model_built_in_cl_jax_exports_in_each_family(tmp_path):
+  """A freshly initialised TransformerLM with a family's architecture round-trips through that layout."""
+  common = dict(vocab_size=40, d_model=16, num_heads=4, num_layers=1, max_len=24)
+  configs = {"llama": dict(mlp="swiglu", num_kv_heads=2, rope_scaling="linear", rope_factor=2.0),
+             "mistral": dict(mlp="swiglu", sliding_window=4, tied_embeddings=False),
+             "qwen2": dict(mlp="swiglu", qkv_bias=True),
+             "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, qkv_bias=True, o_bias=True,
+                          mlp_bias=True)}
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 40)
+  for family, fields in configs.items():
+    cfg = model_config("tiny", **common, **fields)
+    assert hc.family_of(cfg) == family
+    model, params = build_lm(cfg, seed=3)
+    hc.export(str(tmp_path / family), cfg, params)
+    again = hc.load(str(tmp_path / family))
+    assert hc.hf_config(again.config) == hc.hf_config(cfg), family  # the same architecture
+    np.testing.assert_array_equal(_logits(again, tokens), np.asarray(jax.jit(model.apply)(params, tokens)))
