@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import sys
 import types
 
@@ -159,3 +161,48 @@ def test_cloze_items_are_correct_and_fair():
     assert tok.decode(items.context[i]) + words[items.answer[i]] in test_text
   # Answers are spread over positions (no position bias for a model to exploit).
   assert len(np.unique(items.answer)) == 4
+
+
+def _write_corpus(root, n_txt=30, n_jsonl=50):
+  (root / "notes").mkdir(parents=True)
+  for i in range(n_txt):
+    (root / "notes" / f"note{i:02d}.txt").write_text(f"Patient {i} presented with symptom {i % 7}. " * 8)
+  lines = [json.dumps({"text": f"Record {i}: the dose was {i * 3} mg twice daily. " * 6, "id": i})
+           for i in range(n_jsonl)]
+  (root / "records.jsonl").write_text("\n".join(lines[:25]) + "\n\n" + "\n".join(lines[25:]) + "\n")
+  (root / "README.md").write_text("not part of the corpus")
+
+
+def test_directory_domain_reads_txt_and_jsonl_and_splits_by_document(tmp_path):
+  from cl_jax.models import hf_checkpoint
+  _write_corpus(tmp_path)
+  docs = text.directory_documents(str(tmp_path))
+  assert len(docs) == 30 + 50  # README.md and the blank line are not documents
+  assert docs[0].group == "dir:notes/note00.txt" and docs[-1].group == "dir:records.jsonl:51"
+  assert docs[-1].text.startswith("Record 49:")
+  # Tokenized with a checkpoint's own tokenizer (tokenizer.json through `tokenizers`).
+  tok = hf_checkpoint.load_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama"))
+  dom = text.load_domain(f"dir:{tmp_path}", tok, seq_len=16, seed=0, validation=0.2, test=0.2)
+  sizes = {s: len(dom.documents[s]) for s in text.SPLITS}
+  assert sum(sizes.values()) == 80 and min(sizes.values()) >= 5  # by document: jsonl lines spread over splits
+  groups = {s: {d.group for d in dom.documents[s]} for s in text.SPLITS}
+  assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["validation"])
+  assert any(g.startswith("dir:records.jsonl") for g in groups["test"])
+  for s in text.SPLITS:
+    stream = np.concatenate([np.append(tok.encode(d.text), tok.eos_id) for d in dom.documents[s]])
+    np.testing.assert_array_equal(dom.splits[s].tokens.ravel(), stream[:dom.splits[s].tokens.size])
+    assert dom.splits[s].tokens.max() < tok.vocab_size
+
+
+def test_directory_domain_errors_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    text.domain_documents(f"dir:{tmp_path}/missing")
+  (tmp_path / "a.md").write_text("x")
+  with pytest.raises(FileNotFoundError, match=r"no .txt or .jsonl file under"):
+    text.domain_documents(f"dir:{tmp_path}")
+  (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+  with pytest.raises(ValueError, match=r"b.jsonl:2 has no string 'text' field"):
+    text.domain_documents(f"dir:{tmp_path}")
+  (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{not json\n')
+  with pytest.raises(ValueError, match=r"b.jsonl:2 is not valid JSON"):
+    text.domain_documents(f"dir:{tmp_path}")

@@ -5,6 +5,9 @@ Domains:
     library modules, classes and functions (read with `ast`, so nothing is imported or executed).
   * `code` (alias `python`, `domain`) - Python source: standard-library `.py` files.
   * `files:<glob>` - any local text files, one document per file.
+  * `dir:<directory>` - a local corpus: every `.txt` file under the directory (recursively) is one document,
+    and every line of every `.jsonl` file is one document (its "text" field). This is how a user's own
+    domain (medical notes, contracts, a code base) is named in a config.
   * `tfds:<name>[:<split>[:<feature>]]` - a tensorflow-datasets text dataset read through
     `tfds.data_source` (imported lazily; the dataset must already be prepared in the tfds data dir).
 
@@ -27,6 +30,7 @@ import dataclasses
 import functools
 import glob as globlib
 import hashlib
+import json
 import os
 import re
 import sysconfig
@@ -144,6 +148,55 @@ def file_documents(pattern: str, *, min_chars: int = 1, max_docs: int | None = N
   return docs
 
 
+DIRECTORY_SUFFIXES = (".txt", ".jsonl")
+
+
+def directory_documents(directory: str, *, field: str = "text", min_chars: int = 1,
+                        max_docs: int | None = None) -> list[Document]:
+  """Documents of a local corpus directory: each `.txt` file whole, each `.jsonl` line's `field`.
+
+  Files are visited in sorted path order, so the corpus (and with it every split) is the same on every
+  machine. Each document is its own split unit (its group names the file, and the line for `.jsonl`), so
+  train / validation / test are split by document.
+  """
+  spec = f"dir:{directory}"
+  root = os.path.expanduser(directory)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"domain {spec!r}: {root} is not a directory (expected a directory of "
+                            f"{' / '.join(DIRECTORY_SUFFIXES)} files)")
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                 if f.endswith(DIRECTORY_SUFFIXES) and not f.startswith("."))
+  if not paths:
+    raise FileNotFoundError(f"domain {spec!r}: no {' or '.join(DIRECTORY_SUFFIXES)} file under {root}")
+  docs = []
+  for path in sorted(paths):
+    rel = os.path.relpath(path, root)
+    if path.endswith(".txt"):
+      text = _read(path)
+      if text is not None and len(text) >= min_chars:
+        docs.append(Document(text, f"dir:{rel}"))
+    else:
+      with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"domain {spec!r}: {path}:{line_no} is not valid JSON ({e.msg})") from None
+          if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"domain {spec!r}: {path}:{line_no} has no string {field!r} field "
+                             "(each .jsonl line must be an object with the document's text under it)")
+          if len(record[field]) >= min_chars:
+            docs.append(Document(record[field], f"dir:{rel}:{line_no}"))
+    if max_docs is not None and len(docs) >= max_docs:
+      break
+  return docs[:max_docs]
+
+
 def tfds_documents(name: str, split: str = "train", feature: str = "text", *,
                    max_docs: int | None = None, data_dir: str | None = None) -> list[Document]:
   """Documents from a prepared tfds text dataset, random-access through `tfds.data_source`."""
@@ -237,6 +290,8 @@ def domain_documents(spec: str, *, max_docs: int | None = None, code_share: floa
     docs = code_documents(code_share=code_share)
   elif spec.startswith("files:"):
     docs = file_documents(spec[len("files:"):])
+  elif spec.startswith("dir:"):
+    docs = directory_documents(spec[len("dir:"):], max_docs=max_docs)
   elif spec.startswith("tfds:"):
     parts = spec.split(":")[1:]
     if not parts[0]:
@@ -244,8 +299,15 @@ def domain_documents(spec: str, *, max_docs: int | None = None, code_share: floa
     docs = tfds_documents(*parts[:3], max_docs=max_docs)
   else:
     raise ValueError(f"domain {spec!r}: expected 'general', 'code' (alias 'python'/'domain'), "
-                     "'files:<glob>' or 'tfds:<name>[:<split>[:<feature>]]'")
+                     "'files:<glob>', 'dir:<directory>' or 'tfds:<name>[:<split>[:<feature>]]'")
   return docs[:max_docs]
+
+
+def encode_all(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+  """Token ids of each text, with the tokenizer's batch encoder when it has one (HF tokenizers: parallel)."""
+  if hasattr(tokenizer, "encode_batch"):
+    return list(tokenizer.encode_batch(list(texts))) if texts else []
+  return [tokenizer.encode(t) for t in texts]
 
 
 def load_domain(spec: str, tokenizer, seq_len: int, *, seed: int = 0, validation: float = 0.05,
@@ -256,7 +318,7 @@ def load_domain(spec: str, tokenizer, seq_len: int, *, seed: int = 0, validation
   if not docs:
     raise ValueError(f"domain {spec!r}: no documents")
   by_split = split_documents(docs, seed=seed, validation=validation, test=test)
-  packed = {s: pack([tokenizer.encode(d.text) for d in by_split[s]], seq_len, tokenizer.eos_id)
+  packed = {s: pack(encode_all(tokenizer, [d.text for d in by_split[s]]), seq_len, tokenizer.eos_id)
             for s in SPLITS}
   for s in SPLITS:
     want = {"train": 1.0, "validation": validation, "test": test}[s]
@@ -339,5 +401,5 @@ def make_cloze_items(docs: Sequence[Document], tokenizer, *, num_items: int, con
 
 
 __all__ = ["Document", "PackedSplit", "TextDomain", "ClozeItems", "SPLITS", "general_documents",
-           "code_documents", "file_documents", "tfds_documents", "deduplicate", "split_documents",
-           "pack", "domain_documents", "load_domain", "make_cloze_items"]
+           "code_documents", "file_documents", "directory_documents", "tfds_documents", "deduplicate",
+           "split_documents", "pack", "encode_all", "domain_documents", "load_domain", "make_cloze_items"]
