@@ -202,6 +202,12 @@ def test_clear_errors_name_the_path_and_the_supported_families(tmp_path):
   os.remove(d / "model.safetensors")
   with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
     hc.load(str(d))
+  # `check` reads no weights and prefixes the config key, for a config's validation step.
+  assert hc.check(_fixture("gpt2"), seq_len=64).positions == "learned"
+  with pytest.raises(ConfigError, match=r"^lm.init_from='.*gpt2': .*65 tokens exceed the model's 64 learned"):
+    hc.check(_fixture("gpt2"), seq_len=65)
+  with pytest.raises(ConfigError, match=r"^lm.init_from='.*mistral': .*no model.safetensors"):
+    hc.check(str(d))
   s = _copy("llama", tmp_path)
   os.remove(s / "model-00003-of-00006.safetensors")
   with pytest.raises(ConfigError, match=r"index.json: names shard files that do not exist .*00003"):

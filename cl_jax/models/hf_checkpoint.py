@@ -432,6 +432,24 @@ def load_tokenizer(path: str, hf: Mapping | None = None):
                      pad_id=_token_id(hf.get("pad_token_id")))
 
 
+def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
+          need_tokenizer: bool = True) -> TransformerConfig:
+  """Validates a checkpoint directory without reading any weight (for a config's validation step): config.json
+  of a supported family, its weight files, tokenizer.json, and `seq_len` within learned positions. Raises
+  ConfigError starting with `key=path:`; returns the `TransformerConfig`."""
+  try:
+    hf = read_config(path)
+    cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE))
+    _weight_files(path)
+    if need_tokenizer and not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
+      _fail(path, f"no {TOKENIZER_FILE} (the run tokenizes its text with the checkpoint's own tokenizer)")
+    if seq_len is not None and cfg.positions == "learned" and seq_len > cfg.max_len:
+      _fail(path, f"sequences of {seq_len} tokens exceed the model's {cfg.max_len} learned positions")
+  except ConfigError as e:
+    raise ConfigError(f"{key}={path!r}: {e}") from None
+  return cfg
+
+
 def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **overrides) -> Loaded:
   """Reads an HF checkpoint directory into a `TransformerLM`: (model, params, tokenizer, hf_config, config).
 
@@ -626,5 +644,5 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
   return written
 
 
-__all__ = ["FAMILIES", "Loaded", "Piece", "load", "export", "read_config", "transformer_config", "hf_config",
+__all__ = ["FAMILIES", "Loaded", "Piece", "check", "load", "export", "read_config", "transformer_config", "hf_config",
            "family_of", "layout", "load_tokenizer"]
