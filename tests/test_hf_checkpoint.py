@@ -237,3 +237,57 @@ def test_a_model_built_in_cl_jax_exports_in_each_family(tmp_path):
     again = hc.load(str(tmp_path / family))
     assert hc.hf_config(again.config) == hc.hf_config(cfg), family  # the same architecture
     np.testing.assert_array_equal(_logits(again, tokens), np.asarray(jax.jit(model.apply)(params, tokens)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_of_imported_models_matches_the_full_forward(family):
+  """Prefill + one-token decode steps (grouped-query cache, sliding window, learned positions) equal the
+  reference logits: what cl_jax.lm.sampling.generate relies on."""
+  from flax import nnx
+  from cl_jax.models.transformer import init_cache
+  ref = _reference(family)
+  loaded = hc.load(_fixture(family))
+  tokens = jnp.asarray(ref["tokens"])
+
+  @jax.jit
+  def run(params, tokens, start, cache):
+    return nnx.merge(loaded.model.graphdef, params).forward_with_cache(tokens, start, cache)
+
+  cache = init_cache(loaded.config, 2, tokens.shape[1])
+  assert cache[0]["k"].shape[2] == loaded.config.kv_heads
+  logits, cache = run(loaded.params, tokens[:, :5], jnp.int32(0), cache)
+  steps = [logits]
+  for t in range(5, tokens.shape[1]):
+    step, cache = run(loaded.params, tokens[:, t:t + 1], jnp.int32(t), cache)
+    steps.append(step)
+  np.testing.assert_allclose(np.concatenate(steps, 1), ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_bfloat16_checkpoints_and_original_gpt2_names(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  # Stored in bf16 (as most released checkpoints are): read into float32 or bfloat16 params.
+  loaded = hc.load(_fixture("qwen2"))
+  hc.export(str(tmp_path / "bf16"), loaded.hf_config, loaded.params, dtype=jnp.bfloat16)
+  assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * os.path.getsize(
+      os.path.join(_fixture("qwen2"), "model.safetensors"))
+  as32, as16 = hc.load(str(tmp_path / "bf16")), hc.load(str(tmp_path / "bf16"), dtype=jnp.bfloat16)
+  for path, x in _flat(loaded.params).items():
+    rounded = x.astype(jnp.bfloat16)
+    assert _flat(as16.params)[path].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_flat(as16.params)[path], rounded)
+    np.testing.assert_array_equal(_flat(as32.params)[path], rounded.astype(np.float32))
+  ref = _reference("qwen2")
+  err = np.abs(_logits(as32, ref["tokens"]) - ref["logits"]).max()
+  assert 1e-4 < err < 0.1 * np.abs(ref["logits"]).max()  # rounded weights, the same function
+  # OpenAI's gpt2 checkpoints name tensors without the 'transformer.' prefix and carry causal-mask buffers.
+  d = _copy("gpt2", tmp_path)
+  tensors = load_file(str(d / "model.safetensors"))
+  renamed = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in tensors.items()}
+  renamed["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
+  ref = _reference("gpt2")
+  np.testing.assert_allclose(_logits(hc.load(str(d)), ref["tokens"]), ref["logits"], rtol=0, atol=1e-4)
+  renamed["h.0.attn.c_proj.extra"] = np.zeros(3, np.float32)
+  save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ConfigError, match=r"does not account for: \['h.0.attn.c_proj.extra'\]"):
+    hc.load(str(d))
