@@ -420,3 +420,10 @@ def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
 
   return dataclasses.replace(plan, batches=lambda t, iterator_state: StepSource(t), train_chunk=train_chunk,
                              steps_per_call=k, evaluate=evaluate)
+
+
+def maybe_device_plan(plan, config, setup):
+  """`device_plan(plan, ...)` when `data.on_device` resolves to on for this scenario, else `plan` unchanged."""
+  if use_device_data(config.data.on_device, setup.scenario):
+    return device_plan(plan, config, setup)
+  return plan
