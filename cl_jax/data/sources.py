@@ -142,8 +142,10 @@ def load_mnist_npz(path: str) -> LabelledData:
   check_mnist_npz(path)
   try:
     with np.load(path) as f:
-      return LabelledData((f["x_train"] / 255.0).astype(np.float32), f["y_train"].astype(np.int32),
-                          (f["x_test"] / 255.0).astype(np.float32), f["y_test"].astype(np.int32), "mnist")
+      # float32 division: the same values as (x / 255.0).astype(float32) without a float64 copy (start-up time)
+      scale = lambda x: np.divide(x, np.float32(255.0), dtype=np.float32)
+      return LabelledData(scale(f["x_train"]), f["y_train"].astype(np.int32),
+                          scale(f["x_test"]), f["y_test"].astype(np.int32), "mnist")
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a member damaged past the zip directory
     raise ConfigError(f"data.path={path!r}: unreadable npz ({e}); expected a Keras-format mnist.npz") from e
 
