@@ -69,6 +69,13 @@ REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",))
 REGISTRY["generative_replay"] = StrategyEntry(
     _generative_replay.generative_replay, {"generative_replay": _generative_replay.default_config},
     _generative_replay.check_config, ("generative_replay",))
+# Classic methods (H4): SI, MAS, DER / DER++ (one `der` section), A-GEM.
+from cl_jax.strategies import agem as _agem, der as _der, mas as _mas, si as _si  # noqa: E402
+REGISTRY["si"] = StrategyEntry(_si.si, {"si": _si.default_config}, _si.check_config, ("si",))
+REGISTRY["mas"] = StrategyEntry(_mas.mas, {"mas": _mas.default_config}, _mas.check_config, ("mas",))
+REGISTRY["der"] = StrategyEntry(_der.der, {"der": _der.default_config}, _der.check_config, ("der",))
+REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der.check_config, ("der",))
+REGISTRY["agem"] = StrategyEntry(_agem.agem, {"agem": _agem.default_config}, _agem.check_config, ("agem",))
 
 
 def default_configs() -> dict[str, Callable]:

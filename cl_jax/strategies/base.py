@@ -20,9 +20,32 @@ In the spirit of `optax.GradientTransformation`, a strategy is a tuple of pure f
       True to re-initialise the optimizer state at every task boundary (so momentum from task t cannot move
       params that are frozen from task t+1 on).
 
+Step hooks (optional; None, the default, is a no-op and costs nothing in the step):
+
+  grads(strategy_state, grads, params, batch, ctx, loss_fn) -> grads
+      Runs inside the jitted step between the gradient and the optimizer: the optimizer applies what it returns
+      (A-GEM's projection). `batch` is the step's batch, `ctx` the loss context with this strategy's own state,
+      `loss_fn` the step's full (wrapped) loss.
+  update(strategy_state, step: StepInfo) -> strategy_state
+      Runs inside the jitted step after the optimizer: a per-step state update (SI's path integral, an online
+      reservoir buffer, DER's stored logits). `StepInfo` holds the batch, the gradient the optimizer applied,
+      the params before and after the update, the loss's aux (the task loss puts the current batch's
+      unmasked logits under '_raw_logits'), an rng of its own and the task index.
+  predict(strategy_state, params, x, task, task_index) -> logits [B, C]
+      Replaces `learner.logits` at evaluation (iCaRL's nearest-mean-of-exemplars classifier, GDumb's model
+      trained on its memory); the evaluator takes the argmax of what it returns.
+
 `chain(a, b, c)` composes strategies: states become a tuple, losses nest (a outermost), after_task runs
-each in order, train_tasks is the union. A new strategy is one new file in this folder that returns a
-`Strategy` and registers its builder in `cl_jax.strategies.REGISTRY`.
+each in order, train_tasks is the union; `grads` hooks run in chain order (each on the previous one's output),
+`update` hooks each on their own state; at most one strategy in a chain may `predict` (or `prepare`). A new strategy is one new file in this folder that returns a
+`Strategy` and registers a `StrategyEntry` (builder, default config sections, check_config, recorded sections) in
+`cl_jax.strategies.REGISTRY`.
+
+The order of a chain matters where one strategy changes the batch and another reads it: each loss transform sees
+the batch its outer neighbour hands it. In `replay+lwf`, replay (outermost) appends the replayed examples first,
+so LwF's distillation term is the mean over current and replayed examples; in `lwf+replay`, distillation wraps
+the replay-extended task loss but computes its own term on the current batch only. The task loss is the same in
+both (tests/test_chain_order.py). Penalties on the params alone (EWC) do not depend on the order.
 """
 from __future__ import annotations
 
@@ -74,6 +97,17 @@ class TaskInfo(NamedTuple):
   input_shape: tuple
 
 
+class StepInfo(NamedTuple):
+  """What a strategy's `update` hook sees of one train step (all traced values inside the jitted step)."""
+  batch: Batch             # the step's batch, before any strategy extended it
+  grads: Params            # the gradient the optimizer applied (after every `grads` hook)
+  old_params: Params       # params before the step's update
+  new_params: Params       # params after it
+  aux: dict                # the loss's aux; '_raw_logits' holds the current batch's unmasked logits first
+  rng: jax.Array           # a key of the hook's own (independent of the loss's ctx.rng)
+  task_index: jax.Array    # int32 scalar
+
+
 def current_task_only(task_index: int) -> tuple[int, ...]:
   return (task_index,)
 
@@ -100,6 +134,9 @@ class Strategy(NamedTuple):
   name: str = "naive"
   prepare: Callable | None = None
   reset_optimizer: bool = False
+  grads: Callable | None = None      # (strategy_state, grads, params, batch, ctx, loss_fn) -> grads
+  update: Callable | None = None     # (strategy_state, StepInfo) -> strategy_state
+  predict: Callable | None = None    # (strategy_state, params, x, task, task_index) -> logits
 
 
 def chain(*strategies: Strategy) -> Strategy:
@@ -128,8 +165,30 @@ def chain(*strategies: Strategy) -> Strategy:
     raise ValueError("strategy: at most one strategy in a chain may change the model (prepare); got "
                      f"{[s.name for s in strategies if s.prepare is not None]}")
 
+  predicts = [(i, s.predict) for i, s in enumerate(strategies) if s.predict is not None]
+  if len(predicts) > 1:
+    raise ValueError("strategy: at most one strategy in a chain may replace the evaluation classifier (predict); "
+                     f"got {[strategies[i].name for i, _ in predicts]}")
+  grad_hooks = [(i, s.grads) for i, s in enumerate(strategies) if s.grads is not None]
+  update_hooks = {i: s.update for i, s in enumerate(strategies) if s.update is not None}
+
+  def grads(state, g, params, batch, ctx, loss_fn):
+    for i, hook in grad_hooks:
+      g = hook(state[i], g, params, batch, ctx._replace(strategy_state=state[i]), loss_fn)
+    return g
+
+  def update(state, step: StepInfo):
+    keys = jax.random.split(step.rng, len(strategies))
+    return tuple(update_hooks[i](st, step._replace(rng=keys[i])) if i in update_hooks else st
+                 for i, st in enumerate(state))
+
+  def predict(state, params, x, task, task_index):
+    i, hook = predicts[0]
+    return hook(state[i], params, x, task, task_index)
+
   return Strategy(init, loss, after_task, train_tasks, "+".join(s.name for s in strategies),
-                  prepares[0] if prepares else None, any(s.reset_optimizer for s in strategies))
+                  prepares[0] if prepares else None, any(s.reset_optimizer for s in strategies),
+                  grads if grad_hooks else None, update if update_hooks else None, predict if predicts else None)
 
 
 def _lift(transform, inner: LossFn, index: int) -> LossFn:

@@ -5,7 +5,11 @@ The buffer is device arrays of static shape, so drawing a replay batch is ordina
   {'x': [capacity, ...] float32, 'y': [capacity] int32, 'task': [capacity] int32,
    'size': int32 number of valid slots (they are the first `size`), 'seen': int32 stream length so far}
 
-It is filled at each task boundary (`after_task`) from the task's training examples, by
+It is filled either at each task boundary (`after_task`) from the task's training examples
+(`replay.fill='task_end'`, the default), or online (`replay.fill='online'`): every train step offers its batch
+to the buffer (the strategy's `update` hook, inside the jitted step), so the buffer holds current-task examples
+too, as experience replay (ER) is usually run on a stream (e.g. Chaudhry et al. 2019, "On Tiny Episodic
+Memories in Continual Learning"; Buzzega et al. 2020). Either way the examples are chosen by
   reservoir        reservoir sampling over the stream of all examples seen (Vitter 1985, Algorithm R):
                    after n examples every one of them is in the buffer with probability capacity / n;
   class_balanced   an equal share of the capacity for every (task, class) seen so far, a uniformly random
@@ -29,9 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from cl_jax.sharding import shard_like_batch
-from cl_jax.strategies.base import LossContext, Strategy
+from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
 POLICIES = ("reservoir", "class_balanced")
+FILLS = ("task_end", "online")
 _GROUP_STRIDE = 1 << 16   # group id of (task, class) = task * stride + class
 
 
@@ -43,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=128,       # replayed examples per step
       weight=1.0,           # w: weight of the replay batch's mean loss relative to the current batch's
       per_class=-1,         # class_balanced: at most this many per (task, class); -1 = capacity / groups
+      fill="task_end",      # task_end: the task's examples at its end | online: every step's batch, as it trains
   ))
 
 
@@ -140,6 +146,9 @@ def check_config(config) -> None:
     raise ValueError(f"replay.weight={weight}: expected a non-negative weight")
   if per_class == 0 or per_class < -1:
     raise ValueError(f"replay.per_class={per_class}: expected a positive count or -1")
+  fill = rc.get("fill", "task_end")
+  if fill not in FILLS:
+    raise ValueError(f"replay.fill={fill!r}: expected one of {FILLS}")
 
 
 def replay(config, learner) -> Strategy:
@@ -149,6 +158,7 @@ def replay(config, learner) -> Strategy:
   rc = config.replay
   capacity, batch_size, weight = int(rc.capacity), int(rc.batch_size), float(rc.weight)
   policy, per_class = rc.policy, int(rc.per_class)
+  online = rc.get("fill", "task_end") == "online"
 
   def init(params, task_info):
     del params
@@ -172,15 +182,22 @@ def replay(config, learner) -> Strategy:
       return value, {**aux, "replay_size": buffer["size"].astype(jnp.float32)}
     return replay_loss
 
-  def after_task(buffer, params, task_data, rng):
-    del params
-    x, y, task = (jnp.asarray(task_data.x, jnp.float32), jnp.asarray(task_data.y, jnp.int32),
-                  jnp.asarray(task_data.task, jnp.int32))
+  def add(buffer, x, y, task, rng):
+    x, y, task = x.astype(jnp.float32), y.astype(jnp.int32), task.astype(jnp.int32)
     if policy == "reservoir":
       return reservoir_add(buffer, x, y, task, rng)
     return class_balanced_add(buffer, x, y, task, rng, per_class=per_class)
 
-  return Strategy(init=init, loss=loss, after_task=after_task, name="replay")
+  def after_task(buffer, params, task_data, rng):
+    del params
+    if online:
+      return buffer
+    return add(buffer, jnp.asarray(task_data.x), jnp.asarray(task_data.y), jnp.asarray(task_data.task), rng)
+
+  def update(buffer, step: StepInfo):
+    return add(buffer, step.batch["x"], step.batch["y"], step.batch["task"], step.rng)
+
+  return Strategy(init=init, loss=loss, after_task=after_task, name="replay", update=update if online else None)
 
 
 # `cl_jax.config.validate` calls a builder's `check_config` before the workdir is touched.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_jax.losses import accuracy, apply_mask, cross_entropy
-from cl_jax.strategies.base import Learner, LossContext, LossFn
+from cl_jax.strategies.base import Learner, LossContext, LossFn, StepInfo, Strategy
 from cl_jax.train.state import TrainState
 
 
@@ -33,21 +33,37 @@ def task_loss(learner: Learner) -> LossFn:
   return loss_fn
 
 
+# Folded into the step's key for the strategy's `update` hook, so it never shares a stream with the loss's.
+_UPDATE_STREAM = 0x7D3A
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: Callable,
-                    log_norms: bool = True):
+                    log_norms: bool = True, strategy: Strategy | None = None):
   """`train_step(state, batch) -> (state, metrics)`, pure; jit it with shardings (see `compile_train_step`).
 
+  loss -> gradient -> `strategy.grads` (if any: e.g. A-GEM's projection) -> optimizer -> `strategy.update`
+  (if any: per-step strategy state such as SI's path integral or an online replay buffer). `loss_fn` is the
+  strategy-wrapped loss (`strategy.loss(task_loss(learner))`); without `strategy` no hook runs.
   Metrics (big_vision style): loss and the loss's aux values, the learning rate, and (with `log_norms`) the
   l2 norms of the gradient, the params and the update: three extra passes over the params, which for a small
   model on CPU cost a noticeable share of the step (`benchmarks/step_throughput.py` measures it).
   """
+  grads_hook = strategy.grads if strategy is not None else None
+  update_hook = strategy.update if strategy is not None else None
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
     ctx = LossContext(state.strategy_state, step_rng, state.task_index)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, ctx)
+    if grads_hook is not None:
+      grads = grads_hook(state.strategy_state, grads, state.params, batch, ctx, loss_fn)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    strategy_state = state.strategy_state
+    if update_hook is not None:
+      info = StepInfo(batch, grads, state.params, params, aux, jax.random.fold_in(step_rng, _UPDATE_STREAM),
+                      state.task_index)
+      strategy_state = update_hook(strategy_state, info)
     metrics = {
         "loss": loss,
         **{k: v for k, v in aux.items() if not k.startswith("_")},
@@ -56,7 +72,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     if log_norms:
       metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                      update_norm=optax.tree.norm(updates))
-    new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                               strategy_state=strategy_state)
     return new_state, metrics
 
   return train_step

@@ -1,0 +1,92 @@
+"""Averaged gradient episodic memory, A-GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
+
+An episodic memory of past tasks' examples (the replay buffer of `cl_jax.strategies.replay`, filled at each task
+boundary) constrains every step: with g the step's gradient and g_ref the gradient of the task loss (masked
+cross-entropy, the logit mask of the current task) on `agem.batch_size` examples drawn from the memory,
+
+  g̃ = g − (gᵀ g_ref / g_refᵀ g_ref) g_ref   if gᵀ g_ref < 0,   else g̃ = g,
+
+so to first order the step does not increase the average loss on the memory. The dot products run over all
+parameters at once. The projection happens in the train step through the strategy's `grads` hook, before the
+optimizer; nothing is projected while the memory is empty.
+
+State: a `replay.ReplayBuffer`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cl_jax.losses import cross_entropy
+from cl_jax.strategies import replay as replay_lib
+from cl_jax.strategies.base import Strategy
+
+_MEMORY_STREAM = 0xA6E1
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `agem` config section."""
+  return ml_collections.ConfigDict(dict(
+      capacity=1000,             # episodic memory slots (examples), over all tasks
+      batch_size=256,            # memory examples behind each reference gradient (Chaudhry et al. use 256)
+      policy="class_balanced",   # how the memory is filled at task ends: class_balanced | reservoir
+  ))
+
+
+def tree_vdot(a, b) -> jax.Array:
+  """Σ over every leaf of a · b (float32)."""
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def project(grads, ref_grads, active=True):
+  """A-GEM's projection of `grads` against `ref_grads` (see the module docstring); identity where not `active`."""
+  dot = tree_vdot(grads, ref_grads)
+  norm = tree_vdot(ref_grads, ref_grads)
+  coef = jnp.where(active & (dot < 0) & (norm > 0), dot / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return jax.tree.map(lambda g, r: (g.astype(jnp.float32) - coef * r.astype(jnp.float32)).astype(g.dtype),
+                      grads, ref_grads)
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the bad `agem.*` key."""
+  ac = config.agem
+  capacity, batch_size, policy = int(ac.capacity), int(ac.batch_size), ac.policy
+  if capacity < 1:
+    raise ValueError(f"agem.capacity={capacity}: expected a positive number of examples")
+  if batch_size < 1:
+    raise ValueError(f"agem.batch_size={batch_size}: expected a positive batch size")
+  if policy not in replay_lib.POLICIES:
+    raise ValueError(f"agem.policy={policy!r}: expected one of {replay_lib.POLICIES}")
+
+
+def agem(config, learner) -> Strategy:
+  """A-GEM from `config.agem`; see the module docstring."""
+  check_config(config)
+  ac = config.agem
+  capacity, batch_size, policy = int(ac.capacity), int(ac.batch_size), ac.policy
+
+  def init(params, task_info):
+    del params
+    return replay_lib.empty_buffer(capacity, tuple(task_info.input_shape))
+
+  def reference_loss(params, memory, task_index):
+    logits = learner.logits(params, memory["x"], memory["task"], task_index)
+    return jnp.mean(cross_entropy(logits, memory["y"]))
+
+  def grads(memory, g, params, batch, ctx, loss_fn):
+    del batch, loss_fn
+    drawn = replay_lib.sample_replay_batch(memory, jax.random.fold_in(ctx.rng, _MEMORY_STREAM), batch_size)
+    g_ref = jax.grad(reference_loss)(params, drawn, ctx.task_index)
+    return project(g, g_ref, memory["size"] > 0)
+
+  def after_task(memory, params, task_data, rng):
+    del params
+    x, y, task = (jnp.asarray(task_data.x, jnp.float32), jnp.asarray(task_data.y, jnp.int32),
+                  jnp.asarray(task_data.task, jnp.int32))
+    if policy == "reservoir":
+      return replay_lib.reservoir_add(memory, x, y, task, rng)
+    return replay_lib.class_balanced_add(memory, x, y, task, rng)
+
+  return Strategy(init=init, after_task=after_task, name="agem", grads=grads)

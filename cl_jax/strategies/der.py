@@ -1,0 +1,142 @@
+"""Dark experience replay, DER and DER++ (Buzzega et al. 2020, "Dark Experience for General Continual Learning").
+
+A reservoir buffer (Vitter's Algorithm R over the whole stream, `replay.reservoir_add`) is filled during training:
+every step offers the current batch's examples together with the logits z the network gave them in that step's
+forward pass (before the update). Each step then adds to the task loss
+
+  DER:    α · mean_{(x', z') ~ M} ‖f(x') − z'‖²                     (logit matching: "dark knowledge")
+  DER++:  α · mean_{(x', z') ~ M} ‖f(x') − z'‖² + β · mean_{(x'', y'') ~ M} CE(f(x''), y'')
+
+with two independent uniform draws of `der.batch_size` from the buffer (x', x''). ‖·‖² is averaged over the
+logits as well as the examples (the mean squared error of the reference implementation, so α there is α here).
+Logits are the model's raw outputs for the example's own task (every class, no logit mask: the paper stores the
+whole response); the CE term uses the logit mask of the current task, as the task loss does. Both terms are 0 while
+the buffer is empty.
+
+State: a `DerBuffer` {'x', 'y', 'task', 'logits', 'size', 'seen'} of static shape, sharded along its slots.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cl_jax.losses import cross_entropy
+from cl_jax.sharding import shard_like_batch
+from cl_jax.strategies.base import LossContext, StepInfo, Strategy
+
+_LOGIT_STREAM, _LABEL_STREAM = 0xDE41, 0xDE42
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `der` config section (strategies 'der' and 'derpp')."""
+  return ml_collections.ConfigDict(dict(
+      capacity=500,      # buffer slots (examples)
+      batch_size=32,     # examples drawn from the buffer for each term, each step
+      alpha=0.3,         # α: weight of the logit-matching term
+      beta=0.5,          # β: weight of the buffer cross-entropy term (DER++ only)
+  ))
+
+
+@shard_like_batch
+class DerBuffer(NamedTuple):
+  x: jax.Array
+  y: jax.Array
+  task: jax.Array
+  logits: jax.Array
+  size: jax.Array
+  seen: jax.Array
+
+  def __getitem__(self, key):
+    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
+def empty_buffer(capacity: int, input_shape, num_logits: int) -> DerBuffer:
+  return DerBuffer(x=jnp.zeros((capacity, *input_shape), jnp.float32), y=jnp.zeros((capacity,), jnp.int32),
+                   task=jnp.zeros((capacity,), jnp.int32), logits=jnp.zeros((capacity, num_logits), jnp.float32),
+                   size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
+
+
+def reservoir_add(buffer: DerBuffer, x, y, task, logits, rng) -> DerBuffer:
+  """Algorithm R over the stream (see `replay.reservoir_add`): example g goes to slot g while g < capacity,
+  else to slot j ~ U{0..g} if j < capacity; within one batch the later example wins a slot."""
+  capacity, n = buffer.y.shape[0], x.shape[0]
+  g = buffer.seen + jnp.arange(n, dtype=jnp.int32)
+  j = jax.random.randint(rng, (n,), 0, g + 1)
+  slot = jnp.where(g < capacity, g, j)
+  winner = jnp.full((capacity,), -1, jnp.int32).at[slot].max(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  take = winner >= 0
+  src = jnp.maximum(winner, 0)
+  put = lambda old, new: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new[src].astype(old.dtype), old)
+  return DerBuffer(x=put(buffer.x, x), y=put(buffer.y, y), task=put(buffer.task, task),
+                   logits=put(buffer.logits, logits), size=jnp.minimum(buffer.seen + n, capacity).astype(jnp.int32),
+                   seen=buffer.seen + n)
+
+
+def sample(buffer: DerBuffer, rng, batch_size: int) -> dict:
+  """`batch_size` slots drawn uniformly with replacement from the valid ones (slot 0 if empty)."""
+  idx = jax.random.randint(rng, (batch_size,), 0, jnp.maximum(buffer.size, 1))
+  return dict(x=buffer.x[idx], y=buffer.y[idx], task=buffer.task[idx], logits=buffer.logits[idx])
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the bad `der.*` key."""
+  dc = config.der
+  capacity, batch_size, alpha, beta = int(dc.capacity), int(dc.batch_size), float(dc.alpha), float(dc.beta)
+  if capacity < 1:
+    raise ValueError(f"der.capacity={capacity}: expected a positive number of examples")
+  if batch_size < 1:
+    raise ValueError(f"der.batch_size={batch_size}: expected a positive batch size")
+  if alpha < 0:
+    raise ValueError(f"der.alpha={alpha}: expected a non-negative weight")
+  if beta < 0:
+    raise ValueError(f"der.beta={beta}: expected a non-negative weight")
+
+
+def der(config, learner, *, plus_plus: bool = False) -> Strategy:
+  """DER (or DER++ with `plus_plus`) from `config.der`; see the module docstring."""
+  check_config(config)
+  dc = config.der
+  capacity, batch_size, alpha = int(dc.capacity), int(dc.batch_size), float(dc.alpha)
+  beta = float(dc.beta) if plus_plus else 0.0
+
+  def init(params, task_info):
+    probe = jax.eval_shape(learner.apply, params, jnp.zeros((1, *task_info.input_shape), jnp.float32),
+                           jnp.zeros((1,), jnp.int32))
+    return empty_buffer(capacity, tuple(task_info.input_shape), int(probe.shape[-1]))
+
+  def loss(loss_fn):
+    def der_loss(params, batch, ctx: LossContext):
+      buffer = ctx.strategy_state
+      value, aux = loss_fn(params, batch, ctx)
+      filled = (buffer.size > 0).astype(jnp.float32)
+      m = sample(buffer, jax.random.fold_in(ctx.rng, _LOGIT_STREAM), batch_size)
+      out = learner.apply(params, m["x"], m["task"]).astype(jnp.float32)
+      match = jnp.mean(jnp.square(out - m["logits"]))
+      total = value + filled * alpha * match
+      extra = {"der_logit_mse": filled * match}
+      if plus_plus:
+        r = sample(buffer, jax.random.fold_in(ctx.rng, _LABEL_STREAM), batch_size)
+        ce = jnp.mean(cross_entropy(learner.logits(params, r["x"], r["task"], ctx.task_index), r["y"]))
+        total = total + filled * beta * ce
+        extra["der_buffer_ce"] = filled * ce
+      return total, {**aux, **extra}
+    return der_loss
+
+  def update(buffer, step: StepInfo):
+    batch = step.batch
+    n = batch["y"].shape[0]
+    raw = step.aux.get("_raw_logits")
+    if raw is None or raw.ndim != 2 or raw.shape[0] < n:  # no forward pass to reuse: run one at the old params
+      raw = learner.apply(step.old_params, batch["x"], batch["task"])
+    logits = jax.lax.stop_gradient(raw[:n]).astype(jnp.float32)
+    return reservoir_add(buffer, batch["x"].astype(jnp.float32), batch["y"], batch["task"], logits, step.rng)
+
+  return Strategy(init=init, loss=loss, name="derpp" if plus_plus else "der", update=update)
+
+
+def derpp(config, learner) -> Strategy:
+  """DER++: DER plus β · CE on the labels of a second buffer draw."""
+  return der(config, learner, plus_plus=True)

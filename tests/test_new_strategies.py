@@ -1,0 +1,378 @@
+"""SI, MAS, DER / DER++, A-GEM and online replay: numbers by hand (or by an independent numpy transcription),
+the step hooks they need, and every one of them end to end through `cl_jax.run`."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from cl_jax.losses import cross_entropy
+from cl_jax.strategies import DEFAULT_CONFIGS, build_strategy
+from cl_jax.strategies.base import Learner, LossContext, Strategy, TaskData, TaskInfo, chain
+from cl_jax.train.state import TrainState
+from cl_jax.train.step import make_train_step
+
+
+def _config(kind="class", num_tasks=3, **overrides):
+  config = ml_collections.ConfigDict({name: fn() for name, fn in DEFAULT_CONFIGS.items()})
+  config.scenario = ml_collections.ConfigDict(dict(kind=kind, num_tasks=num_tasks))
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+NUM_CLASSES, DIM = 4, 3
+
+
+def _logreg():
+  def apply(p, x, task):
+    del task
+    return x @ p["w"] + p["b"]
+
+  def mask(task, task_index):   # class-IL: two classes per task
+    return jnp.broadcast_to(jnp.arange(NUM_CLASSES) < 2 * (task_index + 1), (task.shape[0], NUM_CLASSES))
+
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(DIM, NUM_CLASSES)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(NUM_CLASSES,)) * 0.1, jnp.float32)}
+  return Learner(apply, mask), params
+
+
+def _batch(n, task_index, seed):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=(n, DIM)), jnp.float32),
+          "y": jnp.asarray(2 * task_index + rng.integers(0, 2, n), jnp.int32),
+          "task": jnp.full((n,), task_index, jnp.int32)}
+
+
+def _task_data(n, task_index, seed):
+  b = _batch(n, task_index, seed)
+  return TaskData(np.asarray(b["x"]), np.asarray(b["y"]), np.asarray(b["task"]), task_index)
+
+
+def _state(params, strategy_state, opt, task_index=0):
+  return TrainState(step=jnp.int32(0), params=params, opt_state=opt.init(params), strategy_state=strategy_state,
+                    rng=jax.random.PRNGKey(0), task_index=jnp.int32(task_index))
+
+
+def _np_logreg_grad(w, b, x, y, active):
+  """Gradient of the mean masked softmax cross-entropy of x @ w + b, in numpy."""
+  z = x @ w + b
+  z = np.where(active, z, -1e9)
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = (p - np.eye(w.shape[1])[y]) / len(y)
+  return x.T @ d, d.sum(0)
+
+
+# ------------------------------------------------------------------------------------------------ SI
+
+
+def test_si_path_integral_through_the_train_step_matches_numpy():
+  """Quadratic task losses 0.5 Σ a (θ - m)² under SGD; ω, Ω and the params follow a numpy transcription of
+  Zenke et al.'s update, including task 2 where the SI penalty pulls towards θ* (and is left out of ω)."""
+  a = np.array([1.0, 3.0, 0.5], np.float32)
+  targets = [np.array([1.0, -2.0, 0.5], np.float32), np.array([-1.0, 1.0, 2.0], np.float32)]
+  lr, c, xi, steps = 0.1, 0.7, 0.05, 6
+  strategy = build_strategy("si", _config(**{"si.c": c, "si.xi": xi}), None)
+  params = {"w": jnp.zeros(3, jnp.float32)}
+
+  def task_loss(p, batch, ctx):
+    return 0.5 * jnp.sum(a * jnp.square(p["w"] - batch["m"])), {}
+
+  opt = optax.sgd(lr)
+  step = jax.jit(make_train_step(strategy.loss(task_loss), opt, lambda s: lr, log_norms=False, strategy=strategy))
+  state = _state(params, strategy.init(params, None), opt)
+  theta, omega, big, anchor = np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3)
+  for t, m in enumerate(targets):
+    for _ in range(steps):
+      state, _ = step(state, {"m": jnp.asarray(m)})
+      g_task = a * (theta - m)
+      g = g_task + 2 * c * big * (theta - anchor)
+      new = theta - lr * g
+      omega += -g_task * (new - theta)
+      theta = new
+    np.testing.assert_allclose(state.params["w"], theta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.strategy_state["omega"]["w"], omega, rtol=1e-4, atol=1e-6)
+    new_ss = strategy.after_task(state.strategy_state, state.params, None, jax.random.key(0))
+    state = state._replace(strategy_state=new_ss)
+    big = big + omega / ((theta - anchor) ** 2 + xi)
+    anchor, omega = theta.copy(), np.zeros(3)
+    np.testing.assert_allclose(new_ss["importance"]["w"], big, rtol=1e-4)
+    np.testing.assert_allclose(new_ss["anchor"]["w"], anchor, rtol=1e-6)
+    assert float(jnp.abs(new_ss["omega"]["w"]).max()) == 0.0
+  assert big.min() > 0  # every coordinate moved downhill: a positive importance
+
+
+def test_si_penalty_value_and_gradient():
+  strategy = build_strategy("si", _config(**{"si.c": 2.0}), None)
+  params = {"w": jnp.asarray([1.0, 2.0])}
+  state = {"omega": {"w": jnp.zeros(2)}, "importance": {"w": jnp.asarray([0.5, 3.0])},
+           "anchor": {"w": jnp.asarray([0.0, 1.0])}}
+  loss = strategy.loss(lambda p, b, c: (jnp.zeros(()), {}))
+  ctx = LossContext(state, jax.random.key(0), jnp.int32(1))
+  value, aux = loss(params, {}, ctx)
+  np.testing.assert_allclose(value, 2.0 * (0.5 * 1 + 3.0 * 1))   # c Σ Ω (θ - θ*)²
+  grad = jax.grad(lambda p: loss(p, {}, ctx)[0])(params)
+  np.testing.assert_allclose(grad["w"], [2 * 2.0 * 0.5 * 1, 2 * 2.0 * 3.0 * 1])
+
+
+# ----------------------------------------------------------------------------------------------- MAS
+
+
+def test_mas_importance_matches_numpy_per_example_gradients():
+  learner, params = _logreg()
+  strategy = build_strategy("mas", _config(**{"mas.lam": 3.0, "mas.chunk_size": 7}), learner)
+  state = strategy.init(params, None)
+  data = _task_data(20, task_index=1, seed=4)   # classes 0..3 active after task 1
+  state = strategy.after_task(state, params, data, jax.random.key(0))
+  w, b, x = np.asarray(params["w"]), np.asarray(params["b"]), data.x
+  # ‖f‖² with f = x w + b: ∂/∂w = 2 x fᵀ (outer product), ∂/∂b = 2 f; mean of |·| over examples.
+  f = x @ w + b
+  gw = np.mean([np.abs(2 * np.outer(xn, fn)) for xn, fn in zip(x, f)], axis=0)
+  gb = np.mean(np.abs(2 * f), axis=0)
+  np.testing.assert_allclose(state["importance"]["w"], gw, rtol=1e-5)
+  np.testing.assert_allclose(state["importance"]["b"], gb, rtol=1e-5)
+  # Task 0's mask leaves classes 0, 1: the masked logits count 0, so columns 2, 3 get no importance.
+  state0 = strategy.after_task(strategy.init(params, None), params, _task_data(20, 0, 4), jax.random.key(0))
+  assert float(jnp.abs(state0["importance"]["w"][:, 2:]).max()) == 0.0
+  np.testing.assert_allclose(state0["importance"]["w"][:, :2], gw[:, :2], rtol=1e-5)
+  # Importances add up over tasks; the anchor is the latest params; the penalty is λ Σ Ω (θ - θ*)².
+  moved = jax.tree.map(lambda p: p + 0.1, params)
+  state2 = strategy.after_task(state, moved, data, jax.random.key(0))
+  f2 = x @ (w + 0.1) + (b + 0.1)
+  gb2 = np.mean(np.abs(2 * f2), axis=0)
+  np.testing.assert_allclose(state2["importance"]["b"], gb + gb2, rtol=1e-5)
+  loss = strategy.loss(lambda p, bt, c: (jnp.zeros(()), {}))
+  ctx = LossContext(state2, jax.random.key(0), jnp.int32(2))
+  expected = 3.0 * sum(float(np.sum(np.asarray(state2["importance"][k]) * 0.01)) for k in ("w", "b"))
+  np.testing.assert_allclose(loss(params, {}, ctx)[0], expected, rtol=1e-5)
+
+
+def test_mas_num_examples_uses_a_subset():
+  learner, params = _logreg()
+  strategy = build_strategy("mas", _config(**{"mas.num_examples": 5}), learner)
+  data = _task_data(40, task_index=1, seed=4)
+  full = build_strategy("mas", _config(), learner).after_task(
+      strategy.init(params, None), params, data, jax.random.key(0))
+  sub = strategy.after_task(strategy.init(params, None), params, data, jax.random.key(0))
+  assert not np.allclose(sub["importance"]["b"], full["importance"]["b"])
+  assert np.all(np.isfinite(np.asarray(sub["importance"]["w"])))
+
+
+# --------------------------------------------------------------------------------------- DER, DER++
+
+
+def _der_setup(name, **overrides):
+  learner, params = _logreg()
+  strategy = build_strategy(name, _config(**{"der.capacity": 8, "der.batch_size": 5, **overrides}), learner)
+  state = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  return learner, params, strategy, state
+
+
+def test_der_buffer_fills_online_with_the_steps_logits():
+  learner, params, strategy, buffer = _der_setup("der")
+  assert buffer.logits.shape == (8, NUM_CLASSES)
+  opt = optax.sgd(0.1)
+  step = jax.jit(make_train_step(strategy.loss(_masked_ce(learner)), opt, lambda s: 0.1, log_norms=False,
+                                 strategy=strategy))
+  state = _state(params, buffer, opt)
+  batch = _batch(6, 0, seed=1)
+  new, _ = step(state, batch)
+  buf = new.strategy_state
+  assert int(buf.size) == 6 and int(buf.seen) == 6
+  # Algorithm R with room left: example g goes to slot g, with the logits of the params *before* the update.
+  np.testing.assert_allclose(buf.x[:6], batch["x"])
+  np.testing.assert_array_equal(buf.y[:6], batch["y"])
+  np.testing.assert_allclose(buf.logits[:6], batch["x"] @ params["w"] + params["b"], rtol=1e-5, atol=1e-6)
+  new, _ = step(new, _batch(6, 0, seed=2))
+  assert int(new.strategy_state.size) == 8 and int(new.strategy_state.seen) == 12
+
+
+def _masked_ce(learner):
+  def loss_fn(params, batch, ctx):
+    raw = learner.apply(params, batch["x"], batch["task"])
+    logits = jnp.where(learner.logit_mask(batch["task"], ctx.task_index), raw, -1e9)
+    return jnp.mean(cross_entropy(logits, batch["y"])), {"_raw_logits": raw}
+  return loss_fn
+
+
+def test_der_and_derpp_losses_by_hand():
+  from cl_jax.strategies import der as der_lib
+  alpha, beta = 0.4, 0.7
+  for name in ("der", "derpp"):
+    learner, params, strategy, buffer = _der_setup(name, **{"der.alpha": alpha, "der.beta": beta})
+    base = _masked_ce(learner)
+    loss = strategy.loss(base)
+    batch = _batch(6, 1, seed=3)
+    ctx = LossContext(buffer, jax.random.key(5), jnp.int32(1))
+    np.testing.assert_allclose(loss(params, batch, ctx)[0], base(params, batch, ctx)[0], rtol=1e-6)  # empty
+    old = _batch(8, 0, seed=9)
+    stored = old["x"] @ params["w"] * 0.5     # logits of some earlier network
+    buffer = der_lib.reservoir_add(buffer, old["x"], old["y"], old["task"], stored, jax.random.key(1))
+    ctx = ctx._replace(strategy_state=buffer)
+    value, aux = loss(params, batch, ctx)
+    # The two draws, reproduced with the loss's own streams.
+    i1 = jax.random.randint(jax.random.fold_in(ctx.rng, der_lib._LOGIT_STREAM), (5,), 0, 8)
+    x1, z1 = np.asarray(old["x"])[np.asarray(i1)], np.asarray(stored)[np.asarray(i1)]
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    mse = np.mean((x1 @ w + b - z1) ** 2)
+    expected = float(base(params, batch, ctx)[0]) + alpha * mse
+    if name == "derpp":
+      i2 = np.asarray(jax.random.randint(jax.random.fold_in(ctx.rng, der_lib._LABEL_STREAM), (5,), 0, 8))
+      z2 = np.asarray(old["x"])[i2] @ w + b
+      z2 = np.where(np.arange(NUM_CLASSES) < 4, z2, -1e9)   # task index 1: classes 0..3
+      y2 = np.asarray(old["y"])[i2]
+      ce = np.mean(np.log(np.exp(z2).sum(1)) - z2[np.arange(5), y2])
+      expected += beta * ce
+      np.testing.assert_allclose(aux["der_buffer_ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(aux["der_logit_mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert mse > 1e-2
+
+
+# --------------------------------------------------------------------------------------------- A-GEM
+
+
+def test_agem_projection_by_hand():
+  from cl_jax.strategies.agem import project
+  g = {"a": jnp.asarray([1.0, 0.0]), "b": jnp.asarray([0.0])}
+  r = {"a": jnp.asarray([-1.0, 1.0]), "b": jnp.asarray([1.0])}
+  # g·r = -1 < 0, r·r = 3: g - (-1/3) r = [2/3, 1/3, 1/3], orthogonal to r.
+  out = project(g, r)
+  np.testing.assert_allclose(out["a"], [2 / 3, 1 / 3], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [1 / 3], rtol=1e-6)
+  assert abs(float(out["a"] @ r["a"] + out["b"] @ r["b"])) < 1e-6
+  same = project(g, jax.tree.map(lambda x: -x, r))   # g·r > 0: unchanged
+  np.testing.assert_array_equal(same["a"], g["a"])
+  np.testing.assert_array_equal(project(g, r, False)["a"], g["a"])   # empty memory: unchanged
+
+
+def test_agem_step_projects_against_the_memory_gradient():
+  """One SGD step through the real train step: the applied update is the numpy-projected gradient."""
+  from cl_jax.strategies.agem import _MEMORY_STREAM
+  learner, params = _logreg()
+  strategy = build_strategy("agem", _config(**{"agem.capacity": 16, "agem.batch_size": 6}), learner)
+  memory = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  memory = strategy.after_task(memory, params, _task_data(16, 0, seed=2), jax.random.key(3))
+  assert int(memory["size"]) > 0
+  lr = 0.5
+  opt = optax.sgd(lr)
+  step = jax.jit(make_train_step(strategy.loss(_masked_ce(learner)), opt, lambda s: lr, log_norms=False,
+                                 strategy=strategy))
+  w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+  active = np.arange(NUM_CLASSES) < 4
+  projected = 0
+  for seed in range(6):   # some batches conflict with the memory, some do not
+    batch = _batch(8, 1, seed=10 + seed)
+    state = _state(params, memory, opt, task_index=1)
+    new, _ = step(state, batch)
+    step_rng = jax.random.split(state.rng)[1]
+    idx = np.asarray(jax.random.randint(jax.random.fold_in(step_rng, _MEMORY_STREAM), (6,), 0, memory["size"]))
+    gw, gb = _np_logreg_grad(w, b, np.asarray(batch["x"]), np.asarray(batch["y"]), active)
+    rw, rb = _np_logreg_grad(w, b, np.asarray(memory["x"])[idx], np.asarray(memory["y"])[idx], active)
+    dot = np.sum(gw * rw) + np.sum(gb * rb)
+    if dot < 0:
+      coef = dot / (np.sum(rw * rw) + np.sum(rb * rb))
+      gw, gb = gw - coef * rw, gb - coef * rb
+      projected += 1
+    np.testing.assert_allclose(new.params["w"], w - lr * gw, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new.params["b"], b - lr * gb, rtol=1e-4, atol=1e-6)
+  assert 0 < projected < 6, projected
+
+
+# ------------------------------------------------------------------------------------- online replay
+
+
+def test_online_replay_fills_the_buffer_every_step_and_not_at_task_end():
+  learner, params = _logreg()
+  strategy = build_strategy("replay", _config(**{"replay.fill": "online", "replay.capacity": 10,
+                                                 "replay.batch_size": 4}), learner)
+  buffer = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  opt = optax.sgd(0.1)
+  step = jax.jit(make_train_step(strategy.loss(_masked_ce(learner)), opt, lambda s: 0.1, log_norms=False,
+                                 strategy=strategy))
+  state = _state(params, buffer, opt)
+  b1, b2 = _batch(6, 0, seed=1), _batch(6, 0, seed=2)
+  state, _ = step(state, b1)
+  np.testing.assert_allclose(state.strategy_state["x"][:6], b1["x"])
+  state, _ = step(state, b2)
+  assert int(state.strategy_state["size"]) == 10 and int(state.strategy_state["seen"]) == 12
+  after = strategy.after_task(state.strategy_state, state.params, _task_data(30, 0, 3), jax.random.key(0))
+  assert int(after["seen"]) == 12   # the task end adds nothing in online mode
+  task_end = build_strategy("replay", _config(**{"replay.capacity": 10}), learner)
+  assert task_end.update is None    # the default fill has no per-step hook: the step is unchanged
+
+
+# ------------------------------------------------------------------------------------------- chain
+
+
+def test_chain_runs_each_hook_on_its_own_state():
+  learner, params = _logreg()
+  config = _config(**{"der.capacity": 8, "agem.capacity": 8, "agem.batch_size": 4})
+  strategy = build_strategy("si+derpp+agem+ewc", config, learner)
+  assert strategy.grads is not None and strategy.update is not None and strategy.predict is None
+  state = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  state = strategy.after_task(state, params, _task_data(16, 0, 1), jax.random.key(0))
+  opt = optax.sgd(0.1)
+  step = jax.jit(make_train_step(strategy.loss(_masked_ce(learner)), opt, lambda s: 0.1, log_norms=False,
+                                 strategy=strategy))
+  train = _state(params, state, opt, task_index=1)
+  for seed in range(3):
+    train, metrics = step(train, _batch(8, 1, seed))
+  si_state, der_buf, memory, ewc_state = train.strategy_state
+  assert float(jnp.abs(si_state["omega"]["w"]).sum()) > 0          # SI integrated its path
+  assert int(der_buf.seen) == 24                                     # DER saw every batch
+  assert int(memory["seen"]) == 16                                   # A-GEM's memory only grows at task ends
+  assert {"si_penalty", "der_logit_mse", "der_buffer_ce", "ewc_penalty"} <= set(metrics)
+  # Hooks default to no-ops: a chain without them has none, and predict is single-owner.
+  plain = build_strategy("ewc+lwf", config, learner)
+  assert plain.grads is None and plain.update is None and plain.predict is None
+  p = lambda *a: jnp.zeros(())
+  with pytest.raises(ValueError, match="predict"):
+    chain(Strategy(name="a", predict=p), Strategy(name="b", predict=p))
+
+
+# ----------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("strategy, key, value, needle", [
+    ("si", "si.xi", 0.0, "si.xi"), ("si", "si.c", -1.0, "si.c"), ("mas", "mas.num_examples", 0, "mas.num_examples"),
+    ("der", "der.capacity", 0, "der.capacity"), ("derpp", "der.beta", -0.5, "der.beta"),
+    ("agem", "agem.policy", "fifo", "agem.policy"), ("replay", "replay.fill", "sometimes", "replay.fill"),
+])
+def test_bad_settings_fail_validation_by_name(strategy, key, value, needle):
+  from conftest import tiny_config
+  from cl_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match=needle):
+    validate(tiny_config(strategy, **{key: value}))
+
+
+# ------------------------------------------------------------------------------- end to end, cl_jax.run
+
+
+@pytest.mark.parametrize("strategy, overrides", [
+    ("si+mas+agem", {"si.c": 10.0, "mas.lam": 10.0, "agem.batch_size": 32}), ("der", {}),
+    ("derpp+replay", {"replay.fill": "online", "replay.capacity": 64}),
+])
+def test_runs_end_to_end_through_cl_jax_run(tmp_path, strategy, overrides):
+  """Two tasks of Split Digits through the real runner (every new strategy, alone or chained): a full accuracy
+  matrix, each strategy's section in results.json."""
+  import cl_jax
+  from conftest import tiny_config
+  config = tiny_config(strategy, steps=10, **{"scenario.num_tasks": 2, "optim.lr": 1e-2, **overrides})
+  results = cl_jax.run(config, str(tmp_path), progress=False)
+  r = np.asarray(results.accuracy_matrix)
+  assert r.shape == (3, 2) and np.all(np.isfinite(r))
+  assert r[1, 0] > 0.6   # task 1 was learned in 10 steps
+  with open(os.path.join(tmp_path, "results.json")) as f:
+    recorded = json.load(f)["strategy_config"]
+  for name in strategy.split("+"):
+    assert {"derpp": "der"}.get(name, name) in recorded
