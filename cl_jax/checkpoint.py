@@ -14,6 +14,7 @@ reported with a warning naming its path, and the next older one is used. On mult
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 KINDS = ("tasks", "rolling", "best")
+METADATA = "_CHECKPOINT_METADATA"  # orbax writes it last into a step's directory
 
 
 class Checkpoints:
@@ -52,8 +54,11 @@ class Checkpoints:
         continue
       for name in sorted(os.listdir(d)):
         if ".orbax-checkpoint-tmp" in name:
-          warnings.warn(f"ignoring the partial checkpoint {os.path.join(d, name)} (a save that did not finish)",
+          path = os.path.join(d, name)
+          warnings.warn(f"ignoring the partial checkpoint {path} (a save that did not finish); removing it",
                         stacklevel=3)
+          if jax.process_index() == 0:
+            shutil.rmtree(path, ignore_errors=True)
 
   def save(self, step: int, state, meta: dict, boundary: bool | None = None, kind: str = "rolling") -> None:
     """Saves asynchronously; `kind` is 'tasks' (or 'task'), 'rolling' or 'best' (`boundary=True` means 'tasks')."""
@@ -95,17 +100,45 @@ class Checkpoints:
         return None
       restored = manager.restore(step, args=args)
       return restored.state, restored.meta
-    for step, kind in self.candidates():
-      try:
-        restored = self._manager(kind).restore(step, args=args)
-        if not isinstance(restored.meta, dict) or restored.state is None:
-          raise ValueError("no meta")
-        return restored.state, restored.meta
-      except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back to an older one
-        warnings.warn(f"checkpoint {self.path(kind, step)} is unreadable ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to an older checkpoint",
-                      stacklevel=2)
-    return None
+    broken = []
+    try:
+      for step, kind in self.candidates():
+        if not os.path.isfile(os.path.join(self.path(kind, step), METADATA)):
+          warnings.warn(f"checkpoint {self.path(kind, step)} has no {METADATA} (an unfinished or damaged save); "
+                        "falling back to an older checkpoint", stacklevel=2)
+          broken.append((step, kind))
+          continue
+        try:
+          restored = self._manager(kind).restore(step, args=args)
+          if not isinstance(restored.meta, dict) or restored.state is None:
+            raise ValueError("no meta item")
+          return restored.state, restored.meta
+        except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back to an older one
+          reason = " ".join(str(e).split())[:160]
+          warnings.warn(f"checkpoint {self.path(kind, step)} is unreadable ({type(e).__name__}: {reason}); "
+                        "falling back to an older checkpoint", stacklevel=2)
+          broken.append((step, kind))
+      return None
+    finally:
+      self._set_aside(broken)
+
+  def _set_aside(self, broken) -> None:
+    """Moves unreadable checkpoints to `checkpoints/unreadable/` (kept for inspection), so the resumed run can
+    save its own checkpoints at those steps again."""
+    if not broken:
+      return
+    if jax.process_index() == 0:
+      aside = os.path.join(self.root, "unreadable")
+      os.makedirs(aside, exist_ok=True)
+      for step, kind in broken:
+        target = os.path.join(aside, f"{kind}-{step}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(self.path(kind, step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("cl_jax checkpoints set aside")
+    for m in (self.tasks, self.rolling):
+      m.reload()
 
   def wait(self) -> None:
     for m in (self.tasks, self.rolling, self._best):

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import socket
+import warnings
 from typing import Callable
 
 from cl_jax.errors import WorkdirError, WorkdirLocked
@@ -177,8 +178,8 @@ class Lock:
               f"workdir {os.path.dirname(self.path)!r} is in use by a live run (pid {holder.get('pid')} on "
               f"{holder.get('host')}, started {holder.get('start')}); wait for it or use another --workdir "
               f"(if that run is dead, delete {self.path})")
-        print(f"warning: taking over the stale lock {self.path} of dead pid "
-              f"{None if holder is None else holder.get('pid')}")
+        warnings.warn(f"taking over the stale lock {self.path} of dead pid "
+                      f"{None if holder is None else holder.get('pid')}", stacklevel=2)
         try:
           os.remove(self.path)
         except FileNotFoundError:
@@ -202,7 +203,7 @@ class Lock:
     if holder.get("host") != socket.gethostname():
       return False  # cannot tell whether a pid on another host lives: assume it does
     pid = int(holder.get("pid", -1))
-    return pid == os.getpid() or pid <= 0 or not _pid_alive(pid)
+    return pid <= 0 or not _pid_alive(pid)
 
   def release(self) -> None:
     if self.held:

@@ -45,6 +45,8 @@ from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, 
 # inputs of the batch of the given global step by NaN (divergence).
 KILL_ENV = "CL_JAX_TEST_KILL_AT_STEP"
 NAN_ENV = "CL_JAX_TEST_NAN_AT_STEP"
+# Test hook: this process sends itself SIGTERM ("k") or SIGINT ("k:INT") right after global step k (preemption).
+SIGNAL_ENV = "CL_JAX_TEST_SIGNAL_AT_STEP"
 NonFiniteLossError = DivergenceError  # the old name
 
 
@@ -232,7 +234,9 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           f"{', start' if iterator_state is None else ', mid-task'}).")
   log = (open_log or (lambda s: MetricsLog(workdir, s)))(resume_step)
   divergence = _Divergence(plan.divergence_factor, div_state)
-  kill_at = int(os.environ.get(KILL_ENV, "-1"))
+  kill_at, nan_at = int(os.environ.get(KILL_ENV, "-1")), int(os.environ.get(NAN_ENV, "-1"))
+  signal_at, _, signal_name = os.environ.get(SIGNAL_ENV, "-1").partition(":")
+  signal_at, signal_num = int(signal_at), signal.SIGINT if signal_name == "INT" else signal.SIGTERM
   seconds = lambda: prior_seconds + time.time() - t_start
 
   def meta(task, iterator):
@@ -295,6 +299,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           n = min(per_call, task_steps - k)
           step_no = first_step + k + n
           if plan.train_chunk is not None:
+            if step_no - n < nan_at <= step_no:  # batches are drawn inside the chunk: poison the params instead
+              state = state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
             state, metrics = plan.train_chunk(state, t, k, n)
           elif n == 1 and (per_call == 1 or plan.multi_step is None):
             state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, step_no, False))
@@ -304,6 +310,11 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           k += n
           pending.append((step_no - n + 1, metrics))
           bar.update(n)
+          if step_no - n < kill_at <= step_no:  # a crash right after this step, before its eval or checkpoint
+            flush_metrics()
+            log.flush()
+            checkpoints.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
           if sum(len(m["loss"]) for _, m in pending) >= plan.log_every:
             flush_metrics()
           if plan.eval_every and k % plan.eval_every == 0 and k < task_steps and plan.evaluate is not None:
@@ -317,6 +328,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             save_mid_task(step_no)
             if stopped is not None:
               break
+          if step_no - n < signal_at <= step_no:
+            signal.raise_signal(signal_num)
           if preempt.is_set():
             if not checkpoints.has(step_no):
               save_mid_task(step_no)
@@ -325,11 +338,6 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             bar.close()
             raise Preempted(f"preempted by signal {preempt.signum} at step {step_no} ({names[t]}); a checkpoint "
                             f"was saved in {workdir}: rerun the same command to resume")
-          if step_no - n < kill_at <= step_no:
-            flush_metrics()
-            log.flush()
-            checkpoints.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
         flush_metrics()
         bar.close()
         if stopped is not None:
