@@ -31,8 +31,10 @@ import time
 
 import numpy as np
 
+import cl_jax
+from cl_jax import lm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from cl_jax.lm import cpt  # noqa: E402
 
 VARIANTS = {
     "a_domain_only": dict(mixture="domain_only"),
@@ -42,25 +44,24 @@ VARIANTS = {
     "e_two_phase_wsd": dict(mixture="two_phase", schedule="wsd"),
     "e_two_phase_cosine": dict(mixture="two_phase", schedule="cosine"),
     "f_distill": dict(mixture="domain_only", strategy="distill"),
-    "g_lora": dict(mixture="domain_only", method="lora"),
+    "g_lora": dict(mixture="domain_only", strategy="lora"),
     "h_difficulty": dict(mixture="difficulty"),
 }
 
 
 def make_config(args, seed: int, variant: dict, base_dir: str = ""):
-  c = cpt.default_config()
+  c = lm.default_config()
   c.seed = seed
   c.lm.seq_len = 128
   c.text.update(max_train_sequences=8192, eval_sequences=args.eval_sequences, cloze_items=args.cloze_items,
                 cloze_context=48)
   c.optim.update(lr=3e-3, schedule=variant.get("schedule", "wsd"), warmup_fraction=0.05, decay_fraction=0.25)
   c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
-  c.adapt.update(steps=args.adapt_steps, batch_size=16, lr_ratio=args.lr_ratio, mixture=variant["mixture"],
-                 method=variant.get("method", "full"))
-  if c.adapt.method == "lora":
+  c.adapt.update(steps=args.adapt_steps, batch_size=16, lr_ratio=args.lr_ratio, mixture=variant["mixture"])
+  c.strategy = variant.get("strategy", "naive")
+  if "lora" in c.strategy.split("+"):
     c.adapt.lr_ratio = args.lora_lr_ratio
   c.adapt.difficulty = variant["mixture"] == "difficulty"
-  c.strategy = variant.get("strategy", "naive")
   c.regression.update(eval_every=args.eval_every, hard_stop=False, min_z=2.0, threshold=0.02)
   c.train.log_every_steps = 50
   return c
@@ -116,18 +117,15 @@ def main(argv=None):
     with open(stem + ".json") as f:
       records = [dict(r, threshold=r.get("threshold", 0.02)) for r in json.load(f)["runs"]]
   done = {(r["seed"], r["variant"]) for r in records}
-  data = None
   for seed in args.seeds:
     base_dir = next((r["workdir"] for r in records if r["seed"] == seed), "")
     for name in args.variants:
       if (seed, name) in done:
         continue
       c = make_config(args, seed, VARIANTS[name], base_dir)
-      if data is None:
-        data = cpt.load_data(c)  # the corpora do not depend on the seed (split_seed is fixed)
       workdir = os.path.join(args.workroot, f"seed{seed}", name)
       t = time.time()
-      r = cpt.run(c, workdir, overwrite=True, progress=False, data=data).record
+      r = cl_jax.run(c, workdir, overwrite=True, progress=False).extra
       base_dir = base_dir or workdir  # later variants adapt the same base
       r["variant"] = name
       r["workdir"] = workdir

@@ -25,6 +25,7 @@ LM metrics, over fixed evaluation sequences tokens [n, L] (the model reads token
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -68,9 +69,9 @@ def task_accuracy(eval_fn, params, scenario, task_id: int, task_index: int, batc
   """Test accuracy on task `task_id` with the logit mask of having trained up to `task_index`."""
   from cl_jax.data import test_batches
   hits, total = 0, 0
-  ti = jnp.int32(task_index)
+  ti = sharding.put_global(np.int32(task_index), sharding.replicated(mesh))
   for batch in test_batches(scenario, task_id, batch_size):
-    h, n = eval_fn(params, sharding.put_batch(batch, mesh), ti, strategy_state)
+    h, n = eval_fn(params, sharding.put_global_batch(batch, mesh), ti, strategy_state)
     hits, total = hits + h, total + n
   return float(hits) / max(float(total), 1.0)
 
@@ -89,11 +90,12 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
 
   `apply(params, tokens) -> logits`. Every process builds the same padded chunks and feeds only its own rows.
   """
-  from cl_jax.lm.data import put_rows
   from cl_jax.lm.losses import token_cross_entropy
   size = padded_size(batch_size, mesh)
 
-  @jax.jit
+  rep = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=rep)
   def nll_batch(params, tokens, valid):
     logits = apply(params, tokens[:, :-1])
     targets = tokens[:, 1:]
@@ -102,7 +104,7 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     w = valid[:, None].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(hit * w), jnp.sum(w) * targets.shape[1]
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=rep)  # every process reads every score
   def cloze_batch(params, context, choices, mask):
     b, k, w = choices.shape
     seq = jnp.concatenate([jnp.repeat(context[:, None], k, 1), choices], -1).reshape(b * k, -1)
@@ -115,7 +117,8 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     s_nll = s_hit = s_n = 0.0
     for i in range(0, len(tokens), size):
       chunk = tokens[i:i + size]
-      batch = put_rows({"t": pad_rows(chunk, size), "v": pad_rows(np.ones(len(chunk), bool), size)}, mesh)
+      valid = pad_rows(np.ones(len(chunk), bool), size)
+      batch = sharding.put_global_batch({"t": pad_rows(chunk, size), "v": valid}, mesh)
       a, h, n = nll_batch(params, batch["t"], batch["v"])
       s_nll, s_hit, s_n = s_nll + float(a), s_hit + float(h), s_n + float(n)
     return math.exp(s_nll / s_n), s_hit / s_n
@@ -126,8 +129,8 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     for i in range(0, len(items.answer), per):
       sl = slice(i, i + per)
       n = len(items.answer[sl])
-      batch = put_rows({"c": pad_rows(items.context[sl], per), "x": pad_rows(items.choices[sl], per),
-                        "m": pad_rows(items.choice_mask[sl], per)}, mesh)
+      batch = sharding.put_global_batch({"c": pad_rows(items.context[sl], per), "x": pad_rows(items.choices[sl], per),
+                                         "m": pad_rows(items.choice_mask[sl], per)}, mesh)
       scores.append(np.asarray(jax.device_get(cloze_batch(params, batch["c"], batch["x"], batch["m"])))[:n])
     return float(np.mean(np.argmax(np.concatenate(scores), -1) == items.answer))
 

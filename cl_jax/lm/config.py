@@ -63,8 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.regression = ml_collections.ConfigDict(dict(
       threshold=0.02, eval_every=500, hard_stop=True, patience=1, min_z=0.0, select="domain/perplexity",
       eval_batch_size=64))
-  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True))
-  c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+  # divergence_factor > 0: stop when a loss exceeds that many times its early value (cl_jax.train.loop).
+  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0))
+  # every_steps: rolling checkpoints of pre-training (0: none mid-way; adaptation saves at every evaluation).
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.lock()
   return c
@@ -101,6 +103,9 @@ def check_config(c) -> None:
   for key in ("log_every_steps",):
     _positive_int(c, "train", key)
   _positive_int(c, "checkpoint", "keep")
+  _positive_int(c, "checkpoint", "every_steps", 0)
+  if not c.train.divergence_factor >= 0:
+    raise ValueError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0: off)")
   if not c.adapt.lr_ratio > 0:
     raise ValueError(f"adapt.lr_ratio={c.adapt.lr_ratio}: must be positive (adaptation peak LR = "
                      "lr_ratio * optim.lr)")

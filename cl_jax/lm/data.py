@@ -10,14 +10,13 @@ convention it shares with the classic path):
   mask    float [B, L-1]  optional: 1 on targets that count (generated replay with eos fill has zeros)
 
 Multi-host: the sampler decides every row of the global batch from (seed, step) alone, so each process gathers
-only its own rows (`process_rows`) and `global_batch` assembles the global array with its global shape given
-explicitly; no process ever builds, or feeds, another's rows.
+only its own rows (`sharding.process_rows` of the row indices) and `sharding.put_batch` assembles the global array
+with its global shape given explicitly; no process ever gathers, or feeds, another's rows.
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from cl_jax import sharding
@@ -74,15 +73,6 @@ def check_against_data(c, data: CPTData) -> None:
         raise ValueError(f"text.{role}={c.text[role]!r}: no training sequence of lm.seq_len={c.lm.seq_len}")
 
 
-def process_rows(global_batch: int) -> slice:
-  """The rows of each global batch this process feeds (a contiguous block, in device order)."""
-  count, index = jax.process_count(), jax.process_index()
-  if global_batch % count:
-    raise ValueError(f"batch size {global_batch}: not divisible by the {count} processes")
-  local = global_batch // count
-  return slice(index * local, (index + 1) * local)
-
-
 def next_token_batch(tokens: np.ndarray, task: int, domain: np.ndarray | None = None) -> dict:
   """tokens [B, L] -> the LM batch layout (module docstring)."""
   tokens = np.asarray(tokens)
@@ -96,8 +86,8 @@ def next_token_batch(tokens: np.ndarray, task: int, domain: np.ndarray | None = 
 def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   """This process's rows of the mixture's global batch at `step`, in the LM batch layout."""
   ids, example = sampler.indices(step)
-  rows = process_rows(sampler.batch_size)
-  ids, example = ids[rows], example[rows]
+  rows = sharding.process_rows({"ids": ids, "example": example})
+  ids, example = rows["ids"], rows["example"]
   first = np.asarray(data_by_role[sampler.domains[0]])
   tokens = np.empty((len(ids),) + first.shape[1:], first.dtype)
   for d in np.unique(ids):
@@ -106,25 +96,4 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   return next_token_batch(tokens, task, ids)
 
 
-def global_batch(local: dict, mesh, global_size: int) -> dict:
-  """This process's rows -> global jax.Arrays sharded over the batch axes, the global shape given explicitly.
-
-  Host-side keys (`domain`) are dropped: they are for the run's bookkeeping, not the step.
-  """
-  sh = sharding.batch_sharding(mesh)
-  arrays = {k: v for k, v in local.items() if k != "domain"}
-  if jax.process_count() == 1:
-    return jax.device_put(arrays, sh)
-  return {k: jax.make_array_from_process_local_data(sh, v, (global_size,) + v.shape[1:])
-          for k, v in arrays.items()}
-
-
-def put_rows(full: dict, mesh) -> dict:
-  """A global batch every process can build cheaply (evaluation chunks): each feeds only its own rows."""
-  size = len(next(iter(full.values())))
-  rows = process_rows(size)
-  return global_batch({k: np.asarray(v)[rows] for k, v in full.items()}, mesh, size)
-
-
-__all__ = ["CPTData", "load_data", "subset", "check_against_data", "process_rows", "next_token_batch",
-           "sampler_batch", "global_batch", "put_rows"]
+__all__ = ["CPTData", "load_data", "subset", "check_against_data", "next_token_batch", "sampler_batch"]

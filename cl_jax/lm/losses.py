@@ -51,40 +51,59 @@ def next_token_metrics(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]
 
 def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0,
                     mask: jax.Array | None = None) -> jax.Array:
-  """Token-level knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
-  Network"), averaged over the tokens with `mask` > 0:
+  """Token-level knowledge distillation (Hinton et al. 2015), averaged over the tokens with `mask` > 0:
 
     KD = T^2 * mean_t KL( softmax(z_teacher_t / T) || softmax(z_student_t / T) )
 
-  The T^2 factor keeps the gradient scale independent of T. The teacher is not differentiated
-  (stop_gradient). Logits are [..., V] with the same V (after a vocabulary extension, compare the
-  student's logits restricted to the teacher's vocabulary, `student_logits[..., :V_teacher]`).
+  The per-token term is `cl_jax.strategies.distill.distillation_loss` (what the `distill` strategy adds to an LM
+  run's loss); the teacher is not differentiated. After a vocabulary extension compare the student's logits
+  restricted to the teacher's vocabulary, `student_logits[..., :V_teacher]`.
   """
+  from cl_jax.strategies.distill import distillation_loss
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"distillation_kl: student_logits {student_logits.shape} and teacher_logits "
                      f"{teacher_logits.shape} differ in shape")
   if temperature <= 0:
     raise ValueError(f"distillation_kl: temperature={temperature} must be > 0")
-  t = jnp.float32(temperature)
-  teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t
-  student = student_logits.astype(jnp.float32) / t
-  teacher_logp = jax.nn.log_softmax(teacher, axis=-1)
-  student_logp = jax.nn.log_softmax(student, axis=-1)
-  kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
+  kl = distillation_loss(student_logits, jax.lax.stop_gradient(teacher_logits), temperature)
   weights = jnp.ones(kl.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  return t * t * masked_mean(kl, weights)
+  return masked_mean(kl, weights)
 
 
-def lm_loss_fn(apply: Callable) -> Callable:
-  """The task loss of the LM in the train-step convention `(params, batch, ctx) -> (loss, aux)`.
+def next_token_loss(learner) -> Callable:
+  """The LM task loss in the train-step convention `(params, batch, ctx) -> (loss, aux)`, on the LM batch layout
+  (`cl_jax.lm.data`: x = tokens[:, :-1], y = tokens[:, 1:], optional per-target `mask`):
 
-  `apply(params, tokens) -> logits` is `FunctionalModel.apply`; `ctx` (a LossContext) is unused.
-  Strategies wrap this like any task loss (distillation to the pre-adaptation model, EWC, replay).
+    loss = sum_{b,t} m[b,t] * -log p(y[b,t] | x[b,<=t]) / sum m[b,t]
+
+  aux: task_loss, accuracy (next-token top-1) and `_raw_logits` [B, L-1, V], which the distillation strategy reuses
+  instead of running the student again.
   """
 
   def loss_fn(params, batch, ctx=None):
-    del ctx
-    logits = apply(params, batch["tokens"][:, :-1])
-    return next_token_metrics(logits, batch)
+    logits = learner.apply(params, batch["x"], batch.get("task"))
+    targets = batch["y"]
+    mask = batch.get("mask")
+    weights = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    loss = masked_mean(token_cross_entropy(logits, targets), weights)
+    acc = masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), weights)
+    return loss, {"task_loss": loss, "accuracy": acc, "_raw_logits": logits}
+
+  return loss_fn
+
+
+def lm_loss_fn(apply: Callable) -> Callable:
+  """`next_token_loss` for batches `{'tokens': [B, L], 'mask': optional [B, L]}` and `apply(params, tokens)`
+  (the convention of this module's other functions): the mask of the targets is `mask[:, 1:]`."""
+  from cl_jax.strategies.base import Learner
+  inner = next_token_loss(Learner(lambda p, x, task=None: apply(p, x), lambda task, index: None))
+
+  def loss_fn(params, batch, ctx=None):
+    tokens = batch["tokens"]
+    split = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+    if batch.get("mask") is not None:
+      split["mask"] = batch["mask"][:, 1:]
+    loss, aux = inner(params, split, ctx)
+    return loss, {k: v for k, v in aux.items() if not k.startswith("_")}
 
   return loss_fn

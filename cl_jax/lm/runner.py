@@ -1,0 +1,430 @@
+"""Continual pre-training (CPT) of a causal LM on the one task loop: `run(config, workdir)` for `kind='lm'`.
+
+The run is two task-loop runs (`cl_jax.train.loop.run_tasks`) over the same machinery as a classic run: the pure
+train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the workdir lock and metrics log
+(`cl_jax.workdir`), the schedule builder and the evaluator (`cl_jax.eval.evaluator`):
+
+  1. pretrain  the base: a `TransformerLM` trained `pretrain.steps` steps on general text (cosine with warmup, peak
+               `optim.lr`), checkpointed under `<workdir>/pretrain/checkpoints`; or the base of another LM run
+               (`pretrain.base_dir`), or the fresh initialisation (`pretrain.steps=0`).
+  2. adapt     the strategy chain's plan (`config.strategy`; `lora` wraps the model through `prepare`), two tasks:
+                 task 1 'general'  0 steps: its end is the base. `after_task` hands the strategies the general
+                                   training sequences (EWC's Fisher and anchor, distillation's teacher, generative
+                                   replay's pool), and its boundary evaluation is the monitor's baseline;
+                 task 2 'domain'   `adapt.steps` steps on the mixture `adapt.mixture` (`cl_jax.data.mixture`), peak
+                                   LR `adapt.lr_ratio * optim.lr` (continual pre-training re-warms to a fraction of
+                                   the pre-training LR: Gupta et al. 2023; Ibrahim et al. 2024), the `optim.schedule`.
+               Every `regression.eval_every` steps the evaluator measures general / domain perplexity, next-token
+               accuracy and general cloze accuracy on the validation split; the regression monitor
+               (`cl_jax.lm.monitor`) is the per-evaluation hook: a general metric beyond `regression.threshold` is a
+               hard stop, and the best in-threshold evaluation is kept as the `best` checkpoint.
+  3. report    test-split metrics of the base, the kept (best) and the final model: results.json (`Results`,
+               kind 'lm', the record in `extra`), summary.md, monitor.png; metrics.jsonl holds both phases (records
+               carry `phase`), with the realised mixture per evaluation interval.
+
+Rerunning on the same workdir resumes either phase from its newest intact checkpoint (the sampler is a pure
+function of seed and step, so the data order is the same) and ends with the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cl_jax import sharding
+from cl_jax.data import mixture as mx
+from cl_jax.lm.config import DOMAIN, GENERAL, check_config
+from cl_jax.lm.data import CPTData, load_data, sampler_batch
+
+# Test hook: raise SimulatedCrash when the adaptation evaluation of this step is reported (before its checkpoint).
+CRASH_ENV = "CL_JAX_LM_CRASH_AT_STEP"
+TASKS = (GENERAL, DOMAIN)
+
+
+class SimulatedCrash(RuntimeError):
+  pass
+
+
+def model_config(c, vocab_size: int):
+  from cl_jax.models.transformer import model_config as named
+  overrides = {k: int(c.lm[k]) for k in ("d_model", "num_layers", "num_heads") if c.lm[k]}
+  return named(c.lm.size, vocab_size=vocab_size, max_len=c.lm.seq_len, compute_dtype=c.lm.compute_dtype,
+               tied_embeddings=c.lm.tied_embeddings, **overrides)
+
+
+def no_logit_mask(task, task_index):
+  del task, task_index
+  return None
+
+
+class MixtureSource:
+  """The task loop's batch source: this process's rows of the mixture's batch at each step (resumable by step)."""
+
+  def __init__(self, sampler, data_by_role: dict, task: int, state: dict | None = None):
+    self.sampler, self.data, self.task = sampler, data_by_role, task
+    self.step = 0 if state is None else int(state["step"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = sampler_batch(self.sampler, self.step, self.data, self.task)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+
+def adaptation_stages(c) -> list:
+  """The adaptation mixture's stages; the two-phase switch sits exactly at the WSD decay start."""
+  steps = c.adapt.steps
+  decay_start = steps - int(round(c.optim.decay_fraction * steps))
+  return mx.from_spec(c.adapt.mixture, steps, domain=DOMAIN, general=GENERAL, stable_fraction=decay_start / steps)
+
+
+def difficulty_order_for(apply, params, data: CPTData, batch_size: int, mesh) -> np.ndarray:
+  """Domain train sequences ordered by their document's base-model perplexity (moderate first)."""
+  from cl_jax.eval.evaluator import pad_rows, padded_size
+  from cl_jax.lm.losses import token_cross_entropy
+  tokens, doc = data.train[DOMAIN], data.doc_index[DOMAIN]
+
+  def seq_nll(p, t):
+    return jnp.mean(token_cross_entropy(apply(p, t[:, :-1]), t[:, 1:]), -1)
+
+  size = padded_size(batch_size, mesh)
+  seq_nll = jax.jit(seq_nll, out_shardings=sharding.replicated(mesh))  # every process reads every value
+  nll = []
+  for i in range(0, len(tokens), size):
+    chunk = tokens[i:i + size]
+    nll.append(np.asarray(seq_nll(params, sharding.put_global_batch(pad_rows(chunk, size), mesh)))[:len(chunk)])
+  nll = np.concatenate(nll)
+  num_docs = int(doc.max()) + 1
+  sums = np.bincount(doc, weights=nll, minlength=num_docs)
+  n = np.maximum(np.bincount(doc, minlength=num_docs), 1)
+  return mx.difficulty_order(doc, np.exp(sums / n))
+
+
+# ----------------------------------------------------------------------------- the two plans
+
+class Phase(NamedTuple):
+  plan: Any               # cl_jax.train.loop.Plan
+  learner: Any            # the model as the strategies see it (apply may be LoRA-wrapped)
+  strategy: Any
+  schedule: Any
+  hook: Any = None        # the adaptation's monitor hook
+  sampler: Any = None     # the adaptation's mixture sampler
+  evaluator: Any = None   # the LM evaluator on this phase's params
+
+
+def _train_state(c, params, optimizer, strategy_state, mesh, rng):
+  from cl_jax.train.state import TrainState
+  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
+                     strategy_state=strategy_state, rng=rng, task_index=np.int32(0))
+  rep = sharding.replicated(mesh)
+  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
+  return sharding.put_global(state, state_sh), state_sh
+
+
+def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool):
+  from cl_jax.train.loop import with_finite_flag
+  from cl_jax.train.step import compile_train_step, make_train_step
+  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms))
+  return compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+
+
+def _common_plan_fields(c, mesh) -> dict:
+  return dict(put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
+              log_every=c.train.log_every_steps, divergence_factor=float(c.train.divergence_factor))
+
+
+def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
+  """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
+  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.strategies import Learner, naive
+  from cl_jax.train.loop import Plan
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.schedules import cosine_schedule
+  steps = int(c.pretrain.steps)
+  schedule = cosine_schedule(c.optim.lr, max(steps, 1), c.pretrain.warmup_fraction, c.pretrain.end_lr_fraction)
+  optimizer = build_optimizer(c.optim, schedule)
+  learner = Learner(model.apply, no_logit_mask)
+  state, state_sh = _train_state(c, params, optimizer, (), mesh, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
+  sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
+                              c.pretrain.batch_size, seed=c.seed + 1000)
+  plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
+              batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
+              train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh,
+                                        c.train.log_norms),
+              eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
+              record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
+  return Phase(plan, learner, naive(), schedule)
+
+
+class _MonitorHook:
+  """The adaptation's per-evaluation hook state: the regression monitor and the realised-mixture log (JSON)."""
+
+  def __init__(self, c, counts: dict):
+    self.c, self.counts = c, counts
+    self.monitor = None
+    self.mixture: list = []
+    self.last_eval = 0
+    self.verdict = None
+
+  def make(self, baseline: dict):
+    from cl_jax.lm.monitor import RegressionMonitor
+    r = self.c.regression
+    return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, min_z=r.min_z,
+                             counts=self.counts, hard_stop=r.hard_stop)
+
+  def meta(self) -> dict:
+    return {"monitor": None if self.monitor is None else self.monitor.state_dict(), "mixture": self.mixture,
+            "last_eval": self.last_eval}
+
+  def load_meta(self, d: dict) -> None:
+    if d.get("monitor") is not None:
+      self.monitor = self.make(d["monitor"]["baseline"])
+      self.monitor.load_state_dict(d["monitor"])
+    self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
+
+
+def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
+  """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
+  from cl_jax.eval.evaluator import make_lm_evaluator
+  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
+  from cl_jax.train.loop import Plan, Verdict
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.schedules import build_schedule
+  key = jax.random.PRNGKey(c.seed)
+  learner = Learner(model.apply, no_logit_mask)
+  strategy = build_strategy(c.strategy, c, learner)
+  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,))
+  # A copy: the step donates its state, and the caller keeps the base.
+  params, trainable = jax.tree.map(lambda p: jnp.array(p, copy=True), base_params), None
+  if strategy.prepare is not None:  # LoRA: the model becomes base + adapter, only the adapter trains
+    apply, params, trainable = strategy.prepare(model, params, task_info, jax.random.fold_in(key, 2))
+    learner = Learner(apply, no_logit_mask)
+    strategy = build_strategy(c.strategy, c, learner)
+  steps = int(c.adapt.steps)
+  optim = ml_collections.ConfigDict(c.optim.to_dict())
+  optim.lr = float(c.optim.lr) * float(c.adapt.lr_ratio)
+  schedule = build_schedule(optim, steps, 1)
+  optimizer = build_optimizer(optim, schedule, trainable)
+  state, state_sh = _train_state(c, params, optimizer, strategy.init(params, task_info), mesh,
+                                 jax.random.fold_in(key, 3))
+
+  orders = None
+  if c.adapt.difficulty:
+    orders = {DOMAIN: difficulty_order_for(model.apply, base_params, data, c.regression.eval_batch_size, mesh)}
+  sampler = mx.MixtureSampler(adaptation_stages(c), {r: len(data.train[r]) for r in TASKS}, c.adapt.batch_size,
+                              seed=c.seed, orders=orders)
+  evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), c.regression.eval_batch_size, mesh)
+  hook = _MonitorHook(c, {"general/cloze_accuracy": len(data.cloze["validation"].answer)})
+  rep = sharding.replicated(mesh)
+  crash_at = int(os.environ.get(CRASH_ENV, "-1"))
+
+  def batches(t, iterator_state):
+    return MixtureSource(sampler, data.train, t, iterator_state)
+
+  def begin_task(state, t, done):
+    del done
+    return state._replace(task_index=sharding.put_global(np.int32(t), rep))
+
+  def after_task(state, t):
+    if t != 0:  # the adapted model's own consolidation would only serve a further task
+      return state
+    general = data.train[GENERAL]
+    task_data = TaskData(general[:, :-1], general[:, 1:], np.zeros(len(general), np.int32), 0)
+    new = strategy.after_task(state.strategy_state, state.params, task_data, jax.random.fold_in(key, 1000))
+    return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
+
+  def evaluate(state, t):
+    step = int(jax.device_get(state.step))
+    metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"])
+    if hook.monitor is None:
+      hook.monitor = hook.make(metrics)
+    hook.verdict = hook.monitor.check(step, metrics)
+    fields = {**metrics, "regressions": hook.verdict.regressions}
+    if step > 0:
+      realised = sampler.realised(hook.last_eval, step)
+      configured = sampler.weights_at(step - 1)
+      hook.mixture.append({"start": hook.last_eval, "end": step, "realised": realised,
+                           "configured_at_end": configured})
+      fields.update(crossed=hook.verdict.crossed, realised_mixture=realised, lr=float(schedule(step - 1)))
+      hook.last_eval = step
+    return fields
+
+  def on_eval(state, step, record):
+    del state, record
+    if step == crash_at:
+      raise SimulatedCrash(f"{CRASH_ENV}={step}")
+    v = hook.verdict
+    return Verdict(stop=bool(c.regression.hard_stop and hook.monitor.should_stop), best=bool(v.is_best))
+
+  plan = Plan(state=state, state_sharding=state_sh, steps=[0, steps], batches=batches,
+              train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh,
+                                        mesh, c.train.log_norms),
+              evaluate=evaluate, begin_task=begin_task, after_task=after_task, on_eval=on_eval, meta=hook.meta,
+              load_meta=hook.load_meta, eval_before=False, eval_every=int(c.regression.eval_every),
+              checkpoint_every=int(c.regression.eval_every), names=["adapt: general (the base)", "adapt: domain"],
+              record={"phase": "adapt"}, **_common_plan_fields(c, mesh))
+  return Phase(plan, learner, strategy, schedule, hook, sampler, evaluator)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _pct(base: float, value: float, higher_better: bool) -> float:
+  """Improvement in percent relative to base (> 0: better)."""
+  return 100.0 * ((value - base) if higher_better else (base - value)) / base
+
+
+def table_row(record: dict) -> dict:
+  """The experiment-table row of a finished run (test split): domain gain and general regression in %."""
+  base, kept, final = record["test"]["base"], record["test"]["best"], record["test"]["final"]
+  return {
+      "mixture": record["mixture"], "schedule": record["schedule"], "method": record["method"],
+      "strategy": record["strategy"], "seed": record["seed"],
+      "domain_ppl_gain_pct": _pct(base["domain/perplexity"], kept["domain/perplexity"], False),
+      "general_ppl_regression_pct": -_pct(base["general/perplexity"], kept["general/perplexity"], False),
+      "general_acc_regression_pct": -_pct(base["general/accuracy"], kept["general/accuracy"], True),
+      "cloze_regression_pct": -_pct(base["general/cloze_accuracy"], kept["general/cloze_accuracy"], True),
+      "final_domain_ppl_gain_pct": _pct(base["domain/perplexity"], final["domain/perplexity"], False),
+      "final_general_ppl_regression_pct": -_pct(base["general/perplexity"], final["general/perplexity"], False),
+      "stopped": record["stopped"] is not None,
+      "stopped_step": None if record["stopped"] is None else record["stopped"]["step"],
+      "stopped_metrics": None if record["stopped"] is None else record["stopped"]["metrics"],
+      "best_step": record["best_step"], "steps_run": record["steps_run"],
+  }
+
+
+def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool):
+  """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation."""
+  from cl_jax.checkpoint import Checkpoints, abstract_like
+  from cl_jax.train.loop import run_tasks
+  from cl_jax.workdir import MetricsLog
+  if not c.pretrain.base_dir and c.pretrain.steps == 0:
+    return params, 0.0
+  phase = pretrain_phase(c, data, model, params, mesh)
+  plan = phase.plan
+  abstract = abstract_like(plan.state, plan.state_sharding)
+  if c.pretrain.base_dir:
+    source = Checkpoints(os.path.join(os.path.abspath(c.pretrain.base_dir), "pretrain"))
+    try:
+      restored = source.restore(abstract, kind="tasks")
+    finally:
+      source.close()
+    if restored is None:
+      raise FileNotFoundError(f"pretrain.base_dir={c.pretrain.base_dir!r}: no pre-trained base under "
+                              f"{os.path.join(c.pretrain.base_dir, 'pretrain', 'checkpoints', 'tasks')}")
+    return restored[0].params, 0.0
+  checkpoints = Checkpoints(os.path.join(workdir, "pretrain"), keep=c.checkpoint.keep)
+  try:
+    done = resume and checkpoints.tasks.latest_step() == int(c.pretrain.steps)
+    if done:  # the base exists: no loop run (it would reopen, and trim, the metrics log)
+      return checkpoints.restore(abstract, kind="tasks")[0].params, 0.0
+    keep_pretrain = lambda s: (lambda r: r.get("phase") == "pretrain" and s is not None and r["step"] <= s)
+    out = run_tasks(plan, workdir, checkpoints, resume, progress,
+                    open_log=lambda s: MetricsLog(workdir, s, keep=keep_pretrain(s)))
+  finally:
+    checkpoints.close()
+  return out.state.params, out.seconds
+
+
+def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CPTData | None = None):
+  """Continual pre-training end to end (see the module docstring); `data` skips reloading the corpora."""
+  from cl_jax.checkpoint import Checkpoints, abstract_like
+  from cl_jax.lm.monitor import plot_monitor
+  from cl_jax.models.transformer import build_lm
+  from cl_jax.results import Results
+  from cl_jax.train.loop import run_tasks, strategy_record
+  from cl_jax.workdir import MetricsLog, Workdir, decide, is_writer, write_json
+  c = config
+  sharding.maybe_initialize_distributed()
+  check_config(c)
+  decide(c, workdir, overwrite)  # a workdir holding another run fails here, before any work
+  t0 = time.time()
+  data = data or load_data(c)
+  cfg = model_config(c, data.tokenizer.vocab_size)
+  model, params = build_lm(cfg, seed=c.seed)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+  num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  names = c.strategy.split("+")
+
+  with Workdir(c, workdir, overwrite) as wd:
+    base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, wd.resume, progress)
+    phase = adapt_phase(c, data, model, base, mesh)
+    plan, hook = phase.plan, phase.hook
+    checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+    try:
+      keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
+      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress,
+                      open_log=lambda s: MetricsLog(workdir, s, keep=keep(s)))
+      abstract = abstract_like(plan.state, plan.state_sharding)
+      base_state = checkpoints.restore(abstract, manager=checkpoints.tasks, step=0)[0]
+      best_state, _ = checkpoints.restore(abstract, kind="best")
+      best_step = int(jax.device_get(best_state.step))
+    finally:
+      checkpoints.close()
+    monitor = hook.monitor
+    test = {name: phase.evaluator(s.params, data.eval["test"], data.cloze["test"])
+            for name, s in (("base", base_state), ("best", best_state), ("final", out.state))}
+    record = {
+        "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
+        "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
+        "schedule": c.optim.schedule, "method": "lora" if "lora" in names else "full", "strategy": c.strategy,
+        "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
+        "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
+        "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
+        "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)),
+        "steps_run": int(jax.device_get(out.state.step)), "monitor": monitor.describe(), "history": monitor.history,
+        "realised_mixture": hook.mixture, "test": test,
+        "timing": {"pretrain_seconds": pretrain_seconds, "adapt_seconds": out.seconds,
+                   "total_seconds": time.time() - t0},
+        **strategy_record(c),
+    }
+    if "lora" in names:
+      same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
+                          base_state.params["base"])
+      record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
+    record["row"] = table_row(record)
+    results = Results("lm", workdir, extra=record)
+    if is_writer():
+      write_json(workdir, "results.json", results.as_dict())
+      plot_monitor(monitor.history, monitor.baseline, c.regression.threshold, os.path.join(workdir, "monitor.png"),
+                   title=f"{record['mixture']} / {record['schedule']} / {c.strategy}",
+                   stopped_step=None if monitor.stopped is None else monitor.stopped["step"], best_step=best_step)
+      with open(write_summary(workdir, record)) as f:
+        print(f.read())
+  return results
+
+
+def write_summary(workdir: str, record: dict) -> str:
+  row = record["row"]
+  lines = [f"# Continual pre-training: {row['mixture']}, {row['schedule']}, {row['strategy']}",
+           "", record["monitor"], "",
+           "Test split; kept = the best checkpoint inside the regression threshold "
+           f"(step {row['best_step']}), final = step {row['steps_run']}.", "",
+           "| model | general ppl | general acc | cloze acc | domain ppl | domain acc |",
+           "|---|---|---|---|---|---|"]
+  for name in ("base", "best", "final"):
+    m = record["test"][name]
+    lines.append(f"| {name} | {m['general/perplexity']:.3f} | {100 * m['general/accuracy']:.2f} | "
+                 f"{100 * m['general/cloze_accuracy']:.1f} | {m['domain/perplexity']:.3f} | "
+                 f"{100 * m['domain/accuracy']:.2f} |")
+  lines += ["", f"Kept model: domain perplexity gain {row['domain_ppl_gain_pct']:+.2f}%, general perplexity "
+                f"regression {row['general_ppl_regression_pct']:+.2f}%.", ""]
+  path = os.path.join(workdir, "summary.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+__all__ = ["run", "model_config", "adaptation_stages", "difficulty_order_for", "pretrain_phase", "adapt_phase",
+           "MixtureSource", "table_row", "write_summary", "CRASH_ENV", "SimulatedCrash"]
