@@ -84,3 +84,83 @@ def test_rotated_scenario_angles():
 def test_num_tasks_must_divide_classes():
   with pytest.raises(ValueError, match="scenario.num_tasks=3"):
     make_scenario(_data(), _cfg(num_tasks=3))
+
+
+# ------------------------------------------------------------------------------------------- validation split
+
+
+def _indexed_data(n=300, classes=10):
+  """x[i] = i in every pixel, so an example's index can be read back from any split."""
+  x = np.repeat(np.arange(n, dtype=np.float32)[:, None, None], 4, 1).repeat(4, 2)
+  y = (np.arange(n) * 7 % classes).astype(np.int32)
+  return LabelledData(x, y, x[:50] + 1000, y[:50], "toy")
+
+
+def _ids(x):
+  return set(np.asarray(x)[:, 0, 0].astype(int).tolist())
+
+
+@pytest.mark.parametrize("name", ["split", "permuted"])
+def test_validation_split_is_disjoint_from_training_and_per_class(name):
+  data = _indexed_data()
+  cfg = _cfg(name=name, num_tasks=5 if name == "split" else 2)
+  s = make_scenario(data, cfg, validation_fraction=0.2)
+  for t in s.tasks:
+    train, val = _ids(t.x_train), _ids(t.x_val)
+    assert not train & val
+    assert len(t.y_val) == len(t.x_val) and len(val) > 0
+    # round(0.2 * 30) = 6 of every class's 30 examples; the rest stay in training
+    counts = np.bincount(np.asarray(t.y_val))
+    assert set(counts[counts > 0].tolist()) == {6}
+    assert len(train) + len(val) == (60 if name == "split" else 300)
+  if name == "permuted":   # tasks share one split of the shared data
+    assert s.tasks[0].x_val is s.tasks[1].x_val and s.tasks[0].x_train is s.tasks[1].x_train
+  every = set().union(*(_ids(t.x_train) | _ids(t.x_val) for t in s.tasks))
+  assert every == set(range(300))
+  # Test data untouched unless eval.split='validation'
+  np.testing.assert_array_equal(s.tasks[0].x_test, make_scenario(data, cfg).tasks[0].x_test)
+
+
+def test_validation_split_is_deterministic_and_independent_of_order_and_seed():
+  data = _indexed_data()
+  a = make_scenario(data, _cfg(), validation_fraction=0.1)
+  b = make_scenario(data, _cfg(), validation_fraction=0.1)
+  # A different class order / shuffling seed groups classes differently; each class's held-out examples stay.
+  c = make_scenario(data, _cfg(class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0], seed=3), validation_fraction=0.1)
+  val = lambda s: set().union(*(_ids(t.x_val) for t in s.tasks))
+  assert [_ids(t.x_val) for t in a.tasks] == [_ids(t.x_val) for t in b.tasks]
+  assert val(a) == val(c) and len(val(a)) == 30
+  assert make_scenario(data, _cfg()).tasks[0].x_val is None
+
+
+def test_eval_split_validation_measures_on_the_validation_examples():
+  data = _indexed_data()
+  s = make_scenario(data, _cfg(), validation_fraction=0.2, eval_split="validation")
+  for t in s.tasks:
+    np.testing.assert_array_equal(t.x_test, t.x_val)
+    np.testing.assert_array_equal(t.y_test, t.y_val)
+    assert max(_ids(t.x_test)) < 1000   # no test example
+  with pytest.raises(ValueError, match="data.validation_fraction"):
+    make_scenario(data, _cfg(), eval_split="validation")
+  with pytest.raises(ValueError, match="data.validation_fraction=1.0"):
+    make_scenario(data, _cfg(), validation_fraction=1.0)
+  with pytest.raises(ValueError, match="eval.split='dev'"):
+    make_scenario(data, _cfg(), validation_fraction=0.1, eval_split="dev")
+
+
+def test_run_on_the_validation_split(tmp_path):
+  """Through cl_jax.run: the same training (validation carved out), the accuracy matrix measured on validation
+  data; a bad combination is a config error naming the key."""
+  import cl_jax
+  from conftest import tiny_config
+  from cl_jax.config import ConfigError, validate
+  overrides = {"scenario.num_tasks": 2, "data.validation_fraction": 0.2, "optim.lr": 1e-2}
+  on_test = cl_jax.run(tiny_config("naive", steps=10, **overrides), str(tmp_path / "t"), progress=False)
+  on_val = cl_jax.run(tiny_config("naive", steps=10, **overrides, **{"eval.split": "validation"}),
+                      str(tmp_path / "v"), progress=False)
+  rt, rv = np.asarray(on_test.accuracy_matrix), np.asarray(on_val.accuracy_matrix)
+  assert rt.shape == rv.shape == (3, 2)
+  assert not np.allclose(rt, rv)       # measured on other examples
+  assert rv[1, 0] > 0.6                # ... of the task it learned
+  with pytest.raises(ConfigError, match="eval.split"):
+    validate(tiny_config("naive", **{"eval.split": "validation"}))

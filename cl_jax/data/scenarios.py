@@ -14,6 +14,15 @@ Three ways to label them (van de Ven & Tolias 2019, "Three scenarios for continu
 `domain`  one head with the labels local to the task (task 0's "0 or 1" is task 1's "2 or 3").
 
 For permuted/rotated, task t's class c has the global id t*C + c (class-IL grows a head of T*C outputs).
+
+Validation split (`data.validation_fraction` = f > 0): a fixed share of every class's training examples, round(f·n_c)
+of its n_c (at most n_c − 1), is taken out of training and kept as the tasks' validation set (`Task.x_val`,
+`Task.y_val`). Which examples go is a function of the source's training labels and f alone (a permutation of each
+class's examples seeded by the class id), so every strategy, run seed, class order and task grouping sees the same
+split; permuted and rotated tasks share one split of the shared data. With `eval.split='validation'`
+(`make_scenario(..., eval_split='validation')`) the tasks' evaluation examples `x_test`/`y_test` are the validation
+examples, so the accuracy matrix (and every number derived from it) is measured on validation data: the way to choose
+λ, α or a learning rate without looking at the test set.
 """
 from __future__ import annotations
 
@@ -26,6 +35,10 @@ from cl_jax.data.sources import LabelledData
 
 SCENARIOS = ("split", "permuted", "rotated")
 KINDS = ("class", "task", "domain")
+EVAL_SPLITS = ("test", "validation")
+# Seeds the per-class permutations of the validation split (with the class id): fixed, so the split never depends
+# on a run's seed.
+VALIDATION_SEED = 0x7A11D
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +88,8 @@ class Task:
   x_test: np.ndarray
   y_test: np.ndarray
   transform: PixelRemap | None = None  # applied per batch, so permuted tasks share one copy of the data
+  x_val: np.ndarray | None = None      # the validation examples carved from training (None: no validation split)
+  y_val: np.ndarray | None = None
 
   def inputs(self, x: np.ndarray) -> np.ndarray:
     return x if self.transform is None else self.transform(x)
@@ -125,8 +140,45 @@ def check_scenario(scenario_config, num_classes: int | None = None) -> None:
       raise ValueError(f"scenario.num_tasks={t}: does not divide the {n} classes into equal tasks")
 
 
-def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) -> Scenario:
+def check_validation(validation_fraction, eval_split) -> None:
+  """Validates `data.validation_fraction` and `eval.split`; raises ValueError naming the key."""
+  f = validation_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) < 1.0:
+    raise ValueError(f"data.validation_fraction={f!r}: expected a fraction in [0, 1) of each class's training "
+                     "examples (0 = no validation split)")
+  if eval_split not in EVAL_SPLITS:
+    raise ValueError(f"eval.split={eval_split!r}: expected one of {EVAL_SPLITS}")
+  if eval_split == "validation" and float(f) <= 0.0:
+    raise ValueError("eval.split='validation': needs a validation split; set data.validation_fraction > 0 "
+                     "(e.g. 0.1)")
+
+
+def validation_mask(y_train: np.ndarray, fraction: float) -> np.ndarray:
+  """bool [N]: which training examples form the validation split (see the module docstring)."""
+  y = np.asarray(y_train)
+  mask = np.zeros(len(y), bool)
+  if fraction <= 0:
+    return mask
+  for c in np.unique(y):
+    idx = np.flatnonzero(y == c)
+    n_val = min(int(round(fraction * len(idx))), len(idx) - 1)
+    if n_val > 0:
+      chosen = np.random.default_rng([VALIDATION_SEED, int(c)]).permutation(len(idx))[:n_val]
+      mask[idx[chosen]] = True
+  return mask
+
+
+def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, validation_fraction: float = 0.0,
+                  eval_split: str = "test") -> Scenario:
+  """The scenario `scenario_config` describes over `data`; `validation_fraction` and `eval_split` as in the module
+  docstring (the runner passes `data.validation_fraction` and `eval.split`)."""
   check_scenario(scenario_config, data.num_classes)
+  check_validation(validation_fraction, eval_split)
+  x_val = y_val = None
+  if validation_fraction > 0:
+    val = validation_mask(data.y_train, float(validation_fraction))
+    x_val, y_val = data.x_train[val], data.y_train[val]
+    data = dataclasses.replace(data, x_train=data.x_train[~val], y_train=data.y_train[~val])
   name, kind, num_tasks = scenario_config.name, scenario_config.kind, scenario_config.num_tasks
   seed = int(scenario_config.get("seed", 0))
   if name == "split":
@@ -147,8 +199,10 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) 
           table[c] = _label(kind, multi_head, t, k, i)
         return table[np.asarray(y)]
 
+      va = None if y_val is None else np.isin(y_val, group)
       tasks.append(Task(t, group, data.x_train[tr], relabel(data.y_train[tr]), data.x_test[te],
-                        relabel(data.y_test[te])))
+                        relabel(data.y_test[te]), None, None if va is None else x_val[va],
+                        None if va is None else relabel(y_val[va])))
     classes_per_task = k
   else:
     c = data.num_classes
@@ -169,7 +223,8 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) 
       else:
         remap = rotation_remap(shape[0], shape[1], float(angles[t]))
       ytr = np.asarray([_label(kind, multi_head, t, c, int(y)) for y in range(c)], np.int32)
-      tasks.append(Task(t, tuple(range(c)), data.x_train, ytr[data.y_train], data.x_test, ytr[data.y_test], remap))
+      tasks.append(Task(t, tuple(range(c)), data.x_train, ytr[data.y_train], data.x_test, ytr[data.y_test], remap,
+                        x_val, None if y_val is None else ytr[y_val]))
     classes_per_task = c
 
   num_heads = num_tasks if (kind == "task" and multi_head) else 1
@@ -182,6 +237,8 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True) 
         mask_table[t, :(t + 1) * classes_per_task] = True
       else:
         mask_table[t, t * classes_per_task:(t + 1) * classes_per_task] = True
+  if eval_split == "validation":  # the accuracy matrix is measured on the validation examples
+    tasks = [dataclasses.replace(task, x_test=task.x_val, y_test=task.y_val) for task in tasks]
   return Scenario(name, kind, tuple(tasks), num_outputs, num_heads, data.input_shape, mask_table)
 
 

@@ -37,9 +37,9 @@ Step hooks (optional; None, the default, is a no-op and costs nothing in the ste
 
 `chain(a, b, c)` composes strategies: states become a tuple, losses nest (a outermost), after_task runs
 each in order, train_tasks is the union; `grads` hooks run in chain order (each on the previous one's output),
-`update` hooks each on their own state; at most one strategy in a chain may `predict` (or `prepare`). A new strategy is one new file in this folder that returns a
-`Strategy` and registers a `StrategyEntry` (builder, default config sections, check_config, recorded sections) in
-`cl_jax.strategies.REGISTRY`.
+`update` hooks each on their own state; at most one strategy in a chain may `predict` (or `prepare`).
+A new strategy is one new file in this folder that returns a `Strategy` and registers a `StrategyEntry`
+(builder, default config sections, check_config, recorded sections) in `cl_jax.strategies.REGISTRY`.
 
 The order of a chain matters where one strategy changes the batch and another reads it: each loss transform sees
 the batch its outer neighbour hands it. In `replay+lwf`, replay (outermost) appends the replayed examples first,
