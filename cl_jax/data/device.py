@@ -38,7 +38,8 @@ AUTO_FRACTION = 0.25  # 'auto' puts the data on device when it takes at most thi
 
 
 class DevicePool(NamedTuple):
-  x: jax.Array                     # [M, *input_shape] float32
+  x: jax.Array                     # [M, P] float32, P = prod(input_shape): row gathers of a 2-D array are
+                                   # contiguous copies (~6x faster than gathering [28, 28] slices on CPU)
   remap_index: jax.Array | None    # int32 [T, K, P] or None (no task transforms its inputs)
   remap_weights: jax.Array | None  # float32 [T, K, P]
 
@@ -122,7 +123,9 @@ class DeviceData:
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
     self.batch_size = int(batch_size)
     self.num_tasks = scenario.num_tasks
+    self.input_shape = tuple(scenario.input_shape)
     x = np.concatenate([np.asarray(a, np.float32) for a in arrays]) if len(arrays) > 1 else arrays[0]
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
     put = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jnp.asarray
     remaps = [task.transform for task in scenario.tasks]
     if any(r is not None for r in remaps):
@@ -165,7 +168,7 @@ class DeviceData:
     """The `num_steps` batches of task `task_id` from its step `first_step` on, stacked [K, B, ...] (eager)."""
     table = self.table(task_id) if table is None else table
     return _batches(self.pool, table, seed, task_id, first_step, num_steps, self.max_size, self.batch_size,
-                    self.epochs_spanned(num_steps))
+                    self.epochs_spanned(num_steps), self.input_shape)
 
   def chunk_fn(self, train_step: Callable, num_steps: int, batch_sharding=None) -> Callable:
     """`chunk(state, pool, table, seed, task_id, first_step) -> (state, metrics {name: [K]})`, unjitted.
@@ -175,12 +178,13 @@ class DeviceData:
     The caller jits it (with shardings, donating the state) or vmaps it over runs (`cl_jax.train.seeds`).
     """
     batch_size, max_size, epochs = self.batch_size, self.max_size, self.epochs_spanned(num_steps)
+    shape = self.input_shape
 
     def chunk(state, pool: DevicePool, table: TaskTable, seed, task_id, first_step):
       idx = chunk_indices(seed, task_id, first_step, num_steps, table.size, max_size, batch_size, epochs)
 
       def body(state, step_idx):
-        batch = gather_batch(pool, table, step_idx)
+        batch = gather_batch(pool, table, step_idx, shape)
         if batch_sharding is not None:  # the pool is replicated; the step's batch is split over the mesh
           batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return train_step(state, batch)
@@ -214,7 +218,8 @@ class DeviceTestData:
         arrays.append(task.x_test)
       which.append(found[0] if found else len(arrays) - 1)
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
-    x = np.concatenate([np.asarray(a, np.float32) for a in arrays])
+    self.input_shape = tuple(scenario.input_shape)
+    x = np.concatenate([np.asarray(a, np.float32).reshape(len(a), -1) for a in arrays])
     remaps = [task.transform for task in scenario.tasks]
     if any(r is not None for r in remaps):
       index, weights = _stack_remaps(remaps, int(np.prod(scenario.input_shape)))
@@ -245,7 +250,8 @@ class DeviceTestData:
         def one_batch(carry, batch):
           r, yb, vb = batch
           task = jnp.full(r.shape, t, jnp.int32)
-          xb = gather_batch(pool, TaskTable(r, yb, task, jnp.int32(0)), jnp.arange(r.shape[0]))["x"]
+          xb = gather_batch(pool, TaskTable(r, yb, task, jnp.int32(0)), jnp.arange(r.shape[0]),
+                            self.input_shape)["x"]
           if self.batch_sharding is not None:
             xb = jax.lax.with_sharding_constraint(xb, self.batch_sharding)
           logits = learner.logits(params, xb, task, task_index)
@@ -268,10 +274,10 @@ class DeviceTestData:
     return np.asarray(fn[1](params, self.pool, self.tables, jnp.int32(task_index)))
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _batches(pool, table, seed, task_id, first_step, num_steps, max_size, batch_size, epochs):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _batches(pool, table, seed, task_id, first_step, num_steps, max_size, batch_size, epochs, input_shape):
   idx = chunk_indices(seed, task_id, first_step, num_steps, table.size, max_size, batch_size, epochs)
-  return jax.vmap(lambda i: gather_batch(pool, table, i))(idx)
+  return jax.vmap(lambda i: gather_batch(pool, table, i, input_shape))(idx)
 
 
 def epoch_order(seed, task_id, epoch, size, max_size: int) -> jax.Array:
@@ -297,17 +303,17 @@ def chunk_indices(seed, task_id, first_step, num_steps: int, size, max_size: int
   return orders[e[:, None], cols]
 
 
-def gather_batch(pool: DevicePool, table: TaskTable, idx) -> dict:
-  """The batch {'x', 'y', 'task'} at positions `idx` [B] of a task table, remapped per example's task."""
+def gather_batch(pool: DevicePool, table: TaskTable, idx, input_shape) -> dict:
+  """The batch {'x' [B, *input_shape], 'y', 'task'} at positions `idx` [B] of a task table, remapped per
+  example's task."""
   rows = table.rows[idx]
   task = table.task[idx]
-  x = pool.x[rows]
+  x = pool.x[rows]  # [B, P]
   if pool.remap_index is not None:
-    flat = x.reshape(x.shape[0], -1)
     index, weights = pool.remap_index[task], pool.remap_weights[task]  # [B, K, P]
-    picked = jnp.take_along_axis(flat[:, None, :], index, axis=-1)
-    x = jnp.sum(picked * weights, axis=1).reshape(x.shape)
-  return {"x": x, "y": table.y[idx], "task": task}
+    picked = jnp.take_along_axis(x[:, None, :], index, axis=-1)
+    x = jnp.sum(picked * weights, axis=1)
+  return {"x": x.reshape(x.shape[0], *input_shape), "y": table.y[idx], "task": task}
 
 
 def _stack_remaps(remaps, num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
