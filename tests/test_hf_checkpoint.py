@@ -121,6 +121,19 @@ SHARD_SCRIPT = textwrap.dedent("""
     from cl_jax import sharding
     from cl_jax.models import hf_checkpoint as hc
     assert jax.device_count() == 8, jax.devices()
+    # Record how much of each HF tensor every device's read takes from the file, per cl_jax param.
+    reads = []
+    read_piece = hc._read_piece
+
+    class Recorder:
+      def __init__(self, tensor, piece):
+        self.tensor, self.piece = tensor, piece
+      def __getitem__(self, sel):
+        block = self.tensor[sel]
+        reads.append(("/".join(self.piece.path), block.size / np.prod(self.piece.shape)))
+        return block
+
+    hc._read_piece = lambda tensor, piece, index, dtype: read_piece(Recorder(tensor, piece), piece, index, dtype)
     out = {}
     for family in ("llama", "gpt2"):
       path = "tests/fixtures/hf/" + family
@@ -128,7 +141,11 @@ SHARD_SCRIPT = textwrap.dedent("""
       ref = np.load(path + "/reference.npz")
       for name, (data, fsdp) in {"fsdp8": (1, 8), "data2_fsdp4": (2, 4)}.items():
         mesh = sharding.make_mesh(data, fsdp)
+        reads.clear()
         sharded = hc.load(path, mesh=mesh)
+        largest_read = {}
+        for param, fraction in reads:
+          largest_read[param] = max(largest_read.get(param, 0.0), fraction)
         flat_s = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded.params)[0]}
         flat_1 = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(single.params)[0]}
         want = sharding.state_sharding(single.params, mesh)
@@ -137,7 +154,7 @@ SHARD_SCRIPT = textwrap.dedent("""
         specs = all(flat_s[k].sharding.is_equivalent_to(flat_w[k], flat_s[k].ndim) for k in flat_1)
         fractions = {k: x.addressable_shards[0].data.size / x.size for k, x in flat_s.items()}
         logits = np.asarray(jax.jit(sharded.model.apply)(sharded.params, ref["tokens"]))
-        out[family + "/" + name] = {"equal": equal, "specs": specs, "fractions": fractions,
+        out[family + "/" + name] = {"equal": equal, "specs": specs, "fractions": fractions, "reads": largest_read,
                                     "err": float(np.abs(logits - ref["logits"]).max())}
     print("RESULT" + json.dumps(out))
 """)
@@ -152,6 +169,12 @@ def test_load_streams_into_fsdp_shardings_on_8_devices():
   for key, r in out.items():
     assert r["equal"] and r["specs"], key
     assert r["err"] < 1e-4, key
+    # Streaming: every read of a weight matrix from the file is exactly one device's shard. (A bias [H, Dh]
+    # split along Dh is read over its shard's bounding range: a few KB even for large models.)
+    for param, fraction in r["fractions"].items():
+      name = "/".join(param[2:-2].split("']['"))
+      if name.endswith(("kernel", "embedding")):
+        assert r["reads"][name] == fraction, (key, name)
   # Kernels are split 8 (or 4) ways: each device holds only its slice of, e.g., q [D=32, H, Dh] (split along
   # D) and GPT-2's fused c_attn (the q / k / v parts each split along D).
   f8 = out["llama/fsdp8"]["fractions"]

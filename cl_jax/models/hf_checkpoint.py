@@ -20,8 +20,10 @@ cannot disagree, and export -> import is a pure data move (bit-exact).
 Streaming. `load(..., mesh=m)` builds each param with `jax.make_array_from_callback`: for every device's
 shard, the callback reads only the rows / columns of the HF tensor that shard needs (safetensors
 `safe_open(...).get_slice`, which reads from the memory-mapped file), transposes and reshapes them on the
-host, and hands them to that device: a device only ever receives its own shard, and the host holds one
-shard's rows at a time, never a whole stacked checkpoint. The target shardings are the project's rule
+host, and hands them to that device: a device only ever receives its own shard. The file read is the
+bounding range of the shard along each HF axis: exactly the shard whenever the sharded cl_jax axis leads its
+group (every weight matrix under the project's rule, which shards the largest axis: D, F or V), a little more
+for a bias [H, Dh] split along Dh. The target shardings are the project's rule
 (`cl_jax.sharding.state_sharding`), so the params come out exactly as the trainer would shard them.
 
 Export writes `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most
