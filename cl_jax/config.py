@@ -39,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # on_device: auto | true | false: training data resident on the devices, batches gathered inside the jitted
   # step (cl_jax/data/device.py); auto = when it fits in a quarter of a device's memory.
-  c.data = ml_collections.ConfigDict(dict(name="digits", path="", tfds_data_dir="", seed=0, on_device="auto"))
+  # validation_fraction: a share of every class's training examples held out as a validation split (0 = none);
+  # eval.split='validation' measures the accuracy matrix on it (cl_jax/data/scenarios.py).
+  c.data = ml_collections.ConfigDict(dict(name="digits", path="", tfds_data_dir="", seed=0, on_device="auto",
+                                          validation_fraction=0.0))
   c.scenario = ml_collections.ConfigDict(dict(
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
       first_task_identity=False, angles=[], max_angle=180.0, seed=0))
@@ -55,9 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   # that cost ~25% of a small model's step on CPU (benchmarks/step_throughput.py).
   c.train = ml_collections.ConfigDict(dict(steps_per_task=500, epochs_per_task=0, batch_size=128,
                                            log_every_steps=10, steps_per_call=1, log_norms=True,
-                                           divergence_factor=100.0))
+                                           divergence_factor=100.0, num_seeds=1, sweep=""))
+  # num_seeds=N: seeds seed..seed+N-1 as one vmapped program; sweep="ewc.lam=1,10;optim.lr=1e-3,1e-4": a grid of
+  # settings, every one run with every seed (cl_jax/train/seeds.py).
   # divergence_factor: stop (exit 3) when a step's loss exceeds this x the early loss (0 disables; see loop.py).
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000, split="test"))  # split: test | validation
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   from cl_jax.models.lora import default_config as lora_config
@@ -149,11 +154,8 @@ def _one_line(e: Exception) -> str:
 def reference_config(kind: str):
   """The default config a `kind`'s configs start from (the types every leaf must keep); None if unknown."""
   if kind == "lm":
-    import cl_jax.lm as lm
-    default = getattr(lm, "default_config", None)
-    if default is None:
-      from cl_jax.lm.cpt import default_config as default
-    return default()
+    from cl_jax.lm import default_config as lm_default
+    return lm_default()
   c = base_config()
   if kind == "merge":
     from cl_jax.merge_run import default_config as merge_default
@@ -227,11 +229,8 @@ def _validate(c) -> None:
 
 
 def _check_lm(c) -> None:
-  import cl_jax.lm as lm
-  check = getattr(lm, "check_config", None)
-  if check is None:  # until the LM package exports it
-    from cl_jax.lm.cpt import check_config as check
-  check(c)
+  from cl_jax.lm import check_config
+  check_config(c)
 
 
 def _check_merge(c) -> None:
@@ -251,8 +250,11 @@ def _check_classic(c) -> None:
   sources.check_source(c.data)
   from cl_jax.data.device import check_on_device
   check_on_device(c.data.on_device)
+  from cl_jax.train.seeds import check_config as check_runs
+  check_runs(c)
   num_classes = {"digits": 10, "mnist": 10, "mnist1d": 10}.get(c.data.name)
   scenarios.check_scenario(c.scenario, num_classes)
+  scenarios.check_validation(c.data.validation_fraction, c.eval.split)
   if c.model.name not in ("mlp", "cnn"):
     raise ConfigError(f"model.name={c.model.name!r}: expected 'mlp' or 'cnn'")
   if any((not isinstance(h, int)) or h < 1 for h in c.model.hidden):

@@ -2,6 +2,7 @@
 (nothing trains); `train.epochs_per_task` sets each task's steps from its data."""
 import glob
 import os
+import re
 import shlex
 
 import numpy as np
@@ -46,8 +47,26 @@ def fake_mnist(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished 5-task task-IL run (2 steps a task): the checkpoints merge configs refer to."""
+  import cl_jax
+  from conftest import tiny_config
+  workdir = str(tmp_path_factory.mktemp("runs") / "seq")
+  cl_jax.run(tiny_config(kind="task", steps=2), workdir, progress=False)
+  return workdir
+
+
 def _data_args(name, fake_mnist):
   return [f"--config.data.path={fake_mnist}"] if name in MNIST_CONFIGS else []
+
+
+def _with_runs(items, name, request):
+  """Merge configs name run directories (runs/seq, runs/a, ...): point them at a finished run."""
+  if name != "merge.py":
+    return items
+  run = request.getfixturevalue("finished_run")
+  return [re.sub(r"runs/(seq|a|b|c)\b", run, item) for item in items]
 
 
 def test_every_config_is_covered():
@@ -55,8 +74,8 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize("name, arg", [(n, a) for n in sorted(ARGS) for a in ARGS[n]])
-def test_config_loads_and_validates_with_each_documented_arg(name, arg, fake_mnist, tmp_path):
-  spec = f"configs/{name}:{arg}" if arg else f"configs/{name}"
+def test_config_loads_and_validates_with_each_documented_arg(name, arg, fake_mnist, tmp_path, request):
+  spec = _with_runs([f"configs/{name}:{arg}" if arg else f"configs/{name}"], name, request)[0]
   config, args = build_config(["--config", spec, *_data_args(name, fake_mnist), "--workdir", str(tmp_path / "w")])
   assert config.kind in ("classic", "lm", "merge") and args.workdir == str(tmp_path / "w")
   assert not (tmp_path / "w").exists()
@@ -86,8 +105,8 @@ def test_every_config_documents_a_launch_line():
 
 
 @pytest.mark.parametrize("name, index, argv", LAUNCHES, ids=[f"{n}-{i}" for n, i, _ in LAUNCHES])
-def test_docstring_launch_line_validates(name, index, argv, fake_mnist, tmp_path, monkeypatch):
-  argv = [a for a in argv if not a.startswith("--config.data.path=")]
+def test_docstring_launch_line_validates(name, index, argv, fake_mnist, tmp_path, monkeypatch, request):
+  argv = _with_runs([a for a in argv if not a.startswith("--config.data.path=")], name, request)
   if "--workdir" in argv:
     i = argv.index("--workdir")
     del argv[i:i + 2]
