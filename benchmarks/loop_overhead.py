@@ -3,6 +3,7 @@
   python benchmarks/loop_overhead.py --data_path ../shared/data/mnist.npz            # Split MNIST, 2000 it./task
   python benchmarks/loop_overhead.py --data_path ../shared/data/mnist.npz --on_device false   # the grain path
   python benchmarks/loop_overhead.py --quickstart                                    # configs/quickstart.py
+  python benchmarks/loop_overhead.py --startup --data_path ../shared/data/mnist.npz  # launch -> first step
 
 The run is `cl_jax.run(config, workdir)` exactly as `run.py` calls it (configs/split_mnist.py: 5 tasks, 2000
 iterations each, batch 128, evaluation every 500 steps, checkpoints every 1000, logging every 50), timed from the
@@ -13,6 +14,11 @@ The bare fused step is the same jitted train step, `lax.scan`-fused over K pre-s
 (`Setup.multi_step`): pure compute, no input pipeline, no logging. Its per-step median (timed before and after
 the runs, pooled, so load from other processes hits both) times the run's number of steps is the floor; the
 ratio run / floor is the loop's overhead factor (goal: <= 1.15).
+
+`--startup` times a fresh Python process from launch to the first training step of Split MNIST, in phases
+(imports; validate + build + plan, which loads the data and puts it on device; the accuracy row before training;
+the first step: compiling the fused chunk and one step of it, i.e. the first chunk's time minus (K-1)/K of the
+second's), with an empty compilation cache and then again with the cache the first launch filled.
 """
 from __future__ import annotations
 
@@ -20,13 +26,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 
 def make_config(a):
@@ -75,6 +78,58 @@ def timed_run(config, workdir):
   return time.perf_counter() - t, results
 
 
+STARTUP_CHILD = r"""
+import sys, time
+t0 = time.time()
+sys.path.insert(0, {root!r})
+from cl_jax import compilation_cache
+from cl_jax.config import validate
+from cl_jax.data.device import maybe_device_plan
+from cl_jax.train import loop
+from configs.split_mnist import get_config
+import jax
+t1 = time.time()
+compilation_cache.enable()
+c = get_config("")
+c.data.path = {data!r}
+validate(c)
+setup = loop.build(c)
+plan = maybe_device_plan(loop.classic_plan(c, setup), c, setup)
+t2 = time.time()
+plan.evaluate(plan.state, 0)
+t3 = time.time()
+k = plan.steps_per_call
+state = plan.begin_task(plan.state, 0, 0)
+state, m = plan.train_chunk(state, 0, 0, k)
+jax.block_until_ready(m)
+t4 = time.time()
+state, m = plan.train_chunk(state, 0, k, k)
+jax.block_until_ready(m)
+t5 = time.time()
+first = (t4 - t3) - (k - 1) / k * (t5 - t4)
+print(f"imports {{t1 - t0:.2f}} s, build {{t2 - t1:.2f}} s, eval row 0 {{t3 - t2:.2f}} s, first step {{first:.2f}} s "
+      f"(chunk of {{k}}: {{t4 - t3:.2f}} s, next chunk {{t5 - t4:.2f}} s) -> launch to first step "
+      f"{{t3 - t0 + first + {interp:.3f}:.2f}} s")
+"""
+
+
+def startup(a) -> None:
+  """Launch -> first training step of Split MNIST in fresh processes: cold cache, then warm (see docstring)."""
+  import subprocess
+  # The interpreter's own start (before the child's first line runs): measured with an empty program.
+  t = time.perf_counter()
+  subprocess.run([sys.executable, "-c", "pass"], check=True)
+  interp = time.perf_counter() - t
+  with tempfile.TemporaryDirectory() as cache:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CL_JAX_COMPILATION_CACHE=cache)
+    code = STARTUP_CHILD.format(root=ROOT, data=os.path.abspath(a.data_path), interp=interp)
+    for label in ("cold cache", "warm cache", "warm cache"):
+      out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+      print(f"{label}: {out.stdout.strip()}")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"(interpreter start {interp:.2f} s included; load average {load:.1f} on {os.cpu_count()} CPUs)")
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--data_path", default=os.path.join(ROOT, "..", "shared", "data", "mnist.npz"))
@@ -83,7 +138,10 @@ def main():
   p.add_argument("--on_device", default="auto", help="data.on_device: auto | true | false")
   p.add_argument("--quickstart", action="store_true", help="configs/quickstart.py instead of Split MNIST")
   p.add_argument("--repeats", type=int, default=2, help="whole runs, one after the other")
+  p.add_argument("--startup", action="store_true", help="time launch -> first step (cold and warm cache)")
   a = p.parse_args()
+  if a.startup:
+    return startup(a)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from cl_jax import compilation_cache
   compilation_cache.enable()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -127,7 +126,6 @@ def check_export(out: str) -> None:
   """cl_jax import -> cl_jax export -> transformers load: logits equal the reference."""
   import torch
   import transformers as tf
-  sys.path.insert(0, ROOT)
   from cl_jax.models import hf_checkpoint
   for family in ("llama", "mistral", "qwen2", "gpt2"):
     ref = np.load(os.path.join(out, family, "reference.npz"))
