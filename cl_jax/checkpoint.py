@@ -153,3 +153,58 @@ class Checkpoints:
 
 def abstract_like(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+# ----------------------------------------------------------------------------- reading finished runs; params alone
+# (added by H3 for the merge runner and LoRA adapters: the one place that knows the layout above)
+
+def boundary_steps(workdir: str) -> dict[int, int]:
+  """{task (1-based, tasks finished): step} of a finished run's task-boundary checkpoints."""
+  tasks_dir = os.path.join(os.path.abspath(workdir), "checkpoints", "tasks")
+  if not os.path.isdir(tasks_dir):
+    return {}
+  manager = ocp.CheckpointManager(tasks_dir)
+  try:
+    out = {}
+    for step in manager.all_steps():
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      out[int(meta["task"])] = int(step)
+    return out
+  finally:
+    manager.close()
+
+
+def boundary_params(workdir: str, task: int | None = None):
+  """The params of a finished run after task `task` (1-based; None: its last task-boundary checkpoint), as host
+  arrays in the saved structure (no abstract state needed): what merging and analysis read."""
+  steps = boundary_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no task-boundary checkpoint")
+  task = max(steps) if task is None else task
+  if task not in steps:
+    raise FileNotFoundError(f"{workdir}: no task-boundary checkpoint of task {task} (tasks {sorted(steps)})")
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints", "tasks"))
+  try:
+    state = manager.restore(steps[task], args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  finally:
+    manager.close()
+  return state["params"] if isinstance(state, dict) else state.params
+
+
+def save_params(path: str, params, overwrite: bool = False) -> str:
+  """A params pytree alone (a merged model, an adapter) as an orbax directory at `path`."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, params, force=overwrite)
+  return path
+
+
+def load_params(path: str, like=None):
+  """Params saved by `save_params`; into the structure / shardings of `like` (arrays or ShapeDtypeStructs) if given."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    if like is None:
+      return ckptr.restore(path)
+    abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+    return ckptr.restore(path, abstract)

@@ -3,14 +3,18 @@
 A checkpoint reference (`merge.base`, each of `merge.models`) is one of
   RUN_DIR:task=N   the task-boundary checkpoint after task N (1-based) of a cl_jax run in RUN_DIR;
   RUN_DIR          that run's last task-boundary checkpoint;
-  PARAMS_DIR       an orbax pytree of params alone (what this runner saves as `<workdir>/merged`).
-Data, scenario and model come from the first referenced run's `config.json` (every run referenced must
-agree on them), or, when only params directories are named, from the merge config's own sections.
+  PARAMS_DIR       a params pytree alone (`cl_jax.checkpoint.save_params`; what this runner saves as
+                   `<workdir>/merged`).
+Checkpoints are read through `cl_jax.checkpoint` (`boundary_steps`, `boundary_params`, `load_params`). Data,
+scenario and model come from the first referenced run's `config.json` (every run referenced must agree on them),
+or, when only params directories are named, from the merge config's own sections.
 
-Everything is checked before the workdir is touched: the method and its settings, that every checkpoint
-exists, and that all trees match (the first mismatching path is named). The workdir then gets
-`config.json`, `results.json` (accuracy of the merged model and of every input on every task) and
-`summary.md`, plus the merged params under `merged/` when `merge.save`.
+Everything is checked before the workdir is touched: the method and its settings, that every checkpoint exists
+(`check_config`, called by `cl_jax.config.validate`), and that all trees match (the first mismatching path is
+named). Evaluation is the task loop's (`cl_jax.eval.evaluator.accuracy_row`): each model is one accuracy-matrix
+row with the logit mask of having trained every task (`task_index = T - 1`), so an input checkpoint of a run
+evaluates to that run's row exactly. The run returns `Results(kind='merge')` whose accuracy matrix is the merged
+model's row [1, T]; results.json also holds every input's row (`inputs`), and summary.md the table.
 """
 from __future__ import annotations
 
@@ -18,14 +22,12 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cl_jax import merging
+from cl_jax import checkpoint, merging
 
 REF_RE = re.compile(r"^(?P<path>.+?)(?::task=(?P<task>\d+))?$")
 
@@ -48,62 +50,44 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass
-class MergeResults:
-  accuracy: list          # merged model, per task
-  average: float
-  inputs: dict            # {ref: per-task accuracy} of base and models
-  workdir: str
-  method: str
-
-  def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-class Checkpoint:
-  """A resolved reference: `params()` loads it; `run_config` is the producing run's config (or None)."""
-
-  def __init__(self, ref: str, what: str):
-    m = REF_RE.match(ref or "")
-    if not ref or m is None:
-      raise ValueError(f"{what}: empty checkpoint reference")
-    self.ref, self.what = ref, what
-    self.path = os.path.abspath(m.group("path"))
-    self.task = int(m.group("task")) if m.group("task") else None
-    self.run_config = None
-    if not os.path.isdir(self.path):
-      raise ValueError(f"{what}={ref!r}: no such checkpoint or run directory {self.path}")
-    cfg_path = os.path.join(self.path, "config.json")
-    if os.path.isfile(cfg_path):
-      with open(cfg_path) as f:
-        self.run_config = json.load(f)
-      tasks_dir = os.path.join(self.path, "checkpoints", "tasks")
-      steps = sorted(int(s) for s in os.listdir(tasks_dir) if s.isdigit()) if os.path.isdir(tasks_dir) else []
-      if not steps:
-        raise ValueError(f"{what}={ref!r}: run {self.path} has no task-boundary checkpoint")
-      self.steps = steps
-      if self.task is not None and not 1 <= self.task <= len(steps):
-        raise ValueError(f"{what}={ref!r}: task={self.task}, but the run has boundary checkpoints for tasks "
-                         f"1..{len(steps)}")
-    else:
-      if self.task is not None:
-        raise ValueError(f"{what}={ref!r}: ':task=' needs a cl_jax run directory (with config.json)")
+class Reference:
+  """A resolved checkpoint reference: `params()` loads it; `run_config` is the producing run's config (or None)."""
+  ref: str
+  what: str
+  path: str
+  task: int | None = None
+  run_config: dict | None = None
 
   def params(self):
-    import orbax.checkpoint as ocp
     if self.run_config is None:
-      with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(self.path)
-    manager = ocp.CheckpointManager(os.path.join(self.path, "checkpoints", "tasks"))
-    try:
-      wanted = self.task if self.task is not None else len(self.steps)
-      for step in self.steps:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta.get("task") == wanted:
-          state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-          return state["params"]
-      raise ValueError(f"{self.what}={self.ref!r}: no boundary checkpoint of task {wanted} in {self.path}")
-    finally:
-      manager.close()
+      return checkpoint.load_params(self.path)
+    return checkpoint.boundary_params(self.path, self.task)
+
+
+def resolve(ref: str, what: str) -> Reference:
+  """Checks a reference (the directory exists; a run has the named task-boundary checkpoint); reads nothing big."""
+  m = REF_RE.match(ref or "")
+  if not ref or m is None:
+    raise ValueError(f"{what}: empty checkpoint reference")
+  path = os.path.abspath(m.group("path"))
+  task = int(m.group("task")) if m.group("task") else None
+  if not os.path.isdir(path):
+    raise ValueError(f"{what}={ref!r}: no such checkpoint or run directory {path}")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    if task is not None:
+      raise ValueError(f"{what}={ref!r}: ':task=' needs a cl_jax run directory (with config.json)")
+    return Reference(ref, what, path)
+  with open(cfg_path) as f:
+    run_config = json.load(f)
+  steps = checkpoint.boundary_steps(path)
+  finished = sorted(t for t in steps if t >= 1)
+  if not finished:
+    raise ValueError(f"{what}={ref!r}: run {path} has no task-boundary checkpoint")
+  if task is not None and task not in steps:
+    raise ValueError(f"{what}={ref!r}: task={task}, but the run has boundary checkpoints for tasks "
+                     f"{finished[0]}..{finished[-1]}")
+  return Reference(ref, what, path, task, run_config)
 
 
 def check_settings(c) -> None:
@@ -128,72 +112,58 @@ def check_settings(c) -> None:
       raise ValueError(f"merge.t_layers={list(c.t_layers)}: every anchor must be in [0, 1]")
 
 
-def _eval_sections(config, checkpoints):
+def references(c) -> list[Reference]:
+  """[base (when the method uses one)] + models, resolved and checked."""
+  base = [resolve(c.base, "merge.base")] if c.base and c.method not in ("linear", "slerp") else []
+  return base + [resolve(r, f"merge.models[{i}]") for i, r in enumerate(c.models)]
+
+
+def check_config(config) -> None:
+  """`cl_jax.config.validate` for kind 'merge': the settings and that every referenced checkpoint exists."""
+  check_settings(config.merge)
+  _eval_sections(config, references(config.merge))
+
+
+def _eval_sections(config, refs):
   """data/scenario/model/seed for evaluation: from the runs (which must agree), else from `config`."""
-  runs = [ck for ck in checkpoints if ck.run_config is not None]
+  runs = [r for r in refs if r.run_config is not None]
   if not runs:
     return config.data, config.scenario, config.model, config.seed
-  ref = runs[0].run_config
-  for ck in runs[1:]:
+  first = runs[0].run_config
+  for r in runs[1:]:
     for section in ("data", "scenario", "model"):
-      if ck.run_config[section] != ref[section]:
-        diff = sorted(k for k in set(ref[section]) | set(ck.run_config[section])
-                      if ref[section].get(k) != ck.run_config[section].get(k))
-        raise ValueError(f"{ck.what}={ck.ref!r}: its run's {section} section differs from {runs[0].ref!r}'s "
+      if r.run_config.get(section) != first.get(section):
+        a, b = first.get(section) or {}, r.run_config.get(section) or {}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{r.what}={r.ref!r}: its run's {section} section differs from {runs[0].ref!r}'s "
                          f"(keys {diff}); merged models must share data, scenario and model")
+  if first.get("kind", "classic") != "classic":
+    raise ValueError(f"{runs[0].what}={runs[0].ref!r}: a {first.get('kind')!r} run; merging evaluates classic "
+                     "task runs")
   cd = ml_collections.ConfigDict
-  return cd(ref["data"]), cd(ref["scenario"]), cd(ref["model"]), int(ref["seed"])
+  return cd(first["data"]), cd(first["scenario"]), cd(first["model"]), int(first["seed"])
 
 
-def evaluate_every_task(params_list, data_c, scenario_c, model_c, seed, batch_size=1000):
-  """Per-task test accuracy of each params pytree, with all classes of the scenario unmasked as after
-  the last task (the accuracy-matrix convention of the task loop)."""
-  from cl_jax.data import make_scenario, test_batches
+def evaluate_rows(params_list, data_c, scenario_c, model_c, seed, batch_size=1000) -> list[list[float]]:
+  """Each params pytree's accuracy on every task, as a task-loop row after the last task."""
+  from cl_jax import sharding
+  from cl_jax.data import make_scenario
   from cl_jax.data.sources import load_source
+  from cl_jax.eval.evaluator import accuracy_row, make_accuracy_fn, padded_size
   from cl_jax.models import build_model
   from cl_jax.strategies import Learner
-
   data = load_source(data_c)
   scenario = make_scenario(data, scenario_c, multi_head=bool(model_c.get("multi_head", True)))
   model, _ = build_model(model_c, scenario.input_shape, scenario.num_outputs, scenario.num_heads, seed)
-  learner = Learner(model.apply, scenario.logit_mask)
-  last = jnp.int32(scenario.num_tasks - 1)
-
-  @jax.jit
-  def hits(params, batch):
-    logits = learner.logits(params, batch["x"], batch["task"], last)
-    return jnp.sum((jnp.argmax(logits, -1) == batch["y"]) & batch["valid"]), jnp.sum(batch["valid"])
-
-  out = []
-  for params in params_list:
-    accs = []
-    for t in range(scenario.num_tasks):
-      h = n = 0
-      for batch in test_batches(scenario, t, batch_size):
-        a, b = hits(params, batch)
-        h, n = h + int(a), n + int(b)
-      accs.append(h / max(n, 1))
-    out.append(accs)
-  return out
+  mesh = sharding.make_mesh(-1, 1)
+  eval_fn = make_accuracy_fn(Learner(model.apply, scenario.logit_mask), sharding.replicated(mesh),
+                             sharding.batch_sharding(mesh))
+  size = padded_size(batch_size, mesh)
+  return [accuracy_row(eval_fn, jax.device_put(p, sharding.replicated(mesh)), scenario, scenario.num_tasks - 1,
+                       size, mesh) for p in params_list]
 
 
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True) -> MergeResults:
-  del progress
-  c = config.merge
-  check_settings(c)
-  base_ck = Checkpoint(c.base, "merge.base") if c.base and c.method not in ("linear", "slerp") else None
-  model_cks = [Checkpoint(r, f"merge.models[{i}]") for i, r in enumerate(c.models)]
-  checkpoints = ([base_ck] if base_ck else []) + model_cks
-  data_c, scenario_c, model_c, seed = _eval_sections(config, checkpoints)
-  base = base_ck.params() if base_ck else None
-  models = [ck.params() for ck in model_cks]
-  merging.check_compatible(([base] if base is not None else []) + models,
-                           [ck.ref for ck in checkpoints])
-  if os.path.exists(workdir) and os.listdir(workdir):
-    if not overwrite:
-      raise ValueError(f"workdir {workdir!r} is not empty; use another --workdir or --overwrite")
-    shutil.rmtree(workdir)
-
+def merge_kwargs(c) -> dict:
   kwargs = dict(weights=list(c.weights) or None, seed=int(c.seed))
   if c.method in ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties"):
     kwargs["lam"] = float(c.lam)
@@ -206,34 +176,53 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True) ->
     # the rest (embeddings, head) take t.
     kwargs["t"] = ({merging._LAYER_RE.pattern: [float(a) for a in c.t_layers], "default": float(c.t)}
                    if list(c.t_layers) else float(c.t))
+  return kwargs
+
+
+def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
+  """Merges, evaluates and reports; see the module docstring. Returns `Results(kind='merge')`."""
+  from cl_jax.results import Results
+  from cl_jax.workdir import Workdir, decide, is_writer, write_json
+  del progress
+  c = config.merge
+  check_settings(c)
+  refs = references(c)
+  data_c, scenario_c, model_c, seed = _eval_sections(config, refs)
+  decide(config, workdir, overwrite)
+  loaded = [r.params() for r in refs]
+  merging.check_compatible(loaded, [r.ref for r in refs])
+  has_base = bool(c.base) and c.method not in ("linear", "slerp")
+  base, models = (loaded[0], loaded[1:]) if has_base else (None, loaded)
+  kwargs = merge_kwargs(c)
   merged = merging.merge(c.method, base, models, **kwargs)
+  rows = evaluate_rows([merged] + loaded, data_c, scenario_c, model_c, seed)
+  inputs = {r.ref: row for r, row in zip(refs, rows[1:])}
+  matrix = np.asarray(rows[:1])
+  extra = {"method": c.method, "settings": {k: v for k, v in kwargs.items() if k != "weights" or v is not None},
+           "accuracy": rows[0], "average": float(np.mean(rows[0])), "inputs": inputs}
+  results = Results("merge", workdir, matrix, acc=float(np.mean(rows[0])), extra=extra)
+  with Workdir(config, workdir, overwrite):
+    if c.save:
+      checkpoint.save_params(os.path.join(workdir, "merged"), merged, overwrite=True)
+    if is_writer():
+      write_json(workdir, "results.json", results.as_dict())
+      table = summary_table(c.method, rows[0], inputs)
+      with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(f"# Merge: {c.method}\n\nSettings: {json.dumps(extra['settings'])}\n\n" + table + "\n")
+      print(table)
+      print(f"\nOutputs in {workdir}/: results.json, summary.md" + (", merged/" if c.save else ""))
+  return results
 
-  accs = evaluate_every_task([merged] + ([base] if base is not None else []) + models,
-                             data_c, scenario_c, model_c, seed)
-  inputs = {ck.ref: a for ck, a in zip(checkpoints, accs[1:])}
-  results = MergeResults(accs[0], float(np.mean(accs[0])), inputs, workdir, c.method)
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort(sort_keys=True)), f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results.as_dict(), f, indent=2)
-  if c.save:
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(os.path.abspath(workdir), "merged"), merged)
-  rows = [(f"merged ({c.method})", accs[0])] + list(inputs.items())
-  T = len(accs[0])
+def summary_table(method: str, merged_row, inputs: dict) -> str:
+  rows = [(f"merged ({method})", merged_row)] + list(inputs.items())
+  T = len(merged_row)
   table = ["| model | " + " | ".join(f"task {i + 1}" for i in range(T)) + " | average |",
            "|---|" + "---:|" * (T + 1)]
   table += [f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + f" | {100 * np.mean(acc):.1f} |"
             for name, acc in rows]
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(f"# Merge: {c.method}\n\nSettings: " + json.dumps({k: kwargs[k] for k in kwargs}) + "\n\n" +
-            "\n".join(table) + "\n")
-  print("\n".join(table))
-  print(f"\nOutputs in {workdir}/: results.json, summary.md" + (", merged/" if c.save else ""))
-  return results
+  return "\n".join(table)
 
 
-__all__ = ["default_config", "run", "MergeResults", "Checkpoint", "check_settings", "evaluate_every_task"]
+__all__ = ["default_config", "run", "check_config", "check_settings", "Reference", "resolve", "references",
+           "evaluate_rows", "merge_kwargs", "summary_table"]

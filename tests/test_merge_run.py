@@ -37,6 +37,12 @@ def test_merge_cli_reproduces_inputs_and_merges(source_run, tmp_path):
   np.testing.assert_allclose(res["inputs"][f"{src}:task=1"], matrix[1], atol=1e-9)
   np.testing.assert_allclose(res["inputs"][f"{src}:task=2"], matrix[2], atol=1e-9)
   assert len(res["accuracy"]) == 2 and os.path.isdir(os.path.join(out, "merged"))
+  # One results type: the merged model is an accuracy-matrix row, read back by cl_jax.Results.
+  import cl_jax
+  loaded = cl_jax.Results.load(out)
+  assert loaded.kind == "merge" and loaded.accuracy_matrix.shape == (1, 2)
+  np.testing.assert_allclose(loaded.accuracy_matrix[0], res["accuracy"])
+  assert loaded.acc == pytest.approx(np.mean(res["accuracy"]))
   # A linear merge of one model is that model; the saved merged params load back as a params directory.
   out2 = str(tmp_path / "lin")
   assert main(["--config", "configs/merge.py:method=linear", "--workdir", out2, "--no_progress",

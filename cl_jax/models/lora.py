@@ -16,7 +16,7 @@ modules (`kernel_in_axes`). `LoraModel.apply` runs the base model with none, one
 several, or a per-example choice of adapters; the optimizer sees only adapter leaves through
 `trainable_mask`, so the base -- and with it the base model's outputs -- is unchanged bit for bit by
 construction. `merge_adapter` folds `W <- W + (alpha / r) A B` into the base; `save_adapter` /
-`load_adapter` store one adapter by name with orbax.
+`load_adapter` store one adapter by name (through `cl_jax.checkpoint.save_params` / `load_params`).
 """
 from __future__ import annotations
 
@@ -417,8 +417,8 @@ class LoraModel:
 # ------------------------------------------------------------------------------------------ save / load
 
 def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: bool = False) -> str:
-  """Saves adapter `name` to `directory/name` (orbax) plus its spec as `directory/name.json`."""
-  import orbax.checkpoint as ocp
+  """Saves adapter `name` to `directory/name` (`cl_jax.checkpoint.save_params`) plus its spec as `name.json`."""
+  from cl_jax.checkpoint import save_params
   adapter = _require(params, name)
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -428,8 +428,7 @@ def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: b
   # Orbax keys the saved tree by its dict keys; '/' inside a key would become a directory, so paths are
   # stored with ':' and mapped back on load.
   tree = {p.replace("/", ":"): layer for p, layer in adapter.items()}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree, force=overwrite)
+  save_params(path, tree, overwrite=overwrite)
   with open(path + ".json", "w") as f:
     json.dump({"name": name, "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
                "targets": spec.targets if isinstance(spec.targets, str) else list(spec.targets),
@@ -441,7 +440,7 @@ def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: b
 def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec]:
   """Loads adapter `name` from `directory`. Returns (params with the adapter added, spec) when `params`
   is given (shapes are checked against its base), else (the adapter alone, spec)."""
-  import orbax.checkpoint as ocp
+  from cl_jax.checkpoint import load_params
   path = os.path.join(os.path.abspath(directory), name)
   if not os.path.exists(path + ".json") or not os.path.isdir(path):
     raise FileNotFoundError(f"no adapter {name!r} under {directory} (expected {path} and {path}.json)")
@@ -450,23 +449,21 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
   targets = meta["targets"] if isinstance(meta["targets"], str) else tuple(meta["targets"])
   spec = LoraSpec(targets=targets, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                   dropout=float(meta["dropout"]))
-  with ocp.StandardCheckpointer() as ckptr:
-    if params is not None:
-      _check_params(params)
-      abstract = {}
-      for p, (d_in, d_out) in meta["shapes"].items():
-        try:
-          kernel = _get(params["base"], p)["kernel"]
-        except (KeyError, ValueError, AttributeError, TypeError):
-          raise ValueError(f"adapter {name!r} adapts {p!r}, which the base params do not have") from None
-        if kernel.size != d_in * d_out:
-          raise ValueError(f"adapter {name!r} at {p!r} is [{d_in}, r] x [r, {d_out}], but the base kernel "
-                           f"has shape {tuple(kernel.shape)}")
-        abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((d_in, spec.rank), kernel.dtype),
-                                         "B": jax.ShapeDtypeStruct((spec.rank, d_out), kernel.dtype)}
-      tree = ckptr.restore(path, abstract)
-    else:
-      tree = ckptr.restore(path)
+  abstract = None
+  if params is not None:
+    _check_params(params)
+    abstract = {}
+    for p, (d_in, d_out) in meta["shapes"].items():
+      try:
+        kernel = _get(params["base"], p)["kernel"]
+      except (KeyError, ValueError, AttributeError, TypeError):
+        raise ValueError(f"adapter {name!r} adapts {p!r}, which the base params do not have") from None
+      if kernel.size != d_in * d_out:
+        raise ValueError(f"adapter {name!r} at {p!r} is [{d_in}, r] x [r, {d_out}], but the base kernel "
+                         f"has shape {tuple(kernel.shape)}")
+      abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((d_in, spec.rank), kernel.dtype),
+                                       "B": jax.ShapeDtypeStruct((spec.rank, d_out), kernel.dtype)}
+  tree = load_params(path, abstract)
   adapter = {p.replace(":", "/"): {"A": jnp.asarray(l["A"]), "B": jnp.asarray(l["B"])} for p, l in tree.items()}
   if params is None:
     return adapter, spec
