@@ -79,9 +79,8 @@ def timed_run(config, workdir):
 
 
 STARTUP_CHILD = r"""
-import sys, time
+import time
 t0 = time.time()
-sys.path.insert(0, {root!r})
 from cl_jax import compilation_cache
 from cl_jax.config import validate
 from cl_jax.data.device import maybe_device_plan
