@@ -42,3 +42,12 @@ def test_per_task_scope_restarts_and_global_spans_the_run():
 def test_bad_fractions_are_refused():
   with pytest.raises(ValueError, match="optim.warmup_fraction"):
     build_schedule(_optim(warmup_fraction=0.9, decay_fraction=0.2), 100, 1)
+
+
+def test_constant_has_one_meaning_warmup_then_lr():
+  # The classic default (no warmup) is lr from the first step; with a warmup (the LM adaptation) it ramps first.
+  plain = build_schedule(_optim(schedule="constant", warmup_fraction=0.0), 100, 1)
+  assert [float(plain(k)) for k in (0, 50, 99)] == [1.0, 1.0, 1.0]
+  warm = build_schedule(_optim(schedule="constant", warmup_fraction=0.1), 100, 1)
+  assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.5)
+  assert float(warm(10)) == pytest.approx(1.0) and float(warm(99)) == pytest.approx(1.0)

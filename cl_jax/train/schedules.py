@@ -1,6 +1,7 @@
 """Learning-rate schedules as config data, built with `optax.join_schedules`.
 
-  constant  lr
+  constant  linear warmup over `warmup_fraction` of the steps, then `lr` (with warmup_fraction=0, the classic
+            default: `lr` from the first step)
   cosine    linear warmup over `warmup_fraction` of the steps, then cosine decay to `end_lr_fraction * lr`
   wsd       warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): linear warmup over
             `warmup_fraction`, constant `lr` until the last `decay_fraction` of the steps, then decay
@@ -58,12 +59,20 @@ def cosine_schedule(lr: float, total_steps: int, warmup_fraction: float, end_lr_
       boundaries=[warmup])
 
 
+def constant_schedule(lr: float, total_steps: int, warmup_fraction: float = 0.0) -> optax.Schedule:
+  """0 -> lr linearly over the warmup, then lr; no warmup: lr from the first step."""
+  warmup = int(round(warmup_fraction * total_steps))
+  if warmup == 0:
+    return optax.constant_schedule(lr)
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
 def build_schedule(c, steps_per_task: int, num_tasks: int) -> optax.Schedule:
   """The schedule an `optim` config section names; a function of the optimizer's step count."""
   check_schedule(c)
   total = steps_per_task if c.scope == "task" else steps_per_task * num_tasks
   if c.schedule == "constant":
-    base = optax.constant_schedule(c.lr)
+    base = constant_schedule(c.lr, total, c.warmup_fraction)
   elif c.schedule == "cosine":
     base = cosine_schedule(c.lr, total, c.warmup_fraction, c.end_lr_fraction)
   else:
