@@ -166,6 +166,20 @@ def test_run_py_prints_one_line_and_exits_2(tmp_path):
   assert not workdir.exists()
 
 
+def test_cl_jax_command_is_run_py(tmp_path):
+  """`pip install -e .` installs the `cl-jax` command: the same main as run.py, from any directory."""
+  from importlib.metadata import entry_points
+  (command,) = [e for e in entry_points(group="console_scripts") if e.name == "cl-jax"]
+  assert command.value == "cl_jax.cli:console_main"
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-c", "from cl_jax.cli import console_main; console_main()", "--config",
+                         os.path.join(ROOT, "configs", "quickstart.py"), "--config.strategy=ewc+ewc",
+                         "--workdir", str(workdir)], cwd=tmp_path, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2 and proc.stderr.startswith("error: strategy='ewc+ewc'"), proc.stderr
+  assert not workdir.exists()
+
+
 def test_config_package_siblings_load_by_path_from_a_copy(tmp_path):
   """A copy of the configs folder elsewhere imports its own `common` (not the checkout's), with no sys.path edit."""
   pkg = tmp_path / "myconfigs"
