@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from typing import Mapping
 
 import ml_collections
 
@@ -152,7 +151,7 @@ def _one_line(e: Exception) -> str:
 
 
 def reference_config(kind: str):
-  """The default config a `kind`'s configs start from (the types every leaf must keep); None if unknown."""
+  """The default config a `kind`'s configs start from: the types every leaf must keep."""
   if kind == "lm":
     from cl_jax.lm import default_config as lm_default
     return lm_default()
