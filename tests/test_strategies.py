@@ -299,80 +299,51 @@ def test_chain_of_ewc_lwf_and_replay_trains_under_jit():
 # ------------------------------------------------------------------------------- end to end (digits)
 
 
-def _digits_setup(strategy, kind="domain", **overrides):
+def test_split_digits_ewc_lwf_and_replay_each_forget_less_than_naive(tmp_path):
+  """Domain-incremental Split Digits through `cl_jax.run`, fixed seed, 60 steps a task: the BWT of EWC, LwF and ER
+  each above naive's."""
+  import cl_jax
   from conftest import tiny_config
-  from cl_jax.train.loop import build
-  return build(tiny_config(strategy, kind=kind, **overrides))
-
-
-def _train_task(setup, state, t, steps, seed=0):
-  """`steps` real train steps on task t, batches drawn from the task's data with a fixed seed (no grain,
-  no logging: the task loop's work without its I/O, to keep the test small)."""
-  from cl_jax import sharding
-  from cl_jax.data import task_data
-  data = task_data(setup.scenario, t)
-  rng = np.random.default_rng(seed + 1000 * t)
-  state = state._replace(task_index=jax.device_put(jnp.int32(t), setup.replicated))
-  for _ in range(steps):
-    idx = rng.integers(0, len(data.y), 32)
-    batch = {"x": data.x[idx].astype(np.float32), "y": data.y[idx].astype(np.int32),
-             "task": data.task[idx].astype(np.int32)}
-    state, _ = setup.train_step(state, sharding.put_batch(batch, setup.mesh))
-  return state
-
-
-def _finish_task(setup, state, t):
-  from cl_jax.data import task_data
-  new = setup.strategy.after_task(state.strategy_state, state.params, task_data(setup.scenario, t),
-                                  jax.random.fold_in(setup.root_key, 1000 + t))
-  return state._replace(strategy_state=jax.device_put(new, setup.state_sharding.strategy_state))
-
-
-def test_split_digits_ewc_lwf_and_replay_each_forget_less_than_naive():
-  """Domain-incremental Split Digits, fixed seed, 60 steps a task: BWT of EWC, LwF and ER each above naive's."""
-  from cl_jax.eval.metrics import bwt as backward_transfer
-  from cl_jax.train.loop import evaluate_task
   settings = {"naive": {}, "ewc": {"ewc.lam": 1e4}, "lwf": {},
               "replay": {"replay.capacity": 100, "replay.batch_size": 32}}
   bwt = {}
   for name, overrides in settings.items():
-    setup = _digits_setup(name, **overrides)
-    state, num_tasks = setup.state, setup.scenario.num_tasks
-    rows = [[0.0] * num_tasks]
-    for t in range(num_tasks):
-      state = _finish_task(setup, _train_task(setup, state, t, 60), t)
-      rows.append([evaluate_task(setup.eval_fn, state.params, setup.scenario, i, t, 1000, setup.mesh)
-                   for i in range(num_tasks)])
-    bwt[name] = backward_transfer(np.asarray(rows))
+    results = cl_jax.run(tiny_config(name, kind="domain", **overrides), str(tmp_path / name), progress=False)
+    bwt[name] = results.bwt
   assert bwt["naive"] < -0.1, bwt       # the setting forgets, so beating it means something
   for name in ("ewc", "lwf", "replay"):
     assert bwt[name] > bwt["naive"] + 0.05, bwt
 
 
-def test_strategy_state_survives_checkpoint_and_resume(tmp_path):
-  """ewc+lwf+replay mid-task 2 (a Fisher, a teacher and a filled buffer in the state): saved with the task
-  loop's orbax `Checkpoints`, restored into the state's shardings, and trained on, it gives exactly the
-  params of the run that never stopped."""
-  from cl_jax.checkpoint import Checkpoints, abstract_like
-  setup = _digits_setup("ewc+lwf+replay", **{"ewc.lam": 100.0, "replay.capacity": 64,
-                                             "replay.batch_size": 16})
-  state = _finish_task(setup, _train_task(setup, setup.state, 0, 10), 0)
-  state = _train_task(setup, state, 1, 3)
-  ewc_state, lwf_state, buffer = state.strategy_state
-  assert int(buffer["size"]) == 64 and float(jnp.sum(jax.tree.leaves(ewc_state["fisher"])[0])) > 0
-  checkpoints = Checkpoints(str(tmp_path))
-  checkpoints.save(int(state.step), state, {"task": 1}, boundary=False)
-  checkpoints.wait()
-  restored, meta = checkpoints.restore(abstract_like(state, setup.state_sharding))
-  checkpoints.close()
-  assert meta == {"task": 1}
-  for a, b in zip(jax.tree.leaves(state.strategy_state), jax.tree.leaves(restored.strategy_state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Replayed batches come from the restored buffer and the restored rng: training continues identically.
-  straight = _train_task(setup, state, 1, 5, seed=7)
-  resumed = _train_task(setup, restored, 1, 5, seed=7)
-  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+def _results_without_timing(workdir):
+  import json
+  import os
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  r.pop("timing", None)
+  return r
+
+
+def test_strategy_state_survives_checkpoint_and_resume(tmp_path, monkeypatch):
+  """A chain holding every kind of strategy state (a Fisher, a teacher, a task-end buffer, SI's per-step path
+  integral, DER++'s per-step buffer of logits) through `cl_jax.run`: a run that diverges mid-task 2 (NaN inputs at
+  step 31) stops before saving the bad state; rerun on its workdir, it resumes from the mid-task checkpoint at step
+  24 and ends with exactly the results of the run that never stopped."""
+  import cl_jax
+  from conftest import tiny_config
+  from cl_jax.errors import DivergenceError
+  from cl_jax.train.loop import NAN_ENV
+  config = tiny_config("ewc+lwf+replay+si+derpp", steps=20, **{
+      "scenario.num_tasks": 2, "checkpoint.every_steps": 8, "ewc.lam": 100.0, "replay.capacity": 64,
+      "replay.batch_size": 16, "der.capacity": 64, "der.batch_size": 16, "si.c": 1.0})
+  straight = cl_jax.run(config, str(tmp_path / "straight"), progress=False)
+  monkeypatch.setenv(NAN_ENV, "31")
+  with pytest.raises(DivergenceError):
+    cl_jax.run(config, str(tmp_path / "crashed"), progress=False)
+  monkeypatch.delenv(NAN_ENV)
+  resumed = cl_jax.run(config, str(tmp_path / "crashed"), progress=False)
+  np.testing.assert_array_equal(resumed.accuracy_matrix, straight.accuracy_matrix)
+  assert _results_without_timing(tmp_path / "crashed") == _results_without_timing(tmp_path / "straight")
 
 
 def test_bad_strategy_settings_fail_config_validation_by_name():
@@ -388,23 +359,33 @@ def test_bad_strategy_settings_fail_config_validation_by_name():
 
 
 _SHARDED_SCRIPT = """
+import tempfile
 import jax, numpy as np
 from conftest import tiny_config
-from cl_jax.train.loop import build
-from test_strategies import _finish_task, _train_task
-setup = build(tiny_config('ewc+lwf+replay', kind='class', **{'mesh.data': 4, 'mesh.fsdp': 2,
-                                                            'replay.capacity': 64, 'replay.batch_size': 16}))
-state = _train_task(setup, _finish_task(setup, _train_task(setup, setup.state, 0, 5), 0), 1, 5)
-ewc, lwf, buffer = state.strategy_state
+from cl_jax.checkpoint import Checkpoints
+from cl_jax.train.loop import build, classic_plan, run_tasks
+config = tiny_config('ewc+lwf+replay+si+derpp', kind='class', steps=5, **{
+    'mesh.data': 4, 'mesh.fsdp': 2, 'scenario.num_tasks': 2, 'replay.capacity': 64, 'replay.batch_size': 16,
+    'der.capacity': 64, 'der.batch_size': 16})
+setup = build(config)
+workdir = tempfile.mkdtemp()
+checkpoints = Checkpoints(workdir)
+out = run_tasks(classic_plan(config, setup), workdir, checkpoints, resume=False, progress=False)
+checkpoints.close()
+ewc, lwf, buffer, si, der = out.state.strategy_state
 assert tuple(ewc['fisher']['dense_0']['kernel'].sharding.spec) == ('fsdp', None), ewc['fisher']['dense_0']['kernel'].sharding
+assert tuple(si['omega']['dense_0']['kernel'].sharding.spec) == ('fsdp', None), si['omega']['dense_0']['kernel'].sharding
+assert tuple(der.x.sharding.spec)[0] == ('data', 'fsdp'), der.x.sharding
 assert int(buffer['size']) == 64 and float(np.sum(np.asarray(ewc['fisher']['head']['kernel']))) > 0
-assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+assert int(der.seen) == 10 * 32 and float(np.abs(np.asarray(si['importance']['head']['kernel'])).sum()) > 0
+assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(out.state.params))
 print('OK', len(jax.devices()))
 """
 
 
 def test_strategies_train_on_a_sharded_mesh():
-  """ewc+lwf+replay on 8 fake CPU devices (data 4 x fsdp 2): Fisher, teacher and buffer sharded, steps run."""
+  """ewc+lwf+replay+si+derpp through the task loop on 8 fake CPU devices (data 4 x fsdp 2): Fisher, SI's path
+  integral and the buffers sharded, steps run."""
   import os
   import subprocess
   import sys
