@@ -114,3 +114,19 @@ def test_on_device_setting():
     with pytest.raises(ValueError, match="data.on_device"):
       check_on_device(bad)
   assert use_device_data("false", None) is False
+
+
+def test_prefetch_hands_out_the_same_batches_and_a_resumable_state():
+  from cl_jax.data import train_dataset, train_iterator
+  from cl_jax.data.device import Prefetch
+  from cl_jax.train.loop import build
+  setup = build(tiny_config())
+  dataset = train_dataset(setup.scenario, (1,), 32, 0, 1)
+  plain = train_iterator(dataset)
+  ahead = Prefetch(train_iterator(dataset), depth=3)
+  for _ in range(4):
+    np.testing.assert_array_equal(next(plain)["y"], next(ahead)["y"])
+  state = ahead.get_state()   # after 4 batches handed out, although more were read ahead
+  ahead.close()
+  resumed = train_iterator(dataset, state)
+  np.testing.assert_array_equal(next(resumed)["y"], next(plain)["y"])

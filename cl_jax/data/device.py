@@ -433,3 +433,57 @@ def maybe_device_plan(plan, config, setup):
   if use_device_data(config.data.on_device, setup.scenario):
     return device_plan(plan, config, setup)
   return plan
+
+
+# ----------------------------------------------------------------------------- host data that does not fit
+
+class Prefetch:
+  """A background thread keeps `depth` batches of a host iterator (grain) ready while the device trains.
+
+  `get_state()` is the wrapped iterator's state after the last batch handed out (not after the ones read
+  ahead), so a checkpoint resumes exactly where training stopped. An error in the reader surfaces at `next()`.
+  """
+
+  def __init__(self, iterator, depth: int = 4):
+    import queue
+    import threading
+    self._state = iterator.get_state()
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=_prefetch_worker, args=(iterator, self._queue, self._stop),
+                                    daemon=True, name="cl_jax-prefetch")
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    batch, self._state = item
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def close(self):
+    self._stop.set()
+
+  def __del__(self):
+    self._stop.set()
+
+
+def _prefetch_worker(iterator, q, stop) -> None:
+  import queue
+  try:
+    while not stop.is_set():
+      item = (next(iterator), iterator.get_state())
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+  except BaseException as e:  # StopIteration included: the consumer sees it at its next()
+    q.put(e)
