@@ -166,7 +166,7 @@ def test_a_few_adamw_steps_learn_a_periodic_sequence():
     first = float(loss) if first is None else first
   assert first == pytest.approx(np.log(16), rel=0.05)  # untrained: near uniform
   _, metrics = loss_fn(params, batch)
-  assert float(metrics["loss"]) < 0.5 and float(metrics["accuracy"]) > 0.9
+  assert float(metrics["task_loss"]) < 0.5 and float(metrics["accuracy"]) > 0.9
 
 
 def test_flop_count_matches_xla_cost_analysis():
