@@ -27,7 +27,10 @@ from cl_jax.errors import CLJaxError, ConfigError
 from cl_jax.train import schedules
 from cl_jax.train.optim import OPTIMIZERS
 
-KINDS = ("classic", "lm", "merge")
+# kind -> the module whose `default_config()` / `check_config(config)` define and validate that kind's configs
+# (classic: this module's base_config and _check_classic; merge: the base config plus merge_run's section).
+KIND_MODULES = {"lm": "cl_jax.lm", "cit": "cl_jax.lm.cit"}
+KINDS = ("classic", "merge", *KIND_MODULES)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -133,7 +136,7 @@ def validate(c) -> None:
   """Checks every value whose mistake would cost a run, for every kind; raises ConfigError naming the full key.
 
   classic: the sections of `base_config()` and the `check_config` of every strategy in the chain.
-  lm:      `cl_jax.lm.check_config`; merge: `cl_jax.merge_run.check_config`.
+  lm, cit: `check_config` of their module (KIND_MODULES); merge: `cl_jax.merge_run.check_config`.
   Every kind: each leaf has the type of the kind's default config (an int where an int is expected, a number
   where a float is; ints are accepted for floats), and every float is finite.
   """
@@ -152,9 +155,8 @@ def _one_line(e: Exception) -> str:
 
 def reference_config(kind: str):
   """The default config a `kind`'s configs start from: the types every leaf must keep."""
-  if kind == "lm":
-    from cl_jax.lm import default_config as lm_default
-    return lm_default()
+  if kind in KIND_MODULES:
+    return _kind_module(kind).default_config()
   c = base_config()
   if kind == "merge":
     from cl_jax.merge_run import default_config as merge_default
@@ -219,17 +221,20 @@ def _validate(c) -> None:
   if kind not in KINDS:
     raise ConfigError(f"kind={kind!r}: expected one of {list(KINDS)}")
   check_types(c, reference_config(kind))
-  if kind == "lm":
-    _check_lm(c)
+  if kind in KIND_MODULES:
+    _kind_module(kind).check_config(c)
   elif kind == "merge":
     _check_merge(c)
   else:
     _check_classic(c)
 
 
-def _check_lm(c) -> None:
-  from cl_jax.lm import check_config
-  check_config(c)
+def _kind_module(kind: str):
+  import importlib
+  try:
+    return importlib.import_module(KIND_MODULES[kind])
+  except ModuleNotFoundError as e:
+    raise ConfigError(f"kind={kind!r}: its module {KIND_MODULES[kind]} is not in this checkout ({e})") from e
 
 
 def _check_merge(c) -> None:
