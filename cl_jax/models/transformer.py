@@ -254,7 +254,7 @@ def rope_frequencies(cfg: TransformerConfig) -> np.ndarray:
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Array:
-  """Rotary embedding of `x [B, T, H, Dh]` at integer `positions [T]` (Su et al. 2021).
+  """Rotary embedding of `x [B, T, H, Dh]` at integer `positions [T]` or `[B, T]` (Su et al. 2021).
 
   Pairs (x_i, x_{i+Dh/2}) are rotated by angle `pos * f_i` ("rotate-half" layout), in float32, with
   f_i = base^(-2i/Dh) unless `freqs [Dh/2]` (see `rope_frequencies`) is given.
@@ -262,9 +262,10 @@ def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Arr
   half = x.shape[-1] // 2
   if freqs is None:
     freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]  # [T, half]
-  sin = jnp.sin(angles)[None, :, None, :]
-  cos = jnp.cos(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs, jnp.float32)  # [(B,) T, half]
+  angles = angles if angles.ndim == 3 else angles[None]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -272,24 +273,31 @@ def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Arr
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                     k_positions: jax.Array, sliding_window: int = 0) -> jax.Array:
+                     k_positions: jax.Array, sliding_window: int = 0, q_segments: jax.Array | None = None,
+                     k_segments: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(Dh) + M) v with M[t, s] = 0 if k_pos[s] <= q_pos[t] (and, with a sliding window W,
   q_pos[t] - k_pos[s] < W) else -inf.
 
   q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with K dividing H (grouped-query attention: query head h reads
   key/value head h // (H / K)). Positions are absolute token indices, so the same function serves the full
   forward pass (S = T) and one decode step against a preallocated cache (T = 1, the cache's unwritten slots
-  have positions > q_pos and are masked out).
+  have positions > q_pos and are masked out). Positions may also be per row, `[B, T]` (packed sequences whose
+  positions restart per example); with `q_segments [B, T]` / `k_segments [B, S]` (segment ids of packed examples)
+  a query sees only keys of its own segment, so attention never crosses examples.
   """
   b, t, h, dh = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, h // kv, dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
   scores = scores * (1.0 / np.sqrt(dh))
-  visible = k_positions[None, :] <= q_positions[:, None]  # [T, S]
+  qp = q_positions if q_positions.ndim == 2 else q_positions[None]
+  kp = k_positions if k_positions.ndim == 2 else k_positions[None]
+  visible = kp[:, None, :] <= qp[:, :, None]  # [B or 1, T, S]
   if sliding_window:
-    visible = visible & (q_positions[:, None] - k_positions[None, :] < sliding_window)
-  scores = jnp.where(visible[None, None, None], scores, _MASK_VALUE)
+    visible = visible & (qp[:, :, None] - kp[:, None, :] < sliding_window)
+  if q_segments is not None:
+    visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
+  scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
@@ -323,20 +331,25 @@ class Attention(nnx.Module):
       return x
     return rope(x, positions, self.rope_base, np.asarray(self.rope_freqs, np.float32))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+               segment_ids: jax.Array | None = None):
     """Returns (output, new_cache). With a cache `{'k','v': [B, S, K, Dh]}` the new keys/values are
     written at `positions` (which must be contiguous) and attention runs over the whole cache."""
     q = self._rotate(self.q(x), positions)
     k = self._rotate(self.k(x), positions)
     v = self.v(x)
     if cache is None:
-      return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window)), None
+      return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window, segment_ids,
+                                     segment_ids)), None
     start = positions[0]
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
     k_positions = jnp.arange(k_all.shape[1])
-    out = causal_attention(q, k_all, v_all, positions, k_positions, self.sliding_window)
-    return self.o(out), {"k": k_all, "v": v_all}
+    # An optional cache["valid"] [B, S] (1: a real key) hides left padding of prompts of unequal lengths.
+    valid = cache.get("valid")
+    q_seg = None if valid is None else jnp.ones(q.shape[:2], valid.dtype)
+    out = causal_attention(q, k_all, v_all, positions, k_positions, self.sliding_window, q_seg, valid)
+    return self.o(out), {**cache, "k": k_all, "v": v_all}
 
 
 class MLP(nnx.Module):
@@ -371,8 +384,9 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
-    a, cache = self.attn(self.attn_norm(x), positions, cache)
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
+               segment_ids: jax.Array | None = None):
+    a, cache = self.attn(self.attn_norm(x), positions, cache, segment_ids)
     x = x + a
     x = x + self.mlp(self.mlp_norm(x))
     return x, cache
@@ -414,17 +428,22 @@ class TransformerLM(nnx.Module):
     # rounding does not accumulate over the depth of the network.
     h = jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(jnp.float32)
     if self.config.positions == "learned":
-      h = h + jnp.take(self.pos_embed.embedding[...], positions, axis=0)[None].astype(jnp.float32)
+      pos = jnp.take(self.pos_embed.embedding[...], positions, axis=0)
+      h = h + (pos if pos.ndim == 3 else pos[None]).astype(jnp.float32)
     return h
 
-  def __call__(self, tokens: jax.Array, task: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, task: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Logits of `tokens [B, T]`. Packed rows (`cl_jax.lm.sft.pack`): `segment_ids [B, T]` keep attention inside
+    each example and `positions [B, T]` restart at 0 per example; by default one sequence at 0..T-1."""
     del task
     if tokens.ndim != 2:
       raise ValueError(f"TransformerLM: tokens must be [batch, time], got shape {tokens.shape}")
-    positions = jnp.arange(tokens.shape[1])
+    if positions is None:
+      positions = jnp.arange(tokens.shape[1])
     h = self._embed(tokens, positions)
     for i in range(self.config.num_layers):
-      h, _ = getattr(self, f"block_{i}")(h, positions)
+      h, _ = getattr(self, f"block_{i}")(h, positions, None, segment_ids)
     return self._logits(h)
 
   def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
