@@ -115,3 +115,42 @@ def test_merge_config_errors_name_the_full_key(tmp_path, capsys):
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("error: merge.density=1.5"), err
   assert not (tmp_path / "w").exists()
+
+
+def test_every_registered_strategy_keeps_the_contract():
+  """REGISTRY entries: sections owned are sections read, both exist in base_config, and the defaults validate."""
+  import ml_collections
+  from cl_jax.config import base_config
+  from cl_jax.lm import default_config as lm_default_config
+  from cl_jax.strategies import REGISTRY, StrategyEntry
+  base = base_config()
+  for name, entry in REGISTRY.items():
+    assert isinstance(entry, StrategyEntry) and callable(entry.build), name
+    assert set(entry.default_config) <= set(entry.config_sections), (name, "owns a section it does not declare")
+    for section in entry.config_sections:
+      assert section in base, (name, section)
+    for section, default in entry.default_config.items():
+      assert isinstance(default(), ml_collections.ConfigDict), (name, section)
+    if entry.check_config is not None:   # the defaults are valid for a kind the strategy runs on
+      errors = []
+      for config in (base_config(), lm_default_config()):
+        if all(s in config for s in entry.config_sections):
+          config.strategy = name
+          try:
+            entry.check_config(config)
+            break
+          except ValueError as e:
+            errors.append(str(e))
+      else:
+        raise AssertionError((name, errors))
+
+
+def test_registering_a_section_twice_with_different_defaults_is_refused():
+  import ml_collections
+  from cl_jax.strategies import REGISTRY, StrategyEntry, default_configs, naive
+  REGISTRY["h2_clash"] = StrategyEntry(naive, {"replay": lambda: ml_collections.ConfigDict()}, None, ("replay",))
+  try:
+    with pytest.raises(ValueError, match="config section 'replay' is already owned"):
+      default_configs()
+  finally:
+    REGISTRY.pop("h2_clash")
