@@ -180,6 +180,20 @@ def test_cl_jax_command_is_run_py(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("error, code", [("ConfigError", 2), ("WorkdirError", 2), ("DivergenceError", 3),
+                                         ("WorkdirLocked", 4), ("Preempted", 75)])
+def test_each_error_exits_with_its_code_and_one_line(tmp_path, capsys, monkeypatch, error, code):
+  import cl_jax
+  from cl_jax import errors
+
+  def fail(*args, **kwargs):
+    raise getattr(errors, error)(f"what went wrong\nin {error}")
+
+  monkeypatch.setattr(cl_jax, "run", fail)
+  assert main(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "w")]) == code
+  assert capsys.readouterr().err == f"error: what went wrong in {error}\n"
+
+
 def test_config_package_siblings_load_by_path_from_a_copy(tmp_path):
   """A copy of the configs folder elsewhere imports its own `common` (not the checkout's), with no sys.path edit."""
   pkg = tmp_path / "myconfigs"
