@@ -376,3 +376,61 @@ def test_runs_end_to_end_through_cl_jax_run(tmp_path, strategy, overrides):
     recorded = json.load(f)["strategy_config"]
   for name in strategy.split("+"):
     assert {"derpp": "der"}.get(name, name) in recorded
+
+
+# --------------------------------------------------------------------------------------------- GDumb
+
+
+def test_gdumb_greedy_class_balanced_memory_by_hand():
+  from cl_jax.strategies.gdumb import GdumbMemory, greedy_add
+  cap, outputs = 4, 3
+  mem = GdumbMemory(jnp.zeros((cap, 1)), jnp.zeros((cap,), jnp.int32), jnp.zeros((cap,), jnp.int32), jnp.int32(0))
+  counts, seen = jnp.zeros((outputs,), jnp.int32), jnp.zeros((outputs,), bool)
+  y = jnp.asarray([0, 0, 0, 0, 1, 1, 2, 2], jnp.int32)
+  x = jnp.arange(8, dtype=jnp.float32)[:, None]        # x = stream position
+  mem, counts, seen = greedy_add(mem, counts, seen, x, y, jnp.zeros(8, jnp.int32), jax.random.key(0), outputs)
+  # 0,0,0,0 fill the memory; 1 (quota 4 // 2 = 2) twice replaces a class-0 example; 2 (quota 1) replaces one of
+  # the largest class (0 and 1 tie at 2: the first, class 0); the second 2 is dropped (class 2 holds its quota).
+  np.testing.assert_array_equal(counts, [1, 2, 1])
+  assert int(mem.size) == 4
+  kept = sorted(np.asarray(mem.x[:, 0]).astype(int).tolist())
+  assert {4, 5, 6} <= set(kept) and 7 not in kept and len(set(kept) & {0, 1, 2, 3}) == 1
+  np.testing.assert_array_equal(np.bincount(np.asarray(mem.y), minlength=3), [1, 2, 1])
+
+
+def test_gdumb_learns_only_from_memory_and_predicts_with_the_retrained_model():
+  learner, params = _logreg()
+  strategy = build_strategy("gdumb", _config(**{"gdumb.capacity": 12, "gdumb.epochs": 40, "gdumb.lr": 0.5}),
+                            learner)
+  state = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  opt = optax.sgd(0.5)
+  step = jax.jit(make_train_step(strategy.loss(_masked_ce(learner)), opt, lambda s: 0.5, log_norms=False,
+                                 strategy=strategy))
+  train = _state(params, state, opt)
+  rng = np.random.default_rng(0)
+  for _ in range(3):   # two well separated classes: x = ±3 e_0 + noise
+    y = rng.integers(0, 2, 8)
+    x = np.where(y[:, None] == 1, 3.0, -3.0) * np.eye(DIM)[0] + 0.1 * rng.normal(size=(8, DIM))
+    train, _ = step(train, {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.int32),
+                            "task": jnp.zeros(8, jnp.int32)})
+  for a, b in zip(jax.tree.leaves(train.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)          # the stream model never moves
+  assert int(train.strategy_state["memory"].size) == 12
+  state = strategy.after_task(train.strategy_state, train.params, _task_data(4, 0, 0), jax.random.key(1))
+  mem = state["memory"]
+  logits = strategy.predict(state, params, mem.x, mem.task, jnp.int32(0))
+  np.testing.assert_allclose(logits, learner.logits(state["model"], mem.x, mem.task, 0), rtol=1e-6)
+  assert float(jnp.mean(jnp.argmax(logits, -1) == mem.y)) == 1.0
+  assert float(jnp.mean(jnp.argmax(learner.logits(params, mem.x, mem.task, 0), -1) == mem.y)) < 1.0
+
+
+def test_gdumb_end_to_end_is_scored_through_predict(tmp_path):
+  """The stream model never trains, so accuracy well above chance after task 1 means the evaluator scored the model
+  GDumb retrained on its memory (the `predict` hook)."""
+  import cl_jax
+  from conftest import tiny_config
+  config = tiny_config("gdumb", steps=10, **{"scenario.num_tasks": 2, "gdumb.capacity": 200, "gdumb.epochs": 20,
+                                             "gdumb.lr": 0.05})
+  r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
+  assert r.shape == (3, 2)
+  assert r[1, 0] > 0.8 and r[2, 1] > 0.6, r

@@ -76,6 +76,8 @@ REGISTRY["mas"] = StrategyEntry(_mas.mas, {"mas": _mas.default_config}, _mas.che
 REGISTRY["der"] = StrategyEntry(_der.der, {"der": _der.default_config}, _der.check_config, ("der",))
 REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der.check_config, ("der",))
 REGISTRY["agem"] = StrategyEntry(_agem.agem, {"agem": _agem.default_config}, _agem.check_config, ("agem",))
+from cl_jax.strategies import gdumb as _gdumb  # noqa: E402
+REGISTRY["gdumb"] = StrategyEntry(_gdumb.gdumb, {"gdumb": _gdumb.default_config}, _gdumb.check_config, ("gdumb",))
 
 
 def default_configs() -> dict[str, Callable]:

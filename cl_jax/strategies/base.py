@@ -108,6 +108,27 @@ class StepInfo(NamedTuple):
   task_index: jax.Array    # int32 scalar
 
 
+class PredictingLearner(NamedTuple):
+  """The learner an evaluator uses for a strategy with a `predict` hook: `logits` calls the hook; its params are the
+  pair (params, strategy_state) (see `evaluation_learner` / `evaluation_params`)."""
+  learner: Any
+  predict: Callable
+
+  def logits(self, params_and_state, x, task, task_index):
+    params, strategy_state = params_and_state
+    return self.predict(strategy_state, params, x, task, task_index)
+
+
+def evaluation_learner(learner, strategy):
+  """What an evaluator calls `.logits(params, x, task, task_index)` on: the learner, or the strategy's `predict`."""
+  return learner if getattr(strategy, "predict", None) is None else PredictingLearner(learner, strategy.predict)
+
+
+def evaluation_params(strategy, state):
+  """The params to hand that evaluation learner: `state.params`, or (params, strategy_state) with `predict`."""
+  return state.params if getattr(strategy, "predict", None) is None else (state.params, state.strategy_state)
+
+
 def current_task_only(task_index: int) -> tuple[int, ...]:
   return (task_index,)
 
