@@ -41,12 +41,17 @@ class Prototypes(NamedTuple):
   precision: jax.Array
 
 
-def _shrunk_precision(centered: np.ndarray, shrinkage: float) -> np.ndarray:
-  """(1 - s) S + s (tr S / D) I inverted: Ledoit-Wolf-style shrinkage keeps it invertible when D ~ N."""
-  d = centered.shape[1]
-  cov = centered.T @ centered / max(centered.shape[0] - 1, 1)
+def shrunk_precision_from_scatter(scatter: np.ndarray, dof: float, shrinkage: float) -> np.ndarray:
+  """((1 - s) S + s (tr S / D) I)^-1 with S = scatter / dof: Ledoit-Wolf-style shrinkage keeps it invertible
+  when D ~ N. `scatter` is the sum of centered outer products (pooled within-class: sum_c sum_i (x - mu_c)(..)^T)."""
+  d = scatter.shape[0]
+  cov = np.asarray(scatter, np.float64) / max(dof, 1.0)
   cov = (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
   return np.linalg.inv(cov + 1e-6 * np.eye(d))
+
+
+def _shrunk_precision(centered: np.ndarray, shrinkage: float) -> np.ndarray:
+  return shrunk_precision_from_scatter(centered.T @ centered, centered.shape[0] - 1, shrinkage)
 
 
 def fit_prototypes(features: Sequence[np.ndarray], labels: Sequence[np.ndarray], *, metric: str = "mahalanobis",
@@ -166,5 +171,5 @@ def evaluate_routing(logits_per_task, route, true_task, labels, task_masks=None)
   return RoutingReport(r_acc, o_acc, float(jnp.mean(routed == labels)), o_acc)
 
 
-__all__ = ["Prototypes", "fit_prototypes", "mahalanobis_sq", "prototype_scores", "route_prototypes",
+__all__ = ["Prototypes", "fit_prototypes", "shrunk_precision_from_scatter", "mahalanobis_sq", "prototype_scores", "route_prototypes",
            "masked_entropy", "route_entropy", "routed_predictions", "RoutingReport", "evaluate_routing"]

@@ -13,8 +13,10 @@ Mask convention (the same for every kind of run):
 Classic accuracy: `accuracy_row(eval_fn, params, scenario, task_index, ...)` is row `task_index + 1` of the
 accuracy matrix R (row 0 before any training: `task_index = 0`), the accuracy on every task with the logit mask of
 having trained up to `task_index`. The merge runner evaluates a merged model as a row after the last task
-(`task_index = T - 1`). A strategy with a `predict` hook (`predict(params, strategy_state, x, task, task_index) ->
-int32 [B]`, e.g. iCaRL's nearest-mean-of-exemplars classifier) is evaluated through it instead of the argmax.
+(`task_index = T - 1`). A strategy with a `predict` hook (`predict(strategy_state, params, x, task, task_index) ->
+logits [B, C]`, `cl_jax.strategies.base`; e.g. iCaRL's nearest-mean-of-exemplars classifier, progressive networks'
+router) is evaluated by the argmax of what it returns: hand `evaluation_learner(learner, strategy)` and
+`evaluation_params(strategy, state)` to these functions.
 
 LM metrics, over fixed evaluation sequences tokens [n, L] (the model reads tokens[:, :-1], predicts tokens[:, 1:]):
 
@@ -50,36 +52,36 @@ def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- classic
 
 
-def make_accuracy_fn(learner, replicated, batch_sharding, predict: Callable | None = None):
-  """jitted `(params, batch, task_index[, strategy_state]) -> (hits, count)` over the valid rows of a batch."""
+def make_accuracy_fn(learner, replicated, batch_sharding=None):
+  """jitted `(params, batch, task_index) -> (hits, count)` over the valid rows of a batch.
 
-  def hits(params, batch, task_index, strategy_state=()):
-    if predict is not None:
-      pred = predict(params, strategy_state, batch["x"], batch["task"], task_index)
-    else:
-      pred = jnp.argmax(learner.logits(params, batch["x"], batch["task"], task_index), -1)
-    hit = (pred == batch["y"]) & batch["valid"]
+  `learner` is the model as the strategies see it, or `cl_jax.strategies.base.evaluation_learner(learner, strategy)`
+  when the strategy has a `predict` hook (then `params` is `evaluation_params(strategy, state)`).
+  """
+
+  def hits(params, batch, task_index):
+    logits = learner.logits(params, batch["x"], batch["task"], task_index)
+    hit = (jnp.argmax(logits, -1) == batch["y"]) & batch["valid"]
     return jnp.sum(hit), jnp.sum(batch["valid"])
 
-  return jax.jit(hits, in_shardings=(None, batch_sharding, replicated, None), out_shardings=replicated)
+  del batch_sharding  # the batch arrives placed (sharding.put_global_batch); the counts come back replicated
+  return jax.jit(hits, out_shardings=replicated)
 
 
-def task_accuracy(eval_fn, params, scenario, task_id: int, task_index: int, batch_size: int, mesh,
-                  strategy_state=()) -> float:
+def task_accuracy(eval_fn, params, scenario, task_id: int, task_index: int, batch_size: int, mesh) -> float:
   """Test accuracy on task `task_id` with the logit mask of having trained up to `task_index`."""
   from cl_jax.data import test_batches
   hits, total = 0, 0
   ti = sharding.put_global(np.int32(task_index), sharding.replicated(mesh))
   for batch in test_batches(scenario, task_id, batch_size):
-    h, n = eval_fn(params, sharding.put_global_batch(batch, mesh), ti, strategy_state)
+    h, n = eval_fn(params, sharding.put_global_batch(batch, mesh), ti)
     hits, total = hits + h, total + n
   return float(hits) / max(float(total), 1.0)
 
 
-def accuracy_row(eval_fn, params, scenario, task_index: int, batch_size: int, mesh, strategy_state=()) -> list:
+def accuracy_row(eval_fn, params, scenario, task_index: int, batch_size: int, mesh) -> list:
   """Accuracy on every task of the scenario after training up to `task_index`: one row of R."""
-  return [task_accuracy(eval_fn, params, scenario, i, task_index, batch_size, mesh, strategy_state)
-          for i in range(scenario.num_tasks)]
+  return [task_accuracy(eval_fn, params, scenario, i, task_index, batch_size, mesh) for i in range(scenario.num_tasks)]
 
 
 # -------------------------------------------------------------------------------------------------- LM

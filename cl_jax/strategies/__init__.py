@@ -65,7 +65,10 @@ REGISTRY: dict[str, StrategyEntry] = {
 # LoRA (one adapter on the frozen base, through `prepare`; reads the base config's `lora` section) and the LM's
 # generative replay (H3).
 from cl_jax.strategies import generative_replay as _generative_replay, lora as _lora  # noqa: E402
+from cl_jax.strategies import progressive as _progressive  # noqa: E402
 REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",))
+REGISTRY["progressive"] = StrategyEntry(_progressive.progressive, {"progressive": _progressive.default_config},
+                                        _progressive.check_config, ("progressive", "model"))
 REGISTRY["generative_replay"] = StrategyEntry(
     _generative_replay.generative_replay, {"generative_replay": _generative_replay.default_config},
     _generative_replay.check_config, ("generative_replay",))
