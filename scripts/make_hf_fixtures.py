@@ -1,7 +1,7 @@
 """Builds the Hugging Face reference fixtures of tests/test_hf_checkpoint.py (tests/fixtures/hf/).
 
     pip install torch==2.13.0 transformers    # reference-only: never needed by the test suite
-    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--check-export]
+    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--check-export] [--check-variants]
 
 For each family (llama with grouped-query attention and Llama-3.1 RoPE scaling, sharded; mistral with a
 sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2) it builds a tiny
@@ -18,7 +18,9 @@ documentation (pydoc_data), so the fixtures depend on nothing downloaded.
 
 `--check-export` also goes the other way: cl_jax imports each fixture, exports it with
 `cl_jax.models.hf_checkpoint.export`, and transformers loads the export; it prints the largest logit
-difference against the reference (it should be ~1e-6).
+difference against the reference (0: the export holds the very same weights). `--check-variants` builds random
+models in cl_jax with the architecture options the fixtures do not cover (VARIANTS), exports them and compares
+their logits with transformers' (~1e-6).
 """
 from __future__ import annotations
 
@@ -139,16 +141,56 @@ def check_export(out: str) -> None:
           f"{np.abs(logits - ref['logits']).max():.2e}")
 
 
+# Variants the fixtures do not cover: biases everywhere with a head dim != d_model / heads and linear RoPE scaling
+# (llama), a sliding window with Llama-3.1 scaling (mistral), a sliding window (qwen2), exact gelu (gpt2).
+VARIANTS = {
+    "llama": dict(mlp="swiglu", qkv_bias=True, o_bias=True, mlp_bias=True, rope_scaling="linear", rope_factor=2.0,
+                  attn_head_dim=8),
+    "mistral": dict(mlp="swiglu", sliding_window=4, tied_embeddings=False, rope_scaling="llama3", rope_factor=4.0,
+                    rope_original_max_len=16, num_kv_heads=2),
+    "qwen2": dict(mlp="swiglu", qkv_bias=True, sliding_window=5),
+    "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, qkv_bias=True, o_bias=True, mlp_bias=True,
+                 gelu_approximate=False),
+}
+
+
+def check_variants() -> None:
+  """Models built in cl_jax (random, every param perturbed), exported, run by transformers: same logits."""
+  import jax
+  import torch
+  import transformers as tf
+  from cl_jax.models import hf_checkpoint
+  from cl_jax.models.transformer import build_lm, model_config
+  tokens = np.random.default_rng(0).integers(0, 40, (2, 24))
+  for family, fields in VARIANTS.items():
+    cfg = model_config("tiny", vocab_size=40, d_model=16, num_heads=4, num_layers=2, max_len=24, init_std=0.3,
+                       **fields)
+    model, params = build_lm(cfg, seed=1)
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(5), x.shape), params)
+    ours = np.asarray(model.apply(params, tokens))
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_checkpoint.export(tmp, cfg, params, family=family)
+      ref = tf.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager", dtype=torch.float32).eval()
+      with torch.no_grad():
+        theirs = ref(torch.from_numpy(tokens).long()).logits.numpy()
+    print(f"{family} variant {fields}: max |cl_jax - transformers| = {np.abs(ours - theirs).max():.2e} "
+          f"(logits up to {np.abs(ours).max():.1f})")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "hf"))
   parser.add_argument("--check-export", action="store_true")
-  parser.add_argument("--skip-build", action="store_true", help="only --check-export the existing fixtures")
+  parser.add_argument("--check-variants", action="store_true",
+                      help="also compare cl_jax-built variants (VARIANTS) with transformers after export")
+  parser.add_argument("--skip-build", action="store_true", help="only check the existing fixtures")
   args = parser.parse_args()
   if not args.skip_build:
     build(args.out)
   if args.check_export:
     check_export(args.out)
+  if args.check_variants:
+    check_variants()
 
 
 if __name__ == "__main__":

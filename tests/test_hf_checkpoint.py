@@ -240,6 +240,9 @@ def test_clear_errors_name_the_path_and_the_supported_families(tmp_path):
   _, params = build_lm(cfg)
   with pytest.raises(ConfigError, match="matches no Hugging Face family; exportable: llama/mistral/qwen2"):
     hc.export(str(tmp_path / "out"), cfg, params)
+  with pytest.raises(ConfigError, match="family='llama' cannot hold this model exactly .*'qwen2'"):
+    hc.export(str(tmp_path / "out"), hc.load(_fixture("qwen2")).config, hc.load(_fixture("qwen2")).params,
+              family="llama")
   assert not (tmp_path / "out").exists()
 
 
@@ -247,7 +250,8 @@ def test_a_model_built_in_cl_jax_exports_in_each_family(tmp_path):
   """A freshly initialised TransformerLM with a family's architecture round-trips through that layout."""
   common = dict(vocab_size=40, d_model=16, num_heads=4, num_layers=1, max_len=24)
   configs = {"llama": dict(mlp="swiglu", num_kv_heads=2, rope_scaling="linear", rope_factor=2.0),
-             "mistral": dict(mlp="swiglu", sliding_window=4, tied_embeddings=False),
+             "mistral": dict(mlp="swiglu", sliding_window=4, tied_embeddings=False, rope_scaling="llama3",
+                             rope_factor=4.0, rope_original_max_len=16),
              "qwen2": dict(mlp="swiglu", qkv_bias=True),
              "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, qkv_bias=True, o_bias=True,
                           mlp_bias=True)}

@@ -175,23 +175,34 @@ def transformer_config(hf: Mapping, path: str = "config.json", **overrides) -> T
 
 
 def family_of(cfg: TransformerConfig) -> str:
-  """The HF family a config exports as; ConfigError when none can hold it (e.g. the byte model's RoPE + gelu)."""
-  if cfg.positions == "learned":
-    if (cfg.norm, cfg.mlp, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == ("layernorm", "gelu", True, True, True):
-      return "gpt2"
-  elif cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-    if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias and cfg.rope_scaling == "none":
-      return "qwen2"
-    if cfg.sliding_window:
-      if not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias) and cfg.rope_scaling == "none":
-        return "mistral"
-    elif cfg.qkv_bias == cfg.o_bias:
-      return "llama"
+  """The HF family a config exports as (the first of gpt2, llama, qwen2, mistral that holds it exactly);
+  ConfigError when none can (e.g. cl_jax's own byte model: RoPE with a gelu MLP)."""
+  for family in FAMILIES_IN_EXPORT_ORDER:
+    if _fits(cfg, family):
+      return family
   raise ConfigError(f"TransformerConfig(norm={cfg.norm!r}, mlp={cfg.mlp!r}, positions={cfg.positions!r}, "
                     f"biases q/k/v={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}, "
                     f"sliding_window={cfg.sliding_window}) matches no Hugging Face family; exportable: "
                     "llama/mistral/qwen2 (rmsnorm + swiglu + rope) and gpt2 (layernorm + gelu + learned "
                     "positions + biases)")
+
+
+FAMILIES_IN_EXPORT_ORDER = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def _fits(cfg: TransformerConfig, family: str) -> bool:
+  """Whether `family`'s modeling code computes exactly `cfg`'s function (a bias-free Llama is also a valid
+  Mistral without a window, and so on)."""
+  if family == "gpt2":
+    return (cfg.positions, cfg.norm, cfg.mlp, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.sliding_window) == (
+        "learned", "layernorm", "gelu", True, True, True, 0)
+  if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.positions != "rope":
+    return False
+  if family == "llama":  # attention_bias covers q, k, v and o together; mlp_bias the MLP
+    return cfg.qkv_bias == cfg.o_bias and not cfg.sliding_window
+  if family == "qwen2":
+    return cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
+  return family == "mistral" and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -204,9 +215,8 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
   family = family or family_of(cfg)
   if family not in FAMILIES:
     raise ConfigError(f"family={family!r}: supported families: {', '.join(FAMILIES)}")
-  if family_of(cfg) != family and not (family in ("llama", "mistral", "qwen2") and
-                                       _fits_llama_family(cfg, family)):
-    raise ConfigError(f"family={family!r} cannot hold this model (it exports as {family_of(cfg)!r})")
+  if not _fits(cfg, family):
+    raise ConfigError(f"family={family!r} cannot hold this model exactly (it exports as {family_of(cfg)!r})")
   out = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
   out.update(model_type=family, architectures=[_ARCHITECTURES[family]], vocab_size=cfg.vocab_size,
              tie_word_embeddings=cfg.tied_embeddings)
@@ -241,17 +251,6 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
     if cfg.sliding_window:  # every layer slides (cl_jax has one window for all layers)
       out["max_window_layers"] = 0
   return out
-
-
-def _fits_llama_family(cfg: TransformerConfig, family: str) -> bool:
-  """Whether `family` can hold `cfg` exactly (a bias-free Llama is also a valid Mistral, and so on)."""
-  if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.positions != "rope":
-    return False
-  if family == "llama":
-    return cfg.qkv_bias == cfg.o_bias and not cfg.sliding_window
-  if family == "mistral":
-    return not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias) and cfg.rope_scaling == "none"
-  return cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias and cfg.rope_scaling == "none"
 
 
 # ----------------------------------------------------------------------------------------------- layout
