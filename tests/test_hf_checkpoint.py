@@ -306,6 +306,11 @@ def test_bfloat16_checkpoints_and_original_gpt2_names(tmp_path):
   ref = _reference("qwen2")
   err = np.abs(_logits(as32, ref["tokens"]) - ref["logits"]).max()
   assert 1e-4 < err < 0.1 * np.abs(ref["logits"]).max()  # rounded weights, the same function
+  # bf16 matmuls over float32 params (the training recipe): float32 logits, close to the reference.
+  mixed = hc.load(_fixture("qwen2"), compute_dtype="bfloat16")
+  logits = _logits(mixed, ref["tokens"])
+  assert logits.dtype == np.float32 and mixed.config.compute_dtype == "bfloat16"
+  assert 1e-4 < np.abs(logits - ref["logits"]).max() < 0.1 * np.abs(ref["logits"]).max()
   # OpenAI's gpt2 checkpoints name tensors without the 'transformer.' prefix and carry causal-mask buffers.
   d = _copy("gpt2", tmp_path)
   tensors = load_file(str(d / "model.safetensors"))
