@@ -87,13 +87,14 @@ def test_chunks_compose_like_one_scan():
   assert int(a.step) == 10
 
 
-def test_test_sets_on_device_score_like_the_host_evaluator():
+@pytest.mark.parametrize("scenario", ["split", "permuted"])
+def test_test_sets_on_device_score_like_the_host_evaluator(scenario):
   from cl_jax.data.device import DeviceTestData
   from cl_jax.train.loop import build, evaluate_task
-  setup = build(tiny_config())
+  setup = build(tiny_config(**{"scenario.name": scenario, "scenario.num_tasks": 5 if scenario == "split" else 2}))
   test = DeviceTestData(setup.scenario, 100)
-  ours = test.accuracy(setup.learner, setup.state.params, 2)
-  ref = [evaluate_task(setup.eval_fn, setup.state.params, setup.scenario, i, 2, 100, setup.mesh)
+  ours = test.accuracy(setup.learner, setup.state.params, 1)
+  ref = [evaluate_task(setup.eval_fn, setup.state.params, setup.scenario, i, 1, 100, setup.mesh)
          for i in range(setup.scenario.num_tasks)]
   np.testing.assert_allclose(ours, ref, atol=1e-6)
   assert max(ref) > 0

@@ -195,17 +195,21 @@ class DeviceData:
 
 
 class TestTables(NamedTuple):
-  rows: jax.Array   # int32 [T, num_batches, B]: rows of `DevicePool.x` of the test pool (padding: row 0)
-  y: jax.Array      # int32 [T, num_batches, B]
-  valid: jax.Array  # bool [T, num_batches, B]
+  rows: jax.Array   # int32 [num_batches, B]: rows of the test pool, every task's test split back to back
+  y: jax.Array      # int32 [num_batches, B]
+  task: jax.Array   # int32 [num_batches, B]: the task of each example (padding: task 0)
+  valid: jax.Array  # bool [num_batches, B]: False on the padding of the last batch
+  counts: jax.Array  # int32 [T]: test examples per task
 
 
 class DeviceTestData:
   """Every task's test split on the devices, and one jitted program that scores all of them.
 
-  Same numbers as evaluating task by task with `pipeline.test_batches` (same batches, same masks), in one
-  dispatch: `accuracy(params, task_index) -> float32 [T]`, the accuracy-matrix row after training up to
-  `task_index`. `accuracy_fn(learner)` gives the unjitted function for vmapping over runs.
+  The test splits are packed back to back into batches of `batch_size` (only the last batch is padded), each
+  example carrying its task id; hits are summed per task. Same numbers as evaluating task by task with
+  `pipeline.test_batches` (same logits, same masks), in one dispatch: `accuracy(learner, params, task_index)
+  -> float32 [T]`, the accuracy-matrix row after training up to `task_index`. `accuracy_fn(learner)` gives the
+  unjitted function for vmapping over runs.
   """
 
   def __init__(self, scenario: Scenario, batch_size: int, replicated=None, batch_sharding=None):
@@ -226,43 +230,36 @@ class DeviceTestData:
       self.pool = DevicePool(put(x), put(index), put(weights))
     else:
       self.pool = DevicePool(put(x), None, None)
-    sizes = [len(t.y_test) for t in scenario.tasks]
-    nb = max(-(-n // batch_size) for n in sizes)
-    rows = np.zeros((len(sizes), nb * batch_size), np.int32)
-    y = np.zeros_like(rows)
-    valid = np.zeros(rows.shape, bool)
-    for t, task in enumerate(scenario.tasks):
-      n = sizes[t]
-      rows[t, :n] = offsets[which[t]] + np.arange(n)
-      y[t, :n] = task.y_test
-      valid[t, :n] = True
-    shape = (len(sizes), nb, batch_size)
-    self.tables = TestTables(put(rows.reshape(shape)), put(y.reshape(shape)), put(valid.reshape(shape)))
+    rows = np.concatenate([offsets[which[t]] + np.arange(len(task.y_test)) for t, task in enumerate(scenario.tasks)])
+    y = np.concatenate([task.y_test for task in scenario.tasks])
+    task_ids = np.concatenate([np.full(len(task.y_test), t) for t, task in enumerate(scenario.tasks)])
+    n = len(rows)
+    nb = -(-n // batch_size)
+    pad = lambda a: np.concatenate([a, np.zeros(nb * batch_size - n, a.dtype)]).reshape(nb, batch_size)
+    valid = pad(np.ones(n, bool))
+    self.tables = TestTables(put(pad(rows.astype(np.int32))), put(pad(y.astype(np.int32))),
+                             put(pad(task_ids.astype(np.int32))), put(valid),
+                             put(np.asarray([len(t.y_test) for t in scenario.tasks], np.int32)))
+    self.num_tasks = scenario.num_tasks
     self._jitted = {}
 
   def accuracy_fn(self, learner) -> Callable:
     """`accuracy(params, pool, tables, task_index) -> float32 [T]` (unjitted)."""
+    num_tasks, shape, batch_sh = self.num_tasks, self.input_shape, self.batch_sharding
 
     def accuracy(params, pool: DevicePool, tables: TestTables, task_index):
-      def one_task(args):
-        t, rows, y, valid = args
+      def one_batch(hits, batch):
+        rows, y, task, valid = batch
+        x = gather_batch(pool, TaskTable(rows, y, task, jnp.int32(0)), jnp.arange(rows.shape[0]), shape)["x"]
+        if batch_sh is not None:
+          x = jax.lax.with_sharding_constraint(x, batch_sh)
+        logits = learner.logits(params, x, task, task_index)
+        hit = (jnp.argmax(logits, -1) == y) & valid
+        return hits + jax.ops.segment_sum(hit.astype(jnp.int32), task, num_segments=num_tasks), None
 
-        def one_batch(carry, batch):
-          r, yb, vb = batch
-          task = jnp.full(r.shape, t, jnp.int32)
-          xb = gather_batch(pool, TaskTable(r, yb, task, jnp.int32(0)), jnp.arange(r.shape[0]),
-                            self.input_shape)["x"]
-          if self.batch_sharding is not None:
-            xb = jax.lax.with_sharding_constraint(xb, self.batch_sharding)
-          logits = learner.logits(params, xb, task, task_index)
-          hits = jnp.sum((jnp.argmax(logits, -1) == yb) & vb)
-          return carry + hits, None
-
-        hits, _ = jax.lax.scan(one_batch, jnp.zeros((), jnp.int32), (rows, y, valid))
-        return hits.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-
-      t_ids = jnp.arange(tables.rows.shape[0], dtype=jnp.int32)
-      return jax.lax.map(one_task, (t_ids, tables.rows, tables.y, tables.valid))
+      hits, _ = jax.lax.scan(one_batch, jnp.zeros((num_tasks,), jnp.int32),
+                             (tables.rows, tables.y, tables.task, tables.valid))
+      return hits.astype(jnp.float32) / jnp.maximum(tables.counts, 1).astype(jnp.float32)
 
     return accuracy
 
@@ -414,6 +411,9 @@ def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
   programs = {}
   seed = np.int32(config.seed)
 
+  from cl_jax.strategies.base import evaluation_learner, evaluation_params  # `predict` hooks (GDumb)
+  eval_learner = evaluation_learner(setup.learner, setup.strategy)
+
   def train_chunk(state, t, first, n):
     fn = programs.get(n)
     if fn is None:
@@ -422,7 +422,7 @@ def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
     return fn(state, data.pool, data.table(t), seed, np.int32(t), np.int32(first))
 
   def evaluate(state, t):
-    return {"accuracy": [float(a) for a in test.accuracy(setup.learner, state.params, t)]}
+    return {"accuracy": [float(a) for a in test.accuracy(eval_learner, evaluation_params(setup.strategy, state), t)]}
 
   return dataclasses.replace(plan, batches=lambda t, iterator_state: StepSource(t), train_chunk=train_chunk,
                              steps_per_call=k, evaluate=evaluate)
