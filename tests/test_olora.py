@@ -46,8 +46,10 @@ def setup():
 
 
 def _config(l1, l2=0.0):
+  from cl_jax.models.lora import default_config as lora_config
   c = ml_collections.ConfigDict()
   c.olora = ol.default_config()
+  c.lora = lora_config()
   c.olora.lambda1, c.olora.lambda2 = l1, l2
   return c
 

@@ -106,12 +106,12 @@ def check_config(config) -> None:
 
 
 def olora(config, learner=None) -> Strategy:
-  """Builds O-LoRA from `config.olora.{lambda1, lambda2}`; params must come from `init_olora_params`."""
+  """Builds O-LoRA from `config.olora.{lambda1, lambda2}` and the adapter shape `config.lora`; in the task loop
+  `prepare` makes the params (`init_olora_params`), outside it hand params made by that function."""
   del learner
-  cfg = config.olora if config is not None and "olora" in config else default_config()
-  lambda1, lambda2 = float(cfg.lambda1), float(cfg.lambda2)
-  if lambda1 < 0 or lambda2 < 0:
-    raise ValueError(f"olora.lambda1={lambda1}, olora.lambda2={lambda2}: expected non-negative weights")
+  check_config(config)
+  lambda1, lambda2 = float(config.olora.lambda1), float(config.olora.lambda2)
+  spec = lora.spec_from_config(config.lora)
 
   def num_slots(params):
     if not (isinstance(params, Mapping) and "adapters" in params and slot_name(0) in params["adapters"]):
@@ -124,7 +124,7 @@ def olora(config, learner=None) -> Strategy:
 
   def init(params, task_info):
     n = num_slots(params)
-    if task_info is not None and task_info.num_tasks > n:
+    if task_info.num_tasks > n:
       raise ValueError(f"olora: {task_info.num_tasks} tasks but only {n} adapter slots in params")
     first = params["adapters"][slot_name(0)]
     return {"A_old": {p: jnp.zeros((n, *l["A"].shape), jnp.float32) for p, l in first.items()}}
@@ -156,7 +156,6 @@ def olora(config, learner=None) -> Strategy:
 
   def prepare(model, params, task_info, rng):
     """In the task loop: one adapter slot per task on the frozen base; the model sums every slot."""
-    spec = lora.spec_from_config(config.lora) if config is not None and "lora" in config else lora.LoraSpec()
     lora_model = lora.LoraModel(model, spec)
     names = slot_names(task_info.num_tasks)
     lora_params = init_olora_params(params, task_info.num_tasks, rng, spec)
