@@ -434,3 +434,94 @@ def test_gdumb_end_to_end_is_scored_through_predict(tmp_path):
   r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
   assert r.shape == (3, 2)
   assert r[1, 0] > 0.8 and r[2, 1] > 0.6, r
+
+
+# --------------------------------------------------------------------------------------------- iCaRL
+
+
+def test_icarl_herding_by_hand():
+  from cl_jax.strategies.icarl import herding
+  f = np.array([[1, 0], [0, 1], [0.6, 0.8], [0.8, 0.6], [1, 0]])
+  # μ = (.68, .48). k=1: |f_i - μ| = .58, .86, .33, .17, .58 -> 3. k=2: |(f_3 + f_i)/2 - μ| = .28, .43, .22, -, .28
+  # -> 2. k=3: |(f_3 + f_2 + f_i)/3 - μ| = .12, .38, -, -, .12 -> 0 (the first of two equal vectors).
+  # k=4: |(f_3 + f_2 + f_0 + f_i)/4 - μ| = .14 (i=1), .21 (i=4) -> 1, then 4.
+  np.testing.assert_array_equal(herding(f, 5), [3, 2, 0, 1, 4])
+  np.testing.assert_array_equal(herding(f, 2), [3, 2])
+
+
+def _identity_features_learner():
+  learner, params = _logreg()
+
+  def apply(p, x, task, method=None):
+    return x if method == "features" else x @ p["w"] + p["b"]
+  return Learner(apply, learner.logit_mask), params
+
+
+def test_icarl_exemplars_means_and_nearest_mean_classifier():
+  learner, params = _identity_features_learner()
+  strategy = build_strategy("icarl", _config(**{"icarl.capacity": 4, "icarl.batch_size": 3}), learner)
+  state = strategy.init(params, TaskInfo(2, NUM_CLASSES, (DIM,)))
+  e = np.eye(DIM, dtype=np.float32)
+  # Task 0: class 0 around e0, class 1 around e1; m = 4 // 2 = 2 exemplars each.
+  x0 = np.stack([e[0], e[0] + 0.2 * e[1], e[0] - 0.2 * e[1], e[1], e[1] + 0.2 * e[2], e[1] - 0.2 * e[2]])
+  y0 = np.array([0, 0, 0, 1, 1, 1], np.int32)
+  state = strategy.after_task(state, params, TaskData(x0, y0, np.zeros(6, np.int32), 0), jax.random.key(0))
+  rank, ys = np.asarray(state["rank"]), np.asarray(state["y"])
+  assert sorted(ys[rank >= 0].tolist()) == [0, 0, 1, 1]
+  # Herding on normalised features: the first exemplar of class 0 is e0 itself (closest to the mean).
+  first = np.asarray(state["x"])[(ys == 0) & (rank == 0)][0]
+  np.testing.assert_allclose(first, e[0])
+  # Task 1 (class 2 around e2): m = 4 // 3 = 1; old lists cut to their first exemplar.
+  x1 = np.stack([e[2], e[2] + 0.3 * e[0]])
+  state = strategy.after_task(state, params, TaskData(x1, np.array([2, 2], np.int32), np.ones(2, np.int32), 1),
+                              jax.random.key(0))
+  rank, ys = np.asarray(state["rank"]), np.asarray(state["y"])
+  assert sorted(ys[rank >= 0].tolist()) == [0, 1, 2] and rank.max() == 0
+  has = np.asarray(state["has_mean"])
+  assert has.tolist() == [True, True, True, False]
+  # Each class's mean is its single exemplar, normalised; the classifier picks the nearest one.
+  means = np.asarray(state["means"])
+  for c in range(3):
+    ex = np.asarray(state["x"])[(ys == c) & (rank == 0)][0]
+    np.testing.assert_allclose(means[c], ex / np.linalg.norm(ex), rtol=1e-5)
+  q = jnp.asarray([[2.0, 0.1, 0.0], [0.0, 0.1, 3.0], [0.1, 1.0, 0.2]])
+  scores = strategy.predict(state, params, q, jnp.ones(3, jnp.int32), jnp.int32(1))
+  np.testing.assert_array_equal(np.argmax(np.asarray(scores), -1), [0, 2, 1])
+  fq = np.asarray(q) / np.linalg.norm(np.asarray(q), axis=1, keepdims=True)
+  np.testing.assert_allclose(scores[:, :3], -((fq[:, None] - means[None, :3]) ** 2).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_icarl_loss_by_hand():
+  """Binary cross-entropies over the classes seen: one-hot targets for the current task's classes (2, 3), the
+  teacher's sigmoid for the earlier ones (0, 1)."""
+  from cl_jax.strategies.icarl import _EXEMPLAR_STREAM
+  learner, params = _identity_features_learner()
+  strategy = build_strategy("icarl", _config(**{"icarl.capacity": 4, "icarl.batch_size": 2}), learner)
+  state = strategy.init(params, TaskInfo(2, NUM_CLASSES, (DIM,)))
+  d0 = _task_data(6, 0, seed=1)
+  teacher = jax.tree.map(lambda p: p * 0.5, params)
+  state = strategy.after_task(state, teacher, d0, jax.random.key(0))
+  batch = _batch(3, 1, seed=2)
+  ctx = LossContext(state, jax.random.key(4), jnp.int32(1))
+  value = float(strategy.loss(None)(params, batch, ctx)[0])
+  p = (np.asarray(state["rank"]) >= 0) / 4.0
+  idx = np.asarray(jax.random.choice(jax.random.fold_in(ctx.rng, _EXEMPLAR_STREAM), 4, (2,), p=jnp.asarray(p)))
+  x = np.concatenate([np.asarray(batch["x"]), np.asarray(state["x"])[idx]])
+  y = np.concatenate([np.asarray(batch["y"]), np.asarray(state["y"])[idx]])
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  w, b = np.asarray(params["w"]), np.asarray(params["b"])
+  z, zt = x @ w + b, x @ (0.5 * w) + 0.5 * b
+  target = np.concatenate([sig(zt[:, :2]), np.eye(4)[y][:, 2:]], axis=1)
+  bce = -(target * np.log(sig(z)) + (1 - target) * np.log(1 - sig(z)))
+  np.testing.assert_allclose(value, bce.sum(1).mean(), rtol=1e-5)
+
+
+def test_icarl_end_to_end(tmp_path):
+  import cl_jax
+  from conftest import tiny_config
+  from cl_jax.config import ConfigError, validate
+  config = tiny_config("icarl", steps=20, **{"scenario.num_tasks": 2, "icarl.capacity": 100, "optim.lr": 1e-2})
+  r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
+  assert r.shape == (3, 2) and r[1, 0] > 0.6 and r[2, 1] > 0.5, r
+  with pytest.raises(ConfigError, match="scenario.kind='task'"):
+    validate(tiny_config("icarl", kind="task"))

@@ -81,6 +81,8 @@ REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der
 REGISTRY["agem"] = StrategyEntry(_agem.agem, {"agem": _agem.default_config}, _agem.check_config, ("agem",))
 from cl_jax.strategies import gdumb as _gdumb  # noqa: E402
 REGISTRY["gdumb"] = StrategyEntry(_gdumb.gdumb, {"gdumb": _gdumb.default_config}, _gdumb.check_config, ("gdumb",))
+from cl_jax.strategies import icarl as _icarl  # noqa: E402
+REGISTRY["icarl"] = StrategyEntry(_icarl.icarl, {"icarl": _icarl.default_config}, _icarl.check_config, ("icarl",))
 
 
 def default_configs() -> dict[str, Callable]:
