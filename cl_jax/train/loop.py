@@ -330,7 +330,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
               break
           if step_no - n < signal_at <= step_no:
             signal.raise_signal(signal_num)
-          if preempt.is_set():
+          # Multi-host: the processes agree on the flag through a collective, so ask only every log_every steps.
+          if (jax.process_count() == 1 or k % plan.log_every < n or k == task_steps) and preempt.is_set():
             if not checkpoints.has(step_no):
               save_mid_task(step_no)
             checkpoints.wait()
