@@ -1,0 +1,488 @@
+"""Continual instruction tuning (CIT): instruction sets trained one after another on the one task loop.
+
+`run(config, workdir)` for `kind='cit'`. Each task is one or more instruction sets (`cit.tasks`, e.g.
+"name,signature,module_qa,refusal+benign": four tasks, the last one the refusal set with its matched benign set),
+from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
+
+  batches     packed SFT rows of the task's sets (`cl_jax.lm.sft`, assistant-only loss mask, segment ids), chat
+              template `cl_jax.lm.templates` (plain for the byte model; the checkpoint's own chat_template when
+              `lm.init_from` names a Hugging Face checkpoint that has one). With the `replay` strategy a share
+              `replay.fraction` of every task's rows comes from the training rows of the earlier tasks (uniformly
+              over their pooled rows): step s of a task draws floor((s+1) f B) - floor(s f B) replayed rows of B,
+              so after S steps the realised share is floor(S f B) / (S B), exactly f up to one row (the practice
+              of mixing 5-10% of earlier instruction data into each new set; e.g. Scialom et al. 2022).
+  step        the shared `make_train_step` on `strategy.loss(sft_loss)`: the mean NLL over assistant tokens.
+  evaluate    greedy decoding (a KV cache; prompts of unequal length are left-padded and the padding hidden
+              from attention) of the first `cit.eval_examples` examples of `cit.eval_split` of every set, scored by
+              `instructions.score_outputs`: exact match (the task score: the accuracy-matrix entry of a task is the
+              exact-match rate over its sets' examples), format compliance, refusal rate. The refusal rate on the
+              `refusal` set and on the `benign` set (over-refusal) are reported per evaluation.
+  after_task  the strategy chain's `after_task` (distillation snapshots its teacher).
+
+Strategies (`strategy`, a '+' chain): `naive`; `replay` (the data-side mix above, `replay.fraction`); `distill` /
+`lwf` (the registry's distillation on the packed logits, teacher = the params after the previous task). Per-set
+system prompts or task tags are a data choice, `sft.task_prompt` = 'off' | 'system' | 'tag', combinable with any
+strategy.
+
+The accuracy matrix R (row 0 before training, row j after task j) gives ACC / BWT / FWT / forgetting through
+`cl_jax.eval.metrics`; results.json (`Results(kind='cit')`) also holds every boundary's per-set scores.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cl_jax import sharding
+from cl_jax.data import instructions as ins
+
+CIT_STRATEGIES = ("naive", "replay", "distill", "lwf")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full CIT config (locked). `configs/cit.py` starts from this."""
+  from cl_jax.strategies.distill import default_config as distill_config
+  c = ml_collections.ConfigDict()
+  c.kind = "cit"
+  c.seed = 0
+  c.strategy = "naive"  # a '+' chain of CIT_STRATEGIES: naive | replay | distill | lwf
+  c.cit = ml_collections.ConfigDict(dict(
+      tasks="name,signature,module_qa,refusal+benign",  # ',' between tasks, '+' joins sets into one task
+      steps_per_task=200, batch_size=16,
+      eval_examples=32,     # greedy-decoded examples per set at every boundary evaluation
+      eval_split="test",    # validation | test
+      max_new_tokens=64,
+      data_dir=""))         # '' builds the sets from this Python's stdlib; else a scripts/build_instruction_sets.py dir
+  c.sft = ml_collections.ConfigDict(dict(task_prompt="off", seq_len=384))
+  c.lm = ml_collections.ConfigDict(dict(size="tiny", d_model=0, num_layers=0, num_heads=0, compute_dtype="float32",
+                                        init_from=""))  # a Hugging Face checkpoint directory ('' = a new byte model)
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
+      schedule="constant", scope="task", warmup_fraction=0.05, decay_fraction=0.25, end_lr_fraction=0.0,
+      decay_shape="linear"))
+  c.replay = ml_collections.ConfigDict(dict(fraction=0.05))  # share of each batch's rows from earlier tasks
+  c.distill = distill_config()
+  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=False, divergence_factor=100.0))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.lock()
+  return c
+
+
+def parse_tasks(spec: str) -> list[list[str]]:
+  """'a,b+c' -> [['a'], ['b', 'c']] (ValueError naming cit.tasks)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"cit.tasks={spec!r}: expected sets separated by ',' (tasks) and '+' (sets of one task), "
+                     f"from {list(ins.SETS)}")
+  tasks = [[s.strip() for s in t.split("+")] for t in spec.split(",")]
+  flat = [s for t in tasks for s in t]
+  bad = [s for s in flat if s not in ins.SETS]
+  if bad:
+    raise ValueError(f"cit.tasks={spec!r}: unknown set(s) {bad}; expected among {list(ins.SETS)}")
+  if len(set(flat)) != len(flat):
+    raise ValueError(f"cit.tasks={spec!r}: a set appears twice")
+  return tasks
+
+
+def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
+  v = c[section][key]
+  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    raise ValueError(f"{section}.{key}={v!r}: must be an integer >= {minimum}")
+
+
+def check_config(c) -> None:
+  """Raises ValueError whose message starts with the full key, before anything is written."""
+  from cl_jax.strategies import REGISTRY, parse_strategy_spec
+  from cl_jax.train.optim import OPTIMIZERS
+  from cl_jax.train.schedules import check_schedule
+  if c.kind != "cit":
+    raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cit runs kind='cit' configs")
+  names = parse_strategy_spec(c.strategy)
+  other = [n for n in names if n not in CIT_STRATEGIES]
+  if other:
+    raise ValueError(f"strategy={c.strategy!r}: {other} cannot run on continual instruction tuning; expected a "
+                     f"chain of {list(CIT_STRATEGIES)}")
+  if not isinstance(c.seed, int) or c.seed < 0:
+    raise ValueError(f"seed={c.seed!r}: must be a non-negative integer")
+  parse_tasks(c.cit.tasks)
+  for key in ("steps_per_task", "batch_size", "eval_examples", "max_new_tokens"):
+    _positive_int(c, "cit", key)
+  if c.cit.eval_split not in ("validation", "test"):
+    raise ValueError(f"cit.eval_split={c.cit.eval_split!r}: expected 'validation' or 'test'")
+  if c.cit.data_dir and not os.path.isdir(c.cit.data_dir):
+    raise ValueError(f"cit.data_dir={c.cit.data_dir!r}: not a directory (build one with "
+                     "scripts/build_instruction_sets.py, or '' to build the sets in memory)")
+  if c.sft.task_prompt not in ins.TASK_PROMPTS:
+    raise ValueError(f"sft.task_prompt={c.sft.task_prompt!r}: expected one of {list(ins.TASK_PROMPTS)}")
+  _positive_int(c, "sft", "seq_len", 16)
+  if not 0.0 <= float(c.replay.fraction) < 1.0:
+    raise ValueError(f"replay.fraction={c.replay.fraction}: must be in [0, 1)")
+  if "replay" in names and not float(c.replay.fraction) > 0:
+    raise ValueError(f"replay.fraction={c.replay.fraction}: strategy 'replay' needs a fraction > 0 "
+                     "(practice: 0.05 to 0.10)")
+  if c.optim.name not in OPTIMIZERS:
+    raise ValueError(f"optim.name={c.optim.name!r}: expected one of {OPTIMIZERS}")
+  check_schedule(c.optim)
+  _positive_int(c, "train", "log_every_steps")
+  _positive_int(c, "checkpoint", "keep")
+  _positive_int(c, "checkpoint", "every_steps", 0)
+  if not c.train.divergence_factor >= 0:
+    raise ValueError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0: off)")
+  if c.lm.init_from:
+    from cl_jax.models import hf_checkpoint
+    hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.sft.seq_len))
+  data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
+  if c.cit.batch_size % (data * fsdp):
+    raise ValueError(f"cit.batch_size={c.cit.batch_size}: not divisible by the {data * fsdp} devices of the mesh "
+                     f"(mesh.data={data}, mesh.fsdp={fsdp})")
+  for name in names:
+    if name in ("distill", "lwf") and REGISTRY[name].check_config is not None:
+      REGISTRY[name].check_config(c)
+
+
+# ----------------------------------------------------------------------------- data
+
+class CITData(NamedTuple):
+  tokenizer: Any
+  template: Any
+  tasks: list            # [[set, ...], ...]
+  names: list            # task names ("refusal+benign")
+  rows: list             # per task: packed rows {tokens, mask, segment_ids, positions} [N_t, L]
+  pack_stats: list       # per task: sft.PackStats
+  eval_prompts: dict     # set -> (tokens int32 [n, P] left-padded, valid int32 [n, P])
+  eval_targets: dict     # set -> [target str]
+  end_text: str          # the template's end-of-turn text after an answer ('' for the plain template)
+
+
+def _end_text(template, tokenizer) -> str:
+  """Text a chat template puts after an assistant answer (cut from decoded outputs), '' when that is a token."""
+  from cl_jax.lm.templates import PlainTemplate, as_messages
+  if isinstance(template, PlainTemplate):
+    return ""
+  pieces = template.pieces(as_messages([("user", "q"), ("assistant", "ANSWER")]), tokenizer)
+  trained = "".join(p.text or "" for p in pieces if p.train)
+  return trained.split("ANSWER", 1)[-1].strip()
+
+
+def load_tokenizer_and_template(c):
+  from cl_jax.data.tokenizer import ByteTokenizer
+  from cl_jax.lm.templates import PlainTemplate, template_for
+  if not c.lm.init_from:
+    return ByteTokenizer(), PlainTemplate()
+  from cl_jax.models import hf_checkpoint
+  tok = hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from))
+  return tok, template_for(tok, c.lm.init_from)
+
+
+def load_data(c) -> CITData:
+  """Tokenized, packed training rows per task and left-padded evaluation prompts per set (a function of c)."""
+  from cl_jax.lm import sft
+  from cl_jax.lm.templates import encode_chat, encode_prompt
+  tasks = parse_tasks(c.cit.tasks)
+  flat = [s for t in tasks for s in t]
+  sets = ins.load_sets(flat, c.cit.data_dir)
+  tok, template = load_tokenizer_and_template(c)
+  seq_len, prompt_mode = int(c.sft.seq_len), c.sft.task_prompt
+  rows, stats = [], []
+  for t, task in enumerate(tasks):
+    examples = [e for s in task for e in ins.split_of(sets[s], "train")]
+    order = np.random.default_rng([c.seed, 17, t]).permutation(len(examples))
+    encoded = [encode_chat(ins.conversation(examples[i], prompt_mode), tok, template) for i in order]
+    r, st = sft.pack(encoded, seq_len, tok.pad_id)
+    rows.append(r)
+    stats.append(st)
+  prompts, targets = {}, {}
+  for s in flat:
+    evals = ins.split_of(sets[s], c.cit.eval_split)[:int(c.cit.eval_examples)]
+    encoded = [encode_prompt(ins.conversation(e, prompt_mode, answer=False), tok, template) for e in evals]
+    prompts[s] = encoded
+    targets[s] = [e["target"] for e in evals]
+  width = max(len(p) for ps in prompts.values() for p in ps)
+  padded = {}
+  for s, ps in prompts.items():
+    toks = np.full((len(ps), width), tok.pad_id, np.int32)
+    valid = np.zeros((len(ps), width), np.int32)
+    for i, p in enumerate(ps):
+      toks[i, width - len(p):] = p
+      valid[i, width - len(p):] = 1
+    padded[s] = (toks, valid)
+  return CITData(tok, template, tasks, ["+".join(t) for t in tasks], rows, stats, padded, targets,
+                 _end_text(template, tok))
+
+
+class ReplaySource:
+  """The task loop's batch source for task t: packed rows of task t, and `fraction` of the rows from the earlier
+  tasks (module docstring); a pure function of (seed, t, step), so it resumes by step. Counts replayed rows and
+  examples (segments) for the realised share."""
+
+  def __init__(self, data: CITData, t: int, batch_size: int, fraction: float, seed: int, state: dict | None = None):
+    self.cur = data.rows[t]
+    self.t, self.b, self.f, self.seed = t, batch_size, fraction if t > 0 else 0.0, seed
+    if self.f > 0:
+      self.pool = {k: np.concatenate([data.rows[i][k] for i in range(t)]) for k in self.cur}
+      self.pool_task = np.concatenate([np.full(len(data.rows[i]["tokens"]), i, np.int32) for i in range(t)])
+    state = state or {}
+    self.step = int(state.get("step", 0))
+    self.counts = dict(state.get("counts", {"rows": 0, "replay_rows": 0, "examples": 0, "replay_examples": 0}))
+
+  def replayed_at(self, step: int) -> int:
+    return int(np.floor((step + 1) * self.f * self.b + 1e-9) - np.floor(step * self.f * self.b + 1e-9))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    from cl_jax.lm.sft import sft_batch
+    rng = np.random.default_rng([self.seed, 1000 + self.t, self.step])
+    n_rep = self.replayed_at(self.step)
+    n_cur = self.b - n_rep
+    n = len(self.cur["tokens"])
+    idx = rng.choice(n, n_cur, replace=n < n_cur)
+    rows = {k: v[idx] for k, v in self.cur.items()}
+    task = np.full(n_cur, self.t, np.int32)
+    if n_rep:
+      ridx = rng.choice(len(self.pool["tokens"]), n_rep, replace=len(self.pool["tokens"]) < n_rep)
+      rows = {k: np.concatenate([rows[k], self.pool[k][ridx]]) for k in rows}
+      task = np.concatenate([task, self.pool_task[ridx]])
+    examples = rows["segment_ids"].max(axis=1)
+    self.counts["rows"] += self.b
+    self.counts["replay_rows"] += n_rep
+    self.counts["examples"] += int(examples.sum())
+    self.counts["replay_examples"] += int(examples[n_cur:].sum())
+    self.step += 1
+    return sharding.process_rows(sft_batch(rows, task))
+
+  def get_state(self) -> dict:
+    return {"step": self.step, "counts": dict(self.counts)}
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
+def greedy_decode(model, params, prompt, valid, *, max_new_tokens: int, eos_id: int):
+  """Greedy continuation of left-padded prompts [B, P] (`valid` 1 on real tokens) with a KV cache: one prefill, then
+  a `lax.while_loop` of one-token steps until every row has emitted `eos_id`. Returns int32 [B, max_new_tokens]
+  (eos-filled after a row's first eos). The cache's `valid` mask hides the padding from every query; with RoPE a
+  row's left shift changes no attention score (they depend on position differences only)."""
+  from flax import nnx
+  from cl_jax.lm.sampling import sample_token
+  from cl_jax.models.transformer import init_cache
+  module = nnx.merge(model.graphdef, params)
+  batch, plen = prompt.shape
+  keys = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), valid.dtype)], axis=1)
+  cache = tuple({**layer, "valid": keys} for layer in init_cache(module.config, batch, plen + max_new_tokens))
+  logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
+  first = sample_token(logits[:, -1], None, 0.0, None)
+  out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, out, cache, last, done = carry
+    step_module = nnx.merge(model.graphdef, params)
+    logits, cache = step_module.forward_with_cache(last[:, None], plen + i - 1, cache)
+    new = jnp.where(done, eos_id, sample_token(logits[:, 0], None, 0.0, None))
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+    return i + 1, out, cache, new, done | (new == eos_id)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, first, first == eos_id))[1]
+
+
+def decode_text(tokenizer, ids: np.ndarray, end_text: str = "") -> str:
+  ids = np.asarray(ids)
+  stop = np.nonzero(ids == tokenizer.eos_id)[0]
+  text = tokenizer.decode(ids[:stop[0]] if len(stop) else ids)
+  if end_text and end_text in text:
+    text = text[:text.index(end_text)]
+  return text
+
+
+def evaluate_sets(model, params, data: CITData, max_new_tokens: int, mesh=None) -> tuple[dict, dict]:
+  """{set: scores} (instructions.score_outputs) and {set: decoded outputs} of greedy decoding."""
+  scores, outputs = {}, {}
+  for s, (toks, valid) in data.eval_prompts.items():
+    out = np.asarray(greedy_decode(model, params, jnp.asarray(toks), jnp.asarray(valid),
+                                   max_new_tokens=int(max_new_tokens), eos_id=int(data.tokenizer.eos_id)))
+    texts = [decode_text(data.tokenizer, row, data.end_text) for row in out]
+    scores[s] = ins.score_outputs(s, texts, data.eval_targets[s])
+    outputs[s] = texts
+  return scores, outputs
+
+
+def task_scores(data: CITData, scores: dict) -> list[float]:
+  """The accuracy-matrix row: per task, the exact-match rate over all its sets' evaluated examples."""
+  row = []
+  for task in data.tasks:
+    n = [len(data.eval_targets[s]) for s in task]
+    row.append(float(sum(scores[s]["exact_match"] * k for s, k in zip(task, n)) / max(sum(n), 1)))
+  return row
+
+
+# ----------------------------------------------------------------------------- the run
+
+def build_model(c, data: CITData, mesh):
+  """(FunctionalModel, params): a new byte-level transformer, or the checkpoint `lm.init_from`."""
+  if c.lm.init_from:
+    from cl_jax.models import hf_checkpoint
+    loaded = hf_checkpoint.load(c.lm.init_from, mesh=mesh, tokenizer=False, compute_dtype=c.lm.compute_dtype)
+    return loaded.model, loaded.params
+  from cl_jax.models.transformer import build_lm, model_config
+  overrides = {k: int(c.lm[k]) for k in ("d_model", "num_layers", "num_heads") if c.lm[k]}
+  width = data.eval_prompts[next(iter(data.eval_prompts))][0].shape[1] + int(c.cit.max_new_tokens)
+  cfg = model_config(c.lm.size, vocab_size=int(data.tokenizer.vocab_size), max_len=max(int(c.sft.seq_len), width),
+                     compute_dtype=c.lm.compute_dtype, **overrides)
+  return build_lm(cfg, seed=c.seed)
+
+
+def strategy_names(c) -> list[str]:
+  from cl_jax.strategies import parse_strategy_spec
+  return parse_strategy_spec(c.strategy)
+
+
+def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CITData | None = None):
+  """Continual instruction tuning end to end (module docstring); returns `Results(kind='cit')`."""
+  from cl_jax.checkpoint import Checkpoints
+  from cl_jax.eval.metrics import summarize
+  from cl_jax.lm.sft import sft_batch, sft_loss
+  from cl_jax.results import Results
+  from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
+  from cl_jax.train.loop import Plan, run_tasks, strategy_record, with_finite_flag
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.schedules import build_schedule
+  from cl_jax.train.state import TrainState
+  from cl_jax.train.step import compile_train_step, make_train_step
+  from cl_jax.workdir import MetricsLog, Workdir, decide, is_writer, write_json
+  from cl_jax.lm.sft import packed_apply
+  c = config
+  sharding.maybe_initialize_distributed()
+  check_config(c)
+  decide(c, workdir, overwrite)
+  t0 = time.time()
+  data = data or load_data(c)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+  model, params = build_model(c, data, mesh)
+  names = strategy_names(c)
+  loss_names = [n for n in names if n not in ("naive", "replay")]
+  learner = Learner(packed_apply(model), lambda task, index: None)
+  strategy = build_strategy("+".join(loss_names) or "naive", c, learner)
+  num_tasks = len(data.tasks)
+  steps = int(c.cit.steps_per_task)
+  fraction = float(c.replay.fraction) if "replay" in names else 0.0
+  schedule = build_schedule(c.optim, steps, num_tasks)
+  optimizer = build_optimizer(c.optim, schedule)
+  key = jax.random.PRNGKey(c.seed)
+  task_info = TaskInfo(num_tasks, int(data.tokenizer.vocab_size), (int(c.sft.seq_len) - 1,))
+  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
+                     strategy_state=strategy.init(params, task_info), rng=jax.random.fold_in(key, 1),
+                     task_index=np.int32(0))
+  rep = sharding.replicated(mesh)
+  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
+  state = sharding.put_global(state, state_sh)
+  step_fn = with_finite_flag(make_train_step(strategy.loss(sft_loss(model)), optimizer, schedule,
+                                             log_norms=bool(c.train.log_norms), strategy=strategy))
+  train_step = compile_train_step(step_fn, state_sh, sharding.batch_sharding(mesh), rep)
+  replay_counts: dict = {}
+  set_history: list = []
+
+  def batches(t, iterator_state):
+    source = ReplaySource(data, t, int(c.cit.batch_size), fraction, c.seed, iterator_state)
+    replay_counts[t] = source
+    return source
+
+  def begin_task(state, t, done):
+    del done
+    return state._replace(task_index=sharding.put_global(np.int32(t), rep))
+
+  def after_task(state, t):
+    b = sft_batch({k: v[:int(c.cit.batch_size)] for k, v in data.rows[t].items()}, t)
+    new = strategy.after_task(state.strategy_state, state.params, TaskData(b["x"], b["y"], b["task"], t),
+                              jax.random.fold_in(key, 1000 + t))
+    return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
+
+  def evaluate(state, t):
+    del t
+    scores, outputs = evaluate_sets(model, state.params, data, int(c.cit.max_new_tokens), mesh)
+    fields = {"accuracy": task_scores(data, scores), "sets": scores,
+              "examples": {s: outputs[s][:2] for s in outputs}}
+    if "refusal" in scores:
+      fields["refusal_rate"] = scores["refusal"]["refusal_rate"]
+    if "benign" in scores:
+      fields["over_refusal_rate"] = scores["benign"]["refusal_rate"]
+    counts = [src.counts for t_, src in replay_counts.items() if t_ > 0]  # task 1 has nothing to replay
+    rows = sum(x["rows"] for x in counts)
+    if rows:
+      fields["replay_share"] = {
+          "rows": sum(x["replay_rows"] for x in counts) / rows,
+          "examples": sum(x["replay_examples"] for x in counts) / max(sum(x["examples"] for x in counts), 1)}
+    return fields
+
+  plan = Plan(state=state, state_sharding=state_sh, steps=[steps] * num_tasks, batches=batches,
+              train_step=train_step, put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
+              evaluate=evaluate, begin_task=begin_task, after_task=after_task, eval_before=True,
+              checkpoint_every=int(c.checkpoint.every_steps), log_every=int(c.train.log_every_steps),
+              divergence_factor=float(c.train.divergence_factor), names=[f"cit: {n}" for n in data.names],
+              record={"phase": "cit"})
+  with Workdir(c, workdir, overwrite) as wd:
+    checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+    try:
+      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress)
+    finally:
+      checkpoints.close()
+    r = np.asarray([rec["accuracy"] for rec in out.boundary], np.float64)
+    set_history = [{"after_task": i, "sets": rec["sets"]} for i, rec in enumerate(out.boundary)]
+    final = out.boundary[-1]
+    extra = {
+        "title": f"Continual instruction tuning: {c.strategy}, task_prompt={c.sft.task_prompt}",
+        "tasks": data.names, "metric": "exact match of the greedy-decoded answer (per task: over its sets' "
+        f"first {c.cit.eval_examples} {c.cit.eval_split} examples)",
+        "strategy": c.strategy, "task_prompt": c.sft.task_prompt, "replay_fraction": fraction, "seed": c.seed,
+        "steps_per_task": steps, "final_sets": final["sets"], "set_history": set_history,
+        "refusal_rate": final.get("refusal_rate"), "over_refusal_rate": final.get("over_refusal_rate"),
+        "format_compliance": {s: v["format"] for s, v in final["sets"].items()},
+        "replay_share": final.get("replay_share"),
+        "packing": [st._asdict() for st in data.pack_stats],
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0},
+        **strategy_record_cit(c, names)}
+    results = Results("cit", workdir, r, **summarize(r), extra=extra)
+    if is_writer():
+      write_json(workdir, "results.json", results.as_dict())
+      with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(summary_markdown(results))
+  return results
+
+
+def strategy_record_cit(c, names) -> dict:
+  used = {}
+  if "replay" in names:
+    used["replay"] = c.replay.to_dict()
+  if {"distill", "lwf"} & set(names):
+    used["distill"] = c.distill.to_dict()
+  return {"strategy_config": used} if used else {}
+
+
+def summary_markdown(results) -> str:
+  from cl_jax.report import matrix_table
+  e = results.extra
+  lines = [f"# {e['title']}", "", f"Tasks: {', '.join(e['tasks'])}. Metric: {e['metric']}.", "",
+           matrix_table(results.accuracy_matrix, e["tasks"]), "",
+           f"ACC {results.acc:.3f}, BWT {results.bwt:+.3f}, FWT {results.fwt:+.3f}, forgetting "
+           f"{results.forgetting:.3f}.", "", "| set | exact match | format | refusal rate |", "|---|---|---|---|"]
+  for s, v in e["final_sets"].items():
+    lines.append(f"| {s} | {v['exact_match']:.3f} | {v['format']:.3f} | {v['refusal_rate']:.3f} |")
+  if e.get("replay_share"):
+    lines += ["", f"Realised replay share: {e['replay_share']['rows']:.4f} of rows, "
+                  f"{e['replay_share']['examples']:.4f} of examples (configured {e['replay_fraction']})."]
+  return "\n".join(lines) + "\n"
+
+
+__all__ = ["run", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
+           "greedy_decode", "decode_text", "evaluate_sets", "task_scores", "CIT_STRATEGIES"]
