@@ -75,3 +75,61 @@ def test_fused_steps_match_one_step_per_call(tmp_path, naive_and_joint):
   assert len(a) == len(b) == 400
   np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   np.testing.assert_allclose(fused.accuracy_matrix, naive_and_joint["naive"][0].accuracy_matrix, atol=0.02)
+
+
+def test_task_loop_runs_any_plan_with_stop_best_and_resume(tmp_path):
+  """The one task loop on a toy plan (a scalar pulled toward each task's target): a per-evaluation hook marks a
+  best checkpoint and stops the run; the hooks' meta survives a resume, which stays stopped."""
+  from typing import NamedTuple
+
+  import jax
+  import jax.numpy as jnp
+  from cl_jax.checkpoint import Checkpoints
+  from cl_jax.train.loop import Plan, Verdict, run_tasks, with_finite_flag
+  from cl_jax.workdir import read_metrics
+
+  class S(NamedTuple):
+    step: jax.Array
+    params: jax.Array
+
+  def step(s, batch):
+    loss = jnp.mean((s.params - batch["y"]) ** 2)
+    return S(s.step + 1, s.params - 0.2 * (s.params - jnp.mean(batch["y"]))), {"loss": loss}
+
+  class Source:
+    def __init__(self, t, state):
+      self.i = (state or {}).get("i", 0)
+      self.t = t
+
+    def __next__(self):
+      self.i += 1
+      return {"y": np.full(4, 1.0 + self.t, np.float32)}
+
+    def get_state(self):
+      return {"i": self.i}
+
+  seen = {"evals": 0}
+
+  def on_eval(state, step_no, record):
+    seen["evals"] += 1
+    return Verdict(stop=step_no == 14, best=step_no == 8)  # evals at 4, 8, 10 (end of task 1), 14
+
+  def plan():
+    return Plan(state=S(jnp.int32(0), jnp.float32(0.0)), state_sharding=S(None, None), steps=[10, 10],
+                batches=Source, train_step=jax.jit(with_finite_flag(step)), put_batch=lambda b, stacked: b,
+                evaluate=lambda s, t: {"value": float(s.params)}, on_eval=on_eval, eval_every=4,
+                checkpoint_every=4, log_every=3, meta=lambda: dict(seen), load_meta=seen.update,
+                record={"phase": "toy"})
+
+  ck = Checkpoints(str(tmp_path))
+  out = run_tasks(plan(), str(tmp_path), ck, resume=False, progress=False)
+  assert out.stopped == {"step": 14, "task": 2} and int(out.state.step) == 14
+  assert ck.best.all_steps() == [8]
+  train = [r for r in read_metrics(str(tmp_path)) if r["type"] == "train"]
+  assert [r["step"] for r in train] == list(range(1, 15)) and all(r["phase"] == "toy" for r in train)
+  assert [r["task"] for r in read_metrics(str(tmp_path)) if r["type"] == "eval"] == [0, 1, 1, 1, 2]
+  assert abs(out.boundary[1]["value"] - (1 - 0.8 ** 10)) < 1e-5  # task 1 pulled the scalar toward 1
+  seen["evals"] = 0
+  again = run_tasks(plan(), str(tmp_path), ck, resume=True, progress=False)
+  assert again.stopped == out.stopped and int(again.state.step) == 14 and seen["evals"] == 5
+  ck.close()

@@ -207,6 +207,13 @@ class _Divergence:
                             "checkpoint is intact. Lower optim.lr, set optim.grad_clip, or raise the factor")
 
 
+def _close(source) -> None:
+  """Stops a batch source's reader thread (a prefetching source), if it has one."""
+  close = getattr(source, "close", None)
+  if close is not None:
+    close()
+
+
 def _metric_value(v):
   v = np.asarray(v)
   return float(v) if v.ndim == 0 else v.astype(np.float64).tolist()  # a seed axis: one value per seed
@@ -341,6 +348,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
                             f"was saved in {workdir}: rerun the same command to resume")
         flush_metrics()
         bar.close()
+        _close(source)
         if stopped is not None:
           break
         if plan.after_task is not None:
@@ -357,6 +365,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         checkpoints.save(int(state.step), state, meta(t + 1, None), kind="task")
       checkpoints.wait()
   except BaseException:
+    _close(locals().get("source"))
     try:
       checkpoints.wait()  # the last good checkpoint is complete on disk
     finally:
