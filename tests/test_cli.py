@@ -210,3 +210,18 @@ def test_config_package_siblings_load_by_path_from_a_copy(tmp_path):
   finally:
     sys.modules.pop("myconfigs", None)
     sys.modules.pop("myconfigs.shared", None)
+
+
+def test_no_sys_path_patching_anywhere():
+  """Imports work because the package is installed (pyproject.toml), never by editing sys.path at run time."""
+  import re
+  patching = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[[^\]]*\]\s*=|\+=|=[^=])")
+  offenders = []
+  for folder, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__") and "egg-info" not in d]
+    for f in files:
+      if f.endswith((".py", ".ipynb")):
+        path = os.path.join(folder, f)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+          offenders += [f"{os.path.relpath(path, ROOT)}: {line.strip()}" for line in fh if patching.search(line)]
+  assert not offenders, offenders
