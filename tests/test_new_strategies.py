@@ -525,3 +525,52 @@ def test_icarl_end_to_end(tmp_path):
   assert r.shape == (3, 2) and r[1, 0] > 0.6 and r[2, 1] > 0.5, r
   with pytest.raises(ConfigError, match="scenario.kind='task'"):
     validate(tiny_config("icarl", kind="task"))
+
+
+# ------------------------------------------------------------------------------------------- PackNet
+
+
+def test_packnet_claims_prunes_freezes_and_masks_by_hand():
+  learner, _ = _logreg()
+  strategy = build_strategy("packnet", _config(kind="task", **{"packnet.prune": 0.5}), learner)
+  params = {"w": jnp.asarray([[0.5, -3.0, 0.1, 2.0], [1.0, -0.2, 4.0, 0.3], [0.05, 0.0, -1.5, 0.7]]),
+            "b": jnp.asarray([0.1, 0.2, 0.3, 0.4])}
+  state = strategy.init(params, None)
+  state = strategy.after_task(state, params, None, jax.random.key(0))
+  # Task 1 claims round(0.5 * 12) = 6 of w's free entries, the largest |w|: 4, -3, 2, -1.5, 1, 0.7; all of b.
+  np.testing.assert_array_equal(state["owner"]["w"], [[0, 1, 0, 1], [1, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(state["owner"]["b"], [1, 1, 1, 1])
+  # The gradient of claimed weights is zeroed before the optimizer.
+  g = strategy.grads(state, jax.tree.map(jnp.ones_like, params), params, None, None, None)
+  np.testing.assert_array_equal(g["w"], 1 - np.asarray(state["owner"]["w"]))
+  np.testing.assert_array_equal(g["b"], 0)
+  # Task 2 trains (moves the free weights) and claims half of the remaining 6: |w| of the moved entries.
+  moved = {"w": params["w"] + jnp.asarray([[5.0, 0, 0.2, 0], [0, 0.1, 0, 0.3], [0.4, 0.6, 0, 0]]), "b": params["b"]}
+  state2 = strategy.after_task(state, moved, None, jax.random.key(0))
+  # free entries' |w| after the move: 5.5, .3, .3(w[1,1]=-.1 -> .1), ... : (0,0)=5.5, (0,2)=.3, (1,1)=.1, (1,3)=.6,
+  # (2,0)=.45, (2,1)=.6 -> the top 3: 5.5, then .6 at (1,3) and (2,1).
+  np.testing.assert_array_equal(state2["owner"]["w"], [[2, 1, 0, 1], [1, 0, 1, 2], [0, 2, 1, 1]])
+  assert int(state2["tasks"]) == 2
+  # Task 1 predicts with its own weights only; task 2 with tasks 1 and 2's.
+  x = jnp.asarray([[1.0, 1.0, 1.0]])
+  w1 = np.where(np.asarray(state2["owner"]["w"]) == 1, np.asarray(moved["w"]), 0)
+  w12 = np.where(np.asarray(state2["owner"]["w"]) >= 1, np.asarray(moved["w"]), 0)
+  out1 = strategy.predict(state2, moved, x, jnp.zeros(1, jnp.int32), jnp.int32(1))
+  out2 = strategy.predict(state2, moved, x, jnp.ones(1, jnp.int32), jnp.int32(1))
+  np.testing.assert_allclose(out1, np.asarray(x) @ w1 + np.asarray(params["b"]), rtol=1e-6)
+  np.testing.assert_allclose(out2, np.asarray(x) @ w12 + np.asarray(params["b"]), rtol=1e-6)
+  assert strategy.reset_optimizer
+
+
+def test_packnet_end_to_end_does_not_forget(tmp_path):
+  """Task-IL Split Digits through cl_jax.run: task 1's weights are frozen and masked, so its accuracy after task 2 is
+  exactly its accuracy after task 1."""
+  import cl_jax
+  from conftest import tiny_config
+  from cl_jax.config import ConfigError, validate
+  config = tiny_config("packnet", kind="task", steps=15, **{"scenario.num_tasks": 2, "optim.lr": 1e-2})
+  r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
+  assert r[1, 0] > 0.8 and r[2, 1] > 0.8, r
+  assert r[2, 0] == r[1, 0], r
+  with pytest.raises(ConfigError, match="scenario.kind='class'"):
+    validate(tiny_config("packnet", kind="class"))

@@ -83,6 +83,9 @@ from cl_jax.strategies import gdumb as _gdumb  # noqa: E402
 REGISTRY["gdumb"] = StrategyEntry(_gdumb.gdumb, {"gdumb": _gdumb.default_config}, _gdumb.check_config, ("gdumb",))
 from cl_jax.strategies import icarl as _icarl  # noqa: E402
 REGISTRY["icarl"] = StrategyEntry(_icarl.icarl, {"icarl": _icarl.default_config}, _icarl.check_config, ("icarl",))
+from cl_jax.strategies import packnet as _packnet  # noqa: E402
+REGISTRY["packnet"] = StrategyEntry(_packnet.packnet, {"packnet": _packnet.default_config}, _packnet.check_config,
+                                    ("packnet",))
 
 
 def default_configs() -> dict[str, Callable]:
