@@ -149,17 +149,16 @@ class RegressionMonitor:
     return f"{what} at step {self.stopped['step']}: {parts} (threshold {100 * self.threshold:.1f}%); {best}."
 
 
-def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
-                 title: str = "", stopped_step: int | None = None, best_step: int | None = None) -> None:
-  """General metrics' relative regression (left, with the threshold drawn) and domain metrics (right)
-  over adaptation steps."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, title: str = "",
+                   stopped_step: int | None = None, best_step: int | None = None):
+  """A matplotlib Figure: general metrics' relative regression (left, with the threshold drawn) and domain
+  metrics (right) over adaptation steps. Built without pyplot (no backend switch: notebooks display it as is)."""
+  from matplotlib.figure import Figure
   steps = [h["step"] for h in history]
   general = sorted({m for h in history for m in h["regressions"]})
   domain = sorted(m for m in baseline if m.startswith("domain/"))
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   ax = axes[0]
   for m in general:
     ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
@@ -186,8 +185,14 @@ def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
-__all__ = ["RegressionMonitor", "Verdict", "relative_regression", "higher_is_better", "plot_monitor"]
+def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
+                 title: str = "", stopped_step: int | None = None, best_step: int | None = None) -> None:
+  """`monitor_figure` written to `path` (PNG)."""
+  monitor_figure(history, baseline, threshold, title, stopped_step, best_step).savefig(path, dpi=110)
+
+
+__all__ = ["RegressionMonitor", "Verdict", "relative_regression", "higher_is_better", "monitor_figure",
+           "plot_monitor"]
