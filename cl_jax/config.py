@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   # that cost ~25% of a small model's step on CPU (benchmarks/step_throughput.py).
   c.train = ml_collections.ConfigDict(dict(steps_per_task=500, epochs_per_task=0, batch_size=128,
                                            log_every_steps=10, steps_per_call=1, log_norms=True,
-                                           divergence_factor=100.0, num_seeds=1, sweep=""))
+                                           divergence_factor=100.0, num_seeds=1, sweep="", tasks=[]))
+  # tasks: the 1-based tasks to train ([] = all); the others run 0 steps but are still evaluated, so runs that train
+  # different tasks share one scenario (e.g. specialists of [1, k] for merging: task 1 is their common base).
   # num_seeds=N: seeds seed..seed+N-1 as one vmapped program; sweep="ewc.lam=1,10;optim.lr=1e-3,1e-4": a grid of
   # settings, every one run with every seed (cl_jax/train/seeds.py).
   # divergence_factor: stop (exit 3) when a step's loss exceeds this x the early loss (0 disables; see loop.py).
@@ -258,6 +260,11 @@ def _check_classic(c) -> None:
   check_runs(c)
   num_classes = {"digits": 10, "mnist": 10, "mnist1d": 10}.get(c.data.name)
   scenarios.check_scenario(c.scenario, num_classes)
+  tasks = list(c.train.tasks)
+  if any(not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= c.scenario.num_tasks for t in tasks) or (
+      len(set(tasks)) != len(tasks)):
+    raise ConfigError(f"train.tasks={tasks}: must be distinct task numbers in [1, scenario.num_tasks="
+                      f"{c.scenario.num_tasks}] ([] trains every task)")
   scenarios.check_validation(c.data.validation_fraction, c.eval.split)
   if c.model.name not in ("mlp", "cnn"):
     raise ConfigError(f"model.name={c.model.name!r}: expected 'mlp' or 'cnn'")
