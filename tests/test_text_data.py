@@ -180,8 +180,15 @@ def test_directory_domain_reads_txt_and_jsonl_and_splits_by_document(tmp_path):
   assert len(docs) == 30 + 50  # README.md and the blank line are not documents
   assert docs[0].group == "dir:notes/note00.txt" and docs[-1].group == "dir:records.jsonl:51"
   assert docs[-1].text.startswith("Record 49:")
-  # Tokenized with a checkpoint's own tokenizer (tokenizer.json through `tokenizers`).
-  tok = hf_checkpoint.load_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama"))
+  # Tokenized with a checkpoint's own tokenizer (tokenizer.json through `tokenizers`), also reachable as
+  # lm.tokenizer=<checkpoint directory>.
+  checkpoint = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+  tok = hf_checkpoint.load_tokenizer(checkpoint)
+  same = load_tokenizer(checkpoint)
+  assert (same.vocab_size, same.eos_id) == (tok.vocab_size, 2)
+  np.testing.assert_array_equal(same.encode("dose twice daily"), tok.encode("dose twice daily"))
+  with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+    load_tokenizer(str(tmp_path / "notes"))
   dom = text.load_domain(f"dir:{tmp_path}", tok, seq_len=16, seed=0, validation=0.2, test=0.2)
   sizes = {s: len(dom.documents[s]) for s in text.SPLITS}
   assert sum(sizes.values()) == 80 and min(sizes.values()) >= 5  # by document: jsonl lines spread over splits

@@ -6,7 +6,8 @@ text and three specials follow them (`pad`, `bos`, `eos`). It is the tokenizer o
 
 A trained tokenizer a user brings is loaded from its file:
   * `*.json`  - a Hugging Face `tokenizers` file (`Tokenizer.from_file`),
-  * `*.model` - a SentencePiece model (Kudo & Richardson 2018).
+  * `*.model` - a SentencePiece model (Kudo & Richardson 2018),
+  * a Hugging Face checkpoint directory - its `tokenizer.json` (`cl_jax.models.hf_checkpoint.load_tokenizer`).
 Both packages are imported only when such a file is asked for, so neither is a dependency of the rest.
 
 Every tokenizer has the same small surface: `encode(text) -> np.int32 [n]`, `decode(ids) -> str`,
@@ -127,11 +128,19 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(spec: str = "byte") -> Tokenizer:
-  """`'byte'` (default), or the path of a `tokenizers` `.json` / SentencePiece `.model` file."""
+  """`'byte'` (default), the path of a `tokenizers` `.json` / SentencePiece `.model` file, or a Hugging Face
+  checkpoint directory (its tokenizer.json, with the eos / bos ids its config.json names)."""
   if spec in ("byte", "", None):
     return ByteTokenizer()
   if not isinstance(spec, str):
     raise TypeError(f"tokenizer={spec!r}: expected 'byte' or a file path")
+  if os.path.isdir(spec):
+    from cl_jax.models import hf_checkpoint
+    tok = hf_checkpoint.load_tokenizer(spec, hf_checkpoint.read_config(spec)
+                                       if os.path.exists(os.path.join(spec, "config.json")) else None)
+    if tok is None:
+      raise FileNotFoundError(f"tokenizer={spec!r}: the directory has no tokenizer.json")
+    return tok
   if not os.path.exists(spec):
     raise FileNotFoundError(f"tokenizer={spec!r}: no such file (use 'byte', a tokenizers .json file "
                             "or a sentencepiece .model file)")
