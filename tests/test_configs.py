@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from cl_jax.cli import build_config
+from cl_jax.config import KINDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) not in ("__init__.py", "common.py"))
-MNIST_CONFIGS = ("split_mnist.py", "permuted_mnist.py", "rotated_mnist.py")
 
 # Each documented value of each `get_config(arg)` key (the docstrings' "arg:" lines). A new config needs a line.
 ARGS = {
@@ -28,14 +28,13 @@ ARGS = {
                   "strategy=naive", "strategy=distill", "strategy=ewc", "strategy=generative_replay",
                   "strategy=lora", "mixture=domain_only,strategy=lora+distill", "size=tiny", "size=small",
                   "size=1b"],
+    "progressive.py": ["", "router=none", "router=prototypes", "router=entropy", "router=prototypes,data=mnist"],
+    "cit.py": ["", "strategy=replay,replay=0.05", "strategy=replay+distill,replay=0.1", "strategy=lwf",
+               "prompts=off", "prompts=system", "prompts=tag", "tasks=default", "tasks=two", "tasks=all",
+               "steps=30", "size=small"],
     "merge.py": [f"method={m},run=runs/seq" for m in ("linear", "task_arithmetic", "ties", "dare_linear",
                                                         "dare_ties", "slerp")] + ["run=runs/seq,base_task=2,tasks=4"],
 }
-
-
-@pytest.fixture(autouse=True)
-def _in_root(monkeypatch):
-  monkeypatch.chdir(ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +46,13 @@ def fake_mnist(tmp_path_factory):
   return path
 
 
+@pytest.fixture(autouse=True)
+def _in_root_with_mnist(monkeypatch, fake_mnist):
+  """From the checkout's root; configs on MNIST find it through $CL_JAX_MNIST (launch lines' data.path dropped)."""
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setenv("CL_JAX_MNIST", fake_mnist)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """A finished 5-task task-IL run (2 steps a task): the checkpoints merge configs refer to."""
@@ -55,10 +61,6 @@ def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("runs") / "seq")
   cl_jax.run(tiny_config(kind="task", steps=2), workdir, progress=False)
   return workdir
-
-
-def _data_args(name, fake_mnist):
-  return [f"--config.data.path={fake_mnist}"] if name in MNIST_CONFIGS else []
 
 
 def _with_runs(items, name, request):
@@ -74,10 +76,10 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize("name, arg", [(n, a) for n in sorted(ARGS) for a in ARGS[n]])
-def test_config_loads_and_validates_with_each_documented_arg(name, arg, fake_mnist, tmp_path, request):
+def test_config_loads_and_validates_with_each_documented_arg(name, arg, tmp_path, request):
   spec = _with_runs([f"configs/{name}:{arg}" if arg else f"configs/{name}"], name, request)[0]
-  config, args = build_config(["--config", spec, *_data_args(name, fake_mnist), "--workdir", str(tmp_path / "w")])
-  assert config.kind in ("classic", "lm", "merge") and args.workdir == str(tmp_path / "w")
+  config, args = build_config(["--config", spec, "--workdir", str(tmp_path / "w")])
+  assert config.kind in KINDS and args.workdir == str(tmp_path / "w")
   assert not (tmp_path / "w").exists()
 
 
@@ -105,7 +107,7 @@ def test_every_config_documents_a_launch_line():
 
 
 @pytest.mark.parametrize("name, index, argv", LAUNCHES, ids=[f"{n}-{i}" for n, i, _ in LAUNCHES])
-def test_docstring_launch_line_validates(name, index, argv, fake_mnist, tmp_path, monkeypatch, request):
+def test_docstring_launch_line_validates(name, index, argv, tmp_path, monkeypatch, request):
   argv = _with_runs([a for a in argv if not a.startswith("--config.data.path=")], name, request)
   if "--workdir" in argv:
     i = argv.index("--workdir")
@@ -113,8 +115,8 @@ def test_docstring_launch_line_validates(name, index, argv, fake_mnist, tmp_path
   if any(a.startswith("--config.mesh.") for a in argv):
     import jax
     monkeypatch.setattr(jax, "device_count", lambda *a: 64)   # a pod launch: validate as on its devices
-  config, _ = build_config([*argv, *_data_args(name, fake_mnist), "--workdir", str(tmp_path / "w")])
-  assert config.kind in ("classic", "lm", "merge")
+  config, _ = build_config([*argv, "--workdir", str(tmp_path / "w")])
+  assert config.kind in KINDS
 
 
 @pytest.mark.parametrize("strategy", ["naive", "joint"])
