@@ -51,13 +51,14 @@ def test_same_seed_same_results(tmp_path, naive_and_joint):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-  from cl_jax.train.loop import NonFiniteLossError
+  from cl_jax.errors import DivergenceError
   c = tiny_config("naive", steps=30)
   c.optim.name = "sgd"
-  c.optim.lr = 1e12   # diverges within a few steps
+  c.optim.lr = 1e12   # diverges within a few steps: a non-finite or exploding loss
   c.train.log_every_steps = 1
-  with pytest.raises(NonFiniteLossError, match="loss is nan|loss is inf"):
+  with pytest.raises(DivergenceError, match="diverged") as e:
     run(c, str(tmp_path / "w"), progress=False)
+  assert e.value.exit_code == 3
   assert not (tmp_path / "w" / "results.json").exists()
 
 
