@@ -349,8 +349,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
           "bias": NamedSharding(mesh, P())}
   def params(seed):
     k = jax.random.split(jax.random.key(seed), 3)
-    # 'big' is above the exact top-k cutoff, so the sampled threshold runs on a sharded tensor.
-    p = {"big": jax.random.normal(k[0], (merging.EXACT_TOPK_MAX // 64 + 8, 128)),
+    # 'big' is above the exact top-k cutoff, so cl_jax mode's sampled threshold runs on a sharded tensor; its
+    # values sit on a grid of 1/4, so mergekit mode's index tie-break at the threshold runs across shards.
+    p = {"big": jnp.round(4 * jax.random.normal(k[0], (merging.EXACT_TOPK_MAX // 64 + 8, 128))) / 4,
          "mat": jax.random.normal(k[1], (8, 16)), "bias": jax.random.normal(k[2], (5,))}
     return {n: jax.device_put(x, spec[n]) for n, x in p.items()}
   base, models = params(0), [params(i) for i in (1, 2, 3)]
@@ -371,6 +372,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
   out = merging.merge("slerp", None, models[:2], t=0.3)
   for n in spec:
     assert out[n].sharding == models[0][n].sharding, ("slerp", n)
+  # mergekit mode's trim of a sharded tensor with many ties: exactly int(0.2 n) kept, the same entries as on one device
+  tau = models[0]["big"] - base["big"]
+  trimmed = jax.jit(lambda x: merging.trim(x, 0.2))(tau)
+  assert int(jnp.sum(trimmed != 0)) == int(0.2 * tau.size), (int(jnp.sum(trimmed != 0)), tau.size)
+  np.testing.assert_array_equal(np.asarray(trimmed), np.asarray(merging.trim(host({"t": tau})["t"], 0.2)))
   # cl_jax mode's sampled threshold on the sharded 'big' tensor
   out = merging.merge("ties", base, models, density=0.2, mode="cl_jax")
   ref = merging.merge("ties", host(base), [host(m) for m in models], density=0.2, mode="cl_jax")
