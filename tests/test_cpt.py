@@ -86,6 +86,8 @@ def base_run(tmp_path_factory):
 def test_run_writes_outputs_and_logs_realised_mixture(base_run):
   results, workdir = base_run
   assert results.kind == "lm" and cl_jax.Results.load(workdir).extra["test"] == results.extra["test"]
+  fig = results.plot()  # the monitor plot, as a matplotlib Figure
+  assert len(fig.axes) == 2 and "general/perplexity" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
   r = results.extra
   for f in ("results.json", "summary.md", "monitor.png", "metrics.jsonl", "config.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
