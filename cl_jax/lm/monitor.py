@@ -149,45 +149,6 @@ class RegressionMonitor:
     return f"{what} at step {self.stopped['step']}: {parts} (threshold {100 * self.threshold:.1f}%); {best}."
 
 
-def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, title: str = "",
-                   stopped_step: int | None = None, best_step: int | None = None):
-  """A matplotlib Figure: general metrics' relative regression (left, with the threshold drawn) and domain
-  metrics (right) over adaptation steps. Built without pyplot (no backend switch: notebooks display it as is)."""
-  from matplotlib.figure import Figure
-  steps = [h["step"] for h in history]
-  general = sorted({m for h in history for m in h["regressions"]})
-  domain = sorted(m for m in baseline if m.startswith("domain/"))
-  fig = Figure(figsize=(11, 4))
-  axes = fig.subplots(1, 2)
-  ax = axes[0]
-  for m in general:
-    ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
-  ax.axhline(100 * threshold, color="red", ls="--", label=f"threshold {100 * threshold:.0f}%")
-  ax.axhline(0, color="gray", lw=0.5)
-  ax.set_xlabel("adaptation step")
-  ax.set_ylabel("general regression vs base (%)")
-  ax.set_title("general (higher = worse)")
-  ax = axes[1]
-  for m in domain:
-    vals = [h["metrics"][m] for h in history]
-    ax.plot(steps, [100 * relative_regression(baseline[m], v, higher_is_better(m)) * -1 for v in vals],
-            marker="o", ms=3, label=m)
-  ax.axhline(0, color="gray", lw=0.5)
-  ax.set_xlabel("adaptation step")
-  ax.set_ylabel("domain improvement vs base (%)")
-  ax.set_title("domain (higher = better)")
-  for ax in axes:
-    if stopped_step is not None:
-      ax.axvline(stopped_step, color="red", lw=1, label="threshold crossed")
-    if best_step is not None:
-      ax.axvline(best_step, color="green", lw=1, ls=":", label="best kept")
-    ax.legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
-
-
 def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, *, title: str = "",
                    stopped_step: int | None = None, best_step: int | None = None):
   """A matplotlib Figure (built without pyplot, so nothing is displayed or kept alive): general metrics' relative
