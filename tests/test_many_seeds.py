@@ -107,3 +107,12 @@ def test_many_seeds_resume_after_a_kill(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "from step 28" in resumed.stdout
   assert results(crashed) == results(straight)
+
+
+def test_vmapped_and_mapped_runs_agree(three_seeds, tmp_path, monkeypatch):
+  """Accelerators vmap the runs, CPUs map over them (`seeds.use_vmap`): the same numbers either way."""
+  from cl_jax.train.loop import run
+  monkeypatch.setenv("CL_JAX_RUNS", "vmap")
+  vmapped = run(_config(seed=3, **{"train.num_seeds": 2}), str(tmp_path / "vmap"), progress=False)
+  np.testing.assert_allclose(_train_losses(vmapped.workdir), _train_losses(three_seeds.workdir)[:, :2],
+                             rtol=2e-4, atol=1e-5)

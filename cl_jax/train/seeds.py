@@ -16,7 +16,8 @@ built from the config with its values; inside the one jitted program every setti
 
 The train state gains a leading run axis (runs are ordered setting-major: setting g, seed i is run g·N + i); the
 data stays on the devices once (`cl_jax.data.device`), and each run's batches are gathered from its own seed's
-order inside the vmapped step; evaluation is vmapped too. Checkpoints hold the stacked state, so a many-run
+order inside the jitted step. One jitted program advances every run by K steps: `vmap` over the runs on
+accelerators, a `lax.map` on CPU (see `use_vmap`); evaluation is vmapped. Checkpoints hold the stacked state, so a many-run
 workdir resumes like any other. `after_task` (a Fisher, a buffer fill) runs per run, with that run's key.
 
 results.json: `runs` (every run: seed, setting, its accuracy matrix, ACC/BWT/FWT/forgetting), `settings` (per
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -224,6 +226,35 @@ def _concat(trees, axis=0):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *trees)
 
 
+def use_vmap() -> bool:
+  """How the runs of one setting share the program: `vmap` (batched matmuls) on accelerators; on CPU a `lax.map`
+  over runs, each run's K-step scan in turn: every matmul keeps a single run's shape (XLA:CPU threads a plain
+  matmul over the cores better than a batched one; on the loaded 2-core test machine a vmapped chunk of 10 runs
+  took 1.1-1.9x the time of 10 single-run chunks), and the program still saves each run's start-up, dispatch,
+  logging, evaluation and checkpoint overhead. `CL_JAX_RUNS=vmap|map` overrides."""
+  mode = os.environ.get("CL_JAX_RUNS", "").strip().lower()
+  if mode in ("vmap", "map"):
+    return mode == "vmap"
+  return jax.default_backend() != "cpu"
+
+
+def over_runs(chunk, state, pool, table, seeds, t, first):
+  """`chunk` (one run's K steps) applied to every run of `state` (stacked; shared step and task index)."""
+  axes = run_axes()
+  if use_vmap():
+    return jax.vmap(chunk, in_axes=(axes, None, None, 0, None, None), out_axes=(axes, 0))(
+        state, pool, table, seeds, t, first)
+  shared = state._replace(step=None, task_index=None)
+
+  def one(args):
+    own, seed = args
+    new, metrics = chunk(own._replace(step=state.step, task_index=state.task_index), pool, table, seed, t, first)
+    return new._replace(step=None, task_index=None), (new.step, metrics)
+
+  new, (steps, metrics) = jax.lax.map(one, (shared, seeds))
+  return new._replace(step=steps[0], task_index=state.task_index), metrics
+
+
 def plan(config, setup, base_plan):
   """The classic plan of `setup` turned into one over all runs (see the module docstring)."""
   import dataclasses
@@ -245,9 +276,7 @@ def plan(config, setup, base_plan):
     chunks = [data.chunk_fn(step, n) for step in runs.train_steps]
 
     def many(state, pool, table, seeds, t, first):
-      axes = run_axes()
-      outs = [jax.vmap(fn, in_axes=(axes, None, None, 0, None, None), out_axes=(axes, 0))(
-                  part, pool, table, s, t, first)
+      outs = [over_runs(fn, part, pool, table, s, t, first)
               for fn, part, s in zip(chunks, _split(state, bounds), _split(seeds, bounds))]
       new_state = _concat([o[0] for o in outs])
       metrics = jax.tree.map(lambda m: jnp.swapaxes(m, 0, 1), _concat([o[1] for o in outs]))  # [n, R]
