@@ -464,7 +464,8 @@ def classic_plan(config, setup: Setup) -> Plan:
 
   def batches(t, iterator_state):
     dataset = train_dataset(scenario, strategy.train_tasks(t), config.train.batch_size, config.seed, t)
-    return train_iterator(dataset, iterator_state)
+    from cl_jax.data.device import Prefetch  # grain reads ahead in a thread while the device trains
+    return Prefetch(train_iterator(dataset, iterator_state))
 
   def begin_task(state, t, done):
     state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
@@ -501,9 +502,13 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   compilation_cache.enable()
   validate(config)
   decide(config, workdir, overwrite)  # a workdir holding another run fails here, before any work
+  from cl_jax.train import seeds
+  if seeds.num_runs(config) > 1:  # every seed / sweep setting as one vmapped program (H7)
+    return seeds.run(config, workdir, overwrite, progress)
   setup = build(config)
   scenario, data = setup.scenario, setup.data
-  plan = classic_plan(config, setup)
+  from cl_jax.data.device import maybe_device_plan
+  plan = maybe_device_plan(classic_plan(config, setup), config, setup)  # batches drawn on device when data fits
   with Workdir(config, workdir, overwrite) as wd:
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
     try:

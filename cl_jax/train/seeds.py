@@ -289,10 +289,16 @@ def plan(config, setup, base_plan):
       programs[n] = program(n)
     return programs[n](state, data.pool, data.table(t), seeds, np.int32(t), np.int32(first))
 
-  accuracy = jax.jit(jax.vmap(test.accuracy_fn(setup.learner), in_axes=(0, None, None, None)))
+  from cl_jax.strategies.base import evaluation_learner, evaluation_params  # a strategy's `predict` (GDumb)
+  if len(runs.strategies) > 1 and getattr(runs.strategies[0], "predict", None) is not None:
+    raise ConfigError(f"train.sweep: strategy {config.strategy!r} predicts with its own classifier, which a sweep "
+                      "cannot share across settings; run one setting per program")
+  accuracy = jax.jit(jax.vmap(test.accuracy_fn(evaluation_learner(setup.learner, runs.strategies[0])),
+                              in_axes=(0, None, None, None)))
 
   def evaluate(state, t):
-    rows = np.asarray(accuracy(state.params, test.pool, test.tables, np.int32(t)), np.float64)  # [R, T]
+    params = evaluation_params(runs.strategies[0], state._replace(step=None, task_index=None))
+    rows = np.asarray(accuracy(params, test.pool, test.tables, np.int32(t)), np.float64)  # [R, T]
     # "accuracy" stays a row (the mean over runs: TensorBoard, plots); every run's row is in "accuracy_runs".
     return {"accuracy": rows.mean(axis=0).tolist(), "accuracy_runs": rows.tolist()}
 
