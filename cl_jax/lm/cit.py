@@ -14,8 +14,10 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
   step        the shared `make_train_step` on `strategy.loss(sft_loss)`: the mean NLL over assistant tokens.
   evaluate    greedy decoding (a KV cache; prompts of unequal length are left-padded and the padding hidden
               from attention) of the first `cit.eval_examples` examples of `cit.eval_split` of every set, scored by
-              `instructions.score_outputs`: exact match (the task score: the accuracy-matrix entry of a task is the
-              exact-match rate over its sets' examples), format compliance, refusal rate. The refusal rate on the
+              `instructions.score_outputs`: exact match, format compliance, refusal rate. The accuracy-matrix entry
+              of a task is the `cit.metric` rate over its sets' examples: 'exact_match' (default) or 'format'
+              (compliance with each set's own output format: a behaviour a small model learns long before it
+              gets answers exactly right, so forgetting shows in it after short training). The refusal rate on the
               `refusal` set and on the `benign` set (over-refusal) are reported per evaluation.
   after_task  the strategy chain's `after_task` (distillation snapshots its teacher).
 
@@ -43,6 +45,7 @@ from cl_jax import sharding
 from cl_jax.data import instructions as ins
 
 CIT_STRATEGIES = ("naive", "replay", "distill", "lwf")
+METRICS = ("exact_match", "format")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       eval_examples=32,     # greedy-decoded examples per set at every boundary evaluation
       eval_split="test",    # validation | test
       max_new_tokens=64,
+      metric="exact_match",  # the accuracy-matrix entry per set: exact_match | format (compliance rate)
       data_dir=""))         # '' builds the sets from this Python's stdlib; else a scripts/build_instruction_sets.py dir
   c.sft = ml_collections.ConfigDict(dict(task_prompt="off", seq_len=384))
   c.lm = ml_collections.ConfigDict(dict(size="tiny", d_model=0, num_layers=0, num_heads=0, compute_dtype="float32",
@@ -113,6 +117,8 @@ def check_config(c) -> None:
   parse_tasks(c.cit.tasks)
   for key in ("steps_per_task", "batch_size", "eval_examples", "max_new_tokens"):
     _positive_int(c, "cit", key)
+  if c.cit.metric not in METRICS:
+    raise ValueError(f"cit.metric={c.cit.metric!r}: expected one of {list(METRICS)}")
   if c.cit.eval_split not in ("validation", "test"):
     raise ValueError(f"cit.eval_split={c.cit.eval_split!r}: expected 'validation' or 'test'")
   if c.cit.data_dir and not os.path.isdir(c.cit.data_dir):
@@ -317,12 +323,13 @@ def evaluate_sets(model, params, data: CITData, max_new_tokens: int, mesh=None) 
   return scores, outputs
 
 
-def task_scores(data: CITData, scores: dict) -> list[float]:
-  """The accuracy-matrix row: per task, the exact-match rate over all its sets' evaluated examples."""
+def task_scores(data: CITData, scores: dict, metric: str = "exact_match") -> list[float]:
+  """The accuracy-matrix row: per task, the `metric` rate (exact match or format compliance) over all its sets'
+  evaluated examples."""
   row = []
   for task in data.tasks:
     n = [len(data.eval_targets[s]) for s in task]
-    row.append(float(sum(scores[s]["exact_match"] * k for s, k in zip(task, n)) / max(sum(n), 1)))
+    row.append(float(sum(scores[s][metric] * k for s, k in zip(task, n)) / max(sum(n), 1)))
   return row
 
 
@@ -389,19 +396,27 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   step_fn = with_finite_flag(make_train_step(strategy.loss(sft_loss(model)), optimizer, schedule,
                                              log_norms=bool(c.train.log_norms), strategy=strategy))
   train_step = compile_train_step(step_fn, state_sh, sharding.batch_sharding(mesh), rep)
-  replay_counts: dict = {}
-  set_history: list = []
+  sources: dict = {}       # task -> its live batch source (counts of the rows drawn so far)
+  finished: dict = {}      # task -> the final counts of a finished task (checkpointed through meta)
 
   def batches(t, iterator_state):
     source = ReplaySource(data, t, int(c.cit.batch_size), fraction, c.seed, iterator_state)
-    replay_counts[t] = source
+    sources[t] = source
     return source
+
+  def meta():
+    return {"replay_counts": {str(t): v for t, v in finished.items()}}
+
+  def load_meta(d):
+    finished.update({int(t): v for t, v in d.get("replay_counts", {}).items()})
 
   def begin_task(state, t, done):
     del done
     return state._replace(task_index=sharding.put_global(np.int32(t), rep))
 
   def after_task(state, t):
+    if t in sources:
+      finished[t] = dict(sources[t].counts)
     b = sft_batch({k: v[:int(c.cit.batch_size)] for k, v in data.rows[t].items()}, t)
     new = strategy.after_task(state.strategy_state, state.params, TaskData(b["x"], b["y"], b["task"], t),
                               jax.random.fold_in(key, 1000 + t))
@@ -410,13 +425,14 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   def evaluate(state, t):
     del t
     scores, outputs = evaluate_sets(model, state.params, data, int(c.cit.max_new_tokens), mesh)
-    fields = {"accuracy": task_scores(data, scores), "sets": scores,
+    fields = {"accuracy": task_scores(data, scores, c.cit.metric), "sets": scores,
               "examples": {s: outputs[s][:2] for s in outputs}}
     if "refusal" in scores:
       fields["refusal_rate"] = scores["refusal"]["refusal_rate"]
     if "benign" in scores:
       fields["over_refusal_rate"] = scores["benign"]["refusal_rate"]
-    counts = [src.counts for t_, src in replay_counts.items() if t_ > 0]  # task 1 has nothing to replay
+    every = {**{t_: src.counts for t_, src in sources.items()}, **finished}
+    counts = [v for t_, v in every.items() if t_ > 0]  # task 1 has nothing to replay
     rows = sum(x["rows"] for x in counts)
     if rows:
       fields["replay_share"] = {
@@ -426,7 +442,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps] * num_tasks, batches=batches,
               train_step=train_step, put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
-              evaluate=evaluate, begin_task=begin_task, after_task=after_task, eval_before=True,
+              evaluate=evaluate, begin_task=begin_task, after_task=after_task, meta=meta, load_meta=load_meta,
+              eval_before=True,
               checkpoint_every=int(c.checkpoint.every_steps), log_every=int(c.train.log_every_steps),
               divergence_factor=float(c.train.divergence_factor), names=[f"cit: {n}" for n in data.names],
               record={"phase": "cit"})
@@ -441,8 +458,10 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     final = out.boundary[-1]
     extra = {
         "title": f"Continual instruction tuning: {c.strategy}, task_prompt={c.sft.task_prompt}",
-        "tasks": data.names, "metric": "exact match of the greedy-decoded answer (per task: over its sets' "
-        f"first {c.cit.eval_examples} {c.cit.eval_split} examples)",
+        "tasks": data.names,
+        "metric": ("exact match of the greedy-decoded answer" if c.cit.metric == "exact_match" else
+                   "format compliance of the greedy-decoded answer (each set's own output format)")
+                  + f" (per task: over its sets' first {c.cit.eval_examples} {c.cit.eval_split} examples)",
         "strategy": c.strategy, "task_prompt": c.sft.task_prompt, "replay_fraction": fraction, "seed": c.seed,
         "steps_per_task": steps, "final_sets": final["sets"], "set_history": set_history,
         "refusal_rate": final.get("refusal_rate"), "over_refusal_rate": final.get("over_refusal_rate"),
