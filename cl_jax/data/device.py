@@ -381,7 +381,7 @@ class StepSource:
     raise RuntimeError("device-resident batches are drawn inside the jitted chunk (Plan.train_chunk)")
 
 
-def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
+def device_plan(plan, config, setup):
   """`plan` (the classic one) with its training batches and test sets on the devices.
 
   Training runs in chunks of K fused steps (`Plan.train_chunk`); K divides every task's steps and the
@@ -400,14 +400,6 @@ def device_plan(plan, config, setup, nan_env: str = "CL_JAX_TEST_NAN_AT_STEP"):
   cap = max(1, int(config.train.steps_per_call)) if config.train.steps_per_call > 1 else 500
   k = default_chunk(k, boundaries, cap)
   step = setup.raw_train_step if hasattr(setup, "raw_train_step") else setup.train_step
-  nan_at = int(os.environ.get(nan_env, "-1"))
-  if nan_at >= 0:  # test hook: the batch of global step `nan_at` (counted from 1) gets NaN inputs
-    inner = step
-
-    def step(state, batch):
-      bad = state.step + 1 == nan_at
-      return inner(state, {**batch, "x": jnp.where(bad, jnp.nan, batch["x"])})
-
   programs = {}
   seed = np.int32(config.seed)
 
