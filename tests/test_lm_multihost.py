@@ -1,0 +1,49 @@
+"""Two real processes on 127.0.0.1 run continual pre-training as a two-host job: each process feeds only its own rows
+of every global batch (the mixture sampler decides rows from seed and step alone), the numbers match one process,
+and only process 0 writes the outputs."""
+import json
+import os
+
+import numpy as np
+
+from multihost_util import launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small local corpora (this repository's result notes as prose, its strategy sources as code): quick to load.
+ARGS = ["--config", "configs/cpt_lm.py:mixture=70_30", "--config.lm.d_model=32",
+        "--config.lm.num_layers=1", "--config.lm.num_heads=2", "--config.lm.seq_len=32",
+        f"--config.text.general=files:{ROOT}/results/*.md", f"--config.text.domain=files:{ROOT}/cl_jax/strategies/*.py",
+        "--config.text.validation=0.25", "--config.text.test=0.25",
+        "--config.text.max_train_sequences=256", "--config.text.eval_sequences=16", "--config.text.cloze_items=8",
+        "--config.text.cloze_context=16", "--config.pretrain.steps=8", "--config.pretrain.batch_size=8",
+        "--config.adapt.steps=8", "--config.adapt.batch_size=8", "--config.regression.eval_every=4",
+        "--config.regression.eval_batch_size=16", "--config.regression.threshold=0.5",
+        "--config.train.log_every_steps=4", "--no_progress"]
+
+
+def test_lm_two_processes_match_one_and_write_each_output_once(tmp_path):
+  import cl_jax
+  from cl_jax.cli import build_config
+  w = tmp_path / "two"
+  outs = launch(["run.py", *ARGS, "--workdir", str(w)], num_processes=2)
+  for i, o in enumerate(outs):
+    assert o.returncode == 0, f"process {i}:\n{o.stderr[-3000:]}"
+  config, _ = build_config(ARGS + ["--workdir", str(tmp_path / "one")])
+  one = cl_jax.run(config, str(tmp_path / "one"), progress=False)
+  two = json.loads((w / "results.json").read_text())
+  # The same global batches: each process gathered half of each, so the numbers agree up to reduction order.
+  for model in ("base", "best", "final"):
+    for k, v in one.extra["test"][model].items():
+      np.testing.assert_allclose(two["test"][model][k], v, rtol=2e-3, err_msg=f"{model} {k}")
+  records = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
+  for phase in ("pretrain", "adapt"):
+    steps = [r["step"] for r in records if r["type"] == "train" and r["phase"] == phase]
+    assert steps == list(range(1, 9)), phase     # each step once, not once per process
+    ref = [r["loss"] for r in one.metrics("train") if r["phase"] == phase]
+    np.testing.assert_allclose([r["loss"] for r in records if r["type"] == "train" and r["phase"] == phase], ref,
+                               rtol=2e-3, atol=2e-4)
+  assert [r["step"] for r in records if r["type"] == "eval" and r["phase"] == "adapt"] == [0, 4, 8]
+  # One TensorBoard event file per phase, written by process 0 only: as many as the one-process run has.
+  assert len(os.listdir(w / "tensorboard")) == len(os.listdir(tmp_path / "one" / "tensorboard")) == 2
+  assert not (w / ".lock").exists()
+  assert (w / "summary.md").exists() and (w / "monitor.png").exists()
