@@ -203,10 +203,14 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
     return jnp.ones(x.shape, bool)
   mag = jnp.abs(x).astype(jnp.float32)
   t = kth_largest(mag, k)
-  above = mag > t
-  tied = mag == t
-  room = k - jnp.sum(above, dtype=jnp.int32)
-  return above | (tied & (_flat_cumsum(tied.astype(jnp.int32)) <= room))
+  at_least = mag >= t
+
+  def break_ties():  # only when entries tied at t straddle the k-th place (rare for trained weights)
+    above, tied = mag > t, mag == t
+    room = k - jnp.sum(above, dtype=jnp.int32)
+    return above | (tied & (_flat_cumsum(tied.astype(jnp.int32)) <= room))
+
+  return jax.lax.cond(jnp.sum(at_least, dtype=jnp.int32) == k, lambda: at_least, break_ties)
 
 
 def magnitude_threshold(x: jax.Array, density: float, *, method: str = "auto",
