@@ -12,8 +12,6 @@ Every runner has the signature (config, workdir, overwrite, progress) and return
 """
 from __future__ import annotations
 
-import importlib
-
 from cl_jax import sharding
 from cl_jax.errors import ConfigError
 
@@ -25,8 +23,7 @@ def runner_for(kind: str):
   if kind == "classic":
     from cl_jax.train.loop import run as kind_run
   elif kind == "lm":
-    lm = importlib.import_module("cl_jax.lm")
-    kind_run = getattr(lm, "run", None) or importlib.import_module("cl_jax.lm.cpt").run
+    from cl_jax.lm import run as kind_run
   elif kind == "merge":
     from cl_jax.merge_run import run as kind_run
   else:

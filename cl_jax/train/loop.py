@@ -407,7 +407,9 @@ def build(config) -> Setup:
   from cl_jax.train.state import TrainState
   from cl_jax.train.step import compile_train_step, make_train_step, task_loss
   data = load_source(config.data)
-  scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head)
+  scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head,
+                           validation_fraction=config.data.get("validation_fraction", 0.0),
+                           eval_split=config.eval.get("split", "test"))
   num_tasks = scenario.num_tasks
   model, params = build_model(config.model, scenario.input_shape, scenario.num_outputs, scenario.num_heads,
                               config.seed)
@@ -441,7 +443,8 @@ def build(config) -> Setup:
   step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
   multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
                                   sharding.batch_sharding(mesh, stacked=True), rep)
-  eval_fn = make_eval_fn(learner, rep, sharding.batch_sharding(mesh))
+  from cl_jax.strategies.base import evaluation_learner  # a strategy's `predict` hook replaces the logits (GDumb)
+  eval_fn = make_eval_fn(evaluation_learner(learner, strategy), rep, sharding.batch_sharding(mesh))
   return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
                steps, root_key, optimizer)
 
@@ -480,7 +483,9 @@ def classic_plan(config, setup: Setup) -> Plan:
     return state._replace(strategy_state=sharding.put_global(new, setup.state_sharding.strategy_state))
 
   def evaluate(state, t):
-    return {"accuracy": [evaluate_task(setup.eval_fn, state.params, scenario, i, t, eval_batch, mesh)
+    from cl_jax.strategies.base import evaluation_params
+    return {"accuracy": [evaluate_task(setup.eval_fn, evaluation_params(strategy, state), scenario, i, t, eval_batch,
+                                       mesh)
                          for i in range(num_tasks)]}
 
   return Plan(state=setup.state, state_sharding=setup.state_sharding, steps=setup.steps, batches=batches,
@@ -545,30 +550,16 @@ def strategy_record(config) -> dict:
 
 
 def steps_for_task(config, scenario, strategy, t: int) -> int:
+  if list(config.train.get("tasks", [])) and t + 1 not in config.train.tasks:
+    return 0  # not trained in this run (train.tasks), still evaluated
   if config.train.epochs_per_task > 0:
     n = sum(scenario.tasks[i].num_train for i in strategy.train_tasks(t))
     return max(1, config.train.epochs_per_task * (n // config.train.batch_size))
   return config.train.steps_per_task
 
 
-def make_eval_fn(learner, rep, batch_sh):
-  def correct(params, batch, task_index):
-    logits = learner.logits(params, batch["x"], batch["task"], task_index)
-    hit = (jnp.argmax(logits, -1) == batch["y"]) & batch["valid"]
-    return jnp.sum(hit), jnp.sum(batch["valid"])
-
-  return jax.jit(correct, in_shardings=(None, batch_sh, rep), out_shardings=rep)
-
-
-def evaluate_task(eval_fn, params, scenario, task_id: int, task_index: int, batch_size: int, mesh) -> float:
-  """Test accuracy on one task with the logit mask of having trained up to `task_index`."""
-  from cl_jax.data import test_batches
-  hits, total = 0, 0
-  ti = sharding.put_global(np.int32(task_index), sharding.replicated(mesh))
-  for batch in test_batches(scenario, task_id, batch_size):
-    h, n = eval_fn(params, sharding.put_global_batch(batch, mesh), ti)
-    hits, total = hits + h, total + n
-  return float(hits) / max(float(total), 1.0)
+# The one evaluator (cl_jax.eval.evaluator): the accuracy rows of the task loop, the merge runner and the experiments.
+from cl_jax.eval.evaluator import make_accuracy_fn as make_eval_fn, task_accuracy as evaluate_task  # noqa: E402
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
