@@ -28,10 +28,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
 
 def make_config(a):
