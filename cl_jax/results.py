@@ -67,7 +67,9 @@ class Results:
   def summary(self) -> str:
     """A Markdown summary: the accuracy matrix and ACC / BWT / FWT / forgetting, or the run's summary.md."""
     from cl_jax import report
-    title = self.extra.get("title") or f"{self.kind} run in {self.workdir}"
+    e = self.extra
+    title = e.get("title") or (f"{e['strategy']} — {e['scenario']} ({e.get('data', '')})" if "scenario" in e
+                               else f"{self.kind} run in {self.workdir}")
     if self.accuracy_matrix is not None and np.asarray(self.accuracy_matrix).shape[0] > 1:
       return report.summary_text(self.as_dict(), title)
     path = os.path.join(self.workdir, "summary.md")
@@ -84,12 +86,10 @@ class Results:
     """A matplotlib Figure (no display needed): the matrix heat map and accuracy curves, or the LM monitor."""
     from cl_jax import report
     if self.kind == "lm" and "history" in self.extra:
-      from cl_jax.lm import monitor
-      figure = getattr(monitor, "monitor_figure", None)
-      if figure is not None:
-        e = self.extra
-        return figure(e["history"], e["baseline"], e["threshold"], best_step=e.get("best_step"),
-                      stopped_step=(e.get("stopped") or {}).get("step"))
+      from cl_jax.lm.monitor import monitor_figure
+      e = self.extra
+      return monitor_figure(e["history"], e["baseline"], e["threshold"], best_step=e.get("best_step"),
+                            stopped_step=(e.get("stopped") or {}).get("step"))
     if self.accuracy_matrix is None:
       raise ValueError(f"{self.kind} results in {self.workdir} have nothing to plot")
     return report.overview_figure(self.accuracy_matrix, self.metrics("eval"))

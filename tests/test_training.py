@@ -134,3 +134,16 @@ def test_task_loop_runs_any_plan_with_stop_best_and_resume(tmp_path):
   again = run_tasks(plan(), str(tmp_path), ck, resume=True, progress=False)
   assert again.stopped == out.stopped and int(again.state.step) == 14 and seen["evals"] == 5
   ck.close()
+
+
+def test_results_load_summary_plot_and_metrics(naive_and_joint):
+  import cl_jax
+  naive, workdir = naive_and_joint["naive"]
+  loaded = cl_jax.Results.load(str(workdir))
+  assert loaded.kind == "classic" and loaded.as_dict() == json.loads((workdir / "results.json").read_text())
+  np.testing.assert_array_equal(loaded.accuracy_matrix, naive.accuracy_matrix)
+  text = loaded._repr_markdown_()
+  assert "naive — split/class (digits)" in text and f"{100 * naive.acc:+.2f}" in text
+  fig = loaded.plot()
+  assert type(fig).__name__ == "Figure" and len(fig.axes) >= 2
+  assert len(loaded.metrics("train")) == 400 and loaded.metrics("eval")[0]["task"] == 0
