@@ -1,6 +1,8 @@
 """Faults a real run survives, each through `python run.py` on the quickstart (Split Digits, 5 tasks x 20 steps):
-preemption (SIGTERM / SIGINT), a corrupt newest checkpoint, a second run on a locked workdir, a kill before the
-first checkpoint, divergence, and resuming stateful strategies (EWC's Fisher and anchors, a replay buffer)."""
+a crash (SIGKILL) mid-task, preemption (SIGTERM / SIGINT), a corrupt newest checkpoint, a second run on a locked
+workdir, a kill before the first checkpoint, divergence, and resuming stateful strategies (EWC's Fisher and
+anchors, a replay buffer). Each interrupted run must end as the uninterrupted one: the same results.json (all but
+`timing`) and a byte-identical metrics.jsonl."""
 import json
 import os
 import re
@@ -51,6 +53,18 @@ def straight(tmp_path_factory):
 def assert_same_run(workdir, reference):
   assert results(workdir) == results(reference)
   assert metrics_bytes(workdir) == metrics_bytes(reference)
+
+
+def test_kill_mid_task_then_resume_gives_identical_results(tmp_path, straight):
+  w = tmp_path / "w"
+  # Step 50 is in task 3 (20 steps a task); the newest checkpoint then is the rolling one at step 48.
+  assert run_py(w, kill_at_step=50).returncode == -signal.SIGKILL
+  assert not (w / "results.json").exists()
+  out = run_py(w)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Resuming" in out.stdout and "from step 48" in out.stdout
+  assert_same_run(w, straight)  # results.json but timing; metrics.jsonl byte for byte (each step once)
+  assert len([l for l in metrics_bytes(w).decode().splitlines() if '"train"' in l]) == 100
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_is_identical(tmp_path, straight):
