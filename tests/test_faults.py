@@ -65,6 +65,30 @@ def test_kill_mid_task_then_resume_gives_identical_results(tmp_path, straight):
   assert "Resuming" in out.stdout and "from step 48" in out.stdout
   assert_same_run(w, straight)  # results.json but timing; metrics.jsonl byte for byte (each step once)
   assert len([l for l in metrics_bytes(w).decode().splitlines() if '"train"' in l]) == 100
+  # TensorBoard: the killed run's steps 49-50 are in its event file, and the resumed run's file starts with a
+  # purge at 49, so a reader shows every step once.
+  steps = tensorboard_steps(w / "tensorboard", "train/loss")
+  assert steps == list(range(1, 101)), steps
+
+
+def tensorboard_steps(logdir, tag):
+  """The steps of `tag` a TensorBoard reader shows: events in file order, a SessionLog START at step s (what
+  `purge_step` writes) dropping the earlier events at steps >= s."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for path in sorted(logdir.iterdir()):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        steps = [s for s in steps if s < event.step]
+      elif event.HasField("summary"):
+        steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_is_identical(tmp_path, straight):
