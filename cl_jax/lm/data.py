@@ -64,15 +64,6 @@ def load_data(c) -> CPTData:
                  {role: len(dom.documents["train"]) for role, dom in domains.items()})
 
 
-def check_against_data(c, data: CPTData) -> None:
-  """Data-dependent checks (before anything is written): every batch fits in its corpus."""
-  for section, roles in (("pretrain", (GENERAL,)), ("adapt", (GENERAL, DOMAIN))):
-    for role in roles:
-      n = len(data.train[role])
-      if n < 1:
-        raise ValueError(f"text.{role}={c.text[role]!r}: no training sequence of lm.seq_len={c.lm.seq_len}")
-
-
 def next_token_batch(tokens: np.ndarray, task: int, domain: np.ndarray | None = None) -> dict:
   """tokens [B, L] -> the LM batch layout (module docstring)."""
   tokens = np.asarray(tokens)
@@ -96,4 +87,4 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   return next_token_batch(tokens, task, ids)
 
 
-__all__ = ["CPTData", "load_data", "subset", "check_against_data", "next_token_batch", "sampler_batch"]
+__all__ = ["CPTData", "load_data", "subset", "next_token_batch", "sampler_batch"]
