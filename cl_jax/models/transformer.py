@@ -435,8 +435,12 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens: jax.Array, task: jax.Array | None = None, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """Logits of `tokens [B, T]`. Packed rows (`cl_jax.lm.sft.pack`): `segment_ids [B, T]` keep attention inside
-    each example and `positions [B, T]` restart at 0 per example; by default one sequence at 0..T-1."""
+    each example and `positions [B, T]` restart at 0 per example; by default one sequence at 0..T-1. A packed
+    input `tokens [B, T, 3]` = (tokens, segment_ids, positions) stacked (`cl_jax.lm.sft.sft_batch`'s x) is the same
+    call, so wrappers that only pass `x` through (LoRA) keep the packing."""
     del task
+    if tokens.ndim == 3 and tokens.shape[-1] == 3 and segment_ids is None and positions is None:
+      tokens, segment_ids, positions = tokens[..., 0], tokens[..., 1], tokens[..., 2]
     if tokens.ndim != 2:
       raise ValueError(f"TransformerLM: tokens must be [batch, time], got shape {tokens.shape}")
     if positions is None:
