@@ -22,7 +22,9 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
   after_task  the strategy chain's `after_task` (distillation snapshots its teacher).
 
 Strategies (`strategy`, a '+' chain): `naive`; `replay` (the data-side mix above, `replay.fraction`); `distill` /
-`lwf` (the registry's distillation on the packed logits, teacher = the params after the previous task). Per-set
+`lwf` (the registry's distillation on the packed logits, teacher = the params after the previous task); `lora` (one
+adapter on the frozen base through all sets, `lora.*`); `olora` (O-LoRA: one adapter slot per set, earlier slots
+frozen, orthogonality penalty; `olora.*`, `lora.*`). Adapters are folded into the base for decoding. Per-set
 system prompts or task tags are a data choice, `sft.task_prompt` = 'off' | 'system' | 'tag', combinable with any
 strategy.
 
@@ -44,7 +46,7 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import instructions as ins
 
-CIT_STRATEGIES = ("naive", "replay", "distill", "lwf")
+CIT_STRATEGIES = ("naive", "replay", "distill", "lwf", "lora", "olora")
 METRICS = ("exact_match", "format")
 
 
@@ -72,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
       decay_shape="linear"))
   c.replay = ml_collections.ConfigDict(dict(fraction=0.05))  # share of each batch's rows from earlier tasks
   c.distill = distill_config()
+  from cl_jax.models.lora import default_config as lora_config
+  from cl_jax.strategies.olora import default_config as olora_config
+  c.lora = lora_config()
+  c.olora = olora_config()
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=False, divergence_factor=100.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -147,8 +153,10 @@ def check_config(c) -> None:
   if c.cit.batch_size % (data * fsdp):
     raise ValueError(f"cit.batch_size={c.cit.batch_size}: not divisible by the {data * fsdp} devices of the mesh "
                      f"(mesh.data={data}, mesh.fsdp={fsdp})")
+  if "lora" in names and "olora" in names:
+    raise ValueError(f"strategy={c.strategy!r}: lora and olora both change the model; choose one")
   for name in names:
-    if name in ("distill", "lwf") and REGISTRY[name].check_config is not None:
+    if name not in ("naive", "replay") and REGISTRY[name].check_config is not None:
       REGISTRY[name].check_config(c)
 
 
@@ -349,6 +357,18 @@ def build_model(c, data: CITData, mesh):
   return build_lm(cfg, seed=c.seed)
 
 
+def decoding_params(params, c):
+  """Plain model params for decoding: LoRA params ({'base', 'adapters'}) with every adapter folded into the base
+  (the sum of all adapters: LoRA's one, O-LoRA's slots, whose inference rule is exactly that sum)."""
+  if not (isinstance(params, dict) and set(params) == {"base", "adapters"}):
+    return params
+  from cl_jax.models import lora
+  spec = lora.spec_from_config(c.lora)
+  for name in lora.adapter_names(params):
+    params = lora.merge_adapter(params, name, spec)
+  return params["base"]
+
+
 def strategy_names(c) -> list[str]:
   from cl_jax.strategies import parse_strategy_spec
   return parse_strategy_spec(c.strategy)
@@ -358,7 +378,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   """Continual instruction tuning end to end (module docstring); returns `Results(kind='cit')`."""
   from cl_jax.checkpoint import Checkpoints
   from cl_jax.eval.metrics import summarize
-  from cl_jax.lm.sft import sft_batch, sft_loss
+  from cl_jax.lm.sft import sft_batch
   from cl_jax.results import Results
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
   from cl_jax.train.loop import Plan, run_tasks, strategy_record, with_finite_flag
@@ -379,21 +399,28 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   names = strategy_names(c)
   loss_names = [n for n in names if n not in ("naive", "replay")]
   learner = Learner(packed_apply(model), lambda task, index: None)
-  strategy = build_strategy("+".join(loss_names) or "naive", c, learner)
+  spec = "+".join(loss_names) or "naive"
+  strategy = build_strategy(spec, c, learner)
   num_tasks = len(data.tasks)
   steps = int(c.cit.steps_per_task)
   fraction = float(c.replay.fraction) if "replay" in names else 0.0
-  schedule = build_schedule(c.optim, steps, num_tasks)
-  optimizer = build_optimizer(c.optim, schedule)
   key = jax.random.PRNGKey(c.seed)
   task_info = TaskInfo(num_tasks, int(data.tokenizer.vocab_size), (int(c.sft.seq_len) - 1,))
+  trainable = None
+  if strategy.prepare is not None:  # lora / olora: base + adapters, only the adapters train
+    apply, params, trainable = strategy.prepare(model, params, task_info, jax.random.fold_in(key, 2))
+    learner = Learner(apply, lambda task, index: None)
+    strategy = build_strategy(spec, c, learner)
+  schedule = build_schedule(c.optim, steps, num_tasks)
+  optimizer = build_optimizer(c.optim, schedule, trainable)
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
                      strategy_state=strategy.init(params, task_info), rng=jax.random.fold_in(key, 1),
                      task_index=np.int32(0))
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = sharding.put_global(state, state_sh)
-  step_fn = with_finite_flag(make_train_step(strategy.loss(sft_loss(model)), optimizer, schedule,
+  from cl_jax.lm.losses import next_token_loss
+  step_fn = with_finite_flag(make_train_step(strategy.loss(next_token_loss(learner)), optimizer, schedule,
                                              log_norms=bool(c.train.log_norms), strategy=strategy))
   train_step = compile_train_step(step_fn, state_sh, sharding.batch_sharding(mesh), rep)
   sources: dict = {}       # task -> its live batch source (counts of the rows drawn so far)
@@ -411,8 +438,11 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     finished.update({int(t): v for t, v in d.get("replay_counts", {}).items()})
 
   def begin_task(state, t, done):
-    del done
-    return state._replace(task_index=sharding.put_global(np.int32(t), rep))
+    state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
+    if strategy.reset_optimizer and t > 0 and done == 0:  # O-LoRA: no momentum moves a frozen slot
+      state = state._replace(opt_state=sharding.put_global(jax.device_get(optimizer.init(state.params)),
+                                                           state_sh.opt_state))
+    return state
 
   def after_task(state, t):
     if t in sources:
@@ -424,7 +454,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
 
   def evaluate(state, t):
     del t
-    scores, outputs = evaluate_sets(model, state.params, data, int(c.cit.max_new_tokens), mesh)
+    scores, outputs = evaluate_sets(model, decoding_params(state.params, c), data, int(c.cit.max_new_tokens), mesh)
     fields = {"accuracy": task_scores(data, scores, c.cit.metric), "sets": scores,
               "examples": {s: outputs[s][:2] for s in outputs}}
     if "refusal" in scores:
@@ -476,6 +506,11 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
       write_json(workdir, "results.json", results.as_dict())
       with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(summary_markdown(results))
+      from cl_jax import report
+      title = f"CIT {c.strategy}, prompts {c.sft.task_prompt} ({c.cit.metric})"
+      report.plot_accuracy_matrix(r, os.path.join(workdir, "accuracy_matrix.png"), title)
+      report.plot_accuracy_curves(report.read_evals(workdir), os.path.join(workdir, "accuracy_curves.png"),
+                                  title=title)
   return results
 
 
@@ -485,6 +520,10 @@ def strategy_record_cit(c, names) -> dict:
     used["replay"] = c.replay.to_dict()
   if {"distill", "lwf"} & set(names):
     used["distill"] = c.distill.to_dict()
+  if {"lora", "olora"} & set(names):
+    used["lora"] = c.lora.to_dict()
+  if "olora" in names:
+    used["olora"] = c.olora.to_dict()
   return {"strategy_config": used} if used else {}
 
 

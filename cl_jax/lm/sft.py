@@ -104,11 +104,7 @@ def packed_apply(model):
 
   def apply(params, x, task=None):
     del task
-    module = nnx.merge(model.graphdef, params)
-    x = jnp.asarray(x)
-    if x.ndim == 3:
-      return module(x[..., 0], segment_ids=x[..., 1], positions=x[..., 2])
-    return module(x)
+    return nnx.merge(model.graphdef, params)(jnp.asarray(x))  # TransformerLM unpacks a [B, T, 3] input
 
   return apply
 
