@@ -72,8 +72,8 @@ def test_quickstart(tmp_path, monkeypatch):
   assert runs["naive"]["bwt"] < -0.5
   assert runs["replay"]["acc"] > runs["naive"]["acc"] + 0.1
   assert len(outputs(nb, "image/png")) >= 4  # the three .plot() figures and the swapped strategy's
-  table = [md for md in outputs(nb, "text/markdown") if md.startswith("| strategy | ACC | BWT")]
-  assert table and f"{runs['replay']['acc']:.3f}" in table[0]
+  table = [md for md in outputs(nb, "text/markdown") if md.startswith("| strategy | ACC (%) | BWT (%)")]
+  assert table and f"| `replay` | {100 * runs['replay']['acc']:.1f} |" in table[0]
 
 
 def test_continual_pretraining(tmp_path, monkeypatch):
