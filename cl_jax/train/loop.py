@@ -226,7 +226,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
   num_tasks = len(plan.steps)
   names = list(plan.names or [f"task {t + 1}/{num_tasks}" for t in range(num_tasks)])
   state = plan.state
-  boundary, task_seconds, prior_seconds = [], [], 0.0
+  boundary, task_seconds, prior_seconds, clock = [], [], 0.0, {"task_start": time.time()}
   start_task, iterator_state, resume_step, div_state, stopped = 0, None, None, None, None
   restored = checkpoints.restore(abstract_like(state, plan.state_sharding)) if resume else None
   if restored is not None:
@@ -234,6 +234,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     boundary, task_seconds = meta["boundary"], meta["task_seconds"]
     start_task, iterator_state = meta["task"], meta["iterator"]
     prior_seconds, div_state, stopped = meta.get("seconds", 0.0), meta.get("divergence"), meta.get("stopped")
+    if iterator_state is not None:  # mid-task: the task's wall time so far counts toward its task_seconds
+      clock["task_start"] -= meta.get("task_elapsed", 0.0)
     if plan.load_meta is not None:
       plan.load_meta(meta.get("plan", {}))
     resume_step = int(state.step)
@@ -248,7 +250,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
 
   def meta(task, iterator):
     return {"task": task, "iterator": iterator, "boundary": boundary, "task_seconds": task_seconds,
-            "seconds": seconds(), "divergence": divergence.state(), "stopped": stopped,
+            "seconds": seconds(), "task_elapsed": time.time() - clock["task_start"],
+            "divergence": divergence.state(), "stopped": stopped,
             "plan": plan.meta() if plan.meta is not None else {}}
 
   def write_eval(step, t_record, fields, is_boundary):
@@ -267,7 +270,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
       for t in range(start_task, num_tasks):
         if stopped is not None:
           break
-        t0 = time.time()
+        if t > start_task or iterator_state is None:
+          clock["task_start"] = time.time()
         first_step = sum(plan.steps[:t])
         task_steps = plan.steps[t]
         done = int(state.step) - first_step
@@ -354,7 +358,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         if plan.after_task is not None:
           state = plan.after_task(state, t)
         fields = plan.evaluate(state, t) if plan.evaluate is not None else {}
-        task_seconds.append(time.time() - t0)
+        task_seconds.append(time.time() - clock["task_start"])
         rec, verdict = write_eval(int(state.step), t + 1, fields, True)
         boundary.append(rec)
         log.flush()
