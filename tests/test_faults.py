@@ -245,3 +245,23 @@ def test_ewc_and_replay_resume_mid_task_identically(tmp_path, monkeypatch):
   assert metrics_bytes(tmp_path / "straight") == metrics_bytes(tmp_path / "resumed")
   naive = cl_jax.run(tiny_config("naive", steps=20), str(tmp_path / "naive"), progress=False)
   assert straight.bwt > naive.bwt  # the strategy state is in play (so resuming it is tested)
+
+
+def test_unusable_workdir_is_refused_by_path_before_any_work(tmp_path):
+  """A workdir that is a file, or lies under a file: WorkdirError (exit 2) naming the path; nothing written."""
+  import cl_jax
+  from cl_jax.errors import WorkdirError
+  from cl_jax.workdir import check_usable
+  from conftest import tiny_config
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("keep me")
+  for bad, needle in [(a_file, "is a file"), (a_file / "run", "lies under")]:
+    with pytest.raises(WorkdirError, match=needle) as e:
+      cl_jax.run(tiny_config(steps=5), str(bad), progress=False)
+    assert str(a_file) in str(e.value) and e.value.exit_code == 2
+  assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  if os.geteuid() != 0:  # root may write anywhere
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(WorkdirError, match="not writable"):
+      check_usable(str(locked / "run"))

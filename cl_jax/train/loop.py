@@ -455,6 +455,10 @@ def build(config) -> Setup:
 
 def check_data_fits(config, scenario, strategy) -> None:
   """A batch larger than a task's training data: a config error before anything is written."""
+  hosts = jax.process_count()
+  if config.train.batch_size % hosts:
+    raise ConfigError(f"train.batch_size={config.train.batch_size}: not divisible by the {hosts} processes "
+                      "(each feeds an equal share of every global batch)")
   for t in range(scenario.num_tasks):
     n = sum(scenario.tasks[i].num_train for i in strategy.train_tasks(t))
     if n < config.train.batch_size:
