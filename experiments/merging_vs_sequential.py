@@ -50,7 +50,7 @@ from cl_jax.losses import MASK_VALUE  # noqa: E402
 from cl_jax.models import build_model, lora, param_count  # noqa: E402
 from cl_jax.models import progressive as prog  # noqa: E402
 from cl_jax.strategies import olora as olora_lib  # noqa: E402
-from cl_jax.strategies import Learner, LossContext, TaskData, naive  # noqa: E402
+from cl_jax.strategies import Learner, LossContext, TaskData, TaskInfo, naive  # noqa: E402
 from cl_jax.strategies.ewc import ewc  # noqa: E402
 from cl_jax.train.optim import build_optimizer  # noqa: E402
 from cl_jax.train.step import task_loss  # noqa: E402
@@ -212,7 +212,7 @@ def main(argv=None):
   def sequential(strategy=None, cfg=None):
     params, sstate = base, ()
     if strategy is not None:
-      sstate = strategy.init(params, None)
+      sstate = strategy.init(params, TaskInfo(T, scenario.num_outputs, scenario.input_shape))
       x, y, tk = tasks[0]["train"]
       sstate = strategy.after_task(sstate, params, TaskData(x, y, tk, 0), jax.random.key(0))
     for k in range(1, T):
@@ -341,11 +341,12 @@ def main(argv=None):
   # O-LoRA: adapters trained in sequence, each orthogonal to the earlier ones, summed at inference (no
   # task label). Slot k serves task k; slot 0 stays the identity (the base learnt task 1).
   def make_olora(lambda1):
-    cfg = ml_collections.ConfigDict({"olora": olora_lib.default_config()})
+    cfg = ml_collections.ConfigDict({"olora": olora_lib.default_config(), "lora": lora.default_config()})
     cfg.olora.lambda1 = float(lambda1)
+    cfg.lora.update(targets="dense_*,head", rank=args.rank, alpha=float(spec.alpha))  # the adapters' own spec
     strategy = olora_lib.olora(cfg)
     params = olora_lib.init_olora_params(base, T, jax.random.key(7), spec)
-    sstate = strategy.init(params, None)
+    sstate = strategy.init(params, TaskInfo(T, scenario.num_outputs, scenario.input_shape))
     olearner = Learner(lm.bind(olora_lib.slot_names(T)), scenario.logit_mask)
     for k in range(1, T):
       params = train(params, olearner, tasks, [k], args.steps, args, args.lora_lr, strategy=strategy,
