@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import socket
+import time
 import warnings
 from typing import Callable
 
@@ -127,6 +128,7 @@ def decide(config, workdir: str, overwrite: bool) -> bool:
   Raises WorkdirError when it holds another config, or files that are not a cl_jax run, and `overwrite` is off.
   """
   check_usable(workdir)
+  Lock(workdir).check()  # a live run there: refuse now, before the caller builds anything
   if overwrite or not os.path.isdir(workdir):
     return False
   old = read_config(workdir)
@@ -143,6 +145,18 @@ def decide(config, workdir: str, overwrite: bool) -> bool:
     raise WorkdirError(f"workdir {workdir!r} holds a run with a different config (differs in {diff[:8]}); "
                        "use another --workdir, or --overwrite to discard it")
   return True
+
+
+def precheck(config, workdir: str, overwrite: bool) -> None:
+  """`decide` before the run builds anything: process 0 reads, every process learns whether it refused."""
+  error = None
+  if is_writer():
+    try:
+      decide(config, workdir, overwrite)
+    except (WorkdirError, WorkdirLocked) as e:
+      error = e
+  if _broadcast_flag(False, error is not None) is None:
+    raise error or WorkdirError(f"workdir {workdir!r}: process 0 refused it (see its log)")
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -168,16 +182,16 @@ class Lock:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(3):
+    for _ in range(20):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
-        holder = self._holder()
-        if holder is not None and not self._stale(holder):
-          raise WorkdirLocked(
-              f"workdir {os.path.dirname(self.path)!r} is in use by a live run (pid {holder.get('pid')} on "
-              f"{holder.get('host')}, started {holder.get('start')}); wait for it or use another --workdir "
-              f"(if that run is dead, delete {self.path})")
+        if not os.path.exists(self.path):
+          continue
+        holder = self.check()
+        if holder is None and time.time() - os.path.getmtime(self.path) < 5:
+          time.sleep(0.5)  # unreadable but fresh: its owner may be writing it right now
+          continue
         warnings.warn(f"taking over the stale lock {self.path} of dead pid "
                       f"{None if holder is None else holder.get('pid')}", stacklevel=2)
         try:
@@ -190,6 +204,18 @@ class Lock:
       self.held = True
       return self
     raise WorkdirLocked(f"could not take the lock {self.path}: another run keeps taking it")
+
+  def check(self) -> dict | None:
+    """Raises WorkdirLocked when a live run holds the lock; returns a stale holder's record (or None). Reads only."""
+    if not os.path.exists(self.path):
+      return None
+    holder = self._holder()
+    if holder is not None and not self._stale(holder):
+      raise WorkdirLocked(
+          f"workdir {os.path.dirname(self.path)!r} is in use by a live run (pid {holder.get('pid')} on "
+          f"{holder.get('host')}, started {holder.get('start')}); wait for it or use another --workdir "
+          f"(if that run is dead, delete {self.path})")
+    return holder
 
   def _holder(self) -> dict | None:
     try:

@@ -39,7 +39,7 @@ import numpy as np
 from cl_jax import compilation_cache, report, sharding
 from cl_jax.checkpoint import Checkpoints, abstract_like
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
-from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, write_json
+from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, precheck, write_json
 
 # Test hooks: SIGKILL this process right after the given global step (a real crash, mid-task); replace the
 # inputs of the batch of the given global step by NaN (divergence).
@@ -514,7 +514,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   sharding.maybe_initialize_distributed()
   compilation_cache.enable()
   validate(config)
-  decide(config, workdir, overwrite)  # a workdir holding another run fails here, before any work
+  precheck(config, workdir, overwrite)  # a workdir holding another run, or a live one, fails here: no work done
   from cl_jax.train import seeds
   if seeds.num_runs(config) > 1:  # every seed / sweep setting as one vmapped program (H7)
     return seeds.run(config, workdir, overwrite, progress)
