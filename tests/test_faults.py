@@ -223,6 +223,8 @@ def test_preemption_flag_restores_the_previous_handlers():
   with PreemptionFlag() as flag:
     signal.raise_signal(signal.SIGINT)   # Ctrl-C: a flag, not a KeyboardInterrupt mid-step
     assert flag.is_set() and flag.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the step boundary
+      signal.raise_signal(signal.SIGINT)
   assert {s: signal.getsignal(s) for s in before} == before
 
 

@@ -139,6 +139,8 @@ class PreemptionFlag:
     return self
 
   def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step boundary
     self.signum = signum
 
   def __exit__(self, *exc):
