@@ -122,13 +122,14 @@ def read_config(workdir: str) -> dict | None:
     raise WorkdirError(f"{path}: unreadable ({e}); use --overwrite to discard this workdir") from e
 
 
-def decide(config, workdir: str, overwrite: bool) -> bool:
+def decide(config, workdir: str, overwrite: bool, check_lock: bool = True) -> bool:
   """True when `workdir` holds this run (resume); False for a fresh start. Reads only.
 
   Raises WorkdirError when it holds another config, or files that are not a cl_jax run, and `overwrite` is off.
   """
   check_usable(workdir)
-  Lock(workdir).check()  # a live run there: refuse now, before the caller builds anything
+  if check_lock:
+    Lock(workdir).check()  # a live run there: refuse now, before the caller builds anything
   if overwrite or not os.path.isdir(workdir):
     return False
   old = read_config(workdir)
@@ -266,7 +267,7 @@ class Workdir:
       try:
         check_usable(self.path)
         self.lock.acquire()
-        self.resume = decide(self.config, self.path, self.overwrite)
+        self.resume = decide(self.config, self.path, self.overwrite, check_lock=False)  # the lock is ours
         if not self.resume:
           for name in os.listdir(self.path):
             if name != LOCK:
