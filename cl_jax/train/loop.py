@@ -29,7 +29,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
