@@ -7,6 +7,7 @@ kind) -> check the workdir is usable without writing to it -> hand over to the k
   classic  cl_jax.train.loop.run   (the task loop)
   lm       cl_jax.lm.run           (continual pre-training on the same task loop)
   merge    cl_jax.merge_run.run    (merge finished runs' checkpoints, evaluate every task)
+  cit      cl_jax.lm.cit.run       (continual instruction tuning: instruction sets on the same task loop)
 
 Every runner has the signature (config, workdir, overwrite, progress) and returns `cl_jax.results.Results`.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from cl_jax import sharding
 from cl_jax.errors import ConfigError
 
-KINDS = ("classic", "lm", "merge")
+KINDS = ("classic", "lm", "merge", "cit")
 
 
 def runner_for(kind: str):
@@ -26,6 +27,8 @@ def runner_for(kind: str):
     from cl_jax.lm import run as kind_run
   elif kind == "merge":
     from cl_jax.merge_run import run as kind_run
+  elif kind == "cit":
+    from cl_jax.lm.cit import run as kind_run
   else:
     raise ConfigError(f"kind={kind!r}: expected one of {list(KINDS)}")
   return kind_run

@@ -84,6 +84,7 @@ def main(argv=None):
   p.add_argument("--seq_len", type=int, default=384)
   p.add_argument("--metric", default="exact_match", choices=("exact_match", "format"),
                  help="the accuracy-matrix entry (cit.metric)")
+  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (optim.lr)")
   p.add_argument("--d_model", type=int, default=0, help="model width (0: the size's default, 128 for tiny)")
   p.add_argument("--variants", nargs="+", default=list(VARIANTS))
   p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "cit"))
@@ -102,6 +103,7 @@ def main(argv=None):
       c.cit.batch_size, c.sft.seq_len, c.cit.metric = a.batch_size, a.seq_len, a.metric
       if a.d_model:
         c.lm.d_model = a.d_model
+      c.optim.lr = a.lr
       r = cl_jax.run(c, os.path.join(a.workdir, f"{name}_s{seed}"), progress=False)
       e = r.extra
       rows[(name, seed)] = {"variant": name, "seed": seed, "acc": r.acc, "bwt": r.bwt, "forgetting": r.forgetting,
@@ -120,7 +122,7 @@ def write(a, rows: dict, quiet: bool = False) -> None:
   lines = ["# Continual instruction tuning: replay fraction and task prompts", "",
            f"`{a.command}` — tasks "
            f"{a.tasks.replace(',', ' → ')}, {a.steps} steps per task (batch {a.batch_size} packed rows of "
-           f"{a.seq_len} bytes), seeds {seeds}, byte-level tiny transformer from scratch"
+           f"{a.seq_len} bytes, lr {a.lr:g}), seeds {seeds}, byte-level tiny transformer from scratch"
            f"{f' (d_model {a.d_model})' if a.d_model else ''}; matrix metric: {a.metric} of greedy answers on "
            f"{a.eval_examples} test examples per set. "
            "Mean and 95% t-interval over seeds.", "",

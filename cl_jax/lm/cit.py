@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lm = ml_collections.ConfigDict(dict(size="tiny", d_model=0, num_layers=0, num_heads=0, compute_dtype="float32",
                                         init_from=""))  # a Hugging Face checkpoint directory ('' = a new byte model)
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
+      name="adamw", lr=3e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
       schedule="constant", scope="task", warmup_fraction=0.05, decay_fraction=0.25, end_lr_fraction=0.0,
       decay_shape="linear"))
   c.replay = ml_collections.ConfigDict(dict(fraction=0.05))  # share of each batch's rows from earlier tasks

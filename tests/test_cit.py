@@ -1,0 +1,203 @@
+"""Continual instruction tuning: replay fraction, left-padded greedy decoding, config errors, runs end to end."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cl_jax.lm import cit
+
+
+def tiny_cit_config(**overrides):
+  c = cit.default_config()
+  c.cit.tasks = "name,refusal+benign"
+  c.cit.steps_per_task = 6
+  c.cit.batch_size = 4
+  c.cit.eval_examples = 4
+  c.cit.max_new_tokens = 8
+  c.sft.seq_len = 256
+  c.lm.d_model, c.lm.num_layers, c.lm.num_heads = 32, 1, 2
+  c.train.log_every_steps = 2
+  for k, v in overrides.items():
+    section, key = k.split(".") if "." in k else (None, k)
+    if section:
+      c[section][key] = v
+    else:
+      c[key] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data():
+  return cit.load_data(tiny_cit_config(**{"cit.tasks": "name,signature,refusal+benign"}))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2])
+def test_replay_fraction_is_realised(data, fraction):
+  b, steps = 16, 50
+  src = cit.ReplaySource(data, 2, b, fraction, seed=0)
+  replayed = 0
+  for s in range(steps):
+    batch = next(src)
+    n_rep = int((batch["task"] < 2).sum())
+    assert n_rep == src.replayed_at(s)
+    assert (batch["task"][:b - n_rep] == 2).all() and set(batch["task"][b - n_rep:]) <= {0, 1}
+    replayed += n_rep
+  assert replayed == int(np.floor(steps * b * fraction + 1e-9))  # the realised share is f up to one row
+  assert abs(replayed / (steps * b) - fraction) <= 1 / (steps * b)
+  assert src.counts["replay_rows"] == replayed and src.counts["rows"] == steps * b
+  # both earlier tasks are replayed (uniform over their pooled rows)
+  src2 = cit.ReplaySource(data, 2, b, 0.5, seed=0)
+  tasks = np.concatenate([next(src2)["task"] for _ in range(20)])
+  assert (tasks == 0).sum() > 20 and (tasks == 1).sum() > 20
+  # the source resumes by step: the same batch after a restart from its state
+  state = src.get_state()
+  again = cit.ReplaySource(data, 2, b, fraction, seed=0, state=json.loads(json.dumps(state)))
+  np.testing.assert_array_equal(next(again)["x"], next(src)["x"])
+  # task 1 has nothing earlier to replay
+  first = cit.ReplaySource(data, 0, b, fraction, seed=0)
+  assert all((next(first)["task"] == 0).all() for _ in range(5))
+
+
+def test_task_scores_pool_a_tasks_sets_by_examples(data):
+  scores = {"name": {"exact_match": 0.5, "format": 1.0}, "signature": {"exact_match": 0.25, "format": 0.75},
+            "refusal": {"exact_match": 1.0, "format": 1.0}, "benign": {"exact_match": 0.0, "format": 0.5}}
+  data = data._replace(eval_targets={"name": ["a"] * 4, "signature": ["b"] * 4, "refusal": ["c"] * 4,
+                                     "benign": ["d"] * 12})
+  assert cit.task_scores(data, scores) == [0.5, 0.25, 0.25]  # (4 * 1.0 + 12 * 0.0) / 16
+  assert cit.task_scores(data, scores, "format") == [1.0, 0.75, 0.625]
+
+
+def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
+  from cl_jax import sharding
+  from cl_jax.lm.sampling import generate
+  model, params = cit.build_model(tiny_cit_config(), data, sharding.make_mesh(-1, 1))
+  toks, valid = data.eval_prompts["name"]
+  out = np.asarray(cit.greedy_decode(model, params, jnp.asarray(toks[:3]), jnp.asarray(valid[:3]), max_new_tokens=6,
+                                     eos_id=data.tokenizer.eos_id))
+  for i in range(3):
+    prompt = toks[i][valid[i] == 1][None]
+    ref = np.asarray(generate(model, params, jnp.asarray(prompt), jax.random.PRNGKey(0), max_new_tokens=6,
+                              temperature=0.0, eos_id=data.tokenizer.eos_id))[0, prompt.shape[1]:]
+    np.testing.assert_array_equal(out[i], ref)
+  assert len({len(p) for p in [t[v == 1] for t, v in zip(toks, valid)]}) > 1  # the prompts really differ in length
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("cit.tasks", "name,nope", "cit.tasks='name,nope': unknown set"),
+    ("cit.tasks", "name,name", "a set appears twice"),
+    ("strategy", "ewc", "strategy='ewc'"),
+    ("sft.task_prompt", "yes", "sft.task_prompt='yes'"),
+    ("replay.fraction", 1.5, "replay.fraction=1.5"),
+    ("cit.eval_split", "train", "cit.eval_split='train'"),
+])
+def test_config_errors_name_the_key(key, value, message):
+  from cl_jax.config import validate
+  from cl_jax.errors import ConfigError
+  c = tiny_cit_config(**{key: value})
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    validate(c)
+  c = tiny_cit_config(strategy="replay", **{"replay.fraction": 0.0})
+  with pytest.raises(ConfigError, match="replay.fraction=0.0"):
+    validate(c)
+
+
+RUN = {"replay.fraction": 0.25, "sft.task_prompt": "tag"}
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+  """Two tasks (name; refusal+benign) through cl_jax.run, uninterrupted."""
+  import cl_jax
+  return cl_jax.run(tiny_cit_config(strategy="replay", **RUN), str(tmp_path_factory.mktemp("cit") / "w"),
+                    progress=False)
+
+
+def test_two_sets_through_cl_jax_run(whole_run):
+  from cl_jax.eval import metrics
+  results = whole_run
+  tmp_path = results.workdir
+  r = results.accuracy_matrix
+  assert results.kind == "cit" and r.shape == (3, 2) and ((0 <= r) & (r <= 1)).all()
+  assert results.bwt == pytest.approx(metrics.bwt(r)) and results.acc == pytest.approx(metrics.acc(r))
+  e = results.extra
+  assert set(e["final_sets"]) == {"name", "refusal", "benign"}
+  # the matrix's last row is the exact-match rate over each task's sets (4 examples each)
+  fs = e["final_sets"]
+  assert r[-1, 0] == pytest.approx(fs["name"]["exact_match"])
+  assert r[-1, 1] == pytest.approx((fs["refusal"]["exact_match"] + fs["benign"]["exact_match"]) / 2)
+  assert e["refusal_rate"] == fs["refusal"]["refusal_rate"] and e["over_refusal_rate"] == fs["benign"]["refusal_rate"]
+  # replay only in task 2: 6 steps x 4 rows x 0.25 = 6 of 24 rows
+  assert e["replay_share"]["rows"] == pytest.approx(0.25)
+  saved = json.load(open(os.path.join(tmp_path, "results.json")))
+  assert saved["kind"] == "cit" and np.allclose(saved["accuracy_matrix"], r)
+  train = [m for m in results.metrics("train")]
+  assert len(train) == 12 and train[-1]["loss"] < train[0]["loss"]  # SFT on the masked loss learns something
+  for name in ("summary.md", "accuracy_matrix.png", "accuracy_curves.png"):
+    assert os.path.exists(os.path.join(tmp_path, name))
+  assert "| name |" in results.summary() or "ACC" in results.summary()
+
+
+def test_imported_checkpoint_with_its_own_chat_template(tmp_path):
+  """An HF checkpoint (the qwen2 fixture, given a ChatML template) trains and is evaluated with its tokenizer."""
+  pytest.importorskip("jinja2")
+  pytest.importorskip("safetensors")
+  import shutil
+  from cl_jax.lm.templates import HFChatTemplate
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src, ckpt = os.path.join(root, "tests", "fixtures", "hf", "qwen2"), tmp_path / "ckpt"
+  shutil.copytree(src, ckpt)
+  cfg = json.load(open(ckpt / "tokenizer_config.json"))
+  cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  json.dump(cfg, open(ckpt / "tokenizer_config.json", "w"))
+  c = tiny_cit_config(**{"lm.init_from": str(ckpt), "cit.tasks": "name,refusal", "cit.steps_per_task": 2,
+                         "cit.eval_examples": 2, "cit.max_new_tokens": 4})
+  data = cit.load_data(c)
+  assert isinstance(data.template, HFChatTemplate) and data.end_text == "<|im_end|>"
+  assert data.tokenizer.vocab_size == 128
+  results = cit.run(c, str(tmp_path / "w"), progress=False, data=data)
+  assert results.accuracy_matrix.shape == (3, 2)
+  assert len(results.metrics("train")) == 4
+
+
+def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypatch):
+  """SIGTERM mid-task 2 -> Preempted; rerunning resumes (replay source by step, counts via checkpoint meta) and ends
+  with the results of the uninterrupted run."""
+  from cl_jax.errors import Preempted
+  from cl_jax.train.loop import SIGNAL_ENV
+  c = tiny_cit_config(strategy="replay", **RUN)
+  data = cit.load_data(c)
+  whole = whole_run
+  monkeypatch.setenv(SIGNAL_ENV, "8")
+  with pytest.raises(Preempted):
+    cit.run(c, str(tmp_path / "b"), progress=False, data=data)
+  monkeypatch.delenv(SIGNAL_ENV)
+  resumed = cit.run(c, str(tmp_path / "b"), progress=False, data=data)
+  np.testing.assert_array_equal(resumed.accuracy_matrix, whole.accuracy_matrix)
+  assert resumed.extra["final_sets"] == whole.extra["final_sets"]
+  assert resumed.extra["replay_share"] == whole.extra["replay_share"]
+  loss = lambda r: [(m["step"], m["loss"]) for m in r.metrics("train")]
+  assert [s for s, _ in loss(resumed)] == [s for s, _ in loss(whole)]
+  np.testing.assert_allclose([v for _, v in loss(resumed)], [v for _, v in loss(whole)], rtol=1e-5)
+
+
+def test_adapters_are_folded_for_decoding(data):
+  """decoding_params(base + O-LoRA slots) gives the logits of the adapted model (the sum of all slots)."""
+  from cl_jax import sharding
+  from cl_jax.lm.sft import sft_batch
+  from cl_jax.strategies import TaskInfo, build_strategy
+  c = tiny_cit_config(strategy="olora")
+  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
+  strategy = build_strategy("olora", c, None)
+  apply, lp, _ = strategy.prepare(model, params, TaskInfo(2, 259, (255,)), jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
+  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape),
+                                                     lp["adapters"])}
+  x = jnp.asarray(sft_batch({k: v[:2] for k, v in data.rows[0].items()})["x"])
+  adapted = apply(lp, x)
+  folded = model.apply(cit.decoding_params(lp, c), x)
+  assert float(jnp.abs(adapted - model.apply(params, x)).max()) > 1e-3  # the adapters matter
+  np.testing.assert_allclose(np.asarray(folded), np.asarray(adapted), atol=2e-4, rtol=2e-4)
