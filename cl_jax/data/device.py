@@ -126,7 +126,7 @@ class DeviceData:
     self.input_shape = tuple(scenario.input_shape)
     x = np.concatenate([np.asarray(a, np.float32) for a in arrays]) if len(arrays) > 1 else arrays[0]
     x = np.asarray(x, np.float32).reshape(len(x), -1)
-    put = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jnp.asarray
+    put = (lambda a: _put_global(a, replicated)) if replicated is not None else jnp.asarray
     remaps = [task.transform for task in scenario.tasks]
     if any(r is not None for r in remaps):
       index, weights = _stack_remaps(remaps, int(np.prod(scenario.input_shape)))
@@ -214,7 +214,7 @@ class DeviceTestData:
 
   def __init__(self, scenario: Scenario, batch_size: int, replicated=None, batch_sharding=None):
     self.batch_sharding = batch_sharding
-    put = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jnp.asarray
+    put = (lambda a: _put_global(a, replicated)) if replicated is not None else jnp.asarray
     arrays, which = [], []
     for task in scenario.tasks:
       found = [i for i, a in enumerate(arrays) if a is task.x_test]
@@ -479,3 +479,9 @@ def _prefetch_worker(iterator, q, stop) -> None:
           continue
   except BaseException as e:  # StopIteration included: the consumer sees it at its next()
     q.put(e)
+
+
+def _put_global(array, sharding):
+  """Host values every process holds alike -> a global array (multi-host safe; `sharding.put_global`)."""
+  from cl_jax.sharding import put_global
+  return put_global(array, sharding)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cl_jax.errors import ConfigError
+from cl_jax.sharding import put_global
 
 # Sections a sweep may vary: the strategy sections and the optimizer. Everything else fixes the data, the model
 # or the schedule of the run, which every run of one program shares.
@@ -187,7 +188,7 @@ def build_runs(config, setup) -> Runs:
   stacked = stacked._replace(step=np.int32(0), task_index=np.int32(0))  # shared by the runs (see RUN_AXES)
   sharding = run_sharding(stacked, setup.mesh, len(states))
   return Runs(grid, np.asarray(seeds, np.int32), strategies, optimizers, steps,
-              jax.device_put(stacked, sharding), sharding)
+              put_global(stacked, sharding), sharding)
 
 
 def run_sharding(stacked, mesh, num_runs: int):
@@ -269,7 +270,7 @@ def plan(config, setup, base_plan):
   chunk = default_chunk(math.gcd(*setup.steps), [config.eval.every_steps, config.checkpoint.every_steps], per_call)
   sizes = [len(s.seeds) for s in runs.settings]
   bounds = [(sum(sizes[:g]), sum(sizes[:g + 1])) for g in range(len(sizes))]
-  seeds = jax.device_put(runs.seeds, rep)
+  seeds = put_global(runs.seeds, rep)
   programs = {}
 
   def program(n):
@@ -303,10 +304,10 @@ def plan(config, setup, base_plan):
     return {"accuracy": rows.mean(axis=0).tolist(), "accuracy_runs": rows.tolist()}
 
   def begin_task(state, t, done):
-    state = state._replace(task_index=jax.device_put(np.int32(t), runs.state_sharding.task_index))
+    state = state._replace(task_index=put_global(np.int32(t), runs.state_sharding.task_index))
     if any(s.reset_optimizer for s in runs.strategies) and t > 0 and done == 0:
       parts = [jax.vmap(opt.init)(p.params) for opt, p in zip(runs.optimizers, _split(state, bounds))]
-      state = state._replace(opt_state=jax.device_put(_concat(parts), runs.state_sharding.opt_state))
+      state = state._replace(opt_state=put_global(jax.device_get(_concat(parts)), runs.state_sharding.opt_state))
     return state
 
   def after_task(state, t):
@@ -318,7 +319,7 @@ def plan(config, setup, base_plan):
         key = jax.random.fold_in(jax.random.PRNGKey(int(runs.seeds[r])), 1000 + t)
         out.append(runs.strategies[g].after_task(one[0], one[1], td, key))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *out)
-    return state._replace(strategy_state=jax.device_put(stacked, runs.state_sharding.strategy_state))
+    return state._replace(strategy_state=put_global(stacked, runs.state_sharding.strategy_state))
 
   return dataclasses.replace(base_plan, state=runs.state, state_sharding=runs.state_sharding,
                              batches=lambda t, iterator_state: StepSource(t), train_chunk=train_chunk,
