@@ -67,14 +67,19 @@ def verdict(diffs, higher_is_better: bool = True) -> str:
   return "inconclusive"
 
 
-def fmt(values) -> str:
+def fmt(values, signed: bool = False) -> str:
+  if not len(values):
+    return "—"
   m, lo, hi = interval(values)
-  return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(values) > 1 else f"{m:+.3f}"
+  f = "{:+.3f}" if signed else "{:.3f}"
+  return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]" if len(values) > 1 else f.format(m)
 
 
 def main(argv=None):
   import cl_jax
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--report_only", action="store_true",
+                 help="write the table from the finished runs under --workdir (same other flags), training nothing")
   p.add_argument("--quick", action="store_true", help="1 seed, 30 steps per task, two tasks, 8 eval examples")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--steps", type=int, default=200)
@@ -91,7 +96,9 @@ def main(argv=None):
   p.add_argument("--out", default=os.path.join(ROOT, "results", "continual_instruction_tuning"))
   a = p.parse_args(argv)
   given = sys.argv[1:] if argv is None else argv
-  a.command = " ".join(["python experiments/continual_instruction_tuning.py", *given])
+  # The command that trains these runs (--report_only only re-reads them).
+  a.command = " ".join(["python experiments/continual_instruction_tuning.py",
+                        *[g for g in given if g != "--report_only"]])
   if a.quick:
     a.seeds, a.steps, a.tasks, a.eval_examples = a.seeds[:1], 30, "name,refusal+benign", 8
     a.batch_size, a.seq_len, a.d_model = 8, 256, 64
@@ -99,12 +106,18 @@ def main(argv=None):
   t0 = time.time()
   for seed in a.seeds:  # seed-major: a stopped sweep still has every variant for its first seeds
     for name in a.variants:
-      c = variant_config(name, seed, a.steps, a.tasks, a.eval_examples)
-      c.cit.batch_size, c.sft.seq_len, c.cit.metric = a.batch_size, a.seq_len, a.metric
-      if a.d_model:
-        c.lm.d_model = a.d_model
-      c.optim.lr = a.lr
-      r = cl_jax.run(c, os.path.join(a.workdir, f"{name}_s{seed}"), progress=False)
+      workdir = os.path.join(a.workdir, f"{name}_s{seed}")
+      if a.report_only:  # the table from the finished runs in --workdir, training nothing
+        if not os.path.exists(os.path.join(workdir, "results.json")):
+          continue
+        r = cl_jax.Results.load(workdir)
+      else:
+        c = variant_config(name, seed, a.steps, a.tasks, a.eval_examples)
+        c.cit.batch_size, c.sft.seq_len, c.cit.metric = a.batch_size, a.seq_len, a.metric
+        if a.d_model:
+          c.lm.d_model = a.d_model
+        c.optim.lr = a.lr
+        r = cl_jax.run(c, workdir, progress=False)
       e = r.extra
       rows[(name, seed)] = {"variant": name, "seed": seed, "acc": r.acc, "bwt": r.bwt, "forgetting": r.forgetting,
                             "matrix": r.accuracy_matrix.tolist(), "refusal_rate": e.get("refusal_rate"),
@@ -126,19 +139,18 @@ def write(a, rows: dict, quiet: bool = False) -> None:
            f"{f' (d_model {a.d_model})' if a.d_model else ''}; matrix metric: {a.metric} of greedy answers on "
            f"{a.eval_examples} test examples per set. "
            "Mean and 95% t-interval over seeds.", "",
-           "| variant | ACC | BWT | forgetting | refusal (refusal set) | over-refusal (benign) | realised replay |",
-           "|---|---|---|---|---|---|---|"]
+           "| variant | seeds | ACC | BWT | forgetting | refusal (refusal set) | over-refusal (benign) | "
+           "final format compliance per set | realised replay |", "|---|---|---|---|---|---|---|---|---|"]
   for name in a.variants:
     if not by(name, "acc"):
       continue
     share = [x["rows"] for x in by(name, "replay_share") if x]
-    lines.append(f"| {name} | {fmt(by(name, 'acc'))} | {fmt(by(name, 'bwt'))} | {fmt(by(name, 'forgetting'))} | "
-                 f"{fmt([v for v in by(name, 'refusal_rate') if v is not None])} | "
-                 f"{fmt([v for v in by(name, 'over_refusal_rate') if v is not None])} | "
-                 f"{np.mean(share):.4f} |" if share else
-                 f"| {name} | {fmt(by(name, 'acc'))} | {fmt(by(name, 'bwt'))} | {fmt(by(name, 'forgetting'))} | "
-                 f"{fmt([v for v in by(name, 'refusal_rate') if v is not None])} | "
-                 f"{fmt([v for v in by(name, 'over_refusal_rate') if v is not None])} | 0 |")
+    formats = by(name, "format")
+    per_set = " / ".join(f"{k} {np.mean([f[k] for f in formats]):.2f}" for k in formats[0])
+    lines.append(f"| {name} | {len(by(name, 'acc'))} | {fmt(by(name, 'acc'))} | {fmt(by(name, 'bwt'), True)} | "
+                 f"{fmt(by(name, 'forgetting'))} | {fmt([v for v in by(name, 'refusal_rate') if v is not None])} | "
+                 f"{fmt([v for v in by(name, 'over_refusal_rate') if v is not None])} | {per_set} | "
+                 f"{np.mean(share) if share else 0:.4f} |")
   lines += ["", "## The claims, from paired per-seed differences in BWT (higher BWT = less forgetting)", ""]
   claims = {}
   for f in ("5", "10"):
@@ -155,7 +167,7 @@ def write(a, rows: dict, quiet: bool = False) -> None:
       if d:
         claims[f"system prompts vs none (replay {f}%)"] = (d, verdict(d))
   lines += ["| comparison | ΔBWT | verdict |", "|---|---|---|"]
-  lines += [f"| {k} | {fmt(d)} | {v} |" for k, (d, v) in claims.items()]
+  lines += [f"| {k} | {fmt(d, True)} ({len(d)} seeds) | {v} |" for k, (d, v) in claims.items()]
   lines.append("")
   with open(a.out + ".md", "w") as f:
     f.write("\n".join(lines))

@@ -75,14 +75,14 @@ def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
   from cl_jax.lm.sampling import generate
   model, params = cit.build_model(tiny_cit_config(), data, sharding.make_mesh(-1, 1))
   toks, valid = data.eval_prompts["name"]
-  out = np.asarray(cit.greedy_decode(model, params, jnp.asarray(toks[:3]), jnp.asarray(valid[:3]), max_new_tokens=6,
+  out = np.asarray(cit.greedy_decode(model, params, jnp.asarray(toks[:2]), jnp.asarray(valid[:2]), max_new_tokens=6,
                                      eos_id=data.tokenizer.eos_id))
-  for i in range(3):
+  for i in range(2):
     prompt = toks[i][valid[i] == 1][None]
     ref = np.asarray(generate(model, params, jnp.asarray(prompt), jax.random.PRNGKey(0), max_new_tokens=6,
                               temperature=0.0, eos_id=data.tokenizer.eos_id))[0, prompt.shape[1]:]
     np.testing.assert_array_equal(out[i], ref)
-  assert len({len(p) for p in [t[v == 1] for t, v in zip(toks, valid)]}) > 1  # the prompts really differ in length
+  assert valid[:2].sum(1)[0] != valid[:2].sum(1)[1]  # the two prompts really differ in length
 
 
 @pytest.mark.parametrize("key,value,message", [
