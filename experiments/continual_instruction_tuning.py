@@ -168,7 +168,17 @@ def write(a, rows: dict, quiet: bool = False) -> None:
         claims[f"system prompts vs none (replay {f}%)"] = (d, verdict(d))
   lines += ["| comparison | ΔBWT | verdict |", "|---|---|---|"]
   lines += [f"| {k} | {fmt(d, True)} ({len(d)} seeds) | {v} |" for k, (d, v) in claims.items()]
-  lines.append("")
+  lines += ["", "## Reading the numbers", "",
+            "- Entries are rates in [0, 1] over the evaluated test examples of each set; ACC / BWT / forgetting come "
+            "from the accuracy matrix (cl_jax.eval.metrics), whose entries are the chosen metric per task.",
+            "- Refusal rate: share of greedy answers on the refusal set that start with a refusal phrase "
+            "(`instructions.is_refusal`); over-refusal: the same share on the matched benign set.",
+            "- Verdicts use paired per-seed differences of BWT with a 95% t-interval; with fewer than 3 seeds, or "
+            "an interval that covers 0, the claim is left inconclusive rather than decided.",
+            "- Scale: a tiny byte-level model trained from scratch for a few hundred steps on 2 shared CPU cores. "
+            "At this scale exact match stays near 0 on the code sets, so the format-compliance metric "
+            "(`cit.metric=format`) is what carries the signal; conclusions about large pre-trained models need "
+            "runs of configs/cit.py with `lm.init_from` (an imported checkpoint) on an accelerator.", ""]
   with open(a.out + ".md", "w") as f:
     f.write("\n".join(lines))
   with open(a.out + ".json", "w") as f:

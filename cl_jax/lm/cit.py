@@ -378,16 +378,16 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   """Continual instruction tuning end to end (module docstring); returns `Results(kind='cit')`."""
   from cl_jax.checkpoint import Checkpoints
   from cl_jax.eval.metrics import summarize
-  from cl_jax.lm.sft import sft_batch
+  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.lm.sft import packed_apply, sft_batch
   from cl_jax.results import Results
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
-  from cl_jax.train.loop import Plan, run_tasks, strategy_record, with_finite_flag
+  from cl_jax.train.loop import Plan, run_tasks, with_finite_flag
   from cl_jax.train.optim import build_optimizer
   from cl_jax.train.schedules import build_schedule
   from cl_jax.train.state import TrainState
   from cl_jax.train.step import compile_train_step, make_train_step
-  from cl_jax.workdir import MetricsLog, Workdir, decide, is_writer, write_json
-  from cl_jax.lm.sft import packed_apply
+  from cl_jax.workdir import Workdir, decide, is_writer, write_json
   c = config
   sharding.maybe_initialize_distributed()
   check_config(c)
@@ -419,7 +419,6 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = sharding.put_global(state, state_sh)
-  from cl_jax.lm.losses import next_token_loss
   step_fn = with_finite_flag(make_train_step(strategy.loss(next_token_loss(learner)), optimizer, schedule,
                                              log_norms=bool(c.train.log_norms), strategy=strategy))
   train_step = compile_train_step(step_fn, state_sh, sharding.batch_sharding(mesh), rep)
