@@ -2,7 +2,7 @@
 
 An encoded example is `(ids int32 [n], mask int32 [n])` from `cl_jax.lm.templates.encode_chat` (mask 1 on the
 assistant's tokens and end-of-turn marker only). `pack` lays examples end to end into rows of `seq_len` tokens
-(first fit in the given order, which is deterministic), with
+(next fit in the given order: a new row starts when the next example does not fit; deterministic), with
 
   tokens       int32 [N, L]  the examples' ids, `pad_id` after the last one of a row
   mask         int32 [N, L]  the examples' loss masks (0 on padding)
