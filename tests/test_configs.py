@@ -28,6 +28,10 @@ ARGS = {
                   "strategy=naive", "strategy=distill", "strategy=ewc", "strategy=generative_replay",
                   "strategy=lora", "mixture=domain_only,strategy=lora+distill", "size=tiny", "size=small",
                   "size=1b"],
+    "cpt_hf.py": ["path=tests/fixtures/hf/llama,domain=my_corpus/", "path=tests/fixtures/hf/gpt2,domain=notes,"
+                  "general=notes/general,mixture=two_phase,schedule=cosine,strategy=lora+distill,steps=10",
+                  "path=tests/fixtures/hf/qwen2,domain=code,strategy=ewc", "path=tests/fixtures/hf/mistral,"
+                  "domain=x/,strategy=generative_replay,mixture=difficulty"],
     "progressive.py": ["", "router=none", "router=prototypes", "router=entropy", "router=prototypes,data=mnist"],
     "cit.py": ["", "strategy=replay,replay=0.05", "strategy=replay+distill,replay=0.1", "strategy=lwf",
                "prompts=off", "prompts=system", "prompts=tag", "tasks=default", "tasks=two", "tasks=all",

@@ -323,3 +323,34 @@ def test_bfloat16_checkpoints_and_original_gpt2_names(tmp_path):
   save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
   with pytest.raises(ConfigError, match=r"does not account for: \['h.0.attn.c_proj.extra'\]"):
     hc.load(str(d))
+
+
+def test_cpt_hf_continues_pretraining_an_imported_model_through_run_py(tmp_path):
+  """configs/cpt_hf.py:path=DIR through the CLI (what run.py runs): the tiny Llama fixture adapts with a LoRA
+  adapter on a local directory of .txt / .jsonl files, and the kept model comes back out in the HF layout with
+  the adapter merged into exactly the adapted kernels."""
+  from cl_jax.cli import main
+  corpus = tmp_path / "notes"
+  corpus.mkdir()
+  for i in range(30):
+    (corpus / f"note{i:02d}.txt").write_text(f"The patient {i} was given dose {i % 5} of the drug daily. " * 4)
+  (corpus / "more.jsonl").write_text("\n".join(json.dumps({"text": f"Follow-up {i}: the dose stays. " * 5})
+                                               for i in range(30)))
+  workdir = tmp_path / "run"
+  argv = [f"--config=configs/cpt_hf.py:path={_fixture('llama')},domain={corpus},steps=6,strategy=lora",
+          f"--workdir={workdir}", "--config.lm.seq_len=32", "--config.adapt.batch_size=4", "--config.optim.lr=0.01",
+          "--config.regression.eval_every=3", "--config.regression.eval_batch_size=8",
+          "--config.regression.threshold=0.5", "--config.text.eval_sequences=8", "--config.text.cloze_items=8",
+          "--config.text.cloze_context=16", "--config.text.max_train_sequences=64"]
+  assert main(argv) == 0
+  record = json.loads((workdir / "results.json").read_text())
+  assert record["hf_export"] == str(workdir / "hf") and record["best_step"] > 0
+  assert record["test"]["best"]["domain/perplexity"] < record["test"]["base"]["domain/perplexity"]
+  base, adapted = hc.load(_fixture("llama")), hc.load(str(workdir / "hf"))
+  assert adapted.config == base.config and adapted.hf_config["rope_parameters"]["rope_type"] == "llama3"
+  text = "dose of the drug"
+  np.testing.assert_array_equal(adapted.tokenizer.encode(text), base.tokenizer.encode(text))
+  a, b = _flat(base.params), _flat(adapted.params)
+  for name in a:  # LoRA adapts the attention and MLP projections; everything else is the base, bit for bit
+    changed = not np.array_equal(a[name], b[name])
+    assert changed == (name.startswith("block_") and name.endswith("kernel")), name

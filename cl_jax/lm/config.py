@@ -35,7 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.strategy = "naive"  # a '+' chain of LM_STRATEGIES, e.g. 'lora', 'distill', 'ewc', 'generative_replay'
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
-      seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True))
+      seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True,
+      # A Hugging Face checkpoint directory to start from (cl_jax.models.hf_checkpoint): its architecture and
+      # tokenizer replace size / d_model / num_layers / num_heads / tokenizer / tied_embeddings; '' = a new model.
+      init_from="",
+      export_hf=True))  # with init_from: write the kept (best) model to <workdir>/hf in the same layout
   c.text = ml_collections.ConfigDict(dict(
       general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
       split_seed=0, validation=0.05, test=0.05,
@@ -130,6 +134,9 @@ def check_config(c) -> None:
   for key in ("validation", "test"):
     if not 0 < c.text[key] < 0.5:
       raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
+  if c.lm.init_from:
+    from cl_jax.models import hf_checkpoint
+    hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))
   data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
   for section in ("pretrain", "adapt"):
     if c[section].batch_size % (data * fsdp):

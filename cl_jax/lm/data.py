@@ -43,7 +43,11 @@ def subset(n: int, k: int, seed: int) -> np.ndarray:
 
 def load_data(c) -> CPTData:
   """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config)."""
-  tok = load_tokenizer(c.lm.tokenizer)
+  if c.lm.init_from:  # an imported model reads text through its own tokenizer
+    from cl_jax.models import hf_checkpoint
+    tok = hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from))
+  else:
+    tok = load_tokenizer(c.lm.tokenizer)
   t = c.text
   domains = {role: textdata.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
                                         test=t.test, name=role)

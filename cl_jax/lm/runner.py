@@ -351,9 +351,15 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   decide(c, workdir, overwrite)  # a workdir holding another run fails here, before any work
   t0 = time.time()
   data = data or load_data(c)
-  cfg = model_config(c, data.tokenizer.vocab_size)
-  model, params = build_lm(cfg, seed=c.seed)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+  imported = None
+  if c.lm.init_from:  # streamed straight into the params' shardings
+    from cl_jax.models import hf_checkpoint
+    imported = hf_checkpoint.load(c.lm.init_from, mesh=mesh, compute_dtype=c.lm.compute_dtype)
+    cfg, model, params = imported.config, imported.model, imported.params
+  else:
+    cfg = model_config(c, data.tokenizer.vocab_size)
+    model, params = build_lm(cfg, seed=c.seed)
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
 
@@ -393,6 +399,14 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
       same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                           base_state.params["base"])
       record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
+    if imported is not None and c.lm.export_hf:
+      from cl_jax.models import hf_checkpoint
+      kept = best_state.params
+      if "lora" in names:  # the kept model = base + its adapter, merged
+        from cl_jax.strategies.lora import merged_params
+        kept = merged_params(kept, c)
+      record["hf_export"] = os.path.join(workdir, "hf")
+      hf_checkpoint.export(record["hf_export"], imported.hf_config, kept, tokenizer=imported.tokenizer)
     record["row"] = table_row(record)
     results = Results("lm", workdir, extra=record)
     if is_writer():

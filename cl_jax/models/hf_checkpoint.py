@@ -345,10 +345,10 @@ def _check_layout(pieces, abstract_params) -> None:
   expected = {path: tuple(x.shape) for path, x in _flat_params(abstract_params)}
   mapped = {p.path: p.shape for p in pieces}
   if expected != mapped:  # an internal inconsistency between transformer.py and this table
+    differ = [(k, expected[k], mapped[k]) for k in expected.keys() & mapped.keys() if expected[k] != mapped[k]]
     raise AssertionError(f"hf_checkpoint layout does not match the model's params: "
                          f"only in the model {sorted(set(expected) - set(mapped))}, only in the layout "
-                         f"{sorted(set(mapped) - set(expected))}, shape differences "
-                         f"{[(k, expected[k], mapped[k]) for k in expected.keys() & mapped.keys() if expected[k] != mapped[k]]}")
+                         f"{sorted(set(mapped) - set(expected))}, shape differences {differ}")
 
 
 # ----------------------------------------------------------------------------------------------- import
