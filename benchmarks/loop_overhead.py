@@ -33,8 +33,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 
 def make_config(a):
@@ -162,9 +160,10 @@ def startup(a) -> None:
   interp = time.perf_counter() - t
   with tempfile.TemporaryDirectory() as cache:
     env = dict(os.environ, JAX_PLATFORMS="cpu", CL_JAX_COMPILATION_CACHE=cache)
-    code = STARTUP_CHILD.format(root=ROOT, data=os.path.abspath(a.data_path), interp=interp)
+    code = STARTUP_CHILD.format(data=os.path.abspath(a.data_path), interp=interp)
     for label in ("cold cache", "warm cache", "warm cache"):
-      out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+      out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           cwd=ROOT)
       print(f"{label}: {out.stdout.strip()}")
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"(interpreter start {interp:.2f} s included; load average {load:.1f} on {os.cpu_count()} CPUs)")

@@ -381,11 +381,11 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   from cl_jax.models import param_count
   from cl_jax.results import Results
   from cl_jax.train.loop import build, classic_plan, run_tasks, strategy_record
-  from cl_jax.workdir import Workdir, decide, is_writer, write_json
+  from cl_jax.workdir import Workdir, is_writer, precheck, write_json
   sharding.maybe_initialize_distributed()
   compilation_cache.enable()
   validate(config)
-  decide(config, workdir, overwrite)
+  precheck(config, workdir, overwrite)  # process 0 decides, every process learns the outcome
   setup = build(config)
   scenario, data = setup.scenario, setup.data
   if not use_device_data(config.data.on_device, scenario) and config.data.on_device != "auto":
