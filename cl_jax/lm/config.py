@@ -35,7 +35,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.strategy = "naive"  # a '+' chain of LM_STRATEGIES, e.g. 'lora', 'distill', 'ewc', 'generative_replay'
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
-      seq_len=128, tokenizer="byte", compute_dtype="float32", tied_embeddings=True,
+      seq_len=128, tokenizer="byte", tied_embeddings=True,
+      # '' = the size's own (bfloat16 for 1b, float32 below); 'float32' | 'bfloat16' override it.
+      compute_dtype="",
+      # Scale (H9, issue 9 item 2): remat none|full|dots, layers under one lax.scan, params float32 (default) or
+      # bfloat16 with a float32 master copy in the optimizer (cl_jax.train.precision).
+      remat="none", scan_layers=False, param_dtype="float32",
       # A Hugging Face checkpoint directory to start from (cl_jax.models.hf_checkpoint): its architecture and
       # tokenizer replace size / d_model / num_layers / num_heads / tokenizer / tied_embeddings; '' = a new model.
       init_from="",
@@ -68,7 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
       threshold=0.02, eval_every=500, hard_stop=True, patience=1, min_z=0.0, select="domain/perplexity",
       eval_batch_size=64))
   # divergence_factor > 0: stop when a loss exceeds that many times its early value (cl_jax.train.loop).
-  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0))
+  # grad_accum: micro-batches per optimizer step (the batch is split k ways; same update, 1/k activations).
+  c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0,
+                                           grad_accum=1))
   # every_steps: rolling checkpoints of pre-training (0: none mid-way; adaptation saves at every evaluation).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -134,14 +141,16 @@ def check_config(c) -> None:
   for key in ("validation", "test"):
     if not 0 < c.text[key] < 0.5:
       raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
+  check_scale_keys(c)
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))
   data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
+  accum = int(c.train.grad_accum)
   for section in ("pretrain", "adapt"):
-    if c[section].batch_size % (data * fsdp):
+    if c[section].batch_size % (data * fsdp * accum):
       raise ValueError(f"{section}.batch_size={c[section].batch_size}: not divisible by the {data * fsdp} devices "
-                       f"of the mesh (mesh.data={data}, mesh.fsdp={fsdp})")
+                       f"of the mesh (mesh.data={data}, mesh.fsdp={fsdp}) times train.grad_accum={accum}")
   seen = set()
   for name in names:
     check = REGISTRY[name].check_config if name in REGISTRY else None
@@ -150,4 +159,17 @@ def check_config(c) -> None:
       check(c)
 
 
-__all__ = ["default_config", "check_config", "GENERAL", "DOMAIN", "LM_STRATEGIES", "FISHER_KINDS"]
+def check_scale_keys(c) -> None:
+  """lm.compute_dtype / remat / scan_layers / param_dtype and train.grad_accum (cl_jax.models.transformer)."""
+  from cl_jax.models.transformer import REMAT_POLICIES
+  from cl_jax.train.precision import check_param_dtype
+  if c.lm.compute_dtype not in ("", "float32", "bfloat16"):
+    raise ValueError(f"lm.compute_dtype={c.lm.compute_dtype!r}: expected '' (the size's own), 'float32' or "
+                     "'bfloat16'")
+  if c.lm.remat not in REMAT_POLICIES:
+    raise ValueError(f"lm.remat={c.lm.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  check_param_dtype(c.lm.param_dtype, "lm.param_dtype")
+  _positive_int(c, "train", "grad_accum")
+
+
+__all__ = ["default_config", "check_config", "check_scale_keys", "GENERAL", "DOMAIN", "LM_STRATEGIES", "FISHER_KINDS"]

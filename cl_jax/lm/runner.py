@@ -52,10 +52,13 @@ class SimulatedCrash(RuntimeError):
 
 
 def model_config(c, vocab_size: int):
-  from cl_jax.models.transformer import model_config as named
+  from cl_jax.models.transformer import SIZES, model_config as named
   overrides = {k: int(c.lm[k]) for k in ("d_model", "num_layers", "num_heads") if c.lm[k]}
-  return named(c.lm.size, vocab_size=vocab_size, max_len=c.lm.seq_len, compute_dtype=c.lm.compute_dtype,
-               tied_embeddings=c.lm.tied_embeddings, **overrides)
+  # lm.compute_dtype '' keeps the size's own (bfloat16 for 1b): an explicit value overrides it.
+  dtype = c.lm.compute_dtype or SIZES[c.lm.size].get("compute_dtype", "float32")
+  return named(c.lm.size, vocab_size=vocab_size, max_len=c.lm.seq_len, compute_dtype=dtype,
+               tied_embeddings=c.lm.tied_embeddings, remat=c.lm.get("remat", "none"),
+               scan_layers=bool(c.lm.get("scan_layers", False)), **overrides)
 
 
 def no_logit_mask(task, task_index):
@@ -132,11 +135,31 @@ def _train_state(c, params, optimizer, strategy_state, mesh, rng):
   return sharding.put_global(state, state_sh), state_sh
 
 
-def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool):
+def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool, c=None, vocab_size=None,
+                   batch_size=None):
+  """The jitted step; with the config (H9): `train.grad_accum` micro-batches and tokens/s + MFU in its metrics."""
   from cl_jax.train.loop import with_finite_flag
   from cl_jax.train.step import compile_train_step, make_train_step
-  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms))
-  return compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+  accum = 1 if c is None else int(c.train.get("grad_accum", 1))
+  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms, grad_accum=accum))
+  compiled = compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+
+  def jitted(state, batch):
+    with jax.set_mesh(mesh):  # traced under the mesh: the model pins its FSDP shardings (transformer.constrain)
+      return compiled(state, batch)
+
+  if c is None:
+    return jitted
+  from cl_jax.train.throughput import lm_throughput
+  return lm_throughput(model_config(c, vocab_size), batch_size, c.lm.seq_len,
+                       window=c.train.log_every_steps).wrap(jitted)
+
+
+def _optimizer(c, optim, schedule, trainable=None):
+  """optim's optimizer, on a float32 master copy when the params are bfloat16 (`lm.param_dtype`)."""
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.precision import optimizer_for
+  return optimizer_for(build_optimizer(optim, schedule, trainable), c.lm.get("param_dtype", "float32"))
 
 
 def _common_plan_fields(c, mesh) -> dict:
@@ -149,11 +172,10 @@ def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.strategies import Learner, naive
   from cl_jax.train.loop import Plan
-  from cl_jax.train.optim import build_optimizer
   from cl_jax.train.schedules import cosine_schedule
   steps = int(c.pretrain.steps)
   schedule = cosine_schedule(c.optim.lr, max(steps, 1), c.pretrain.warmup_fraction, c.pretrain.end_lr_fraction)
-  optimizer = build_optimizer(c.optim, schedule)
+  optimizer = _optimizer(c, c.optim, schedule)
   learner = Learner(model.apply, no_logit_mask)
   state, state_sh = _train_state(c, params, optimizer, (), mesh, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
   sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
@@ -161,7 +183,7 @@ def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
               train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh,
-                                        c.train.log_norms),
+                                        c.train.log_norms, c, data.tokenizer.vocab_size, c.pretrain.batch_size),
               eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
               record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
   return Phase(plan, learner, naive(), schedule)
@@ -200,7 +222,6 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
   from cl_jax.train.loop import Plan, Verdict
-  from cl_jax.train.optim import build_optimizer
   from cl_jax.train.schedules import build_schedule
   key = jax.random.PRNGKey(c.seed)
   learner = Learner(model.apply, no_logit_mask)
@@ -216,7 +237,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
   optim = ml_collections.ConfigDict(c.optim.to_dict())
   optim.lr = float(c.optim.lr) * float(c.adapt.lr_ratio)
   schedule = build_schedule(optim, steps, 1)
-  optimizer = build_optimizer(optim, schedule, trainable)
+  optimizer = _optimizer(c, optim, schedule, trainable)
   state, state_sh = _train_state(c, params, optimizer, strategy.init(params, task_info), mesh,
                                  jax.random.fold_in(key, 3))
 
@@ -270,7 +291,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[0, steps], batches=batches,
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh,
-                                        mesh, c.train.log_norms),
+                                        mesh, c.train.log_norms, c, data.tokenizer.vocab_size, c.adapt.batch_size),
               evaluate=evaluate, begin_task=begin_task, after_task=after_task, on_eval=on_eval, meta=hook.meta,
               load_meta=hook.load_meta, eval_before=False, eval_every=int(c.regression.eval_every),
               checkpoint_every=int(c.regression.eval_every), names=["adapt: general (the base)", "adapt: domain"],
@@ -341,7 +362,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   """Continual pre-training end to end (see the module docstring); `data` skips reloading the corpora."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
   from cl_jax.lm.monitor import plot_monitor
-  from cl_jax.models.transformer import build_lm
+  from cl_jax.models.transformer import init_lm
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks, strategy_record
   from cl_jax.workdir import MetricsLog, Workdir, decide, is_writer, write_json
@@ -353,13 +374,16 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   data = data or load_data(c)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
   imported = None
-  if c.lm.init_from:  # streamed straight into the params' shardings
+  if c.lm.init_from:  # a Hugging Face checkpoint, streamed straight into the params' shardings
     from cl_jax.models import hf_checkpoint
-    imported = hf_checkpoint.load(c.lm.init_from, mesh=mesh, compute_dtype=c.lm.compute_dtype)
+    imported = hf_checkpoint.load(
+        c.lm.init_from, mesh=mesh, dtype=jnp.dtype(c.lm.get("param_dtype", "float32")),
+        compute_dtype=c.lm.compute_dtype or "float32", remat=c.lm.get("remat", "none"),
+        scan_layers=bool(c.lm.get("scan_layers", False)))
     cfg, model, params = imported.config, imported.model, imported.params
   else:
     cfg = model_config(c, data.tokenizer.vocab_size)
-    model, params = build_lm(cfg, seed=c.seed)
+    model, params = init_lm(cfg, c.seed, mesh, c.lm.get("param_dtype", "float32"))  # straight into the shardings
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
 

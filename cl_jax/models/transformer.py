@@ -51,10 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Masked attention scores are set to this (not -inf) so fully-masked rows stay finite; exp() of it
-# relative to any real score underflows to exactly 0 in float32.
-_MASK_VALUE = -1e9
-
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -62,6 +58,13 @@ _NORMS = ("rmsnorm", "layernorm")
 _MLPS = ("gelu", "swiglu")
 _POSITIONS = ("rope", "learned")
 _ROPE_SCALINGS = ("none", "linear", "llama3")
+
+# Activation rematerialisation (Chen et al. 2016, "Training deep nets with sublinear memory cost") per block:
+#   'none'  every intermediate of the forward pass is kept for the backward pass (fastest, most memory);
+#   'full'  only each block's input is kept, the block is recomputed in the backward pass (~1/3 more FLOPs);
+#   'dots'  the outputs of the projections (matmuls without batch dimensions) are kept, the cheap elementwise
+#           work and the attention scores (batched matmuls, O(T^2) memory) are recomputed.
+REMAT_POLICIES = {"none": None, "full": None, "dots": "dots_with_no_batch_dims_saveable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +104,9 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   sliding_window: int = 0  # 0: none; W: a query sees the W most recent keys (itself included)
+  # Memory / compile at scale (numerics unchanged up to float reduction order; see `_blocks`):
+  remat: str = "none"  # 'none' | 'full' | 'dots': rematerialise each block's activations in the backward pass
+  scan_layers: bool = False  # run the blocks under one lax.scan (compile time independent of depth)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_len"):
@@ -134,6 +140,8 @@ class TransformerConfig:
     if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
       raise ValueError(f"TransformerConfig.rope_low_freq_factor={self.rope_low_freq_factor}, "
                        f"rope_high_freq_factor={self.rope_high_freq_factor}: need high > low > 0")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"TransformerConfig.remat={self.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
     if self.compute_dtype not in _DTYPES:
       raise ValueError(f"TransformerConfig.compute_dtype={self.compute_dtype!r}: expected one of "
                        f"{sorted(_DTYPES)}")
@@ -190,6 +198,23 @@ def model_config(size: str = "tiny", **overrides) -> TransformerConfig:
   return TransformerConfig(**{**SIZES[size], **overrides})
 
 
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """`with_sharding_constraint(x, P(*spec))` when traced under a mesh with cl_jax's axes (`jax.set_mesh(mesh)`,
+  as the LM train step is compiled); a no-op otherwise (one device, evaluation, sampling).
+
+  FSDP needs both ends pinned, or GSPMD may contract a batch-sharded activation with a kernel sharded over the
+  same axis by gathering the activations instead (measured: 4x the temporaries of pure data parallelism, and
+  replicated matmuls): kernels are gathered (`P()`) right before their matmul (the backward reduce-scatters their
+  gradients) and the residual stream stays sharded over the batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+BATCH = ("data", "fsdp")  # cl_jax.sharding.BATCH_AXES
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
@@ -206,9 +231,9 @@ class Projection(nnx.Module):
       self.bias = nnx.Param(jnp.zeros(tuple(bias_shape), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.einsum(self.spec, x.astype(self.dtype), constrain(self.kernel[...].astype(self.dtype)))
     if hasattr(self, "bias"):
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + constrain(self.bias[...].astype(self.dtype))
     return y
 
 
@@ -285,11 +310,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
   positions restart per example); with `q_segments [B, T]` / `k_segments [B, S]` (segment ids of packed examples)
   a query sees only keys of its own segment, so attention never crosses examples.
   """
-  b, t, h, dh = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
-  scores = scores * (1.0 / np.sqrt(dh))
   qp = q_positions if q_positions.ndim == 2 else q_positions[None]
   kp = k_positions if k_positions.ndim == 2 else k_positions[None]
   visible = kp[:, None, :] <= qp[:, :, None]  # [B or 1, T, S]
@@ -297,9 +317,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     visible = visible & (qp[:, :, None] - kp[:, None, :] < sliding_window)
   if q_segments is not None:
     visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
-  scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+  # jax.nn.dot_product_attention: XLA's fused kernels where the backend has them (cuDNN flash attention on GPU
+  # when the mask allows), the reference softmax(q k^T / sqrt(Dh)) v in float32 logits otherwise; it reads
+  # grouped-query k/v ([B, S, K, Dh], K dividing H) directly.
+  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible[:, None])
 
 
 class Attention(nnx.Module):
@@ -416,21 +437,21 @@ class TransformerLM(nnx.Module):
   def _logits(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)
     if self.config.tied_embeddings:
-      table = self.embed.embedding[...].astype(self.config.dtype)
+      table = constrain(self.embed.embedding[...].astype(self.config.dtype))
       logits = jnp.einsum("btd,vd->btv", h.astype(self.config.dtype), table)
     else:
       logits = self.lm_head(h)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), BATCH)
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    table = self.embed.embedding[...]
+    table = constrain(self.embed.embedding[...])
     # The residual stream stays float32 (each projection casts its input to the compute dtype), so bf16
     # rounding does not accumulate over the depth of the network.
     h = jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(jnp.float32)
     if self.config.positions == "learned":
       pos = jnp.take(self.pos_embed.embedding[...], positions, axis=0)
       h = h + (pos if pos.ndim == 3 else pos[None]).astype(jnp.float32)
-    return h
+    return constrain(h, BATCH)
 
   def __call__(self, tokens: jax.Array, task: jax.Array | None = None, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -446,9 +467,38 @@ class TransformerLM(nnx.Module):
     if positions is None:
       positions = jnp.arange(tokens.shape[1])
     h = self._embed(tokens, positions)
-    for i in range(self.config.num_layers):
-      h, _ = getattr(self, f"block_{i}")(h, positions, None, segment_ids)
-    return self._logits(h)
+    return self._logits(self._blocks(h, positions, segment_ids))
+
+  def _blocks(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The residual stream through every block: a Python loop by default; with `remat` each block is a
+    `jax.checkpoint` of a pure function of (its params, h); with `scan_layers` the blocks' params are stacked
+    along a new leading layer axis (at the boundary: the params pytree keeps its per-block paths, so
+    checkpoints, the Hugging Face importer, LoRA and merging see the same layout) and one `lax.scan` runs that
+    function, so XLA compiles one block whatever the depth."""
+    cfg = self.config
+    blocks = [getattr(self, f"block_{i}") for i in range(cfg.num_layers)]
+    if cfg.remat == "none" and not cfg.scan_layers:
+      for block in blocks:
+        h, _ = block(h, positions, None, segment_ids)
+        h = constrain(h, BATCH)
+      return h
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+
+    def block_fn(x, state):
+      return constrain(nnx.merge(graphdef, state)(x, positions, None, segment_ids)[0], BATCH)
+
+    if cfg.remat != "none":
+      policy = REMAT_POLICIES[cfg.remat]
+      block_fn = jax.checkpoint(block_fn, prevent_cse=not cfg.scan_layers,
+                                policy=None if policy is None else getattr(jax.checkpoint_policies, policy))
+    if not cfg.scan_layers:
+      for state in states:
+        h = block_fn(h, state)
+      return h
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    h, _ = jax.lax.scan(lambda x, state: (block_fn(x, state), None), h, stacked)
+    return h
 
   def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
@@ -480,6 +530,23 @@ def abstract_lm(cfg: TransformerConfig):
   weights initialised (for loading a checkpoint straight into its shardings)."""
   from cl_jax.models import functional
   return functional(nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def init_lm(cfg: TransformerConfig, seed: int = 0, mesh=None, param_dtype: str = "float32"):
+  """(FunctionalModel, params) initialised inside one `jit` whose `out_shardings` are the params' shardings over
+  `mesh` (`cl_jax.sharding.state_sharding`): each device computes only its own shards, and no device ever holds
+  the whole model. Same values as `build_lm(cfg, seed)` (cast to `param_dtype`: 'float32' | 'bfloat16').
+  Without a mesh the params land on the default device."""
+  from cl_jax import sharding
+  from cl_jax.models import functional
+  from cl_jax.train.precision import cast_params
+  model, abstract = abstract_lm(cfg)
+  shardings = None if mesh is None else sharding.state_sharding(abstract, mesh)
+
+  def make():
+    return cast_params(functional(TransformerLM(cfg, rngs=nnx.Rngs(seed)))[1], param_dtype)
+
+  return model, jax.jit(make, out_shardings=shardings)()
 
 
 def matmul_flops_per_token(cfg: TransformerConfig, seq_len: int) -> dict[str, float]:

@@ -37,8 +37,50 @@ def task_loss(learner: Learner) -> LossFn:
 _UPDATE_STREAM = 0x7D3A
 
 
+def accumulated_value_and_grad(loss_fn: LossFn, grad_accum: int):
+  """`value_and_grad(loss_fn, has_aux=True)` over `grad_accum` micro-batches, one `lax.scan` step each.
+
+  The batch's rows are split into k = grad_accum interleaved micro-batches (micro-batch i = rows i, i+k, ...,
+  so each keeps the batch's sharding over the devices) and
+
+    loss = 1/k sum_i loss(params, batch_i),   grads = 1/k sum_i grad loss(params, batch_i)
+
+  with aux values averaged the same way ('_' aux keys, per-example outputs, are dropped). For a loss that is a
+  mean over equally weighted examples this is the one-big-batch update at 1/k of its activation memory. The
+  micro-batches' keys are `fold_in(ctx.rng, i)`.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum <= 1:
+    return grad_fn
+  k = int(grad_accum)
+
+  def split(x):
+    if x.ndim == 0 or x.shape[0] % k:
+      raise ValueError(f"train.grad_accum={k}: the batch's leading dimension {x.shape[:1]} is not divisible by it")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  def accumulated(params, batch, ctx: LossContext):
+    micro = jax.tree.map(split, batch)
+
+    def one(carry, xs):
+      i, mb = xs
+      (loss, aux), grads = grad_fn(params, mb, ctx._replace(rng=jax.random.fold_in(ctx.rng, i)))
+      aux = {n: v for n, v in aux.items() if not n.startswith("_")}
+      return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (loss, aux, grads)), None
+
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), ctx)
+    aux0 = {n: v for n, v in aux0.items() if not n.startswith("_")}
+    # Sums in float32 whatever the params' dtype (k bf16 additions would round k times).
+    wide = lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32))
+    (loss, aux, grads), _ = jax.lax.scan(one, jax.tree.map(wide, (loss0, aux0, grads0)), (jnp.arange(k), micro))
+    mean = lambda total, like: (total / k).astype(like.dtype)
+    return (mean(loss, loss0), jax.tree.map(mean, aux, aux0)), jax.tree.map(mean, grads, grads0)
+
+  return accumulated
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: Callable,
-                    log_norms: bool = True, strategy: Strategy | None = None):
+                    log_norms: bool = True, strategy: Strategy | None = None, grad_accum: int = 1):
   """`train_step(state, batch) -> (state, metrics)`, pure; jit it with shardings (see `compile_train_step`).
 
   loss -> gradient -> `strategy.grads` (if any: e.g. A-GEM's projection) -> optimizer -> `strategy.update`
@@ -47,14 +89,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
   Metrics (big_vision style): loss and the loss's aux values, the learning rate, and (with `log_norms`) the
   l2 norms of the gradient, the params and the update: three extra passes over the params, which for a small
   model on CPU cost a noticeable share of the step (`benchmarks/step_throughput.py` measures it).
+  `grad_accum` > 1 accumulates the gradient over that many micro-batches (`accumulated_value_and_grad`).
   """
+  value_and_grad = accumulated_value_and_grad(loss_fn, grad_accum)
   grads_hook = strategy.grads if strategy is not None else None
   update_hook = strategy.update if strategy is not None else None
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
     ctx = LossContext(state.strategy_state, step_rng, state.task_index)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, ctx)
+    (loss, aux), grads = value_and_grad(state.params, batch, ctx)
     if grads_hook is not None:
       grads = grads_hook(state.strategy_state, grads, state.params, batch, ctx, loss_fn)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
