@@ -39,6 +39,7 @@ from cl_jax import compilation_cache, report, sharding
 from cl_jax.checkpoint import Checkpoints, abstract_like
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, precheck, write_json
+from cl_jax.train.throughput import throughput_postfix
 
 # Test hooks: SIGKILL this process right after the given global step (a real crash, mid-task); replace the
 # inputs of the batch of the given global step by NaN (divergence).
@@ -296,7 +297,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
               log.write(rec)
               last = rec["loss"]
           if isinstance(last, float):
-            bar.set_postfix(loss=f"{last:.4f}")
+            bar.set_postfix(loss=f"{last:.4f}", **throughput_postfix(rec))
           pending.clear()
 
         def save_mid_task(step_no):

@@ -82,6 +82,14 @@ class Throughput:
     return timed
 
 
+def throughput_postfix(record: dict) -> dict:
+  """Progress-bar fields of a train record that carries throughput (`tok/s`, `mfu`); {} otherwise."""
+  tokens, mfu = record.get("tokens_per_sec"), record.get("mfu")
+  if not isinstance(tokens, float) or not np.isfinite(tokens):
+    return {}
+  return {"tok/s": f"{tokens:,.0f}", "mfu": f"{mfu:.2f}"}
+
+
 def lm_throughput(model_cfg, batch_size: int, seq_len: int, window: int = 25) -> Throughput:
   """The Throughput of an LM train step on [batch_size, seq_len] token rows (the model reads seq_len - 1)."""
   from cl_jax.models.transformer import matmul_flops_per_token
@@ -90,4 +98,4 @@ def lm_throughput(model_cfg, batch_size: int, seq_len: int, window: int = 25) ->
   return Throughput(tokens, tokens * matmul_flops_per_token(model_cfg, length)["train"], window=window)
 
 
-__all__ = ["Throughput", "lm_throughput", "peak_flops_per_device", "measured_matmul_peak", "KNOWN_PEAKS"]
+__all__ = ["Throughput", "lm_throughput", "throughput_postfix", "peak_flops_per_device", "measured_matmul_peak", "KNOWN_PEAKS"]
