@@ -107,16 +107,21 @@ def _rope_settings(hf: dict, path: str) -> dict:
   if partial not in (None, 1, 1.0):
     _fail(path, f"partial_rotary_factor={partial}: only full rotary embeddings are supported")
   out = dict(rope_base=float(theta))
+
+  def need(key):
+    if merged.get(key) is None:
+      _fail(path, f"RoPE scaling {kind!r} needs {key!r} in rope_parameters / rope_scaling")
+    return merged[key]
+
   if kind == "default":
     return out
   if kind == "linear":
-    return {**out, "rope_scaling": "linear", "rope_factor": float(merged["factor"])}
+    return {**out, "rope_scaling": "linear", "rope_factor": float(need("factor"))}
   if kind == "llama3":
-    return {**out, "rope_scaling": "llama3", "rope_factor": float(merged["factor"]),
-            "rope_low_freq_factor": float(merged["low_freq_factor"]),
-            "rope_high_freq_factor": float(merged["high_freq_factor"]),
-            "rope_original_max_len": int(merged.get("original_max_position_embeddings",
-                                                    hf.get("max_position_embeddings")))}
+    original = merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    return {**out, "rope_scaling": "llama3", "rope_factor": float(need("factor")),
+            "rope_low_freq_factor": float(need("low_freq_factor")),
+            "rope_high_freq_factor": float(need("high_freq_factor")), "rope_original_max_len": int(original)}
   _fail(path, f"RoPE scaling type {kind!r} is not supported; supported: 'default', 'linear', 'llama3'")
 
 
