@@ -354,3 +354,12 @@ def test_cpt_hf_continues_pretraining_an_imported_model_through_run_py(tmp_path)
   for name in a:  # LoRA adapts the attention and MLP projections; everything else is the base, bit for bit
     changed = not np.array_equal(a[name], b[name])
     assert changed == (name.startswith("block_") and name.endswith("kernel")), name
+
+
+def test_imported_model_under_scan_and_remat_keeps_its_logits():
+  """The scale options (layers under one lax.scan, rematerialisation) change how, not what, the model computes:
+  the imported params keep their per-block paths and give the reference logits."""
+  ref = _reference("llama")
+  loaded = hc.load(_fixture("llama"), scan_layers=True, remat="dots")
+  assert "block_1" in loaded.params
+  np.testing.assert_allclose(_logits(loaded, ref["tokens"]), ref["logits"], rtol=0, atol=1e-4)
