@@ -86,6 +86,9 @@ def test_continual_pretraining(tmp_path, monkeypatch):
   assert outputs(nb, "image/png")  # the regression monitor's figure
   tables = [h for h in outputs(nb, "text/html") if "<th>adapted (70/30)</th>" in h]
   assert tables and tables[0].count("<tr>") == 4  # header + one row per prompt
+  # The imported Hugging Face model (tests/fixtures/hf/llama): adapted the same way, exported back in HF layout.
+  assert len(tables) == 2 and results_json(tmp_path / "cpt_hf")["kind"] == "lm"
+  assert (tmp_path / "cpt_hf" / "hf" / "model.safetensors").is_file()
 
 
 def test_merging(tmp_path, monkeypatch):
