@@ -234,9 +234,10 @@ def _fail(error: Exception, code: int) -> int:
 
 
 def print_results(results) -> None:
+  from cl_jax.workdir import is_writer
   summary = getattr(results, "summary", None)
-  if summary is None:
-    return
+  if summary is None or not is_writer():
+    return  # on a multi-host launch only process 0 prints, as only it writes the outputs
   print()
   print(summary())
   print(f"\nOutputs in {results.workdir}/ (results.json, summary.md, metrics.jsonl, plots, checkpoints/)")
