@@ -49,7 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
       first_task_identity=False, angles=[], max_angle=180.0, seed=0))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=[400, 400], channels=[32, 64], cnn_hidden=128,
-                                           multi_head=True))
+                                           multi_head=True, init_from=""))
+  # model.init_from: start from another run's params instead of a random init: "RUN_DIR:task=K" (the task-boundary
+  # checkpoint after task K), "RUN_DIR" (its last one) or a params directory (cl_jax.checkpoint.save_params).
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, b1=0.9, b2=0.999, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
       schedule="constant", scope="task", warmup_fraction=0.0, decay_fraction=0.2, end_lr_fraction=0.0,
@@ -268,6 +270,12 @@ def _check_classic(c) -> None:
   scenarios.check_validation(c.data.validation_fraction, c.eval.split)
   if c.model.name not in ("mlp", "cnn"):
     raise ConfigError(f"model.name={c.model.name!r}: expected 'mlp' or 'cnn'")
+  if c.model.get("init_from", ""):
+    from cl_jax.merge_run import resolve
+    try:
+      resolve(c.model.init_from, "model.init_from")  # the run and its checkpoint exist (reads no arrays)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if any((not isinstance(h, int)) or h < 1 for h in c.model.hidden):
     raise ConfigError(f"model.hidden={list(c.model.hidden)}: must be positive integers")
   if c.optim.name not in OPTIMIZERS:

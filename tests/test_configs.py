@@ -36,6 +36,9 @@ ARGS = {
     "cit.py": ["", "strategy=replay,replay=0.05", "strategy=replay+distill,replay=0.1", "strategy=lwf",
                "prompts=off", "prompts=system", "prompts=tag", "tasks=default", "tasks=two", "tasks=all",
                "steps=30", "size=small"],
+    "merging_specialists.py": ["", "tasks=1", "strategy=ewc,tasks=2-3-4-5,ewc_lam=1000", "strategy=lora,rank=4",
+                               "strategy=olora,olora_lambda1=0.1", "strategy=progressive,router=prototypes,split=test",
+                               "data=mnist,hidden=256-256,steps=300,batch=128,lr=1e-3,val=0.1,seed=1"],
     "merge.py": [f"method={m},run=runs/seq" for m in ("linear", "task_arithmetic", "ties", "dare_linear",
                                                         "dare_ties", "slerp")] + ["run=runs/seq,base_task=2,tasks=4"],
 }

@@ -419,6 +419,8 @@ def build(config) -> Setup:
   num_tasks = scenario.num_tasks
   model, params = build_model(config.model, scenario.input_shape, scenario.num_outputs, scenario.num_heads,
                               config.seed)
+  if config.model.get("init_from", ""):
+    params = init_params(config.model.init_from, params)
   learner = Learner(model.apply, scenario.logit_mask)
   strategy = build_strategy(config.strategy, config, learner)
   task_info = TaskInfo(num_tasks, scenario.num_outputs, scenario.input_shape)
@@ -453,6 +455,18 @@ def build(config) -> Setup:
   eval_fn = make_eval_fn(evaluation_learner(learner, strategy), rep, sharding.batch_sharding(mesh))
   return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
                steps, root_key, optimizer)
+
+
+def init_params(ref: str, like):
+  """`model.init_from`: the params `ref` names (see cl_jax.merge_run.resolve), checked against the built model's."""
+  from cl_jax import merging
+  from cl_jax.merge_run import resolve
+  try:
+    loaded = resolve(ref, "model.init_from").params()
+    merging.check_compatible([jax.device_get(like), loaded], ["the model", f"model.init_from={ref!r}"])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return jax.tree.map(lambda a, b: np.asarray(a, np.asarray(b).dtype), loaded, like)
 
 
 def check_data_fits(config, scenario, strategy) -> None:
