@@ -63,7 +63,7 @@ def make_peak(n: int):
   return (lambda: dot(a, b)), 2.0 * n ** 3
 
 
-def make_train(cfg, batch_size: int, seq_len: int, lr: float = 3e-4):
+def make_train(cfg, batch_size: int, seq_len: int, lr: float = 3e-4, grad_accum: int = 1):
   """Returns (call, flops_per_step_model, flops_per_step_xla, tokens_per_step)."""
   from cl_jax.train.state import TrainState
   from cl_jax.train.step import make_train_step
@@ -74,7 +74,7 @@ def make_train(cfg, batch_size: int, seq_len: int, lr: float = 3e-4):
   def loss_fn(p, batch, ctx: LossContext):
     return base_loss(p, batch, ctx)
 
-  step_fn = make_train_step(loss_fn, tx, lambda step: lr)
+  step_fn = make_train_step(loss_fn, tx, lambda step: lr, grad_accum=grad_accum)
   state = TrainState(jnp.int32(0), params, tx.init(params), (), jax.random.key_data(jax.random.key(0)),
                      jnp.int32(0))
   tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 0, cfg.vocab_size)
@@ -122,6 +122,9 @@ def main(argv=None):
   ap.add_argument("--prompt-len", type=int, default=16)
   ap.add_argument("--new-tokens", type=int, default=112)
   ap.add_argument("--out", type=str, default="results/lm_throughput.md")
+  ap.add_argument("--variants", type=str, default="remat=full,remat=dots,scan+remat=full,grad_accum=4",
+                  help="comma-separated train-step variants timed beside the plain step ('' for none): "
+                       "remat=full|dots, scan+remat=..., grad_accum=k")
   args = ap.parse_args(argv)
 
   load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -130,13 +133,31 @@ def main(argv=None):
   peaks = {n: make_peak(n) for n in (int(s) for s in args.peak_sizes.split(","))}
   train_call, model_flops, xla_flops, tokens_per_step = make_train(cfg, args.batch, args.seq_len)
 
-  # Interleave: each repeat times every peak matmul and one train step back to back.
+  variants = {}
+  for spec in filter(None, args.variants.split(",")):
+    changes, accum = {}, 1
+    for part in spec.split("+"):
+      key, _, value = part.partition("=")
+      if key == "scan":
+        changes["scan_layers"] = True
+      elif key == "remat":
+        changes["remat"] = value
+      elif key == "grad_accum":
+        accum = int(value)
+      else:
+        raise SystemExit(f"--variants: unknown {part!r}")
+    variants[spec] = make_train(cfg.replace(**changes), args.batch, args.seq_len, grad_accum=accum)[0]
+
+  # Interleave: each repeat times every peak matmul, the train step and its variants back to back.
   peak_times = {n: [] for n in peaks}
   step_times = []
+  variant_times = {name: [] for name in variants}
   for _ in range(args.repeats):
     for n, (fn, _) in peaks.items():
       peak_times[n].append(_timed(fn))
     step_times.append(_timed(train_call))
+    for name, call in variants.items():
+      variant_times[name].append(_timed(call))
   peak_rates = {n: peaks[n][1] / statistics.median(t) for n, t in peak_times.items()}
   peak_n = max(peak_rates, key=peak_rates.get)
   peak = peak_rates[peak_n]
@@ -191,6 +212,22 @@ def main(argv=None):
     f"| KV-cache speed-up | {rates[True] / rates[False]:.1f}x |",
     "",
   ]
+  if variants:
+    lines += [
+      "Memory / accumulation variants of the same step (same model, batch and optimizer; `cl_jax.models.transformer`"
+      " `remat` / `scan_layers`, `make_train_step(grad_accum=k)`). MFU counts model FLOPs only (recomputation is"
+      " not useful work), against the same run's peak; ratio = step time / plain step time (median of repeats).",
+      "",
+      "| variant | step ms | tokens/s | MFU | MFU per repeat, median [min, max] | time vs plain |",
+      "|---|---|---|---|---|---|",
+      f"| plain | {step * 1e3:.1f} | {tokens_per_step / step:,.0f} | {mfu:.2f} | {statistics.median(paired):.2f} "
+      f"[{paired[0]:.2f}, {paired[-1]:.2f}] | 1.00 |"]
+    for name, times in variant_times.items():
+      vt = statistics.median(times)
+      vp = sorted(model_flops / st / max(peaks[n][1] / peak_times[n][i] for n in peaks) for i, st in enumerate(times))
+      lines.append(f"| {name} | {vt * 1e3:.1f} | {tokens_per_step / vt:,.0f} | {model_flops / vt / peak:.2f} | "
+                   f"{statistics.median(vp):.2f} [{vp[0]:.2f}, {vp[-1]:.2f}] | {vt / step:.2f} |")
+    lines.append("")
   text = "\n".join(lines)
   print(text)
   if args.out:
