@@ -49,7 +49,8 @@ def model_cfg(size: str, seq: int, args, num_layers: int | None = None):
   if num_layers:
     shape["num_layers"] = num_layers
   return TransformerConfig(**shape, max_len=seq, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5,
-                           compute_dtype=args.compute_dtype, remat=args.remat, scan_layers=not args.no_scan)
+                           compute_dtype=args.compute_dtype, remat=args.remat, scan_layers=not args.no_scan,
+                           attn_chunk=args.attn_chunk)
 
 
 def compile_cell(size: str, seq: int, args, num_layers: int | None = None) -> dict:
@@ -108,7 +109,7 @@ def compile_cell(size: str, seq: int, args, num_layers: int | None = None) -> di
   arg, out, tmp, alias = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
   return {"size": size, "layers": cfg.num_layers, "seq": seq, "devices": n, "mesh": f"data {data} x fsdp {n // data}",
           "params": num_params, "batch": batch_size, "per_device_batch": args.per_device_batch,
-          "grad_accum": args.grad_accum, "remat": args.remat, "scan": not args.no_scan,
+          "grad_accum": args.grad_accum, "attn_chunk": args.attn_chunk, "remat": args.remat, "scan": not args.no_scan,
           "param_dtype": args.param_dtype, "compute_dtype": args.compute_dtype,
           "argument_gib": arg / GIB, "output_gib": out / GIB, "temp_gib": tmp / GIB, "alias_gib": alias / GIB,
           "total_gib": (arg + out + tmp - alias) / GIB, "flops_per_device": float(cost.get("flops", float("nan"))),
@@ -154,7 +155,11 @@ def table(rows: list[dict]) -> list[str]:
       lines.append(f"| {r.get('size', '?')} | | {r.get('seq', '')} | {r['devices']} | | | | error: "
                    f"{r['error'][:120]} | | |")
       continue
-    lines.append(f"| {r['size']} ({r['layers']} layers) | {r['params'] / 1e9:.2f}B | {r['seq']} | {r['devices']} | "
+    extra = "".join(f", {k}" for k, on in (("bf16 params", r["param_dtype"] == "bfloat16"),
+                                            (f"attn chunk {r.get('attn_chunk')}", r.get("attn_chunk")),
+                                            (f"remat {r['remat']}", r["remat"] != "full"),
+                                            ("unscanned", not r["scan"])) if on)
+    lines.append(f"| {r['size']} ({r['layers']} layers{extra}) | {r['params'] / 1e9:.2f}B | {r['seq']} | {r['devices']} | "
                  f"{r['batch']} ({r['per_device_batch']} x {r['grad_accum']}) | {r['argument_gib']:.2f} | "
                  f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['model_flops_per_device'] / 1e12:.2f} | "
                  f"{r['flops_per_device'] / 1e12:.2f} | "
@@ -173,15 +178,24 @@ def main(argv=None):
   ap.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
   ap.add_argument("--grad-accum", type=int, default=1)
+  ap.add_argument("--attn-chunk", type=int, default=0, help="query block size of the attention (0: whole)")
   ap.add_argument("--per-device-batch", type=int, default=1, help="sequences per device per micro-batch")
   ap.add_argument("--data", type=int, default=1, help="size of the pure data axis (the rest is fsdp)")
   ap.add_argument("--depth-check", default="", help="e.g. 2,32: compile each cell at these depths instead")
   ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per device count")
   ap.add_argument("--out", default="", help="append each row to this JSON-lines file as it is measured")
+  ap.add_argument("--report", default="", help="print the Markdown table of these JSON-lines files (comma-separated)"
+                  " instead of compiling")
   ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
     return child(args)
+  if args.report:
+    rows = [json.loads(line) for path in args.report.split(",") for line in open(path) if line.strip()]
+    order = {s: i for i, s in enumerate(SHAPES)}
+    rows.sort(key=lambda r: (order.get(r.get("size"), 9), r.get("layers") or 0, r.get("seq", 0), r["devices"]))
+    print("\n".join(table(rows)))
+    return rows
   rows = []
   for n in (int(x) for x in args.devices.split(",")):
     new = run_devices(n, argv, args.timeout)

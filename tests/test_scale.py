@@ -32,11 +32,11 @@ def _loss_and_grads(cfg, params, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("changes", [dict(remat="full"), dict(remat="dots"), dict(scan_layers=True),
+@pytest.mark.parametrize("changes", [dict(remat="full"), dict(remat="dots"), dict(scan_layers=True), dict(attn_chunk=8),
                                      dict(scan_layers=True, remat="full"), dict(scan_layers=True, remat="dots")])
 def test_remat_and_scan_give_the_plain_models_loss_and_gradients(changes):
   _, params = build_lm(CFG, seed=1)
-  tokens = _tokens()
+  tokens = _tokens(0, (3, 25))  # the model reads 24 tokens: 3 query blocks of 8 under attn_chunk=8
   loss, grads = _loss_and_grads(CFG, params, tokens)
   loss2, grads2 = _loss_and_grads(CFG.replace(**changes), params, tokens)
   assert jax.tree.structure(grads2) == jax.tree.structure(grads)  # same per-block params layout
@@ -58,7 +58,7 @@ def test_scanned_logits_equal_unscanned_with_packed_segments():
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("changes", [dict(), dict(scan_layers=True, remat="dots")])
+@pytest.mark.parametrize("changes", [dict(), dict(scan_layers=True, remat="dots", attn_chunk=8)])
 def test_packed_documents_never_attend_across(changes):
   """Perturbing document 2's tokens leaves document 1's logits unchanged, and changes document 2's."""
   model, params = build_lm(CFG.replace(**changes), seed=3)
@@ -180,12 +180,13 @@ def test_lm_config_scale_keys_are_checked_and_1b_trains_in_bf16():
   c.lm.compute_dtype = "float32"
   assert model_config(c, 256).compute_dtype == "float32"  # an explicit value wins
   c = default_config()
-  c.lm.remat, c.lm.scan_layers = "dots", True
+  c.lm.remat, c.lm.scan_layers, c.lm.attn_chunk = "dots", True, 64
   cfg = model_config(c, 256)
-  assert cfg.remat == "dots" and cfg.scan_layers
+  assert cfg.remat == "dots" and cfg.scan_layers and cfg.attn_chunk == 64
   for key, value, match in (("lm.remat", "some", "lm.remat='some'"),
                             ("lm.param_dtype", "float16", "lm.param_dtype='float16'"),
                             ("train.grad_accum", 0, "train.grad_accum=0"),
+                            ("lm.attn_chunk", -1, "lm.attn_chunk=-1"),
                             ("train.grad_accum", 3, "not divisible")):
     c = default_config()
     section, name = key.split(".")

@@ -40,7 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
       compute_dtype="",
       # Scale (H9, issue 9 item 2): remat none|full|dots, layers under one lax.scan, params float32 (default) or
       # bfloat16 with a float32 master copy in the optimizer (cl_jax.train.precision).
-      remat="none", scan_layers=False, param_dtype="float32",
+      # attn_chunk > 0: attention over query blocks of that size, each rematerialised (long sequences).
+      remat="none", scan_layers=False, param_dtype="float32", attn_chunk=0,
       # A Hugging Face checkpoint directory to start from (cl_jax.models.hf_checkpoint): its architecture and
       # tokenizer replace size / d_model / num_layers / num_heads / tokenizer / tied_embeddings; '' = a new model.
       init_from="",
@@ -169,6 +170,7 @@ def check_scale_keys(c) -> None:
   if c.lm.remat not in REMAT_POLICIES:
     raise ValueError(f"lm.remat={c.lm.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
   check_param_dtype(c.lm.param_dtype, "lm.param_dtype")
+  _positive_int(c, "lm", "attn_chunk", 0)
   _positive_int(c, "train", "grad_accum")
 
 

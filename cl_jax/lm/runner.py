@@ -58,7 +58,8 @@ def model_config(c, vocab_size: int):
   dtype = c.lm.compute_dtype or SIZES[c.lm.size].get("compute_dtype", "float32")
   return named(c.lm.size, vocab_size=vocab_size, max_len=c.lm.seq_len, compute_dtype=dtype,
                tied_embeddings=c.lm.tied_embeddings, remat=c.lm.get("remat", "none"),
-               scan_layers=bool(c.lm.get("scan_layers", False)), **overrides)
+               scan_layers=bool(c.lm.get("scan_layers", False)), attn_chunk=int(c.lm.get("attn_chunk", 0)),
+               **overrides)
 
 
 def no_logit_mask(task, task_index):
@@ -379,7 +380,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     imported = hf_checkpoint.load(
         c.lm.init_from, mesh=mesh, dtype=jnp.dtype(c.lm.get("param_dtype", "float32")),
         compute_dtype=c.lm.compute_dtype or "float32", remat=c.lm.get("remat", "none"),
-        scan_layers=bool(c.lm.get("scan_layers", False)))
+        scan_layers=bool(c.lm.get("scan_layers", False)), attn_chunk=int(c.lm.get("attn_chunk", 0)))
     cfg, model, params = imported.config, imported.model, imported.params
   else:
     cfg = model_config(c, data.tokenizer.vocab_size)

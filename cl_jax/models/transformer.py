@@ -107,13 +107,14 @@ class TransformerConfig:
   # Memory / compile at scale (numerics unchanged up to float reduction order; see `_blocks`):
   remat: str = "none"  # 'none' | 'full' | 'dots': rematerialise each block's activations in the backward pass
   scan_layers: bool = False  # run the blocks under one lax.scan (compile time independent of depth)
+  attn_chunk: int = 0  # > 0: attention over query blocks of this size, each rematerialised (O(chunk x T) memory)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_len"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"TransformerConfig.{name}={value!r}: expected a positive integer")
-    for name in ("mlp_hidden", "num_kv_heads", "attn_head_dim", "sliding_window"):
+    for name in ("mlp_hidden", "num_kv_heads", "attn_head_dim", "sliding_window", "attn_chunk"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"TransformerConfig.{name}={value!r}: expected a non-negative integer (0: default)")
@@ -299,7 +300,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Arr
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                      k_positions: jax.Array, sliding_window: int = 0, q_segments: jax.Array | None = None,
-                     k_segments: jax.Array | None = None) -> jax.Array:
+                     k_segments: jax.Array | None = None, query_chunk: int = 0) -> jax.Array:
   """softmax(q k^T / sqrt(Dh) + M) v with M[t, s] = 0 if k_pos[s] <= q_pos[t] (and, with a sliding window W,
   q_pos[t] - k_pos[s] < W) else -inf.
 
@@ -312,6 +313,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
   """
   qp = q_positions if q_positions.ndim == 2 else q_positions[None]
   kp = k_positions if k_positions.ndim == 2 else k_positions[None]
+  b, t = q.shape[:2]
+  if query_chunk and t > query_chunk and t % query_chunk == 0:
+    # Query blocks one at a time (lax.map), each under jax.checkpoint: the [B, H, chunk, S] scores of one block
+    # live at a time in the forward and are recomputed block by block in the backward (memory-efficient
+    # attention in the spirit of Rabe & Staats 2021, without the key blocking).
+    n = t // query_chunk
+    blocks = lambda x: None if x is None else jnp.swapaxes(x.reshape(x.shape[0], n, query_chunk, *x.shape[2:]), 0, 1)
+
+    def one(args):
+      qc, qpc, qsc = args
+      return causal_attention(qc, k, v, qpc, k_positions, sliding_window, qsc, k_segments)
+
+    out = jax.lax.map(jax.checkpoint(one), (blocks(q), blocks(qp), blocks(q_segments)))
+    return jnp.swapaxes(out, 0, 1).reshape(q.shape)
   visible = kp[:, None, :] <= qp[:, :, None]  # [B or 1, T, S]
   if sliding_window:
     visible = visible & (qp[:, :, None] - kp[:, None, :] < sliding_window)
@@ -344,6 +359,7 @@ class Attention(nnx.Module):
     self.rope_base = cfg.rope_base
     self.use_rope = cfg.positions == "rope"
     self.sliding_window = int(cfg.sliding_window)
+    self.attn_chunk = int(cfg.attn_chunk)
     # A tuple of Python floats (static, hashable), not an array: the module's state stays params only.
     self.rope_freqs = tuple(float(f) for f in rope_frequencies(cfg)) if self.use_rope else None
 
@@ -361,7 +377,7 @@ class Attention(nnx.Module):
     v = self.v(x)
     if cache is None:
       return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window, segment_ids,
-                                     segment_ids)), None
+                                     segment_ids, self.attn_chunk)), None
     start = positions[0]
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
