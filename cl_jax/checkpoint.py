@@ -67,6 +67,11 @@ class Checkpoints:
     manager = self._manager(kind)
     if step in manager.all_steps():
       return  # already saved (a preemption right after a periodic checkpoint)
+    if jax.process_count() > 1:
+      # Each manager finalises its async save behind a cross-process barrier of the same name; two managers
+      # finalising at once (a rolling save still in flight when the task-boundary one starts) collide on it
+      # ("Barrier ... is already ongoing"). One save in flight at a time across managers avoids that.
+      self.wait()
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  force=True)
 
