@@ -3,8 +3,10 @@ of every global batch (the mixture sampler decides rows from seed and step alone
 and only process 0 writes the outputs."""
 import json
 import os
+import signal
 
 import numpy as np
+import pytest
 
 from multihost_util import launch
 
@@ -18,23 +20,34 @@ ARGS = ["--config", "configs/cpt_lm.py:mixture=70_30", "--config.lm.d_model=32",
         "--config.text.cloze_context=16", "--config.pretrain.steps=8", "--config.pretrain.batch_size=8",
         "--config.adapt.steps=8", "--config.adapt.batch_size=8", "--config.regression.eval_every=4",
         "--config.regression.eval_batch_size=16", "--config.regression.threshold=0.5",
-        "--config.train.log_every_steps=4", "--no_progress"]
+        "--config.train.log_every_steps=4", "--config.checkpoint.every_steps=4", "--no_progress"]
 
 
-def test_lm_two_processes_match_one_and_write_each_output_once(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """The same run as one process: the reference both two-process tests compare with."""
   import cl_jax
   from cl_jax.cli import build_config
+  w = tmp_path_factory.mktemp("lm_one") / "one"
+  config, _ = build_config(ARGS + ["--workdir", str(w)])
+  return cl_jax.run(config, str(w), progress=False)
+
+
+def _assert_same_numbers(two: dict, one) -> None:
+  for model in ("base", "best", "final"):
+    for k, v in one.extra["test"][model].items():
+      np.testing.assert_allclose(two["test"][model][k], v, rtol=2e-3, err_msg=f"{model} {k}")
+
+
+def test_lm_two_processes_match_one_and_write_each_output_once(tmp_path, one_process):
+  one = one_process
   w = tmp_path / "two"
   outs = launch(["run.py", *ARGS, "--workdir", str(w)], num_processes=2)
   for i, o in enumerate(outs):
     assert o.returncode == 0, f"process {i}:\n{o.stderr[-3000:]}"
-  config, _ = build_config(ARGS + ["--workdir", str(tmp_path / "one")])
-  one = cl_jax.run(config, str(tmp_path / "one"), progress=False)
   two = json.loads((w / "results.json").read_text())
   # The same global batches: each process gathered half of each, so the numbers agree up to reduction order.
-  for model in ("base", "best", "final"):
-    for k, v in one.extra["test"][model].items():
-      np.testing.assert_allclose(two["test"][model][k], v, rtol=2e-3, err_msg=f"{model} {k}")
+  _assert_same_numbers(two, one)
   records = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
   for phase in ("pretrain", "adapt"):
     steps = [r["step"] for r in records if r["type"] == "train" and r["phase"] == phase]
@@ -44,6 +57,22 @@ def test_lm_two_processes_match_one_and_write_each_output_once(tmp_path):
                                rtol=2e-3, atol=2e-4)
   assert [r["step"] for r in records if r["type"] == "eval" and r["phase"] == "adapt"] == [0, 4, 8]
   # One TensorBoard event file per phase, written by process 0 only: as many as the one-process run has.
-  assert len(os.listdir(w / "tensorboard")) == len(os.listdir(tmp_path / "one" / "tensorboard")) == 2
+  assert len(os.listdir(w / "tensorboard")) == len(os.listdir(os.path.join(one.workdir, "tensorboard"))) == 2
   assert not (w / ".lock").exists()
   assert (w / "summary.md").exists() and (w / "monitor.png").exists()
+
+
+def test_lm_both_processes_killed_mid_pretraining_resume_to_the_same_results(tmp_path, one_process):
+  """SIGKILL in both processes at pre-training step 6 (after the checkpoint at 4); the relaunch resumes there."""
+  w = tmp_path / "crashed"
+  killed = launch(["run.py", *ARGS, "--workdir", str(w)], num_processes=2, env={"CL_JAX_TEST_KILL_AT_STEP": "6"})
+  assert all(o.returncode == -signal.SIGKILL for o in killed), [o.stderr[-2000:] for o in killed]
+  assert not (w / "results.json").exists()
+  outs = launch(["run.py", *ARGS, "--workdir", str(w)], num_processes=2)
+  for i, o in enumerate(outs):
+    assert o.returncode == 0, f"process {i}:\n{o.stderr[-3000:]}"
+  assert "Resuming" in outs[0].stdout + outs[0].stderr
+  _assert_same_numbers(json.loads((w / "results.json").read_text()), one_process)
+  records = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
+  for phase in ("pretrain", "adapt"):  # every step logged exactly once across the crash
+    assert [r["step"] for r in records if r["type"] == "train" and r["phase"] == phase] == list(range(1, 9)), phase

@@ -123,6 +123,29 @@ def _name(functions) -> list[dict]:
   return out
 
 
+class _Elided:
+  def __repr__(self):
+    return "..."
+
+
+_ELIDED = _Elided()
+
+
+def _stable(sig: inspect.Signature) -> inspect.Signature:
+  """The signature with every default that is not a number, bool or None shown as `...`.
+
+  Other defaults depend on where Python runs: a memory address in a function's repr, `sys.executable` in
+  `platform.architecture`, the install scheme ('posix_prefix' or 'venv') in `sysconfig.get_paths`. The sets must
+  rebuild byte-identically in a venv or not, so those values are not part of the prompt.
+  """
+  def stable(p):
+    d = p.default
+    if d is p.empty or d is None or type(d) in (bool, int, float):
+      return p
+    return p.replace(default=_ELIDED)
+  return sig.replace(parameters=[stable(p) for p in sig.parameters.values()])
+
+
 def _signature(functions) -> list[dict]:
   out = []
   for m, name, f in functions:
@@ -130,8 +153,7 @@ def _signature(functions) -> list[dict]:
       sig = inspect.signature(f)
     except (TypeError, ValueError):
       continue
-    # A default's repr may hold a memory address (`<function copy2 at 0x7f...>`): dropped, so the text is stable.
-    text = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{name}{sig}")
+    text = f"{name}{_stable(sig)}"
     if len(text) > 110:
       continue
     target = json.dumps({"name": name, "params": [p for p in sig.parameters]})
