@@ -17,6 +17,7 @@ On multi-host launches only process 0 writes any of these files (checkpoints are
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from typing import Callable
 from cl_jax.errors import WorkdirError, WorkdirLocked
 
 LOCK = ".lock"
+
+_TB_WRITERS = itertools.count()  # a distinct event file per log opened in this process
 
 
 def is_writer() -> bool:
@@ -364,7 +367,10 @@ class MetricsLog:
         shutil.rmtree(tb_dir)  # a fresh start: no events of an earlier attempt
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+        # Event files are named by the second and host they were opened in; two logs opened within one second
+        # (pre-training then adaptation of a short LM run) would share one file, so each gets its own suffix.
+        self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1,
+                                filename_suffix=f".{os.getpid()}.{next(_TB_WRITERS)}")
       except ImportError:  # TensorBoard files are optional
         self.tb = None
 
