@@ -345,11 +345,16 @@ class MetricsLog:
   records with `step <= s` (or those `keep(record)` accepts) and drops the rest, which the rerun writes again, so a
   killed-and-resumed run's metrics.jsonl is byte-identical to an uninterrupted one's. TensorBoard gets
   `purge_step=s + 1`, so its readers drop the earlier events past s instead of showing steps twice.
+
+  `tb_every`: train records reach TensorBoard only at steps divisible by it (metrics.jsonl keeps every step).
+  A scalar event costs ~50 us; a small model's step on CPU costs about a millisecond, so per-step TensorBoard
+  scalars alone made a whole Split MNIST run ~25% slower (benchmarks/loop_overhead.py).
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None, keep: Callable[[dict], bool] | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, tb_every: int = 1):
     self.workdir = workdir
+    self.tb_every = max(1, int(tb_every))
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = is_writer()
     self.file = self.tb = None
@@ -382,7 +387,7 @@ class MetricsLog:
     if not self.writer:
       return
     self.file.write(self._line(record))
-    if self.tb is not None:
+    if self.tb is not None and (record.get("type") != "train" or record.get("step", 0) % self.tb_every == 0):
       prefix = record["type"] if "phase" not in record else f"{record['phase']}/{record['type']}"
       for k, v in record.items():
         if isinstance(v, float) and math.isfinite(v):

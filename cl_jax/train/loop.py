@@ -243,7 +243,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     resume_step = int(state.step)
     print(f"Resuming {workdir} from step {resume_step} ({names[min(start_task, num_tasks - 1)]}"
           f"{', start' if iterator_state is None else ', mid-task'}).")
-  log = (open_log or (lambda s: MetricsLog(workdir, s)))(resume_step)
+  log = (open_log or (lambda s: MetricsLog(workdir, s, tb_every=plan.log_every)))(resume_step)
   divergence = _Divergence(plan.divergence_factor, div_state)
   kill_at, nan_at = int(os.environ.get(KILL_ENV, "-1")), int(os.environ.get(NAN_ENV, "-1"))
   signal_at, _, signal_name = os.environ.get(SIGNAL_ENV, "-1").partition(":")
