@@ -278,36 +278,19 @@ class ReplaySource:
 
 # ----------------------------------------------------------------------------- greedy decoding
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
 def greedy_decode(model, params, prompt, valid, *, max_new_tokens: int, eos_id: int):
-  """Greedy continuation of left-padded prompts [B, P] (`valid` 1 on real tokens) with a KV cache: one prefill, then
-  a `lax.while_loop` of one-token steps until every row has emitted `eos_id`. Returns int32 [B, max_new_tokens]
-  (eos-filled after a row's first eos). The cache's `valid` mask hides the padding from every query; with RoPE a
-  row's left shift changes no attention score (they depend on position differences only)."""
+  """Greedy continuation of left-padded prompts [B, P] (`valid` 1 on real tokens) with the KV-cache sampler
+  (`cl_jax.lm.sampling.generate`); int32 [B, max_new_tokens], eos-filled after a row's first eos."""
   from flax import nnx
-  from cl_jax.lm.sampling import sample_token
-  from cl_jax.models.transformer import init_cache
-  module = nnx.merge(model.graphdef, params)
-  batch, plen = prompt.shape
-  keys = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), valid.dtype)], axis=1)
-  cache = tuple({**layer, "valid": keys} for layer in init_cache(module.config, batch, plen + max_new_tokens))
-  logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
-  first = sample_token(logits[:, -1], None, 0.0, None)
-  out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
-
-  def cond(carry):
-    i, _, _, _, done = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    i, out, cache, last, done = carry
-    step_module = nnx.merge(model.graphdef, params)
-    logits, cache = step_module.forward_with_cache(last[:, None], plen + i - 1, cache)
-    new = jnp.where(done, eos_id, sample_token(logits[:, 0], None, 0.0, None))
-    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-    return i + 1, out, cache, new, done | (new == eos_id)
-
-  return jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, first, first == eos_id))[1]
+  from cl_jax.lm.sampling import generate
+  # A prompt longer than the model's context keeps its last tokens (prompts are left-padded, so the tail is the
+  # question and the answer cue); an imported checkpoint's max_len can be shorter than the longest prompt.
+  keep = nnx.merge(model.graphdef, params).config.max_len - max_new_tokens
+  if prompt.shape[1] > keep:
+    prompt, valid = prompt[:, -keep:], valid[:, -keep:]
+  out = generate(model, params, prompt, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, temperature=0.0,
+                 eos_id=eos_id, valid=valid)
+  return out[:, prompt.shape[1]:]
 
 
 def decode_text(tokenizer, ids: np.ndarray, end_text: str = "") -> str:

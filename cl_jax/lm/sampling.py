@@ -78,12 +78,15 @@ _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "eos_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_cached(model, params, prompt, key, *, max_new_tokens, temperature, top_k, eos_id):
+def _generate_cached(model, params, prompt, key, valid=None, *, max_new_tokens, temperature, top_k, eos_id):
   module, out = _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id)
   batch, prompt_len = prompt.shape
   total = out.shape[1]
 
   cache = init_cache(module.config, batch, total)
+  if valid is not None:  # left-padded prompts: the cache's key mask hides the padding from every query
+    keys = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), valid.dtype)], axis=1)
+    cache = tuple({**layer, "valid": keys} for layer in cache)
   logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
   first, done = _finish(sample_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k),
                         jnp.zeros((batch,), bool), eos_id)
@@ -143,16 +146,22 @@ def _recompute_loop(apply, params, out, prompt_len, key, max_new_tokens, tempera
 
 def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
-             use_cache: bool = True) -> jax.Array:
+             use_cache: bool = True, valid: jax.Array | None = None) -> jax.Array:
   """Continues `prompt [B, T]` by `max_new_tokens` tokens; returns int32 [B, T + max_new_tokens].
 
   `model` is the `FunctionalModel` of a `TransformerLM`, `params` its params. Jitted once per
   (model, shapes, max_new_tokens, temperature, top_k, eos_id); `temperature=0` is greedy decoding.
+  `valid [B, T]` (1 on real tokens) lets rows of different lengths be left-padded into one batch: the padding is
+  hidden from attention, and with RoPE a row's left shift changes no score (scores depend on position differences).
   """
+  kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            top_k=None if top_k is None else int(top_k), eos_id=None if eos_id is None else int(eos_id))
+  if valid is not None:
+    if not use_cache:
+      raise ValueError("generate: valid (left-padded prompts) needs use_cache=True")
+    return _generate_cached(model, params, jnp.asarray(prompt), key, jnp.asarray(valid), **kw)
   fn = _generate_cached if use_cache else _generate_recompute
-  return fn(model, params, jnp.asarray(prompt), key, max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-            eos_id=None if eos_id is None else int(eos_id))
+  return fn(model, params, jnp.asarray(prompt), key, **kw)
 
 
 def replay_batch(model, params, prompts: jax.Array, key: jax.Array, *, max_new_tokens: int,

@@ -36,11 +36,15 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
+def weighted_quadratic(params, weights, anchor) -> jax.Array:
+  """Σ_i w_i (θ_i − θ*_i)² over a params pytree, in float32: the penalty shape EWC, SI and MAS share."""
+  quad = jax.tree.map(lambda p, w, a: jnp.sum(w * jnp.square(p.astype(jnp.float32) - a)), params, weights, anchor)
+  return sum(jax.tree.leaves(quad))
+
+
 def ewc_penalty(params, state) -> jax.Array:
   """Σ_i A_i (θ_i − m_i)² + c: twice the unscaled penalty (multiply by λ/2)."""
-  quad = jax.tree.map(lambda p, f, m: jnp.sum(f * jnp.square(p.astype(jnp.float32) - m)),
-                      params, state["fisher"], state["anchor"])
-  return sum(jax.tree.leaves(quad)) + state["const"]
+  return weighted_quadratic(params, state["fisher"], state["anchor"]) + state["const"]
 
 
 def consolidate(state, params, task_fisher, *, online: bool, gamma: float):

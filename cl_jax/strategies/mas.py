@@ -24,6 +24,7 @@ import numpy as np
 
 from cl_jax.strategies.base import LossContext, Strategy
 from cl_jax.strategies.fisher import _chunk
+from cl_jax.strategies.ewc import weighted_quadratic
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,9 +61,7 @@ def mas_importance(learner, params, x, task, task_index, chunk_size: int = 64):
 
 def mas_penalty(params, state) -> jax.Array:
   """Σ_i Ω_i (θ_i − θ*_i)² (multiply by λ)."""
-  quad = jax.tree.map(lambda p, o, a: jnp.sum(o * jnp.square(p.astype(jnp.float32) - a)),
-                      params, state["importance"], state["anchor"])
-  return sum(jax.tree.leaves(quad))
+  return weighted_quadratic(params, state["importance"], state["anchor"])
 
 
 def check_config(config) -> None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
+from cl_jax.strategies.ewc import weighted_quadratic
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,9 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def si_penalty(params, state) -> jax.Array:
   """Σ_i Ω_i (θ_i − θ*_i)² (multiply by c)."""
-  quad = jax.tree.map(lambda p, o, a: jnp.sum(o * jnp.square(p.astype(jnp.float32) - a)),
-                      params, state["importance"], state["anchor"])
-  return sum(jax.tree.leaves(quad))
+  return weighted_quadratic(params, state["importance"], state["anchor"])
 
 
 def accumulate_path(state, step: StepInfo, c: float):
