@@ -33,7 +33,6 @@ The accuracy matrix R (row 0 before training, row j after task j) gives ACC / BW
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any, NamedTuple
