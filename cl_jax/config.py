@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
                                           validation_fraction=0.0))
   c.scenario = ml_collections.ConfigDict(dict(
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
-      first_task_identity=False, angles=[], max_angle=180.0, seed=0))
+      first_task_identity=False, angles=[], max_angle=180.0, train_sizes=[], seed=0))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=[400, 400], channels=[32, 64], cnn_hidden=128,
                                            multi_head=True, init_from=""))
   # model.init_from: start from another run's params instead of a random init: "RUN_DIR:task=K" (the task-boundary

@@ -23,6 +23,11 @@ split; permuted and rotated tasks share one split of the shared data. With `eval
 (`make_scenario(..., eval_split='validation')`) the tasks' evaluation examples `x_test`/`y_test` are the validation
 examples, so the accuracy matrix (and every number derived from it) is measured on validation data: the way to choose
 λ, α or a learning rate without looking at the test set.
+
+Smaller training sets (`scenario.train_sizes` = [n_1, ..., n_T], [] = every task whole; an entry 0 keeps that task
+whole): task t trains on n_t of its training examples, the first n_t of a permutation seeded by
+(`scenario.seed`, t), so a smaller size is a subset of a larger one. Its test (and validation) examples are kept
+whole. E.g. [0, 500]: the second task is learned from 500 examples (the "small new dataset" of forgetting studies).
 """
 from __future__ import annotations
 
@@ -131,6 +136,10 @@ def check_scenario(scenario_config, num_classes: int | None = None) -> None:
   t = scenario_config.num_tasks
   if not isinstance(t, int) or t < 1:
     raise ValueError(f"scenario.num_tasks={t!r}: must be a positive integer")
+  sizes = list(scenario_config.get("train_sizes") or [])
+  if sizes and (len(sizes) != t or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in sizes)):
+    raise ValueError(f"scenario.train_sizes={sizes}: expected {t} non-negative integers, one per task (0 = the "
+                     "whole training set), or [] for every task whole")
   order = list(scenario_config.get("class_order") or [])
   if scenario_config.name == "split" and num_classes is not None:
     n = len(order) if order else num_classes
@@ -237,6 +246,10 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
         mask_table[t, :(t + 1) * classes_per_task] = True
       else:
         mask_table[t, t * classes_per_task:(t + 1) * classes_per_task] = True
+  for t, n in enumerate(scenario_config.get("train_sizes") or []):
+    if 0 < n < tasks[t].num_train:  # a seeded subset; the permutation's prefix, so sizes nest
+      keep = np.sort(np.random.default_rng([seed, t]).permutation(tasks[t].num_train)[:n])
+      tasks[t] = dataclasses.replace(tasks[t], x_train=tasks[t].x_train[keep], y_train=tasks[t].y_train[keep])
   if eval_split == "validation":  # the accuracy matrix is measured on the validation examples
     tasks = [dataclasses.replace(task, x_test=task.x_val, y_test=task.y_val) for task in tasks]
   return Scenario(name, kind, tuple(tasks), num_outputs, num_heads, data.input_shape, mask_table)

@@ -1,0 +1,366 @@
+"""The forgetting factors, measured: each factor swept with the others fixed, on a two-task Rotated MNIST.
+
+  nohup python experiments/forgetting_factors.py > /tmp/forgetting_factors.log 2>&1 &
+  python experiments/forgetting_factors.py --quick          # a smoke run (minutes; writes under /tmp)
+
+Protocol. Task 1 is MNIST at 0°, task 2 MNIST rotated by θ (domain-incremental: one 10-way head), naive
+fine-tuning of an MLP (Adam, batch 128, the same number of steps on each task). The base setting is θ = 45°,
+width 2×256, lr 1e-3, task 2's whole training set, 500 steps per task; each factor moves one of these:
+
+  similarity   θ (degrees) between the tasks                  (scenario.angles = [0, θ])
+  data size    task 2's training examples, steps fixed        (scenario.train_sizes = [0, n]: fewer examples,
+               more epochs: "small data trained hard")
+  width        hidden units of both layers                     (model.hidden = [w, w])
+  lr           Adam's learning rate (on both tasks: one optimizer)  (optim.lr, one program via train.sweep)
+  steps        steps on task 2 so far                          (task-1 accuracy evaluated every 25 steps of
+                                                                 task 2 in one run of 1000 steps per task)
+
+Every setting runs the same seeds as one program (`train.num_seeds`). With two tasks, forgetting (Chaudhry et al.
+2018) is R[1,1] − R[2,1] (task-1 accuracy after task 1 minus after task 2) and BWT (Lopez-Paz & Ranzato 2017) is
+its negative; both are reported.
+
+Verdict per factor. The claim is "more dissimilar / smaller data trained harder / smaller model / higher LR /
+longer training = more forgetting", i.e. an expected sign of d(forgetting)/dx (+ for θ, lr, steps; − for data
+size and width). For every seed the least-squares slope of its forgetting on x (x = θ in degrees, log10 of the
+others) is one number; the seeds are paired across values (a seed's task-1 training is the same in every setting
+of a factor except lr and width), so the mean slope over seeds with its 95% Student-t interval (n − 1 dof) is the
+test: interval on the expected side of 0 -> "agrees", on the other side -> "disagrees", containing 0 ->
+"inconclusive". Spearman's ρ over every seed-level point is printed beside it.
+
+Writes results/forgetting_factors.md, .png and .json (every run's numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+MNIST = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist.npz")
+
+BASE = {"angle": 45.0, "size": 0, "width": 256, "lr": 1e-3, "steps": 500}
+
+# name -> (what x is, expected sign of d forgetting / dx, x transform for the slope, axis label)
+FACTORS = {
+    "similarity": ("rotation angle θ of task 2 (degrees)", +1, "linear", "θ (degrees)"),
+    "data_size": ("task-2 training examples (steps fixed)", -1, "log10", "task-2 examples"),
+    "width": ("hidden units per layer (2 layers)", -1, "log10", "hidden units"),
+    "lr": ("Adam learning rate (both tasks)", +1, "log10", "learning rate"),
+    "steps": ("steps trained on task 2", +1, "log10", "steps on task 2"),
+}
+FULL_VALUES = {
+    "similarity": [0.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0],
+    "data_size": [128, 512, 2048, 8192, 60000],
+    "width": [32, 64, 128, 256, 512, 1024],
+    "lr": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+    "steps": [25, 50, 100, 200, 400, 1000],
+}
+QUICK_VALUES = {
+    "similarity": [0.0, 45.0, 90.0],
+    "data_size": [128, 1024],
+    "width": [16, 64],
+    "lr": [1e-4, 1e-3],
+    "steps": [10, 20, 40],
+}
+VERDICT_WORDS = ("agrees", "disagrees", "inconclusive (interval crosses 0)")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_interval(values) -> tuple:
+  """(mean, half-width of the 95% Student-t interval of the mean) of `values`; half-width None for one value."""
+  from cl_jax.train.seeds import aggregate
+  a = aggregate(values)
+  return a["mean"], a["ci95"]
+
+
+def slope(x, y) -> float:
+  """Least-squares slope of y on x."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  xc = x - x.mean()
+  return float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))
+
+
+def transform(x, kind: str) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return np.log10(x) if kind == "log10" else x
+
+
+def verdict(x, forgetting, expected_sign: int, kind: str = "linear") -> dict:
+  """Whether forgetting moves with x in the expected direction.
+
+  x: [V] the factor's values; forgetting: [S, V] (seed s, value v); expected_sign: +1 when the claim says more x
+  means more forgetting, −1 when less. Each seed's least-squares slope of forgetting on transform(x) is one sample;
+  the verdict reads the 95% Student-t interval of their mean: wholly on the expected side of 0 -> 'agrees', wholly
+  on the other -> 'disagrees', containing 0 (or fewer than 2 seeds) -> 'inconclusive (interval crosses 0)'.
+  """
+  f = np.asarray(forgetting, np.float64)
+  if f.ndim != 2 or f.shape[1] != len(x) or len(x) < 2:
+    raise ValueError(f"forgetting must be [seeds, {len(x)} values] with at least 2 values; got shape {f.shape}")
+  tx = transform(x, kind)
+  slopes = [slope(tx, row) for row in f]
+  mean, ci = t_interval(slopes)
+  lo, hi = (mean - ci, mean + ci) if ci is not None else (-math.inf, math.inf)
+  if lo > 0 or hi < 0:
+    word = VERDICT_WORDS[0] if np.sign(mean) == expected_sign else VERDICT_WORDS[1]
+  else:
+    word = VERDICT_WORDS[2]
+  from scipy.stats import spearmanr
+  rho, p = spearmanr(np.tile(tx, f.shape[0]), f.reshape(-1))
+  return {"verdict": word, "slope_mean": mean, "slope_ci95": ci, "slope_interval": [lo, hi],
+          "per_seed_slopes": slopes, "x_transform": kind, "expected_sign": expected_sign,
+          "spearman_rho": float(rho), "spearman_p": float(p)}
+
+
+# ----------------------------------------------------------------------------- runs
+
+def base_config(seeds: int, steps: int, eval_every: int = 0):
+  from cl_jax.config import set_overrides
+  from configs.rotated_mnist import get_config
+  c = get_config("scenario=domain,strategy=naive,num_tasks=2")
+  chunk = math.gcd(steps, eval_every) if eval_every else min(steps, 100)
+  set_overrides(c, {"data.path": MNIST, "seed": 0, "train.num_seeds": seeds, "train.steps_per_task": steps,
+                    "scenario.angles": [0.0, BASE["angle"]], "model.hidden": [BASE["width"]] * 2,
+                    "optim.lr": BASE["lr"], "train.log_every_steps": steps, "train.log_norms": False,
+                    "train.steps_per_call": chunk, "eval.every_steps": eval_every, "checkpoint.every_steps": 0})
+  return c
+
+
+def run_config(config, workdir: str) -> tuple:
+  """Runs `config` (every seed as one program); -> (results.json dict, the eval records of metrics.jsonl)."""
+  import cl_jax
+  t0 = time.time()
+  cl_jax.run(config, workdir, overwrite=True, progress=False)
+  print(f"  {workdir}: {time.time() - t0:.0f} s", flush=True)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
+  return results, evals
+
+
+def run_metrics(run: dict) -> dict:
+  m = np.asarray(run["accuracy_matrix"])  # rows: before, after task 1, after task 2
+  return {"seed": run["seed"], "forgetting": float(m[1, 0] - m[2, 0]), "bwt": float(m[2, 0] - m[1, 0]),
+          "task1_after_task1": float(m[1, 0]), "task1_after_task2": float(m[2, 0]),
+          "task2_after_task2": float(m[2, 1]), "overrides": run.get("overrides", {})}
+
+
+def measure(values: dict, seeds: int, steps: int, workroot: str) -> dict:
+  """{factor: {'x': values, 'points': [[per-seed metrics for each value]]}} for every factor."""
+  from cl_jax.config import set_overrides
+  out = {}
+  cache = {}
+
+  def cached(name, overrides):
+    key = json.dumps(overrides, sort_keys=True)
+    if key not in cache:
+      c = base_config(seeds, steps)
+      set_overrides(c, overrides)
+      cache[key] = run_config(c, os.path.join(workroot, name))[0]
+    return cache[key]
+
+  def per_value(results):
+    return [run_metrics(r) for r in results["runs"]]
+
+  def sweep_one(factor, key_of):
+    points = []
+    for v in values[factor]:
+      overrides = key_of(v)
+      label = "base" if not overrides else f"{factor}_{v:g}"
+      points.append(per_value(cached(label, overrides)))
+    out[factor] = {"x": values[factor], "points": points}
+
+  base_or = lambda d, ref: {} if d == ref else d
+  sweep_one("similarity", lambda v: base_or({"scenario.angles": [0.0, float(v)]},
+                                            {"scenario.angles": [0.0, BASE["angle"]]}))
+  sweep_one("data_size", lambda v: {} if v >= 60000 else {"scenario.train_sizes": [0, int(v)]})
+  sweep_one("width", lambda v: {} if v == BASE["width"] else {"model.hidden": [int(v)] * 2})
+
+  # lr: every value in one program (train.sweep); runs are setting-major.
+  c = base_config(seeds, steps)
+  set_overrides(c, {"train.sweep": "optim.lr=" + ",".join(f"{v:g}" for v in values["lr"])})
+  results, _ = run_config(c, os.path.join(workroot, "lr"))
+  runs = [run_metrics(r) for r in results["runs"]]
+  out["lr"] = {"x": values["lr"], "points": [runs[g * seeds:(g + 1) * seeds] for g in range(len(values["lr"]))]}
+
+  # steps: task-1 accuracy every `every` steps of task 2, one run of max(values) steps per task.
+  total = int(max(values["steps"]))
+  every = math.gcd(*[int(v) for v in values["steps"]])
+  results, evals = run_config(base_config(seeds, total, eval_every=every), os.path.join(workroot, "steps"))
+  after1 = np.asarray([r["accuracy_matrix"][1][0] for r in results["runs"]])
+  by_step = {int(e["step"]) - total: np.asarray(e["accuracy_runs"]) for e in evals if int(e["task"]) == 2}
+  by_step[total] = np.asarray([r["accuracy_matrix"][2] for r in results["runs"]])  # the boundary record
+  points = []
+  for k in values["steps"]:
+    acc = by_step[int(k)]  # [runs, 2]: task 1, task 2 after k steps of task 2
+    points.append([{"seed": r["seed"], "forgetting": float(after1[i] - acc[i, 0]), "bwt": float(acc[i, 0] - after1[i]),
+                    "task1_after_task1": float(after1[i]), "task1_after_task2": float(acc[i, 0]),
+                    "task2_after_task2": float(acc[i, 1]), "overrides": {}}
+                   for i, r in enumerate(results["runs"])])
+  out["steps"] = {"x": values["steps"], "points": points}
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize_factor(name: str, data: dict) -> dict:
+  what, sign, kind, _ = FACTORS[name]
+  x = data["x"]
+  f = np.asarray([[p["forgetting"] for p in pts] for pts in data["points"]]).T  # [seeds, values]
+  rows = []
+  for v, pts in zip(x, data["points"]):
+    row = {"x": v}
+    for key in ("forgetting", "bwt", "task1_after_task1", "task2_after_task2"):
+      vals = [p[key] for p in pts if key in p]
+      row[key] = dict(zip(("mean", "ci95"), t_interval(vals))) if vals else None
+    rows.append(row)
+  return {"what": what, "rows": rows, **verdict(x, f, sign, kind)}
+
+
+def pct(d) -> str:
+  if d is None:
+    return "—"
+  ci = "" if d["ci95"] is None else f" ± {100 * d['ci95']:.1f}"
+  return f"{100 * d['mean']:.1f}{ci}"
+
+
+def fmt_x(name, v) -> str:
+  return {"similarity": f"{v:g}°", "data_size": f"{int(v):,}", "width": f"{int(v)}", "lr": f"{v:g}",
+          "steps": f"{int(v)}"}[name]
+
+
+def write_plot(summary: dict, raw: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(summary)
+  fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.6), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    s, x = summary[name], np.asarray(raw[name]["x"], np.float64)
+    for v, pts in zip(x, raw[name]["points"]):
+      ax.scatter([v] * len(pts), [100 * p["forgetting"] for p in pts], s=9, color="0.6", zorder=1)
+    mean = np.asarray([100 * r["forgetting"]["mean"] for r in s["rows"]])
+    ci = np.asarray([100 * (r["forgetting"]["ci95"] or 0.0) for r in s["rows"]])
+    ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, color="C0", zorder=2)
+    if FACTORS[name][2] == "log10":
+      ax.set_xscale("log")
+    ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel(FACTORS[name][3])
+    ax.set_title(f"{name}: {s['verdict'].split(' (')[0]}", fontsize=10)
+  axes[0][0].set_ylabel("forgetting of task 1 (points of accuracy)")
+  fig.suptitle("Forgetting factors, two-task Rotated MNIST, naive fine-tuning (mean ± 95% t interval; dots: seeds)",
+               fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_markdown(summary: dict, meta: dict, path: str) -> None:
+  b = BASE
+  lines = [
+      "# The forgetting factors, measured",
+      "",
+      f"Written by `{meta['command']}` ({meta['minutes']:.0f} min on a shared 2-core CPU machine). "
+      "Raw numbers (every seed of every setting): `forgetting_factors.json`; plot: `forgetting_factors.png`.",
+      "",
+      "**Protocol.** Two tasks: MNIST at 0°, then MNIST rotated by θ (domain-incremental, one 10-way head); naive "
+      f"fine-tuning of an MLP with Adam, batch 128, {meta['steps']} steps per task; {meta['seeds']} seeds per "
+      f"setting (seeds 0–{meta['seeds'] - 1}, every seed of a setting in one program). Base setting: "
+      f"θ = {b['angle']:g}°, 2×{b['width']} hidden units, lr {b['lr']:g}, task 2's whole training set (60,000); "
+      "each factor moves one of these and keeps the rest. Forgetting = task-1 accuracy after task 1 minus after "
+      "task 2 (Chaudhry et al. 2018; with two tasks BWT = −forgetting, Lopez-Paz & Ranzato 2017). Accuracies on the "
+      "10,000 MNIST test images; ± is the 95% Student-t interval over seeds.",
+      "",
+      "**Verdict rule.** For each seed, the least-squares slope of its forgetting on x (θ in degrees; log10 of the "
+      "other factors); the mean slope over seeds with its 95% t interval (seeds paired across values). Interval on "
+      "the side the claim predicts -> agrees; on the other side -> disagrees; containing 0 -> inconclusive. "
+      "Spearman's ρ over all seed-level points is given beside it.",
+      "",
+      "| factor | claim: more forgetting with | slope of forgetting (points per unit x) | 95% interval | "
+      "Spearman ρ | verdict |",
+      "|---|---|---|---|---|---|",
+  ]
+  claim = {"similarity": "larger θ (more dissimilar)", "data_size": "fewer task-2 examples (steps fixed)",
+           "width": "narrower model", "lr": "higher learning rate", "steps": "more steps on task 2"}
+  for name, s in summary.items():
+    unit = "per degree" if s["x_transform"] == "linear" else "per decade"
+    lo, hi = s["slope_interval"]
+    lines.append(f"| {name} | {claim[name]} | {100 * s['slope_mean']:+.3f} {unit} | [{100 * lo:+.3f}, "
+                 f"{100 * hi:+.3f}] | {s['spearman_rho']:+.2f} | **{s['verdict']}** |")
+  lines.append("")
+  for name, s in summary.items():
+    lines += [f"## {name}: {s['what']}", "",
+              "| x | forgetting (%) | BWT (%) | task 1 after task 1 (%) | task 2 after task 2 (%) |",
+              "|---|---|---|---|---|"]
+    for r in s["rows"]:
+      lines.append(f"| {fmt_x(name, r['x'])} | {pct(r['forgetting'])} | {pct(r['bwt'])} | "
+                   f"{pct(r['task1_after_task1'])} | {pct(r['task2_after_task2'])} |")
+    if name in NOTES:
+      steps_values = [int(v) for v in meta["values"]["steps"]]
+      lines += ["", NOTES[name].format(total=max(steps_values), steps=meta["steps"], every=math.gcd(*steps_values))]
+    lines.append("")
+  lines += ["## Caveats", ""] + [f"- {c}" for c in CAVEATS] + [""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+NOTES = {
+    "data_size": "Task 2's examples are a seeded subset (`scenario.train_sizes = [0, n]`; smaller sets are subsets "
+                 "of larger ones); the number of steps is fixed, so the smallest set is seen for hundreds of "
+                 "epochs.",
+    "lr": "One optimizer: the learning rate is that of both tasks, so task 1 is also learned at it (its accuracy "
+          "after task 1 is in the table). All values ran as one program (`train.sweep`).",
+    "steps": "One run per seed with {total} steps on each task (not the base's {steps}), task-1 accuracy evaluated "
+             "every {every} steps of task 2; the values are points along the same trajectories, so they are paired "
+             "by seed and the per-seed slope is the right unit of replication.",
+}
+CAVEATS = [
+    "Small scale: a two-layer MLP on MNIST, two tasks, a few seeds; the verdicts are about this setting.",
+    "Similarity is a rotation angle: beyond 90° it is not a monotone measure of dissimilarity for digits (e.g. "
+    "6/9 under 180°), so a linear slope over 0–180° summarises a curve that may bend; the table shows the shape.",
+    "The LM-mixture half of the similarity factor (domain distance between text mixtures) is not measured here.",
+]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--seeds", type=int, default=5)
+  p.add_argument("--steps", type=int, default=500, help="steps per task (the steps factor runs max(values))")
+  p.add_argument("--quick", action="store_true", help="tiny smoke run; writes under /tmp, not results/")
+  p.add_argument("--workroot", default="/tmp/forgetting_factors_runs")
+  p.add_argument("--out", default=os.path.join(ROOT, "results", "forgetting_factors"))
+  args = p.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if not os.path.exists(MNIST):
+    sys.exit(f"{MNIST}: MNIST (Keras mnist.npz) not found")
+  values, seeds, steps, out = FULL_VALUES, args.seeds, args.steps, args.out
+  if args.quick:
+    values, seeds, steps, out = QUICK_VALUES, min(seeds, 2), 40, "/tmp/forgetting_factors_quick"
+    BASE.update(width=32)
+  t0 = time.time()
+  raw = measure(values, seeds, steps, args.workroot)
+  summary = {name: summarize_factor(name, raw[name]) for name in FACTORS}
+  for name, s in summary.items():
+    print(f"{name}: slope {s['slope_mean']:+.4g} [{s['slope_interval'][0]:+.4g}, {s['slope_interval'][1]:+.4g}] "
+          f"rho {s['spearman_rho']:+.2f} -> {s['verdict']}")
+  command = "python experiments/forgetting_factors.py" + (" --quick" if args.quick else "") + (
+      f" --seeds {args.seeds}" if args.seeds != 5 else "") + (f" --steps {args.steps}" if args.steps != 500 else "")
+  meta = {"command": command, "minutes": (time.time() - t0) / 60, "seeds": seeds, "steps": steps,
+          "base": dict(BASE), "values": values}
+  with open(out + ".json", "w") as f:
+    json.dump({"meta": meta, "summary": summary, "raw": raw}, f, indent=1)
+  write_plot(summary, raw, out + ".png")
+  write_markdown(summary, meta, out + ".md")
+  print(f"wrote {out}.md/.png/.json in {meta['minutes']:.1f} min")
+
+
+if __name__ == "__main__":
+  main()
