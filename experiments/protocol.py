@@ -1,0 +1,151 @@
+"""Shared machinery of the reproduction scripts: many-seed programs, cached runs, selection on validation.
+
+Every table row is one `cl_jax.run` of a config with `train.num_seeds = N`: the N seeds train as one jitted
+program (`cl_jax/train/seeds.py`), and results.json holds each seed's accuracy matrix plus per-setting means,
+standard deviations and 95% Student-t intervals.
+
+Hyperparameters (EWC's λ, SI's c, DER++'s α/β, ...) are chosen on a *validation* split carved from the training
+data (`data.validation_fraction`, evaluated with `eval.split=validation`), by the mean validation ACC of a few
+tuning seeds that are not the reported seeds. The whole grid is one program (`train.sweep`). The reported runs then
+train on the full training set and are evaluated on the test set.
+
+Runs are cached under a work root keyed by their config: a rerun reuses every finished program whose settings agree
+with the one asked for, so an interrupted table resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist.npz")
+VALIDATION_FRACTION = 0.1
+
+
+def config_key(config) -> str:
+  return hashlib.sha1(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_cached(config, workroot: str, log=print) -> dict:
+  """Runs `config` under workroot/<config hash> unless an equivalent run already finished; returns results.json.
+
+  Equivalent: every setting the two configs both have is equal (a key added to the codebase after a run, left at
+  its default, does not force a rerun). An unfinished run's workdir is resumed from its last checkpoint.
+  """
+  import cl_jax
+  from cl_jax.train.loop import config_dict
+  path = _equivalent_run(config_dict(config), workroot)
+  if path is None:
+    workdir = os.path.join(workroot, config_key(config))
+    t0, c0 = time.time(), time.process_time()
+    overwrite = not os.path.exists(os.path.join(workdir, "checkpoints"))
+    cl_jax.run(config, workdir, overwrite=overwrite, progress=False)
+    log(f"  ran {config.strategy} {config.scenario.name}/{config.scenario.kind} seeds {config.seed}.."
+        f"{config.seed + config.train.num_seeds - 1} sweep {config.train.sweep!r}: {time.time() - t0:.0f} s wall, "
+        f"{time.process_time() - c0:.0f} s CPU, load {os.getloadavg()[0]:.1f}")
+    path = os.path.join(workdir, "results.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _equivalent_run(want: dict, workroot: str) -> str | None:
+  if not os.path.isdir(workroot):
+    return None
+  found = []
+  for name in os.listdir(workroot):
+    results = os.path.join(workroot, name, "results.json")
+    if not os.path.exists(results):
+      continue
+    with open(os.path.join(workroot, name, "config.json")) as f:
+      if _agree(json.load(f), want):
+        found.append((os.path.getmtime(results), results))
+  return min(found)[1] if found else None
+
+
+def _agree(a, b) -> bool:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return all(_agree(a[k], b[k]) for k in set(a) & set(b))
+  return a == b
+
+
+def sweep_text(grid: dict) -> str:
+  """{'ewc.lam': [1, 10]} -> 'ewc.lam=1,10' (keys joined by ';', as `train.sweep` reads it)."""
+  return ";".join(f"{k}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
+                  for k, vs in grid.items())
+
+
+def select_on_validation(make_config, grid: dict, tuning_seed: int, num_tuning_seeds: int, workroot: str,
+                         log=print) -> tuple[dict, list]:
+  """Runs the whole `grid` on the validation split and returns (best overrides, [(overrides, mean val ACC)]).
+
+  `make_config(seed, num_seeds, overrides)` builds the run's config; here it gets the validation split, the
+  tuning seeds and the sweep. The best setting is the one with the highest mean validation ACC over the tuning
+  seeds (ties: the first in grid order).
+  """
+  from cl_jax.config import set_overrides
+  c = make_config(tuning_seed, num_tuning_seeds, {})
+  set_overrides(c, {"data.validation_fraction": VALIDATION_FRACTION, "eval.split": "validation",
+                    "train.sweep": sweep_text(grid)})
+  record = run_cached(c, workroot, log)
+  scores = [(s["overrides"], s["acc"]["mean"]) for s in record["settings"]]
+  best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
+  for overrides, acc in scores:
+    log(f"    {overrides}: validation ACC {100 * acc:.2f}")
+  return scores[best][0], scores
+
+
+def stats(values) -> dict:
+  """Mean, sample std and 95% t-interval half-width, in percent."""
+  from cl_jax.train.seeds import aggregate
+  return aggregate([100 * float(v) for v in values])
+
+
+def fmt_ci(s: dict) -> str:
+  if s["mean"] is None:
+    return "—"
+  return f"{s['mean']:.1f} ± {s['ci95']:.1f}" if s["ci95"] is not None else f"{s['mean']:.1f}"
+
+
+def runs_of(record: dict) -> list:
+  """The reported runs of a many-seed record (the first and only setting), or the single run itself."""
+  return record["runs"] if "runs" in record else [record]
+
+
+def compare(ours: dict, published) -> str:
+  """'' when the published number lies within 2 points of our mean (or there is none), else the gap."""
+  if published is None or ours["mean"] is None:
+    return ""
+  gap = ours["mean"] - published
+  return "" if abs(gap) <= 2 else f"{gap:+.1f}"
+
+
+def write_markdown(path: str, lines: list) -> None:
+  """Writes a results table, followed by the hand-written `<name>.notes.md` beside it when there is one."""
+  notes_path = os.path.splitext(path)[0] + ".notes.md"
+  if os.path.exists(notes_path):
+    with open(notes_path) as f:
+      lines = [*lines, f.read().strip(), ""]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True, default=float)
+
+
+def t_interval_of_difference(a, b) -> tuple[float, float]:
+  """Welch 95% interval of mean(a) − mean(b), in the units given."""
+  from cl_jax.train.seeds import t_quantile_975
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else len(a) + len(b) - 2
+  half = t_quantile_975(max(1, int(math.floor(dof)))) * math.sqrt(va + vb)
+  d = a.mean() - b.mean()
+  return d - half, d + half
