@@ -21,8 +21,10 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import socket
+import struct
 import time
 import warnings
 from typing import Callable
@@ -337,18 +339,114 @@ def read_metrics(workdir: str) -> list[dict]:
   return out
 
 
+class EventFile:
+  """A TensorBoard event file (TFRecord framing of `Event` protos), written without TensorFlow or tensorboardX.
+
+  tensorboardX imports torch whenever torch is installed (~2-3 s of a run's start-up on a CPU box), for scalars
+  that are a few bytes each, so the three record kinds a run writes are encoded here by hand:
+    Event   {wall_time: double = 1, step: int64 = 2, file_version: string = 3, summary: Summary = 5,
+             session_log: SessionLog = 7}
+    Summary {value: repeated Value = 1};  Value {tag: string = 1, simple_value: float = 2}
+    SessionLog {status: enum = 1}  (START = 1: readers drop the earlier events at steps >= its step)
+  Each record is  uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)  (little endian;
+  masked(c) = ((c >> 15 | c << 17) + 0xa282ead8) mod 2^32, CRC-32C = Castagnoli polynomial 0x82f63b78).
+  Events are buffered and reach the file at `flush()` / `close()` (the loop flushes at every checkpoint).
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None, filename_suffix: str = ""):
+    os.makedirs(logdir, exist_ok=True)
+    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{filename_suffix}")
+    self.file = open(self.path, "wb")
+    self.buffer = []
+    step = 0 if purge_step is None else int(purge_step)
+    self._add(_pb_double(1, time.time()) + _pb_varint_field(2, step) + _pb_bytes(3, b"brain.Event:2"))
+    if purge_step is not None:
+      self._add(_pb_double(1, time.time()) + _pb_varint_field(2, step) + _pb_bytes(7, _pb_varint_field(1, 1)))
+
+  def add_scalars(self, scalars: dict, step: int, walltime: float | None = None) -> None:
+    """One event holding every {tag: value} of `scalars` at `step`."""
+    values = b"".join(_pb_bytes(1, _pb_bytes(1, _clean_tag(tag).encode()) + b"\x15" + struct.pack("<f", v))
+                      for tag, v in scalars.items())
+    wall = time.time() if walltime is None else walltime
+    self._add(_pb_double(1, wall) + _pb_varint_field(2, int(step)) + _pb_bytes(5, values))
+
+  def _add(self, event: bytes) -> None:
+    header = struct.pack("<Q", len(event))
+    self.buffer.append(header + struct.pack("<I", _masked_crc(header)) + event + struct.pack("<I", _masked_crc(event)))
+
+  def flush(self) -> None:
+    if self.buffer and self.file is not None:
+      self.file.write(b"".join(self.buffer))
+      self.buffer.clear()
+    if self.file is not None:
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.flush()
+      self.file.close()
+      self.file = None
+
+
+def _crc32c_table() -> list:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc(data: bytes) -> int:
+  crc, table = 0xFFFFFFFF, _CRC32C
+  for b in data:
+    crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _pb_varint(n: int) -> bytes:
+  n &= (1 << 64) - 1  # int64: a negative value is its two's complement (ten bytes)
+  out = bytearray()
+  while n > 0x7F:
+    out.append((n & 0x7F) | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
+
+
+def _pb_varint_field(field: int, n: int) -> bytes:
+  return _pb_varint(field << 3) + _pb_varint(n)
+
+
+def _pb_double(field: int, x: float) -> bytes:
+  return _pb_varint(field << 3 | 1) + struct.pack("<d", x)
+
+
+def _pb_bytes(field: int, data: bytes) -> bytes:
+  return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _clean_tag(tag: str) -> str:
+  """TensorBoard's tag alphabet: anything outside [-/\\w.] becomes '_' (as tensorboardX does)."""
+  return re.sub(r"[^-/\w\.]", "_", tag)
+
+
 class MetricsLog:
   """metrics.jsonl plus TensorBoard event files, written by process 0 only (a no-op elsewhere).
 
   Opening it makes the log consistent with where the run starts: with `resume_step=None` (a fresh start, also a
   rerun of a run killed before its first checkpoint) the log starts empty; when resuming at step s it keeps the
   records with `step <= s` (or those `keep(record)` accepts) and drops the rest, which the rerun writes again, so a
-  killed-and-resumed run's metrics.jsonl is byte-identical to an uninterrupted one's. TensorBoard gets
-  `purge_step=s + 1`, so its readers drop the earlier events past s instead of showing steps twice.
+  killed-and-resumed run's metrics.jsonl is byte-identical to an uninterrupted one's. TensorBoard gets a purge at
+  step s + 1 (a SessionLog START), so its readers drop the earlier events past s instead of showing steps twice.
 
   `tb_every`: train records reach TensorBoard only at steps divisible by it (metrics.jsonl keeps every step).
-  A scalar event costs ~50 us; a small model's step on CPU costs about a millisecond, so per-step TensorBoard
-  scalars alone made a whole Split MNIST run ~25% slower (benchmarks/loop_overhead.py).
+  `write_many` writes a chunk's records in one call (the task loop's per-chunk flush).
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None, keep: Callable[[dict], bool] | None = None,
@@ -370,31 +468,38 @@ class MetricsLog:
       tb_dir = os.path.join(workdir, "tensorboard")
       if resume_step is None and not kept and os.path.isdir(tb_dir):
         shutil.rmtree(tb_dir)  # a fresh start: no events of an earlier attempt
-      try:
-        from tensorboardX import SummaryWriter
-        # Event files are named by the second and host they were opened in; two logs opened within one second
-        # (pre-training then adaptation of a short LM run) would share one file, so each gets its own suffix.
-        self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1,
-                                filename_suffix=f".{os.getpid()}.{next(_TB_WRITERS)}")
-      except ImportError:  # TensorBoard files are optional
-        self.tb = None
+      # Event files are named by the second and host they were opened in; two logs opened within one second
+      # (pre-training then adaptation of a short LM run) would share one name, so each gets its own suffix.
+      self.tb = EventFile(tb_dir, purge_step=None if resume_step is None else resume_step + 1,
+                          filename_suffix=f".{os.getpid()}.{next(_TB_WRITERS)}")
 
   @staticmethod
   def _line(record: dict) -> str:
     return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
 
   def write(self, record: dict) -> None:
-    if not self.writer:
+    self.write_many([record])
+
+  def write_many(self, records: list) -> None:
+    """Appends `records` to metrics.jsonl (one write) and their scalars to TensorBoard (train ones every tb_every)."""
+    if not self.writer or not records:
       return
-    self.file.write(self._line(record))
-    if self.tb is not None and (record.get("type") != "train" or record.get("step", 0) % self.tb_every == 0):
+    self.file.write("".join(map(self._line, records)))
+    if self.tb is None:
+      return
+    for record in records:
+      if record.get("type") == "train" and record.get("step", 0) % self.tb_every:
+        continue
       prefix = record["type"] if "phase" not in record else f"{record['phase']}/{record['type']}"
+      scalars = {}
       for k, v in record.items():
         if isinstance(v, float) and math.isfinite(v):
-          self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+          scalars[f"{prefix}/{k}"] = v
         elif k == "accuracy" and isinstance(v, list):
           for i, a in enumerate(v):
-            self.tb.add_scalar(f"{prefix}/accuracy_task{i + 1}", a, record["step"])
+            scalars[f"{prefix}/accuracy_task{i + 1}"] = a
+      if scalars:
+        self.tb.add_scalars(scalars, record["step"])
 
   def flush(self):
     if self.file is not None:

@@ -189,6 +189,23 @@ class _Divergence:
   def new_task(self):
     self.task_ref = None
 
+  def check_chunk(self, losses, finite) -> bool:
+    """True (and the references taken) when consecutive steps with these losses [n, ...] and finite flags all pass
+    `check`; False, changing nothing, when some step would fail (the caller then checks step by step)."""
+    values = np.asarray(losses, np.float64).reshape(len(losses), -1)
+    if not len(values):
+      return True
+    if not np.all(np.isfinite(values)) or (finite is not None and not bool(np.all(finite))):
+      return False
+    peaks = values.max(axis=1)
+    run_ref = float(peaks[0]) if self.run_ref is None else self.run_ref
+    task_ref = float(peaks[0]) if self.task_ref is None else self.task_ref
+    ref = max(run_ref, task_ref)
+    if self.factor > 0 and ref > 0 and bool(np.any(peaks > self.factor * ref)):
+      return False
+    self.run_ref, self.task_ref = run_ref, task_ref
+    return True
+
   def check(self, step: int, name: str, loss, finite) -> None:
     loss_arr = np.asarray(loss, np.float64)
     if not np.all(np.isfinite(loss_arr)):
@@ -216,9 +233,9 @@ def _close(source) -> None:
     close()
 
 
-def _metric_value(v):
-  v = np.asarray(v)
-  return float(v) if v.ndim == 0 else v.astype(np.float64).tolist()  # a seed axis: one value per seed
+def _metric_column(v) -> list:
+  """A metric of n steps [n, ...] as n Python floats (lists of floats on a seed axis: one value per seed)."""
+  return np.asarray(v).astype(np.float64).tolist()
 
 
 def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, progress: bool = True,
@@ -287,17 +304,23 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         pending = []
 
         def flush_metrics():
-          last = None
+          # One host transfer for every pending chunk, one check and one log write per chunk (a small model's
+          # step takes about a millisecond: per-step Python work here would be a visible share of the run).
+          rec = None
           for first, metrics in jax.device_get(pending):  # metrics: {name: [n, ...]} for n consecutive steps
             finite = metrics.pop("_finite", None)
-            for i in range(len(metrics["loss"])):
-              divergence.check(first + i, names[t], metrics["loss"][i], None if finite is None else finite[i])
-              rec = {"type": "train", **plan.record, "step": first + i, "task": t + 1,
-                     **{k: _metric_value(v[i]) for k, v in metrics.items() if not k.startswith("_")}}
-              log.write(rec)
-              last = rec["loss"]
-          if isinstance(last, float):
-            bar.set_postfix(loss=f"{last:.4f}", **throughput_postfix(rec))
+            columns = {k: _metric_column(v) for k, v in metrics.items() if not k.startswith("_")}
+            records = [{"type": "train", **plan.record, "step": first + i, "task": t + 1,
+                        **{k: c[i] for k, c in columns.items()}} for i in range(len(columns["loss"]))]
+            if divergence.check_chunk(metrics["loss"], finite):
+              log.write_many(records)
+            else:  # step by step, to write the records before the diverged step and name it
+              for i, r in enumerate(records):
+                divergence.check(first + i, names[t], metrics["loss"][i], None if finite is None else finite[i])
+                log.write(r)
+            rec = records[-1] if records else rec
+          if rec is not None and isinstance(rec["loss"], float):
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", **throughput_postfix(rec))
           pending.clear()
 
         def save_mid_task(step_no):
