@@ -27,6 +27,14 @@ of a factor except lr and width), so the mean slope over seeds with its 95% Stud
 test: interval on the expected side of 0 -> "agrees", on the other side -> "disagrees", containing 0 ->
 "inconclusive". Spearman's ρ over every seed-level point is printed beside it.
 
+Domain distance on language models (`--lm`, run after the classic part; it merges into the same files): a byte-level
+`tiny` transformer pre-trained on English prose (the project's `general` corpus: pydoc topics and docstrings), then
+adapted (domain only, naive) to one target text of increasing distance, each from the same base per seed: the
+general corpus itself (distance 0), other English prose from the standard library (IDLE's notes, the licence,
+the email test messages), Python source (the `code` corpus) and the numeric test tables of `test/`. Distance is the
+Jensen–Shannon divergence (bits) between the byte distributions of the target's and the general corpus's training
+documents; forgetting is the general test perplexity's relative increase over the base (%), BWT its negative.
+
 Writes results/forgetting_factors.md, .png and .json (every run's numbers).
 """
 from __future__ import annotations
@@ -54,7 +62,10 @@ FACTORS = {
     "width": ("hidden units per layer (2 layers)", -1, "log10", "hidden units"),
     "lr": ("Adam learning rate (both tasks)", +1, "log10", "learning rate"),
     "steps": ("steps trained on task 2", +1, "log10", "steps on task 2"),
+    "lm_distance": ("LM: distance of the adaptation text from the pre-training prose", +1, "linear",
+                    "JS divergence from general prose (bits)"),
 }
+CLASSIC = ("similarity", "data_size", "width", "lr", "steps")
 FULL_VALUES = {
     "similarity": [0.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0],
     "data_size": [128, 512, 2048, 8192, 60000],
@@ -209,7 +220,107 @@ def measure(values: dict, seeds: int, steps: int, workroot: str) -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- LM: domain distance
+
+# name -> the target text: a `text.domain` spec, or stdlib globs cut into chunk documents under the work root.
+LM_DOMAINS = {
+    "general": "general",
+    "prose": ["idlelib/*.txt", "LICENSE.txt", "test/test_email/data/msg_*.txt"],
+    "code": "code",
+    "numeric": ["test/*_testcases.txt", "test/floating_points.txt", "test/ieee754.txt"],
+}
+CHUNK_CHARS = 2048  # one document per chunk: a few long files still split into train / validation / test
+
+
+def domain_spec(name: str, workroot: str) -> str | None:
+  """The `text.domain` spec of LM_DOMAINS[name] (None when the standard library lacks its files)."""
+  import glob
+  import sysconfig
+  target = LM_DOMAINS[name]
+  if isinstance(target, str):
+    return target
+  stdlib = sysconfig.get_paths()["stdlib"]
+  paths = sorted(p for g in target for p in glob.glob(os.path.join(stdlib, g)) if os.path.isfile(p))
+  if not paths:
+    return None
+  root = os.path.join(workroot, "domains", name)
+  os.makedirs(root, exist_ok=True)
+  for i, path in enumerate(paths):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+    for j in range(0, len(text), CHUNK_CHARS):
+      with open(os.path.join(root, f"{i:03d}_{j // CHUNK_CHARS:04d}.txt"), "w", encoding="utf-8") as f:
+        f.write(text[j:j + CHUNK_CHARS])
+  return f"dir:{root}"
+
+
+def byte_distribution(spec: str) -> np.ndarray:
+  from cl_jax.data.text import domain_documents
+  counts = np.zeros(256, np.float64)
+  for d in domain_documents(spec):
+    counts += np.bincount(np.frombuffer(d.text.encode("utf-8"), np.uint8), minlength=256)
+  return counts / counts.sum()
+
+
+def js_divergence(p, q) -> float:
+  """Jensen–Shannon divergence in bits: ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2; 0 for equal, 1 at most."""
+  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+  m = (p + q) / 2
+  kl = lambda a: float(np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0])))
+  return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def lm_config(seed: int, domain: str, base_dir: str, pretrain_steps: int, adapt_steps: int, quick: bool):
+  from cl_jax import lm
+  c = lm.default_config()
+  c.seed = seed
+  c.lm.seq_len = 128
+  c.text.update(domain=domain, max_train_sequences=8192, eval_sequences=32 if quick else 256,
+                general_eval_sequences=128 if quick else 512, cloze_items=60 if quick else 200, cloze_context=48)
+  c.optim.update(lr=3e-3, schedule="wsd", warmup_fraction=0.05, decay_fraction=0.25)
+  c.pretrain.update(steps=pretrain_steps, batch_size=16, base_dir=base_dir)
+  c.adapt.update(steps=adapt_steps, batch_size=16, lr_ratio=0.1, mixture="domain_only")
+  c.regression.update(eval_every=adapt_steps // 2, hard_stop=False)
+  c.train.log_every_steps = 50
+  return c
+
+
+def measure_lm(seeds, pretrain_steps: int, adapt_steps: int, workroot: str, quick: bool) -> dict:
+  """{'domains', 'x' (JS divergence from general), 'points': [[per-seed metrics] per domain]}."""
+  import cl_jax
+  specs = {n: domain_spec(n, workroot) for n in LM_DOMAINS}
+  names = [n for n in LM_DOMAINS if specs[n] is not None]
+  skipped = [n for n in LM_DOMAINS if specs[n] is None]
+  if skipped:
+    print(f"LM domains skipped (files not in this Python's standard library): {skipped}")
+  general = byte_distribution("general")
+  x = [js_divergence(byte_distribution(specs[n]), general) for n in names]
+  points = [[] for _ in names]
+  for seed in seeds:
+    base_dir = ""
+    for i, name in enumerate(names):
+      workdir = os.path.join(workroot, "lm", f"seed{seed}", name)
+      t0 = time.time()
+      c = lm_config(seed, specs[name], base_dir, pretrain_steps, adapt_steps, quick)
+      test = cl_jax.run(c, workdir, overwrite=True, progress=False).extra["test"]
+      base_dir = base_dir or workdir  # every target adapts the same base
+      b, f = test["base"], test["final"]
+      regression = (f["general/perplexity"] - b["general/perplexity"]) / b["general/perplexity"]
+      points[i].append({"seed": seed, "forgetting": regression, "bwt": -regression,
+                        "general_ppl_base": b["general/perplexity"], "general_ppl_final": f["general/perplexity"],
+                        "domain_ppl_base": b["domain/perplexity"], "domain_ppl_final": f["domain/perplexity"]})
+      print(f"  LM seed {seed} {name}: general ppl {b['general/perplexity']:.3f} -> {f['general/perplexity']:.3f} "
+            f"({100 * regression:+.2f}%), domain ppl {b['domain/perplexity']:.3f} -> {f['domain/perplexity']:.3f} "
+            f"({time.time() - t0:.0f} s)", flush=True)
+  return {"domains": names, "specs": [specs[n] for n in names], "x": x, "points": points,
+          "pretrain_steps": pretrain_steps, "adapt_steps": adapt_steps, "seeds": list(seeds)}
+
+
 # ----------------------------------------------------------------------------- report
+
+ROW_KEYS = {"classic": ("forgetting", "bwt", "task1_after_task1", "task2_after_task2"),
+            "lm": ("forgetting", "bwt", "general_ppl_base", "general_ppl_final", "domain_ppl_base", "domain_ppl_final")}
+
 
 def summarize_factor(name: str, data: dict) -> dict:
   what, sign, kind, _ = FACTORS[name]
@@ -218,23 +329,23 @@ def summarize_factor(name: str, data: dict) -> dict:
   rows = []
   for v, pts in zip(x, data["points"]):
     row = {"x": v}
-    for key in ("forgetting", "bwt", "task1_after_task1", "task2_after_task2"):
+    for key in ROW_KEYS["lm" if name == "lm_distance" else "classic"]:
       vals = [p[key] for p in pts if key in p]
       row[key] = dict(zip(("mean", "ci95"), t_interval(vals))) if vals else None
     rows.append(row)
   return {"what": what, "rows": rows, **verdict(x, f, sign, kind)}
 
 
-def pct(d) -> str:
+def pct(d, scale: float = 100.0, digits: int = 1) -> str:
   if d is None:
     return "—"
-  ci = "" if d["ci95"] is None else f" ± {100 * d['ci95']:.1f}"
-  return f"{100 * d['mean']:.1f}{ci}"
+  ci = "" if d["ci95"] is None else f" ± {scale * d['ci95']:.{digits}f}"
+  return f"{scale * d['mean']:.{digits}f}{ci}"
 
 
 def fmt_x(name, v) -> str:
   return {"similarity": f"{v:g}°", "data_size": f"{int(v):,}", "width": f"{int(v)}", "lr": f"{v:g}",
-          "steps": f"{int(v)}"}[name]
+          "steps": f"{int(v)}", "lm_distance": f"{v:.3f}"}[name]
 
 
 def write_plot(summary: dict, raw: dict, path: str) -> None:
@@ -242,63 +353,88 @@ def write_plot(summary: dict, raw: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   names = list(summary)
-  fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.6), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  cols = 3
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.5 * rows), squeeze=False)
+  for ax, name in zip(axes.flat, names):
     s, x = summary[name], np.asarray(raw[name]["x"], np.float64)
     for v, pts in zip(x, raw[name]["points"]):
       ax.scatter([v] * len(pts), [100 * p["forgetting"] for p in pts], s=9, color="0.6", zorder=1)
     mean = np.asarray([100 * r["forgetting"]["mean"] for r in s["rows"]])
     ci = np.asarray([100 * (r["forgetting"]["ci95"] or 0.0) for r in s["rows"]])
-    ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, color="C0", zorder=2)
+    ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, color="C1" if name == "lm_distance" else "C0", zorder=2)
+    if name == "lm_distance":
+      for v, m, d in zip(x, mean, raw[name]["domains"]):
+        ax.annotate(d, (v, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
+      ax.set_ylabel("general perplexity increase (%)")
+    else:
+      ax.set_ylabel("forgetting of task 1 (accuracy points)")
     if FACTORS[name][2] == "log10":
       ax.set_xscale("log")
     ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel(FACTORS[name][3])
     ax.set_title(f"{name}: {s['verdict'].split(' (')[0]}", fontsize=10)
-  axes[0][0].set_ylabel("forgetting of task 1 (points of accuracy)")
-  fig.suptitle("Forgetting factors, two-task Rotated MNIST, naive fine-tuning (mean ± 95% t interval; dots: seeds)",
-               fontsize=10)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.suptitle("Forgetting factors: two-task Rotated MNIST (blue) and LM adaptation (orange), naive fine-tuning; "
+               "mean ± 95% t interval, dots: seeds", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+CLAIMS = {"similarity": "larger θ (more dissimilar)", "data_size": "fewer task-2 examples (steps fixed)",
+          "width": "narrower model", "lr": "higher learning rate", "steps": "more steps on task 2",
+          "lm_distance": "a more distant adaptation text"}
+
+
 def write_markdown(summary: dict, meta: dict, path: str) -> None:
-  b = BASE
+  b = meta["base"]
   lines = [
       "# The forgetting factors, measured",
       "",
-      f"Written by `{meta['command']}` ({meta['minutes']:.0f} min on a shared 2-core CPU machine). "
-      "Raw numbers (every seed of every setting): `forgetting_factors.json`; plot: `forgetting_factors.png`.",
+      f"Written by `{meta['command']}` ({meta['minutes']:.0f} min on a shared, heavily loaded 2-core CPU machine)"
+      + (f" and `{meta['lm']['command']}` ({meta['lm']['minutes']:.0f} min)" if "lm" in meta else "")
+      + ". Raw numbers (every seed of every setting): `forgetting_factors.json`; plot: `forgetting_factors.png`.",
       "",
-      "**Protocol.** Two tasks: MNIST at 0°, then MNIST rotated by θ (domain-incremental, one 10-way head); naive "
-      f"fine-tuning of an MLP with Adam, batch 128, {meta['steps']} steps per task; {meta['seeds']} seeds per "
-      f"setting (seeds 0–{meta['seeds'] - 1}, every seed of a setting in one program). Base setting: "
+      "**Protocol (classic).** Two tasks: MNIST at 0°, then MNIST rotated by θ (domain-incremental, one 10-way "
+      f"head); naive fine-tuning of an MLP with Adam, batch 128, {meta['steps']} steps per task; {meta['seeds']} "
+      f"seeds per setting (seeds 0–{meta['seeds'] - 1}, every seed of a setting in one program). Base setting: "
       f"θ = {b['angle']:g}°, 2×{b['width']} hidden units, lr {b['lr']:g}, task 2's whole training set (60,000); "
       "each factor moves one of these and keeps the rest. Forgetting = task-1 accuracy after task 1 minus after "
-      "task 2 (Chaudhry et al. 2018; with two tasks BWT = −forgetting, Lopez-Paz & Ranzato 2017). Accuracies on the "
-      "10,000 MNIST test images; ± is the 95% Student-t interval over seeds.",
+      "task 2 (Chaudhry et al. 2018; with two tasks BWT = −forgetting, Lopez-Paz & Ranzato 2017), in accuracy "
+      "points on the 10,000 MNIST test images; ± is the 95% Student-t interval over seeds.",
       "",
-      "**Verdict rule.** For each seed, the least-squares slope of its forgetting on x (θ in degrees; log10 of the "
-      "other factors); the mean slope over seeds with its 95% t interval (seeds paired across values). Interval on "
-      "the side the claim predicts -> agrees; on the other side -> disagrees; containing 0 -> inconclusive. "
-      "Spearman's ρ over all seed-level points is given beside it.",
+      "**Verdict rule.** For each seed, the least-squares slope of its forgetting on x (θ and the JS divergence "
+      "as they are; log10 of the other factors); the mean slope over seeds with its 95% t interval (seeds are paired "
+      "across the values of a factor). Interval on the side the claim predicts -> agrees; on the other side -> "
+      "disagrees; containing 0 -> inconclusive. Spearman's ρ over all seed-level points is given beside it.",
       "",
-      "| factor | claim: more forgetting with | slope of forgetting (points per unit x) | 95% interval | "
-      "Spearman ρ | verdict |",
+      "| factor | claim: more forgetting with | mean per-seed slope of forgetting | 95% interval | Spearman ρ | "
+      "verdict |",
       "|---|---|---|---|---|---|",
   ]
-  claim = {"similarity": "larger θ (more dissimilar)", "data_size": "fewer task-2 examples (steps fixed)",
-           "width": "narrower model", "lr": "higher learning rate", "steps": "more steps on task 2"}
   for name, s in summary.items():
-    unit = "per degree" if s["x_transform"] == "linear" else "per decade"
+    unit = {"similarity": "points per degree", "lm_distance": "% per bit"}.get(name, "points per decade")
     lo, hi = s["slope_interval"]
-    lines.append(f"| {name} | {claim[name]} | {100 * s['slope_mean']:+.3f} {unit} | [{100 * lo:+.3f}, "
+    lines.append(f"| {name} | {CLAIMS[name]} | {100 * s['slope_mean']:+.3f} {unit} | [{100 * lo:+.3f}, "
                  f"{100 * hi:+.3f}] | {s['spearman_rho']:+.2f} | **{s['verdict']}** |")
-  lines.append("")
+  lines += ["", "![forgetting factors](forgetting_factors.png)", ""]
   for name, s in summary.items():
+    if name == "lm_distance":
+      lm = meta["lm"]
+      lines += [f"## lm_distance: {s['what']}", "", LM_PROTOCOL.format(**lm), "",
+                "| target text | JS divergence (bits) | general ppl, base | general ppl, after | forgetting: general "
+                "ppl increase (%) | BWT (%) | target ppl, base → after |", "|---|---|---|---|---|---|---|"]
+      for d, r in zip(lm["domains"], s["rows"]):
+        lines.append(f"| {d} | {r['x']:.3f} | {pct(r['general_ppl_base'], 1, 3)} | "
+                     f"{pct(r['general_ppl_final'], 1, 3)} | {pct(r['forgetting'], 100, 2)} | "
+                     f"{pct(r['bwt'], 100, 2)} | {r['domain_ppl_base']['mean']:.2f} → "
+                     f"{r['domain_ppl_final']['mean']:.2f} |")
+      lines.append("")
+      continue
     lines += [f"## {name}: {s['what']}", "",
-              "| x | forgetting (%) | BWT (%) | task 1 after task 1 (%) | task 2 after task 2 (%) |",
+              "| x | forgetting (points) | BWT (points) | task 1 after task 1 (%) | task 2 after task 2 (%) |",
               "|---|---|---|---|---|"]
     for r in s["rows"]:
       lines.append(f"| {fmt_x(name, r['x'])} | {pct(r['forgetting'])} | {pct(r['bwt'])} | "
@@ -307,11 +443,21 @@ def write_markdown(summary: dict, meta: dict, path: str) -> None:
       steps_values = [int(v) for v in meta["values"]["steps"]]
       lines += ["", NOTES[name].format(total=max(steps_values), steps=meta["steps"], every=math.gcd(*steps_values))]
     lines.append("")
-  lines += ["## Caveats", ""] + [f"- {c}" for c in CAVEATS] + [""]
+  lines += ["## Caveats", ""] + [f"- {c}" for c in CAVEATS if "lm" not in meta or "LM-mixture" not in c] + [""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
 
+LM_PROTOCOL = (
+    "A byte-level `tiny` transformer (128-byte context) pre-trained {pretrain_steps} steps on the `general` corpus "
+    "(English prose: pydoc topics and docstrings), then adapted {adapt_steps} steps on one target text only "
+    "(`adapt.mixture=domain_only`, naive, peak LR 0.1 × the pre-training LR, WSD), every target from the same "
+    "base per seed; seeds {seeds}. Targets: the general corpus itself (distance 0), other English prose from the "
+    "standard library (IDLE's text files, the licence, the email test messages), Python source (`code`) and the "
+    "numeric test tables of `test/` (long files cut into 2,048-character documents). Distance: Jensen–Shannon "
+    "divergence between the byte distributions of the target's and the general corpus's documents. Forgetting: "
+    "relative increase of the general test perplexity over the base (BWT its negative); the verdict slope is in "
+    "percent per bit of divergence.")
 NOTES = {
     "data_size": "Task 2's examples are a seeded subset (`scenario.train_sizes = [0, n]`; smaller sets are subsets "
                  "of larger ones); the number of steps is fixed, so the smallest set is seen for hundreds of "
@@ -326,40 +472,74 @@ CAVEATS = [
     "Small scale: a two-layer MLP on MNIST, two tasks, a few seeds; the verdicts are about this setting.",
     "Similarity is a rotation angle: beyond 90° it is not a monotone measure of dissimilarity for digits (e.g. "
     "6/9 under 180°), so a linear slope over 0–180° summarises a curve that may bend; the table shows the shape.",
+    "A linear slope is a test of direction, not of shape: a factor whose effect saturates or turns shows it in its "
+    "table, not in the verdict.",
     "The LM-mixture half of the similarity factor (domain distance between text mixtures) is not measured here.",
 ]
+
+
+def render(data: dict, out: str) -> None:
+  """results JSON dict -> the .json, .png and .md files (summaries and verdicts recomputed from the raw runs)."""
+  data["summary"] = {name: summarize_factor(name, data["raw"][name]) for name in FACTORS if name in data["raw"]}
+  for name, s in data["summary"].items():
+    print(f"{name}: slope {s['slope_mean']:+.4g} [{s['slope_interval'][0]:+.4g}, {s['slope_interval'][1]:+.4g}] "
+          f"rho {s['spearman_rho']:+.2f} -> {s['verdict']}")
+  with open(out + ".json", "w") as f:
+    json.dump(data, f, indent=1)
+  write_plot(data["summary"], data["raw"], out + ".png")
+  write_markdown(data["summary"], data["meta"], out + ".md")
+  print(f"wrote {out}.md/.png/.json")
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--steps", type=int, default=500, help="steps per task (the steps factor runs max(values))")
+  p.add_argument("--lm", action="store_true", help="run the LM domain-distance part and merge it into the JSON "
+                 "that the classic part wrote")
+  p.add_argument("--lm_seeds", type=int, default=3)
+  p.add_argument("--pretrain_steps", type=int, default=400)
+  p.add_argument("--adapt_steps", type=int, default=200)
+  p.add_argument("--from_json", action="store_true", help="re-render the .md / .png from the saved JSON")
   p.add_argument("--quick", action="store_true", help="tiny smoke run; writes under /tmp, not results/")
   p.add_argument("--workroot", default="/tmp/forgetting_factors_runs")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "forgetting_factors"))
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  out = "/tmp/forgetting_factors_quick" if args.quick else args.out
+  if args.from_json or args.lm:
+    if args.lm:  # measured first, merged after: the classic part may still be writing the JSON when this starts
+      t0 = time.time()
+      seeds = range(1 if args.quick else args.lm_seeds)
+      steps = (60, 40) if args.quick else (args.pretrain_steps, args.adapt_steps)
+      lm_raw = measure_lm(seeds, *steps, args.workroot, args.quick)
+      with open(os.path.join(args.workroot, "lm_raw.json"), "w") as f:
+        json.dump(lm_raw, f)
+    with open(out + ".json") as f:
+      data = json.load(f)
+    if args.lm:
+      data["raw"]["lm_distance"] = lm_raw
+      command = "python experiments/forgetting_factors.py --lm" + (" --quick" if args.quick else "") + "".join(
+          f" --{k} {getattr(args, k)}" for k, d in (("lm_seeds", 3), ("pretrain_steps", 400), ("adapt_steps", 200))
+          if getattr(args, k) != d)
+      data["meta"]["lm"] = {"command": command, "minutes": (time.time() - t0) / 60, "domains": lm_raw["domains"],
+                            "pretrain_steps": steps[0], "adapt_steps": steps[1],
+                            "seeds": ", ".join(str(s) for s in seeds)}
+    render(data, out)
+    return
   if not os.path.exists(MNIST):
     sys.exit(f"{MNIST}: MNIST (Keras mnist.npz) not found")
-  values, seeds, steps, out = FULL_VALUES, args.seeds, args.steps, args.out
+  values, seeds, steps = FULL_VALUES, args.seeds, args.steps
   if args.quick:
-    values, seeds, steps, out = QUICK_VALUES, min(seeds, 2), 40, "/tmp/forgetting_factors_quick"
+    values, seeds, steps = QUICK_VALUES, min(seeds, 2), 40
     BASE.update(width=32)
   t0 = time.time()
   raw = measure(values, seeds, steps, args.workroot)
-  summary = {name: summarize_factor(name, raw[name]) for name in FACTORS}
-  for name, s in summary.items():
-    print(f"{name}: slope {s['slope_mean']:+.4g} [{s['slope_interval'][0]:+.4g}, {s['slope_interval'][1]:+.4g}] "
-          f"rho {s['spearman_rho']:+.2f} -> {s['verdict']}")
   command = "python experiments/forgetting_factors.py" + (" --quick" if args.quick else "") + (
       f" --seeds {args.seeds}" if args.seeds != 5 else "") + (f" --steps {args.steps}" if args.steps != 500 else "")
   meta = {"command": command, "minutes": (time.time() - t0) / 60, "seeds": seeds, "steps": steps,
           "base": dict(BASE), "values": values}
-  with open(out + ".json", "w") as f:
-    json.dump({"meta": meta, "summary": summary, "raw": raw}, f, indent=1)
-  write_plot(summary, raw, out + ".png")
-  write_markdown(summary, meta, out + ".md")
-  print(f"wrote {out}.md/.png/.json in {meta['minutes']:.1f} min")
+  render({"meta": meta, "raw": raw}, out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 
 from cl_jax.data.scenarios import make_scenario
 from cl_jax.data.sources import LabelledData
-from experiments.forgetting_factors import verdict
+from experiments.forgetting_factors import js_divergence, verdict
 
 X = [128, 512, 2048, 8192]
 
@@ -88,3 +88,14 @@ def test_train_sizes_checked_with_the_config():
   c.scenario.train_sizes = [0, 500, 100]
   with pytest.raises(ConfigError, match=r"scenario.train_sizes=\[0, 500, 100\]: expected 2"):
     validate(c)
+
+
+def test_js_divergence_bounds():
+  p = np.asarray([0.5, 0.5, 0.0, 0.0])
+  assert js_divergence(p, p) == pytest.approx(0.0)
+  assert js_divergence(p, p[::-1]) == pytest.approx(1.0)  # disjoint supports: 1 bit
+  q = np.asarray([0.25, 0.25, 0.25, 0.25])
+  # ½·KL(p‖m) + ½·KL(q‖m) with m = (3/8, 3/8, 1/8, 1/8), by hand.
+  by_hand = 0.5 * (np.log2(0.5 / 0.375)) + 0.5 * (0.5 * np.log2(0.25 / 0.375) + 0.5 * np.log2(0.25 / 0.125))
+  assert js_divergence(p, q) == pytest.approx(by_hand)
+  assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
