@@ -8,6 +8,9 @@
   python run.py --config configs/cpt_lm.py:mixture=domain_only,strategy=ewc --config.ewc.lam=1e4
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.eval_every=50
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.patience=3  # ride out a dip
+  python run.py --config configs/cpt_lm.py:mixture=70_30 --config.vocab.extend=256  # 256 code tokens first (BPE)
+  python run.py --config configs/cpt_lm.py:mixture=70_30 --config.long_context.seq_len=512 \
+      --config.long_context.scaling=ntk  # a long-context stage: RoPE stretched, 512-token sequences
 
 arg: comma-separated `key=value` among
   mixture   domain_only | general_only | <D>_<G> (e.g. 70_30 = 70% code, 30% general) | three_phase |

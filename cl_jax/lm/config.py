@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
   # every_steps: rolling checkpoints of pre-training (0: none mid-way; adaptation saves at every evaluation).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Issue 10 items 4-5 (stages before the adaptation): vocabulary extension, long-context extension.
+  from cl_jax.lm.long_context import default_long_context_config
+  from cl_jax.lm.vocab import default_vocab_config
+  c.vocab = default_vocab_config()
+  c.long_context = default_long_context_config()
   c.lock()
   return c
 
@@ -143,6 +148,10 @@ def check_config(c) -> None:
     if not 0 < c.text[key] < 0.5:
       raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
   check_scale_keys(c)
+  from cl_jax.lm.long_context import check_long_context_config
+  from cl_jax.lm.vocab import check_vocab_config
+  check_vocab_config(c)
+  check_long_context_config(c)
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))

@@ -41,9 +41,13 @@ def subset(n: int, k: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
-def load_data(c) -> CPTData:
-  """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config)."""
-  if c.lm.init_from:  # an imported model reads text through its own tokenizer
+def load_data(c, tokenizer=None) -> CPTData:
+  """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config).
+
+  `tokenizer`: read the corpora with this one instead of the config's (a vocabulary-extended run: cl_jax.lm.vocab)."""
+  if tokenizer is not None:
+    tok = tokenizer
+  elif c.lm.init_from:  # an imported model reads text through its own tokenizer
     from cl_jax.models import hf_checkpoint
     tok = hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from))
   else:

@@ -156,11 +156,14 @@ def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool
                        window=c.train.log_every_steps).wrap(jitted)
 
 
-def _optimizer(c, optim, schedule, trainable=None):
+def _optimizer(c, optim, schedule, trainable=None, wrap=None):
   """optim's optimizer, on a float32 master copy when the params are bfloat16 (`lm.param_dtype`)."""
   from cl_jax.train.optim import build_optimizer
   from cl_jax.train.precision import optimizer_for
-  return optimizer_for(build_optimizer(optim, schedule, trainable), c.lm.get("param_dtype", "float32"))
+  tx = build_optimizer(optim, schedule, trainable)
+  if wrap is not None:  # e.g. old vocabulary rows frozen after vocab.extend (cl_jax.lm.vocab.row_scaling)
+    tx = wrap(tx)
+  return optimizer_for(tx, c.lm.get("param_dtype", "float32"))
 
 
 def _common_plan_fields(c, mesh) -> dict:
@@ -238,7 +241,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
   optim = ml_collections.ConfigDict(c.optim.to_dict())
   optim.lr = float(c.optim.lr) * float(c.adapt.lr_ratio)
   schedule = build_schedule(optim, steps, 1)
-  optimizer = _optimizer(c, optim, schedule, trainable)
+  from cl_jax.lm.vocab import row_scaling
+  optimizer = _optimizer(c, optim, schedule, trainable, wrap=row_scaling(c, params))
   state, state_sh = _train_state(c, params, optimizer, strategy.init(params, task_info), mesh,
                                  jax.random.fold_in(key, 3))
 
@@ -390,7 +394,13 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
 
   with Workdir(c, workdir, overwrite) as wd:
     base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, wd.resume, progress)
-    phase = adapt_phase(c, data, model, base, mesh)
+    # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
+    # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
+    from cl_jax.lm.long_context import stage_for_run
+    from cl_jax.lm.vocab import extend_for_run
+    data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
+    stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
+    phase = adapt_phase(stage_c, data, model, base, mesh)
     plan, hook = phase.plan, phase.hook
     checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
     try:
