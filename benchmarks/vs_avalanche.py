@@ -400,6 +400,8 @@ def main(argv=None):
                                                 "(estimated as 1.5x the same strategy's 1-thread run)")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "vs_avalanche.md"))
   p.add_argument("--json", default="", help="also write every run's raw figures here")
+  p.add_argument("--render", default="", help="comma-separated --json files of earlier runs (e.g. one per strategy, "
+                                              "run side by side): merge them and write --out, running nothing")
   p.add_argument("--worker", choices=("cl_jax", "avalanche"), help=argparse.SUPPRESS)
   p.add_argument("--strategy", help=argparse.SUPPRESS)
   p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -411,10 +413,25 @@ def main(argv=None):
     with open(a.result_file, "w") as f:
       json.dump(r, f)
     return
+  a.notes = []
+  a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+  if a.render:
+    runs, meta = {}, {}
+    for path in a.render.split(","):
+      with open(path) as f:
+        d = json.load(f)
+      for s, r in d["runs"].items():
+        runs[s] = r
+      meta = d.get("meta", meta)
+      a.notes += d.get("notes", [])
+    a.strategies = [s for s in STRATEGIES if s in runs]
+    a.notes.append("Written by `--render` from the per-strategy runs' JSON: "
+                   + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + ".")
+    write_md(a, runs, a.out, meta.get("started", "?"), meta.get("seconds", 0.0))
+    return
   a.data_path = os.path.abspath(a.data_path)
   if not os.path.isfile(a.data_path):
     raise SystemExit(f"--data_path={a.data_path!r}: no such file; expected a Keras-format mnist.npz")
-  a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
   bad = [s for s in a.strategies if s not in STRATEGIES]
   if bad:
     raise SystemExit(f"--strategies: unknown {bad}; allowed: {', '.join(STRATEGIES)}")
@@ -426,15 +443,16 @@ def main(argv=None):
     hh, mm = map(int, a.deadline.split(":"))
     now = time.gmtime()
     deadline = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
-  a.notes = []
   started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
   t0 = time.perf_counter()
   runs = {s: {"cold": [], "warm": [], "av1": [], "av2": []} for s in a.strategies}
 
   def save():
     if a.json:
+      meta = {"started": started, "seconds": time.perf_counter() - t0,
+              "commands": [" ".join(["python benchmarks/vs_avalanche.py"] + sys.argv[1:])]}
       with open(a.json, "w") as f:
-        json.dump(runs, f)
+        json.dump({"runs": runs, "meta": meta, "notes": a.notes}, f)
     write_md(a, runs, a.out, started, time.perf_counter() - t0)  # after every run: a cut-short benchmark keeps its table
 
   for i in range(a.repeats):
