@@ -86,11 +86,28 @@ def _embedding(params):
   return np.asarray(params["embed"]["embedding"])
 
 
+def _flags(c) -> list[str]:
+  """`--config.key=value` flags that turn configs/cpt_lm.py into `c` (the keys `_tiny` sets)."""
+  keys = ["lm.d_model", "lm.num_layers", "lm.num_heads", "lm.seq_len", "text.domain", "text.max_train_sequences",
+          "text.eval_sequences", "text.cloze_items", "text.validation", "text.test", "text.cloze_context",
+          "optim.lr", "pretrain.steps", "pretrain.batch_size", "adapt.steps", "adapt.batch_size", "adapt.mixture",
+          "regression.eval_every", "regression.eval_batch_size", "regression.hard_stop", "train.log_every_steps",
+          "vocab.extend", "optim.schedule"]
+  if "general_eval_sequences" in c.text:
+    keys.append("text.general_eval_sequences")
+  value = lambda k: c[k.split(".")[0]][k.split(".")[1]]
+  return [f"--config.{k}={value(k)}" for k in keys]
+
+
 @pytest.fixture(scope="module")
 def extended_run(tmp_path_factory):
+  """`run.py --config configs/cpt_lm.py ... --config.vocab.extend=24`: the command-line path end to end."""
+  from cl_jax.cli import main
+  from cl_jax.results import Results
   workdir = str(tmp_path_factory.mktemp("vocab_run"))
-  results = cl_jax.run(_tiny(), workdir, progress=False)
-  return workdir, results
+  assert main(["--config", "configs/cpt_lm.py:mixture=70_30", "--workdir", workdir, "--no_progress"]
+              + _flags(_tiny())) == 0
+  return workdir, Results.load(workdir)
 
 
 def test_run_extends_the_vocabulary_and_keeps_old_rows_frozen(extended_run):
