@@ -34,13 +34,13 @@ def make_config(args, scaling: str, base_dir: str):
   c = lm.default_config()
   c.seed = args.seed
   c.lm.seq_len = 128
-  c.text.update(max_train_sequences=8192, eval_sequences=256, cloze_items=200)
+  c.text.update(max_train_sequences=8192, eval_sequences=128, cloze_items=100)
   if "general_eval_sequences" in c.text:
-    c.text.general_eval_sequences = 256
+    c.text.general_eval_sequences = 128
   c.optim.update(lr=3e-3, schedule="wsd")
   c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
   c.adapt.update(steps=args.steps, batch_size=16, mixture="70_30")
-  c.regression.update(eval_every=max(args.steps // 4, 1), hard_stop=False, select="long_domain/perplexity")
+  c.regression.update(eval_every=max(args.steps // 2, 1), hard_stop=False, select="long_domain/perplexity")
   c.train.log_every_steps = 50
   c.long_context.update(seq_len=args.long_len, scaling=scaling, eval_sequences=args.eval_sequences)
   return c
@@ -69,10 +69,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--base_dir", default="/tmp/cl_jax_vocab_extension/none_s0")
-  p.add_argument("--pretrain_steps", type=int, default=1500)
-  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--pretrain_steps", type=int, default=400)
+  p.add_argument("--steps", type=int, default=100)
   p.add_argument("--long_len", type=int, default=512)
-  p.add_argument("--eval_sequences", type=int, default=64)
+  p.add_argument("--eval_sequences", type=int, default=32)
   p.add_argument("--workdir", default="/tmp/cl_jax_long_context")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "long_context.md"))
   p.add_argument("--quick", action="store_true")
