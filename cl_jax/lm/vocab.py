@@ -507,10 +507,11 @@ def extended_tokenizer(c, base_tokenizer, old_rows: int, workdir: str):
   elif isinstance(base_tokenizer, HFTokenizer):
     if meta is None:
       os.makedirs(folder, exist_ok=True)
-      new = extend_tokenizer_file(base_tokenizer.path, domain_train_texts(c), int(c.vocab.extend), old_rows,
-                                  tok_path + ".tmp", min_frequency=int(c.vocab.min_frequency))
+      tmp = f"{tok_path}.tmp{jax.process_index()}"  # every process learns the same file; each writes its own
+      new = extend_tokenizer_file(base_tokenizer.path, domain_train_texts(c), int(c.vocab.extend), old_rows, tmp,
+                                  min_frequency=int(c.vocab.min_frequency))
       _require_count(c, len(new))
-      os.replace(tok_path + ".tmp", tok_path)
+      os.replace(tmp, tok_path)
       for side in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         other = os.path.join(os.path.dirname(base_tokenizer.path), side)
         if os.path.exists(other):
