@@ -8,6 +8,12 @@
   python run.py --config configs/cpt_lm.py:mixture=domain_only,strategy=ewc --config.ewc.lam=1e4
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.eval_every=50
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.patience=3  # ride out a dip
+  python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.interval=t \
+      --config.regression.confidence=0.9
+
+The regression monitor stops when the lower end of a 95% paired-bootstrap interval on a general metric's relative
+regression (per-sequence losses against the base's) exceeds 2%; it keeps the best checkpoint not called regressed.
+The general validation / test splits are 15% of the source files each (~150K / ~185K tokens at seq_len 128).
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.vocab.extend=256  # 256 code tokens first (BPE)
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.long_context.seq_len=512 \
       --config.long_context.scaling=ntk  # a long-context stage: RoPE stretched, 512-token sequences

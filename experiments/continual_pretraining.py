@@ -1,6 +1,6 @@
 """Continual pre-training: general prose -> Python code, seven ways, several seeds.
 
-  python experiments/continual_pretraining.py                      # the table in results/ (CPU, ~1 h)
+  python experiments/continual_pretraining.py                      # the table in results/ (CPU, ~1 h per seed loaded)
   python experiments/continual_pretraining.py --quick              # a smoke run (minutes)
   python experiments/continual_pretraining.py --seeds 0 1 2 --adapt_steps 600
 
@@ -14,9 +14,13 @@ docstrings), then adapt a copy of that same base to code (standard-library sourc
   (h) domain only, difficulty-aware order (code files by base perplexity, moderate first, most OOD last)
 All variants share the adaptation budget (steps, batch, peak LR = lr_ratio x pre-training LR, 5% warmup).
 The regression monitor runs in record-only mode (`regression.hard_stop=False`) so every variant is
-measured at the same step count; the table reports where it *would* have stopped and what it keeps.
-The monitor's noise guard is on for the cloze accuracy (`min_z=2`): with a few hundred items a 2%
-relative move is a handful of flipped items (see results/continual_pretraining.md).
+measured at the same step count; the table reports where it *would* have stopped and what it keeps (what a
+stopped run keeps: nothing after the call). It decides on paired intervals (cl_jax.lm.monitor): per-sequence
+losses of the adapted model against the base's on the same sequences.
+
+Both evaluation splits are reported with 95% paired intervals: general validation and test are 15% of the source
+files each (the whole splits are evaluated), large enough that the two splits agree in sign wherever either can
+tell the sign; the report computes that agreement, the best arm and the claim verdicts from the runs.
 
 Writes results/continual_pretraining.md, results/continual_pretraining.json and two PNGs beside them.
 The seed's claims tested: mixing 20-40% general data cuts regression compared to domain only; LoRA keeps
@@ -53,8 +57,9 @@ def make_config(args, seed: int, variant: dict, base_dir: str = ""):
   c = lm.default_config()
   c.seed = seed
   c.lm.seq_len = 128
-  c.text.update(max_train_sequences=8192, eval_sequences=args.eval_sequences, cloze_items=args.cloze_items,
-                cloze_context=48)
+  c.text.update(max_train_sequences=8192, eval_sequences=args.eval_sequences,
+                general_eval_sequences=args.general_eval_sequences, cloze_items=args.cloze_items, cloze_context=48,
+                validation=args.split_fraction, test=args.split_fraction)
   c.optim.update(lr=3e-3, schedule=variant.get("schedule", "wsd"), warmup_fraction=0.05, decay_fraction=0.25)
   c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
   c.adapt.update(steps=args.adapt_steps, batch_size=16, lr_ratio=args.lr_ratio, mixture=variant["mixture"])
@@ -62,7 +67,7 @@ def make_config(args, seed: int, variant: dict, base_dir: str = ""):
   if "lora" in c.strategy.split("+"):
     c.adapt.lr_ratio = args.lora_lr_ratio
   c.adapt.difficulty = variant["mixture"] == "difficulty"
-  c.regression.update(eval_every=args.eval_every, hard_stop=False, min_z=2.0, threshold=0.02)
+  c.regression.update(eval_every=args.eval_every, hard_stop=False, threshold=0.02)
   c.train.log_every_steps = 50
   return c
 
@@ -82,8 +87,11 @@ def main(argv=None):
   p.add_argument("--eval_every", type=int, default=50)
   p.add_argument("--lr_ratio", type=float, default=0.1)
   p.add_argument("--lora_lr_ratio", type=float, default=1.0)
-  p.add_argument("--eval_sequences", type=int, default=128)
-  p.add_argument("--cloze_items", type=int, default=300)
+  p.add_argument("--eval_sequences", type=int, default=256, help="domain sequences per evaluation split")
+  p.add_argument("--general_eval_sequences", type=int, default=0, help="general sequences per evaluation split "
+                 "(0: the whole split)")
+  p.add_argument("--split_fraction", type=float, default=0.15, help="text.validation = text.test")
+  p.add_argument("--cloze_items", type=int, default=400)
   p.add_argument("--variants", nargs="+", default=list(VARIANTS))
   p.add_argument("--workroot", default=os.path.join(ROOT, "runs", "continual_pretraining"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "continual_pretraining.md"))
@@ -97,15 +105,15 @@ def main(argv=None):
     with open(args.from_json) as f:
       saved = json.load(f)
     for k in ("pretrain_steps", "adapt_steps", "eval_every", "lr_ratio", "lora_lr_ratio", "eval_sequences",
-              "cloze_items"):
-      setattr(args, k, saved["args"][k])
+              "general_eval_sequences", "split_fraction", "cloze_items"):
+      setattr(args, k, saved["args"].get(k, getattr(args, k)))
     records = [dict(r, threshold=r.get("threshold", 0.02)) for r in saved["runs"] if r["seed"] in args.seeds]
     seconds = sum(r["timing"]["total_seconds"] for r in records)
     write_outputs(args, records, seconds)
     return records
   if args.quick:
     args.pretrain_steps, args.adapt_steps, args.eval_every = 60, 40, 20
-    args.eval_sequences, args.cloze_items, args.seeds = 32, 60, [0]
+    args.eval_sequences, args.general_eval_sequences, args.cloze_items, args.seeds = 32, 128, 60, [0]
   unknown = sorted(set(args.variants) - set(VARIANTS))
   if unknown:
     p.error(f"--variants: unknown {unknown}; choose among {list(VARIANTS)}")
@@ -141,10 +149,10 @@ def main(argv=None):
 def write_outputs(args, records, seconds):
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   stem = os.path.splitext(args.out)[0]
-  slim = [{k: r[k] for k in ("variant", "seed", "row", "threshold", "test", "baseline", "history", "stopped", "best_step",
-                             "realised_mixture", "stages", "adapt_lr", "pretrain_lr", "num_params",
-                             "timing", "workdir") if k in r} | ({"lora_base_unchanged": r["lora_base_unchanged"]}
-                                                                if "lora_base_unchanged" in r else {})
+  slim = [{k: r[k] for k in ("variant", "seed", "row", "threshold", "test", "test_intervals", "baseline", "history",
+                             "stopped", "best_step", "realised_mixture", "stages", "adapt_lr", "pretrain_lr",
+                             "num_params", "eval_sets", "monitor_rule", "timing", "workdir") if k in r}
+          | ({"lora_base_unchanged": r["lora_base_unchanged"]} if "lora_base_unchanged" in r else {})
           for r in records]
   with open(stem + ".json", "w") as f:
     json.dump({"args": vars(args), "runs": slim}, f, indent=2)
@@ -208,48 +216,97 @@ def plot_curves(records, path, threshold):
   plt.close(fig)
 
 
+PPL = "general/perplexity"
+
+
+def _val_iv(record, metric=PPL):
+  """The validation interval record of the final evaluation (the monitor's split)."""
+  return record["history"][-1]["intervals"][metric]
+
+
+def _test_iv(record, model="final", metric=PPL):
+  return record["test_intervals"][model][metric]
+
+
+def _ci(iv) -> str:
+  return f"{100 * iv['estimate']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}]"
+
+
+def _sign(x: float) -> int:
+  return int(np.sign(round(x, 12)))
+
+
 def report(args, records, seconds, stem) -> str:
   groups = _by_variant(records)
   r0 = records[0]
+  sizes = r0["eval_sets"]
+  g_val, g_test = sizes["validation"]["general"], sizes["test"]["general"]
+  d_val, d_test = sizes["validation"]["domain"], sizes["test"]["domain"]
+  thr = 100 * r0["threshold"]
   lines = [
       "# Continual pre-training: general prose -> Python code",
       "",
       "Produced by `python experiments/continual_pretraining.py "
       f"--seeds {' '.join(map(str, args.seeds))} --pretrain_steps {args.pretrain_steps} "
       f"--adapt_steps {args.adapt_steps} --eval_every {args.eval_every}` "
-      f"({seconds / 60:.0f} min on a shared 2-core CPU). Model: byte-level `tiny` transformer "
+      f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU). Model: byte-level `tiny` transformer "
       f"({r0['num_params']:,} params, d=128, 2 layers, 128-byte context); pre-training "
       f"{args.pretrain_steps} steps at peak LR {r0['pretrain_lr']:g} (cosine), adaptation {args.adapt_steps} steps "
       f"at peak LR {r0['adapt_lr']:g} (= {args.lr_ratio:g} x; LoRA: {args.lora_lr_ratio:g} x), 5% warmup, batch 16. "
       "Corpora: general = pydoc topics + docstrings of half the standard library; domain = source of the other "
-      "half; test split by source file. Metrics on the test split "
-      f"({args.eval_sequences} sequences per domain, {args.cloze_items} four-way cloze items).",
+      f"half; each split by source file ({100 * args.split_fraction:g}% of the files each to validation and test).",
       "",
-      "Columns: *gain* = domain perplexity improvement over the base, *regr.* = general regression "
-      "relative to the base (positive = worse; ppl = perplexity, acc = next-token accuracy, cloze = cloze "
-      "accuracy), mean ± std over seeds. *final* is after all adaptation steps; *kept* is the best checkpoint "
-      "inside the 2% threshold (by validation domain perplexity); *val.* = the same final change measured on the "
-      "validation split that the monitor watches. *crossed* = the step at which the monitor "
-      "(record-only here) first saw a general metric beyond 2%, per seed.",
+      f"Evaluation sets (the same for every arm): general validation {g_val['sequences']:,} sequences = "
+      f"{g_val['tokens']:,} scored tokens, general test {g_test['sequences']:,} sequences = {g_test['tokens']:,} "
+      f"tokens; domain validation / test {d_val['sequences']:,} / {d_test['sequences']:,} sequences "
+      f"({d_val['tokens']:,} / {d_test['tokens']:,} tokens); {sizes['validation']['cloze_items']} / "
+      f"{sizes['test']['cloze_items']} four-way cloze items. Intervals are 95% paired bootstraps over sequences "
+      "(cl_jax.lm.monitor.paired_interval) of one run against its own base.",
       "",
-      "| variant | n | final gain (%) | final ppl regr. (%) | final acc regr. (%) | final cloze regr. (%) "
-      "| kept gain (%) | kept ppl regr. (%) | val. gain (%) | val. ppl regr. (%) | crossed (step: metric) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      f"Monitor (record-only here, so every arm runs all {args.adapt_steps} steps): {r0.get('monitor_rule', '')}.",
+      "",
+      "## Final model, both splits",
+      "",
+      "*gain* = domain perplexity improvement over the base; *regr.* = general perplexity regression relative to the "
+      "base (positive = worse), mean ± std over seeds; *signs agree* = runs whose validation and test regression have "
+      "the same sign; *acc* / *cloze* = next-token / cloze accuracy regression on test.",
+      "",
+      "| variant | n | test gain (%) | val. gain (%) | test regr. (%) | val. regr. (%) | signs agree "
+      "| test acc regr. (%) | test cloze regr. (%) |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, rs in groups.items():
     rows = [r["row"] for r in rs]
-    crossed = "; ".join("-" if not r["stopped"] else
-                        f"{r['stopped_step']}: " + ",".join(m.split("/")[1] for m in r["stopped_metrics"])
-                        for r in rows)
+    agree = sum(_sign(_test_iv(r)["estimate"]) == _sign(_val_iv(r)["estimate"]) for r in rs)
     lines.append(
         f"| {name} | {len(rows)} | {mean_std([r['final_domain_ppl_gain_pct'] for r in rows])} "
-        f"| {mean_std([r['final_general_ppl_regression_pct'] for r in rows])} "
-        f"| {mean_std([_final_regr(x, 'general/accuracy') for x in rs])} "
-        f"| {mean_std([_final_regr(x, 'general/cloze_accuracy') for x in rs])} "
-        f"| {mean_std([r['domain_ppl_gain_pct'] for r in rows])} "
-        f"| {mean_std([r['general_ppl_regression_pct'] for r in rows])} "
         f"| {mean_std([_val(x, 'domain/perplexity', gain=True) for x in rs])} "
-        f"| {mean_std([_val(x, 'general/perplexity') for x in rs])} | {crossed} |")
+        f"| {mean_std([r['final_general_ppl_regression_pct'] for r in rows])} "
+        f"| {mean_std([_val(x, PPL) for x in rs])} | {agree}/{len(rs)} "
+        f"| {mean_std([_final_regr(x, 'general/accuracy') for x in rs])} "
+        f"| {mean_std([_final_regr(x, 'general/cloze_accuracy') for x in rs])} |")
+  lines += ["", f"Per run: final general perplexity regression (%) with its 95% interval, validation / test, "
+                f"and the regression size each split detects beyond {thr:g}% with 80% power.", "",
+            "| variant | seed | validation | test | val. detectable (%) | test detectable (%) |",
+            "|---|---|---|---|---|---|"]
+  for name, rs in groups.items():
+    for r in rs:
+      lines.append(f"| {name} | {r['seed']} | {_ci(_val_iv(r))} | {_ci(_test_iv(r))} | "
+                   f"{100 * _val_iv(r)['detectable']:.2f} | {100 * _test_iv(r)['detectable']:.2f} |")
+  lines += ["", "## What the monitor keeps", "",
+            f"*kept* = the best checkpoint by validation domain perplexity among the evaluations not called regressed "
+            f"(step 0 is the base); *called* = the first step at which a general metric's interval cleared {thr:g}% "
+            "(record-only: training went on).", "",
+            "| variant | kept step (per seed) | kept test gain (%) | kept test regr. (%) | called (step: metric) |",
+            "|---|---|---|---|---|"]
+  for name, rs in groups.items():
+    rows = [r["row"] for r in rs]
+    called = "; ".join("-" if not r["stopped"] else
+                       f"{r['stopped_step']}: " + ",".join(m.split("/")[1] for m in r["stopped_metrics"])
+                       for r in rows)
+    lines.append(f"| {name} | {', '.join(str(r['best_step']) for r in rows)} "
+                 f"| {mean_std([r['domain_ppl_gain_pct'] for r in rows])} "
+                 f"| {mean_std([r['general_ppl_regression_pct'] for r in rows])} | {called} |")
   lines += ["", f"![trade-off]({stem}_tradeoff.png)", "", f"![curves]({stem}_curves.png)", ""]
   lines += ["## Base model (test split)", "", "| seed | general ppl | general acc | cloze acc | domain ppl | domain acc |",
             "|---|---|---|---|---|---|"]
@@ -270,8 +327,65 @@ def report(args, records, seconds, stem) -> str:
       continue
     parts = [f"{e['realised']['domain']:.2f} ({e['configured_at_end']['domain']:.2f})" for e in r["realised_mixture"]]
     lines.append(f"- {r['variant']}: " + ", ".join(parts))
-  lines += ["", "## Claims", "", *claims(groups), ""]
+  lines += ["", "## Claims (computed by the script from the numbers above)", "", *split_claims(groups, thr),
+            *claims(groups), ""]
   return "\n".join(lines)
+
+
+def split_claims(groups, thr: float) -> list[str]:
+  """Sentences on the evaluation splits and the arms, computed from the runs."""
+  out = []
+  runs = [r for rs in groups.values() for r in rs]
+  arm_val = {n: np.mean([_val_iv(r)["estimate"] for r in rs]) for n, rs in groups.items()}
+  arm_test = {n: np.mean([_test_iv(r)["estimate"] for r in rs]) for n, rs in groups.items()}
+  arms_agree = [n for n in groups if _sign(arm_val[n]) == _sign(arm_test[n])]
+  runs_agree = [r for r in runs if _sign(_val_iv(r)["estimate"]) == _sign(_test_iv(r)["estimate"])]
+  differ = [n for n in groups if n not in arms_agree]
+  sent = (f"- *Validation and test agree in sign* on the final general perplexity change in {len(arms_agree)} of "
+          f"{len(groups)} arms (seed means) and in {len(runs_agree)} of {len(runs)} runs.")
+  if differ:
+    parts = []
+    for n in differ:
+      zero = all(_val_iv(r)["lo"] <= 0 <= _val_iv(r)["hi"] or _test_iv(r)["lo"] <= 0 <= _test_iv(r)["hi"]
+                 for r in groups[n])
+      parts.append(f"{n} (validation {100 * arm_val[n]:+.2f}%, test {100 * arm_test[n]:+.2f}%"
+                   + ("; in every run one split's interval contains 0)" if zero else ")"))
+    sent += " They differ for " + ", ".join(parts) + "."
+  out.append(sent)
+  excl = [r for r in runs if not (_val_iv(r)["lo"] <= 0 <= _val_iv(r)["hi"])
+          and not (_test_iv(r)["lo"] <= 0 <= _test_iv(r)["hi"])]
+  excl_agree = sum(_sign(_val_iv(r)["estimate"]) == _sign(_test_iv(r)["estimate"]) for r in excl)
+  out.append(f"- Of the {len(excl)} runs whose validation and test intervals both exclude 0, {excl_agree} agree in "
+             "sign: where a split can tell the sign, the other tells the same one."
+             if excl_agree == len(excl) else
+             f"- Of the {len(excl)} runs whose validation and test intervals both exclude 0, only {excl_agree} agree in "
+             "sign: the two splits measure different general text (the split is by source file), not just noise.")
+  half = [100 * (iv["hi"] - iv["lo"]) / 2 for r in runs for iv in (_val_iv(r), _test_iv(r))]
+  det = [100 * iv["detectable"] for r in runs for iv in (_val_iv(r), _test_iv(r))]
+  out.append(f"- *Resolution*: the 95% intervals on general perplexity change have a median half-width of "
+             f"{np.median(half):.2f} points (range {min(half):.2f}-{max(half):.2f}); a true regression of "
+             f"{np.median(det):.2f}% (median over runs and splits) is called beyond the {thr:g}% threshold with 80% "
+             "power.")
+  gain = {n: np.mean([r["row"]["final_domain_ppl_gain_pct"] for r in rs]) for n, rs in groups.items()}
+  inside = [n for n in groups if 100 * arm_test[n] <= thr and 100 * arm_val[n] <= thr]
+  if inside:
+    best = max(inside, key=gain.get)
+    out.append(f"- *Best arm inside the {thr:g}% threshold on both splits* (by test domain gain): {best}, "
+               f"{gain[best]:+.2f}% domain perplexity for {100 * arm_test[best]:+.2f}% (test) / "
+               f"{100 * arm_val[best]:+.2f}% (validation) general; the largest gain overall is "
+               f"{max(gain, key=gain.get)} ({max(gain.values()):+.2f}%, general {100 * arm_test[max(gain, key=gain.get)]:+.2f}%"
+               " test).")
+  least = min(groups, key=lambda n: arm_test[n])
+  out.append(f"- *Least general regression* (test): {least} ({100 * arm_test[least]:+.2f}%; validation "
+             f"{100 * arm_val[least]:+.2f}%).")
+  kept_adapted = [r for r in runs if r["row"]["best_step"] > 0]
+  ok = [r for r in runs if 100 * _test_iv(r)["estimate"] <= thr]
+  ok_adapted = [r for r in ok if r["row"]["best_step"] > 0]
+  called = [r for r in runs if r["stopped"]]
+  out.append(f"- *The monitor*: it called a regression in {len(called)} of {len(runs)} runs and kept an adapted "
+             f"checkpoint (not the base) in {len(kept_adapted)}; of the {len(ok)} runs whose final test regression "
+             f"is within {thr:g}%, it kept an adapted model in {len(ok_adapted)}.")
+  return out
 
 
 def _val(record, metric, gain=False):

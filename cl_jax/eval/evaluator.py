@@ -104,7 +104,7 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     nll = token_cross_entropy(logits, targets)
     hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     w = valid[:, None].astype(jnp.float32)
-    return jnp.sum(nll * w), jnp.sum(hit * w), jnp.sum(w) * targets.shape[1]
+    return jnp.sum(nll * w, -1), jnp.sum(hit * w, -1)  # per row: the paired monitor reads each sequence
 
   @functools.partial(jax.jit, out_shardings=rep)  # every process reads every score
   def cloze_batch(params, context, choices, mask):
@@ -116,32 +116,42 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     return -jnp.sum(nll * mask, -1)  # log-likelihood of each choice
 
   def perplexity(params, tokens):
-    s_nll = s_hit = s_n = 0.0
+    """(perplexity, accuracy, per-sequence mean NLL [n], per-sequence accuracy [n])."""
+    nll, hit = [], []
     for i in range(0, len(tokens), size):
       chunk = tokens[i:i + size]
       valid = pad_rows(np.ones(len(chunk), bool), size)
       batch = sharding.put_global_batch({"t": pad_rows(chunk, size), "v": valid}, mesh)
-      a, h, n = nll_batch(params, batch["t"], batch["v"])
-      s_nll, s_hit, s_n = s_nll + float(a), s_hit + float(h), s_n + float(n)
-    return math.exp(s_nll / s_n), s_hit / s_n
+      a, h = jax.device_get(nll_batch(params, batch["t"], batch["v"]))
+      nll.append(np.asarray(a, np.float64)[:len(chunk)])
+      hit.append(np.asarray(h, np.float64)[:len(chunk)])
+    width = tokens.shape[1] - 1
+    nll, hit = np.concatenate(nll) / width, np.concatenate(hit) / width
+    return math.exp(float(np.mean(nll))), float(np.mean(hit)), nll, hit
 
   def cloze_accuracy(params, items):
     per = padded_size(max(size // items.choices.shape[1], 1), mesh)
-    scores = []
+    scores = []  # -> (accuracy, per-item correct [n])
     for i in range(0, len(items.answer), per):
       sl = slice(i, i + per)
       n = len(items.answer[sl])
       batch = sharding.put_global_batch({"c": pad_rows(items.context[sl], per), "x": pad_rows(items.choices[sl], per),
                                          "m": pad_rows(items.choice_mask[sl], per)}, mesh)
       scores.append(np.asarray(jax.device_get(cloze_batch(params, batch["c"], batch["x"], batch["m"])))[:n])
-    return float(np.mean(np.argmax(np.concatenate(scores), -1) == items.answer))
+    correct = (np.argmax(np.concatenate(scores), -1) == items.answer).astype(np.float64)
+    return float(np.mean(correct)), correct
 
-  def evaluate(params, sequences: dict, cloze=None) -> dict:
-    out = {}
+  def evaluate(params, sequences: dict, cloze=None, per_item: dict | None = None) -> dict:
+    """The metrics; `per_item` (a dict) is filled with each metric's per-item values: per-sequence mean NLL for
+    perplexity, per-sequence accuracy, per-item cloze correctness (`cl_jax.lm.monitor` pairs them with the base)."""
+    out, items = {}, {}
     for name, tokens in sequences.items():
-      out[f"{name}/perplexity"], out[f"{name}/accuracy"] = perplexity(params, tokens)
+      ppl, acc, items[f"{name}/perplexity"], items[f"{name}/accuracy"] = perplexity(params, tokens)
+      out[f"{name}/perplexity"], out[f"{name}/accuracy"] = ppl, acc
     if cloze is not None:
-      out["general/cloze_accuracy"] = cloze_accuracy(params, cloze)
+      out["general/cloze_accuracy"], items["general/cloze_accuracy"] = cloze_accuracy(params, cloze)
+    if per_item is not None:
+      per_item.update(items)
     return out
 
   return evaluate

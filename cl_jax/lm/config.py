@@ -48,9 +48,12 @@ def default_config() -> ml_collections.ConfigDict:
       export_hf=True))  # with init_from: write the kept (best) model to <workdir>/hf in the same layout
   c.text = ml_collections.ConfigDict(dict(
       general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
-      split_seed=0, validation=0.05, test=0.05,
+      # Document groups (source files) per split; 15% each gives the general corpus ~40-50 groups and ~150K
+      # tokens per evaluation split at seq_len 128 (5% gave 10-18 groups: validation and test disagreed in sign).
+      split_seed=0, validation=0.15, test=0.15,
       max_train_sequences=0,             # 0: all; else a fixed random subset of each domain's train split
-      eval_sequences=256,                # fixed random subset of validation / test per domain
+      eval_sequences=256,                # fixed random subset of the domain's validation / test (0: all)
+      general_eval_sequences=0,          # the same for general text (0: all; the monitor's power grows with it)
       cloze_items=400, cloze_context=48, cloze_choices=4))
   # The classic `optim` keys; `schedule` / fractions shape the adaptation LR (pre-training is cosine).
   c.optim = ml_collections.ConfigDict(dict(
@@ -71,8 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.fisher.kind = "empirical"
   c.fisher.num_samples = 256
   c.regression = ml_collections.ConfigDict(dict(
-      threshold=0.02, eval_every=500, hard_stop=True, patience=1, min_z=0.0, select="domain/perplexity",
-      eval_batch_size=64))
+      threshold=0.02, eval_every=500, hard_stop=True, patience=1, select="domain/perplexity",
+      eval_batch_size=64,
+      # The paired decision (cl_jax.lm.monitor): stop when the lower end of the `confidence` interval on a general
+      # metric's relative regression exceeds `threshold`; keep the best checkpoint by `keep`.
+      confidence=0.95, interval="bootstrap", bootstrap_samples=2000, keep="not_regressed"))
   # divergence_factor > 0: stop when a loss exceeds that many times its early value (cl_jax.train.loop).
   # grad_accum: micro-batches per optimizer step (the batch is split k ways; same update, 1/k activations).
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0,
@@ -139,14 +145,17 @@ def check_config(c) -> None:
   if not 0 < c.regression.threshold < 1:
     raise ValueError(f"regression.threshold={c.regression.threshold}: must be a fraction in (0, 1)")
   _positive_int(c, "regression", "patience")
-  if c.regression.min_z < 0:
-    raise ValueError(f"regression.min_z={c.regression.min_z}: must be >= 0 (0 disables the noise guard)")
+  check_regression_keys(c)
   if c.lm.seq_len < 2 or c.text.cloze_context + 1 > c.lm.seq_len:
     raise ValueError(f"lm.seq_len={c.lm.seq_len}, text.cloze_context={c.text.cloze_context}: need "
                      "2 <= cloze_context + 1 <= seq_len")
   for key in ("validation", "test"):
     if not 0 < c.text[key] < 0.5:
       raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
+  if not c.text.validation + c.text.test < 0.9:
+    raise ValueError(f"text.validation + text.test = {c.text.validation + c.text.test}: leave at least 10% to train")
+  _positive_int(c, "text", "eval_sequences", 0)
+  _positive_int(c, "text", "general_eval_sequences", 0)
   check_scale_keys(c)
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
@@ -169,6 +178,19 @@ def check_config(c) -> None:
       check(c)
 
 
+def check_regression_keys(c) -> None:
+  """regression.confidence / interval / bootstrap_samples / keep (cl_jax.lm.monitor)."""
+  from cl_jax.lm.monitor import INTERVALS, KEEP_RULES
+  r = c.regression
+  if not 0 < r.confidence < 1:
+    raise ValueError(f"regression.confidence={r.confidence}: must be in (0, 1), e.g. 0.95")
+  if r.interval not in INTERVALS:
+    raise ValueError(f"regression.interval={r.interval!r}: expected one of {INTERVALS}")
+  _positive_int(c, "regression", "bootstrap_samples", 100)
+  if r.keep not in KEEP_RULES:
+    raise ValueError(f"regression.keep={r.keep!r}: expected one of {KEEP_RULES}")
+
+
 def check_scale_keys(c) -> None:
   """lm.compute_dtype / remat / scan_layers / param_dtype and train.grad_accum (cl_jax.models.transformer)."""
   from cl_jax.models.transformer import REMAT_POLICIES
@@ -183,4 +205,5 @@ def check_scale_keys(c) -> None:
   _positive_int(c, "train", "grad_accum")
 
 
-__all__ = ["default_config", "check_config", "check_scale_keys", "GENERAL", "DOMAIN", "LM_STRATEGIES", "FISHER_KINDS"]
+__all__ = ["default_config", "check_config", "check_scale_keys", "check_regression_keys", "GENERAL", "DOMAIN",
+           "LM_STRATEGIES", "FISHER_KINDS"]

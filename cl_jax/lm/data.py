@@ -61,15 +61,26 @@ def load_data(c, tokenizer=None) -> CPTData:
     tr = dom.splits["train"]
     keep = subset(len(tr.tokens), t.max_train_sequences, 11 + i)
     train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    cap = t.general_eval_sequences if role == GENERAL else t.eval_sequences
     for j, split in enumerate(("validation", "test")):
       ev = dom.splits[split].tokens
-      evals[split][role] = ev[subset(len(ev), t.eval_sequences, 101 + 10 * i + j)]
+      evals[split][role] = ev[subset(len(ev), cap, 101 + 10 * i + j)]
   cloze = {split: textdata.make_cloze_items(domains[GENERAL].documents[split], tok, num_items=t.cloze_items,
                                             context_tokens=t.cloze_context, num_choices=t.cloze_choices,
                                             seed=7 + j)
            for j, split in enumerate(("validation", "test"))}
   return CPTData(tok, train, doc_index, evals, cloze,
                  {role: len(dom.documents["train"]) for role, dom in domains.items()})
+
+
+def eval_sizes(data: CPTData) -> dict:
+  """{split: {role: {'sequences', 'tokens' (scored targets)}, 'cloze_items': n}} of the evaluation sets."""
+  out = {}
+  for split, by_role in data.eval.items():
+    out[split] = {role: {"sequences": int(len(tok)), "tokens": int(len(tok) * (tok.shape[1] - 1))}
+                  for role, tok in by_role.items()}
+    out[split]["cloze_items"] = int(len(data.cloze[split].answer))
+  return out
 
 
 def next_token_batch(tokens: np.ndarray, task: int, domain: np.ndarray | None = None) -> dict:
@@ -95,4 +106,4 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   return next_token_batch(tokens, task, ids)
 
 
-__all__ = ["CPTData", "load_data", "subset", "next_token_batch", "sampler_batch"]
+__all__ = ["CPTData", "load_data", "eval_sizes", "subset", "next_token_batch", "sampler_batch"]

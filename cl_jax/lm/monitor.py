@@ -1,31 +1,67 @@
-"""Regression monitor for continual pre-training: a baseline, periodic re-measurement, a hard stop.
+"""Regression monitor for continual pre-training: a paired confidence interval on general regression, a hard stop.
 
-Before adaptation the base model is measured on general held-out data (perplexity, next-token accuracy,
-cloze accuracy on held-out prose) and on the new domain. Every `eval_every` steps the same metrics are
-re-measured and each *general* metric's relative regression against the baseline is
+Before adaptation the base model is measured on a fixed general evaluation set (perplexity, next-token accuracy,
+cloze accuracy on held-out prose) and on the new domain, keeping every item's value: per-sequence mean token NLL
+a_i, per-sequence next-token accuracy, per-item cloze correctness (0/1). Every `eval_every` steps the same items
+are measured again, so each general metric m has paired values (b_i: base, a_i: now, i = 1..n) and a relative
+regression (> 0 always means "worse than before adaptation"):
 
-    r_m = (value_m - base_m) / base_m      for metrics where lower is better (perplexity),
-    r_m = (base_m - value_m) / base_m      for metrics where higher is better (accuracies),
+    perplexity (items: per-sequence NLL, every sequence has the same number of targets)
+        r = exp(mean_i a_i - mean_i b_i) - 1                   (the relative perplexity increase, exactly)
+    accuracies (higher is better)      r = (mean_i b_i - mean_i a_i) / mean_i b_i
+    other lower-is-better metrics      r = (mean_i a_i - mean_i b_i) / mean_i b_i
 
-so r_m > 0 always means "worse than before adaptation". When any r_m exceeds `threshold` (2% by default,
-the seed's evaluation framework) training stops (a hard stop). Among the evaluations whose general metrics
-all stayed inside the threshold, the best one by the domain objective (lowest domain perplexity by
-default) is the checkpoint to keep.
+and a two-sided `confidence` interval [lo, hi] for r from the paired differences d_i = a_i - b_i:
 
-Optional noise guard (`min_z > 0`): an accuracy measured on n items moves by 1/n per flipped item, so a
-small evaluation set can cross 2% by noise alone. With `min_z`, a crossing counts only when the paired
-drop is also `min_z` standard errors large, SE = sqrt(p_b (1 - p_b) / n) (a one-sided binomial test
-against the baseline rate); perplexities are averaged over thousands of tokens and are not guarded.
+    interval='bootstrap'  (default) paired percentile bootstrap: B resamples of the item indices, the same indices
+                          for a and b, r recomputed on each; lo, hi = the alpha/2, 1 - alpha/2 quantiles
+                          (Efron & Tibshirani 1993, ch. 13; Koehn 2004 for paired bootstrap between two systems).
+                          The generator is seeded by the evaluation step, so a resumed run decides identically.
+    interval='t'          Student t on the mean difference: mean(d) +- t_{1-alpha/2, n-1} sd(d) / sqrt(n), mapped
+                          through the formulas above (the base mean in a denominator is held fixed).
 
-The monitor is plain Python over floats (it runs between jitted steps) and its history is JSON.
+The decision for each general metric, with threshold tau (2% by default, the seed's evaluation framework):
+
+    regressed     lo > tau     the regression is larger than tau with (1 + confidence) / 2 one-sided confidence
+    within        r <= tau     the point estimate is inside the threshold
+    inconclusive  otherwise    above tau, but not distinguishable from it at this evaluation set's size
+
+An evaluation is `regressed` when any metric is (the hard stop; `patience` consecutive regressed evaluations when
+patience > 1), `within` when every metric is, else `inconclusive`. Which evaluations may be kept (`keep`):
+
+    keep='not_regressed'  (default) every evaluation not called regressed: no general metric is shown to be worse
+                          than tau. A 400-item cloze accuracy moves by several percent on noise alone, so holding
+                          every point estimate to tau would throw away adapted models that did not regress.
+    keep='within'         only evaluations whose every point estimate is within tau (stricter; noisy metrics make
+                          it fall back to the base often).
+
+The kept checkpoint is the best keepable evaluation by `select` (lowest validation domain perplexity by default);
+the base (step 0) is always keepable, so it is kept when nothing later is. A noise-size wobble therefore never
+stops a run, and a real regression stops it at the first evaluation whose interval clears the threshold.
+
+What a set of n items can detect: with SE = sd(d) / sqrt(n), a true regression r* is called with probability 80%
+when log(1 + r*) - log(1 + tau) = (z_{1 - alpha/2} + z_0.8) SE (perplexity; for accuracies
+r* - tau = (z_{1 - alpha/2} + z_0.8) SE / mean b).
+`Decision.detectable` records that r* at every evaluation, and the LM summary reports it with the set's size.
+
+Metrics measured without per-item values (a caller handing only floats) get a degenerate interval [r, r], so the
+rule reduces to "r > tau stops".
+
+The monitor is plain Python/NumPy between jitted steps; its history is JSON (saved in every checkpoint's meta).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from statistics import NormalDist
 from typing import Mapping
 
+import numpy as np
+
 LOWER_IS_BETTER = ("perplexity", "loss", "bits_per_byte")
+INTERVALS = ("bootstrap", "t")
+KEEP_RULES = ("not_regressed", "within")
+POWER = 0.8  # the power at which `detectable` is quoted
 
 
 def higher_is_better(name: str) -> bool:
@@ -39,41 +75,98 @@ def relative_regression(base: float, value: float, higher_better: bool) -> float
   return (base - value) / abs(base) if higher_better else (value - base) / abs(base)
 
 
+def _from_means(name: str, mean_value, mean_base):
+  """r of the module docstring from item means (NumPy-broadcasting, for the bootstrap)."""
+  if name.endswith("perplexity"):  # items are per-sequence NLLs
+    return np.expm1(mean_value - mean_base)
+  sign = 1.0 if higher_is_better(name) else -1.0
+  with np.errstate(divide="ignore", invalid="ignore"):  # a zero base: 0/0 is no change, x/0 is +-inf
+    return np.nan_to_num(sign * (mean_base - mean_value) / np.abs(mean_base), nan=0.0, posinf=np.inf,
+                         neginf=-np.inf)
+
+
+def paired_interval(name: str, base_items, items, *, confidence: float = 0.95, interval: str = "bootstrap",
+                    samples: int = 2000, seed=0, threshold: float = 0.0) -> dict:
+  """The relative regression of metric `name` from paired items, its interval and its 80%-power detectable size.
+
+  Returns {'estimate', 'lo', 'hi', 'se' (of the mean difference), 'n', 'detectable'} (module docstring).
+  """
+  b, a = np.asarray(base_items, np.float64), np.asarray(items, np.float64)
+  if b.shape != a.shape or b.ndim != 1 or len(b) < 2:
+    raise ValueError(f"paired_interval({name}): need two equal-length 1-D item vectors of >= 2 items, got "
+                     f"{b.shape} and {a.shape}")
+  n = len(a)
+  alpha = 1.0 - confidence
+  estimate = float(_from_means(name, a.mean(), b.mean()))
+  d = a - b
+  se = float(d.std(ddof=1) / math.sqrt(n))
+  if interval == "bootstrap":
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    boot = _from_means(name, a[idx].mean(1), b[idx].mean(1))
+    # No interpolation between order statistics: a zero base makes some resamples infinite (inf - inf = nan).
+    lo, hi = (float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2], method="inverted_cdf"))
+  elif interval == "t":
+    from scipy.stats import t
+    half = float(t.ppf(1 - alpha / 2, n - 1)) * se
+    ends = [float(_from_means(name, b.mean() + d.mean() + s * half, b.mean())) for s in (-1.0, 1.0)]
+    lo, hi = min(ends), max(ends)
+  else:
+    raise ValueError(f"regression.interval={interval!r}: expected one of {INTERVALS}")
+  shift = (NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)) * se
+  if name.endswith("perplexity"):
+    detectable = math.expm1(math.log1p(threshold) + shift)
+  else:
+    detectable = threshold + shift / max(abs(float(b.mean())), 1e-12)
+  return {"estimate": estimate, "lo": lo, "hi": hi, "se": se, "n": n, "detectable": detectable}
+
+
 @dataclasses.dataclass
 class Verdict:
   step: int
-  regressions: dict    # general metric -> relative regression r_m
-  crossed: list        # general metrics whose regression exceeded the threshold (and the noise guard)
-  within: bool         # no general metric crossed
-  is_best: bool        # the best in-threshold evaluation so far
+  regressions: dict    # general metric -> point estimate of the relative regression r_m
+  crossed: list        # general metrics called `regressed` (lower bound beyond the threshold)
+  within: bool         # keepable: not regressed (keep='not_regressed') or every estimate inside tau ('within')
+  is_best: bool        # the best keepable evaluation so far
+  decision: str = ""   # 'within' | 'inconclusive' | 'regressed'
+  intervals: dict = dataclasses.field(default_factory=dict)  # metric -> paired_interval(...) record
 
 
 class RegressionMonitor:
-  """Tracks general-metric regression against a baseline; see the module docstring.
+  """Tracks general-metric regression against a baseline with paired intervals; see the module docstring.
 
   Args:
     baseline: `{metric name: value}` of the base model; metric names are '<group>/<metric>', and the
       general ones are those starting with `general_prefix`.
-    threshold: the relative regression allowed on any general metric (0.02 = 2%).
+    threshold: the relative regression tau allowed on any general metric (0.02 = 2%).
     select: the metric that picks the best in-threshold checkpoint (default: 'domain/perplexity').
-    counts: `{metric: n}` evaluation-set sizes of accuracy metrics, for the `min_z` noise guard.
-    hard_stop: whether the crossing ends training (the caller acts on `should_stop`); only the wording of
-      `describe` depends on it.
-    patience: how many consecutive evaluations must cross before the stop (1, the default: the first
-      crossing stops). Continual pre-training often dips at its first evaluations and recovers (the
-      "stability gap", De Lange et al. 2023); patience > 1 lets a run ride out a dip that recovers.
+    base_items: `{metric: per-item values}` of the base (what the evaluator fills in `per_item`); a general
+      metric listed here is decided on its paired interval, one missing on its point estimate.
+    confidence: the two-sided interval's coverage (0.95: a one-sided 97.5% lower bound decides the stop).
+    interval: 'bootstrap' | 't'.   samples: bootstrap resamples.   seed: the bootstrap generator's seed.
+    keep: 'not_regressed' | 'within': which evaluations may become the kept checkpoint.
+    hard_stop: whether the stop ends training (the caller acts on `should_stop`); only `describe` depends on it.
+    patience: how many consecutive `regressed` evaluations stop the run (1: the first). Continual pre-training
+      often dips at its first evaluations and recovers (the "stability gap", De Lange et al. 2023).
   """
 
   def __init__(self, baseline: Mapping[str, float], threshold: float = 0.02, *,
                select: str = "domain/perplexity", general_prefix: str = "general/",
-               min_z: float = 0.0, counts: Mapping[str, int] | None = None, hard_stop: bool = True,
-               patience: int = 1):
+               base_items: Mapping[str, object] | None = None, confidence: float = 0.95,
+               interval: str = "bootstrap", samples: int = 2000, seed: int = 0, hard_stop: bool = True,
+               patience: int = 1, keep: str = "not_regressed"):
     if not isinstance(patience, int) or patience < 1:
       raise ValueError(f"regression.patience={patience!r}: must be a positive integer")
     if not threshold > 0:
       raise ValueError(f"regression.threshold={threshold}: must be a positive fraction (0.02 = 2%)")
-    if min_z < 0:
-      raise ValueError(f"regression.min_z={min_z}: must be >= 0 (0 disables the noise guard)")
+    if not 0 < confidence < 1:
+      raise ValueError(f"regression.confidence={confidence}: must be in (0, 1), e.g. 0.95")
+    if interval not in INTERVALS:
+      raise ValueError(f"regression.interval={interval!r}: expected one of {INTERVALS}")
+    if keep not in KEEP_RULES:
+      raise ValueError(f"regression.keep={keep!r}: expected one of {KEEP_RULES}")
+    if not isinstance(samples, int) or samples < 100:
+      raise ValueError(f"regression.bootstrap_samples={samples!r}: must be an integer >= 100")
     self.baseline = {k: float(v) for k, v in baseline.items()}
     self.general = sorted(k for k in self.baseline if k.startswith(general_prefix))
     if not self.general:
@@ -81,37 +174,51 @@ class RegressionMonitor:
                        f"{general_prefix!r}): {sorted(self.baseline)}")
     if select not in self.baseline:
       raise ValueError(f"regression.select={select!r}: not a measured metric; metrics: {sorted(self.baseline)}")
+    self.base_items = {k: [float(x) for x in np.asarray(v).ravel()] for k, v in (base_items or {}).items()
+                       if k in self.general}
     self.threshold = float(threshold)
-    self.hard_stop = bool(hard_stop)  # False: record-only (the crossing is reported, training goes on)
+    self.hard_stop = bool(hard_stop)  # False: record-only (the call is reported, training goes on)
     self.select = select
-    self.min_z = float(min_z)
-    self.counts = dict(counts or {})
-    self.patience = patience
+    self.confidence, self.interval, self.samples, self.seed = float(confidence), interval, samples, int(seed)
+    self.patience, self.keep = patience, keep
     self.history: list[dict] = []
-    self.best: dict | None = None     # {'step', 'metrics'} of the best in-threshold evaluation
-    self.stopped: dict | None = None  # {'step', 'metrics': [crossed...], 'regressions'} at the hard stop
+    self.best: dict | None = None     # {'step', 'score', 'metrics'} of the best in-threshold evaluation
+    self.stopped: dict | None = None  # {'step', 'metrics': [regressed...], 'regressions', 'intervals'} at the stop
 
-  def _significant(self, name: str, value: float) -> bool:
-    if self.min_z == 0 or name not in self.counts or not higher_is_better(name):
-      return True
-    p, n = self.baseline[name], max(self.counts[name], 1)
-    se = math.sqrt(max(p * (1 - p), 1e-12) / n)
-    return (p - value) >= self.min_z * se
+  def interval_of(self, name: str, step: int, value: float, items=None) -> dict:
+    """`paired_interval` of one general metric at `step` (degenerate [r, r] without items)."""
+    if items is not None and name in self.base_items:
+      return paired_interval(name, self.base_items[name], items, confidence=self.confidence,
+                             interval=self.interval, samples=self.samples, seed=[self.seed, int(step)],
+                             threshold=self.threshold)
+    r = relative_regression(self.baseline[name], float(value), higher_is_better(name))
+    return {"estimate": r, "lo": r, "hi": r, "se": None, "n": None, "detectable": None}
 
-  def check(self, step: int, metrics: Mapping[str, float]) -> Verdict:
-    """Records one evaluation and returns its verdict; `stopped` is set on the first crossing."""
+  def check(self, step: int, metrics: Mapping[str, float], items: Mapping[str, object] | None = None) -> Verdict:
+    """Records one evaluation (`items`: per-item values, as for `base_items`) and returns its verdict."""
     missing = [m for m in self.general + [self.select] if m not in metrics]
     if missing:
       raise KeyError(f"RegressionMonitor.check: metrics {missing} were not measured at step {step}")
-    regressions = {m: relative_regression(self.baseline[m], float(metrics[m]), higher_is_better(m))
-                   for m in self.general}
-    crossed = [m for m, r in regressions.items()
-               if (r > self.threshold or not math.isfinite(r)) and self._significant(m, float(metrics[m]))]
-    within = not crossed
+    items = items or {}
+    intervals = {m: self.interval_of(m, step, metrics[m], items.get(m)) for m in self.general}
+    regressions = {m: iv["estimate"] for m, iv in intervals.items()}
+    decisions = {}
+    for m, iv in intervals.items():
+      if iv["lo"] > self.threshold or math.isnan(iv["estimate"]) or iv["estimate"] == math.inf:
+        decisions[m] = "regressed"
+      elif iv["estimate"] <= self.threshold:
+        decisions[m] = "within"
+      else:
+        decisions[m] = "inconclusive"
+    crossed = [m for m in self.general if decisions[m] == "regressed"]
+    decision = ("regressed" if crossed else "within" if all(v == "within" for v in decisions.values())
+                else "inconclusive")
+    within = decision == "within" if self.keep == "within" else not crossed
     score = float(metrics[self.select])
     better = (self.best is None or
               (score > self.best["score"] if higher_is_better(self.select) else score < self.best["score"]))
-    is_best = within and better
+    # After the stop nothing is kept: a record-only run (hard_stop=False) keeps what a stopped run would have kept.
+    is_best = within and better and self.stopped is None
     if is_best:
       self.best = {"step": int(step), "score": score, "metrics": {k: float(v) for k, v in metrics.items()}}
     streak = 0
@@ -120,39 +227,55 @@ class RegressionMonitor:
         break
       streak += 1
     if crossed and self.stopped is None and streak + 1 >= self.patience:
-      self.stopped = {"step": int(step), "metrics": crossed,
-                      "regressions": {m: regressions[m] for m in crossed}}
+      self.stopped = {"step": int(step), "metrics": crossed, "regressions": {m: regressions[m] for m in crossed},
+                      "intervals": {m: [intervals[m]["lo"], intervals[m]["hi"]] for m in crossed}}
     self.history.append({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()},
-                         "regressions": regressions, "crossed": crossed})
-    return Verdict(int(step), regressions, crossed, within, is_best)
+                         "regressions": regressions, "intervals": intervals, "decisions": decisions,
+                         "decision": decision, "crossed": crossed, "kept": is_best})
+    return Verdict(int(step), regressions, crossed, within, is_best, decision, intervals)
 
   @property
   def should_stop(self) -> bool:
     return self.stopped is not None
 
   def state_dict(self) -> dict:
-    return {"baseline": self.baseline, "history": self.history, "best": self.best, "stopped": self.stopped}
+    return {"baseline": self.baseline, "base_items": self.base_items, "history": self.history, "best": self.best,
+            "stopped": self.stopped}
 
   def load_state_dict(self, d: Mapping) -> None:
     if dict(d["baseline"]) != self.baseline:
       raise ValueError("RegressionMonitor.load_state_dict: the saved baseline differs from this monitor's")
+    self.base_items = {k: list(v) for k, v in d.get("base_items", {}).items()}
     self.history, self.best, self.stopped = list(d["history"]), d["best"], d["stopped"]
+
+  def rule(self) -> str:
+    """The decision rule in one sentence (for reports)."""
+    how = (f"paired bootstrap, {self.samples} resamples" if self.interval == "bootstrap" else
+           "t interval on the paired differences")
+    return (f"a general metric is called regressed when the lower end of its {100 * self.confidence:g}% interval "
+            f"({how}) on the relative regression exceeds {100 * self.threshold:g}%; "
+            + ("the kept checkpoint is the best one with no metric called regressed" if self.keep == "not_regressed"
+               else f"the kept checkpoint is the best one whose every estimate is within {100 * self.threshold:g}%"))
 
   def describe(self) -> str:
     """One sentence for the report: whether and why training stopped, and which checkpoint is kept."""
-    best = (f"best in-threshold checkpoint: step {self.best['step']} ({self.select} "
-            f"{self.best['score']:.4g})" if self.best else "no evaluation stayed inside the threshold")
+    best = (f"kept checkpoint: step {self.best['step']} ({self.select} "
+            f"{self.best['score']:.4g})" if self.best else "no evaluation could be kept")
     if self.stopped is None:
-      return f"No general metric regressed beyond {100 * self.threshold:.1f}%; {best}."
-    parts = ", ".join(f"{m} {100 * r:+.2f}%" for m, r in self.stopped["regressions"].items())
-    what = "Hard stop" if self.hard_stop else "Threshold crossed (record-only, training continued)"
+      n_inc = sum(h["decision"] == "inconclusive" for h in self.history if "decision" in h)
+      extra = f" ({n_inc} evaluation(s) above it but not significantly)" if n_inc else ""
+      return f"No general metric regressed significantly beyond {100 * self.threshold:.1f}%{extra}; {best}."
+    iv = self.stopped.get("intervals", {})
+    parts = ", ".join(f"{m} {100 * r:+.2f}%" + (f" [{100 * iv[m][0]:+.2f}, {100 * iv[m][1]:+.2f}]" if m in iv else "")
+                      for m, r in self.stopped["regressions"].items())
+    what = "Hard stop" if self.hard_stop else "Regression called (record-only, training continued)"
     return f"{what} at step {self.stopped['step']}: {parts} (threshold {100 * self.threshold:.1f}%); {best}."
 
 
 def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, *, title: str = "",
                    stopped_step: int | None = None, best_step: int | None = None):
   """A matplotlib Figure (built without pyplot, so nothing is displayed or kept alive): general metrics' relative
-  regression (left, with the threshold drawn) and domain metrics' improvement (right) over adaptation steps."""
+  regression with its interval (left, with the threshold drawn) and domain metrics' improvement (right)."""
   from matplotlib.figure import Figure
   steps = [h["step"] for h in history]
   general = sorted({m for h in history for m in h["regressions"]})
@@ -161,12 +284,15 @@ def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold
   axes = fig.subplots(1, 2)
   ax = axes[0]
   for m in general:
-    ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
+    line, = ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
+    if all("intervals" in h and m in h["intervals"] for h in history):
+      ax.fill_between(steps, [100 * h["intervals"][m]["lo"] for h in history],
+                      [100 * h["intervals"][m]["hi"] for h in history], color=line.get_color(), alpha=0.15)
   ax.axhline(100 * threshold, color="red", ls="--", label=f"threshold {100 * threshold:.0f}%")
   ax.axhline(0, color="gray", lw=0.5)
   ax.set_xlabel("adaptation step")
   ax.set_ylabel("general regression vs base (%)")
-  ax.set_title("general (higher = worse)")
+  ax.set_title("general (higher = worse; band: interval)")
   ax = axes[1]
   for m in domain:
     vals = [h["metrics"][m] for h in history]
@@ -178,7 +304,7 @@ def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold
   ax.set_title("domain (higher = better)")
   for ax in axes:
     if stopped_step is not None:
-      ax.axvline(stopped_step, color="red", lw=1, label="threshold crossed")
+      ax.axvline(stopped_step, color="red", lw=1, label="regression called")
     if best_step is not None:
       ax.axvline(best_step, color="green", lw=1, ls=":", label="best kept")
     ax.legend(fontsize=7)
@@ -195,5 +321,5 @@ def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: 
                  best_step=best_step).savefig(path, dpi=110)
 
 
-__all__ = ["RegressionMonitor", "Verdict", "relative_regression", "higher_is_better", "monitor_figure",
-           "plot_monitor"]
+__all__ = ["RegressionMonitor", "Verdict", "paired_interval", "relative_regression", "higher_is_better",
+           "monitor_figure", "plot_monitor", "INTERVALS", "KEEP_RULES"]

@@ -15,12 +15,15 @@ train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the 
                                    LR `adapt.lr_ratio * optim.lr` (continual pre-training re-warms to a fraction of
                                    the pre-training LR: Gupta et al. 2023; Ibrahim et al. 2024), the `optim.schedule`.
                Every `regression.eval_every` steps the evaluator measures general / domain perplexity, next-token
-               accuracy and general cloze accuracy on the validation split; the regression monitor
-               (`cl_jax.lm.monitor`) is the per-evaluation hook: a general metric beyond `regression.threshold` is a
-               hard stop, and the best in-threshold evaluation is kept as the `best` checkpoint.
-  3. report    test-split metrics of the base, the kept (best) and the final model: results.json (`Results`,
-               kind 'lm', the record in `extra`), summary.md, monitor.png; metrics.jsonl holds both phases (records
-               carry `phase`), with the realised mixture per evaluation interval.
+               accuracy and general cloze accuracy on the validation split, per sequence (per item for cloze); the
+               regression monitor (`cl_jax.lm.monitor`) is the per-evaluation hook: it pairs each item with the
+               base's, and a general metric whose `regression.confidence` interval on the relative regression lies
+               wholly beyond `regression.threshold` is a hard stop; the best keepable evaluation (`regression.keep`)
+               is kept as the `best` checkpoint. Every decision (estimate, interval, verdict) is in metrics.jsonl.
+  3. report    test-split metrics of the base, the kept (best) and the final model, with paired intervals against
+               the base: results.json (`Results`, kind 'lm', the record in `extra`), summary.md (with the evaluation
+               sets' sizes and the regression size they resolve), monitor.png; metrics.jsonl holds both phases
+               (records carry `phase`), with the realised mixture per evaluation interval.
 
 Rerunning on the same workdir resumes either phase from its newest intact checkpoint (the sampler is a pure
 function of seed and step, so the data order is the same) and ends with the same numbers.
@@ -40,7 +43,7 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
 from cl_jax.lm.config import DOMAIN, GENERAL, check_config
-from cl_jax.lm.data import CPTData, load_data, sampler_batch
+from cl_jax.lm.data import CPTData, eval_sizes, load_data, sampler_batch
 
 # Test hook: raise SimulatedCrash when the adaptation evaluation of this step is reported (before its checkpoint).
 CRASH_ENV = "CL_JAX_LM_CRASH_AT_STEP"
@@ -196,18 +199,19 @@ def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
 class _MonitorHook:
   """The adaptation's per-evaluation hook state: the regression monitor and the realised-mixture log (JSON)."""
 
-  def __init__(self, c, counts: dict):
-    self.c, self.counts = c, counts
+  def __init__(self, c):
+    self.c = c
     self.monitor = None
     self.mixture: list = []
     self.last_eval = 0
     self.verdict = None
 
-  def make(self, baseline: dict):
+  def make(self, baseline: dict, base_items: dict | None = None):
     from cl_jax.lm.monitor import RegressionMonitor
     r = self.c.regression
-    return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, min_z=r.min_z,
-                             counts=self.counts, hard_stop=r.hard_stop)
+    return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, base_items=base_items,
+                             confidence=r.confidence, interval=r.interval, samples=r.bootstrap_samples,
+                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop)
 
   def meta(self) -> dict:
     return {"monitor": None if self.monitor is None else self.monitor.state_dict(), "mixture": self.mixture,
@@ -215,7 +219,7 @@ class _MonitorHook:
 
   def load_meta(self, d: dict) -> None:
     if d.get("monitor") is not None:
-      self.monitor = self.make(d["monitor"]["baseline"])
+      self.monitor = self.make(d["monitor"]["baseline"], d["monitor"].get("base_items"))
       self.monitor.load_state_dict(d["monitor"])
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
@@ -252,7 +256,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
   sampler = mx.MixtureSampler(adaptation_stages(c), {r: len(data.train[r]) for r in TASKS}, c.adapt.batch_size,
                               seed=c.seed, orders=orders)
   evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), c.regression.eval_batch_size, mesh)
-  hook = _MonitorHook(c, {"general/cloze_accuracy": len(data.cloze["validation"].answer)})
+  hook = _MonitorHook(c)
   rep = sharding.replicated(mesh)
   crash_at = int(os.environ.get(CRASH_ENV, "-1"))
 
@@ -273,11 +277,16 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
 
   def evaluate(state, t):
     step = int(jax.device_get(state.step))
-    metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"])
+    items = {}
+    metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"], per_item=items)
     if hook.monitor is None:
-      hook.monitor = hook.make(metrics)
-    hook.verdict = hook.monitor.check(step, metrics)
-    fields = {**metrics, "regressions": hook.verdict.regressions}
+      hook.monitor = hook.make(metrics, items)
+    v = hook.verdict = hook.monitor.check(step, metrics, items)
+    # Every decision in metrics.jsonl: the estimate, its interval, the call per metric and for the evaluation.
+    fields = {**metrics, "regressions": v.regressions,
+              "regression_intervals": {m: [iv["lo"], iv["hi"]] for m, iv in v.intervals.items()},
+              "regression_decisions": {m: h for m, h in hook.monitor.history[-1]["decisions"].items()},
+              "regression_decision": v.decision, "keepable": v.within, "kept": v.is_best}
     if step > 0:
       realised = sampler.realised(hook.last_eval, step)
       configured = sampler.weights_at(step - 1)
@@ -366,7 +375,7 @@ def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progr
 def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CPTData | None = None):
   """Continual pre-training end to end (see the module docstring); `data` skips reloading the corpora."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
-  from cl_jax.lm.monitor import plot_monitor
+  from cl_jax.lm.monitor import paired_interval, plot_monitor
   from cl_jax.models.transformer import init_lm
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks, strategy_record
@@ -414,8 +423,17 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     finally:
       checkpoints.close()
     monitor = hook.monitor
-    test = {name: phase.evaluator(s.params, data.eval["test"], data.cloze["test"])
-            for name, s in (("base", base_state), ("best", best_state), ("final", out.state))}
+    test, test_items = {}, {}
+    for name, s in (("base", base_state), ("best", best_state), ("final", out.state)):
+      test_items[name] = {}
+      test[name] = phase.evaluator(s.params, data.eval["test"], data.cloze["test"], per_item=test_items[name])
+    # The same paired intervals on the test split: the kept and the final model against the base.
+    test_intervals = {name: {m: paired_interval(m, test_items["base"][m], test_items[name][m],
+                                                confidence=monitor.confidence, interval=monitor.interval,
+                                                samples=monitor.samples, seed=[c.seed, 1 << 30],
+                                                threshold=monitor.threshold)
+                             for m in monitor.general}
+                      for name in ("best", "final")}
     record = {
         "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
         "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
@@ -425,7 +443,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
         "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
         "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)),
         "steps_run": int(jax.device_get(out.state.step)), "monitor": monitor.describe(), "history": monitor.history,
-        "realised_mixture": hook.mixture, "test": test,
+        "realised_mixture": hook.mixture, "test": test, "test_intervals": test_intervals,
+        "monitor_rule": monitor.rule(), "eval_sets": eval_sizes(data),
         "timing": {"pretrain_seconds": pretrain_seconds, "adapt_seconds": out.seconds,
                    "total_seconds": time.time() - t0},
         **strategy_record(c),
@@ -454,6 +473,39 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
   return results
 
 
+def power_lines(record: dict) -> list[str]:
+  """summary.md's account of the monitor: its rule, its evaluation sets and the regression size they resolve."""
+  sizes, thr = record.get("eval_sets"), 100 * record["threshold"]
+  if not sizes:
+    return []
+  lines = ["## The regression monitor", "", f"Rule: {record.get('monitor_rule', '')}.", "",
+           "| split | general sequences | general tokens | cloze items | domain sequences | domain tokens |",
+           "|---|---|---|---|---|---|"]
+  for split in ("validation", "test"):
+    g, d = sizes[split]["general"], sizes[split]["domain"]
+    lines.append(f"| {split} | {g['sequences']:,} | {g['tokens']:,} | {sizes[split]['cloze_items']:,} | "
+                 f"{d['sequences']:,} | {d['tokens']:,} |")
+  last = record["history"][-1].get("intervals", {}) if record["history"] else {}
+  test = record.get("test_intervals", {}).get("final", {})
+  rows = []
+  for m in sorted(set(last) | set(test)):
+    cells = []
+    for iv in (last.get(m), test.get(m)):
+      if not iv or iv.get("se") is None:
+        cells.append("- | -")
+      else:
+        cells.append(f"{100 * iv['estimate']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}] | "
+                     f"{100 * iv['detectable']:.2f}")
+    rows.append(f"| {m} | {cells[0]} | {cells[1]} |")
+  if rows:
+    lines += ["", f"What these sets resolve at the last evaluation (final model vs base): the relative regression "
+                  f"(%) with its interval, and the true regression (%) that would be called beyond the {thr:g}% "
+                  "threshold with 80% power at this set size (`detectable`; cl_jax.lm.monitor).", "",
+              "| general metric | validation estimate [interval] | validation detectable | test estimate [interval] "
+              "| test detectable |", "|---|---|---|---|---|", *rows]
+  return lines + [""]
+
+
 def write_summary(workdir: str, record: dict) -> str:
   row = record["row"]
   lines = [f"# Continual pre-training: {row['mixture']}, {row['schedule']}, {row['strategy']}",
@@ -469,11 +521,12 @@ def write_summary(workdir: str, record: dict) -> str:
                  f"{100 * m['domain/accuracy']:.2f} |")
   lines += ["", f"Kept model: domain perplexity gain {row['domain_ppl_gain_pct']:+.2f}%, general perplexity "
                 f"regression {row['general_ppl_regression_pct']:+.2f}%.", ""]
+  lines += power_lines(record)
   path = os.path.join(workdir, "summary.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
 
 
-__all__ = ["run", "model_config", "adaptation_stages", "difficulty_order_for", "pretrain_phase", "adapt_phase",
-           "MixtureSource", "table_row", "write_summary", "CRASH_ENV", "SimulatedCrash"]
+__all__ = ["run", "model_config", "adaptation_stages", "power_lines", "difficulty_order_for", "pretrain_phase",
+           "adapt_phase", "MixtureSource", "table_row", "write_summary", "CRASH_ENV", "SimulatedCrash"]
