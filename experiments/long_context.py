@@ -123,12 +123,13 @@ def report(args, rows, original, seconds) -> str:
       f"Command: `python experiments/long_context.py --steps {args.steps} --long_len {args.long_len}` "
       f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU machine).",
       "",
-      f"Base: byte-level `tiny` (d=128, 2 layers) pre-trained at 128 tokens on general prose (seed {args.seed}). Stage: "
-      f"{args.steps} steps at {args.long_len} tokens (batch {16 * 128 // args.long_len}: the short adaptation's tokens "
-      "per step), 70/30 code/general, WSD at 0.1x the pre-training LR; the regression monitor guards the "
+      f"Base: byte-level `tiny` (d=128, 2 layers) pre-trained at 128 tokens on general prose (seed {args.seed}). "
+      f"Stage: {args.steps} steps at {args.long_len} tokens (batch {16 * 128 // args.long_len}: the short "
+      "adaptation's tokens per step), 70/30 code/general, WSD at 0.1x the pre-training LR; the regression monitor guards the "
       "short-context general metrics (record-only here, so every variant runs all steps). Test-split perplexity per "
       f"token (bytes); short = 128-token windows, long = {args.long_len}-token windows ({args.eval_sequences} per "
-      "corpus). 'before' = the base with its original RoPE; 'start' = the stretched base before the stage's first step.",
+      "corpus). 'before' = the base with its original RoPE; 'start' = the stretched base before the stage's first "
+      "step.",
       "",
       "| variant | RoPE after | short general ppl before -> after | short code ppl before -> after | "
       "long general ppl before / start -> after | long code ppl before / start -> after | monitor |",
@@ -141,7 +142,8 @@ def report(args, rows, original, seconds) -> str:
     mon = "no short-context general regression called" if r["stopped"] is None else (
         f"would stop at step {r['stopped']['step']}")
     lines.append(
-        f"| {r['scaling']} | {_rope(r['rope'])} | {orig_short['general/perplexity']:.3f} -> {f['general/perplexity']:.3f} | "
+        f"| {r['scaling']} | {_rope(r['rope'])} | {orig_short['general/perplexity']:.3f} -> "
+        f"{f['general/perplexity']:.3f} | "
         f"{orig_short['domain/perplexity']:.3f} -> {f['domain/perplexity']:.3f} | "
         f"{original['long_general/perplexity']:.3f} / {b['long_general/perplexity']:.3f} -> "
         f"{f['long_general/perplexity']:.3f} | {original['long_domain/perplexity']:.3f} / "

@@ -216,7 +216,8 @@ def report(args, rows, speed, seconds) -> str:
       f"general prose, then adapted {args.adapt_steps} steps (batch 16, 70/30 code/general, WSD, peak LR 3e-4) to "
       "Python code; every variant of a seed starts from the same base and runs the same steps through `cl_jax.run` "
       "(`vocab.extend=N`: N tokens learned by BPE on the code training split, mean-initialised rows). Test split ("
-      f"the first {args.test_bytes:,} bytes of each corpus's test documents), seeds {args.seeds}; bits per byte (bpb) of the final model, lower is better.",
+      f"the first {args.test_bytes:,} bytes of each corpus's test documents), seeds {args.seeds}; bits per byte "
+      "(bpb) of the final model, lower is better.",
       "",
       "| variant | vocab | code fertility (tok/byte) | general fertility | step tokens/s | code bytes/s (x none) "
       "| code bpb | general bpb | code bpb - none | general bpb - none |",
@@ -252,15 +253,16 @@ def report(args, rows, speed, seconds) -> str:
     fert_drop = 100 * (1 - s["fert"]["domain"] / s0["fert"]["domain"])
     lines.append(f"- **{n}** lowers code fertility by {fert_drop:.0f}% ({s0['fert']['domain']:.3f} -> "
                  f"{s['fert']['domain']:.3f} tokens per byte; general text {s0['fert']['general']:.3f} -> "
-                 f"{s['fert']['general']:.3f}), so one training step covers {s0['fert']['domain'] / s['fert']['domain']:.2f}x "
+                 f"{s['fert']['general']:.3f}), so one training step covers "
+                 f"{s0['fert']['domain'] / s['fert']['domain']:.2f}x "
                  f"the code bytes, and code bytes per second of training are {s['bps'] / s0['bps']:.2f}x the byte "
                  "model's.")
     for role, key in (("code", "dd"), ("general", "dg")):
       xs = s[key]
       agree = all(x < 0 for x in xs) or all(x > 0 for x in xs)
       word = "lower (better)" if _mean(xs) < 0 else "higher (worse)"
-      lines.append(f"  - {role} bits per byte after the same {args.adapt_steps} steps: {s[role if role == 'code' else 'general']:.3f} "
-                   f"vs {s0[role if role == 'code' else 'general']:.3f} without extension, {word} by "
+      lines.append(f"  - {role} bits per byte after the same {args.adapt_steps} steps: {s[role]:.3f} "
+                   f"vs {s0[role]:.3f} without extension, {word} by "
                    f"{abs(_mean(xs)):.3f} on average; "
                    + (f"every seed agrees in sign ({len(xs)} seeds)." if agree and len(xs) > 1 else
                       ("one seed: no interval." if len(xs) == 1 else "the seeds disagree in sign: not established.")))
