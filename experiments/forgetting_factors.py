@@ -362,7 +362,9 @@ def write_plot(summary: dict, raw: dict, path: str) -> None:
       ax.scatter([v] * len(pts), [100 * p["forgetting"] for p in pts], s=9, color="0.6", zorder=1)
     mean = np.asarray([100 * r["forgetting"]["mean"] for r in s["rows"]])
     ci = np.asarray([100 * (r["forgetting"]["ci95"] or 0.0) for r in s["rows"]])
-    ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, color="C1" if name == "lm_distance" else "C0", zorder=2)
+    order = np.argsort(x, kind="stable")  # the LM targets are listed by name, drawn by distance
+    ax.errorbar(x[order], mean[order], yerr=ci[order], marker="o", capsize=3,
+                color="C1" if name == "lm_distance" else "C0", zorder=2)
     if name == "lm_distance":
       for v, m, d in zip(x, mean, raw[name]["domains"]):
         ax.annotate(d, (v, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -371,6 +373,8 @@ def write_plot(summary: dict, raw: dict, path: str) -> None:
       ax.set_ylabel("forgetting of task 1 (accuracy points)")
     if FACTORS[name][2] == "log10":
       ax.set_xscale("log")
+      ax.set_xticks(x, [fmt_x(name, v) for v in x], fontsize=8)
+      ax.minorticks_off()
     ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel(FACTORS[name][3])
     ax.set_title(f"{name}: {s['verdict'].split(' (')[0]}", fontsize=10)
@@ -408,17 +412,24 @@ def write_markdown(summary: dict, meta: dict, path: str) -> None:
       "**Verdict rule.** For each seed, the least-squares slope of its forgetting on x (θ and the JS divergence "
       "as they are; log10 of the other factors); the mean slope over seeds with its 95% t interval (seeds are paired "
       "across the values of a factor). Interval on the side the claim predicts -> agrees; on the other side -> "
-      "disagrees; containing 0 -> inconclusive. Spearman's ρ over all seed-level points is given beside it.",
+      "disagrees; containing 0 -> inconclusive. Spearman's ρ over all seed-level points is given beside it; "
+      "*monotone* says whether the mean forgetting rises (or falls) at every step from one value to the next.",
       "",
       "| factor | claim: more forgetting with | mean per-seed slope of forgetting | 95% interval | Spearman ρ | "
-      "verdict |",
-      "|---|---|---|---|---|---|",
+      "most / least forgetting at | monotone | verdict |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for name, s in summary.items():
     unit = {"similarity": "points per degree", "lm_distance": "% per bit"}.get(name, "points per decade")
     lo, hi = s["slope_interval"]
+    means = [r["forgetting"]["mean"] for r in s["rows"]]
+    xs = [fmt_x(name, r["x"]) if name != "lm_distance" else d for r, d in
+          zip(s["rows"], meta.get("lm", {}).get("domains", [None] * len(means)))]
+    steps = np.sign(np.diff(np.asarray(means)[np.argsort([r["x"] for r in s["rows"]], kind="stable")]))
+    shape = "rising" if (steps > 0).all() else "falling" if (steps < 0).all() else "no"
     lines.append(f"| {name} | {CLAIMS[name]} | {100 * s['slope_mean']:+.3f} {unit} | [{100 * lo:+.3f}, "
-                 f"{100 * hi:+.3f}] | {s['spearman_rho']:+.2f} | **{s['verdict']}** |")
+                 f"{100 * hi:+.3f}] | {s['spearman_rho']:+.2f} | {xs[int(np.argmax(means))]} / "
+                 f"{xs[int(np.argmin(means))]} | {shape} | **{s['verdict']}** |")
   lines += ["", "![forgetting factors](forgetting_factors.png)", ""]
   for name, s in summary.items():
     if name == "lm_distance":
