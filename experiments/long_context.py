@@ -126,8 +126,8 @@ def report(args, rows, original, seconds) -> str:
       f"Base: byte-level `tiny` (d=128, 2 layers) pre-trained at 128 tokens on general prose (seed {args.seed}). "
       f"Stage: {args.steps} steps at {args.long_len} tokens (batch {16 * 128 // args.long_len}: the short "
       "adaptation's tokens per step), 70/30 code/general, WSD at 0.1x the pre-training LR; the regression monitor "
-      "guards the short-context general metrics (record-only here, so every variant runs all steps). Test-split perplexity per "
-      f"token (bytes); short = 128-token windows, long = {args.long_len}-token windows ({args.eval_sequences} per "
+      "guards the short-context general metrics (record-only here, so every variant runs all steps). Test-split "
+      f"perplexity per token (bytes); short = 128-token windows, long = {args.long_len}-token windows ({args.eval_sequences} per "
       "corpus). 'before' = the base with its original RoPE; 'start' = the stretched base before the stage's first "
       "step.",
       "",
