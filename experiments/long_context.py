@@ -127,9 +127,9 @@ def report(args, rows, original, seconds) -> str:
       f"Stage: {args.steps} steps at {args.long_len} tokens (batch {16 * 128 // args.long_len}: the short "
       "adaptation's tokens per step), 70/30 code/general, WSD at 0.1x the pre-training LR; the regression monitor "
       "guards the short-context general metrics (record-only here, so every variant runs all steps). Test-split "
-      f"perplexity per token (bytes); short = 128-token windows, long = {args.long_len}-token windows ({args.eval_sequences} per "
-      "corpus). 'before' = the base with its original RoPE; 'start' = the stretched base before the stage's first "
-      "step.",
+      f"perplexity per token (bytes); short = 128-token windows, long = {args.long_len}-token windows "
+      f"({args.eval_sequences} per corpus). 'before' = the base with its original RoPE; 'start' = the stretched base "
+      "before the stage's first step.",
       "",
       "| variant | RoPE after | short general ppl before -> after | short code ppl before -> after | "
       "long general ppl before / start -> after | long code ppl before / start -> after | monitor |",
