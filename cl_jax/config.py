@@ -133,7 +133,19 @@ def comparable(config) -> dict:
   for name in names:
     used.update(REGISTRY[name].config_sections if name in REGISTRY else (name,))
   owned = set(default_configs())
-  return {k: v for k, v in d.items() if k not in owned or k in used}
+  d = {k: v for k, v in d.items() if k not in owned or k in used}
+  # LM stage sections at their defaults (off) are the same run as a config.json written before they existed.
+  for name, default in _stage_defaults().items():
+    if d.get(name, default) == default:
+      d.pop(name, None)
+  return d
+
+
+def _stage_defaults() -> dict:
+  from cl_jax.lm.long_context import default_long_context_config
+  from cl_jax.lm.vocab import default_vocab_config
+  return {"vocab": json.loads(default_vocab_config().to_json(sort_keys=True)),
+          "long_context": json.loads(default_long_context_config().to_json(sort_keys=True))}
 
 
 def validate(c) -> None:

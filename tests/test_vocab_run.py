@@ -192,3 +192,14 @@ def test_config_errors_name_the_key():
   c.strategy = "lora"
   with pytest.raises(ConfigError, match=r"vocab\.extend"):
     validate(c)
+
+
+def test_workdirs_written_before_the_stage_sections_still_resume():
+  """A config.json without `vocab` / `long_context` (an older run) is the same run as one with them off."""
+  from cl_jax.config import comparable
+  c = lm.default_config()
+  old = json.loads(c.to_json_best_effort())
+  del old["vocab"], old["long_context"]
+  assert comparable(old) == comparable(c)
+  c.vocab.extend = 8
+  assert comparable(old) != comparable(c)
