@@ -285,8 +285,12 @@ def lm_config(seed: int, domain: str, base_dir: str, pretrain_steps: int, adapt_
   return c
 
 
-def measure_lm(seeds, pretrain_steps: int, adapt_steps: int, workroot: str, quick: bool) -> dict:
-  """{'domains', 'x' (JS divergence from general), 'points': [[per-seed metrics] per domain]}."""
+def measure_lm(seeds, pretrain_steps: int, adapt_steps: int, workroot: str, quick: bool,
+               collect: bool = False) -> dict:
+  """{'domains', 'x' (JS divergence from general), 'points': [[per-seed metrics] per domain]}.
+
+  collect=True trains nothing: it reads the finished runs' results.json under `workroot` (a seed missing any
+  target is left out), e.g. to report a run that was stopped part-way."""
   import cl_jax
   specs = {n: domain_spec(n, workroot) for n in LM_DOMAINS}
   names = [n for n in LM_DOMAINS if specs[n] is not None]
@@ -298,22 +302,32 @@ def measure_lm(seeds, pretrain_steps: int, adapt_steps: int, workroot: str, quic
   points = [[] for _ in names]
   for seed in seeds:
     base_dir = ""
-    for i, name in enumerate(names):
-      workdir = os.path.join(workroot, "lm", f"seed{seed}", name)
+    workdirs = [os.path.join(workroot, "lm", f"seed{seed}", name) for name in names]
+    if collect and not all(os.path.exists(os.path.join(w, "results.json")) for w in workdirs):
+      print(f"LM seed {seed}: not every target finished; left out")
+      continue
+    for i, (name, workdir) in enumerate(zip(names, workdirs)):
       t0 = time.time()
-      c = lm_config(seed, specs[name], base_dir, pretrain_steps, adapt_steps, quick)
-      test = cl_jax.run(c, workdir, overwrite=True, progress=False).extra["test"]
+      if collect:
+        with open(os.path.join(workdir, "results.json")) as f:
+          record = json.load(f)
+      else:
+        c = lm_config(seed, specs[name], base_dir, pretrain_steps, adapt_steps, quick)
+        record = cl_jax.run(c, workdir, overwrite=True, progress=False).extra
+      test = record["test"]
       base_dir = base_dir or workdir  # every target adapts the same base
       b, f = test["base"], test["final"]
       regression = (f["general/perplexity"] - b["general/perplexity"]) / b["general/perplexity"]
       points[i].append({"seed": seed, "forgetting": regression, "bwt": -regression,
                         "general_ppl_base": b["general/perplexity"], "general_ppl_final": f["general/perplexity"],
-                        "domain_ppl_base": b["domain/perplexity"], "domain_ppl_final": f["domain/perplexity"]})
+                        "domain_ppl_base": b["domain/perplexity"], "domain_ppl_final": f["domain/perplexity"],
+                        "seconds": record["timing"]["total_seconds"]})
       print(f"  LM seed {seed} {name}: general ppl {b['general/perplexity']:.3f} -> {f['general/perplexity']:.3f} "
             f"({100 * regression:+.2f}%), domain ppl {b['domain/perplexity']:.3f} -> {f['domain/perplexity']:.3f} "
             f"({time.time() - t0:.0f} s)", flush=True)
   return {"domains": names, "specs": [specs[n] for n in names], "x": x, "points": points,
-          "pretrain_steps": pretrain_steps, "adapt_steps": adapt_steps, "seeds": list(seeds)}
+          "pretrain_steps": pretrain_steps, "adapt_steps": adapt_steps,
+          "seeds": sorted({p["seed"] for pts in points for p in pts})}
 
 
 # ----------------------------------------------------------------------------- report
@@ -509,6 +523,8 @@ def main(argv=None):
   p.add_argument("--lm", action="store_true", help="run the LM domain-distance part and merge it into the JSON "
                  "that the classic part wrote")
   p.add_argument("--lm_seeds", type=int, default=3)
+  p.add_argument("--lm_collect", action="store_true", help="with --lm: train nothing, report the finished LM runs "
+                 "under --workroot")
   p.add_argument("--pretrain_steps", type=int, default=400)
   p.add_argument("--adapt_steps", type=int, default=200)
   p.add_argument("--from_json", action="store_true", help="re-render the .md / .png from the saved JSON")
@@ -520,22 +536,23 @@ def main(argv=None):
   out = "/tmp/forgetting_factors_quick" if args.quick else args.out
   if args.from_json or args.lm:
     if args.lm:  # measured first, merged after: the classic part may still be writing the JSON when this starts
-      t0 = time.time()
       seeds = range(1 if args.quick else args.lm_seeds)
       steps = (60, 40) if args.quick else (args.pretrain_steps, args.adapt_steps)
-      lm_raw = measure_lm(seeds, *steps, args.workroot, args.quick)
+      lm_raw = measure_lm(seeds, *steps, args.workroot, args.quick, collect=args.lm_collect)
       with open(os.path.join(args.workroot, "lm_raw.json"), "w") as f:
         json.dump(lm_raw, f)
     with open(out + ".json") as f:
       data = json.load(f)
     if args.lm:
       data["raw"]["lm_distance"] = lm_raw
-      command = "python experiments/forgetting_factors.py --lm" + (" --quick" if args.quick else "") + "".join(
+      command = "python experiments/forgetting_factors.py --lm" + (" --quick" if args.quick else "") + (
+          " --lm_collect" if args.lm_collect else "") + "".join(
           f" --{k} {getattr(args, k)}" for k, d in (("lm_seeds", 3), ("pretrain_steps", 400), ("adapt_steps", 200))
           if getattr(args, k) != d)
-      data["meta"]["lm"] = {"command": command, "minutes": (time.time() - t0) / 60, "domains": lm_raw["domains"],
+      seconds = sum(p["seconds"] for pts in lm_raw["points"] for p in pts)  # the runs' own clocks
+      data["meta"]["lm"] = {"command": command, "minutes": seconds / 60, "domains": lm_raw["domains"],
                             "pretrain_steps": steps[0], "adapt_steps": steps[1],
-                            "seeds": ", ".join(str(s) for s in seeds)}
+                            "seeds": ", ".join(str(s) for s in lm_raw["seeds"])}
     render(data, out)
     return
   if not os.path.exists(MNIST):
