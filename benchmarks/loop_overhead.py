@@ -17,10 +17,13 @@ load; its per-step median times the run's number of steps is the floor, and run 
 factor (goal: <= 1.15). The run's chunks are synchronised for timing (the loop itself would overlap them with
 logging), which can only make the run look slower.
 
-`--startup` times a fresh Python process from launch to the first training step of Split MNIST, in phases
-(imports; validate + build + plan, which loads the data and puts it on device; the accuracy row before training;
-the first step: compiling the fused chunk and one step of it, i.e. the first chunk's time minus (K-1)/K of the
-second's), with an empty compilation cache and then again with the cache the first launch filled.
+On a loaded machine wall time measures the queue for the CPUs as much as the work, so the same ratio is also
+given in CPU time (this process, all threads): run CPU seconds (without the inserted bare chunks) over steps x the
+bare chunk's CPU seconds per step. On an idle 2-core machine the two agree when the host work is single-threaded
+and the step keeps both cores busy.
+
+`--startup` runs benchmarks/startup.py: a fresh `run.py` launch to its first training step, in phases, with an
+empty compilation cache and then with the cache the first launch filled.
 """
 from __future__ import annotations
 
@@ -66,29 +69,34 @@ class BareStep:
                                        "task": np.zeros((k, b), np.int32)}, setup.mesh, stacked=True)
     self.fn, self.state = setup.multi_step, setup.state
     self.samples = []   # seconds per step
+    self.cpu = []       # CPU seconds (this process, all threads) per step
     self()              # compile
     self.samples.clear()
+    self.cpu.clear()
 
-  def __call__(self) -> float:
+  def __call__(self) -> tuple[float, float]:
+    """Runs one chunk; returns its (wall, CPU) seconds."""
     import jax
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     self.state, m = self.fn(self.state, self.batches)
     jax.block_until_ready(m)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
     self.samples.append(seconds / self.k)
-    return seconds
+    self.cpu.append(cpu / self.k)
+    return seconds, cpu
 
 
 def timed_run(config, workdir, bare: BareStep):
   """The whole run; before each of its fused chunks, one bare chunk is timed (paired samples, same load).
 
-  Returns (run seconds without the inserted bare chunks, results, chunk seconds per step of the run).
+  Returns (run seconds without the inserted bare chunks, results, chunk seconds per step of the run, run CPU
+  seconds without the inserted chunks').
   """
   import jax
   import cl_jax
   from cl_jax.data import device
   original = device.maybe_device_plan
-  inserted, chunk_steps = [0.0], []
+  inserted, inserted_cpu, chunk_steps = [0.0], [0.0], []
 
   def instrumented(plan, config, setup):
     plan = original(plan, config, setup)
@@ -97,7 +105,9 @@ def timed_run(config, workdir, bare: BareStep):
     real = plan.train_chunk
 
     def train_chunk(state, t, k, n):
-      inserted[0] += bare()
+      seconds, cpu = bare()
+      inserted[0] += seconds
+      inserted_cpu[0] += cpu
       t0 = time.perf_counter()
       state, metrics = real(state, t, k, n)
       jax.block_until_ready(metrics)
@@ -109,64 +119,13 @@ def timed_run(config, workdir, bare: BareStep):
 
   device.maybe_device_plan = instrumented
   try:
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     results = cl_jax.run(config, workdir, overwrite=True, progress=False)
     seconds = time.perf_counter() - t - inserted[0]
+    cpu = time.process_time() - c - inserted_cpu[0]
   finally:
     device.maybe_device_plan = original
-  return seconds, results, chunk_steps
-
-
-STARTUP_CHILD = r"""
-import time
-t0 = time.time()
-from cl_jax import compilation_cache
-from cl_jax.config import validate
-from cl_jax.data.device import maybe_device_plan
-from cl_jax.train import loop
-from configs.split_mnist import get_config
-import jax
-t1 = time.time()
-compilation_cache.enable()
-c = get_config("")
-c.data.path = {data!r}
-validate(c)
-setup = loop.build(c)
-plan = maybe_device_plan(loop.classic_plan(c, setup), c, setup)
-t2 = time.time()
-plan.evaluate(plan.state, 0)
-t3 = time.time()
-k = plan.steps_per_call
-state = plan.begin_task(plan.state, 0, 0)
-state, m = plan.train_chunk(state, 0, 0, k)
-jax.block_until_ready(m)
-t4 = time.time()
-state, m = plan.train_chunk(state, 0, k, k)
-jax.block_until_ready(m)
-t5 = time.time()
-first = (t4 - t3) - (k - 1) / k * (t5 - t4)
-print(f"imports {{t1 - t0:.2f}} s, build {{t2 - t1:.2f}} s, eval row 0 {{t3 - t2:.2f}} s, first step {{first:.2f}} s "
-      f"(chunk of {{k}}: {{t4 - t3:.2f}} s, next chunk {{t5 - t4:.2f}} s) -> launch to first step "
-      f"{{t3 - t0 + first + {interp:.3f}:.2f}} s")
-"""
-
-
-def startup(a) -> None:
-  """Launch -> first training step of Split MNIST in fresh processes: cold cache, then warm (see docstring)."""
-  import subprocess
-  # The interpreter's own start (before the child's first line runs): measured with an empty program.
-  t = time.perf_counter()
-  subprocess.run([sys.executable, "-c", "pass"], check=True)
-  interp = time.perf_counter() - t
-  with tempfile.TemporaryDirectory() as cache:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CL_JAX_COMPILATION_CACHE=cache)
-    code = STARTUP_CHILD.format(data=os.path.abspath(a.data_path), interp=interp)
-    for label in ("cold cache", "warm cache", "warm cache"):
-      out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                           cwd=ROOT)
-      print(f"{label}: {out.stdout.strip()}")
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"(interpreter start {interp:.2f} s included; load average {load:.1f} on {os.cpu_count()} CPUs)")
+  return seconds, results, chunk_steps, cpu
 
 
 def main():
@@ -179,8 +138,10 @@ def main():
   p.add_argument("--repeats", type=int, default=2, help="whole runs, one after the other")
   p.add_argument("--startup", action="store_true", help="time launch -> first step (cold and warm cache)")
   a = p.parse_args()
-  if a.startup:
-    return startup(a)
+  if a.startup:  # benchmarks/startup.py: the real run.py launch, in phases
+    import subprocess
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"), "--data_path",
+                           a.data_path], check=True)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from cl_jax import compilation_cache
   compilation_cache.enable()
@@ -194,9 +155,9 @@ def main():
       runs.append(timed_run(config, os.path.join(tmp, f"run{i}"), bare))
   for _ in range(3):
     bare()
-  step = statistics.median(bare.samples)
+  step, step_cpu = statistics.median(bare.samples), statistics.median(bare.cpu)
   total_steps = sum(runs[0][1].extra["steps_per_task"])
-  floor = total_steps * step
+  floor, floor_cpu = total_steps * step, total_steps * step_cpu
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   name = "configs/quickstart.py" if a.quickstart else f"configs/split_mnist.py ({a.steps} it./task)"
   print(f"## Loop overhead: {name}, strategy {a.strategy}, data.on_device={a.on_device}")
@@ -204,7 +165,9 @@ def main():
   print(f"bare fused step: {1e3 * step:.3f} ms (median of {len(bare.samples)} chunks of 50, interleaved with the "
         f"run's chunks; min {1e3 * min(bare.samples):.3f}, max {1e3 * max(bare.samples):.3f}); {total_steps} steps "
         f"-> floor {floor:.1f} s")
-  for i, (seconds, results, chunks) in enumerate(runs):
+  print(f"bare fused step CPU time: {1e3 * step_cpu:.3f} ms (this process, all threads; median) -> CPU floor "
+        f"{floor_cpu:.1f} s")
+  for i, (seconds, results, chunks, cpu) in enumerate(runs):
     timing = results.extra["timing"]
     tasks = " ".join(f"{s:.1f}" for s in timing["task_seconds"])
     chunk = f"; its fused chunks {1e3 * statistics.median(chunks):.3f} ms/step" if chunks else ""
@@ -212,9 +175,11 @@ def main():
              if chunks else "")
     print(f"run {i + 1}: {seconds:.1f} s wall{train} (task loop {timing['total_seconds']:.1f} s; per task {tasks})"
           f"{chunk} -> ratio {seconds / floor:.2f}x (task loop only {timing['total_seconds'] / floor:.2f}x); "
-          f"ACC {results.acc:.4f}")
-  print(json.dumps({"bare_step_ms": 1e3 * step, "steps": total_steps, "runs_s": [r[0] for r in runs],
-                    "ratios": [r[0] / floor for r in runs], "load": load}))
+          f"CPU {cpu:.1f} s -> CPU ratio {cpu / floor_cpu:.2f}x; ACC {results.acc:.4f}")
+  print(json.dumps({"bare_step_ms": 1e3 * step, "bare_step_cpu_ms": 1e3 * step_cpu, "steps": total_steps,
+                    "runs_s": [r[0] for r in runs], "ratios": [r[0] / floor for r in runs],
+                    "runs_cpu_s": [r[3] for r in runs], "cpu_ratios": [r[3] / floor_cpu for r in runs],
+                    "load": load}))
 
 
 if __name__ == "__main__":

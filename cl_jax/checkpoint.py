@@ -10,6 +10,9 @@ Resuming takes the newest intact one of `tasks/` and `rolling/`. A newest checkp
 truncated file, missing metadata, a partial `*.orbax-checkpoint-tmp*` directory left by a killed save) is
 reported with a warning naming its path, and the next older one is used. On multi-host runs every process calls
 `save` and `restore` (orbax writes collectively; each process reads its own shards).
+
+orbax is imported, and each manager created, on first use: a fresh run reaches its first training step without
+either (importing orbax takes ~1 s of a CPU launch).
 """
 from __future__ import annotations
 
@@ -19,27 +22,47 @@ import warnings
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 KINDS = ("tasks", "rolling", "best")
 METADATA = "_CHECKPOINT_METADATA"  # orbax writes it last into a step's directory
+
+
+def _ocp():
+  import orbax.checkpoint as ocp
+  return ocp
 
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int = 2):
     self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._warn_partial()
-    opts = lambda keep: ocp.CheckpointManagerOptions(create=True, max_to_keep=keep)
-    self.tasks = ocp.CheckpointManager(os.path.join(self.root, "tasks"), options=opts(None))
-    self.rolling = ocp.CheckpointManager(os.path.join(self.root, "rolling"), options=opts(keep))
-    self._best = None
+    self._keep = {"tasks": None, "rolling": keep, "best": 1}
+    self._managers = {}
+
+  def _get(self, kind: str):
+    if kind not in self._managers:
+      ocp = _ocp()
+      options = ocp.CheckpointManagerOptions(create=True, max_to_keep=self._keep[kind])
+      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.root, kind), options=options)
+    return self._managers[kind]
+
+  @property
+  def tasks(self):
+    return self._get("tasks")
+
+  @property
+  def rolling(self):
+    return self._get("rolling")
 
   @property
   def best(self):
-    if self._best is None:
-      self._best = ocp.CheckpointManager(os.path.join(self.root, "best"),
-                                         options=ocp.CheckpointManagerOptions(create=True, max_to_keep=1))
-    return self._best
+    return self._get("best")
+
+  def _steps(self, kind: str) -> list:
+    """The steps saved under `kind`, without creating a manager (or importing orbax) where there are none."""
+    if kind not in self._managers and not os.path.isdir(os.path.join(self.root, kind)):
+      return []
+    return list(self._get(kind).all_steps())
 
   def _manager(self, kind: str):
     kind = {"task": "tasks", "boundary": "tasks"}.get(kind, kind)
@@ -64,6 +87,7 @@ class Checkpoints:
     """Saves asynchronously; `kind` is 'tasks' (or 'task'), 'rolling' or 'best' (`boundary=True` means 'tasks')."""
     if boundary is not None:
       kind = "tasks" if boundary else "rolling"
+    ocp = _ocp()
     manager = self._manager(kind)
     if step in manager.all_steps():
       return  # already saved (a preemption right after a periodic checkpoint)
@@ -76,11 +100,11 @@ class Checkpoints:
                  force=True)
 
   def has(self, step: int) -> bool:
-    return any(step in m.all_steps() for m in (self.tasks, self.rolling))
+    return any(step in self._steps(kind) for kind in ("tasks", "rolling"))
 
   def candidates(self) -> list[tuple[int, str]]:
     """(step, kind) of every checkpoint to resume from, newest first; a task-boundary one wins a tie."""
-    found = [(s, "tasks") for s in self.tasks.all_steps()] + [(s, "rolling") for s in self.rolling.all_steps()]
+    found = [(s, "tasks") for s in self._steps("tasks")] + [(s, "rolling") for s in self._steps("rolling")]
     return sorted(found, key=lambda f: (f[0], f[1] == "tasks"), reverse=True)
 
   def latest(self) -> tuple[Any, int] | None:
@@ -97,6 +121,9 @@ class Checkpoints:
     Without `manager`/`kind`: the newest intact checkpoint, falling back past unreadable ones with a warning.
     `kind='best'`: the best one.
     """
+    if manager is None and kind is None and not self.candidates():
+      return None  # a fresh workdir: nothing to restore (and no orbax import)
+    ocp = _ocp()
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if manager is not None or kind is not None:
       manager = manager or self._manager(kind)
@@ -146,14 +173,12 @@ class Checkpoints:
       m.reload()
 
   def wait(self) -> None:
-    for m in (self.tasks, self.rolling, self._best):
-      if m is not None:
-        m.wait_until_finished()
+    for m in list(self._managers.values()):
+      m.wait_until_finished()
 
   def close(self) -> None:
-    for m in (self.tasks, self.rolling, self._best):
-      if m is not None:
-        m.close()
+    for m in list(self._managers.values()):
+      m.close()
 
 
 def abstract_like(state, shardings):
@@ -165,6 +190,7 @@ def abstract_like(state, shardings):
 
 def boundary_steps(workdir: str) -> dict[int, int]:
   """{task (1-based, tasks finished): step} of a finished run's task-boundary checkpoints."""
+  ocp = _ocp()
   tasks_dir = os.path.join(os.path.abspath(workdir), "checkpoints", "tasks")
   if not os.path.isdir(tasks_dir):
     return {}
@@ -182,6 +208,7 @@ def boundary_steps(workdir: str) -> dict[int, int]:
 def boundary_params(workdir: str, task: int | None = None):
   """The params of a finished run after task `task` (1-based; None: its last task-boundary checkpoint), as host
   arrays in the saved structure (no abstract state needed): what merging and analysis read."""
+  ocp = _ocp()
   steps = boundary_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{workdir}: no task-boundary checkpoint")
@@ -198,6 +225,7 @@ def boundary_params(workdir: str, task: int | None = None):
 
 def save_params(path: str, params, overwrite: bool = False) -> str:
   """A params pytree alone (a merged model, an adapter) as an orbax directory at `path`."""
+  ocp = _ocp()
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=overwrite)
@@ -206,6 +234,7 @@ def save_params(path: str, params, overwrite: bool = False) -> str:
 
 def load_params(path: str, like=None):
   """Params saved by `save_params`; into the structure / shardings of `like` (arrays or ShapeDtypeStructs) if given."""
+  ocp = _ocp()
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     if like is None:

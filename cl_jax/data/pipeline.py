@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import grain
 import jax
 import numpy as np
 
@@ -54,6 +53,7 @@ def train_dataset(scenario: Scenario, task_ids: Sequence[int], global_batch_size
     raise ValueError(f"train.batch_size={global_batch_size}: not divisible by the {process_count} hosts")
   local = global_batch_size // process_count
   gather = _gather(scenario, task_ids, offsets, "train")
+  import grain  # here, not at the top: a run whose data lives on device never imports grain (~0.5 s)
   return (grain.MapDataset.range(total)
           .seed(int(seed) * 1009 + task_index)
           .shuffle()

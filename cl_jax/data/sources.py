@@ -75,6 +75,9 @@ def check_mnist_npz(path: str) -> None:
     raise ConfigError(f"{what}: is a directory; {allowed}")
   if not os.path.isfile(path):
     raise ConfigError(f"{what}: no such file; {allowed}")
+  identity = _file_identity(path)
+  if identity in _CHECKED or _cached_dir(identity) is not None:
+    return  # this very file (path, size, mtime, inode) passed already: its CRCs cost a full decompression
   if not zipfile.is_zipfile(path):  # a truncated archive loses its central directory at the end
     raise ConfigError(f"{what}: not an npz archive, or a truncated one; {allowed}")
   try:
@@ -88,6 +91,95 @@ def check_mnist_npz(path: str) -> None:
   missing = sorted(set(MNIST_KEYS) - names)
   if missing:
     raise ConfigError(f"{what}: missing arrays {missing}; {allowed}")
+  _CHECKED.add(identity)
+
+
+# ----------------------------------------------------------------------------- decompressed copies of npz files
+# Keras' mnist.npz is zlib-compressed: reading it costs a full decompression (~0.3 s) at every launch, and checking
+# its CRCs another. A file read once is kept decompressed (raw .npy files, memory-mapped when read back) under
+# $CL_JAX_DATA_CACHE (else ~/.cache/cl_jax/data; 'off' disables it), keyed by the file's path, size, mtime and
+# inode: a changed file is a new key. At most _CACHE_ENTRIES files are kept (the least recently used go).
+
+DATA_CACHE_ENV = "CL_JAX_DATA_CACHE"
+_CACHE_ENTRIES = 4
+_CACHE_MIN_BYTES = 4 << 20  # small files decompress in no time: not worth a copy
+_CHECKED: set = set()
+
+
+def _file_identity(path: str) -> tuple:
+  st = os.stat(path)
+  return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def data_cache_dir() -> str | None:
+  value = os.environ.get(DATA_CACHE_ENV)
+  if value is not None and value.strip().lower() in ("", "0", "off", "none", "false", "no"):
+    return None
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return value or os.path.join(base, "cl_jax", "data")
+
+
+def _cache_key(identity: tuple) -> str:
+  import hashlib
+  return "npz-" + hashlib.sha1(repr(identity).encode()).hexdigest()[:20]
+
+
+def _cached_dir(identity: tuple) -> str | None:
+  root = data_cache_dir()
+  if root is None:
+    return None
+  d = os.path.join(root, _cache_key(identity))
+  return d if os.path.isfile(os.path.join(d, "complete")) else None
+
+
+def _read_npz(path: str, keys) -> dict:
+  """{key: array} of an npz file, from its decompressed copy when there is one (made on this first read)."""
+  identity = _file_identity(path)
+  cached = _cached_dir(identity)
+  if cached is not None:
+    try:
+      os.utime(cached)  # recently used
+      return {k: np.asarray(np.load(os.path.join(cached, f"{k}.npy"), mmap_mode="r")) for k in keys}
+    except (OSError, ValueError):  # a damaged copy: read the file itself
+      pass
+  with np.load(path) as f:
+    arrays = {k: f[k] for k in keys}
+  if identity[1] >= _CACHE_MIN_BYTES:
+    _write_cache(identity, arrays)
+  return arrays
+
+
+def _write_cache(identity: tuple, arrays: dict) -> None:
+  import shutil
+  root = data_cache_dir()
+  if root is None:
+    return
+  target = os.path.join(root, _cache_key(identity))
+  tmp = f"{target}.tmp{os.getpid()}"
+  try:
+    os.makedirs(tmp, exist_ok=True)
+    for k, a in arrays.items():
+      np.save(os.path.join(tmp, f"{k}.npy"), a)
+    open(os.path.join(tmp, "complete"), "w").close()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    entries = sorted((e for e in os.scandir(root) if e.is_dir() and e.name.startswith("npz-") and "." not in e.name),
+                     key=lambda e: e.stat().st_mtime, reverse=True)
+    for e in entries[_CACHE_ENTRIES:]:
+      shutil.rmtree(e.path, ignore_errors=True)
+  except OSError:  # a read-only or full disk: run without the copy
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clear_file_cache() -> None:
+  """Forgets every decompressed copy and every file checked in this process (benchmarks: a cold start)."""
+  import shutil
+  _CHECKED.clear()
+  root = data_cache_dir()
+  if root is not None and os.path.isdir(root):
+    for e in os.scandir(root):
+      if e.name.startswith("npz-"):
+        shutil.rmtree(e.path, ignore_errors=True)
 
 
 def check_tfds_name(name: str) -> None:
@@ -141,11 +233,11 @@ def load_mnist_npz(path: str) -> LabelledData:
   from cl_jax.errors import ConfigError
   check_mnist_npz(path)
   try:
-    with np.load(path) as f:
-      # float32 division: the same values as (x / 255.0).astype(float32) without a float64 copy (start-up time)
-      scale = lambda x: np.divide(x, np.float32(255.0), dtype=np.float32)
-      return LabelledData(scale(f["x_train"]), f["y_train"].astype(np.int32),
-                          scale(f["x_test"]), f["y_test"].astype(np.int32), "mnist")
+    f = _read_npz(path, MNIST_KEYS)
+    # float32 division: the same values as (x / 255.0).astype(float32) without a float64 copy (start-up time)
+    scale = lambda x: np.divide(x, np.float32(255.0), dtype=np.float32)
+    return LabelledData(scale(f["x_train"]), f["y_train"].astype(np.int32),
+                        scale(f["x_test"]), f["y_test"].astype(np.int32), "mnist")
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a member damaged past the zip directory
     raise ConfigError(f"data.path={path!r}: unreadable npz ({e}); expected a Keras-format mnist.npz") from e
 

@@ -463,9 +463,10 @@ def build(config) -> Setup:
   optimizer = build_optimizer(config.optim, schedule, trainable)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
-                     strategy_state=strategy.init(params, task_info),
-                     rng=jax.random.fold_in(root_key, 1), task_index=np.int32(0))
+  # One program for the optimizer's zeros and the step rng: eagerly each leaf would be its own small program.
+  opt_state, rng = jax.jit(lambda p, k: (optimizer.init(p), jax.random.fold_in(k, 1)))(params, root_key)
+  state = TrainState(step=np.int32(0), params=params, opt_state=opt_state,
+                     strategy_state=strategy.init(params, task_info), rng=rng, task_index=np.int32(0))
   rep = sharding.replicated(mesh)
   state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
   state = sharding.put_global(state, state_sh)
