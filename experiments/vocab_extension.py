@@ -9,6 +9,7 @@ same base to Python code (70/30 code/general mixture, the same steps, batch and 
   none              the byte vocabulary (259 ids)
   ext<N>            `vocab.extend=N`: N multi-byte tokens learned by BPE on the code training split, embedding rows
                     mean-initialised, old rows frozen (`vocab.old_row_lr_scale=0`)
+  ext<N>_new<s>x    (--new_row_scale s) the same with the new rows at s x the learning rate
   ext<N>_lr0.1      (--lr_variant) the same with the old rows at 0.1x the learning rate
 Measured:
   fertility         tokens per byte on the code and general test documents
@@ -34,7 +35,7 @@ from cl_jax import lm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_config(args, seed: int, extend: int = 0, old_scale: float = 0.0, base_dir: str = ""):
+def make_config(args, seed: int, extend: int = 0, old_scale: float = 0.0, base_dir: str = "", new_scale: float = 1.0):
   c = lm.default_config()
   c.seed = seed
   c.lm.seq_len = 128
@@ -46,7 +47,7 @@ def make_config(args, seed: int, extend: int = 0, old_scale: float = 0.0, base_d
   c.adapt.update(steps=args.adapt_steps, batch_size=16, mixture="70_30")
   c.regression.update(eval_every=max(args.adapt_steps // 2, 1), hard_stop=False)
   c.train.log_every_steps = 50
-  c.vocab.update(extend=extend, old_row_lr_scale=old_scale)
+  c.vocab.update(extend=extend, old_row_lr_scale=old_scale, new_row_lr_scale=new_scale)
   return c
 
 
@@ -146,6 +147,8 @@ def main(argv=None):
   p.add_argument("--workdir", default="/tmp/cl_jax_vocab_extension")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "vocab_extension.md"))
   p.add_argument("--lr_variant", action="store_true", help="also old rows at 0.1x the LR (not frozen)")
+  p.add_argument("--new_row_scale", type=float, nargs="*", default=[],
+                 help="also variants whose new rows train at these multiples of the LR (vocab.new_row_lr_scale)")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
@@ -157,24 +160,27 @@ def main(argv=None):
   from cl_jax.lm.vocab import fertility
   t0 = time.time()
   mesh = sharding.make_mesh(1, 1)
-  variants = [("none", 0, 0.0)]
+  variants = [("none", 0, 0.0, 1.0)]
   for n in args.extend:
-    variants.append((f"ext{n}", n, 0.0))
+    variants.append((f"ext{n}", n, 0.0, 1.0))
+  for s in args.new_row_scale:
+    variants.append((f"ext{args.extend[0]}_new{s:g}x", args.extend[0], 0.0, s))
   if args.lr_variant:
-    variants.append((f"ext{args.extend[0]}_lr0.1", args.extend[0], 0.1))
+    variants.append((f"ext{args.extend[0]}_lr0.1", args.extend[0], 0.1, 1.0))
   texts = None
   rows = []
   for seed in args.seeds:
     base_dir = ""
-    for name, n, scale in variants:
+    for name, n, scale, new_scale in variants:
       workdir = os.path.join(args.workdir, f"{name}_s{seed}")
-      c = make_config(args, seed, n, scale, base_dir)
+      c = make_config(args, seed, n, scale, base_dir, new_scale)
       texts = texts or test_texts(c, args.test_bytes)
       t1 = time.time()
       record = run_one(c, workdir)
       tok = tokenizer_of(workdir)
       final = boundary_params(workdir)
-      row = {"variant": name, "seed": seed, "extend": n, "old_row_lr_scale": scale, "vocab_size": tok.vocab_size,
+      row = {"variant": name, "seed": seed, "extend": n, "old_row_lr_scale": scale, "new_row_lr_scale": new_scale,
+             "vocab_size": tok.vocab_size,
              "workdir": workdir, "seconds": time.time() - t1,
              "fertility": {r: fertility(tok, d) for r, d in texts.items()},
              "bpb_final": bits_per_byte_of(c, final, tok, texts, mesh),
@@ -209,7 +215,8 @@ def report(args, rows, speed, seconds) -> str:
       "",
       f"Command: `python experiments/vocab_extension.py --seeds {' '.join(map(str, args.seeds))} --extend "
       f"{' '.join(map(str, args.extend))} --pretrain_steps {args.pretrain_steps} --adapt_steps {args.adapt_steps}"
-      f"{' --lr_variant' if args.lr_variant else ''}` "
+      f"{' --lr_variant' if args.lr_variant else ''}"
+      f"{' --new_row_scale ' + ' '.join(f'{s:g}' for s in args.new_row_scale) if args.new_row_scale else ''}` "
       f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU machine).",
       "",
       f"A byte-level `tiny` transformer (d=128, 2 layers, seq_len 128) pre-trained {args.pretrain_steps} steps on "

@@ -133,12 +133,13 @@ def test_run_extends_the_vocabulary_and_keeps_old_rows_frozen(extended_run):
 
 
 def test_runner_optimizer_scales_old_rows():
-  """The adaptation's optimizer (`_optimizer(wrap=row_scaling)`): old rows move at old_row_lr_scale x the rate."""
+  """The adaptation's optimizer (`_optimizer(wrap=row_scaling)`): old rows move at old_row_lr_scale x the rate,
+  new rows at new_row_lr_scale x."""
   import jax
   import jax.numpy as jnp
   import optax
   from cl_jax.models.transformer import build_lm, model_config
-  c = _tiny(vocab__old_row_lr_scale=0.1)
+  c = _tiny(vocab__old_row_lr_scale=0.1, vocab__new_row_lr_scale=3.0)
   model, params = build_lm(model_config("tiny", vocab_size=259, d_model=32, num_heads=2, num_layers=1, max_len=32))
   model, params = V.extend_vocab(model, params, N_NEW)
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
@@ -149,7 +150,7 @@ def test_runner_optimizer_scales_old_rows():
   u_scaled, _ = scaled.update(grads, scaled.init(params), params)
   e_plain, e_scaled = np.asarray(u_plain["embed"]["embedding"]), np.asarray(u_scaled["embed"]["embedding"])
   np.testing.assert_allclose(e_scaled[:259], 0.1 * e_plain[:259], rtol=1e-6)
-  np.testing.assert_allclose(e_scaled[259:], e_plain[259:], rtol=1e-6)
+  np.testing.assert_allclose(e_scaled[259:], 3.0 * e_plain[259:], rtol=1e-6)
   assert np.abs(e_plain).min() > 0
   assert V.row_scaling(_tiny(vocab__extend=0), params) is None
 
@@ -185,7 +186,8 @@ def test_imported_checkpoint_extension_and_export(tmp_path):
 def test_config_errors_name_the_key():
   from cl_jax.config import validate
   for changes, key in ((dict(vocab__extend=-1), r"vocab\.extend"),
-                       (dict(vocab__old_row_lr_scale=2.0), r"vocab\.old_row_lr_scale")):
+                       (dict(vocab__old_row_lr_scale=2.0), r"vocab\.old_row_lr_scale"),
+                       (dict(vocab__new_row_lr_scale=0.0), r"vocab\.new_row_lr_scale")):
     with pytest.raises(ConfigError, match=key):
       validate(_tiny(**changes))
   c = _tiny()

@@ -110,8 +110,10 @@ def vocab_labels(params) -> Any:
     lambda p, _: "vocab" if _path_names(p)[-2:] in VOCAB_LEAVES else "body", params)
 
 
-def scale_vocab_rows(old_vocab_size: int, old_row_scale: float) -> optax.GradientTransformation:
-  """Multiplies the updates of vocabulary rows < `old_vocab_size` by `old_row_scale` (new rows: 1).
+def scale_vocab_rows(old_vocab_size: int, old_row_scale: float,
+                     new_row_scale: float = 1.0) -> optax.GradientTransformation:
+  """Multiplies the updates of vocabulary rows < `old_vocab_size` by `old_row_scale`, the others (the new rows) by
+  `new_row_scale` (with Adam: those rows train at that multiple of the learning rate).
 
   Leaves are recognised by their path (`embed.embedding` rows on axis 0, `lm_head.kernel` on axis 1),
   so this works on the full params tree and on the vocabulary subtree inside `multi_transform`.
@@ -123,7 +125,7 @@ def scale_vocab_rows(old_vocab_size: int, old_row_scale: float) -> optax.Gradien
       return update
     axis = VOCAB_LEAVES[names]
     rows = jnp.arange(update.shape[axis])
-    factor = jnp.where(rows < old_vocab_size, jnp.float32(old_row_scale), jnp.float32(1.0))
+    factor = jnp.where(rows < old_vocab_size, jnp.float32(old_row_scale), jnp.float32(new_row_scale))
     shape = [1] * update.ndim
     shape[axis] = update.shape[axis]
     return update * factor.reshape(shape).astype(update.dtype)
@@ -438,7 +440,8 @@ def default_vocab_config():
   import ml_collections
   return ml_collections.ConfigDict(dict(
       extend=0,               # N > 0: learn N new tokens on the domain corpus before adaptation
-      old_row_lr_scale=0.0,   # learning rate of the old vocabulary rows relative to the new (0: frozen)
+      old_row_lr_scale=0.0,   # learning rate of the old vocabulary rows relative to the run's (0: frozen)
+      new_row_lr_scale=1.0,   # learning rate of the new rows relative to the run's (they start untrained)
       noise_scale=0.01,       # new rows: mean of the old rows + noise_scale * their std * N(0, 1)
       min_frequency=2))       # a merge must occur this often in the domain's training words
 
@@ -449,6 +452,8 @@ def check_vocab_config(c) -> None:
     raise ValueError(f"vocab.extend={v.extend!r}: must be an integer >= 0 (0: no extension)")
   if not 0.0 <= v.old_row_lr_scale <= 1.0:
     raise ValueError(f"vocab.old_row_lr_scale={v.old_row_lr_scale}: must be in [0, 1] (0: old rows frozen)")
+  if not 0.0 < v.new_row_lr_scale <= 100.0:
+    raise ValueError(f"vocab.new_row_lr_scale={v.new_row_lr_scale}: must be in (0, 100]")
   if not v.noise_scale >= 0:
     raise ValueError(f"vocab.noise_scale={v.noise_scale}: must be >= 0")
   if not isinstance(v.min_frequency, int) or v.min_frequency < 1:
@@ -560,11 +565,11 @@ def extend_for_run(c, data, model, base_params, workdir: str, imported=None):
 
 def row_scaling(c, params) -> Callable | None:
   """For `cl_jax.lm.runner._optimizer(wrap=...)`: the base optimizer followed by `scale_vocab_rows` (old rows at
-  `vocab.old_row_lr_scale` times the rate, new rows at the full rate), or None without an extension. Chained after
-  the whole optimizer (clipping included), the global-norm clip still sees every gradient."""
+  `vocab.old_row_lr_scale` times the rate, new rows at `vocab.new_row_lr_scale` times), or None without an
+  extension. Chained after the whole optimizer (clipping included), the global-norm clip still sees every gradient."""
   if not c.vocab.extend:
     return None
   rows = int(params["embed"]["embedding"].shape[0])
   old = rows - int(c.vocab.extend)
-  scale = float(c.vocab.old_row_lr_scale)
-  return lambda tx: optax.chain(tx, scale_vocab_rows(old, scale))
+  scale, new = float(c.vocab.old_row_lr_scale), float(c.vocab.new_row_lr_scale)
+  return lambda tx: optax.chain(tx, scale_vocab_rows(old, scale, new))
