@@ -71,7 +71,7 @@ FULL_VALUES = {
     "data_size": [128, 512, 2048, 8192, 60000],
     "width": [32, 64, 128, 256, 512, 1024],
     "lr": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
-    "steps": [25, 50, 100, 200, 400, 1000],
+    "steps": [5, 10, 25, 50, 100, 200, 500],
 }
 QUICK_VALUES = {
     "similarity": [0.0, 45.0, 90.0],
@@ -164,8 +164,9 @@ def run_metrics(run: dict) -> dict:
           "task2_after_task2": float(m[2, 1]), "overrides": run.get("overrides", {})}
 
 
-def measure(values: dict, seeds: int, steps: int, workroot: str) -> dict:
-  """{factor: {'x': values, 'points': [[per-seed metrics for each value]]}} for every factor."""
+def measure(values: dict, seeds: int, steps: int, workroot: str, factors=None) -> dict:
+  """{factor: {'x': values, 'points': [[per-seed metrics for each value]]}} for `factors` (default: every one)."""
+  factors = CLASSIC if factors is None else factors
   from cl_jax.config import set_overrides
   out = {}
   cache = {}
@@ -190,34 +191,47 @@ def measure(values: dict, seeds: int, steps: int, workroot: str) -> dict:
     out[factor] = {"x": values[factor], "points": points}
 
   base_or = lambda d, ref: {} if d == ref else d
-  sweep_one("similarity", lambda v: base_or({"scenario.angles": [0.0, float(v)]},
+  if "similarity" in factors:
+    sweep_one("similarity", lambda v: base_or({"scenario.angles": [0.0, float(v)]},
                                             {"scenario.angles": [0.0, BASE["angle"]]}))
-  sweep_one("data_size", lambda v: {} if v >= 60000 else {"scenario.train_sizes": [0, int(v)]})
-  sweep_one("width", lambda v: {} if v == BASE["width"] else {"model.hidden": [int(v)] * 2})
+  if "data_size" in factors:
+    sweep_one("data_size", lambda v: {} if v >= 60000 else {"scenario.train_sizes": [0, int(v)]})
+  if "width" in factors:
+    sweep_one("width", lambda v: {} if v == BASE["width"] else {"model.hidden": [int(v)] * 2})
+  if "lr" in factors:
+    measure_lr(values["lr"], seeds, steps, workroot, out)
+  if "steps" in factors:
+    measure_steps(values["steps"], seeds, workroot, out)
+  return out
 
-  # lr: every value in one program (train.sweep); runs are setting-major.
+
+def measure_lr(values, seeds: int, steps: int, workroot: str, out: dict) -> None:
+  """Every learning rate in one program (train.sweep); its runs are setting-major."""
+  from cl_jax.config import set_overrides
   c = base_config(seeds, steps)
-  set_overrides(c, {"train.sweep": "optim.lr=" + ",".join(f"{v:g}" for v in values["lr"])})
+  set_overrides(c, {"train.sweep": "optim.lr=" + ",".join(f"{v:g}" for v in values)})
   results, _ = run_config(c, os.path.join(workroot, "lr"))
   runs = [run_metrics(r) for r in results["runs"]]
-  out["lr"] = {"x": values["lr"], "points": [runs[g * seeds:(g + 1) * seeds] for g in range(len(values["lr"]))]}
+  out["lr"] = {"x": values, "points": [runs[g * seeds:(g + 1) * seeds] for g in range(len(values))]}
 
-  # steps: task-1 accuracy every `every` steps of task 2, one run of max(values) steps per task.
-  total = int(max(values["steps"]))
-  every = math.gcd(*[int(v) for v in values["steps"]])
+
+def measure_steps(values, seeds: int, workroot: str, out: dict) -> None:
+  """Task-1 accuracy every gcd(values) steps of task 2, in one run of max(values) steps per task."""
+  total = int(max(values))
+  every = math.gcd(*[int(v) for v in values])
   results, evals = run_config(base_config(seeds, total, eval_every=every), os.path.join(workroot, "steps"))
   after1 = np.asarray([r["accuracy_matrix"][1][0] for r in results["runs"]])
   by_step = {int(e["step"]) - total: np.asarray(e["accuracy_runs"]) for e in evals if int(e["task"]) == 2}
   by_step[total] = np.asarray([r["accuracy_matrix"][2] for r in results["runs"]])  # the boundary record
   points = []
-  for k in values["steps"]:
+  for k in values:
     acc = by_step[int(k)]  # [runs, 2]: task 1, task 2 after k steps of task 2
-    points.append([{"seed": r["seed"], "forgetting": float(after1[i] - acc[i, 0]), "bwt": float(acc[i, 0] - after1[i]),
-                    "task1_after_task1": float(after1[i]), "task1_after_task2": float(acc[i, 0]),
+    points.append([{"seed": r["seed"], "forgetting": float(after1[i] - acc[i, 0]),
+                    "bwt": float(acc[i, 0] - after1[i]), "task1_after_task1": float(after1[i]),
+                    "task1_after_task2": float(acc[i, 0]),
                     "task2_after_task2": float(acc[i, 1]), "overrides": {}}
                    for i, r in enumerate(results["runs"])])
-  out["steps"] = {"x": values["steps"], "points": points}
-  return out
+  out["steps"] = {"x": values, "points": points}
 
 
 # ----------------------------------------------------------------------------- LM: domain distance
@@ -411,7 +425,8 @@ def write_markdown(summary: dict, meta: dict, path: str) -> None:
   lines = [
       "# The forgetting factors, measured",
       "",
-      f"Written by `{meta['command']}` ({meta['minutes']:.0f} min on a shared, heavily loaded 2-core CPU machine)"
+      f"Written by `{meta['command']}`" + "".join(f", then `{c}`" for c in meta.get("reruns", []))
+      + f" ({meta['minutes']:.0f} min on a shared, heavily loaded 2-core CPU machine)"
       + (f" and `{meta['lm']['command']}` ({meta['lm']['minutes']:.0f} min)" if "lm" in meta else "")
       + ". Raw numbers (every seed of every setting): `forgetting_factors.json`; plot: `forgetting_factors.png`.",
       "",
@@ -489,9 +504,9 @@ NOTES = {
                  "epochs.",
     "lr": "One optimizer: the learning rate is that of both tasks, so task 1 is also learned at it (its accuracy "
           "after task 1 is in the table). All values ran as one program (`train.sweep`).",
-    "steps": "One run per seed with {total} steps on each task (not the base's {steps}), task-1 accuracy evaluated "
-             "every {every} steps of task 2; the values are points along the same trajectories, so they are paired "
-             "by seed and the per-seed slope is the right unit of replication.",
+    "steps": "The base setting ({total} steps on each task) with task-1 accuracy evaluated every {every} steps of "
+             "task 2; the values are points along the same trajectories, so they are paired by seed and the per-seed "
+             "slope is the right unit of replication.",
 }
 CAVEATS = [
     "Small scale: a two-layer MLP on MNIST, two tasks, a few seeds; the verdicts are about this setting.",
@@ -528,6 +543,8 @@ def main(argv=None):
   p.add_argument("--pretrain_steps", type=int, default=400)
   p.add_argument("--adapt_steps", type=int, default=200)
   p.add_argument("--from_json", action="store_true", help="re-render the .md / .png from the saved JSON")
+  p.add_argument("--factors", default="", help=f"comma-separated classic factors to measure (default: all of "
+                 f"{','.join(CLASSIC)}); a subset replaces those factors in the saved JSON")
   p.add_argument("--quick", action="store_true", help="tiny smoke run; writes under /tmp, not results/")
   p.add_argument("--workroot", default="/tmp/forgetting_factors_runs")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "forgetting_factors"))
@@ -561,12 +578,27 @@ def main(argv=None):
   if args.quick:
     values, seeds, steps = QUICK_VALUES, min(seeds, 2), 40
     BASE.update(width=32)
+  factors = [f for f in args.factors.split(",") if f] or list(CLASSIC)
+  unknown = sorted(set(factors) - set(CLASSIC))
+  if unknown:
+    p.error(f"--factors: unknown {unknown}; choose among {list(CLASSIC)}")
   t0 = time.time()
-  raw = measure(values, seeds, steps, args.workroot)
+  raw = measure(values, seeds, steps, args.workroot, factors)
   command = "python experiments/forgetting_factors.py" + (" --quick" if args.quick else "") + (
-      f" --seeds {args.seeds}" if args.seeds != 5 else "") + (f" --steps {args.steps}" if args.steps != 500 else "")
-  meta = {"command": command, "minutes": (time.time() - t0) / 60, "seeds": seeds, "steps": steps,
-          "base": dict(BASE), "values": values}
+      f" --seeds {args.seeds}" if args.seeds != 5 else "") + (f" --steps {args.steps}" if args.steps != 500 else "") + (
+      f" --factors {','.join(factors)}" if set(factors) != set(CLASSIC) else "")
+  minutes = (time.time() - t0) / 60
+  if set(factors) != set(CLASSIC):  # a partial rerun replaces those factors in the saved results
+    with open(out + ".json") as f:
+      data = json.load(f)
+    data["raw"].update(raw)
+    data["meta"]["values"].update({f: values[f] for f in factors})
+    data["meta"]["minutes"] += minutes
+    data["meta"].setdefault("reruns", []).append(command)
+    render(data, out)
+    return
+  meta = {"command": command, "minutes": minutes, "seeds": seeds, "steps": steps, "base": dict(BASE),
+          "values": values}
   render({"meta": meta, "raw": raw}, out)
 
 
