@@ -2,7 +2,7 @@
 
   python benchmarks/scale_plan.py                                  # the table of results/scale_plan.md
   python benchmarks/scale_plan.py --sizes 1b --seqs 2048 --devices 64 --remat full --out ''   # one cell
-  python benchmarks/scale_plan.py --depth-check 2,32 --sizes 8b --devices 8 --seqs 2048 --out ''
+  python benchmarks/scale_plan.py --depth-check 2,32 --repeats 2 --sizes 125m --devices 8 --seqs 1024 --out ''
 
 For each device count N a subprocess starts JAX with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
 (the flag is read once per process), builds a mesh of all N devices on the `fsdp` axis (ZeRO-3: every
@@ -110,6 +110,7 @@ def compile_cell(size: str, seq: int, args, num_layers: int | None = None) -> di
   return {"size": size, "layers": cfg.num_layers, "seq": seq, "devices": n, "mesh": f"data {data} x fsdp {n // data}",
           "params": num_params, "batch": batch_size, "per_device_batch": args.per_device_batch,
           "grad_accum": args.grad_accum, "attn_chunk": args.attn_chunk, "remat": args.remat, "scan": not args.no_scan,
+          "layout": "stacked" if cfg.scan_layers else "per-block",
           "param_dtype": args.param_dtype, "compute_dtype": args.compute_dtype,
           "argument_gib": arg / GIB, "output_gib": out / GIB, "temp_gib": tmp / GIB, "alias_gib": alias / GIB,
           "total_gib": (arg + out + tmp - alias) / GIB, "flops_per_device": float(cost.get("flops", float("nan"))),
@@ -122,8 +123,9 @@ def child(args) -> None:
   import jax
   assert jax.device_count() == args.child, (jax.device_count(), args.child)
   cells = [(s, q, None) for s in args.sizes.split(",") for q in (int(x) for x in args.seqs.split(","))]
-  if args.depth_check:
-    cells = [(s, q, int(layers)) for s, q, _ in cells for layers in args.depth_check.split(",")]
+  if args.depth_check:  # depths interleaved (2, 32, 2, 32, ...), so machine load drifts over both alike
+    depths = [int(layers) for layers in args.depth_check.split(",")] * max(args.repeats, 1)
+    cells = [(s, q, layers) for s, q, _ in cells for layers in depths]
   for size, seq, layers in cells:
     try:
       row = compile_cell(size, seq, args, layers)
@@ -158,7 +160,9 @@ def table(rows: list[dict]) -> list[str]:
     extra = "".join(f", {k}" for k, on in (("bf16 params", r["param_dtype"] == "bfloat16"),
                                             (f"attn chunk {r.get('attn_chunk')}", r.get("attn_chunk")),
                                             (f"remat {r['remat']}", r["remat"] != "full"),
-                                            ("unscanned", not r["scan"])) if on)
+                                            ("unscanned", not r["scan"]),
+                                            ("per-block params stacked every step", r.get("layout") == "boundary"))
+                    if on)
     lines.append(f"| {r['size']} ({r['layers']} layers{extra}) | {r['params'] / 1e9:.2f}B | {r['seq']} | {r['devices']} | "
                  f"{r['batch']} ({r['per_device_batch']} x {r['grad_accum']}) | {r['argument_gib']:.2f} | "
                  f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['model_flops_per_device'] / 1e12:.2f} | "
@@ -182,6 +186,7 @@ def main(argv=None):
   ap.add_argument("--per-device-batch", type=int, default=1, help="sequences per device per micro-batch")
   ap.add_argument("--data", type=int, default=1, help="size of the pure data axis (the rest is fsdp)")
   ap.add_argument("--depth-check", default="", help="e.g. 2,32: compile each cell at these depths instead")
+  ap.add_argument("--repeats", type=int, default=1, help="with --depth-check: compile each depth this many times")
   ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per device count")
   ap.add_argument("--out", default="", help="append each row to this JSON-lines file as it is measured")
   ap.add_argument("--report", default="", help="print the Markdown table of these JSON-lines files (comma-separated)"
@@ -203,7 +208,27 @@ def main(argv=None):
       print(json.dumps(r), flush=True)
     rows += new
   print("\n".join(table(rows)))
+  if args.depth_check:
+    print("\n".join(depth_summary(rows)))
   return rows
+
+
+def depth_summary(rows: list[dict]) -> list[str]:
+  """Median lower + compile seconds per (size, seq, devices, depth), and each depth's ratio to the shallowest."""
+  import statistics
+  groups: dict[tuple, dict[int, list[float]]] = {}
+  for r in rows:
+    if "error" not in r:
+      key = (r["size"], r["seq"], r["devices"])
+      groups.setdefault(key, {}).setdefault(r["layers"], []).append(r["lower_s"] + r["compile_s"])
+  lines = []
+  for (size, seq, devices), by_depth in groups.items():
+    medians = {d: statistics.median(v) for d, v in sorted(by_depth.items())}
+    shallow = min(medians)
+    for d, m in medians.items():
+      lines.append(f"depth {size} seq {seq} devices {devices}: {d} layers {m:.1f} s (median of {len(by_depth[d])}), "
+                   f"{m / medians[shallow]:.2f}x the {shallow}-layer compile")
+  return lines
 
 
 if __name__ == "__main__":

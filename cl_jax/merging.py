@@ -36,6 +36,10 @@ Two modes (`mode=`), which differ only where the papers leave a choice open:
 DARE's random drop is Bernoulli(density) with the 1/density rescale in both modes (mergekit's `rescale=True`);
 its random stream is JAX's, so masks match mergekit's only in distribution.
 
+Stacked transformer params (`stacked_blocks/...` [L, ...], `cl_jax.models.scan_layout`) are merged per layer slice: each
+slice is the tensor the per-block layout's `block_{l}/...` would be (per-layer top-k, SLERP angles and t, DARE
+masks), so both layouts merge to the same numbers.
+
 Arithmetic runs in float32 (or wider, if the inputs are wider) and results are cast back to the
 reference leaf's dtype. Non-floating leaves (step counters, int tables) are copied from the reference.
 """
@@ -51,6 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cl_jax.models.scan_layout import layer_axes, layer_path
 
 Params = Any
 
@@ -537,6 +543,15 @@ def _merge_fn(method: str, paths: tuple, static: tuple, shardings: tuple) -> Cal
   def per_leaf(path, ref, base, thetas, weights, lam, t, seed):
     if not _is_float(ref):
       return ref
+    if not layer_axes(path) or ref.ndim == 0:
+      return one(ref, base, thetas, weights, lam, t, [_leaf_key(seed, path, i) for i in range(len(thetas))])
+    # A stacked transformer leaf (`stacked_blocks/...` [L, ...]): each layer slice is the tensor, as `block_{l}/...`
+    # is in the per-block layout (TIES's top-k, SLERP's angle and t, DARE's masks are per layer; the same numbers).
+    keys = [jnp.stack([_leaf_key(seed, layer_path(path, l), i) for l in range(ref.shape[0])])
+            for i in range(len(thetas))]
+    return jax.vmap(lambda r, b, th, tl, ks: one(r, b, th, weights, lam, tl, ks))(ref, base, thetas, t, keys)
+
+  def one(ref, base, thetas, weights, lam, t, keys):
     if method == "linear":
       out = linear(thetas, weights, st["normalize"])
     elif method == "task_arithmetic":
@@ -544,7 +559,6 @@ def _merge_fn(method: str, paths: tuple, static: tuple, shardings: tuple) -> Cal
     elif method == "ties":
       out = ties(base, thetas, weights, st["density"], lam, st["normalize"], threshold=st["threshold"], mode=mode)
     elif method in ("dare", "dare_linear", "dare_ties"):
-      keys = [_leaf_key(seed, path, i) for i in range(len(thetas))]
       if method == "dare_ties":
         out = dare_ties(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys, mode=mode)
       else:
@@ -632,8 +646,13 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
       raise ValueError("t: slerp needs an interpolation factor t")
     for spec in (t.values() if isinstance(t, Mapping) else [t]):
       _check_unit("t", list(spec) if isinstance(spec, (list, tuple)) else spec, lo_open=False)
-    tmap = resolve_t(t, paths)
-    ts = [jnp.float32(tmap[p]) for p in paths]
+    # A stacked leaf's t is one per layer, resolved on its layers' per-block paths (so depth gradients and
+    # patterns such as 'block_3/' apply to it exactly as to the per-block layout).
+    layers = {p: [layer_path(p, l) for l in range(np.shape(x)[0])] for p, x in zip(paths, jax.tree.leaves(ref))
+              if layer_axes(p) and np.ndim(x)}
+    tmap = resolve_t(t, [q for p in paths for q in layers.get(p, [p])])
+    ts = [jnp.asarray([tmap[q] for q in layers[p]], jnp.float32) if p in layers else jnp.float32(tmap[p])
+          for p in paths]
   else:
     ts = [None] * len(paths)
 

@@ -107,18 +107,22 @@ def batch_leaf_spec(shape: tuple, mesh: Mesh) -> P:
 
 def state_sharding(tree, mesh: Mesh):
   """NamedShardings for every leaf of a state pytree (params, optimizer and strategy state alike)."""
+  from cl_jax.models.scan_layout import layer_axes
   fsdp_size = mesh.shape[FSDP]
 
-  def node_sharding(x):
+  def node_sharding(path, x):
     if type(x) in BATCH_AXIS_TYPES:
       return jax.tree.map(lambda leaf: NamedSharding(mesh, batch_leaf_spec(np.shape(leaf), mesh)), tuple(x))
-    return NamedSharding(mesh, leaf_spec(np.shape(x), fsdp_size))
+    # Stacked transformer layers (`stacked_blocks/...`, leading layer axis): the scan slices one layer per step, so the
+    # layer axis stays whole on every device and the rule applies to the remaining axes.
+    lead = min(layer_axes(path), np.ndim(x))
+    return NamedSharding(mesh, P(*([None] * lead), *leaf_spec(np.shape(x)[lead:], fsdp_size)))
 
   def rebuild(x, sh):
     return type(x)(*sh) if type(x) in BATCH_AXIS_TYPES else sh
 
   is_marked = lambda n: type(n) in BATCH_AXIS_TYPES
-  shardings = jax.tree.map(node_sharding, tree, is_leaf=is_marked)
+  shardings = jax.tree_util.tree_map_with_path(node_sharding, tree, is_leaf=is_marked)
   return jax.tree.map(rebuild, tree, shardings, is_leaf=is_marked)
 
 

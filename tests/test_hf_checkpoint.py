@@ -119,7 +119,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from cl_jax import sharding
-    from cl_jax.models import hf_checkpoint as hc
+    from cl_jax.models import hf_checkpoint as hc, scan_layout
     assert jax.device_count() == 8, jax.devices()
     # Record how much of each HF tensor every device's read takes from the file, per cl_jax param.
     reads = []
@@ -139,16 +139,20 @@ SHARD_SCRIPT = textwrap.dedent("""
       path = "tests/fixtures/hf/" + family
       single = hc.load(path)
       ref = np.load(path + "/reference.npz")
-      for name, (data, fsdp) in {"fsdp8": (1, 8), "data2_fsdp4": (2, 4)}.items():
+      cases = {"fsdp8": (1, 8, False), "data2_fsdp4": (2, 4, False), "stacked_fsdp8": (1, 8, True)}
+      for name, (data, fsdp, stacked) in cases.items():
         mesh = sharding.make_mesh(data, fsdp)
         reads.clear()
-        sharded = hc.load(path, mesh=mesh)
+        sharded = hc.load(path, mesh=mesh, scan_layers=stacked)
         largest_read = {}
-        for param, fraction in reads:
+        for param, fraction in reads:  # a stacked param's reads: the largest over its layers' tensors
+          param = scan_layout.split_layer(param)[0] if stacked else param
           largest_read[param] = max(largest_read.get(param, 0.0), fraction)
+        ref_params = scan_layout.stack_blocks(single.params) if stacked else single.params
         flat_s = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded.params)[0]}
-        flat_1 = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(single.params)[0]}
-        want = sharding.state_sharding(single.params, mesh)
+        flat_1 = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(ref_params)[0]}
+        assert flat_s.keys() == flat_1.keys()
+        want = sharding.state_sharding(ref_params, mesh)
         flat_w = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
         equal = all(np.array_equal(np.asarray(flat_s[k]), np.asarray(flat_1[k])) for k in flat_1)
         specs = all(flat_s[k].sharding.is_equivalent_to(flat_w[k], flat_s[k].ndim) for k in flat_1)
@@ -183,6 +187,11 @@ def test_load_streams_into_fsdp_shardings_on_8_devices():
   assert f8["['embed']['embedding']"] == 1 / 8
   assert out["gpt2/data2_fsdp4"]["fractions"]["['block_0']['attn']['k']['kernel']"] == 1 / 4
   assert out["gpt2/fsdp8"]["fractions"]["['pos_embed']['embedding']"] == 1 / 8
+  # Stacked layout (scan_layers): [L, D, ...] split along D only, every layer of it on every device; each layer's
+  # HF tensor is still read one device's shard at a time (checked above for every kernel).
+  assert out["llama/stacked_fsdp8"]["fractions"]["['stacked_blocks']['attn']['q']['kernel']"] == 1 / 8
+  assert out["gpt2/stacked_fsdp8"]["fractions"]["['stacked_blocks']['mlp']['up']['kernel']"] == 1 / 8
+  assert "stacked_blocks/attn/q/kernel" in out["gpt2/stacked_fsdp8"]["reads"]
 
 
 def _copy(family, tmp_path):
@@ -356,10 +365,34 @@ def test_cpt_hf_continues_pretraining_an_imported_model_through_run_py(tmp_path)
     assert changed == (name.startswith("block_") and name.endswith("kernel")), name
 
 
-def test_imported_model_under_scan_and_remat_keeps_its_logits():
-  """The scale options (layers under one lax.scan, rematerialisation) change how, not what, the model computes:
-  the imported params keep their per-block paths and give the reference logits."""
-  ref = _reference("llama")
-  loaded = hc.load(_fixture("llama"), scan_layers=True, remat="dots")
-  assert "block_1" in loaded.params
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_model_in_the_stacked_layout_keeps_its_logits(family, tmp_path):
+  """Under `scan_layers` the importer builds the stacked layout (one [L, ...] leaf per kernel kind, layer i = HF
+  layer i): reference logits, the same KV-cache decoding, and export -> re-import bit-exact in both layouts."""
+  from flax import nnx
+  from cl_jax.models import scan_layout
+  from cl_jax.models.transformer import init_cache
+  ref = _reference(family)
+  plain = hc.load(_fixture(family))
+  loaded = hc.load(_fixture(family), scan_layers=True, remat="dots")
+  num_layers = loaded.config.num_layers
+  assert "block_1" not in loaded.params and loaded.params["stacked_blocks"]["mlp"]["up"]["kernel"].shape == (
+      num_layers, *plain.params["block_0"]["mlp"]["up"]["kernel"].shape)
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(loaded.params)[0],
+                       jax.tree.leaves(scan_layout.stack_blocks(plain.params))):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), p
   np.testing.assert_allclose(_logits(loaded, ref["tokens"]), ref["logits"], rtol=0, atol=1e-4)
+  tokens = jnp.asarray(ref["tokens"])
+  run = jax.jit(lambda p, t, s, c: nnx.merge(loaded.model.graphdef, p).forward_with_cache(t, s, c))
+  cache = init_cache(loaded.config, 2, tokens.shape[1])
+  assert cache[0]["k"].shape[:3] == (num_layers, 2, tokens.shape[1])
+  steps = []
+  for start, stop in ((0, 5),) + tuple((t, t + 1) for t in range(5, tokens.shape[1])):
+    logits, cache = run(loaded.params, tokens[:, start:stop], jnp.int32(start), cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, 1), ref["logits"], rtol=0, atol=1e-4)
+  hc.export(str(tmp_path), loaded.hf_config, loaded.params, max_shard_bytes=20_000)
+  for again, want in ((hc.load(str(tmp_path)), plain.params),
+                      (hc.load(str(tmp_path), scan_layers=True), loaded.params)):
+    a, b = _flat(again.params), _flat(want)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)

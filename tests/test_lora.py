@@ -243,3 +243,46 @@ def test_transformer_lm_attention_and_mlp_kernels():
   # The adapter gets a gradient.
   g = jax.jit(jax.grad(lambda p: run(p, "code").sum()))(params)
   assert float(jnp.abs(g["adapters"]["code"]["block_0/mlp/up"]["B"]).max()) > 0
+
+
+def test_adapters_on_stacked_transformer_kernels_match_the_per_block_layout(tmp_path):
+  """Under `scan_layers` (kernels `stacked_blocks/...` [L, ...]) every adapter is stacked per layer (A [L, d_in, r]):
+  the adapted logits, the gradients, merge-back and save / load equal the per-block layout's, layer by layer."""
+  from cl_jax.models.transformer import build_lm, model_config
+  from cl_jax.strategies import olora
+  cfg = model_config("tiny", vocab_size=32, d_model=16, num_layers=3, num_heads=2, max_len=8, mlp="swiglu")
+  model, base = build_lm(cfg, seed=0)
+  smodel, sbase = build_lm(cfg.replace(scan_layers=True), seed=0)
+  spec = lora.LoraSpec(rank=2, alpha=4.0)
+  lm, slm = lora.LoraModel(model, spec), lora.LoraModel(smodel, spec)
+  assert slm.target_paths(sbase) == tuple(f"stacked_blocks/{m}" for m in ("attn/k", "attn/o", "attn/q", "attn/v",
+                                                                   "mlp/down", "mlp/gate", "mlp/up"))
+  sparams = slm.add_adapter(lora.lora_params(sbase), "code", jax.random.key(0))
+  ad = sparams["adapters"]["code"]
+  assert ad["stacked_blocks/attn/o"]["A"].shape == (3, 16, 2) and ad["stacked_blocks/attn/q"]["B"].shape == (3, 2, 16)
+  keys = jax.random.split(jax.random.key(3), len(ad))
+  ad = {p: {"A": l["A"], "B": 0.5 * jax.random.normal(k, l["B"].shape)} for k, (p, l) in zip(keys, ad.items())}
+  sparams = {"base": sbase, "adapters": {"code": ad}}
+  params = lora.lora_to_layout(sparams, False)  # layer i's adapter at block_i/...
+  assert params["adapters"]["code"]["block_2/attn/o"]["A"].shape == (16, 2)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+  loss = lambda m: jax.jit(lambda p: jnp.sum(jnp.sin(m.apply(p, tokens, adapter="code"))))
+  out, sout = lm.apply(params, tokens, adapter="code"), slm.apply(sparams, tokens, adapter="code")
+  assert float(jnp.abs(out - model.apply(base, tokens)).max()) > 1e-3
+  np.testing.assert_allclose(sout, out, rtol=1e-5, atol=1e-5)
+  g, sg = jax.grad(loss(lm))(params), jax.grad(loss(slm))(sparams)
+  sg = lora.lora_to_layout(sg, False)
+  for p in params["adapters"]["code"]:
+    for k in ("A", "B"):
+      np.testing.assert_allclose(sg["adapters"]["code"][p][k], g["adapters"]["code"][p][k], rtol=1e-4, atol=1e-6)
+  merged = slm.merge_adapter(sparams, "code")
+  np.testing.assert_allclose(smodel.apply(merged["base"], tokens), sout, rtol=1e-4, atol=1e-5)
+  lora.save_adapter(str(tmp_path), sparams, "code", spec)
+  again, _ = lora.load_adapter(str(tmp_path), "code", lora.lora_params(sbase))
+  jax.tree.map(np.testing.assert_array_equal, again["adapters"]["code"], ad)
+  # O-LoRA's penalties sum per layer: the stacked and per-block layouts give the same numbers.
+  old = {p: {"A": jax.random.normal(jax.random.key(7), l["A"].shape)} for p, l in ad.items()}
+  per_block = lora.lora_to_layout({"base": {}, "adapters": {"old": old}}, False)["adapters"]["old"]
+  np.testing.assert_allclose(olora.orthogonality_penalty([old], ad),
+                             olora.orthogonality_penalty([per_block], params["adapters"]["code"]), rtol=1e-5)
+  np.testing.assert_allclose(olora.norm_penalty(ad), olora.norm_penalty(params["adapters"]["code"]), rtol=1e-5)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from cl_jax.models.scan_layout import stack_blocks, to_layout, unstack_blocks
 from cl_jax.models.transformer import TransformerConfig, build_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +39,12 @@ def test_remat_and_scan_give_the_plain_models_loss_and_gradients(changes):
   _, params = build_lm(CFG, seed=1)
   tokens = _tokens(0, (3, 25))  # the model reads 24 tokens: 3 query blocks of 8 under attn_chunk=8
   loss, grads = _loss_and_grads(CFG, params, tokens)
-  loss2, grads2 = _loss_and_grads(CFG.replace(**changes), params, tokens)
-  assert jax.tree.structure(grads2) == jax.tree.structure(grads)  # same per-block params layout
+  cfg = CFG.replace(**changes)
+  loss2, grads2 = _loss_and_grads(cfg, to_layout(params, cfg.scan_layers), tokens)
+  if cfg.scan_layers:  # the stacked layout: one [L, ...] gradient per kernel kind, layer i = block_i's
+    assert grads2["stacked_blocks"]["attn"]["q"]["kernel"].shape == (3, *grads["block_0"]["attn"]["q"]["kernel"].shape)
+  grads2 = unstack_blocks(grads2)
+  assert jax.tree.structure(grads2) == jax.tree.structure(grads)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
   for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
     np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-6)
@@ -54,7 +59,7 @@ def test_scanned_logits_equal_unscanned_with_packed_segments():
   pos = jnp.asarray(np.repeat([list(range(10)) + list(range(14))], 3, 0))
   packed = jnp.stack([tokens, seg, pos], -1)  # [B, T, 3]: tokens, segment ids, positions
   a = model.apply(params, packed)
-  b = jax.jit(lambda p: scanned.apply(p, packed))(params)
+  b = jax.jit(lambda p: scanned.apply(p, packed))(stack_blocks(params))
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -159,6 +164,13 @@ _SHARDED_INIT = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(p, np.float32), np.asarray(r.astype(p.dtype), np.float32), atol=1e-2)
   q = params["block_0"]["attn"]["q"]["kernel"]
   assert q.sharding.spec[0] == "fsdp" and q.addressable_shards[0].data.shape[0] == q.shape[0] // 8
+  # the stacked layout: the same values (stack_blocks of the per-block ones), the layer axis whole on every device
+  from cl_jax.models.scan_layout import stack_blocks
+  _, stacked = init_lm(cfg.replace(scan_layers=True), 7, mesh)
+  q = stacked["stacked_blocks"]["attn"]["q"]["kernel"]
+  assert q.sharding.spec[:2] == (None, "fsdp") and q.addressable_shards[0].data.shape[:2] == (2, 32 // 8), q.sharding
+  for p, r in zip(jax.tree.leaves(stacked), jax.tree.leaves(stack_blocks(ref))):
+    np.testing.assert_allclose(np.asarray(p), np.asarray(r), rtol=0, atol=1e-7)  # jit vs eager rounding
   print("OK")
 """)
 

@@ -26,6 +26,10 @@ group (every weight matrix under the project's rule, which shards the largest ax
 for a bias [H, Dh] split along Dh. The target shardings are the project's rule
 (`cl_jax.sharding.state_sharding`), so the params come out exactly as the trainer would shard them.
 
+Either params layout of `cl_jax.models.transformer` loads and exports: with `scan_layers=True` a stacked param
+`stacked_blocks/...` [L, ...] is built from the L per-layer HF tensors (a device's shard callback reads its slice
+of each layer's tensor and stacks them), and export reads one layer's slice of it at a time.
+
 Export writes `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most
 `max_shard_bytes` plus `model.safetensors.index.json` (the layout `save_pretrained` writes and
 `from_pretrained` reads); each tensor is gathered to the host one at a time. A LoRA params pytree
@@ -46,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cl_jax.errors import ConfigError
-from cl_jax.models import FunctionalModel
+from cl_jax.models import FunctionalModel, scan_layout
 from cl_jax.models.transformer import TransformerConfig, abstract_lm
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
@@ -346,9 +350,27 @@ def _get(tree, path: tuple):
   return tree
 
 
+def _targets(pieces, stacked: bool) -> list[tuple[tuple, list[Piece]]]:
+  """(cl_jax param path, its pieces): one piece per param in the per-block layout; in the stacked layout
+  (`scan_layers`) a `stacked_blocks/...` param gathers its L per-block pieces, in layer order
+  (`scan_layout.split_layer`)."""
+  if not stacked:
+    return [(p.path, [p]) for p in pieces]
+  groups: dict[tuple, dict[int, Piece]] = {}
+  for piece in pieces:
+    path, layer = scan_layout.split_layer(piece.path)
+    groups.setdefault(path, {})[0 if layer is None else layer] = piece
+  return [(path, [by_layer[i] for i in sorted(by_layer)]) for path, by_layer in groups.items()]
+
+
+def _target_shape(path: tuple, group: list[Piece]) -> tuple[int, ...]:
+  return ((len(group),) if scan_layout.layer_axes(path) else ()) + group[0].shape
+
+
 def _check_layout(pieces, abstract_params) -> None:
   expected = {path: tuple(x.shape) for path, x in _flat_params(abstract_params)}
-  mapped = {p.path: p.shape for p in pieces}
+  mapped = {path: _target_shape(path, group)
+            for path, group in _targets(pieces, scan_layout.is_stacked(abstract_params))}
   if expected != mapped:  # an internal inconsistency between transformer.py and this table
     differ = [(k, expected[k], mapped[k]) for k in expected.keys() & mapped.keys() if expected[k] != mapped[k]]
     raise AssertionError(f"hf_checkpoint layout does not match the model's params: "
@@ -492,16 +514,25 @@ def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **o
   params: dict = {}
   with ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
-    for piece in pieces:
+
+    def open_tensor(piece):
       tensor = handles[files[piece.name]].get_slice(piece.name)
       shape = tuple(tensor.get_shape())
       if shape != expected[piece.name]:
         _fail(files[piece.name], f"tensor {piece.name} has shape {list(shape)}, but config.json implies "
                                  f"{list(expected[piece.name])}")
-      array = jax.make_array_from_callback(
-          piece.shape, _get(shardings, piece.path),
-          lambda index, tensor=tensor, piece=piece: _read_piece(tensor, piece, index, np_dtype))
-      _set(params, piece.path, array)
+      return tensor
+
+    for param, group in _targets(pieces, cfg.scan_layers):
+      tensors = [open_tensor(piece) for piece in group]
+      if scan_layout.layer_axes(param):  # stacked: a shard's layers are read one HF tensor each, then stacked
+        def read(index, tensors=tensors, group=group):
+          layers = range(*index[0].indices(len(group)))
+          return np.stack([_read_piece(tensors[i], group[i], index[1:], np_dtype) for i in layers])
+      else:
+        def read(index, tensor=tensors[0], piece=group[0]):
+          return _read_piece(tensor, piece, index, np_dtype)
+      _set(params, param, jax.make_array_from_callback(_target_shape(param, group), _get(shardings, param), read))
   tok = load_tokenizer(path, hf) if tokenizer else None
   return Loaded(model, params, tok, hf, cfg)
 
@@ -608,11 +639,11 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
     current.clear()
 
   for name, group in by_name.items():
-    first = _to_host(_get(params, group[0].path))
+    first = _to_host(scan_layout.get_layer(params, group[0].path))
     out_dtype = np.dtype(dtype) if dtype is not None else first.dtype
     tensor = np.empty(shapes[name], out_dtype)
-    for piece in group:
-      x = first if piece is group[0] else _to_host(_get(params, piece.path))
+    for piece in group:  # in the stacked layout, one layer's slice of the stacked leaf at a time
+      x = first if piece is group[0] else _to_host(scan_layout.get_layer(params, piece.path))
       # cl_jax axes -> HF axes: merge each group's axes, then order the groups by their HF axis.
       merged = x.reshape([math.prod(sizes) for _, sizes, _ in piece.groups])
       merged = np.transpose(merged, np.argsort([hf_axis for hf_axis, _, _ in piece.groups]))

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cl_jax.models.scan_layout import layer_axes, to_layout
+
 Params = Any
 
 # Last path components that name an output head: `all-linear` leaves these alone (Hu et al. adapt the
@@ -116,7 +118,7 @@ def linear_kernels(base_params: Params, in_axes: Mapping[str, int | None] | None
   out = {}
   for path, module in _kernel_modules(base_params):
     p = path_str(path)
-    n_in = in_axes.get(p, 1 if module["kernel"].ndim == 2 else None)
+    n_in = in_axes.get(p, 1 if module["kernel"].ndim - layer_axes(p) == 2 else None)
     if n_in is not None:
       out[p] = int(n_in)
   return out
@@ -197,7 +199,9 @@ def _with_kernel(tree, path: str, kernel):
 def init_adapter(rng: jax.Array, base_params: Params, spec: LoraSpec, in_axes=None) -> dict:
   """A fresh adapter: A ~ N(0, 1/d_in) (Kaiming-like, as Hu et al.'s Gaussian A), B = 0 (identity at start).
 
-  An N-D kernel is adapted as the matrix [prod(input axes), prod(output axes)]: A: [d_in, r], B: [r, d_out].
+  An N-D kernel is adapted as the matrix [prod(input axes), prod(output axes)]: A: [d_in, r], B: [r, d_out]. A
+  stacked transformer kernel (`stacked_blocks/...`, leading layer axis L; `cl_jax.models.scan_layout`) gets one adapter
+  per layer, stacked the same way: A: [L, d_in, r], B: [L, r, d_out].
   """
   axes = linear_kernels(base_params, in_axes)
   paths = target_paths(base_params, spec.targets, in_axes)
@@ -205,12 +209,14 @@ def init_adapter(rng: jax.Array, base_params: Params, spec: LoraSpec, in_axes=No
   adapter = {}
   for key, path in zip(keys, paths):
     kernel = _get(base_params, path)["kernel"]
-    d_in = int(np.prod(kernel.shape[:axes[path]]))
-    d_out = int(np.prod(kernel.shape[axes[path]:]))
+    lead = layer_axes(path)
+    layers = tuple(kernel.shape[:lead])
+    d_in = int(np.prod(kernel.shape[lead:lead + axes[path]]))
+    d_out = int(np.prod(kernel.shape[lead + axes[path]:]))
     dtype = kernel.dtype
     adapter[path] = {
-        "A": (jax.random.normal(key, (d_in, spec.rank), jnp.float32) / jnp.sqrt(d_in)).astype(dtype),
-        "B": jnp.zeros((spec.rank, d_out), dtype),
+        "A": (jax.random.normal(key, (*layers, d_in, spec.rank), jnp.float32) / jnp.sqrt(d_in)).astype(dtype),
+        "B": jnp.zeros((*layers, spec.rank, d_out), dtype),
     }
   return adapter
 
@@ -266,7 +272,8 @@ def trainable_mask(params, names: str | Sequence[str]) -> dict:
 
 def adapter_delta(adapter_layer: Mapping, scale: float, shape=None) -> jax.Array:
   """The dense update (alpha / r) A B of one layer in float32, reshaped to the kernel's `shape` if given
-  (input axes lead, row-major, as `init_adapter` flattened them)."""
+  (input axes lead, row-major, as `init_adapter` flattened them; a stacked adapter's layer axis is a batch axis
+  of the product and stays leading)."""
   delta = scale * (adapter_layer["A"].astype(jnp.float32) @ adapter_layer["B"].astype(jnp.float32))
   return delta if shape is None else delta.reshape(shape)
 
@@ -285,6 +292,14 @@ def merge_adapter(params, name: str, spec: LoraSpec) -> dict:
     delta = adapter_delta(layer, scale, kernel.shape)
     base = _with_kernel(base, path, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
   return {"base": base, "adapters": {k: v for k, v in params["adapters"].items() if k != name}}
+
+
+def lora_to_layout(params, scan_layers: bool) -> dict:
+  """A LoRA pytree with its base and every adapter in the layout of a model with `scan_layers`
+  (`cl_jax.models.scan_layout.to_layout`: stacked adapters `stacked_blocks/attn/q` [L, ...] <-> `block_{i}/attn/q`)."""
+  _check_params(params)
+  return {"base": to_layout(params["base"], scan_layers),
+          "adapters": {n: to_layout(a, scan_layers) for n, a in params["adapters"].items()}}
 
 
 def num_adapter_params(adapter: Mapping) -> int:
@@ -432,7 +447,8 @@ def save_adapter(directory: str, params, name: str, spec: LoraSpec, overwrite: b
   with open(path + ".json", "w") as f:
     json.dump({"name": name, "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
                "targets": spec.targets if isinstance(spec.targets, str) else list(spec.targets),
-               "shapes": {p: [int(l["A"].shape[0]), int(l["B"].shape[1])] for p, l in adapter.items()}},
+               # [d_in, d_out], or [L, d_in, d_out] for an adapter on a stacked kernel
+               "shapes": {p: [*map(int, l["A"].shape[:-1]), int(l["B"].shape[-1])] for p, l in adapter.items()}},
               f, indent=1)
   return path
 
@@ -453,16 +469,17 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
   if params is not None:
     _check_params(params)
     abstract = {}
-    for p, (d_in, d_out) in meta["shapes"].items():
+    for p, dims in meta["shapes"].items():
+      *layers, d_in, d_out = dims
       try:
         kernel = _get(params["base"], p)["kernel"]
       except (KeyError, ValueError, AttributeError, TypeError):
         raise ValueError(f"adapter {name!r} adapts {p!r}, which the base params do not have") from None
-      if kernel.size != d_in * d_out:
-        raise ValueError(f"adapter {name!r} at {p!r} is [{d_in}, r] x [r, {d_out}], but the base kernel "
+      if kernel.size != int(np.prod(dims)):
+        raise ValueError(f"adapter {name!r} at {p!r} is {layers} x [{d_in}, r] x [r, {d_out}], but the base kernel "
                          f"has shape {tuple(kernel.shape)}")
-      abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((d_in, spec.rank), kernel.dtype),
-                                       "B": jax.ShapeDtypeStruct((spec.rank, d_out), kernel.dtype)}
+      abstract[p.replace("/", ":")] = {"A": jax.ShapeDtypeStruct((*layers, d_in, spec.rank), kernel.dtype),
+                                       "B": jax.ShapeDtypeStruct((*layers, spec.rank, d_out), kernel.dtype)}
   tree = load_params(path, abstract)
   adapter = {p.replace(":", "/"): {"A": jnp.asarray(l["A"]), "B": jnp.asarray(l["B"])} for p, l in tree.items()}
   if params is None:
@@ -474,5 +491,5 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
 
 __all__ = ["LoraSpec", "LoraModel", "ALL_LINEAR", "HEAD_NAMES", "default_config", "spec_from_config",
            "target_paths", "linear_kernels", "kernel_in_axes", "init_adapter", "lora_params", "adapter_names", "add_adapter", "remove_adapter",
-           "trainable_mask", "adapter_delta", "merge_adapter", "num_adapter_params", "save_adapter",
+           "trainable_mask", "adapter_delta", "merge_adapter", "lora_to_layout", "num_adapter_params", "save_adapter",
            "load_adapter"]

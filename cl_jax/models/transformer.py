@@ -31,8 +31,10 @@ Every projection is an explicit `einsum` over a named-axes kernel (`q: [D, H, Dh
 are stable strings: `embed.embedding`, `pos_embed.embedding` (learned positions only),
 `block_{i}.attn.{q,k,v,o}.{kernel,bias}`, `block_{i}.mlp.{gate,up,down}.{kernel,bias}`,
 `block_{i}.{attn_norm,mlp_norm}.{scale,bias}`, `final_norm.{scale,bias}`, `lm_head.kernel` (untied only);
-biases, `gate` and the norms' `bias` exist only where the config asks for them.
-`cl_jax.models.hf_checkpoint` maps Hugging Face checkpoints onto these paths and back.
+biases, `gate` and the norms' `bias` exist only where the config asks for them. With `scan_layers=True` the blocks
+are stored stacked instead: `stacked_blocks.attn.q.kernel [L, D, H, Dh]` and so on, one leaf per kind with a leading
+layer axis, `stacked_blocks.*[i]` being `block_{i}.*` (`cl_jax.models.scan_layout` converts between the layouts).
+`cl_jax.models.hf_checkpoint` maps Hugging Face checkpoints onto these paths and back, in either layout.
 
 Mixed precision: parameters are float32 unless loaded otherwise; with `compute_dtype='bfloat16'` weights and
 activations are cast to bf16 for the matmuls, while the residual stream, norms, softmax and the returned
@@ -50,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from cl_jax.models.scan_layout import STACK, block_key
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -106,7 +110,9 @@ class TransformerConfig:
   sliding_window: int = 0  # 0: none; W: a query sees the W most recent keys (itself included)
   # Memory / compile at scale (numerics unchanged up to float reduction order; see `_blocks`):
   remat: str = "none"  # 'none' | 'full' | 'dots': rematerialise each block's activations in the backward pass
-  scan_layers: bool = False  # run the blocks under one lax.scan (compile time independent of depth)
+  # Run the blocks under one lax.scan over params stored stacked (`stacked_blocks.*`, a leading layer axis; see
+  # cl_jax.models.scan_layout): compile time independent of depth. This also selects the params layout.
+  scan_layers: bool = False
   attn_chunk: int = 0  # > 0: attention over query blocks of this size, each rematerialised (O(chunk x T) memory)
 
   def __post_init__(self):
@@ -443,8 +449,17 @@ class TransformerLM(nnx.Module):
     if cfg.positions == "learned":
       self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs,
                                  embedding_init=nnx.initializers.normal(cfg.init_std))
-    for i in range(cfg.num_layers):
-      setattr(self, f"block_{i}", Block(cfg, rngs=rngs))
+    if cfg.scan_layers:
+      # The stacked layout (cl_jax.models.scan_layout): one Block whose params carry a leading layer axis. The
+      # blocks are drawn one by one from the same rng stream as the per-block layout, so `stack_blocks` of a
+      # per-block model's params equals this model's params for the same seed.
+      layers = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+      graphdef, first = nnx.split(layers[0])
+      states = [first] + [nnx.state(b) for b in layers[1:]]
+      setattr(self, STACK, nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)))
+    else:
+      for i in range(cfg.num_layers):
+        setattr(self, block_key(i), Block(cfg, rngs=rngs))
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     if not cfg.tied_embeddings:
       self.lm_head = Projection("btd,dv->btv", (cfg.d_model, cfg.vocab_size), std=cfg.init_std,
@@ -487,19 +502,21 @@ class TransformerLM(nnx.Module):
 
   def _blocks(self, h: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """The residual stream through every block: a Python loop by default; with `remat` each block is a
-    `jax.checkpoint` of a pure function of (its params, h); with `scan_layers` the blocks' params are stacked
-    along a new leading layer axis (at the boundary: the params pytree keeps its per-block paths, so
-    checkpoints, the Hugging Face importer, LoRA and merging see the same layout) and one `lax.scan` runs that
-    function, so XLA compiles one block whatever the depth."""
+    `jax.checkpoint` of a pure function of (its params, h); with `scan_layers` the params are already stacked
+    (`self.stacked_blocks`, a leading layer axis on every leaf) and one `lax.scan` runs that function over them, so XLA
+    compiles one block whatever the depth and the gradients come out stacked too."""
     cfg = self.config
-    blocks = [getattr(self, f"block_{i}") for i in range(cfg.num_layers)]
-    if cfg.remat == "none" and not cfg.scan_layers:
-      for block in blocks:
-        h, _ = block(h, positions, None, segment_ids)
-        h = constrain(h, BATCH)
-      return h
-    graphdef, first = nnx.split(blocks[0])
-    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(getattr(self, STACK))
+    else:
+      blocks = [getattr(self, block_key(i)) for i in range(cfg.num_layers)]
+      if cfg.remat == "none":
+        for block in blocks:
+          h, _ = block(h, positions, None, segment_ids)
+          h = constrain(h, BATCH)
+        return h
+      graphdef, first = nnx.split(blocks[0])
+      states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
 
     def block_fn(x, state):
       return constrain(nnx.merge(graphdef, state)(x, positions, None, segment_ids)[0], BATCH)
@@ -512,25 +529,42 @@ class TransformerLM(nnx.Module):
       for state in states:
         h = block_fn(h, state)
       return h
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     h, _ = jax.lax.scan(lambda x, state: (block_fn(x, state), None), h, stacked)
     return h
 
   def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
-    whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache)."""
+    whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache). The cache is `init_cache`'s:
+    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks."""
     positions = start + jnp.arange(tokens.shape[1])
     h = self._embed(tokens, positions)
+    if self.config.scan_layers:
+      (stacked_cache,) = cache
+      graphdef, stacked = nnx.split(getattr(self, STACK))
+      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # e.g. 'valid', the same per layer
+
+      def body(x, layer):
+        state, k, v = layer
+        x, c = nnx.merge(graphdef, state)(x, positions, {**shared, "k": k, "v": v})
+        return x, (c["k"], c["v"])
+
+      h, (ks, vs) = jax.lax.scan(body, h, (stacked, stacked_cache["k"], stacked_cache["v"]))
+      return self._logits(h), ({**stacked_cache, "k": ks, "v": vs},)
     new_cache = []
     for i in range(self.config.num_layers):
-      h, c = getattr(self, f"block_{i}")(h, positions, cache[i])
+      h, c = getattr(self, block_key(i))(h, positions, cache[i])
       new_cache.append(c)
     return self._logits(h), tuple(new_cache)
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> tuple:
-  """A zeroed KV cache: one `{'k','v': [B, length, K, Dh]}` per layer (K key/value heads), in the compute dtype."""
+  """A zeroed KV cache in the compute dtype: one `{'k','v': [B, length, K, Dh]}` per layer (K key/value heads), or
+  with `scan_layers` a single `{'k','v': [L, B, length, K, Dh]}`. Either way a tuple of dicts, so per-cache
+  entries such as a key mask ('valid' [B, length]) are added to each dict alike."""
   shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
+  if cfg.scan_layers:  # one entry holding every layer along a leading axis (what the scanned blocks consume)
+    shape = (cfg.num_layers, *shape)
+    return ({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)},)
   return tuple({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
                for _ in range(cfg.num_layers))
 

@@ -56,8 +56,8 @@ def init_olora_params(base_params, num_tasks: int, rng: jax.Array, spec: lora.Lo
 
 def overlap_l1(a_old: jax.Array, a_new: jax.Array) -> jax.Array:
   """sum_{j,k} |(A_old^T A_new)_{jk}| for A_old: [d, r1], A_new: [d, r2] (zero iff the column spaces are
-  orthogonal)."""
-  return jnp.sum(jnp.abs(a_old.astype(jnp.float32).T @ a_new.astype(jnp.float32)))
+  orthogonal). Leading axes (a stacked transformer's layer axis, [L, d, r]) are per-layer pairs, summed."""
+  return jnp.sum(jnp.abs(jnp.swapaxes(a_old.astype(jnp.float32), -1, -2) @ a_new.astype(jnp.float32)))
 
 
 def orthogonality_penalty(old_adapters: Sequence[Mapping], new_adapter: Mapping) -> jax.Array:
@@ -71,10 +71,11 @@ def orthogonality_penalty(old_adapters: Sequence[Mapping], new_adapter: Mapping)
 
 
 def safe_norm(p: jax.Array) -> jax.Array:
-  """||P||_2 (Frobenius) with gradient 0 at P = 0 instead of NaN: a fresh adapter has B = 0."""
-  sq = jnp.sum(jnp.square(p.astype(jnp.float32)))
+  """||P||_2 (Frobenius) with gradient 0 at P = 0 instead of NaN: a fresh adapter has B = 0. A stacked adapter
+  ([L, d, r], one matrix per layer) gives the sum of its layers' norms, as the per-block layout would."""
+  sq = jnp.sum(jnp.square(p.astype(jnp.float32)), axis=tuple(range(max(p.ndim - 2, 0), p.ndim)))
   positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return jnp.sum(jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0))
 
 
 def norm_penalty(adapter: Mapping) -> jax.Array:
@@ -141,7 +142,9 @@ def olora(config, learner=None) -> Strategy:
       for path, a_old in ctx.strategy_state["A_old"].items():
         a_new = _slot_stack(frozen, n, path, "A")[t].astype(jnp.float32)
         b_new = _slot_stack(frozen, n, path, "B")[t].astype(jnp.float32)
-        per_old = jnp.sum(jnp.abs(jnp.einsum("kdr,ds->krs", a_old, a_new)), axis=(1, 2))
+        # per earlier slot k (and per layer of a stacked adapter [L, d, r]): sum |A_k^T A_t|
+        overlap = jnp.einsum("k...dr,...ds->k...rs", a_old, a_new)
+        per_old = jnp.sum(jnp.abs(overlap), axis=tuple(range(1, overlap.ndim)))
         ortho = ortho + jnp.sum(earlier * per_old)
         norm = norm + safe_norm(a_new) + safe_norm(b_new)
       total = task_loss + lambda1 * ortho + lambda2 * norm
