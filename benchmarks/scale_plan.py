@@ -18,6 +18,11 @@ temporaries - aliased (donated) bytes), FLOPs per device per step (the analytic 
 body once, so under scan it covers one layer of the stack), and wall seconds to lower + compile. The CPU backend's memory analysis over-estimates bf16 programs (it widens some bf16 buffers
 to float32), so figures for bf16 compute are upper bounds for TPU/GPU.
 
+With scan (the default) the state holds the params in the stacked layout (`scan_layers=True`,
+`cl_jax.models.scan_layout`: one [L, ...] leaf per kernel kind, the layer axis unsharded). `--depth-check 2,32
+--repeats N` compiles each cell at those depths, interleaved N times in one process, and prints each depth's median
+compile seconds and its ratio to the shallowest (the issue's goal: 32 layers <= 1.5x 2 layers).
+
 Model shapes (Llama-like, SwiGLU, RMSNorm, RoPE, grouped-query attention):
   125m  d 768,  12 layers, 12 heads (12 kv), MLP 2048,  vocab 32000,  untied
   1b    d 2048, 16 layers, 32 heads (8 kv),  MLP 8192,  vocab 128256, tied      (Llama 3.2 1B)
