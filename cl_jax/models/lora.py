@@ -10,7 +10,8 @@ trained. Several named adapters can live beside one frozen base, one per task or
     params = {'base': base_params, 'adapters': {name: {module_path: {'A': [d_in, r], 'B': [r, d_out]}}}}
 
 `module_path` is the '/'-joined path of the module that owns the `kernel` in the base pytree
-('dense_0', 'block_0/attn/q', ...). An N-D kernel (the transformer's q/k/v [D, H, Dh], o [H, Dh, D]) is
+('dense_0', 'block_0/attn/q', ...; 'stacked_blocks/attn/q' for a transformer whose layers are stacked under
+`scan_layers`, whose adapter is one per layer along the same leading axis: A [L, d_in, r], B [L, r, d_out]). An N-D kernel (the transformer's q/k/v [D, H, Dh], o [H, Dh, D]) is
 adapted as the matrix [prod(input axes), prod(output axes)]; `LoraModel` reads the input axes off the
 modules (`kernel_in_axes`). `LoraModel.apply` runs the base model with none, one, the sum of
 several, or a per-example choice of adapters; the optimizer sees only adapter leaves through
