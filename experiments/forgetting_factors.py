@@ -452,8 +452,7 @@ def write_markdown(summary: dict, meta: dict, path: str) -> None:
     unit = {"similarity": "points per degree", "lm_distance": "% per bit"}.get(name, "points per decade")
     lo, hi = s["slope_interval"]
     means = [r["forgetting"]["mean"] for r in s["rows"]]
-    xs = [fmt_x(name, r["x"]) if name != "lm_distance" else d for r, d in
-          zip(s["rows"], meta.get("lm", {}).get("domains", [None] * len(means)))]
+    xs = meta["lm"]["domains"] if name == "lm_distance" else [fmt_x(name, r["x"]) for r in s["rows"]]
     steps = np.sign(np.diff(np.asarray(means)[np.argsort([r["x"] for r in s["rows"]], kind="stable")]))
     shape = "rising" if (steps > 0).all() else "falling" if (steps < 0).all() else "no"
     lines.append(f"| {name} | {CLAIMS[name]} | {100 * s['slope_mean']:+.3f} {unit} | [{100 * lo:+.3f}, "
