@@ -250,9 +250,22 @@ def report(args, rows, speed, seconds) -> str:
     lines.append(f"| {n} | {size_of[n]} | {fert['domain']:.3f} | {fert['general']:.3f} | {tps:,.0f} | "
                  f"{bps:,.0f} ({bps / (base_speed / by['none'][0]['fertility']['domain']):.2f}x) | "
                  f"{summary[n]['code']:.3f} | {summary[n]['general']:.3f} | {fmt(dd)} | {fmt(dg)} |")
+  from cl_jax.lm.runner import model_config
+  from cl_jax.models.transformer import matmul_flops_per_token
+  c = make_config(args, args.seeds[0])
+  flops = {n: matmul_flops_per_token(model_config(c, size_of[n]), c.lm.seq_len)["train"] for n in names}
+
+  def per_flop(n):  # code bytes per training FLOP, relative to the byte model
+    return summary["none"]["fert"]["domain"] / summary[n]["fert"]["domain"] / (flops[n] / flops["none"])
+
   lines += ["", "Per-seed differences in parentheses (paired: same seed, same base). Step tokens/s: medians of "
-            "interleaved repeats of the jitted train step in one process (the bigger embedding and output layer cost "
-            "a little per token); code bytes/s = tokens/s x bytes per code token.", "", "## Claims (computed)", ""]
+            "interleaved repeats of the jitted train step in one process; code bytes/s = tokens/s x bytes per code "
+            "token. Timed on a loaded, shared machine, so the measured per-token ratio carries load noise; by the "
+            "analytic count (cl_jax.models.transformer.matmul_flops_per_token) a token costs "
+            + ", ".join(f"{flops[n] / flops['none']:.2f}x" for n in names if n != "none")
+            + " the byte model's training FLOPs, so code bytes per FLOP are "
+            + ", ".join(f"{per_flop(n):.2f}x" for n in names if n != "none") + " the byte model's.", "",
+            "## Claims (computed)", ""]
   for n in names:
     if n == "none":
       continue

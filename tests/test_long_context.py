@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cl_jax
-from cl_jax import lm
+from cl_jax import lm, sharding
 from cl_jax.errors import ConfigError
 from cl_jax.lm.long_context import model_with_config, stretched_config
 from cl_jax.models.transformer import build_lm, model_config, rope_frequencies
@@ -58,7 +58,7 @@ def _tiny(**changes):
   c.adapt.update(steps=6, batch_size=8, mixture="70_30")
   c.regression.update(eval_every=3, eval_batch_size=16, hard_stop=False)
   c.train.log_every_steps = 3
-  c.long_context.update(seq_len=64, scaling="ntk", eval_sequences=8)
+  c.long_context.update(seq_len=64, scaling="linear", eval_sequences=8)
   for k, v in changes.items():
     section, key = k.split("__")
     c[section][key] = v
@@ -68,7 +68,8 @@ def _tiny(**changes):
 def test_stage_through_the_run(tmp_path):
   results = cl_jax.run(_tiny(), str(tmp_path), progress=False).as_dict()
   stage = json.load(open(tmp_path / "long_context.json"))
-  assert stage["before"]["rope_base"] == 10_000.0 and stage["after"]["rope_base"] > 10_000.0
+  assert stage["before"]["rope_scaling"] == "none"
+  assert (stage["after"]["rope_scaling"], stage["after"]["rope_factor"]) == ("linear", 2.0)  # 64 / 32
   assert stage["long_seq_len"] == 64 and stage["batch_size"] == 4  # 8 x 32 tokens per step, at 64 tokens
   for name in ("base", "final"):
     m = results["test"][name]
@@ -79,6 +80,21 @@ def test_stage_through_the_run(tmp_path):
   assert "general/perplexity" in guarded and not any(k.startswith("long_") for k in guarded)
   assert results["test"]["final"]["long_domain/perplexity"] < results["test"]["base"]["long_domain/perplexity"]
   train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  # The monitor's baseline is the model *before* the RoPE change (the original base at short context), not the
+  # stretched model at the stage's first step.
+  from cl_jax.checkpoint import boundary_params
+  from cl_jax.eval.evaluator import make_lm_evaluator
+  from cl_jax.lm.data import load_data
+  from cl_jax.lm.runner import model_config as run_model_config
+  c = _tiny()
+  data = load_data(c)
+  original, _ = build_lm(run_model_config(c, data.tokenizer.vocab_size))
+  want = make_lm_evaluator(original.apply, 16, sharding.make_mesh(1, 1))(
+      boundary_params(str(tmp_path / "pretrain")), {"general": data.eval["validation"]["general"]})
+  assert results["baseline"]["general/perplexity"] == pytest.approx(want["general/perplexity"], rel=1e-5)
+  start = next(r for r in train if r.get("phase") == "adapt" and "general/perplexity" in r)
+  # Interpolation changed the function (a 10-step base uses positions little: a small but real change).
+  assert abs(start["general/perplexity"] / want["general/perplexity"] - 1) > 5e-5
   assert any(r.get("phase") == "adapt" and r.get("step") == 6 for r in train)
 
 
