@@ -20,8 +20,9 @@ checkpoints, with the training data re-packed at the long length, `long_context.
 (0: as many tokens per step as the short adaptation), and two more evaluation roles, `long_general` and
 `long_domain` (perplexity at the long length; not guarded: the monitor's general metrics are the `general/` ones).
 Select the kept checkpoint by long-context quality with `regression.select='long_domain/perplexity'`.
-The monitor's baseline is the stretched model before the stage's first step; `<workdir>/long_context.json` records
-the RoPE settings before and after. An imported model's Hugging Face export carries the new RoPE parameters.
+The monitor's baseline is the model *before* the RoPE change (`adapt_phase(baseline_model=...)` evaluates the original
+at the first evaluation), so a scaling that hurts short context is caught from the start; `<workdir>/long_context.json`
+records the RoPE settings before and after. An imported model's Hugging Face export carries the new RoPE parameters.
 """
 from __future__ import annotations
 
