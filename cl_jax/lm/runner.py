@@ -224,7 +224,7 @@ class _MonitorHook:
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
 
-def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
+def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None) -> Phase:
   """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.lm.losses import next_token_loss
@@ -279,6 +279,12 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh) -> Phase:
     step = int(jax.device_get(state.step))
     items = {}
     metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"], per_item=items)
+    if hook.monitor is None and baseline_model is not None:
+      # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed.
+      base_items = {}
+      reference = make_lm_evaluator(baseline_model.apply, c.regression.eval_batch_size, mesh)(
+          state.params, data.eval["validation"], data.cloze["validation"], per_item=base_items)
+      hook.monitor = hook.make(reference, base_items)
     if hook.monitor is None:
       hook.monitor = hook.make(metrics, items)
     v = hook.verdict = hook.monitor.check(step, metrics, items)
@@ -408,8 +414,9 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     from cl_jax.lm.long_context import stage_for_run
     from cl_jax.lm.vocab import extend_for_run
     data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
+    before_stage = model
     stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
-    phase = adapt_phase(stage_c, data, model, base, mesh)
+    phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage)
     plan, hook = phase.plan, phase.hook
     checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
     try:
