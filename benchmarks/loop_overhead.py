@@ -4,6 +4,7 @@
   python benchmarks/loop_overhead.py --data_path ../shared/data/mnist.npz --on_device false   # the grain path
   python benchmarks/loop_overhead.py --quickstart                                    # configs/quickstart.py
   python benchmarks/loop_overhead.py --startup --data_path ../shared/data/mnist.npz  # launch -> first step
+  python benchmarks/loop_overhead.py --overhead_only --data_path ../shared/data/mnist.npz  # the loop's own cost
 
 The run is `cl_jax.run(config, workdir)` exactly as `run.py` calls it (configs/split_mnist.py: 5 tasks, 2000
 iterations each, batch 128, evaluation every 500 steps, checkpoints every 1000, logging every 50), timed from the
@@ -21,6 +22,10 @@ On a loaded machine wall time measures the queue for the CPUs as much as the wor
 given in CPU time (this process, all threads): run CPU seconds (without the inserted bare chunks) over steps x the
 bare chunk's CPU seconds per step. On an idle 2-core machine the two agree when the host work is single-threaded
 and the step keeps both cores busy.
+
+`--overhead_only` runs the whole run once with every training chunk made free (each returns the metrics of one
+real chunk, whose compute is not counted): the wall and CPU seconds of everything but training, in a fresh
+process. Far less noisy than the ratio on a loaded machine, since it does not depend on the step's speed.
 
 `--startup` runs benchmarks/startup.py: a fresh `run.py` launch to its first training step, in phases, with an
 empty compilation cache and then with the cache the first launch filled.
@@ -90,13 +95,14 @@ def timed_run(config, workdir, bare: BareStep):
   """The whole run; before each of its fused chunks, one bare chunk is timed (paired samples, same load).
 
   Returns (run seconds without the inserted bare chunks, results, chunk seconds per step of the run, run CPU
-  seconds without the inserted chunks').
+  seconds without the inserted chunks, CPU seconds of the run's own chunks, CPU seconds of the calling thread:
+  the host-side work, without XLA's and orbax's worker threads).
   """
   import jax
   import cl_jax
   from cl_jax.data import device
   original = device.maybe_device_plan
-  inserted, inserted_cpu, chunk_steps = [0.0], [0.0], []
+  inserted, inserted_cpu, chunk_steps, chunk_cpu, main_cpu = [0.0], [0.0], [], [0.0], [0.0]
 
   def instrumented(plan, config, setup):
     plan = original(plan, config, setup)
@@ -108,10 +114,11 @@ def timed_run(config, workdir, bare: BareStep):
       seconds, cpu = bare()
       inserted[0] += seconds
       inserted_cpu[0] += cpu
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       state, metrics = real(state, t, k, n)
       jax.block_until_ready(metrics)
       chunk_steps.append((time.perf_counter() - t0) / n)
+      chunk_cpu[0] += time.process_time() - c0
       return state, metrics
 
     plan.train_chunk = train_chunk
@@ -119,13 +126,51 @@ def timed_run(config, workdir, bare: BareStep):
 
   device.maybe_device_plan = instrumented
   try:
-    t, c = time.perf_counter(), time.process_time()
+    t, c, m = time.perf_counter(), time.process_time(), time.thread_time()
     results = cl_jax.run(config, workdir, overwrite=True, progress=False)
     seconds = time.perf_counter() - t - inserted[0]
     cpu = time.process_time() - c - inserted_cpu[0]
+    main_cpu[0] = time.thread_time() - m
   finally:
     device.maybe_device_plan = original
-  return seconds, results, chunk_steps, cpu
+  return seconds, results, chunk_steps, cpu, chunk_cpu[0], main_cpu[0]
+
+
+def overhead_only(config, workdir) -> dict:
+  """The whole run with every training chunk made free: each returns the metrics of one real chunk (whose compute
+  is not counted), so what is timed is the loop's own cost — build, compile-cache reads, evaluations, checkpoints,
+  records, TensorBoard, results, reports. Returns wall, process CPU and calling-thread CPU seconds."""
+  import jax
+  import cl_jax
+  from cl_jax.data import device
+  original = device.maybe_device_plan
+  cached, excluded = {}, [0.0, 0.0]
+
+  def instrumented(plan, config, setup):
+    plan = original(plan, config, setup)
+    real = plan.train_chunk
+
+    def train_chunk(state, t, k, n):
+      if n not in cached:
+        state, metrics = real(state, t, k, n)
+        w, c = time.perf_counter(), time.process_time()
+        cached[n] = jax.device_get(metrics)  # the real chunk's compute: not overhead
+        excluded[0] += time.perf_counter() - w
+        excluded[1] += time.process_time() - c
+        return state, metrics
+      return state._replace(step=state.step + n), {key: jax.numpy.asarray(v) for key, v in cached[n].items()}
+
+    plan.train_chunk = train_chunk
+    return plan
+
+  device.maybe_device_plan = instrumented
+  try:
+    w, c, m = time.perf_counter(), time.process_time(), time.thread_time()
+    cl_jax.run(config, workdir, overwrite=True, progress=False)
+    return {"wall_s": time.perf_counter() - w - excluded[0], "cpu_s": time.process_time() - c - excluded[1],
+            "thread_cpu_s": time.thread_time() - m, "load": os.getloadavg()[0]}
+  finally:
+    device.maybe_device_plan = original
 
 
 def main():
@@ -137,6 +182,8 @@ def main():
   p.add_argument("--quickstart", action="store_true", help="configs/quickstart.py instead of Split MNIST")
   p.add_argument("--repeats", type=int, default=2, help="whole runs, one after the other")
   p.add_argument("--startup", action="store_true", help="time launch -> first step (cold and warm cache)")
+  p.add_argument("--overhead_only", action="store_true",
+                 help="one run with free training chunks: the loop's own cost (run it in a fresh process)")
   a = p.parse_args()
   if a.startup:  # benchmarks/startup.py: the real run.py launch, in phases
     import subprocess
@@ -146,6 +193,10 @@ def main():
   from cl_jax import compilation_cache
   compilation_cache.enable()
   config = make_config(a)
+  if a.overhead_only:
+    with tempfile.TemporaryDirectory() as tmp:
+      print(json.dumps(overhead_only(config, os.path.join(tmp, "run"))))
+    return
   bare = BareStep(config, k=50)
   for _ in range(3):
     bare()
@@ -167,7 +218,7 @@ def main():
         f"-> floor {floor:.1f} s")
   print(f"bare fused step CPU time: {1e3 * step_cpu:.3f} ms (this process, all threads; median) -> CPU floor "
         f"{floor_cpu:.1f} s")
-  for i, (seconds, results, chunks, cpu) in enumerate(runs):
+  for i, (seconds, results, chunks, cpu, cpu_chunks, cpu_main) in enumerate(runs):
     timing = results.extra["timing"]
     tasks = " ".join(f"{s:.1f}" for s in timing["task_seconds"])
     chunk = f"; its fused chunks {1e3 * statistics.median(chunks):.3f} ms/step" if chunks else ""
@@ -176,9 +227,13 @@ def main():
     print(f"run {i + 1}: {seconds:.1f} s wall{train} (task loop {timing['total_seconds']:.1f} s; per task {tasks})"
           f"{chunk} -> ratio {seconds / floor:.2f}x (task loop only {timing['total_seconds'] / floor:.2f}x); "
           f"CPU {cpu:.1f} s -> CPU ratio {cpu / floor_cpu:.2f}x; ACC {results.acc:.4f}")
+    print(f"  CPU outside the training chunks (build, evaluations, checkpoints, records, reports): "
+          f"{cpu - cpu_chunks:.2f} s; inside: {cpu_chunks:.1f} s ({1e3 * cpu_chunks / total_steps:.3f} ms/step); "
+          f"the calling thread's own CPU (host work): {cpu_main:.2f} s")
   print(json.dumps({"bare_step_ms": 1e3 * step, "bare_step_cpu_ms": 1e3 * step_cpu, "steps": total_steps,
                     "runs_s": [r[0] for r in runs], "ratios": [r[0] / floor for r in runs],
                     "runs_cpu_s": [r[3] for r in runs], "cpu_ratios": [r[3] / floor_cpu for r in runs],
+                    "cpu_outside_chunks_s": [r[3] - r[4] for r in runs], "main_thread_cpu_s": [r[5] for r in runs],
                     "load": load}))
 
 

@@ -52,8 +52,8 @@ def read_evals(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [r for r in map(json.loads, f) if r.get("type") == "eval"]
+  with open(path) as f:  # parse only lines that can be eval records (a run writes one train record per step)
+    return [r for r in map(json.loads, (line for line in f if '"eval"' in line)) if r.get("type") == "eval"]
 
 
 def new_figure(figsize):

@@ -436,6 +436,9 @@ def _clean_tag(tag: str) -> str:
   return re.sub(r"[^-/\w\.]", "_", tag)
 
 
+_STRICT_JSON = json.JSONEncoder(allow_nan=False)  # what json.dumps(..., allow_nan=False) uses
+
+
 class MetricsLog:
   """metrics.jsonl plus TensorBoard event files, written by process 0 only (a no-op elsewhere).
 
@@ -475,7 +478,10 @@ class MetricsLog:
 
   @staticmethod
   def _line(record: dict) -> str:
-    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
+    try:  # one shared encoder: json.dumps with an option builds a new one per call (a record per training step)
+      return _STRICT_JSON.encode(record) + "\n"
+    except ValueError:  # a non-finite float: null, as finite_or_none writes it
+      return _STRICT_JSON.encode(finite_or_none(record)) + "\n"
 
   def write(self, record: dict) -> None:
     self.write_many([record])

@@ -147,3 +147,52 @@ def test_results_load_summary_plot_and_metrics(naive_and_joint):
   fig = loaded.plot()
   assert type(fig).__name__ == "Figure" and len(fig.axes) >= 2
   assert len(loaded.metrics("train")) == 400 and loaded.metrics("eval")[0]["task"] == 0
+
+
+def test_event_file_is_read_back_by_tensorboard_protos(tmp_path):
+  """cl_jax writes TensorBoard events itself (workdir.EventFile): records, CRCs, purge and scalars must parse."""
+  import struct
+  from tensorboardX.crc32c import crc32c
+  from tensorboardX.proto import event_pb2
+  from cl_jax.workdir import MetricsLog
+  log = MetricsLog(str(tmp_path), resume_step=7, keep=lambda r: False, tb_every=2)
+  log.write_many([{"type": "train", "step": s, "task": 1, "loss": 1.0 / s, "lr": 0.5} for s in (8, 9, 10)])
+  log.write({"type": "eval", "step": 10, "task": 1, "accuracy": [0.25, float("nan")], "boundary": True})
+  log.close()
+  data = next((tmp_path / "tensorboard").iterdir()).read_bytes()
+  masked = lambda c: (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  events, pos = [], 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(crc32c(data[pos:pos + 8]))
+    body = data[pos + 12:pos + 12 + n]
+    assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked(crc32c(body))
+    events.append(event_pb2.Event.FromString(body))
+    pos += 16 + n
+  assert events[0].file_version == "brain.Event:2"
+  assert events[1].session_log.status == event_pb2.SessionLog.START and events[1].step == 8
+  scalars = [(e.step, v.tag, v.simple_value) for e in events[2:] for v in e.summary.value]
+  assert [s for s in scalars if s[1] == "train/loss"] == [(8, "train/loss", np.float32(1 / 8)),
+                                                          (10, "train/loss", np.float32(0.1))]  # every 2nd step
+  assert (10, "eval/accuracy_task1", 0.25) in scalars and len([s for s in scalars if s[0] == 10]) == 4
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [8, 9, 10, 10] and '"accuracy": [0.25, null]' in lines[3]
+
+
+def test_chunk_divergence_check_agrees_with_step_by_step():
+  from cl_jax.errors import DivergenceError
+  from cl_jax.train.loop import _Divergence
+  cases = [([2.0, 1.5, 1.0], None), ([2.0, 50.0, 1.0], None), ([2.0, np.nan, 1.0], None),
+           ([2.0, 1.0, 1.0], [True, False, True]), ([[2.0, 1.0], [1.0, 30.0]], None)]
+  for losses, finite in cases:
+    chunk, steps = _Divergence(10.0, {"run_ref": None, "task_ref": None}), _Divergence(10.0, None)
+    ok = chunk.check_chunk(np.asarray(losses, np.float32), None if finite is None else np.asarray(finite))
+    try:
+      for i, loss in enumerate(losses):
+        steps.check(i, "t", np.asarray(loss, np.float32), None if finite is None else finite[i])
+      passed = True
+    except DivergenceError:
+      passed = False
+    assert ok == passed, (losses, finite)
+    if ok:
+      assert chunk.state() == steps.state()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def check_mnist_npz(path: str) -> None:
   if not os.path.isfile(path):
     raise ConfigError(f"{what}: no such file; {allowed}")
   identity = _file_identity(path)
-  if identity in _CHECKED or _cached_dir(identity) is not None:
+  if identity in _CHECKED or _cached_dir(identity + (_MNIST_VERSION,)) is not None:
     return  # this very file (path, size, mtime, inode) passed already: its CRCs cost a full decompression
   if not zipfile.is_zipfile(path):  # a truncated archive loses its central directory at the end
     raise ConfigError(f"{what}: not an npz archive, or a truncated one; {allowed}")
@@ -94,14 +95,16 @@ def check_mnist_npz(path: str) -> None:
   _CHECKED.add(identity)
 
 
-# ----------------------------------------------------------------------------- decompressed copies of npz files
-# Keras' mnist.npz is zlib-compressed: reading it costs a full decompression (~0.3 s) at every launch, and checking
-# its CRCs another. A file read once is kept decompressed (raw .npy files, memory-mapped when read back) under
-# $CL_JAX_DATA_CACHE (else ~/.cache/cl_jax/data; 'off' disables it), keyed by the file's path, size, mtime and
-# inode: a changed file is a new key. At most _CACHE_ENTRIES files are kept (the least recently used go).
+# ----------------------------------------------------------------------------- decoded copies of npz files
+# Keras' mnist.npz is zlib-compressed: reading it costs a full decompression at every launch, checking its CRCs
+# another, and scaling to float32 a pass that writes 188 MB of fresh memory. A file read once is kept decoded (the
+# float32 arrays as raw .npy files, ~220 MB for MNIST, memory-mapped when read back) under $CL_JAX_DATA_CACHE (else
+# ~/.cache/cl_jax/data; 'off' disables it), keyed by the file's path, size, mtime and inode and the decoder's
+# version: a changed file is a new key. At most _CACHE_ENTRIES files are kept (the least recently used go).
 
 DATA_CACHE_ENV = "CL_JAX_DATA_CACHE"
-_CACHE_ENTRIES = 4
+_CACHE_ENTRIES = 3
+_MNIST_VERSION = "mnist-float32-v1"  # what load_mnist_npz makes of the file; change it when that changes
 _CACHE_MIN_BYTES = 4 << 20  # small files decompress in no time: not worth a copy
 _CHECKED: set = set()
 
@@ -132,18 +135,20 @@ def _cached_dir(identity: tuple) -> str | None:
   return d if os.path.isfile(os.path.join(d, "complete")) else None
 
 
-def _read_npz(path: str, keys) -> dict:
-  """{key: array} of an npz file, from its decompressed copy when there is one (made on this first read)."""
-  identity = _file_identity(path)
+def _read_npz(path: str, keys, transform: Callable[[dict], dict], version: str) -> dict:
+  """`transform({key: array of the npz file})`, from the copy kept of it when there is one (made on this first
+  read; `version` names the transform, so changing it makes new copies). The copy is memory-mapped copy-on-write:
+  plain writable arrays whose pages come straight from the page cache (no decompression, no conversion)."""
+  identity = _file_identity(path) + (version,)
   cached = _cached_dir(identity)
   if cached is not None:
     try:
       os.utime(cached)  # recently used
-      return {k: np.asarray(np.load(os.path.join(cached, f"{k}.npy"), mmap_mode="r")) for k in keys}
+      return {k: np.asarray(np.load(os.path.join(cached, f"{k}.npy"), mmap_mode="c")) for k in keys}
     except (OSError, ValueError):  # a damaged copy: read the file itself
       pass
   with np.load(path) as f:
-    arrays = {k: f[k] for k in keys}
+    arrays = transform({k: f[k] for k in keys})
   if identity[1] >= _CACHE_MIN_BYTES:
     _write_cache(identity, arrays)
   return arrays
@@ -233,11 +238,12 @@ def load_mnist_npz(path: str) -> LabelledData:
   from cl_jax.errors import ConfigError
   check_mnist_npz(path)
   try:
-    f = _read_npz(path, MNIST_KEYS)
     # float32 division: the same values as (x / 255.0).astype(float32) without a float64 copy (start-up time)
     scale = lambda x: np.divide(x, np.float32(255.0), dtype=np.float32)
-    return LabelledData(scale(f["x_train"]), f["y_train"].astype(np.int32),
-                        scale(f["x_test"]), f["y_test"].astype(np.int32), "mnist")
+    decode = lambda f: {"x_train": scale(f["x_train"]), "y_train": f["y_train"].astype(np.int32),
+                        "x_test": scale(f["x_test"]), "y_test": f["y_test"].astype(np.int32)}
+    f = _read_npz(path, MNIST_KEYS, decode, _MNIST_VERSION)
+    return LabelledData(f["x_train"], f["y_train"], f["x_test"], f["y_test"], "mnist")
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a member damaged past the zip directory
     raise ConfigError(f"data.path={path!r}: unreadable npz ({e}); expected a Keras-format mnist.npz") from e
 
