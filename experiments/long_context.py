@@ -104,7 +104,8 @@ def main(argv=None):
              if r.get("type") == "eval" and r.get("phase") == "adapt" and "general/perplexity" in r]
     test = {k: {m: record["test"][k][m] for m in METRICS} for k in ("base", "best", "final")}
     row = {"scaling": scaling, "rope": rope["after"], "validation_general_ppl": evals, "test": test,
-           "stopped": record.get("stopped"), "best_step": record.get("best_step"), "steps_run": record["steps_run"]}
+           "stopped": record.get("stopped"), "best_step": record.get("best_step"), "steps_run": record["steps_run"],
+           "run_seconds": record["timing"]["total_seconds"]}
     rows.append(row)
     print(json.dumps(row), flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -125,7 +126,8 @@ def report(args, rows, original, seconds) -> str:
       "# Long-context extension as a continual-pre-training stage",
       "",
       f"Command: `python experiments/long_context.py --steps {args.steps} --long_len {args.long_len}` "
-      f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU machine).",
+      f"(runs {sum(r['run_seconds'] for r in rows) / 60:.0f} min, this report {seconds / 60:.0f} min, on a shared, "
+      "loaded 2-core CPU machine).",
       "",
       f"Base: byte-level `tiny` (d=128, 2 layers) pre-trained at 128 tokens on general prose (seed {args.seed}). "
       f"Stage: {args.steps} steps at {args.long_len} tokens (batch {16 * 128 // args.long_len}: the short "
