@@ -49,8 +49,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 MNIST = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist.npz")
 
 BASE = {"angle": 45.0, "size": 0, "width": 256, "lr": 1e-3, "steps": 500}
