@@ -11,8 +11,9 @@
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.regression.interval=t \
       --config.regression.confidence=0.9
 
-The regression monitor stops when the lower end of a 95% paired-bootstrap interval on a general metric's relative
-regression (per-sequence losses against the base's) exceeds 2%; it keeps the best checkpoint not called regressed.
+The regression monitor compares per-sequence losses with the base's (95% paired bootstrap): a checkpoint whose interval
+on a general metric's relative regression lies beyond 2% is never kept, one beyond 5% stops the run; the kept model
+is the best checkpoint not beyond 2% (`regression.threshold`, `regression.stop_threshold`).
 The general validation / test splits are 15% of the source files each (~150K / ~185K tokens at seq_len 128).
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.vocab.extend=256  # 256 code tokens first (BPE)
   python run.py --config configs/cpt_lm.py:mixture=70_30 --config.long_context.seq_len=512 \

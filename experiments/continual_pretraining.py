@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -67,7 +68,7 @@ def make_config(args, seed: int, variant: dict, base_dir: str = ""):
   if "lora" in c.strategy.split("+"):
     c.adapt.lr_ratio = args.lora_lr_ratio
   c.adapt.difficulty = variant["mixture"] == "difficulty"
-  c.regression.update(eval_every=args.eval_every, hard_stop=False, threshold=0.02)
+  c.regression.update(eval_every=args.eval_every, hard_stop=False, threshold=0.02, stop_threshold=args.stop_threshold)
   c.train.log_every_steps = 50
   return c
 
@@ -87,15 +88,20 @@ def main(argv=None):
   p.add_argument("--eval_every", type=int, default=50)
   p.add_argument("--lr_ratio", type=float, default=0.1)
   p.add_argument("--lora_lr_ratio", type=float, default=1.0)
+  p.add_argument("--stop_threshold", type=float, default=0.05, help="the monitor's stop (regression.stop_threshold)")
   p.add_argument("--eval_sequences", type=int, default=256, help="domain sequences per evaluation split")
   p.add_argument("--general_eval_sequences", type=int, default=0, help="general sequences per evaluation split "
                  "(0: the whole split)")
   p.add_argument("--split_fraction", type=float, default=0.15, help="text.validation = text.test")
   p.add_argument("--cloze_items", type=int, default=400)
   p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+  p.add_argument("--base_dir", default="", help="adapt from this finished LM run's base instead of pre-training "
+                 "one per seed (one seed; lets several processes share a base, each running some --variants)")
   p.add_argument("--workroot", default=os.path.join(ROOT, "runs", "continual_pretraining"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "continual_pretraining.md"))
   p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke run")
+  p.add_argument("--note", default="", help="a provenance sentence printed under the command line (e.g. how "
+                 "parallel processes were launched), with --from_json")
   p.add_argument("--continue_json", action="store_true", help="keep the runs already in the results JSON, "
                  "run only the missing (seed, variant) pairs, reusing each seed's base")
   p.add_argument("--from_json", default="", help="rewrite the report from a saved results JSON (the runs of "
@@ -126,7 +132,7 @@ def main(argv=None):
       records = [dict(r, threshold=r.get("threshold", 0.02)) for r in json.load(f)["runs"]]
   done = {(r["seed"], r["variant"]) for r in records}
   for seed in args.seeds:
-    base_dir = next((r["workdir"] for r in records if r["seed"] == seed), "")
+    base_dir = args.base_dir or next((r["workdir"] for r in records if r["seed"] == seed), "")
     for name in args.variants:
       if (seed, name) in done:
         continue
@@ -239,6 +245,43 @@ def _sign(x: float) -> int:
   return int(np.sign(round(x, 12)))
 
 
+def replay(record, stop_threshold: float) -> dict:
+  """The monitor's decisions re-derived from the recorded validation intervals (cl_jax.lm.monitor's rule): the first
+  evaluation regressed beyond the threshold, the one that would stop the run (lower bound beyond max(threshold,
+  stop_threshold)), and the kept step (best validation domain perplexity among the evaluations not regressed, before
+  any stop). Record-only runs train on; this is what a hard-stopping run would have kept."""
+  thr = record["threshold"]
+  stop = max(thr, stop_threshold)
+  out = {"first_regressed": None, "stop": None, "kept": 0}
+  best = math.inf
+  for h in record["history"]:
+    lows = {m: iv["lo"] for m, iv in h["intervals"].items()}
+    regressed = sorted(m for m, lo in lows.items() if lo > thr)
+    if regressed and out["first_regressed"] is None:
+      out["first_regressed"] = (h["step"], regressed)
+    if out["stop"] is None and not regressed and h["metrics"]["domain/perplexity"] < best:
+      best, out["kept"] = h["metrics"]["domain/perplexity"], h["step"]
+    harmful = sorted(m for m, lo in lows.items() if lo > stop)
+    if harmful and out["stop"] is None:
+      out["stop"] = (h["step"], harmful)
+  return out
+
+
+def _kept_numbers(record, step):
+  """(validation gain, validation general regression, test gain, test general regression) of the kept step, in %;
+  test numbers exist for the base (step 0) and the final step only."""
+  h = next(h for h in record["history"] if h["step"] == step)
+  base = record["baseline"]
+  val_gain = 100 * (1 - h["metrics"]["domain/perplexity"] / base["domain/perplexity"])
+  val_regr = 100 * h["intervals"][PPL]["estimate"]
+  t = record["test"]
+  model = "base" if step == 0 else "final" if step == record["history"][-1]["step"] else None
+  if model is None:
+    return val_gain, val_regr, None, None
+  return (val_gain, val_regr, 100 * (1 - t[model]["domain/perplexity"] / t["base"]["domain/perplexity"]),
+          100 * (t[model][PPL] / t["base"][PPL] - 1))
+
+
 def report(args, records, seconds, stem) -> str:
   groups = _by_variant(records)
   r0 = records[0]
@@ -252,7 +295,9 @@ def report(args, records, seconds, stem) -> str:
       "Produced by `python experiments/continual_pretraining.py "
       f"--seeds {' '.join(map(str, args.seeds))} --pretrain_steps {args.pretrain_steps} "
       f"--adapt_steps {args.adapt_steps} --eval_every {args.eval_every}` "
-      f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU). Model: byte-level `tiny` transformer "
+      f"({seconds / 60:.0f} min of run wall time on a shared, loaded 2-core CPU). "
+      + (args.note.strip() + " " if getattr(args, "note", "") else "") +
+      "Model: byte-level `tiny` transformer "
       f"({r0['num_params']:,} params, d=128, 2 layers, 128-byte context); pre-training "
       f"{args.pretrain_steps} steps at peak LR {r0['pretrain_lr']:g} (cosine), adaptation {args.adapt_steps} steps "
       f"at peak LR {r0['adapt_lr']:g} (= {args.lr_ratio:g} x; LoRA: {args.lora_lr_ratio:g} x), 5% warmup, batch 16. "
@@ -266,7 +311,10 @@ def report(args, records, seconds, stem) -> str:
       f"{sizes['test']['cloze_items']} four-way cloze items. Intervals are 95% paired bootstraps over sequences "
       "(cl_jax.lm.monitor.paired_interval) of one run against its own base.",
       "",
-      f"Monitor (record-only here, so every arm runs all {args.adapt_steps} steps): {r0.get('monitor_rule', '')}.",
+      f"Monitor (record-only here, so every arm runs all {args.adapt_steps} steps; cl_jax.lm.monitor): a general "
+      f"metric is regressed when the lower end of its 95% paired interval on the relative regression exceeds {thr:g}% "
+      f"(such a checkpoint is never kept) and the run stops when it exceeds "
+      f"{100 * max(getattr(args, 'stop_threshold', 0.05), r0['threshold']):g}%.",
       "",
       "## Final model, both splits",
       "",
@@ -296,20 +344,24 @@ def report(args, records, seconds, stem) -> str:
     for r in rs:
       lines.append(f"| {name} | {r['seed']} | {_ci(_val_iv(r))} | {_ci(_test_iv(r))} | "
                    f"{100 * _val_iv(r)['detectable']:.2f} | {100 * _test_iv(r)['detectable']:.2f} |")
+  stop = getattr(args, "stop_threshold", 0.05)
   lines += ["", "## What the monitor keeps", "",
-            f"*kept* = the best checkpoint by validation domain perplexity among the evaluations not called regressed "
-            f"(step 0 is the base); *called* = the first step at which a general metric's interval cleared {thr:g}% "
-            "(record-only: training went on).", "",
-            "| variant | kept step (per seed) | kept test gain (%) | kept test regr. (%) | called (step: metric) |",
-            "|---|---|---|---|---|"]
+            f"Re-derived from each run's recorded validation intervals with the monitor's rule (record-only runs "
+            f"train on; this is what a run with the default hard stop keeps): *regressed* = the first step whose "
+            f"interval lies beyond {thr:g}% (never kept), *stop* = the first beyond {100 * max(stop, r0['threshold']):g}% "
+            "(the hard stop), *kept* = the best evaluation by validation domain perplexity among those not regressed "
+            "before any stop (step 0 = the base). Test numbers exist for the base and the final step.", "",
+            "| variant | seed | regressed (step: metric) | stop | kept step | kept val. gain (%) | kept val. regr. (%) "
+            "| kept test gain (%) | kept test regr. (%) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda x: "-" if x is None else f"{x:+.2f}"
   for name, rs in groups.items():
-    rows = [r["row"] for r in rs]
-    called = "; ".join("-" if not r["stopped"] else
-                       f"{r['stopped_step']}: " + ",".join(m.split("/")[1] for m in r["stopped_metrics"])
-                       for r in rows)
-    lines.append(f"| {name} | {', '.join(str(r['best_step']) for r in rows)} "
-                 f"| {mean_std([r['domain_ppl_gain_pct'] for r in rows])} "
-                 f"| {mean_std([r['general_ppl_regression_pct'] for r in rows])} | {called} |")
+    for r in rs:
+      d = replay(r, stop)
+      nums = _kept_numbers(r, d["kept"])
+      when = lambda e: "-" if e is None else f"{e[0]}: " + ",".join(m.split("/")[1] for m in e[1])
+      lines.append(f"| {name} | {r['seed']} | {when(d['first_regressed'])} | {when(d['stop'])} | {d['kept']} | "
+                   + " | ".join(fmt(x) for x in nums) + " |")
   lines += ["", f"![trade-off]({stem}_tradeoff.png)", "", f"![curves]({stem}_curves.png)", ""]
   lines += ["## Base model (test split)", "", "| seed | general ppl | general acc | cloze acc | domain ppl | domain acc |",
             "|---|---|---|---|---|---|"]
@@ -330,12 +382,12 @@ def report(args, records, seconds, stem) -> str:
       continue
     parts = [f"{e['realised']['domain']:.2f} ({e['configured_at_end']['domain']:.2f})" for e in r["realised_mixture"]]
     lines.append(f"- {r['variant']}: " + ", ".join(parts))
-  lines += ["", "## Claims (computed by the script from the numbers above)", "", *split_claims(groups, thr),
+  lines += ["", "## Claims (computed by the script from the numbers above)", "", *split_claims(groups, thr, stop),
             *claims(groups), ""]
   return "\n".join(lines)
 
 
-def split_claims(groups, thr: float) -> list[str]:
+def split_claims(groups, thr: float, stop: float = 0.05) -> list[str]:
   """Sentences on the evaluation splits and the arms, computed from the runs."""
   out = []
   runs = [r for rs in groups.values() for r in rs]
@@ -381,13 +433,17 @@ def split_claims(groups, thr: float) -> list[str]:
   least = min(groups, key=lambda n: arm_test[n])
   out.append(f"- *Least general regression* (test): {least} ({100 * arm_test[least]:+.2f}%; validation "
              f"{100 * arm_val[least]:+.2f}%).")
-  kept_adapted = [r for r in runs if r["row"]["best_step"] > 0]
+  decided = {id(r): replay(r, stop) for r in runs}
+  kept_adapted = [r for r in runs if decided[id(r)]["kept"] > 0]
   ok = [r for r in runs if 100 * _test_iv(r)["estimate"] <= thr]
-  ok_adapted = [r for r in ok if r["row"]["best_step"] > 0]
-  called = [r for r in runs if r["stopped"]]
-  out.append(f"- *The monitor*: it called a regression in {len(called)} of {len(runs)} runs and kept an adapted "
-             f"checkpoint (not the base) in {len(kept_adapted)}; of the {len(ok)} runs whose final test regression "
-             f"is within {thr:g}%, it kept an adapted model in {len(ok_adapted)}.")
+  ok_adapted = [r for r in ok if decided[id(r)]["kept"] > 0]
+  regressed = [r for r in runs if decided[id(r)]["first_regressed"]]
+  stopped = [r for r in runs if decided[id(r)]["stop"]]
+  out.append(f"- *The monitor* (rule replayed on the validation intervals): some evaluation regressed beyond {thr:g}% "
+             f"in {len(regressed)} of {len(runs)} runs, the {100 * max(stop, thr / 100):g}% stop fired in "
+             f"{len(stopped)} ({', '.join(sorted({r['variant'] for r in stopped})) or 'none'}), and an adapted "
+             f"checkpoint (not the base) is kept in {len(kept_adapted)}; of the {len(ok)} runs whose final test "
+             f"regression is within {thr:g}%, an adapted model is kept in {len(ok_adapted)}.")
   return out
 
 

@@ -190,6 +190,7 @@ def test_config_entry_point_and_errors():
   for key, value, match in (("regression.interval", "normal", "^regression.interval='normal'"),
                             ("regression.confidence", 1.0, "^regression.confidence=1.0"),
                             ("regression.keep", "last", "^regression.keep='last'"),
+                            ("regression.stop_threshold", 0.0, "^regression.stop_threshold=0.0"),
                             ("regression.bootstrap_samples", 10, "^regression.bootstrap_samples=10"),
                             ("text.general_eval_sequences", -1, "^text.general_eval_sequences=-1")):
     bad = get_config()

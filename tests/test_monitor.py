@@ -120,3 +120,28 @@ def test_scalar_metrics_fall_back_to_the_point_estimate():
     RegressionMonitor(base, confidence=1.5)
   with pytest.raises(ValueError, match="regression.bootstrap_samples"):
     RegressionMonitor(base, samples=10)
+
+
+def test_a_dip_past_the_threshold_that_recovers_is_not_kept_but_does_not_stop():
+  """The stability gap: +2.5% (significant) right after the re-warm, back to +1% later; the stop is at 5%."""
+  rng = np.random.default_rng(11)
+  m, b = _monitor(rng, stop_threshold=0.05)
+  _check(m, 0, b, b.copy(), 8.0)
+
+  def exact(r, sd=0.03):  # SE ~0.2%, as on the real 1,188-sequence validation set
+    noise = rng.normal(0.0, sd, N)
+    return b + math.log1p(r) + noise - noise.mean()
+
+  for step, r, dom in ((50, 0.025, 6.0), (100, 0.03, 5.5)):
+    v = _check(m, step, b, exact(r), dom)
+    assert v.decision == "regressed" and not v.is_best and not m.should_stop
+  v = _check(m, 150, b, exact(0.01), 5.8)
+  assert v.decision == "within" and v.is_best and m.best["step"] == 150
+  assert "Regressed beyond 2.0% at step(s) 50, 100 (not kept)" in m.describe()
+  # A real regression, +9%: its lower bound clears 5% and the run stops; step 150 stays the kept one.
+  v = _check(m, 200, b, exact(0.09), 4.0)
+  assert m.should_stop and m.stopped["step"] == 200 and m.best["step"] == 150
+  assert m.stopped["intervals"]["general/perplexity"][0] > 0.05
+  # The stop is never below the keep threshold.
+  assert RegressionMonitor({"general/perplexity": 5.0, "domain/perplexity": 8.0}, 0.1,
+                           stop_threshold=0.05).stop_threshold == 0.1

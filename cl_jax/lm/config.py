@@ -76,9 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.regression = ml_collections.ConfigDict(dict(
       threshold=0.02, eval_every=500, hard_stop=True, patience=1, select="domain/perplexity",
       eval_batch_size=64,
-      # The paired decision (cl_jax.lm.monitor): stop when the lower end of the `confidence` interval on a general
-      # metric's relative regression exceeds `threshold`; keep the best checkpoint by `keep`.
-      confidence=0.95, interval="bootstrap", bootstrap_samples=2000, keep="not_regressed"))
+      # The paired decision (cl_jax.lm.monitor): an evaluation whose `confidence` interval on a general metric's
+      # relative regression lies beyond `threshold` is never kept; beyond `stop_threshold` the run stops (a re-warmed
+      # LR makes general loss dip past 2% and recover: stopping there returned the base); `keep` picks the kept one.
+      confidence=0.95, interval="bootstrap", bootstrap_samples=2000, keep="not_regressed", stop_threshold=0.05))
   # divergence_factor > 0: stop when a loss exceeds that many times its early value (cl_jax.train.loop).
   # grad_accum: micro-batches per optimizer step (the batch is split k ways; same update, 1/k activations).
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0,
@@ -179,7 +180,7 @@ def check_config(c) -> None:
 
 
 def check_regression_keys(c) -> None:
-  """regression.confidence / interval / bootstrap_samples / keep (cl_jax.lm.monitor)."""
+  """regression.confidence / interval / bootstrap_samples / keep / stop_threshold (cl_jax.lm.monitor)."""
   from cl_jax.lm.monitor import INTERVALS, KEEP_RULES
   r = c.regression
   if not 0 < r.confidence < 1:
@@ -187,6 +188,9 @@ def check_regression_keys(c) -> None:
   if r.interval not in INTERVALS:
     raise ValueError(f"regression.interval={r.interval!r}: expected one of {INTERVALS}")
   _positive_int(c, "regression", "bootstrap_samples", 100)
+  if not 0 < r.stop_threshold < 1:
+    raise ValueError(f"regression.stop_threshold={r.stop_threshold}: must be a fraction in (0, 1) (the stop uses "
+                     "max(regression.threshold, regression.stop_threshold))")
   if r.keep not in KEEP_RULES:
     raise ValueError(f"regression.keep={r.keep!r}: expected one of {KEEP_RULES}")
 

@@ -211,7 +211,7 @@ class _MonitorHook:
     r = self.c.regression
     return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, base_items=base_items,
                              confidence=r.confidence, interval=r.interval, samples=r.bootstrap_samples,
-                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop)
+                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop, stop_threshold=r.stop_threshold)
 
   def meta(self) -> dict:
     return {"monitor": None if self.monitor is None else self.monitor.state_dict(), "mixture": self.mixture,
@@ -517,8 +517,8 @@ def write_summary(workdir: str, record: dict) -> str:
   row = record["row"]
   lines = [f"# Continual pre-training: {row['mixture']}, {row['schedule']}, {row['strategy']}",
            "", record["monitor"], "",
-           "Test split; kept = the best checkpoint inside the regression threshold "
-           f"(step {row['best_step']}), final = step {row['steps_run']}.", "",
+           "Test split; best = the kept checkpoint (the best by validation domain perplexity among the evaluations "
+           f"the monitor did not call regressed; step {row['best_step']}), final = step {row['steps_run']}.", "",
            "| model | general ppl | general acc | cloze acc | domain ppl | domain acc |",
            "|---|---|---|---|---|---|"]
   for name in ("base", "best", "final"):
