@@ -184,7 +184,8 @@ def main(argv=None):
              "workdir": workdir, "seconds": time.time() - t1,
              "fertility": {r: fertility(tok, d) for r, d in texts.items()},
              "bpb_final": bits_per_byte_of(c, final, tok, texts, mesh),
-             "monitor_stopped": record.get("stopped"), "steps_run": record.get("steps_run")}
+             "monitor_stopped": record.get("stopped"), "steps_run": record.get("steps_run"),
+             "run_seconds": record["timing"]["total_seconds"]}
       if not base_dir:
         base = boundary_params(os.path.join(workdir, "pretrain"))
         row["bpb_base"] = bits_per_byte_of(c, base, tok, texts, mesh)
@@ -217,7 +218,8 @@ def report(args, rows, speed, seconds) -> str:
       f"{' '.join(map(str, args.extend))} --pretrain_steps {args.pretrain_steps} --adapt_steps {args.adapt_steps}"
       f"{' --lr_variant' if args.lr_variant else ''}"
       f"{' --new_row_scale ' + ' '.join(f'{s:g}' for s in args.new_row_scale) if args.new_row_scale else ''}` "
-      f"({seconds / 60:.0f} min on a shared, loaded 2-core CPU machine).",
+      f"(runs {sum(r['run_seconds'] for r in rows) / 60:.0f} min, this report {seconds / 60:.0f} min, on a shared, "
+      "loaded 2-core CPU machine).",
       "",
       f"A byte-level `tiny` transformer (d=128, 2 layers, seq_len 128) pre-trained {args.pretrain_steps} steps on "
       f"general prose, then adapted {args.adapt_steps} steps (batch 16, 70/30 code/general, WSD, peak LR 3e-4) to "
