@@ -277,8 +277,8 @@ def report(args, rows, speed, seconds) -> str:
                  f"{s['fert']['domain']:.3f} tokens per byte; general text {s0['fert']['general']:.3f} -> "
                  f"{s['fert']['general']:.3f}), so one training step covers "
                  f"{s0['fert']['domain'] / s['fert']['domain']:.2f}x "
-                 f"the code bytes, and code bytes per second of training are {s['bps'] / s0['bps']:.2f}x the byte "
-                 "model's.")
+                 f"the code bytes; code bytes per second of training measured {s['bps'] / s0['bps']:.2f}x the byte "
+                 f"model's (load-noisy), {per_flop(n):.2f}x by the FLOP count.")
     for role, key in (("code", "dd"), ("general", "dg")):
       xs = s[key]
       agree = all(x < 0 for x in xs) or all(x > 0 for x in xs)
