@@ -321,9 +321,18 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
 
 # ----------------------------------------------------------------------------- the run
 
-def _pct(base: float, value: float, higher_better: bool) -> float:
-  """Improvement in percent relative to base (> 0: better)."""
+def _pct(base: float, value: float, higher_better: bool) -> float | None:
+  """Improvement in percent relative to base (> 0: better); None where the base is 0 (no relative change exists:
+  e.g. a tiny model's cloze accuracy on a small general set)."""
+  if base == 0:
+    return None
   return 100.0 * ((value - base) if higher_better else (base - value)) / base
+
+
+def _regression_pct(base: float, value: float, higher_better: bool) -> float | None:
+  """Regression in percent relative to base (> 0: worse); None where the base is 0."""
+  gain = _pct(base, value, higher_better)
+  return None if gain is None else -gain
 
 
 def table_row(record: dict) -> dict:
@@ -333,11 +342,12 @@ def table_row(record: dict) -> dict:
       "mixture": record["mixture"], "schedule": record["schedule"], "method": record["method"],
       "strategy": record["strategy"], "seed": record["seed"],
       "domain_ppl_gain_pct": _pct(base["domain/perplexity"], kept["domain/perplexity"], False),
-      "general_ppl_regression_pct": -_pct(base["general/perplexity"], kept["general/perplexity"], False),
-      "general_acc_regression_pct": -_pct(base["general/accuracy"], kept["general/accuracy"], True),
-      "cloze_regression_pct": -_pct(base["general/cloze_accuracy"], kept["general/cloze_accuracy"], True),
+      "general_ppl_regression_pct": _regression_pct(base["general/perplexity"], kept["general/perplexity"], False),
+      "general_acc_regression_pct": _regression_pct(base["general/accuracy"], kept["general/accuracy"], True),
+      "cloze_regression_pct": _regression_pct(base["general/cloze_accuracy"], kept["general/cloze_accuracy"], True),
       "final_domain_ppl_gain_pct": _pct(base["domain/perplexity"], final["domain/perplexity"], False),
-      "final_general_ppl_regression_pct": -_pct(base["general/perplexity"], final["general/perplexity"], False),
+      "final_general_ppl_regression_pct": _regression_pct(base["general/perplexity"], final["general/perplexity"],
+                                                          False),
       "stopped": record["stopped"] is not None,
       "stopped_step": None if record["stopped"] is None else record["stopped"]["step"],
       "stopped_metrics": None if record["stopped"] is None else record["stopped"]["metrics"],
