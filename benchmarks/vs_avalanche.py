@@ -550,14 +550,16 @@ def main(argv=None):
   a.notes = []
   a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
   if a.render:
-    runs, meta = {}, {}
+    runs, meta, commands = {}, {}, []
     for path in a.render.split(","):
       with open(path) as f:
         d = json.load(f)
       for s, r in d["runs"].items():
         runs[s] = r
       meta = d.get("meta", meta)
+      commands += meta.get("commands", [])
       a.notes += d.get("notes", [])
+    meta["commands"] = commands
     a.strategies = [s for s in STRATEGIES if s in runs]
     a.peak = measure_peak()
     a.notes.append("Written by `--render` from the per-strategy runs' JSON: "
