@@ -105,7 +105,6 @@ def worker_cl_jax(a) -> dict:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ["CL_JAX_COMPILATION_CACHE"] = a.cache_dir
   t_imp, c_imp = time.perf_counter(), time.process_time()
-  sys.path.insert(0, ROOT)
   import cl_jax
   from configs.split_mnist import get_config
   imports = (time.perf_counter() - t_imp, time.process_time() - c_imp)
