@@ -102,17 +102,11 @@ def to_layout(params: Mapping, scan_layers: bool) -> dict:
 
 
 def _keys(path) -> tuple[str, ...]:
+  """A '/'-joined path string or a JAX key path, as its tuple of key names."""
   if isinstance(path, str):
     return tuple(path.split("/"))
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
+  from cl_jax.merging import path_str  # merging imports this module: import at call time
+  return tuple(path_str(path).split("/"))
 
 
 def split_layer(path):
