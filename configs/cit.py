@@ -6,6 +6,7 @@
   python run.py --config configs/cit.py:prompts=tag,tasks=all --workdir runs/cit_tags
   python run.py --config configs/cit.py:strategy=distill --workdir runs/cit_distill
   python run.py --config configs/cit.py:strategy=olora --config.optim.lr=3e-3 --workdir runs/cit_olora
+  python run.py --config configs/cit.py:strategy=lora_per_task --workdir runs/cit_lora_per_set
   python run.py --config configs/cit.py:tasks=two,steps=30 --config.cit.eval_examples=8 --workdir runs/cit_quick
   python run.py --config configs/cit.py --config.cit.tasks=signature,name,refusal+benign --workdir runs/cit_order
 
@@ -13,7 +14,8 @@ arg: comma-separated `key=value` among
   strategy  a '+' chain of: naive | replay (mix `replay.fraction` of earlier sets' rows into every batch) |
             distill (token-level KL to the model after the previous set; `distill.*`) | lwf (the same) |
             lora (one adapter on the frozen base; `lora.*`) | olora (O-LoRA: one adapter slot per set, earlier
-            slots frozen, orthogonality penalty; `olora.*`)
+            slots frozen, orthogonality penalty; `olora.*`) | lora_per_task (one adapter per set trained alone;
+            at evaluation a router on the prompt picks the adapter among the sets trained so far)
   replay    replay.fraction, e.g. 0.05 (practice: 0.05 to 0.10); used when strategy has `replay`
   prompts   off | system (per-set system prompt) | tag (per-set task tag as the system turn): sft.task_prompt
   tasks     default (name, signature, module_qa, refusal+benign) | two (name, refusal+benign) |

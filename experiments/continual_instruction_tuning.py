@@ -7,7 +7,8 @@
 Every run goes through `cl_jax.run` with `configs/cit.py`: a byte-level `tiny` transformer (from scratch) trained
 on the sets one after another (default order: name, signature, module_qa, refusal+benign), evaluated after every
 task by greedy decoding; the accuracy-matrix entry is the exact-match rate of a task's sets.
-Variants: replay.fraction in {0, 0.05, 0.10, 0.20} x sft.task_prompt in {off, system}.
+Variants: replay.fraction in {0, 0.05, 0.10, 0.20} x sft.task_prompt in {off, system}; and on the frozen base with
+prompts off: `lora_per_set` (one LoRA adapter per set, a prompt router picks one at inference) and `olora` (O-LoRA).
 
 The two claims tested (issue 10):
   1. mixing 5-10% of earlier instruction data into each new set cuts forgetting: BWT of replay 5% / 10% vs 0%;
@@ -32,12 +33,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {f"replay{int(round(100 * f))}_{p}": dict(fraction=f, prompts=p)
             for p in ("off", "system") for f in (0.0, 0.05, 0.10, 0.20)}
+# Adapter methods on the frozen base (prompts off, no replay): one LoRA per set with a prompt router, and O-LoRA.
+VARIANTS.update({"lora_per_set": dict(fraction=0.0, prompts="off", strategy="lora_per_task"),
+                 "olora": dict(fraction=0.0, prompts="off", strategy="olora")})
 
 
 def variant_config(name: str, seed: int, steps: int, tasks: str, eval_examples: int):
   from configs.cit import get_config
   v = VARIANTS[name]
-  strategy = "replay" if v["fraction"] > 0 else "naive"
+  strategy = v.get("strategy") or ("replay" if v["fraction"] > 0 else "naive")
   c = get_config(f"strategy={strategy},replay={v['fraction'] or 0.05},prompts={v['prompts']},steps={steps}")
   c.cit.tasks = tasks
   c.cit.eval_examples = eval_examples

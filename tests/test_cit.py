@@ -92,6 +92,7 @@ def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
     ("sft.task_prompt", "yes", "sft.task_prompt='yes'"),
     ("replay.fraction", 1.5, "replay.fraction=1.5"),
     ("cit.eval_split", "train", "cit.eval_split='train'"),
+    ("strategy", "lora+lora_per_task", "lora and lora_per_task each change the model"),
 ])
 def test_config_errors_name_the_key(key, value, message):
   from cl_jax.config import validate
@@ -201,3 +202,77 @@ def test_adapters_are_folded_for_decoding(data):
   folded = model.apply(cit.decoding_params(lp, c), x)
   assert float(jnp.abs(adapted - model.apply(params, x)).max()) > 1e-3  # the adapters matter
   np.testing.assert_allclose(np.asarray(folded), np.asarray(adapted), atol=2e-4, rtol=2e-4)
+
+
+def test_lora_per_task_trains_and_applies_only_the_current_slot(data):
+  """While task t trains, the model is the base plus slot t alone: the loss equals the plain model with slot t
+  folded in, even with the other slots far from zero, and gradients reach slot t only."""
+  from cl_jax import sharding
+  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.lm.sft import packed_apply, sft_batch
+  from cl_jax.models import lora
+  from cl_jax.strategies import Learner, LossContext, TaskInfo, build_strategy
+  from cl_jax.strategies.lora_per_task import slot_params
+  c = tiny_cit_config(strategy="lora_per_task", kind="cit")
+  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
+  strategy = build_strategy("lora_per_task", c, None)
+  apply, lp, _ = strategy.prepare(model, params, TaskInfo(3, 259, (255,)), jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
+  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape),
+                                                     lp["adapters"])}
+  batch = sft_batch({k: v[:2] for k, v in data.rows[1].items()}, 1)
+  loss_of = lambda apply_fn: next_token_loss(Learner(apply_fn, lambda task, index: None))
+  wrapped = strategy.loss(loss_of(apply))
+  ctx = LossContext(task_index=jnp.int32(1), strategy_state=None, rng=jax.random.PRNGKey(0))
+  (value, _), grads = jax.value_and_grad(wrapped, has_aux=True)(lp, batch, ctx)
+  spec = lora.spec_from_config(c.lora)
+  alone, _ = loss_of(packed_apply(model))(slot_params(lp, 1, spec), batch, ctx)
+  summed, _ = loss_of(apply)(lp, batch, ctx)
+  np.testing.assert_allclose(float(value), float(alone), rtol=1e-5)
+  assert abs(float(summed) - float(alone)) > 1e-3  # the other slots would have changed the loss
+  norm = lambda tree: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
+  assert norm(grads["base"]) == 0.0
+  assert norm(grads["adapters"]["task_0"]) == 0.0 and norm(grads["adapters"]["task_2"]) == 0.0
+  assert norm(grads["adapters"]["task_1"]) > 0.0
+
+
+def test_router_sends_prompts_to_their_own_sets_adapter(data):
+  """Prompt prototypes route every set to its own task once that task is trained (the sets differ in wording and
+  format); before, only trained tasks are chosen; the routed decoding equals decoding with that task's adapter."""
+  from cl_jax import sharding
+  from cl_jax.models import lora
+  from cl_jax.strategies import TaskInfo, build_strategy
+  from cl_jax.strategies.lora_per_task import slot_params
+  routes = cit.route_prompts(data, 2)
+  task_of = {s: t for t, task in enumerate(data.tasks) for s in task}
+  for s, r in routes.items():
+    assert np.mean(r == task_of[s]) >= 0.75, (s, r)
+  assert all(set(np.unique(r)) <= {0} for r in cit.route_prompts(data, 0).values())
+  assert all(set(np.unique(r)) <= {0, 1} for r in cit.route_prompts(data, 1).values())
+  c = tiny_cit_config(strategy="lora_per_task", kind="cit")
+  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
+  _, lp, _ = build_strategy("lora_per_task", c, None).prepare(model, params, TaskInfo(3, 259, (255,)),
+                                                              jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
+  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.5 * jax.random.normal(next(keys), a.shape),
+                                                     lp["adapters"])}
+  spec = lora.spec_from_config(c.lora)
+  _, routed, acc = cit.evaluate_routed(model, lp, data, 2, spec, 8)
+  for t in range(3):
+    _, direct = cit.evaluate_sets(model, slot_params(lp, t, spec), data, 8)
+    for s in data.tasks[t]:
+      hits = routes[s] == t
+      assert [o for o, h in zip(routed[s], hits) if h] == [o for o, h in zip(direct[s], hits) if h]
+      assert acc[s] == float(np.mean(hits))
+  _, direct0 = cit.evaluate_sets(model, slot_params(lp, 0, spec), data, 8)
+  _, direct1 = cit.evaluate_sets(model, slot_params(lp, 1, spec), data, 8)
+  assert direct0["name"] != direct1["name"]  # the adapters decode differently, so the routing is visible
+
+
+def test_lora_per_task_is_refused_where_nothing_routes():
+  from cl_jax.config import base_config, validate
+  from cl_jax.errors import ConfigError
+  c = base_config()
+  c.strategy = "lora_per_task"
+  with pytest.raises(ConfigError, match="lora_per_task.*kind='classic'"):
+    validate(c)

@@ -24,7 +24,10 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
 Strategies (`strategy`, a '+' chain): `naive`; `replay` (the data-side mix above, `replay.fraction`); `distill` /
 `lwf` (the registry's distillation on the packed logits, teacher = the params after the previous task); `lora` (one
 adapter on the frozen base through all sets, `lora.*`); `olora` (O-LoRA: one adapter slot per set, earlier slots
-frozen, orthogonality penalty; `olora.*`, `lora.*`). Adapters are folded into the base for decoding. Per-set
+frozen, orthogonality penalty; `olora.*`, `lora.*`) -- for both, adapters are folded into the base for decoding;
+`lora_per_task` (one adapter per set trained alone on the frozen base; at evaluation every prompt is decoded with
+the adapter of the task a router picks, `route_prompts`: nearest set prototype of hashed token n-gram features of
+the prompt, among the tasks trained so far; routing accuracy is reported with the scores). Per-set
 system prompts or task tags are a data choice, `sft.task_prompt` = 'off' | 'system' | 'tag', combinable with any
 strategy.
 
@@ -45,7 +48,8 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import instructions as ins
 
-CIT_STRATEGIES = ("naive", "replay", "distill", "lwf", "lora", "olora")
+CIT_STRATEGIES = ("naive", "replay", "distill", "lwf", "lora", "olora", "lora_per_task")
+ADAPTER_STRATEGIES = ("lora", "olora", "lora_per_task")  # each changes the model; a chain holds at most one
 METRICS = ("exact_match", "format")
 
 
@@ -152,8 +156,9 @@ def check_config(c) -> None:
   if c.cit.batch_size % (data * fsdp):
     raise ValueError(f"cit.batch_size={c.cit.batch_size}: not divisible by the {data * fsdp} devices of the mesh "
                      f"(mesh.data={data}, mesh.fsdp={fsdp})")
-  if "lora" in names and "olora" in names:
-    raise ValueError(f"strategy={c.strategy!r}: lora and olora both change the model; choose one")
+  adapters = [n for n in names if n in ADAPTER_STRATEGIES]
+  if len(adapters) > 1:
+    raise ValueError(f"strategy={c.strategy!r}: {' and '.join(adapters)} each change the model; choose one")
   for name in names:
     if name not in ("naive", "replay") and REGISTRY[name].check_config is not None:
       REGISTRY[name].check_config(c)
@@ -171,6 +176,8 @@ class CITData(NamedTuple):
   eval_prompts: dict     # set -> (tokens int32 [n, P] left-padded, valid int32 [n, P])
   eval_targets: dict     # set -> [target str]
   end_text: str          # the template's end-of-turn text after an answer ('' for the plain template)
+  route_train: list      # per task: (prompt features [N, D], set index within the task [N]) for the router
+  route_eval: dict       # set -> prompt features [n, D] of its evaluation prompts
 
 
 def _end_text(template, tokenizer) -> str:
@@ -202,9 +209,16 @@ def load_data(c) -> CITData:
   sets = ins.load_sets(flat, c.cit.data_dir)
   tok, template = load_tokenizer_and_template(c)
   seq_len, prompt_mode = int(c.sft.seq_len), c.sft.task_prompt
-  rows, stats = [], []
+  rows, stats, route_train = [], [], []
   for t, task in enumerate(tasks):
     examples = [e for s in task for e in ins.split_of(sets[s], "train")]
+    # Router statistics: the prompts (no answers) of up to ROUTE_EXAMPLES training examples per set.
+    feats, labels = [], []
+    for j, s_ in enumerate(task):
+      for e in ins.split_of(sets[s_], "train")[:ROUTE_EXAMPLES]:
+        feats.append(prompt_features(encode_prompt(ins.conversation(e, prompt_mode, answer=False), tok, template)))
+        labels.append(j)
+    route_train.append((np.stack(feats), np.asarray(labels, np.int32)))
     order = np.random.default_rng([c.seed, 17, t]).permutation(len(examples))
     encoded = [encode_chat(ins.conversation(examples[i], prompt_mode), tok, template) for i in order]
     r, st = sft.pack(encoded, seq_len, tok.pad_id)
@@ -225,8 +239,26 @@ def load_data(c) -> CITData:
       toks[i, width - len(p):] = p
       valid[i, width - len(p):] = 1
     padded[s] = (toks, valid)
+  route_eval = {s: np.stack([prompt_features(p) for p in ps]) for s, ps in prompts.items()}
   return CITData(tok, template, tasks, ["+".join(t) for t in tasks], rows, stats, padded, targets,
-                 _end_text(template, tok))
+                 _end_text(template, tok), route_train, route_eval)
+
+
+ROUTE_EXAMPLES = 256   # training prompts per set behind the router's prototypes
+ROUTE_DIM = 256        # hashed feature buckets
+
+
+def prompt_features(ids, dim: int = ROUTE_DIM) -> np.ndarray:
+  """A prompt's routing feature: counts of its token unigrams and bigrams hashed into `dim` buckets, log1p, unit
+  L2 norm (float64 [dim]). Model-free, so routing does not depend on the adapter being chosen, and it works for
+  any tokenizer (the byte model's ids are bytes)."""
+  ids = np.asarray(ids, np.int64)
+  v = np.zeros(dim, np.float64)
+  np.add.at(v, (ids * 2654435761) % dim, 1.0)
+  if len(ids) > 1:
+    np.add.at(v, (ids[:-1] * 40503 + ids[1:] * 2246822519 + 7) % dim, 1.0)
+  v = np.log1p(v)
+  return v / max(np.linalg.norm(v), 1e-12)
 
 
 class ReplaySource:
@@ -311,6 +343,41 @@ def evaluate_sets(model, params, data: CITData, max_new_tokens: int, mesh=None) 
     scores[s] = ins.score_outputs(s, texts, data.eval_targets[s])
     outputs[s] = texts
   return scores, outputs
+
+
+def route_prompts(data: CITData, seen: int) -> dict:
+  """{set: int32 [n] the task whose adapter each evaluation prompt is sent to}: nearest prototype (Mahalanobis,
+  tied shrunk covariance; `cl_jax.routing`) among the prompt features of tasks 0..seen -- one prototype per set,
+  from that set's training prompts, so only tasks trained so far can be chosen and no earlier data is kept."""
+  from cl_jax import routing
+  protos = routing.fit_prototypes([f for f, _ in data.route_train[:seen + 1]],
+                                  [y for _, y in data.route_train[:seen + 1]])
+  return {s: np.asarray(routing.route_prototypes(protos, jnp.asarray(f, jnp.float32)))
+          for s, f in data.route_eval.items()}
+
+
+def evaluate_routed(model, params, data: CITData, seen: int, spec, max_new_tokens: int) -> tuple[dict, dict, dict]:
+  """`evaluate_sets` for per-task adapters (`lora_per_task`): every prompt decoded by the base plus the adapter
+  its route names (`route_prompts`). Returns (scores, outputs, routing) with routing = {set: share of its
+  prompts sent to its own task's adapter}."""
+  from cl_jax.strategies.lora_per_task import slot_params
+  routes = route_prompts(data, seen)
+  task_of = {s: t for t, task in enumerate(data.tasks) for s in task}
+  merged: dict = {}  # task -> plain params with its adapter folded in, built once per evaluation
+  scores, outputs, routing = {}, {}, {}
+  for s, (toks, valid) in data.eval_prompts.items():
+    texts = [""] * len(toks)
+    for k in np.unique(routes[s]):  # decode the whole set once per chosen adapter: one compiled shape
+      if int(k) not in merged:
+        merged[int(k)] = slot_params(params, int(k), spec)
+      out = np.asarray(greedy_decode(model, merged[int(k)], jnp.asarray(toks), jnp.asarray(valid),
+                                     max_new_tokens=int(max_new_tokens), eos_id=int(data.tokenizer.eos_id)))
+      for i in np.nonzero(routes[s] == k)[0]:
+        texts[i] = decode_text(data.tokenizer, out[i], data.end_text)
+    scores[s] = ins.score_outputs(s, texts, data.eval_targets[s])
+    outputs[s] = texts
+    routing[s] = float(np.mean(routes[s] == task_of[s])) if task_of[s] <= seen else None
+  return scores, outputs, routing
 
 
 def task_scores(data: CITData, scores: dict, metric: str = "exact_match") -> list[float]:
@@ -434,10 +501,18 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
 
   def evaluate(state, t):
-    del t
-    scores, outputs = evaluate_sets(model, decoding_params(state.params, c), data, int(c.cit.max_new_tokens), mesh)
+    routing = None
+    if "lora_per_task" in names:  # each prompt to its routed task's adapter, among the tasks trained so far
+      from cl_jax.models import lora
+      scores, outputs, routing = evaluate_routed(model, jax.device_get(state.params), data, t,
+                                                 lora.spec_from_config(c.lora), int(c.cit.max_new_tokens))
+    else:
+      scores, outputs = evaluate_sets(model, decoding_params(state.params, c), data, int(c.cit.max_new_tokens),
+                                      mesh)
     fields = {"accuracy": task_scores(data, scores, c.cit.metric), "sets": scores,
               "examples": {s: outputs[s][:2] for s in outputs}}
+    if routing is not None:
+      fields["routing_accuracy"] = routing
     if "refusal" in scores:
       fields["refusal_rate"] = scores["refusal"]["refusal_rate"]
     if "benign" in scores:
@@ -476,6 +551,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
         "strategy": c.strategy, "task_prompt": c.sft.task_prompt, "replay_fraction": fraction, "seed": c.seed,
         "steps_per_task": steps, "final_sets": final["sets"], "set_history": set_history,
         "refusal_rate": final.get("refusal_rate"), "over_refusal_rate": final.get("over_refusal_rate"),
+        "routing_accuracy": final.get("routing_accuracy"),
         "format_compliance": {s: v["format"] for s, v in final["sets"].items()},
         "replay_share": final.get("replay_share"),
         "packing": [st._asdict() for st in data.pack_stats],
@@ -501,7 +577,7 @@ def strategy_record_cit(c, names) -> dict:
     used["replay"] = c.replay.to_dict()
   if {"distill", "lwf"} & set(names):
     used["distill"] = c.distill.to_dict()
-  if {"lora", "olora"} & set(names):
+  if set(ADAPTER_STRATEGIES) & set(names):
     used["lora"] = c.lora.to_dict()
   if "olora" in names:
     used["olora"] = c.olora.to_dict()
@@ -517,6 +593,9 @@ def summary_markdown(results) -> str:
            f"{results.forgetting:.3f}.", "", "| set | exact match | format | refusal rate |", "|---|---|---|---|"]
   for s, v in e["final_sets"].items():
     lines.append(f"| {s} | {v['exact_match']:.3f} | {v['format']:.3f} | {v['refusal_rate']:.3f} |")
+  if e.get("routing_accuracy"):
+    lines += ["", "Routing accuracy (share of each set's prompts sent to its own task's adapter): " + ", ".join(
+        f"{s} {v:.3f}" for s, v in e["routing_accuracy"].items() if v is not None) + "."]
   if e.get("replay_share"):
     lines += ["", f"Realised replay share: {e['replay_share']['rows']:.4f} of rows, "
                   f"{e['replay_share']['examples']:.4f} of examples (configured {e['replay_fraction']})."]
@@ -524,4 +603,5 @@ def summary_markdown(results) -> str:
 
 
 __all__ = ["run", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
-           "greedy_decode", "decode_text", "evaluate_sets", "task_scores", "CIT_STRATEGIES"]
+           "greedy_decode", "decode_text", "evaluate_sets", "evaluate_routed", "route_prompts", "prompt_features",
+           "task_scores", "CIT_STRATEGIES"]

@@ -67,6 +67,8 @@ REGISTRY: dict[str, StrategyEntry] = {
 from cl_jax.strategies import generative_replay as _generative_replay, lora as _lora  # noqa: E402
 from cl_jax.strategies import progressive as _progressive  # noqa: E402
 REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",))
+from cl_jax.strategies import lora_per_task as _lora_per_task  # noqa: E402
+REGISTRY["lora_per_task"] = entry_from_builder(_lora_per_task.lora_per_task)
 REGISTRY["progressive"] = StrategyEntry(_progressive.progressive, {"progressive": _progressive.default_config},
                                         _progressive.check_config, ("progressive", "model"))
 REGISTRY["generative_replay"] = StrategyEntry(
