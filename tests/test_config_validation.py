@@ -122,6 +122,7 @@ def test_every_registered_strategy_keeps_the_contract():
   import ml_collections
   from cl_jax.config import base_config
   from cl_jax.lm import default_config as lm_default_config
+  from cl_jax.lm.cit import default_config as cit_default_config
   from cl_jax.strategies import REGISTRY, StrategyEntry
   base = base_config()
   for name, entry in REGISTRY.items():
@@ -133,7 +134,7 @@ def test_every_registered_strategy_keeps_the_contract():
       assert isinstance(default(), ml_collections.ConfigDict), (name, section)
     if entry.check_config is not None:   # the defaults are valid for a kind the strategy runs on
       errors = []
-      for config in (base_config(), lm_default_config()):
+      for config in (base_config(), lm_default_config(), cit_default_config()):
         if all(s in config for s in entry.config_sections):
           config.strategy = name
           try:
