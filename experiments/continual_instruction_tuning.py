@@ -126,10 +126,23 @@ def main(argv=None):
       rows[(name, seed)] = {"variant": name, "seed": seed, "acc": r.acc, "bwt": r.bwt, "forgetting": r.forgetting,
                             "matrix": r.accuracy_matrix.tolist(), "refusal_rate": e.get("refusal_rate"),
                             "over_refusal_rate": e.get("over_refusal_rate"), "format": e["format_compliance"],
-                            "replay_share": e.get("replay_share"), "seconds": e["timing"]["total_seconds"]}
+                            "replay_share": e.get("replay_share"), "seconds": e["timing"]["total_seconds"],
+                            "routing_accuracy": e.get("routing_accuracy")}
       print(f"{name} seed {seed}: ACC {r.acc:.3f} BWT {r.bwt:+.3f} ({time.time() - t0:.0f}s)", flush=True)
       write(a, rows, quiet=True)  # the table so far, after every run
   write(a, rows)
+
+
+def claim_pair(label: str) -> tuple[str, str]:
+  """(variant, baseline) behind a claim's label (the labels `write` builds)."""
+  import re
+  if label.startswith("replay"):
+    f, pr = re.match(r"replay (\d+)% vs 0% \(prompts (\w+)\)", label).groups()
+    return f"replay{f}_{pr}", f"replay0_{pr}"
+  if label.startswith("system prompts"):
+    f = re.match(r"system prompts vs none \(replay (\d+)%\)", label).group(1)
+    return f"replay{f}_system", f"replay{f}_off"
+  return ("lora_per_set" if label.startswith("LoRA per set") else "olora"), "replay0_off"
 
 
 def write(a, rows: dict, quiet: bool = False) -> None:
@@ -144,17 +157,20 @@ def write(a, rows: dict, quiet: bool = False) -> None:
            f"{a.eval_examples} test examples per set. "
            "Mean and 95% t-interval over seeds.", "",
            "| variant | seeds | ACC | BWT | forgetting | refusal (refusal set) | over-refusal (benign) | "
-           "final format compliance per set | realised replay |", "|---|---|---|---|---|---|---|---|---|"]
+           "final format compliance per set | realised replay | routing accuracy |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name in a.variants:
     if not by(name, "acc"):
       continue
     share = [x["rows"] for x in by(name, "replay_share") if x]
     formats = by(name, "format")
     per_set = " / ".join(f"{k} {np.mean([f[k] for f in formats]):.2f}" for k in formats[0])
+    # routing: per run, the share of all evaluated prompts sent to their own set's adapter (mean over sets)
+    routed = [np.mean([v for v in x.values() if v is not None]) for x in by(name, "routing_accuracy") if x]
     lines.append(f"| {name} | {len(by(name, 'acc'))} | {fmt(by(name, 'acc'))} | {fmt(by(name, 'bwt'), True)} | "
                  f"{fmt(by(name, 'forgetting'))} | {fmt([v for v in by(name, 'refusal_rate') if v is not None])} | "
                  f"{fmt([v for v in by(name, 'over_refusal_rate') if v is not None])} | {per_set} | "
-                 f"{np.mean(share) if share else 0:.4f} |")
+                 f"{np.mean(share) if share else 0:.4f} | {fmt(routed) if routed else '—'} |")
   lines += ["", "## The claims, from paired per-seed differences in BWT (higher BWT = less forgetting)", ""]
   claims = {}
   for f in ("5", "10"):
@@ -170,8 +186,20 @@ def write(a, rows: dict, quiet: bool = False) -> None:
       d = [rows[(on, s)]["bwt"] - rows[(off, s)]["bwt"] for s in seeds if (on, s) in rows and (off, s) in rows]
       if d:
         claims[f"system prompts vs none (replay {f}%)"] = (d, verdict(d))
-  lines += ["| comparison | ΔBWT | verdict |", "|---|---|---|"]
-  lines += [f"| {k} | {fmt(d, True)} ({len(d)} seeds) | {v} |" for k, (d, v) in claims.items()]
+  for var, label in (("lora_per_set", "LoRA per set (routed) vs full fine-tuning"),
+                     ("olora", "O-LoRA vs full fine-tuning")):
+    if var in a.variants and "replay0_off" in a.variants:
+      d = [rows[(var, s)]["bwt"] - rows[("replay0_off", s)]["bwt"] for s in seeds
+           if (var, s) in rows and ("replay0_off", s) in rows]
+      if d:
+        claims[f"{label} (replay 0%, prompts off)"] = (d, verdict(d))
+  # ΔACC beside ΔBWT: less forgetting bought with less learning shows as a flat or negative ΔACC.
+  def acc_diff(k):
+    var, base = claim_pair(k)
+    return [rows[(var, s)]["acc"] - rows[(base, s)]["acc"] for s in seeds if (var, s) in rows and (base, s) in rows]
+  lines += ["| comparison | ΔBWT | verdict | ΔACC |", "|---|---|---|---|"]
+  lines += [f"| {k} | {fmt(d, True)} ({len(d)} seeds) | {v} | {fmt(acc_diff(k), True)} |"
+            for k, (d, v) in claims.items()]
   lines += ["", "## Reading the numbers", "",
             "- Entries are rates in [0, 1] over the evaluated test examples of each set; ACC / BWT / forgetting come "
             "from the accuracy matrix (cl_jax.eval.metrics), whose entries are the chosen metric per task.",

@@ -185,18 +185,25 @@ def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypa
   np.testing.assert_allclose([v for _, v in loss(resumed)], [v for _, v in loss(whole)], rtol=1e-5)
 
 
+def with_random_adapters(strategy_name: str, data, num_tasks: int, scale: float, seed: int = 2):
+  """(config, model, base params, adapted apply, LoRA params whose every adapter is random at `scale`): adapters
+  far from their identity start, so a wrong fold, mask or route shows in the numbers."""
+  from cl_jax import sharding
+  from cl_jax.strategies import TaskInfo, build_strategy
+  c = tiny_cit_config(strategy=strategy_name)
+  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
+  strategy = build_strategy(strategy_name, c, None)
+  apply, lp, _ = strategy.prepare(model, params, TaskInfo(num_tasks, 259, (255,)), jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 1000))
+  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: scale * jax.random.normal(next(keys), a.shape),
+                                                     lp["adapters"])}
+  return c, model, params, apply, lp, strategy
+
+
 def test_adapters_are_folded_for_decoding(data):
   """decoding_params(base + O-LoRA slots) gives the logits of the adapted model (the sum of all slots)."""
-  from cl_jax import sharding
   from cl_jax.lm.sft import sft_batch
-  from cl_jax.strategies import TaskInfo, build_strategy
-  c = tiny_cit_config(strategy="olora")
-  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
-  strategy = build_strategy("olora", c, None)
-  apply, lp, _ = strategy.prepare(model, params, TaskInfo(2, 259, (255,)), jax.random.PRNGKey(1))
-  keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
-  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape),
-                                                     lp["adapters"])}
+  c, model, params, apply, lp, _ = with_random_adapters("olora", data, 2, 0.3)
   x = jnp.asarray(sft_batch({k: v[:2] for k, v in data.rows[0].items()})["x"])
   adapted = apply(lp, x)
   folded = model.apply(cit.decoding_params(lp, c), x)
@@ -207,19 +214,12 @@ def test_adapters_are_folded_for_decoding(data):
 def test_lora_per_task_trains_and_applies_only_the_current_slot(data):
   """While task t trains, the model is the base plus slot t alone: the loss equals the plain model with slot t
   folded in, even with the other slots far from zero, and gradients reach slot t only."""
-  from cl_jax import sharding
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.lm.sft import packed_apply, sft_batch
   from cl_jax.models import lora
-  from cl_jax.strategies import Learner, LossContext, TaskInfo, build_strategy
+  from cl_jax.strategies import Learner, LossContext
   from cl_jax.strategies.lora_per_task import slot_params
-  c = tiny_cit_config(strategy="lora_per_task", kind="cit")
-  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
-  strategy = build_strategy("lora_per_task", c, None)
-  apply, lp, _ = strategy.prepare(model, params, TaskInfo(3, 259, (255,)), jax.random.PRNGKey(1))
-  keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
-  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape),
-                                                     lp["adapters"])}
+  c, model, _, apply, lp, strategy = with_random_adapters("lora_per_task", data, 3, 0.3)
   batch = sft_batch({k: v[:2] for k, v in data.rows[1].items()}, 1)
   loss_of = lambda apply_fn: next_token_loss(Learner(apply_fn, lambda task, index: None))
   wrapped = strategy.loss(loss_of(apply))
@@ -239,9 +239,7 @@ def test_lora_per_task_trains_and_applies_only_the_current_slot(data):
 def test_router_sends_prompts_to_their_own_sets_adapter(data):
   """Prompt prototypes route every set to its own task once that task is trained (the sets differ in wording and
   format); before, only trained tasks are chosen; the routed decoding equals decoding with that task's adapter."""
-  from cl_jax import sharding
   from cl_jax.models import lora
-  from cl_jax.strategies import TaskInfo, build_strategy
   from cl_jax.strategies.lora_per_task import slot_params
   routes = cit.route_prompts(data, 2)
   task_of = {s: t for t, task in enumerate(data.tasks) for s in task}
@@ -249,13 +247,7 @@ def test_router_sends_prompts_to_their_own_sets_adapter(data):
     assert np.mean(r == task_of[s]) >= 0.75, (s, r)
   assert all(set(np.unique(r)) <= {0} for r in cit.route_prompts(data, 0).values())
   assert all(set(np.unique(r)) <= {0, 1} for r in cit.route_prompts(data, 1).values())
-  c = tiny_cit_config(strategy="lora_per_task", kind="cit")
-  model, params = cit.build_model(c, data, sharding.make_mesh(-1, 1))
-  _, lp, _ = build_strategy("lora_per_task", c, None).prepare(model, params, TaskInfo(3, 259, (255,)),
-                                                              jax.random.PRNGKey(1))
-  keys = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
-  lp = {"base": lp["base"], "adapters": jax.tree.map(lambda a: 0.5 * jax.random.normal(next(keys), a.shape),
-                                                     lp["adapters"])}
+  c, model, _, _, lp, _ = with_random_adapters("lora_per_task", data, 3, 0.5, seed=3)
   spec = lora.spec_from_config(c.lora)
   _, routed, acc = cit.evaluate_routed(model, lp, data, 2, spec, 8)
   for t in range(3):
