@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
       first_task_identity=False, angles=[], max_angle=180.0, train_sizes=[], seed=0))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=[400, 400], channels=[32, 64], cnn_hidden=128,
-                                           multi_head=True, init_from=""))
+                                           multi_head=True, init_from="", init="lecun"))
+  # model.init (mlp): 'lecun' (Flax's default) or 'torch' (PyTorch nn.Linear's default), see models/mlp.py.
   # model.init_from: start from another run's params instead of a random init: "RUN_DIR:task=K" (the task-boundary
   # checkpoint after task K), "RUN_DIR" (its last one) or a params directory (cl_jax.checkpoint.save_params).
   c.optim = ml_collections.ConfigDict(dict(
@@ -282,6 +283,9 @@ def _check_classic(c) -> None:
   scenarios.check_validation(c.data.validation_fraction, c.eval.split)
   if c.model.name not in ("mlp", "cnn"):
     raise ConfigError(f"model.name={c.model.name!r}: expected 'mlp' or 'cnn'")
+  from cl_jax.models.mlp import INITS
+  if c.model.get("init", "lecun") not in INITS or (c.model.get("init", "lecun") != "lecun" and c.model.name != "mlp"):
+    raise ConfigError(f"model.init={c.model.get('init')!r}: expected one of {INITS} ('torch' for model.name='mlp')")
   if c.model.get("init_from", ""):
     from cl_jax.merge_run import resolve
     try:

@@ -196,3 +196,30 @@ def test_chunk_divergence_check_agrees_with_step_by_step():
     assert ok == passed, (losses, finite)
     if ok:
       assert chunk.state() == steps.state()
+
+
+def test_torch_init_matches_pytorch_linear_defaults():
+  """model.init='torch': kernel and bias uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear), so std 1/sqrt(3 fan_in);
+  the default stays Flax's (kernel std 1/sqrt(fan_in), bias 0); other values are refused before any work."""
+  from cl_jax.config import base_config, validate
+  from cl_jax.errors import ConfigError
+  from cl_jax.models import build_model
+  c = base_config()
+  c.model.hidden = [300]
+  stats = {}
+  for init in ("lecun", "torch"):
+    c.model.init = init
+    validate(c)
+    _, p = build_model(c.model, (28, 28), 10, 1, 0)
+    stats[init] = {k: (np.asarray(p[k]["kernel"]), np.asarray(p[k]["bias"])) for k in ("dense_0", "head")}
+  for layer, fan_in in (("dense_0", 784), ("head", 300)):
+    k, b = stats["torch"][layer]
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(k).max() <= bound and np.abs(b).max() <= bound and np.abs(b).max() > 0.9 * bound
+    np.testing.assert_allclose(k.std(), bound / np.sqrt(3), rtol=0.05)
+    k, b = stats["lecun"][layer]
+    np.testing.assert_allclose(k.std(), 1 / np.sqrt(fan_in), rtol=0.05)
+    assert not b.any()
+  c.model.init = "kaiming"
+  with pytest.raises(ConfigError, match="model.init='kaiming'"):
+    validate(c)

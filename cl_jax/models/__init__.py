@@ -55,7 +55,7 @@ def model_initializer(model_config, input_shape, num_outputs: int, num_heads: in
     rngs = nnx.Rngs(jax.random.key(seed))  # what nnx.Rngs(int) does, and traceable
     if model_config.name == "mlp":
       return MLP(int(np.prod(input_shape)), tuple(model_config.hidden), num_outputs, num_heads=num_heads,
-                 rngs=rngs)
+                 init=model_config.get("init", "lecun"), rngs=rngs)
     if model_config.name == "cnn":
       return CNN(input_shape, tuple(model_config.channels), int(model_config.cnn_hidden), num_outputs,
                  num_heads=num_heads, rngs=rngs)

@@ -7,6 +7,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+INITS = ("lecun", "torch")
+
+
+def linear(fan_in: int, fan_out: int, init: str, rngs: nnx.Rngs) -> nnx.Linear:
+  """A dense layer with Flax's default init ('lecun': kernel N(0, 1/fan_in) truncated, bias 0) or PyTorch's
+  `nn.Linear` default ('torch': kernel and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. kaiming_uniform with
+  a = sqrt(5)), for reproducing results of PyTorch code, whose forgetting can depend on the init scale."""
+  if init == "lecun":
+    return nnx.Linear(fan_in, fan_out, rngs=rngs)
+  if init != "torch":
+    raise ValueError(f"model.init={init!r}: expected one of {INITS}")
+  bound = 1.0 / float(fan_in) ** 0.5
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+  return nnx.Linear(fan_in, fan_out, kernel_init=uniform, bias_init=uniform, rngs=rngs)
+
 
 class MLP(nnx.Module):
   """`in -> hidden... -> out` with ReLU.
@@ -18,13 +33,13 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, in_features: int, hidden: Sequence[int], num_outputs: int, *,
-               num_heads: int = 1, rngs: nnx.Rngs):
+               num_heads: int = 1, init: str = "lecun", rngs: nnx.Rngs):
     self.num_hidden = len(hidden)
     self.num_heads = num_heads
     sizes = [in_features, *hidden]
     for i in range(len(hidden)):
-      setattr(self, f"dense_{i}", nnx.Linear(sizes[i], sizes[i + 1], rngs=rngs))
-    self.head = nnx.Linear(sizes[-1], num_outputs * num_heads, rngs=rngs)
+      setattr(self, f"dense_{i}", linear(sizes[i], sizes[i + 1], init, rngs))
+    self.head = linear(sizes[-1], num_outputs * num_heads, init, rngs)
     self.num_outputs = num_outputs
 
   def features(self, x: jax.Array) -> jax.Array:
