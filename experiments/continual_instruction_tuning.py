@@ -133,18 +133,6 @@ def main(argv=None):
   write(a, rows)
 
 
-def claim_pair(label: str) -> tuple[str, str]:
-  """(variant, baseline) behind a claim's label (the labels `write` builds)."""
-  import re
-  if label.startswith("replay"):
-    f, pr = re.match(r"replay (\d+)% vs 0% \(prompts (\w+)\)", label).groups()
-    return f"replay{f}_{pr}", f"replay0_{pr}"
-  if label.startswith("system prompts"):
-    f = re.match(r"system prompts vs none \(replay (\d+)%\)", label).group(1)
-    return f"replay{f}_system", f"replay{f}_off"
-  return ("lora_per_set" if label.startswith("LoRA per set") else "olora"), "replay0_off"
-
-
 def write(a, rows: dict, quiet: bool = False) -> None:
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   seeds = [s for s in a.seeds if any((n, s) in rows for n in a.variants)]
@@ -173,33 +161,31 @@ def write(a, rows: dict, quiet: bool = False) -> None:
                  f"{np.mean(share) if share else 0:.4f} | {fmt(routed) if routed else '—'} |")
   lines += ["", "## The claims, from paired per-seed differences in BWT (higher BWT = less forgetting)", ""]
   claims = {}
-  for f in ("5", "10"):
+
+  def claim(label: str, pairs: list) -> None:
+    """Paired per-seed differences (variant - baseline) of BWT and ACC. Pooled over several `pairs`: one value per
+    seed, the mean of that seed's differences (runs of one seed share init and data order, so they are not
+    independent samples), over the seeds that have every pair."""
+    pairs = [(v, b) for v, b in pairs if v in a.variants and b in a.variants]
+    have = [s for s in seeds if pairs and all((v, s) in rows and (b, s) in rows for v, b in pairs)]
+    diff = lambda key: [float(np.mean([rows[(v, s)][key] - rows[(b, s)][key] for v, b in pairs])) for s in have]
+    if diff("bwt"):
+      claims[label] = (diff("bwt"), verdict(diff("bwt")), diff("acc"))
+
+  for f in ("5", "10", "20"):
     for pr in ("off", "system"):
-      base, var = f"replay0_{pr}", f"replay{f}_{pr}"
-      if var in a.variants and base in a.variants:
-        d = [rows[(var, s)]["bwt"] - rows[(base, s)]["bwt"] for s in seeds if (var, s) in rows and (base, s) in rows]
-        if d:
-          claims[f"replay {f}% vs 0% (prompts {pr})"] = (d, verdict(d))
+      claim(f"replay {f}% vs 0% (prompts {pr})", [(f"replay{f}_{pr}", f"replay0_{pr}")])
+    claim(f"replay {f}% vs 0% (pooled over prompts off / system)",
+          [(f"replay{f}_{pr}", f"replay0_{pr}") for pr in ("off", "system")])
   for f in ("0", "5", "10", "20"):
-    off, on = f"replay{f}_off", f"replay{f}_system"
-    if off in a.variants and on in a.variants:
-      d = [rows[(on, s)]["bwt"] - rows[(off, s)]["bwt"] for s in seeds if (on, s) in rows and (off, s) in rows]
-      if d:
-        claims[f"system prompts vs none (replay {f}%)"] = (d, verdict(d))
-  for var, label in (("lora_per_set", "LoRA per set (routed) vs full fine-tuning"),
-                     ("olora", "O-LoRA vs full fine-tuning")):
-    if var in a.variants and "replay0_off" in a.variants:
-      d = [rows[(var, s)]["bwt"] - rows[("replay0_off", s)]["bwt"] for s in seeds
-           if (var, s) in rows and ("replay0_off", s) in rows]
-      if d:
-        claims[f"{label} (replay 0%, prompts off)"] = (d, verdict(d))
+    claim(f"system prompts vs none (replay {f}%)", [(f"replay{f}_system", f"replay{f}_off")])
+  claim("system prompts vs none (pooled over replay 0 / 5 / 10 / 20%)",
+        [(f"replay{f}_system", f"replay{f}_off") for f in ("0", "5", "10", "20")])
+  claim("LoRA per set (routed) vs full fine-tuning (replay 0%, prompts off)", [("lora_per_set", "replay0_off")])
+  claim("O-LoRA vs full fine-tuning (replay 0%, prompts off)", [("olora", "replay0_off")])
   # ΔACC beside ΔBWT: less forgetting bought with less learning shows as a flat or negative ΔACC.
-  def acc_diff(k):
-    var, base = claim_pair(k)
-    return [rows[(var, s)]["acc"] - rows[(base, s)]["acc"] for s in seeds if (var, s) in rows and (base, s) in rows]
-  lines += ["| comparison | ΔBWT | verdict | ΔACC |", "|---|---|---|---|"]
-  lines += [f"| {k} | {fmt(d, True)} ({len(d)} seeds) | {v} | {fmt(acc_diff(k), True)} |"
-            for k, (d, v) in claims.items()]
+  lines += ["| comparison | seeds | ΔBWT | verdict (less forgetting?) | ΔACC |", "|---|---|---|---|---|"]
+  lines += [f"| {k} | {len(d)} | {fmt(d, True)} | {v} | {fmt(acc, True)} |" for k, (d, v, acc) in claims.items()]
   lines += ["", "## Reading the numbers", "",
             "- Entries are rates in [0, 1] over the evaluated test examples of each set; ACC / BWT / forgetting come "
             "from the accuracy matrix (cl_jax.eval.metrics), whose entries are the chosen metric per task.",
@@ -215,7 +201,8 @@ def write(a, rows: dict, quiet: bool = False) -> None:
     f.write("\n".join(lines))
   with open(a.out + ".json", "w") as f:
     json.dump({"args": vars(a), "runs": list(rows.values()),
-               "claims": {k: {"diffs": d, "verdict": v} for k, (d, v) in claims.items()}}, f, indent=1)
+               "claims": {k: {"bwt_diffs": d, "verdict": v, "acc_diffs": acc} for k, (d, v, acc) in claims.items()}},
+              f, indent=1)
   if not quiet:
     print("\n".join(lines))
 
