@@ -64,7 +64,8 @@ def main(argv=None):
            f"Every row of results/split_mnist.md more than 2 points from van de Ven & Tolias 2019, rerun with the same "
            f"seeds, hyperparameters and protocol ({iters} iterations per task) but PyTorch's default `nn.Linear` "
            "initialisation (`model.init=torch`) instead of Flax's. ACC %, mean ± half-width of the 95% t-interval.",
-           "", "| scenario | method | paper | ours, Flax init | ours, PyTorch init | verdict |", "|---|---|---|---|---|---|"]
+           "", "| scenario | method | paper | ours, Flax init | ours, PyTorch init | verdict |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['scenario']} | {r['method']} | {r['published']:.1f} | {fmt_ci(r['flax'])} | "
                  f"{fmt_ci(r['torch'])} | {r['verdict']} |")
