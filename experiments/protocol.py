@@ -34,12 +34,14 @@ def config_key(config) -> str:
 def run_cached(config, workroot: str, log=print) -> dict:
   """Runs `config` under workroot/<config hash> unless an equivalent run already finished; returns results.json.
 
-  Equivalent: every setting the two configs both have is equal (a key added to the codebase after a run, left at
-  its default, does not force a rerun). An unfinished run's workdir is resumed from its last checkpoint.
+  Equivalent: every setting the two configs both have is equal, and every setting the finished run lacks (a key
+  added to the codebase after it ran) is at its default in `config` -- so a new key left at its default does not
+  force a rerun, and one set away from it does. An unfinished run's workdir is resumed from its last checkpoint.
   """
   import cl_jax
+  from cl_jax.config import base_config
   from cl_jax.train.loop import config_dict
-  path = _equivalent_run(config_dict(config), workroot)
+  path = _equivalent_run(config_dict(config), workroot, config_dict(base_config()))
   if path is None:
     workdir = os.path.join(workroot, config_key(config))
     t0, c0 = time.time(), time.process_time()
@@ -53,7 +55,7 @@ def run_cached(config, workroot: str, log=print) -> dict:
     return json.load(f)
 
 
-def _equivalent_run(want: dict, workroot: str) -> str | None:
+def _equivalent_run(want: dict, workroot: str, defaults: dict | None = None) -> str | None:
   if not os.path.isdir(workroot):
     return None
   found = []
@@ -62,15 +64,19 @@ def _equivalent_run(want: dict, workroot: str) -> str | None:
     if not os.path.exists(results):
       continue
     with open(os.path.join(workroot, name, "config.json")) as f:
-      if _agree(json.load(f), want):
+      if _agree(json.load(f), want, defaults):
         found.append((os.path.getmtime(results), results))
   return min(found)[1] if found else None
 
 
-def _agree(a, b) -> bool:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return all(_agree(a[k], b[k]) for k in set(a) & set(b))
-  return a == b
+def _agree(have, want, defaults=None) -> bool:
+  """Does a finished run's config `have` serve for `want`? Shared keys equal; a key only `want` has must equal its
+  value in `defaults` (the codebase's default config; no default known -> not equivalent)."""
+  if isinstance(have, dict) and isinstance(want, dict):
+    d = defaults if isinstance(defaults, dict) else {}
+    return (all(_agree(have[k], want[k], d.get(k)) for k in set(have) & set(want))
+            and all(k in d and want[k] == d[k] for k in set(want) - set(have)))
+  return have == want
 
 
 def sweep_text(grid: dict) -> str:

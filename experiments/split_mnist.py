@@ -175,6 +175,12 @@ def _findings(table, flagged) -> list:
       checks.append(f"- {m}, class-IL: {c['mean']:.1f} vs none {cn['mean']:.1f} — "
                     + ("near fine-tuning (within 5 points), as the paper finds for regularisation methods."
                        if abs(c["mean"] - cn["mean"]) < 5 else "differs from fine-tuning by 5 points or more."))
+  for m in ("ewc", "online_ewc", "si", "lwf", "er", "agem", "derpp", "gdumb"):
+    d, dn = acc("domain", m), acc("domain", "none")
+    if d and dn:
+      apart = d["mean"] - d["ci95"] > dn["mean"] + dn["ci95"]
+      checks.append(f"- {m}, domain-IL: {d['mean']:.1f} vs none {dn['mean']:.1f} ({d['mean'] - dn['mean']:+.1f} "
+                    f"points; {'intervals apart' if apart else 'intervals overlap'}).")
   for m in ("er", "agem", "derpp", "icarl", "gdumb"):
     c, cn = acc("class", m), acc("class", "none")
     if c and cn:
