@@ -160,6 +160,31 @@ def test_distillation_is_zero_when_student_is_teacher_and_positive_otherwise():
   assert value > 1e-3
 
 
+def test_tasks_seen_weighting_is_one_over_t_of_the_task_loss():
+  """distill.weighting=tasks_seen (van de Ven & Tolias 2019's code): (1/t) L_task + α (1 - 1/t) KD on task t."""
+  learner, params = _logreg()
+  batch = {"x": jnp.asarray(_task_data(task_index=1).x), "y": jnp.zeros(40, jnp.int32),
+           "task": jnp.ones(40, jnp.int32)}
+  base = lambda p, b, c: (jnp.float32(3.0), {})
+  moved = _perturb(params, 0.5, 3)
+  values = {}
+  for weighting in ("constant", "tasks_seen"):
+    strategy = build_strategy("lwf", _config(**{"distill.weighting": weighting}), learner)
+    state = strategy.init(params, TaskInfo(3, 4, (3,)))
+    ctx = LossContext(state, jax.random.key(0), jnp.int32(0))
+    first = float(strategy.loss(base)(moved, batch, ctx)[0])
+    for _ in range(2):  # two tasks finished: t = 3
+      state = strategy.after_task(state, params, _task_data(), jax.random.key(0))
+    value, aux = strategy.loss(base)(moved, batch, ctx._replace(strategy_state=state, task_index=jnp.int32(2)))
+    values[weighting] = (first, float(value), float(aux["distill_loss"]))
+  kd = values["constant"][2]
+  assert kd > 1e-3 and values["constant"][0] == values["tasks_seen"][0] == 3.0  # task 1: the task loss alone
+  np.testing.assert_allclose(values["constant"][1], 3.0 + kd, rtol=1e-6)
+  np.testing.assert_allclose(values["tasks_seen"][1], 3.0 / 3 + (2 / 3) * kd, rtol=1e-6)
+  with pytest.raises(ValueError, match="distill.weighting='sometimes'"):
+    build_strategy("lwf", _config(**{"distill.weighting": "sometimes"}), learner)
+
+
 def test_distillation_loss_ignores_masked_classes():
   teacher = jnp.array([[1.0, 2.0, -1e9]])
   student = jnp.array([[1.0, 2.0, -1e9]])

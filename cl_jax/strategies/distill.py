@@ -33,6 +33,11 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       alpha=1.0,         # α: weight of the distillation term
       temperature=2.0,   # T: softmax temperature of teacher and student (van de Ven & Tolias 2019: 2)
+      # How the task loss and the distillation term combine while training task t (1-based):
+      #   constant    L_task + α · KD
+      #   tasks_seen  (1/t) · L_task + α · (1 - 1/t) · KD: the weighting of van de Ven & Tolias 2019's code (the
+      #               current task counts as one task among t), so distillation grows with the tasks behind it
+      weighting="constant",
   ))
 
 
@@ -59,18 +64,24 @@ def _copy(params):
   return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
 
 
+WEIGHTINGS = ("constant", "tasks_seen")
+
+
 def check_config(config) -> None:
   """Raises ValueError naming the bad `distill.*` key."""
   if float(config.distill.alpha) < 0:
     raise ValueError(f"distill.alpha={config.distill.alpha}: expected a non-negative weight")
   if float(config.distill.temperature) <= 0:
     raise ValueError(f"distill.temperature={config.distill.temperature}: expected a positive temperature")
+  if config.distill.get("weighting", "constant") not in WEIGHTINGS:
+    raise ValueError(f"distill.weighting={config.distill.weighting!r}: expected one of {WEIGHTINGS}")
 
 
 def distill(config, learner) -> Strategy:
   """LwF-style distillation from the previous task's params; see the module docstring."""
   check_config(config)
   alpha, temperature = float(config.distill.alpha), float(config.distill.temperature)
+  by_tasks = config.distill.get("weighting", "constant") == "tasks_seen"
   kind = config.scenario.kind if "scenario" in config and "kind" in config.scenario else "class"
   per_task = kind == "task"
   num_tasks = int(config.scenario.num_tasks) if per_task else 0
@@ -109,6 +120,9 @@ def distill(config, learner) -> Strategy:
         else:
           kd = term(params, state["teacher"], batch, task, previous)
       kd = jnp.where(state["tasks"] > 0, kd, 0.0)
+      if by_tasks:  # t = tasks finished + 1; on the first task (no teacher) this is the task loss alone
+        new_share = 1.0 / (state["tasks"].astype(jnp.float32) + 1.0)
+        return new_share * value + alpha * (1.0 - new_share) * kd, {**aux, "distill_loss": kd}
       return value + alpha * kd, {**aux, "distill_loss": kd}
     return distill_loss
 
