@@ -268,3 +268,17 @@ def test_lora_per_task_is_refused_where_nothing_routes():
   c.strategy = "lora_per_task"
   with pytest.raises(ConfigError, match="lora_per_task.*kind='classic'"):
     validate(c)
+
+
+def test_lora_per_task_run_keeps_the_first_sets_answers(tmp_path):
+  """Through cl_jax.run: prompts of the first set are routed to its adapter, which later tasks never touch, so its
+  decoded answers after the last task are the ones after the first; while the base alone (before training) and
+  the trained adapter answer differently."""
+  import cl_jax
+  r = cl_jax.run(tiny_cit_config(strategy="lora_per_task", **{"cit.steps_per_task": 8, "optim.lr": 3e-2}),
+                 str(tmp_path / "w"), progress=False)
+  evals = [m for m in r.metrics("eval") if m.get("boundary")]
+  assert len(evals) == 3 and r.extra["routing_accuracy"]["name"] == 1.0
+  assert evals[1]["examples"]["name"] == evals[2]["examples"]["name"]
+  assert evals[0]["examples"]["name"] != evals[1]["examples"]["name"]
+  assert r.accuracy_matrix[2][0] == r.accuracy_matrix[1][0] and r.bwt == 0.0

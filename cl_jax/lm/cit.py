@@ -504,7 +504,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     routing = None
     if "lora_per_task" in names:  # each prompt to its routed task's adapter, among the tasks trained so far
       from cl_jax.models import lora
-      scores, outputs, routing = evaluate_routed(model, jax.device_get(state.params), data, t,
+      scores, outputs, routing = evaluate_routed(model, state.params, data, t,
                                                  lora.spec_from_config(c.lora), int(c.cit.max_new_tokens))
     else:
       scores, outputs = evaluate_sets(model, decoding_params(state.params, c), data, int(c.cit.max_new_tokens),
