@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 import cl_jax
-from cl_jax import lm
+from experiments.lm_protocol import small_lm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,21 +55,17 @@ VARIANTS = {
 
 
 def make_config(args, seed: int, variant: dict, base_dir: str = ""):
-  c = lm.default_config()
-  c.seed = seed
-  c.lm.seq_len = 128
-  c.text.update(max_train_sequences=8192, eval_sequences=args.eval_sequences,
-                general_eval_sequences=args.general_eval_sequences, cloze_items=args.cloze_items, cloze_context=48,
-                validation=args.split_fraction, test=args.split_fraction)
-  c.optim.update(lr=3e-3, schedule=variant.get("schedule", "wsd"), warmup_fraction=0.05, decay_fraction=0.25)
-  c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
-  c.adapt.update(steps=args.adapt_steps, batch_size=16, lr_ratio=args.lr_ratio, mixture=variant["mixture"])
+  c = small_lm_config(seed, pretrain_steps=args.pretrain_steps, adapt_steps=args.adapt_steps, base_dir=base_dir,
+                      mixture=variant["mixture"], eval_every=args.eval_every, eval_sequences=args.eval_sequences,
+                      general_eval_sequences=args.general_eval_sequences, cloze_items=args.cloze_items,
+                      validation=args.split_fraction, test=args.split_fraction)
+  c.optim.schedule = variant.get("schedule", "wsd")
+  c.adapt.lr_ratio = args.lr_ratio
   c.strategy = variant.get("strategy", "naive")
   if "lora" in c.strategy.split("+"):
     c.adapt.lr_ratio = args.lora_lr_ratio
   c.adapt.difficulty = variant["mixture"] == "difficulty"
-  c.regression.update(eval_every=args.eval_every, hard_stop=False, threshold=0.02, stop_threshold=args.stop_threshold)
-  c.train.log_every_steps = 50
+  c.regression.update(threshold=0.02, stop_threshold=args.stop_threshold)
   return c
 
 

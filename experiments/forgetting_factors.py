@@ -283,18 +283,11 @@ def js_divergence(p, q) -> float:
 
 
 def lm_config(seed: int, domain: str, base_dir: str, pretrain_steps: int, adapt_steps: int, quick: bool):
-  from cl_jax import lm
-  c = lm.default_config()
-  c.seed = seed
-  c.lm.seq_len = 128
-  c.text.update(domain=domain, max_train_sequences=8192, eval_sequences=32 if quick else 256,
-                general_eval_sequences=128 if quick else 512, cloze_items=60 if quick else 200, cloze_context=48)
-  c.optim.update(lr=3e-3, schedule="wsd", warmup_fraction=0.05, decay_fraction=0.25)
-  c.pretrain.update(steps=pretrain_steps, batch_size=16, base_dir=base_dir)
-  c.adapt.update(steps=adapt_steps, batch_size=16, lr_ratio=0.1, mixture="domain_only")
-  c.regression.update(eval_every=adapt_steps // 2, hard_stop=False)
-  c.train.log_every_steps = 50
-  return c
+  from experiments.lm_protocol import small_lm_config
+  return small_lm_config(seed, pretrain_steps=pretrain_steps, adapt_steps=adapt_steps, base_dir=base_dir,
+                         mixture="domain_only", eval_every=adapt_steps // 2, domain=domain,
+                         eval_sequences=32 if quick else 256, general_eval_sequences=128 if quick else 512,
+                         cloze_items=60 if quick else 200)
 
 
 def measure_lm(seeds, pretrain_steps: int, adapt_steps: int, workroot: str, quick: bool,

@@ -23,7 +23,7 @@ import os
 import time
 
 import cl_jax
-from cl_jax import lm
+from experiments.lm_protocol import small_lm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("none", "ntk", "linear", "llama3")
@@ -32,17 +32,9 @@ METRICS = ("general/perplexity", "domain/perplexity", "long_general/perplexity",
 
 
 def make_config(args, scaling: str, base_dir: str):
-  c = lm.default_config()
-  c.seed = args.seed
-  c.lm.seq_len = 128
-  c.text.update(max_train_sequences=8192, eval_sequences=128, cloze_items=100)
-  if "general_eval_sequences" in c.text:
-    c.text.general_eval_sequences = 128
-  c.optim.update(lr=3e-3, schedule="wsd")
-  c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
-  c.adapt.update(steps=args.steps, batch_size=16, mixture="70_30")
-  c.regression.update(eval_every=max(args.steps // 2, 1), hard_stop=False, select="long_domain/perplexity")
-  c.train.log_every_steps = 50
+  c = small_lm_config(args.seed, pretrain_steps=args.pretrain_steps, adapt_steps=args.steps, base_dir=base_dir,
+                      eval_sequences=128, general_eval_sequences=128, cloze_items=100)
+  c.regression.select = "long_domain/perplexity"
   c.long_context.update(seq_len=args.long_len, scaling=scaling, eval_sequences=args.eval_sequences)
   return c
 

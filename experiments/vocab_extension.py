@@ -30,23 +30,14 @@ import time
 import numpy as np
 
 import cl_jax
-from cl_jax import lm
+from experiments.lm_protocol import small_lm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(args, seed: int, extend: int = 0, old_scale: float = 0.0, base_dir: str = "", new_scale: float = 1.0):
-  c = lm.default_config()
-  c.seed = seed
-  c.lm.seq_len = 128
-  c.text.update(max_train_sequences=8192, eval_sequences=128, cloze_items=100)
-  if "general_eval_sequences" in c.text:
-    c.text.general_eval_sequences = 128
-  c.optim.update(lr=3e-3, schedule="wsd")
-  c.pretrain.update(steps=args.pretrain_steps, batch_size=16, base_dir=base_dir)
-  c.adapt.update(steps=args.adapt_steps, batch_size=16, mixture="70_30")
-  c.regression.update(eval_every=max(args.adapt_steps // 2, 1), hard_stop=False)
-  c.train.log_every_steps = 50
+  c = small_lm_config(seed, pretrain_steps=args.pretrain_steps, adapt_steps=args.adapt_steps, base_dir=base_dir,
+                      eval_sequences=128, general_eval_sequences=128, cloze_items=100)
   c.vocab.update(extend=extend, old_row_lr_scale=old_scale, new_row_lr_scale=new_scale)
   return c
 
