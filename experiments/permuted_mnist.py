@@ -24,7 +24,7 @@ def main(argv=None):
   domain_table.main(argv, name="permuted_mnist", title="Permuted MNIST (domain-incremental), the paper's protocol",
                     get_config=get_config, describe=DESCRIBE,
                     defaults={"iters": 5000, "tune_iters": 1000, "hidden": "1000,1000", "seeds": 3},
-                    methods="none,ewc,online_ewc,si,er,lwf,joint,agem,derpp")
+                    methods="none,joint,ewc,online_ewc,si,lwf,er,agem,derpp")
 
 
 if __name__ == "__main__":
