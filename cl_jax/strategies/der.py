@@ -25,6 +25,7 @@ import ml_collections
 
 from cl_jax.losses import cross_entropy
 from cl_jax.sharding import shard_like_batch
+from cl_jax.strategies import replay as replay_lib
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
 _LOGIT_STREAM, _LABEL_STREAM = 0xDE41, 0xDE42
@@ -60,13 +61,9 @@ def empty_buffer(capacity: int, input_shape, num_logits: int) -> DerBuffer:
 
 
 def reservoir_add(buffer: DerBuffer, x, y, task, logits, rng) -> DerBuffer:
-  """Algorithm R over the stream (see `replay.reservoir_add`): example g goes to slot g while g < capacity,
-  else to slot j ~ U{0..g} if j < capacity; within one batch the later example wins a slot."""
+  """Algorithm R over the stream (`replay.reservoir_winners`), the logits stored beside each example."""
   capacity, n = buffer.y.shape[0], x.shape[0]
-  g = buffer.seen + jnp.arange(n, dtype=jnp.int32)
-  j = jax.random.randint(rng, (n,), 0, g + 1)
-  slot = jnp.where(g < capacity, g, j)
-  winner = jnp.full((capacity,), -1, jnp.int32).at[slot].max(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  winner = replay_lib.reservoir_winners(buffer.seen, capacity, n, rng)
   take = winner >= 0
   src = jnp.maximum(winner, 0)
   put = lambda old, new: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new[src].astype(old.dtype), old)

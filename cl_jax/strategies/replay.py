@@ -71,20 +71,24 @@ def empty_buffer(capacity: int, input_shape) -> ReplayBuffer:
                       size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
 
 
-@jax.jit
-def reservoir_add(buffer: dict, x, y, task, rng) -> dict:
-  """Feeds examples x[0..n) to reservoir sampling, in order, all at once.
+def reservoir_winners(seen, capacity: int, n: int, rng) -> jax.Array:
+  """Per buffer slot, which of n new examples (stream indices seen..seen+n) ends there; -1: none.
 
   Algorithm R: the example with stream index g goes to slot g while g < capacity, else to slot
   j ~ U{0..g} if j < capacity. The buffer after the whole stream only needs, per slot, the last example
   written there, so all draws happen at once and a scatter-max picks each slot's winner.
   """
-  capacity, n = buffer["y"].shape[0], x.shape[0]
-  g = buffer["seen"] + jnp.arange(n, dtype=jnp.int32)
+  g = seen + jnp.arange(n, dtype=jnp.int32)
   j = jax.random.randint(rng, (n,), 0, g + 1)
   slot = jnp.where(g < capacity, g, j)
-  winner = jnp.full((capacity,), -1, jnp.int32).at[slot].max(jnp.arange(n, dtype=jnp.int32),
-                                                            mode="drop")
+  return jnp.full((capacity,), -1, jnp.int32).at[slot].max(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+@jax.jit
+def reservoir_add(buffer: dict, x, y, task, rng) -> dict:
+  """Feeds examples x[0..n) to reservoir sampling (`reservoir_winners`), in order, all at once."""
+  capacity, n = buffer["y"].shape[0], x.shape[0]
+  winner = reservoir_winners(buffer["seen"], capacity, n, rng)
   return _write(buffer, winner, x, y, task, size=jnp.minimum(buffer["seen"] + n, capacity))
 
 
