@@ -23,7 +23,7 @@ METHODS = {
     "none": ("naive", {}, None),
     "ewc": ("ewc", {}, {"ewc.lam": [1e0, 1e1, 1e2, 1e3, 1e4]}),
     "online_ewc": ("online_ewc", {"ewc.gamma": 1.0}, {"ewc.lam": [1e0, 1e1, 1e2, 1e3, 1e4]}),
-    "si": ("si", {}, {"si.c": [0.1, 1.0, 10.0]}),
+    "si": ("si", {}, {"si.c": [0.1, 1.0, 10.0, 100.0]}),
     "lwf": ("lwf", {"distill.alpha": 1.0, "distill.temperature": 2.0}, None),
     "er": ("replay", {"replay.capacity": BUDGET, "replay.policy": "class_balanced", "replay.batch_size": 128,
                       "replay.weight": 1.0}, None),
