@@ -4,7 +4,8 @@
 
 Ten tasks, each MNIST under its own fixed pixel permutation, one shared 10-way head; MLP 784-1000-1000, Adam
 lr 1e-4, batch 128, 5000 iterations per task; 3 seeds as one program per method. EWC / online EWC λ and SI's c
-are chosen on a validation split at a shorter schedule (`--tune_iters`); LwF, ER, A-GEM and DER++ keep fixed
+are chosen on a validation split: the whole grid at a shorter schedule (`--tune_iters`), then that choice and its
+grid neighbours at the full schedule, climbing while a neighbour is better; LwF, ER, A-GEM and DER++ keep fixed
 settings (DER++ at the value Split MNIST's validation chose in class-IL). Writes results/permuted_mnist.md
 (+ .json, + .png).
 """

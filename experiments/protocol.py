@@ -105,6 +105,48 @@ def select_on_validation(make_config, grid: dict, tuning_seed: int, num_tuning_s
   return scores[best][0], scores
 
 
+def hill_climb(num_values: int, start: int, score) -> tuple[int, dict]:
+  """Local search over an ordered 1-D grid: from index `start`, score both neighbours of the best point found so
+  far and move to the better, until the best point's neighbours are both scored (or off the grid).
+
+  `score(i)` is called at most once per index. Returns (best index, {index: score}). It moves only to a strictly
+  better point (a tie keeps the current one; between two better neighbours with equal scores, the lower index).
+  """
+  scores = {}
+  best = start
+  while True:
+    for i in (best - 1, best, best + 1):
+      if 0 <= i < num_values and i not in scores:
+        scores[i] = score(i)
+    new = max(sorted(scores), key=lambda i: (scores[i], i == best, -i))
+    if new == best:
+      return best, scores
+    best = new
+
+
+def refine_on_validation(make_config, grid: dict, start: dict, tuning_seed: int, num_tuning_seeds: int,
+                         workroot: str, log=print) -> tuple[dict, list]:
+  """Re-chooses a one-key `grid` on validation at the reported schedule, starting from a cheaper run's choice.
+
+  A grid run at a shorter schedule (fewer iterations per task) picks `start`; with longer training each task's
+  solution is sharper, and the best penalty strength can move. This scores `start` and its grid neighbours with
+  `make_config` (the reported schedule), climbing to a neighbour while it is better (`hill_climb`), so the choice
+  is a local optimum at the schedule the rows are run at. Each setting is its own cached program. Returns (best
+  overrides, [(overrides, mean validation ACC)] in grid order, only the settings scored).
+  """
+  if len(grid) != 1:
+    raise ValueError(f"refine_on_validation searches one key at a time, got {sorted(grid)}")
+  (key, values), = grid.items()
+  if start[key] not in values:
+    raise ValueError(f"the starting value {key}={start[key]} is not in the grid {values}")
+
+  def score(i):
+    return select_on_validation(make_config, {key: [values[i]]}, tuning_seed, num_tuning_seeds, workroot, log)[1][0][1]
+
+  best, scores = hill_climb(len(values), values.index(start[key]), score)
+  return {key: values[best]}, [({key: values[i]}, scores[i]) for i in sorted(scores)]
+
+
 def stats(values) -> dict:
   """Mean, sample std and 95% t-interval half-width, in percent."""
   from cl_jax.train.seeds import aggregate

@@ -13,3 +13,41 @@ def test_a_key_added_after_the_run_matches_only_at_its_default():
   assert not _agree(finished, {**want, "model": {"hidden": [400, 400]}, "seed": 4}, DEFAULTS)  # shared key differs
   assert not _agree(finished, {**want, "model": {"hidden": [400, 400]}, "extra": 1}, DEFAULTS)  # no default known
   assert _agree({**finished, "removed": 1}, {**finished}, DEFAULTS)  # a key the codebase dropped is ignored
+
+
+def test_hill_climb_stops_at_a_local_optimum_scoring_each_point_once():
+  from experiments.protocol import hill_climb
+  curve = [1.0, 3.0, 4.0, 6.0, 5.0, 9.0]          # local optimum at 3; the global one (5) is past a dip
+  calls = []
+  best, scores = hill_climb(len(curve), 1, lambda i: calls.append(i) or curve[i])
+  assert best == 3
+  assert sorted(calls) == [0, 1, 2, 3, 4]           # never 5: index 4 is worse than 3
+  assert len(calls) == len(set(calls))
+  assert scores == {i: curve[i] for i in range(5)}
+  assert hill_climb(3, 0, lambda i: [2.0, 1.0, 0.0][i]) == (0, {0: 2.0, 1: 1.0})   # at the grid's edge
+  assert hill_climb(3, 2, lambda i: 1.0) == (2, {1: 1.0, 2: 1.0})   # a tie keeps the current point
+  assert hill_climb(3, 1, lambda i: [2.0, 1.0, 2.0][i])[0] == 0     # equal better neighbours: the lower
+
+
+def test_refine_scores_one_setting_per_program_and_returns_them_in_grid_order(monkeypatch):
+  from experiments import protocol
+  acc = {1.0: 0.80, 10.0: 0.84, 100.0: 0.87, 1000.0: 0.85, 10000.0: 0.50}
+  asked = []
+
+  def fake_select(make, grid, seed, n, workroot, log):
+    (key, values), = grid.items()
+    assert key == "ewc.lam" and len(values) == 1 and (seed, n) == (100, 1)
+    asked.append(values[0])
+    return {key: values[0]}, [({key: values[0]}, acc[values[0]])]
+
+  monkeypatch.setattr(protocol, "select_on_validation", fake_select)
+  grid = {"ewc.lam": list(acc)}
+  best, scores = protocol.refine_on_validation(None, grid, {"ewc.lam": 10.0}, 100, 1, "/nowhere", print)
+  assert best == {"ewc.lam": 100.0}
+  assert sorted(asked) == [1.0, 10.0, 100.0, 1000.0]           # 10000 is never run: 1000 is already worse
+  assert scores == [({"ewc.lam": v}, acc[v]) for v in (1.0, 10.0, 100.0, 1000.0)]
+  import pytest
+  with pytest.raises(ValueError, match="not in the grid"):
+    protocol.refine_on_validation(None, grid, {"ewc.lam": 3.0}, 100, 1, "/nowhere", print)
+  with pytest.raises(ValueError, match="one key"):
+    protocol.refine_on_validation(None, {"a": [1], "b": [2]}, {"a": 1}, 100, 1, "/nowhere", print)
