@@ -79,6 +79,40 @@ def _agree(have, want, defaults=None) -> bool:
   return have == want
 
 
+def settings_from_sweeps(config, workroot: str) -> list | None:
+  """The per-setting results of `config`'s sweep taken from finished runs of *other* sweeps, or None.
+
+  Each setting of a sweep is exactly the single run of its seeds with those values (`cl_jax/train/seeds.py`), so a
+  setting measured inside any finished sweep serves, whatever else that sweep held: re-checking λ=100 reuses a
+  finished `ewc.lam=10,100` program. Every other setting of the configs must agree (as in `run_cached`); None
+  unless every requested setting is found.
+  """
+  from cl_jax.config import base_config
+  from cl_jax.train.loop import config_dict
+  from cl_jax.train.seeds import parse_sweep
+  if not os.path.isdir(workroot):
+    return None
+  want = config_dict(config)
+  defaults = config_dict(base_config())
+  want_train = {k: v for k, v in want["train"].items() if k != "sweep"}
+  found = {}
+  for name in sorted(os.listdir(workroot)):
+    results = os.path.join(workroot, name, "results.json")
+    if not os.path.exists(results):
+      continue
+    with open(os.path.join(workroot, name, "config.json")) as f:
+      have = json.load(f)
+    have_train = {k: v for k, v in have.get("train", {}).items() if k != "sweep"}
+    if not _agree({**have, "train": have_train}, {**want, "train": want_train}, defaults):
+      continue
+    with open(results) as f:
+      record = json.load(f)
+    for setting in record.get("settings", []):
+      found.setdefault(json.dumps(setting["overrides"], sort_keys=True), setting)
+  asked = [json.dumps(o, sort_keys=True) for o in parse_sweep(config)]
+  return [found[k] for k in asked] if all(k in found for k in asked) else None
+
+
 def sweep_text(grid: dict) -> str:
   """{'ewc.lam': [1, 10]} -> 'ewc.lam=1,10' (keys joined by ';', as `train.sweep` reads it)."""
   return ";".join(f"{k}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
@@ -97,8 +131,10 @@ def select_on_validation(make_config, grid: dict, tuning_seed: int, num_tuning_s
   c = make_config(tuning_seed, num_tuning_seeds, {})
   set_overrides(c, {"data.validation_fraction": VALIDATION_FRACTION, "eval.split": "validation",
                     "train.sweep": sweep_text(grid)})
-  record = run_cached(c, workroot, log)
-  scores = [(s["overrides"], s["acc"]["mean"]) for s in record["settings"]]
+  settings = settings_from_sweeps(c, workroot)
+  if settings is None:
+    settings = run_cached(c, workroot, log)["settings"]
+  scores = [(s["overrides"], s["acc"]["mean"]) for s in settings]
   best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
   for overrides, acc in scores:
     log(f"    {overrides}: validation ACC {100 * acc:.2f}")

@@ -51,3 +51,26 @@ def test_refine_scores_one_setting_per_program_and_returns_them_in_grid_order(mo
     protocol.refine_on_validation(None, grid, {"ewc.lam": 3.0}, 100, 1, "/nowhere", print)
   with pytest.raises(ValueError, match="one key"):
     protocol.refine_on_validation(None, {"a": [1], "b": [2]}, {"a": 1}, 100, 1, "/nowhere", print)
+
+
+def test_a_setting_finished_inside_another_sweep_is_reused(tmp_path):
+  import json
+  from cl_jax.config import base_config, set_overrides
+  from cl_jax.train.loop import config_dict
+  from experiments.protocol import settings_from_sweeps
+
+  def config(sweep, seed=100):
+    c = base_config()
+    set_overrides(c, {"strategy": "ewc", "seed": seed, "train.sweep": sweep})
+    return c
+
+  run = tmp_path / "finished"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps(config_dict(config("ewc.lam=10,100"))))
+  settings = [{"overrides": {"ewc.lam": v}, "acc": {"mean": a}} for v, a in ((10.0, 0.84), (100.0, 0.87))]
+  (run / "results.json").write_text(json.dumps({"settings": settings}))
+  assert settings_from_sweeps(config("ewc.lam=100"), str(tmp_path)) == [settings[1]]
+  assert settings_from_sweeps(config("ewc.lam=100,10"), str(tmp_path)) == [settings[1], settings[0]]
+  assert settings_from_sweeps(config("ewc.lam=100,1000"), str(tmp_path)) is None   # 1000 was never run
+  assert settings_from_sweeps(config("ewc.lam=100", seed=101), str(tmp_path)) is None  # another seed
+  assert settings_from_sweeps(config("ewc.lam=100"), str(tmp_path / "missing")) is None
