@@ -72,7 +72,8 @@ def main(argv, *, name: str, title: str, get_config: Callable, defaults: dict, d
         # iterations, λ=100 better at 5000), so climb from it through the grid at the reported schedule.
         log(f"re-checking {overrides} for {method} on validation at {a.iters} iterations per task")
         full = lambda seed, n, ov, m=method: make_config(get_config, m, seed, a.iters, n, ov, hidden)
-        overrides, refined = refine_on_validation(full, grid, overrides, a.tuning_seed, 1, a.workroot, log)
+        overrides, refined = refine_on_validation(full, grid, overrides, a.tuning_seed, 1, a.workroot, log,
+                                                  extend=2)
       chosen[method] = (overrides, scores, refined)
     record = run_cached(make_config(get_config, method, 0, a.iters, a.seeds, overrides, hidden), a.workroot, log)
     table[method] = runs_of(record)
@@ -100,8 +101,9 @@ def write_report(a, name, title, describe, table, chosen):
               f"{a.tuning_seed} (not a reported seed), **{a.tune_iters} iterations per task** (the reported runs: "
               f"{a.iters})" + (
                   f". The grid's choice is then re-checked at the reported {a.iters} iterations: its grid "
-                  f"neighbours are scored too, and the search climbs to a neighbour while it is better, so the "
-                  f"chosen value is a local optimum at the reported schedule" if refining else "") +
+                  f"neighbours are scored too, and the search climbs to a neighbour while it is better (up to two "
+                  f"steps past the grid's ends), so the chosen value is a local optimum at the reported schedule"
+                  if refining else "") +
               "; the chosen setting is then run on the reported seeds.", "",
               f"| method | validation ACC per setting ({a.tune_iters} it.) |"
               + (f" at {a.iters} it. |" if refining else "") + " chosen |",

@@ -79,6 +79,17 @@ def _agree(have, want, defaults=None) -> bool:
   return have == want
 
 
+def settings_of(record: dict, config) -> list:
+  """A results.json's per-setting summaries; a program of one run (one seed, at most one setting) writes a plain
+  single-run record, given here the same shape: [{'overrides', 'acc': {'mean'}, ...}]."""
+  if "settings" in record:
+    return record["settings"]
+  from cl_jax.train.seeds import parse_sweep
+  (overrides,) = parse_sweep(config)
+  return [{"overrides": overrides, "seeds": [int(config.seed)],
+           **{k: {"mean": record[k]} for k in ("acc", "bwt", "fwt", "forgetting") if k in record}}]
+
+
 def settings_from_sweeps(config, workroot: str) -> list | None:
   """The per-setting results of `config`'s sweep taken from finished runs of *other* sweeps, or None.
 
@@ -87,6 +98,7 @@ def settings_from_sweeps(config, workroot: str) -> list | None:
   finished `ewc.lam=10,100` program. Every other setting of the configs must agree (as in `run_cached`); None
   unless every requested setting is found.
   """
+  import ml_collections
   from cl_jax.config import base_config
   from cl_jax.train.loop import config_dict
   from cl_jax.train.seeds import parse_sweep
@@ -107,7 +119,7 @@ def settings_from_sweeps(config, workroot: str) -> list | None:
       continue
     with open(results) as f:
       record = json.load(f)
-    for setting in record.get("settings", []):
+    for setting in settings_of(record, ml_collections.ConfigDict(have)):
       found.setdefault(json.dumps(setting["overrides"], sort_keys=True), setting)
   asked = [json.dumps(o, sort_keys=True) for o in parse_sweep(config)]
   return [found[k] for k in asked] if all(k in found for k in asked) else None
@@ -133,7 +145,7 @@ def select_on_validation(make_config, grid: dict, tuning_seed: int, num_tuning_s
                     "train.sweep": sweep_text(grid)})
   settings = settings_from_sweeps(c, workroot)
   if settings is None:
-    settings = run_cached(c, workroot, log)["settings"]
+    settings = settings_of(run_cached(c, workroot, log), c)
   scores = [(s["overrides"], s["acc"]["mean"]) for s in settings]
   best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
   for overrides, acc in scores:
@@ -160,21 +172,37 @@ def hill_climb(num_values: int, start: int, score) -> tuple[int, dict]:
     best = new
 
 
+def extend_geometric(values: list, steps: int) -> list:
+  """`values` (increasing, positive) with `steps` more values past each end at the end's own ratio."""
+  if steps <= 0 or len(values) < 2:
+    return list(values)
+  lo, hi = values[1] / values[0], values[-1] / values[-2]
+  below = [values[0] / lo ** k for k in range(steps, 0, -1)]
+  above = [values[-1] * hi ** k for k in range(1, steps + 1)]
+  return [float(f"{v:.6g}") for v in below] + list(values) + [float(f"{v:.6g}") for v in above]
+
+
 def refine_on_validation(make_config, grid: dict, start: dict, tuning_seed: int, num_tuning_seeds: int,
-                         workroot: str, log=print) -> tuple[dict, list]:
+                         workroot: str, log=print, extend: int = 0) -> tuple[dict, list]:
   """Re-chooses a one-key `grid` on validation at the reported schedule, starting from a cheaper run's choice.
 
   A grid run at a shorter schedule (fewer iterations per task) picks `start`; with longer training each task's
   solution is sharper, and the best penalty strength can move. This scores `start` and its grid neighbours with
   `make_config` (the reported schedule), climbing to a neighbour while it is better (`hill_climb`), so the choice
-  is a local optimum at the schedule the rows are run at. Each setting is its own cached program. Returns (best
-  overrides, [(overrides, mean validation ACC)] in grid order, only the settings scored).
+  is a local optimum at the schedule the rows are run at. Each setting is its own cached program, and a setting
+  already measured inside any finished sweep is reused (`settings_from_sweeps`), so climbing from a full grid's
+  own choice costs nothing until it steps past the grid.
+
+  `extend` > 0 appends that many values past each end of the grid, continuing its geometric step (λ grid
+  1e2..1e6 -> up to 1e6·10^extend): a choice at the grid's edge says only that the best value may lie beyond it.
+  Returns (best overrides, [(overrides, mean validation ACC)] in value order, only the settings scored).
   """
   if len(grid) != 1:
     raise ValueError(f"refine_on_validation searches one key at a time, got {sorted(grid)}")
   (key, values), = grid.items()
   if start[key] not in values:
     raise ValueError(f"the starting value {key}={start[key]} is not in the grid {values}")
+  values = extend_geometric(list(values), extend)
 
   def score(i):
     return select_on_validation(make_config, {key: [values[i]]}, tuning_seed, num_tuning_seeds, workroot, log)[1][0][1]

@@ -72,5 +72,39 @@ def test_a_setting_finished_inside_another_sweep_is_reused(tmp_path):
   assert settings_from_sweeps(config("ewc.lam=100"), str(tmp_path)) == [settings[1]]
   assert settings_from_sweeps(config("ewc.lam=100,10"), str(tmp_path)) == [settings[1], settings[0]]
   assert settings_from_sweeps(config("ewc.lam=100,1000"), str(tmp_path)) is None   # 1000 was never run
+  single = tmp_path / "single"                    # a one-run program writes a plain record, without 'settings'
+  single.mkdir()
+  (single / "config.json").write_text(json.dumps(config_dict(config("ewc.lam=1000"))))
+  (single / "results.json").write_text(json.dumps({"acc": 0.5, "bwt": -0.25}))
+  got = settings_from_sweeps(config("ewc.lam=100,1000"), str(tmp_path))
+  assert got[0] == settings[1] and got[1]["overrides"] == {"ewc.lam": 1000.0}
+  assert got[1]["acc"]["mean"] == 0.5 and got[1]["bwt"]["mean"] == -0.25
   assert settings_from_sweeps(config("ewc.lam=100", seed=101), str(tmp_path)) is None  # another seed
   assert settings_from_sweeps(config("ewc.lam=100"), str(tmp_path / "missing")) is None
+
+
+def test_extend_geometric_continues_each_end_at_its_own_ratio():
+  from experiments.protocol import extend_geometric
+  assert extend_geometric([1e2, 1e3, 1e4], 2) == [1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6]
+  assert extend_geometric([0.1, 1.0, 10.0, 100.0], 1) == [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+  assert extend_geometric([0.5, 1.0, 4.0], 1) == [0.25, 0.5, 1.0, 4.0, 16.0]
+  assert extend_geometric([1.0, 10.0], 0) == [1.0, 10.0]
+
+
+def test_refine_climbs_past_the_grid_edge_when_extended(monkeypatch):
+  from experiments import protocol
+  acc = lambda lam: {1e4: 0.60, 1e5: 0.62, 1e6: 0.65, 1e7: 0.67, 1e8: 0.66}.get(lam, 0.1)
+  asked = []
+
+  def fake_select(make, grid, seed, n, workroot, log):
+    (key, (v,)), = grid.items()
+    asked.append(v)
+    return {key: v}, [({key: v}, acc(v))]
+
+  monkeypatch.setattr(protocol, "select_on_validation", fake_select)
+  grid = {"ewc.lam": [1e4, 1e5, 1e6]}
+  best, scores = protocol.refine_on_validation(None, grid, {"ewc.lam": 1e6}, 100, 1, "/nowhere", print, extend=3)
+  assert best == {"ewc.lam": 1e7}
+  assert sorted(asked) == [1e5, 1e6, 1e7, 1e8]                # 1e9 never: 1e8 is already worse than 1e7
+  assert [o["ewc.lam"] for o, _ in scores] == [1e5, 1e6, 1e7, 1e8]
+  assert protocol.refine_on_validation(None, grid, {"ewc.lam": 1e6}, 100, 1, "/nowhere", print)[0] == {"ewc.lam": 1e6}
