@@ -14,6 +14,7 @@ with the one asked for, so an interrupted table resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +32,25 @@ def config_key(config) -> str:
   return hashlib.sha1(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
 
 
+class NotCached(LookupError):
+  """`run_cached` under `only_cached()` was asked for a run that has not finished."""
+
+
+_only_cached = False
+
+
+@contextlib.contextmanager
+def only_cached():
+  """Inside, `run_cached` trains nothing: a run that has not finished raises NotCached. For writing a table's
+  report from what has finished while the runs still go on elsewhere."""
+  global _only_cached
+  before, _only_cached = _only_cached, True
+  try:
+    yield
+  finally:
+    _only_cached = before
+
+
 def run_cached(config, workroot: str, log=print) -> dict:
   """Runs `config` under workroot/<config hash> unless an equivalent run already finished; returns results.json.
 
@@ -42,6 +62,9 @@ def run_cached(config, workroot: str, log=print) -> dict:
   from cl_jax.config import base_config
   from cl_jax.train.loop import config_dict
   path = _equivalent_run(config_dict(config), workroot, config_dict(base_config()))
+  if path is None and _only_cached:
+    raise NotCached(f"{config.strategy} seeds {config.seed}+{config.train.num_seeds} sweep {config.train.sweep!r} "
+                    f"has not finished under {workroot}")
   if path is None:
     workdir = os.path.join(workroot, config_key(config))
     t0, c0 = time.time(), time.process_time()

@@ -108,3 +108,14 @@ def test_refine_climbs_past_the_grid_edge_when_extended(monkeypatch):
   assert sorted(asked) == [1e5, 1e6, 1e7, 1e8]                # 1e9 never: 1e8 is already worse than 1e7
   assert [o["ewc.lam"] for o, _ in scores] == [1e5, 1e6, 1e7, 1e8]
   assert protocol.refine_on_validation(None, grid, {"ewc.lam": 1e6}, 100, 1, "/nowhere", print)[0] == {"ewc.lam": 1e6}
+
+
+def test_only_cached_trains_nothing_and_names_the_missing_run(tmp_path):
+  import pytest
+  from cl_jax.config import base_config, set_overrides
+  from experiments.protocol import NotCached, only_cached, run_cached
+  c = base_config()
+  set_overrides(c, {"strategy": "ewc", "seed": 7, "train.sweep": "ewc.lam=10"})
+  with only_cached(), pytest.raises(NotCached, match="ewc seeds 7"):
+    run_cached(c, str(tmp_path), print)
+  assert list(tmp_path.iterdir()) == []            # nothing was started or written
