@@ -68,6 +68,21 @@ def test_a_sweep_setting_equals_that_setting_run_alone(tmp_path):
   assert np.abs(losses[12:, 0] - losses[12:, 1]).max() > 1e-2   # replay weight matters once the buffer fills
 
 
+def test_a_one_setting_sweep_sets_its_value_in_a_single_run(tmp_path):
+  # One seed and one setting run as a plain single run; the sweep's value must still apply.
+  from cl_jax.train.loop import run
+  one = run(_config(**{"train.sweep": "replay.weight=3.0"}), str(tmp_path / "one"), progress=False)
+  alone = run(_config(**{"replay.weight": 3.0}), str(tmp_path / "alone"), progress=False)
+  default = run(_config(**{"replay.weight": 0.0}), str(tmp_path / "default"), progress=False)
+  np.testing.assert_allclose(_train_losses(one.workdir), _train_losses(alone.workdir), rtol=2e-4, atol=1e-5)
+  assert np.abs(_train_losses(one.workdir)[12:] - _train_losses(default.workdir)[12:]).max() > 1e-2
+  with open(os.path.join(one.workdir, "results.json")) as f:
+    r = json.load(f)
+  assert r["overrides"] == {"replay.weight": 3.0} and r["strategy_config"]["replay"]["weight"] == 3.0
+  with open(os.path.join(one.workdir, "config.json")) as f:
+    assert json.load(f)["train"]["sweep"] == "replay.weight=3.0"   # the config as given, for resume and caches
+
+
 def test_bad_sweeps_are_config_errors():
   from cl_jax.config import ConfigError, validate
   for sweep, match in (("model.hidden=1,2", "cannot be swept"), ("replay.weight", "expected"),

@@ -558,11 +558,15 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
   from cl_jax.train import seeds
   if seeds.num_runs(config) > 1:  # every seed / sweep setting as one vmapped program (H7)
     return seeds.run(config, workdir, overwrite, progress)
+  # One run: a one-setting sweep ("ewc.lam=1") still sets its values. The workdir keeps the config as given, so
+  # resuming and comparing runs see the same config the user wrote.
+  (setting,) = seeds.settings(config)
+  given, config = config, seeds.setting_config(config, setting.overrides)
   setup = build(config)
   scenario, data = setup.scenario, setup.data
   from cl_jax.data.device import maybe_device_plan
   plan = maybe_device_plan(classic_plan(config, setup), config, setup)  # batches drawn on device when data fits
-  with Workdir(config, workdir, overwrite) as wd:
+  with Workdir(given, workdir, overwrite) as wd:
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
     try:
       print(f"{config.strategy} on {scenario.name}/{scenario.kind} ({data.name}): {scenario.num_tasks} tasks, "
@@ -578,6 +582,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
              "num_params": param_count(setup.state.params), "steps_per_task": setup.steps,
              "timing": {"task_seconds": out.task_seconds, "total_seconds": out.seconds}}
     extra.update(strategy_record(config))
+    if setting.overrides:
+      extra["overrides"] = setting.overrides
     results = Results("classic", workdir, r, **summarize(r), extra=extra)
     if is_writer():
       write_json(workdir, "results.json", results.as_dict())
