@@ -350,6 +350,9 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             flush_metrics()
             log.flush()
             checkpoints.wait()
+            if jax.process_count() > 1:  # every process crashes at this step; none may see a peer die first,
+              from jax.experimental import multihost_utils  # mid-commit (that aborts it instead)
+              multihost_utils.sync_global_devices(f"test kill at step {kill_at}")
             os.kill(os.getpid(), signal.SIGKILL)
           if sum(len(m["loss"]) for _, m in pending) >= plan.log_every:
             flush_metrics()
