@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from cl_jax.config import set_overrides
-from experiments.protocol import (MNIST, ROOT, NotCached, fmt_ci, only_cached, refine_on_validation, run_cached,
+from experiments.protocol import (MNIST, ROOT, NotCached, fmt_ci, fmt_score, only_cached, refine_on_validation, run_cached,
                                   runs_of, select_on_validation, stats, write_json, write_markdown)
 
 BUDGET = 1000  # memory examples for every method that keeps any
@@ -145,7 +145,7 @@ def write_report(a, name, title, describe, table, chosen):
 
 
 def _scores(scores) -> str:
-  return "; ".join(f"{_setting(o)}: {100 * v:.1f}" for o, v in scores)
+  return "; ".join(f"{_setting(o)}: {fmt_score(v)}" for o, v in scores)
 
 
 def _setting(overrides: dict) -> str:

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from cl_jax.errors import DivergenceError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist.npz")
 VALIDATION_FRACTION = 0.1
@@ -30,6 +32,9 @@ VALIDATION_FRACTION = 0.1
 
 def config_key(config) -> str:
   return hashlib.sha1(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+DIVERGED = "diverged.json"  # written in place of results.json by a run that stopped with DivergenceError
 
 
 class NotCached(LookupError):
@@ -69,13 +74,20 @@ def run_cached(config, workroot: str, log=print) -> dict:
     workdir = os.path.join(workroot, config_key(config))
     t0, c0 = time.time(), time.process_time()
     overwrite = not os.path.exists(os.path.join(workdir, "checkpoints"))
-    cl_jax.run(config, workdir, overwrite=overwrite, progress=False)
+    try:
+      cl_jax.run(config, workdir, overwrite=overwrite, progress=False)
+    except DivergenceError as e:  # a finding, not a crash: kept, so the cache answers it next time too
+      write_json(os.path.join(workdir, DIVERGED), {"error": str(e)})
+      raise
     log(f"  ran {config.strategy} {config.scenario.name}/{config.scenario.kind} seeds {config.seed}.."
         f"{config.seed + config.train.num_seeds - 1} sweep {config.train.sweep!r}: {time.time() - t0:.0f} s wall, "
         f"{time.process_time() - c0:.0f} s CPU, load {os.getloadavg()[0]:.1f}")
     path = os.path.join(workdir, "results.json")
   with open(path) as f:
-    return json.load(f)
+    record = json.load(f)
+  if os.path.basename(path) == DIVERGED:
+    raise DivergenceError(record["error"])
+  return record
 
 
 def _equivalent_run(want: dict, workroot: str, defaults: dict | None = None) -> str | None:
@@ -85,7 +97,9 @@ def _equivalent_run(want: dict, workroot: str, defaults: dict | None = None) -> 
   for name in os.listdir(workroot):
     results = os.path.join(workroot, name, "results.json")
     if not os.path.exists(results):
-      continue
+      results = os.path.join(workroot, name, DIVERGED)
+      if not os.path.exists(results):
+        continue
     with open(os.path.join(workroot, name, "config.json")) as f:
       if _agree(json.load(f), want, defaults):
         found.append((os.path.getmtime(results), results))
@@ -228,7 +242,12 @@ def refine_on_validation(make_config, grid: dict, start: dict, tuning_seed: int,
   values = extend_geometric(list(values), extend)
 
   def score(i):
-    return select_on_validation(make_config, {key: [values[i]]}, tuning_seed, num_tuning_seeds, workroot, log)[1][0][1]
+    try:
+      return select_on_validation(make_config, {key: [values[i]]}, tuning_seed, num_tuning_seeds, workroot,
+                                  log)[1][0][1]
+    except DivergenceError as e:  # too strong a penalty can blow the loss up: the worst possible score
+      log(f"    {{{key!r}: {values[i]}}}: diverged ({str(e)[:80]})")
+      return float("-inf")
 
   best, scores = hill_climb(len(values), values.index(start[key]), score)
   return {key: values[best]}, [({key: values[i]}, scores[i]) for i in sorted(scores)]
@@ -238,6 +257,11 @@ def stats(values) -> dict:
   """Mean, sample std and 95% t-interval half-width, in percent."""
   from cl_jax.train.seeds import aggregate
   return aggregate([100 * float(v) for v in values])
+
+
+def fmt_score(v: float) -> str:
+  """A validation ACC in percent; a setting that diverged scores -inf."""
+  return "diverged" if v == float("-inf") else f"{100 * v:.1f}"
 
 
 def fmt_ci(s: dict) -> str:

@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from cl_jax.config import set_overrides
-from experiments.protocol import (MNIST, ROOT, NotCached, compare, fmt_ci, only_cached, refine_on_validation,
+from experiments.protocol import (MNIST, ROOT, NotCached, compare, fmt_ci, fmt_score, only_cached, refine_on_validation,
                                   run_cached, runs_of, select_on_validation, stats, write_json, write_markdown)
 
 # van de Ven & Tolias 2019 (arXiv:1904.07734v1), Split MNIST, final test accuracy (%), task / domain / class
@@ -173,7 +173,7 @@ def write_report(a, table, chosen):
               "validation ACC is then run on the reported seeds.", "",
               "| scenario | method | validation ACC per setting | chosen |", "|---|---|---|---|"]
     for (scenario, method), (best, scores) in chosen.items():
-      cells = "; ".join(o if v is None else f"{_setting(o)}: {100 * v:.1f}" for o, v in scores)
+      cells = "; ".join(o if v is None else f"{_setting(o)}: {fmt_score(v)}" for o, v in scores)
       lines.append(f"| {scenario} | {method} | {cells} | {_setting(best)} |")
     lines.append("")
   lines += _findings(table, flagged)

@@ -103,6 +103,20 @@ def test_refine_climbs_past_the_grid_edge_when_extended(monkeypatch):
 
   monkeypatch.setattr(protocol, "select_on_validation", fake_select)
   grid = {"ewc.lam": [1e4, 1e5, 1e6]}
+  real = fake_select
+
+  def diverging(make, grid, seed, n, workroot, log):        # too strong a penalty blows the loss up
+    from cl_jax.errors import DivergenceError
+    if grid["ewc.lam"][0] >= 1e8:
+      raise DivergenceError("loss exceeds train.divergence_factor")
+    return real(make, grid, seed, n, workroot, log)
+
+  monkeypatch.setattr(protocol, "select_on_validation", diverging)
+  best, scores = protocol.refine_on_validation(None, grid, {"ewc.lam": 1e6}, 100, 1, "/nowhere", print, extend=3)
+  assert best == {"ewc.lam": 1e7} and scores[-1] == ({"ewc.lam": 1e8}, float("-inf"))
+  assert protocol.fmt_score(scores[-1][1]) == "diverged" and protocol.fmt_score(0.675) == "67.5"
+  monkeypatch.setattr(protocol, "select_on_validation", real)
+  asked.clear()
   best, scores = protocol.refine_on_validation(None, grid, {"ewc.lam": 1e6}, 100, 1, "/nowhere", print, extend=3)
   assert best == {"ewc.lam": 1e7}
   assert sorted(asked) == [1e5, 1e6, 1e7, 1e8]                # 1e9 never: 1e8 is already worse than 1e7
