@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 
 from cl_jax.config import set_overrides
-from experiments.protocol import (MNIST, ROOT, NotCached, fmt_ci, fmt_score, only_cached, refine_on_validation, run_cached,
-                                  runs_of, select_on_validation, stats, write_json, write_markdown)
+from experiments.protocol import (MNIST, ROOT, NotCached, fmt_ci, fmt_scores, fmt_setting, only_cached,
+                                  refine_on_validation, run_cached, runs_of, select_on_validation, stats, write_json,
+                                  write_markdown)
 
 BUDGET = 1000  # memory examples for every method that keeps any
 # name: (strategy spec, fixed overrides, validation grid or None)
@@ -131,9 +132,9 @@ def write_report(a, name, title, describe, table, chosen):
               + (f" at {a.iters} it. |" if refining else "") + " chosen |",
               "|---|---|" + ("---|" if refining else "") + "---|"]
     for method, (best, scores, refined) in chosen.items():
-      cells = [_scores(scores)] + ([_scores(refined) if isinstance(refined, list) else refined or "—"]
+      cells = [fmt_scores(scores)] + ([fmt_scores(refined) if isinstance(refined, list) else refined or "—"]
                                    if refining else [])
-      lines.append(f"| {method} | " + " | ".join(cells) + f" | {_setting(best)} |")
+      lines.append(f"| {method} | " + " | ".join(cells) + f" | {fmt_setting(best)} |")
     lines.append("")
   lines += _findings(table)
   write_markdown(a.out, lines)
@@ -142,14 +143,6 @@ def write_report(a, name, title, describe, table, chosen):
                               "chosen": {m: {"best": b, "scores": s, "scores_at_iters": r}
                                          for m, (b, s, r) in chosen.items()}})
   plot(table, title, base + ".png")
-
-
-def _scores(scores) -> str:
-  return "; ".join(f"{_setting(o)}: {fmt_score(v)}" for o, v in scores)
-
-
-def _setting(overrides: dict) -> str:
-  return ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in overrides.items()) or "—"
 
 
 def _findings(table) -> list:

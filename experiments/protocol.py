@@ -264,6 +264,16 @@ def fmt_score(v: float) -> str:
   return "diverged" if v == float("-inf") else f"{100 * v:.1f}"
 
 
+def fmt_setting(overrides: dict) -> str:
+  """{'ewc.lam': 100.0} -> 'lam=100' ('—' for no overrides)."""
+  return ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in overrides.items()) or "—"
+
+
+def fmt_scores(scores: list) -> str:
+  """[(overrides, validation ACC)] -> 'lam=10: 84.3; lam=100: 87.0'; an entry scored None is a note, shown as is."""
+  return "; ".join(o if v is None else f"{fmt_setting(o)}: {fmt_score(v)}" for o, v in scores)
+
+
 def fmt_ci(s: dict) -> str:
   if s["mean"] is None:
     return "—"

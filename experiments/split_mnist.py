@@ -30,8 +30,9 @@ import numpy as np
 
 from cl_jax.config import set_overrides
 from cl_jax.errors import DivergenceError
-from experiments.protocol import (MNIST, ROOT, NotCached, compare, fmt_ci, fmt_score, only_cached, refine_on_validation,
-                                  run_cached, runs_of, select_on_validation, stats, write_json, write_markdown)
+from experiments.protocol import (MNIST, ROOT, NotCached, compare, fmt_ci, fmt_scores, fmt_setting, only_cached,
+                                  refine_on_validation, run_cached, runs_of, select_on_validation, stats, write_json,
+                                  write_markdown)
 
 # van de Ven & Tolias 2019 (arXiv:1904.07734v1), Split MNIST, final test accuracy (%), task / domain / class
 # (as quoted in this project's issue #3). Rows the paper does not have, or whose published figure we cannot check
@@ -136,9 +137,8 @@ def _row(a, scenario, method, chosen, log) -> dict:
       if i + 1 == len(ranked):
         raise
       log(f"  {scenario}/{method} at {setting} diverged on a reported seed; next: {ranked[i + 1]}")
-      best, scores = chosen[(scenario, method)]
-      chosen[(scenario, method)] = (ranked[i + 1], scores + [(f"{_setting(setting)} diverged on a reported seed",
-                                                             None)])
+      scores = chosen[(scenario, method)][1] + [(f"{fmt_setting(setting)} diverged on a reported seed", None)]
+      chosen[(scenario, method)] = (ranked[i + 1], scores)
 
 
 def write_report(a, table, chosen):
@@ -187,8 +187,7 @@ def write_report(a, table, chosen):
               "validation ACC is then run on the reported seeds.", "",
               "| scenario | method | validation ACC per setting | chosen |", "|---|---|---|---|"]
     for (scenario, method), (best, scores) in chosen.items():
-      cells = "; ".join(o if v is None else f"{_setting(o)}: {fmt_score(v)}" for o, v in scores)
-      lines.append(f"| {scenario} | {method} | {cells} | {_setting(best)} |")
+      lines.append(f"| {scenario} | {method} | {fmt_scores(scores)} | {fmt_setting(best)} |")
     lines.append("")
   lines += _findings(table, flagged)
   write_markdown(a.out, lines)
@@ -206,10 +205,6 @@ def _merge_scores(grid_scores: list, climbed: list) -> list:
   for o, v in climbed:
     merged.setdefault(tuple(o.items()), (o, v))
   return [merged[k] for k in sorted(merged)]
-
-
-def _setting(overrides: dict) -> str:
-  return ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in overrides.items()) or "—"
 
 
 def _findings(table, flagged) -> list:

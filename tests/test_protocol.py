@@ -133,3 +133,30 @@ def test_only_cached_trains_nothing_and_names_the_missing_run(tmp_path):
   with only_cached(), pytest.raises(NotCached, match="ewc seeds 7"):
     run_cached(c, str(tmp_path), print)
   assert list(tmp_path.iterdir()) == []            # nothing was started or written
+
+
+def test_a_diverged_run_is_cached_and_raises_again_without_training(tmp_path, monkeypatch):
+  import pytest
+  import cl_jax
+  from cl_jax.config import base_config, set_overrides
+  from cl_jax.errors import DivergenceError
+  from cl_jax.train.loop import config_dict
+  from experiments.protocol import DIVERGED, config_key, run_cached
+  c = base_config()
+  set_overrides(c, {"strategy": "ewc", "seed": 7, "train.sweep": "ewc.lam=1e9"})
+  calls = []
+
+  def diverge(config, workdir, **kw):           # what cl_jax.run leaves behind: the config, then the error
+    import json, os
+    calls.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict(config), f)
+    raise DivergenceError("loss 221 exceeds train.divergence_factor")
+
+  monkeypatch.setattr(cl_jax, "run", diverge)
+  for _ in range(2):
+    with pytest.raises(DivergenceError, match="loss 221"):
+      run_cached(c, str(tmp_path), print)
+  assert len(calls) == 1                                       # the second call read the cached verdict
+  assert (tmp_path / config_key(c) / DIVERGED).exists()
