@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 
 from cl_jax.config import set_overrides
-from experiments.protocol import (MNIST, ROOT, NotCached, fmt_ci, fmt_scores, fmt_setting, only_cached,
-                                  refine_on_validation, run_cached, runs_of, select_on_validation, stats, write_json,
-                                  write_markdown)
+from experiments.protocol import (MNIST, ROOT, NotCached, by_score, diverged_note, fmt_ci, fmt_scores, fmt_setting,
+                                  only_cached, refine_on_validation, run_reported, runs_of, select_on_validation,
+                                  stats, write_json, write_markdown)
 
 BUDGET = 1000  # memory examples for every method that keeps any
 # name: (strategy spec, fixed overrides, validation grid or None)
@@ -98,7 +98,16 @@ def _row(a, method, get_config, hidden, chosen, log) -> dict:
           raise
         refined = PENDING
     chosen[method] = (overrides, scores, refined)
-  return run_cached(make_config(get_config, method, 0, a.iters, a.seeds, overrides, hidden), a.workroot, log)
+  # If the chosen setting diverges on a reported seed: the next by the full-schedule scores, then by the grid's.
+  candidates = [overrides] + (by_score(refined if isinstance(refined, list) else []) + by_score(scores) if grid
+                              else [])
+  make = lambda setting: make_config(get_config, method, 0, a.iters, a.seeds, setting, hidden)
+  record, setting, diverged = run_reported(make, candidates, a.workroot, log)
+  if diverged:  # the row runs at the next best validated setting; the report says why
+    notes = [diverged_note(o) for o in diverged]
+    chosen[method] = ((setting, scores, refined + notes) if isinstance(refined, list)
+                      else (setting, scores + notes, refined))
+  return record
 
 
 PENDING = "not finished yet (the row uses the short grid's choice)"

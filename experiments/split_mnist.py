@@ -29,10 +29,9 @@ import os
 import numpy as np
 
 from cl_jax.config import set_overrides
-from cl_jax.errors import DivergenceError
-from experiments.protocol import (MNIST, ROOT, NotCached, compare, fmt_ci, fmt_scores, fmt_setting, only_cached,
-                                  refine_on_validation, run_cached, runs_of, select_on_validation, stats, write_json,
-                                  write_markdown)
+from experiments.protocol import (MNIST, ROOT, NotCached, by_score, compare, diverged_note, fmt_ci, fmt_scores, fmt_setting,
+                                  only_cached, refine_on_validation, run_reported, runs_of, select_on_validation,
+                                  stats, write_json, write_markdown)
 
 # van de Ven & Tolias 2019 (arXiv:1904.07734v1), Split MNIST, final test accuracy (%), task / domain / class
 # (as quoted in this project's issue #3). Rows the paper does not have, or whose published figure we cannot check
@@ -126,19 +125,11 @@ def _row(a, scenario, method, chosen, log) -> dict:
           raise
         scores = scores + [(CLIMB_PENDING, None)]
     chosen[(scenario, method)] = (overrides, scores)
-  # A setting at the edge of stability can pass on the tuning seed and diverge on a reported one: then the row
-  # takes the next best setting that validation scored (and the report says why).
-  scored = [(o, v) for o, v in (scores if grid else []) if isinstance(v, float) and v > float("-inf")]
-  ranked = [overrides] + [o for o, v in sorted(scored, key=lambda ov: -ov[1]) if o != overrides]
-  for i, setting in enumerate(ranked):
-    try:
-      return run_cached(split_config(scenario, method, 0, a.iters, setting, a.seeds), a.workroot, log)
-    except DivergenceError:
-      if i + 1 == len(ranked):
-        raise
-      log(f"  {scenario}/{method} at {setting} diverged on a reported seed; next: {ranked[i + 1]}")
-      scores = chosen[(scenario, method)][1] + [(f"{fmt_setting(setting)} diverged on a reported seed", None)]
-      chosen[(scenario, method)] = (ranked[i + 1], scores)
+  make = lambda setting: split_config(scenario, method, 0, a.iters, setting, a.seeds)
+  record, setting, diverged = run_reported(make, [overrides] + (by_score(scores) if grid else []), a.workroot, log)
+  if diverged:  # the row runs at the next best validated setting; the report says why
+    chosen[(scenario, method)] = (setting, chosen[(scenario, method)][1] + [diverged_note(o) for o in diverged])
+  return record
 
 
 def write_report(a, table, chosen):

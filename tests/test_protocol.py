@@ -160,3 +160,31 @@ def test_a_diverged_run_is_cached_and_raises_again_without_training(tmp_path, mo
       run_cached(c, str(tmp_path), print)
   assert len(calls) == 1                                       # the second call read the cached verdict
   assert (tmp_path / config_key(c) / DIVERGED).exists()
+
+
+def test_a_row_whose_setting_diverges_on_a_reported_seed_runs_at_the_next_validated_one(monkeypatch):
+  import pytest
+  from cl_jax.errors import DivergenceError
+  from experiments import protocol
+  scores = [({"ewc.lam": 1e6}, 0.994), ({"ewc.lam": 1e7}, 0.995), ({"ewc.lam": 1e8}, 0.9951),
+            ({"ewc.lam": 1e9}, float("-inf")), ("a note", None)]
+  assert protocol.by_score(scores) == [{"ewc.lam": 1e8}, {"ewc.lam": 1e7}, {"ewc.lam": 1e6}]
+  asked = []
+
+  def fake_run(lam, workroot, log):              # λ ≥ 1e8 blows up on a reported seed
+    asked.append(lam)
+    if lam >= 1e8:
+      raise DivergenceError(f"loss exceeds train.divergence_factor at lam={lam:g}")
+    return {"acc": lam}
+
+  monkeypatch.setattr(protocol, "run_cached", fake_run)
+  make = lambda setting: setting["ewc.lam"]
+  best = {"ewc.lam": 1e8}
+  record, setting, diverged = protocol.run_reported(make, [best] + protocol.by_score(scores), "/nowhere", print)
+  assert record == {"acc": 1e7} and setting == {"ewc.lam": 1e7} and diverged == [{"ewc.lam": 1e8}]
+  assert asked == [1e8, 1e7]                      # the chosen setting once (not again as a candidate), then the next
+  assert protocol.fmt_scores([protocol.diverged_note(d) for d in diverged]) == "lam=1e+08 diverged on a reported seed"
+  asked.clear()
+  with pytest.raises(DivergenceError, match="lam=1e\\+08"):   # all diverge: the last one's error reaches the caller
+    protocol.run_reported(make, [{"ewc.lam": 1e9}, {"ewc.lam": 1e8}, {"ewc.lam": 1e9}], "/nowhere", print)
+  assert asked == [1e9, 1e8]
