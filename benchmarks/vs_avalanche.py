@@ -442,12 +442,15 @@ def write_md(a, runs: dict, path: str, started: str, wall_total: float) -> None:
   L.append("| strategy | FLOPs | floor (CPU s) | cl_jax CPU / floor, cold / warm | floor / Avalanche CPU "
            "(lower of 1 / 2 thr) |")
   L.append("|---|---|---|---|---|")
+  beyond_floor = []  # strategies whose goal asks for less CPU time than their FLOPs take at the measured peak
   for s in a.strategies:
     r = runs[s]
     fl = train_flops(s, a.iters, ev_n)
     floor = fl / a.peak
     av_cpu = min((x for x in (med(r["av1"], "cpu"), med(r["av2"], "cpu")) if x is not None), default=None)
     le = "≤ " if cut(r["av1"] + r["av2"]) is not None else ""
+    if av_cpu is not None and not le and floor / av_cpu > GOAL:
+      beyond_floor.append(f"{s} ({f3(floor / av_cpu)})")
     L.append(f"| {s} | {fl / 1e12:.2f} T{' (+ Fisher)' if s == 'ewc' else ''} | {floor:.1f} | "
              f"{f3(div(med(r['cold'], 'cpu'), floor))} / {f3(div(med(r['warm'], 'cpu'), floor))} | "
              f"{'—' if av_cpu is None else le + f3(floor / av_cpu)} |")
@@ -464,6 +467,12 @@ def write_md(a, runs: dict, path: str, started: str, wall_total: float) -> None:
                                     f"{', '.join(rest)}" if rest else "") if x) + "."
   L.append(f"**Verdict** (goal: cl_jax train time ≤ {GOAL}× Avalanche's for every strategy; measured as CPU time, "
            f"cl_jax cold with compilation included, against Avalanche's lower CPU time): {verdict}\n")
+  if beyond_floor:
+    # Reported so that a missed goal is read for what it is: on these strategies Avalanche already runs at more
+    # than GOAL of the peak matmul rate, so the CPU-time goal would need a faster kernel, not a leaner library.
+    L.append(f"For {', '.join(beyond_floor)} the CPU-time goal lies below the compute floor (floor / Avalanche "
+             f"above {GOAL}, in brackets): meeting it would take less CPU time than the FLOPs need at this CPU's best "
+             "measured matmul rate, so no implementation could meet it here.\n")
   L.append("## Every run\n")
   L.append("| repeat | strategy | run | ACC | wall | CPU | imports wall / CPU | subprocess wall / CPU | load (1-min) "
            "before → after |")
@@ -560,7 +569,7 @@ def main(argv=None):
       a.notes += d.get("notes", [])
     meta["commands"] = commands
     a.strategies = [s for s in STRATEGIES if s in runs]
-    a.peak = measure_peak()
+    a.peak = meta.get("peak") or measure_peak()  # the rate measured with the runs, when they stored it
     a.notes.append("Written by `--render` from the per-strategy runs' JSON: "
                    + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + ".")
     write_md(a, runs, a.out, meta.get("started", "?"), meta.get("seconds", 0.0))
@@ -586,7 +595,7 @@ def main(argv=None):
 
   def save():
     if a.json:
-      meta = {"started": started, "seconds": time.perf_counter() - t0,
+      meta = {"started": started, "seconds": time.perf_counter() - t0, "peak": a.peak,
               "commands": [" ".join(["python benchmarks/vs_avalanche.py"] + sys.argv[1:])]}
       with open(a.json, "w") as f:
         json.dump({"runs": runs, "meta": meta, "notes": a.notes}, f)

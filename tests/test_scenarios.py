@@ -164,3 +164,38 @@ def test_run_on_the_validation_split(tmp_path):
   assert rv[1, 0] > 0.6                # ... of the task it learned
   with pytest.raises(ConfigError, match="eval.split"):
     validate(tiny_config("naive", **{"eval.split": "validation"}))
+
+
+def test_split_tasks_are_slices_of_one_buffer_that_the_cpu_pool_aliases():
+  """Each split task holds exactly its classes' examples in their original order (as boolean masks pick them),
+  as read-only consecutive slices of one aligned buffer; the device pool is that buffer, uploaded without a copy."""
+  import jax
+  from cl_jax.data.device import DeviceData, pool_array
+  data = _data(n=300, classes=10, shape=(5, 3))
+  order = [3, 9, 0, 4, 7, 1, 8, 2, 6, 5]
+  s = make_scenario(data, _cfg(kind="class", class_order=order))
+  for t, task in enumerate(s.tasks):
+    keep = np.isin(data.y_train, order[2 * t:2 * t + 2])
+    assert np.array_equal(task.x_train, data.x_train[keep])                    # same rows, same order
+    assert task.y_train.tolist() == [2 * t + order[2 * t:2 * t + 2].index(c) for c in data.y_train[keep]]
+    assert np.array_equal(task.x_test, data.x_test[np.isin(data.y_test, order[2 * t:2 * t + 2])])
+    assert not task.x_train.flags.writeable
+  pool = pool_array([task.x_train for task in s.tasks])
+  assert pool.ctypes.data == s.tasks[0].x_train.ctypes.data and pool.ctypes.data % 64 == 0   # no copy on the host
+  assert np.array_equal(pool, np.concatenate([t.x_train for t in s.tasks]).reshape(300, 15))
+  device = DeviceData(s, lambda t: [t], 8, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  if jax.devices()[0].platform == "cpu":                                           # and none on upload
+    assert device.pool.x.unsafe_buffer_pointer() == pool.ctypes.data
+
+
+def test_pool_array_copies_arrays_that_do_not_share_a_buffer():
+  from cl_jax.data.buffers import spanning_view
+  from cl_jax.data.device import pool_array
+  a, b = np.ones((4, 3), np.float32), np.zeros((2, 3), np.float32)
+  assert spanning_view([a, b]) is None
+  whole = np.arange(30, dtype=np.float32).reshape(10, 3)
+  assert spanning_view([whole[:4], whole[5:]]) is None                               # a gap
+  assert spanning_view([whole[4:], whole[:4]]) is None                               # out of order
+  assert np.array_equal(spanning_view([whole[:4], whole[4:7]]), whole[:7])
+  joined = pool_array([a, b])
+  assert np.array_equal(joined, np.concatenate([a, b])) and joined.ctypes.data % 64 == 0

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_jax.data.buffers import aligned_concat, spanning_view
 from cl_jax.data.scenarios import Scenario
 
 _SALT = 0x5EED_DA7A  # the data-order stream: independent of the parameter init drawn from the same seed
@@ -124,7 +125,7 @@ class DeviceData:
     self.batch_size = int(batch_size)
     self.num_tasks = scenario.num_tasks
     self.input_shape = tuple(scenario.input_shape)
-    x = (_aligned_concat([np.asarray(a, np.float32).reshape(len(a), -1) for a in arrays]) if len(arrays) > 1
+    x = (pool_array(arrays) if len(arrays) > 1
          else np.asarray(arrays[0], np.float32).reshape(len(arrays[0]), -1))
     put = (lambda a: _put_global(a, replicated)) if replicated is not None else jnp.asarray
     remaps = [task.transform for task in scenario.tasks]
@@ -223,7 +224,7 @@ class DeviceTestData:
       which.append(found[0] if found else len(arrays) - 1)
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
     self.input_shape = tuple(scenario.input_shape)
-    x = _aligned_concat([np.asarray(a, np.float32).reshape(len(a), -1) for a in arrays])
+    x = pool_array(arrays)
     remaps = [task.transform for task in scenario.tasks]
     if any(r is not None for r in remaps):
       index, weights = _stack_remaps(remaps, int(np.prod(scenario.input_shape)))
@@ -481,20 +482,12 @@ def _prefetch_worker(iterator, q, stop) -> None:
     q.put(e)
 
 
-def _aligned_concat(arrays: list) -> np.ndarray:
-  """`np.concatenate(arrays)` into a fresh 64-byte aligned buffer that nothing else references.
-
-  On CPU, `jax.device_put` of a 64-byte aligned array aliases its memory instead of copying it, so the pool (188 MB
-  for MNIST) is written once on the host and never again on upload. Nothing else holds the buffer, so nothing can
-  change it under the device array.
-  """
-  n = sum(len(a) for a in arrays)
-  shape, dtype = (n, *arrays[0].shape[1:]), np.result_type(*arrays)
-  nbytes = int(np.prod(shape)) * dtype.itemsize
-  raw = np.empty(nbytes + 64, np.uint8)
-  start = (-raw.ctypes.data) % 64
-  out = raw[start:start + nbytes].view(dtype).reshape(shape)
-  return np.concatenate(arrays, out=out)
+def pool_array(arrays: list) -> np.ndarray:
+  """The tasks' arrays as one float32 [N, features] host array that `jax.device_put` aliases on CPU: the buffer
+  they already are slices of (a split scenario's, no copy), else a fresh aligned concatenation."""
+  flat = [np.asarray(a, np.float32).reshape(len(a), -1) for a in arrays]
+  span = spanning_view(flat)
+  return span if span is not None else aligned_concat(flat)
 
 
 def _put_global(array, sharding):

@@ -196,22 +196,21 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
       order = list(np.random.default_rng(seed).permutation(order))
     k = len(order) // num_tasks
     groups = [tuple(int(c) for c in order[t * k:(t + 1) * k]) for t in range(num_tasks)]
+    task_of = np.full(max(max(order), int(np.max(data.y_train, initial=0))) + 1, -1, np.int64)
+    label_of = np.zeros(len(task_of), np.int32)  # a lookup table: a Python loop over 60k labels costs ~1 s
+    for t, group in enumerate(groups):
+      for i, c in enumerate(group):
+        task_of[c], label_of[c] = t, _label(kind, multi_head, t, k, i)
+    # Each split's examples, grouped by task (in their original order within a task), gathered in one pass into
+    # one aligned buffer; a task's arrays are slices of it. The device pool is then that same buffer, uploaded
+    # without a copy (cl_jax/data/buffers.py).
+    splits = [_by_task(x, y, task_of, num_tasks) for x, y in
+              ((data.x_train, data.y_train), (data.x_test, data.y_test), (x_val, y_val))]
     tasks = []
     for t, group in enumerate(groups):
-      local = {c: i for i, c in enumerate(group)}
-      tr = np.isin(data.y_train, group)
-      te = np.isin(data.y_test, group)
-
-      def relabel(y, t=t, local=local):  # a lookup table: a Python loop over 60k labels costs ~1 s of start-up
-        table = np.zeros(max(local) + 1, np.int32)
-        for c, i in local.items():
-          table[c] = _label(kind, multi_head, t, k, i)
-        return table[np.asarray(y)]
-
-      va = None if y_val is None else np.isin(y_val, group)
-      tasks.append(Task(t, group, data.x_train[tr], relabel(data.y_train[tr]), data.x_test[te],
-                        relabel(data.y_test[te]), None, None if va is None else x_val[va],
-                        None if va is None else relabel(y_val[va])))
+      (xtr, ytr), (xte, yte), val = (None if sp is None else sp[t] for sp in splits)
+      tasks.append(Task(t, group, xtr, label_of[ytr], xte, label_of[yte], None,
+                        None if val is None else val[0], None if val is None else label_of[val[1]]))
     classes_per_task = k
   else:
     c = data.num_classes
@@ -253,6 +252,21 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
   if eval_split == "validation":  # the accuracy matrix is measured on the validation examples
     tasks = [dataclasses.replace(task, x_test=task.x_val, y_test=task.y_val) for task in tasks]
   return Scenario(name, kind, tuple(tasks), num_outputs, num_heads, data.input_shape, mask_table)
+
+
+def _by_task(x, y, task_of: np.ndarray, num_tasks: int):
+  """[(x_t, y_t)] per task: the examples whose class `task_of` maps to task t, in their original order; the x_t
+  are consecutive slices of one read-only aligned buffer. None when `x` is None."""
+  if x is None:
+    return None
+  from cl_jax.data.buffers import aligned_take
+  y = np.asarray(y)
+  which = task_of[y]
+  index = np.argsort(which, kind="stable")
+  index = index[which[index] >= 0]  # classes in no task's group (a class_order naming fewer classes)
+  bounds = np.concatenate([[0], np.cumsum(np.bincount(which[which >= 0], minlength=num_tasks))])
+  xs, ys = aligned_take(x, index), y[index]
+  return [(xs[bounds[t]:bounds[t + 1]], ys[bounds[t]:bounds[t + 1]]) for t in range(num_tasks)]
 
 
 def _label(kind: str, multi_head: bool, task: int, classes_per_task: int, local: int) -> int:
