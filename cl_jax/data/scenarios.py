@@ -196,7 +196,8 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
       order = list(np.random.default_rng(seed).permutation(order))
     k = len(order) // num_tasks
     groups = [tuple(int(c) for c in order[t * k:(t + 1) * k]) for t in range(num_tasks)]
-    task_of = np.full(max(max(order), int(np.max(data.y_train, initial=0))) + 1, -1, np.int64)
+    top = max(max(order), *(int(np.max(y, initial=0)) for y in (data.y_train, data.y_test)))
+    task_of = np.full(top + 1, -1, np.int64)  # -1: a label in no task's group
     label_of = np.zeros(len(task_of), np.int32)  # a lookup table: a Python loop over 60k labels costs ~1 s
     for t, group in enumerate(groups):
       for i, c in enumerate(group):
@@ -263,7 +264,7 @@ def _by_task(x, y, task_of: np.ndarray, num_tasks: int):
   y = np.asarray(y)
   which = task_of[y]
   index = np.argsort(which, kind="stable")
-  index = index[which[index] >= 0]  # classes in no task's group (a class_order naming fewer classes)
+  index = index[which[index] >= 0]  # drop labels in no group (defensive: check_scenario makes groups cover all)
   bounds = np.concatenate([[0], np.cumsum(np.bincount(which[which >= 0], minlength=num_tasks))])
   xs, ys = aligned_take(x, index), y[index]
   return [(xs[bounds[t]:bounds[t + 1]], ys[bounds[t]:bounds[t + 1]]) for t in range(num_tasks)]
