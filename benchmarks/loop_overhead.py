@@ -16,8 +16,9 @@ The bare fused step is the same jitted train step, `lax.scan`-fused over 50 pre-
 the run's own fused chunks (and their time is taken out of the run's), so on a shared machine both see the same
 load. The floor is the run's number of steps times the lower of two per-step medians: the bare chunks', and the
 run's own fused chunks' (a bare chunk can also share the CPUs with the run's background checkpoint writes, which
-are overhead, not compute); run / floor is the loop's overhead factor (goal: <= 1.15). The run's chunks are synchronised for timing (the loop itself would overlap them with
-logging), which can only make the run look slower.
+are overhead, not compute); run / floor is the loop's overhead factor (goal: <= 1.15). The run's chunks are
+synchronised for timing (the loop itself would overlap them with logging), which can only make the run look
+slower.
 
 On a loaded machine wall time measures the queue for the CPUs as much as the work, so the same ratio is also
 given in CPU time (this process, all threads): run CPU seconds (without the inserted bare chunks) over steps x the

@@ -29,9 +29,9 @@ import os
 import numpy as np
 
 from cl_jax.config import set_overrides
-from experiments.protocol import (MNIST, ROOT, NotCached, by_score, compare, diverged_note, fmt_ci, fmt_scores, fmt_setting,
-                                  only_cached, refine_on_validation, run_reported, runs_of, select_on_validation,
-                                  stats, write_json, write_markdown)
+from experiments.protocol import (MNIST, ROOT, NotCached, by_score, compare, diverged_note, fmt_ci, fmt_scores,
+                                  fmt_setting, only_cached, refine_on_validation, run_reported, runs_of,
+                                  select_on_validation, stats, write_json, write_markdown)
 
 # van de Ven & Tolias 2019 (arXiv:1904.07734v1), Split MNIST, final test accuracy (%), task / domain / class
 # (as quoted in this project's issue #3). Rows the paper does not have, or whose published figure we cannot check

@@ -182,6 +182,13 @@ def test_split_tasks_are_slices_of_one_buffer_that_the_cpu_pool_aliases():
     assert not task.x_train.flags.writeable
   pool = pool_array([task.x_train for task in s.tasks])
   assert pool.ctypes.data == s.tasks[0].x_train.ctypes.data and pool.ctypes.data % 64 == 0   # no copy on the host
+  from cl_jax.data.scenarios import validation_mask                                 # with a validation split too
+  sv = make_scenario(data, _cfg(kind="class", class_order=order), validation_fraction=0.2)
+  val = validation_mask(data.y_train, 0.2)
+  for t, task in enumerate(sv.tasks):
+    group = order[2 * t:2 * t + 2]
+    assert np.array_equal(task.x_train, data.x_train[~val & np.isin(data.y_train, group)])
+    assert np.array_equal(task.x_val, data.x_train[val & np.isin(data.y_train, group)])
   assert np.array_equal(pool, np.concatenate([t.x_train for t in s.tasks]).reshape(300, 15))
   device = DeviceData(s, lambda t: [t], 8, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   if jax.devices()[0].platform == "cpu":                                           # and none on upload

@@ -183,12 +183,14 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
   docstring (the runner passes `data.validation_fraction` and `eval.split`)."""
   check_scenario(scenario_config, data.num_classes)
   check_validation(validation_fraction, eval_split)
-  x_val = y_val = None
+  name, kind, num_tasks = scenario_config.name, scenario_config.kind, scenario_config.num_tasks
+  x_val = y_val = train_rows = None  # train_rows: the training examples the validation split leaves (None: all)
   if validation_fraction > 0:
     val = validation_mask(data.y_train, float(validation_fraction))
     x_val, y_val = data.x_train[val], data.y_train[val]
-    data = dataclasses.replace(data, x_train=data.x_train[~val], y_train=data.y_train[~val])
-  name, kind, num_tasks = scenario_config.name, scenario_config.kind, scenario_config.num_tasks
+    train_rows = np.flatnonzero(~val)
+    if name != "split":  # a split gathers its tasks' rows from the full set in one copy (`_by_task`)
+      data = dataclasses.replace(data, x_train=data.x_train[train_rows], y_train=data.y_train[train_rows])
   seed = int(scenario_config.get("seed", 0))
   if name == "split":
     order = list(scenario_config.get("class_order") or range(data.num_classes))
@@ -205,8 +207,8 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
     # Each split's examples, grouped by task (in their original order within a task), gathered in one pass into
     # one aligned buffer; a task's arrays are slices of it. The device pool is then that same buffer, uploaded
     # without a copy (cl_jax/data/buffers.py).
-    splits = [_by_task(x, y, task_of, num_tasks) for x, y in
-              ((data.x_train, data.y_train), (data.x_test, data.y_test), (x_val, y_val))]
+    splits = [_by_task(x, y, task_of, num_tasks, rows) for x, y, rows in
+              ((data.x_train, data.y_train, train_rows), (data.x_test, data.y_test, None), (x_val, y_val, None))]
     tasks = []
     for t, group in enumerate(groups):
       (xtr, ytr), (xte, yte), val = (None if sp is None else sp[t] for sp in splits)
@@ -255,18 +257,18 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
   return Scenario(name, kind, tuple(tasks), num_outputs, num_heads, data.input_shape, mask_table)
 
 
-def _by_task(x, y, task_of: np.ndarray, num_tasks: int):
-  """[(x_t, y_t)] per task: the examples whose class `task_of` maps to task t, in their original order; the x_t
-  are consecutive slices of one read-only aligned buffer. None when `x` is None."""
+def _by_task(x, y, task_of: np.ndarray, num_tasks: int, rows: np.ndarray | None = None):
+  """[(x_t, y_t)] per task: the examples (among `rows`, when given) whose class `task_of` maps to task t, in their
+  original order; the x_t are consecutive slices of one read-only aligned buffer. None when `x` is None."""
   if x is None:
     return None
   from cl_jax.data.buffers import aligned_take
-  y = np.asarray(y)
+  y = np.asarray(y) if rows is None else np.asarray(y)[rows]
   which = task_of[y]
   index = np.argsort(which, kind="stable")
   index = index[which[index] >= 0]  # drop labels in no group (defensive: check_scenario makes groups cover all)
   bounds = np.concatenate([[0], np.cumsum(np.bincount(which[which >= 0], minlength=num_tasks))])
-  xs, ys = aligned_take(x, index), y[index]
+  xs, ys = aligned_take(x, index if rows is None else rows[index]), y[index]
   return [(xs[bounds[t]:bounds[t + 1]], ys[bounds[t]:bounds[t + 1]]) for t in range(num_tasks)]
 
 
