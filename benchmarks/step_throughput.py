@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import interleaved_medians, matmul_fn
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 from cl_jax.models import MLP, functional
 from cl_jax.strategies import Learner, naive
 from cl_jax.train.optim import build_optimizer

@@ -16,7 +16,10 @@ either (importing orbax takes ~1 s of a CPU launch).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import shutil
 import warnings
 from typing import Any
@@ -180,6 +183,12 @@ class Checkpoints:
     for m in list(self._managers.values()):
       m.close()
 
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def abstract_like(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -242,3 +251,51 @@ def load_params(path: str, like=None):
     abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
                             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
     return ckptr.restore(path, abstract)
+
+
+# ----------------------------------------------------------------------------- references to a run's params
+
+# "RUN_DIR:task=K" (the task-boundary checkpoint after task K), "RUN_DIR" (its last one) or a params directory:
+# how `model.init_from` and a merge run's `merge.base` / `merge.models` name params.
+REF_RE = re.compile(r"^(?P<path>.+?)(?::task=(?P<task>\d+))?$")
+
+
+@dataclasses.dataclass
+class Reference:
+  """A resolved checkpoint reference: `params()` loads it; `run_config` is the producing run's config (or None)."""
+  ref: str
+  what: str
+  path: str
+  task: int | None = None
+  run_config: dict | None = None
+
+  def params(self):
+    if self.run_config is None:
+      return load_params(self.path)
+    return boundary_params(self.path, self.task)
+
+
+def resolve(ref: str, what: str) -> Reference:
+  """Checks a reference (the directory exists; a run has the named task-boundary checkpoint); reads nothing big."""
+  m = REF_RE.match(ref or "")
+  if not ref or m is None:
+    raise ValueError(f"{what}: empty checkpoint reference")
+  path = os.path.abspath(m.group("path"))
+  task = int(m.group("task")) if m.group("task") else None
+  if not os.path.isdir(path):
+    raise ValueError(f"{what}={ref!r}: no such checkpoint or run directory {path}")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    if task is not None:
+      raise ValueError(f"{what}={ref!r}: ':task=' needs a cl_jax run directory (with config.json)")
+    return Reference(ref, what, path)
+  with open(cfg_path) as f:
+    run_config = json.load(f)
+  steps = boundary_steps(path)
+  finished = sorted(t for t in steps if t >= 1)
+  if not finished:
+    raise ValueError(f"{what}={ref!r}: run {path} has no task-boundary checkpoint")
+  if task is not None and task not in steps:
+    raise ValueError(f"{what}={ref!r}: task={task}, but the run has boundary checkpoints for tasks "
+                     f"{finished[0]}..{finished[-1]}")
+  return Reference(ref, what, path, task, run_config)

@@ -15,7 +15,8 @@ import os
 import re
 import sys
 
-from cl_jax.config import ConfigError, set_overrides, validate
+from cl_jax.config import ConfigError, set_overrides
+from cl_jax.kinds import validate
 from cl_jax.errors import CLJaxError
 
 
@@ -213,8 +214,8 @@ def main(argv, prog: str = "run.py") -> int:
   try:
     sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices
     config, args = build_config(argv, prog)
-    import cl_jax
-    results = cl_jax.run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress)
+    from cl_jax.runner import run
+    results = run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress, validated=True)
   except CLJaxError as e:
     return _fail(e, e.exit_code)
   except ValueError as e:  # bad input a runner reports as a plain ValueError: still bad input, still no write

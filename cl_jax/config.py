@@ -1,84 +1,27 @@
-"""The base experiment config, its validation, and the part of it that identifies a run.
+"""Config tooling every kind shares: overrides, type checks against a default, declarative schemas, "same run".
 
-Every `configs/*.py` starts from `base_config()` (or, for `kind='lm'`, from `cl_jax.lm`'s default config) and
-changes what it needs. `validate(config)` covers every kind (classic | lm | merge) and runs before anything is
-written: it raises `ConfigError` (exit code 2) whose one-line message starts with the full key and its value and
-says what is allowed, e.g. "optim.lr=inf: must be a finite number". The base config is locked, so a misspelt key
-(in a config file or a `--config.key=value` override) is an error, not a silently new field.
+This module knows no kind. Each kind (`cl_jax.kinds`) owns its default config and its schema; `cl_jax.kinds.validate`
+runs, for the config's kind: `check_types` against the kind's default (an int where an int is expected, every
+float finite), `check_schema` over its `SCHEMA` (one rule per key, e.g. `"train.batch_size": integer(1)`), then
+the few checks that relate several keys or need the file system. A problem is a `ConfigError` (exit code 2) whose
+one-line message starts with the full key and its value and says what is allowed, e.g.
+"optim.lr=inf: must be a finite number". Default configs are locked, so a misspelt key (in a config file or a
+`--config.key=value` override) is an error, not a silently new field.
 
 `comparable(config)` is the config as a plain dict without the strategy-owned sections the run's chain does not
 read; a workdir compares it to decide whether it holds the same run, so registering a new strategy (which adds a
-default section to `base_config()`) never stops an existing workdir from resuming.
-
-Checks that need the data (a batch larger than a task's training set) run in the runner's build, after the
-scenario exists and still before anything is written (`cl_jax.train.loop.check_data_fits`).
+default section to every kind's default config) never stops an existing workdir from resuming.
 """
 from __future__ import annotations
 
 import difflib
 import json
 import math
+from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
-from cl_jax import sharding
-from cl_jax.data import scenarios, sources
 from cl_jax.errors import CLJaxError, ConfigError
-from cl_jax.train import schedules
-from cl_jax.train.optim import OPTIMIZERS
-
-# kind -> the module whose `default_config()` / `check_config(config)` define and validate that kind's configs
-# (classic: this module's base_config and _check_classic; merge: the base config plus merge_run's section).
-KIND_MODULES = {"lm": "cl_jax.lm", "cit": "cl_jax.lm.cit"}
-KINDS = ("classic", "merge", *KIND_MODULES)
-
-
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.kind = "classic"  # classic | lm | merge: which runner run.py calls
-  c.seed = 0
-  c.strategy = "naive"
-
-  # on_device: auto | true | false: training data resident on the devices, batches gathered inside the jitted
-  # step (cl_jax/data/device.py); auto = when it fits in a quarter of a device's memory.
-  # validation_fraction: a share of every class's training examples held out as a validation split (0 = none);
-  # eval.split='validation' measures the accuracy matrix on it (cl_jax/data/scenarios.py).
-  c.data = ml_collections.ConfigDict(dict(name="digits", path="", tfds_data_dir="", seed=0, on_device="auto",
-                                          validation_fraction=0.0))
-  c.scenario = ml_collections.ConfigDict(dict(
-      name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
-      first_task_identity=False, angles=[], max_angle=180.0, train_sizes=[], seed=0))
-  c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=[400, 400], channels=[32, 64], cnn_hidden=128,
-                                           multi_head=True, init_from="", init="lecun"))
-  # model.init (mlp): 'lecun' (Flax's default) or 'torch' (PyTorch nn.Linear's default), see models/mlp.py.
-  # model.init_from: start from another run's params instead of a random init: "RUN_DIR:task=K" (the task-boundary
-  # checkpoint after task K), "RUN_DIR" (its last one) or a params directory (cl_jax.checkpoint.save_params).
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-3, b1=0.9, b2=0.999, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
-      schedule="constant", scope="task", warmup_fraction=0.0, decay_fraction=0.2, end_lr_fraction=0.0,
-      decay_shape="linear"))
-  # steps_per_call > 1 fuses that many steps into one jitted lax.scan: same numbers, less dispatch overhead
-  # (worth it for small models on CPU); eval and checkpoint intervals must be multiples of it.
-  # log_norms=False drops the grad / param / update l2 norms from the metrics: three passes over the params
-  # that cost ~25% of a small model's step on CPU (benchmarks/step_throughput.py).
-  c.train = ml_collections.ConfigDict(dict(steps_per_task=500, epochs_per_task=0, batch_size=128,
-                                           log_every_steps=10, steps_per_call=1, log_norms=True,
-                                           divergence_factor=100.0, num_seeds=1, sweep="", tasks=[]))
-  # tasks: the 1-based tasks to train ([] = all); the others run 0 steps but are still evaluated, so runs that train
-  # different tasks share one scenario (e.g. specialists of [1, k] for merging: task 1 is their common base).
-  # num_seeds=N: seeds seed..seed+N-1 as one vmapped program; sweep="ewc.lam=1,10;optim.lr=1e-3,1e-4": a grid of
-  # settings, every one run with every seed (cl_jax/train/seeds.py).
-  # divergence_factor: stop (exit 3) when a step's loss exceeds this x the early loss (0 disables; see loop.py).
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000, split="test"))  # split: test | validation
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  from cl_jax.models.lora import default_config as lora_config
-  c.lora = lora_config()  # adapters: targets, rank, alpha, dropout
-  from cl_jax.strategies import default_configs  # strategy-owned sections (ewc, replay, ...), from the registry
-  for name, default in default_configs().items():
-    c[name] = default()
-  c.lock()
-  return c
 
 
 def set_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
@@ -121,7 +64,9 @@ def comparable(config) -> dict:
   Accepts a ConfigDict or a dict loaded from a workdir's config.json. Two runs are the same run when their
   `comparable` dicts are equal: a section that only an unused strategy reads (e.g. `si` in a naive run, or one
   that did not exist when the workdir was written) does not take part. A strategy name that is not registered
-  keeps its section of the same name (the comparison stays strict about what it cannot interpret).
+  keeps its section of the same name (the comparison stays strict about what it cannot interpret). Sections a
+  kind added later at their default (an LM's `vocab`, `long_context`) are dropped by the workdir's comparison
+  against the kind's default config (`cl_jax.workdir.decide`), not here.
   """
   if isinstance(config, ml_collections.ConfigDict):
     d = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -134,52 +79,23 @@ def comparable(config) -> dict:
   for name in names:
     used.update(REGISTRY[name].config_sections if name in REGISTRY else (name,))
   owned = set(default_configs())
-  d = {k: v for k, v in d.items() if k not in owned or k in used}
-  # LM stage sections at their defaults (off) are the same run as a config.json written before they existed.
-  for name, default in _stage_defaults().items():
-    if d.get(name, default) == default:
-      d.pop(name, None)
-  return d
+  return {k: v for k, v in d.items() if k not in owned or k in used}
 
 
-def _stage_defaults() -> dict:
-  from cl_jax.lm.long_context import default_long_context_config
-  from cl_jax.lm.vocab import default_vocab_config
-  return {"vocab": json.loads(default_vocab_config().to_json(sort_keys=True)),
-          "long_context": json.loads(default_long_context_config().to_json(sort_keys=True))}
-
-
-def validate(c) -> None:
-  """Checks every value whose mistake would cost a run, for every kind; raises ConfigError naming the full key.
-
-  classic: the sections of `base_config()` and the `check_config` of every strategy in the chain.
-  lm, cit: `check_config` of their module (KIND_MODULES); merge: `cl_jax.merge_run.check_config`.
-  Every kind: each leaf has the type of the kind's default config (an int where an int is expected, a number
-  where a float is; ints are accepted for floats), and every float is finite.
-  """
-  try:
-    _validate(c)
-  except CLJaxError:
-    raise
-  except (ValueError, KeyError, AttributeError, TypeError) as e:
-    raise ConfigError(_one_line(e)) from e
-
-
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+  """An exception's message on one line (a KeyError's without its quotes)."""
   text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
   return " ".join(str(text).split())
 
 
-def reference_config(kind: str):
-  """The default config a `kind`'s configs start from: the types every leaf must keep."""
-  if kind in KIND_MODULES:
-    return _kind_module(kind).default_config()
-  c = base_config()
-  if kind == "merge":
-    from cl_jax.merge_run import default_config as merge_default
-    with c.unlocked():
-      c.merge = merge_default()
-  return c
+def as_config_error(check: Callable, *args) -> None:
+  """Runs `check(*args)`, turning a ValueError / KeyError / TypeError into a one-line ConfigError."""
+  try:
+    check(*args)
+  except CLJaxError:
+    raise
+  except (ValueError, KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(one_line(e)) from e
 
 
 def check_types(config, reference, prefix: str = "") -> None:
@@ -233,92 +149,82 @@ def _type_problem(value, ref) -> str:
   return ""
 
 
-def _validate(c) -> None:
-  kind = c.get("kind", "classic")
-  if kind not in KINDS:
-    raise ConfigError(f"kind={kind!r}: expected one of {list(KINDS)}")
-  check_types(c, reference_config(kind))
-  if kind in KIND_MODULES:
-    _kind_module(kind).check_config(c)
-  elif kind == "merge":
-    _check_merge(c)
-  else:
-    _check_classic(c)
+# ----------------------------------------------------------------------------- declarative schemas
+
+class Rule(NamedTuple):
+  """One key's constraint: `problem(value)` is '' when the value is allowed, else what is wrong with it."""
+  problem: Callable[[Any], str]
 
 
-def _kind_module(kind: str):
-  import importlib
-  try:
-    return importlib.import_module(KIND_MODULES[kind])
-  except ModuleNotFoundError as e:
-    raise ConfigError(f"kind={kind!r}: its module {KIND_MODULES[kind]} is not in this checkout ({e})") from e
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_merge(c) -> None:
-  from cl_jax import merge_run
-  check = getattr(merge_run, "check_config", None)
-  if check is not None:
-    check(c)
-  else:  # what merge_run.run checks before loading anything
-    merge_run.check_settings(c.merge)
+def integer(minimum: int | None = None, maximum: int | None = None) -> Rule:
+  """An integer in [minimum, maximum] (either bound optional)."""
+  def problem(v):
+    if not _is_int(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+      if minimum is not None and maximum is not None:
+        return f"must be an integer in [{minimum}, {maximum}]"
+      if minimum is not None:
+        return "must be a positive integer" if minimum == 1 else f"must be an integer >= {minimum}"
+      return f"must be an integer <= {maximum}"
+    return ""
+  return Rule(problem)
 
 
-def _check_classic(c) -> None:
-  from cl_jax.strategies import check_strategy_config, parse_strategy_spec
-  parse_strategy_spec(c.strategy)
-  if not isinstance(c.seed, int) or c.seed < 0:
-    raise ConfigError(f"seed={c.seed!r}: must be a non-negative integer")
-  sources.check_source(c.data)
-  from cl_jax.data.device import check_on_device
-  check_on_device(c.data.on_device)
-  from cl_jax.train.seeds import check_config as check_runs
-  check_runs(c)
-  num_classes = {"digits": 10, "mnist": 10, "mnist1d": 10}.get(c.data.name)
-  scenarios.check_scenario(c.scenario, num_classes)
-  tasks = list(c.train.tasks)
-  if any(not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= c.scenario.num_tasks for t in tasks) or (
-      len(set(tasks)) != len(tasks)):
-    raise ConfigError(f"train.tasks={tasks}: must be distinct task numbers in [1, scenario.num_tasks="
-                      f"{c.scenario.num_tasks}] ([] trains every task)")
-  scenarios.check_validation(c.data.validation_fraction, c.eval.split)
-  if c.model.name not in ("mlp", "cnn"):
-    raise ConfigError(f"model.name={c.model.name!r}: expected 'mlp' or 'cnn'")
-  from cl_jax.models.mlp import INITS
-  if c.model.get("init", "lecun") not in INITS or (c.model.get("init", "lecun") != "lecun" and c.model.name != "mlp"):
-    raise ConfigError(f"model.init={c.model.get('init')!r}: expected one of {INITS} ('torch' for model.name='mlp')")
-  if c.model.get("init_from", ""):
-    from cl_jax.merge_run import resolve
-    try:
-      resolve(c.model.init_from, "model.init_from")  # the run and its checkpoint exist (reads no arrays)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  if any((not isinstance(h, int)) or h < 1 for h in c.model.hidden):
-    raise ConfigError(f"model.hidden={list(c.model.hidden)}: must be positive integers")
-  if c.optim.name not in OPTIMIZERS:
-    raise ConfigError(f"optim.name={c.optim.name!r}: expected one of {OPTIMIZERS}")
-  schedules.check_schedule(c.optim)
-  for key in ("steps_per_task", "batch_size", "log_every_steps", "steps_per_call"):
-    if key == "steps_per_task" and c.train.epochs_per_task > 0:
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Rule:
+  """A finite number in the interval from `low` to `high` (each end closed unless `*_open`)."""
+  lo = "(" if low_open else "["
+  hi = ")" if high_open else "]"
+  where = f"in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+
+  def problem(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return f"must be a finite number {where}"
+    if low is not None and (v < low or (low_open and v == low)):
+      return f"must be {where}"
+    if high is not None and (v > high or (high_open and v == high)):
+      return f"must be {where}"
+    return ""
+  return Rule(problem)
+
+
+def one_of(*choices) -> Rule:
+  """One of `choices` (a single sequence argument is taken as the choices)."""
+  if len(choices) == 1 and isinstance(choices[0], (list, tuple)):
+    choices = tuple(choices[0])
+
+  def problem(v):
+    return "" if v in choices else f"expected one of {list(choices)}"
+  return Rule(problem)
+
+
+def check_schema(config, schema: dict[str, Rule]) -> None:
+  """Applies every rule of `schema` ({'section.key': Rule}) to `config`; keys the config lacks are skipped."""
+  for dotted, rule in schema.items():
+    node, present = config, True
+    for part in dotted.split("."):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        present = False
+        break
+      node = node[part]
+    if not present:
       continue
-    if not isinstance(c.train[key], int) or c.train[key] < 1:
-      raise ConfigError(f"train.{key}={c.train[key]!r}: must be a positive integer")
-  if not c.train.divergence_factor >= 0:
-    raise ConfigError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0 disables the check)")
-  if c.train.epochs_per_task < 0:
-    raise ConfigError(f"train.epochs_per_task={c.train.epochs_per_task}: must be >= 0 (0 = use steps_per_task)")
-  if c.eval.every_steps < 0 or c.eval.batch_size < 1:
-    raise ConfigError(f"eval.every_steps={c.eval.every_steps}, eval.batch_size={c.eval.batch_size}: "
-                      "need every_steps >= 0 and batch_size >= 1")
-  if c.checkpoint.every_steps < 0 or c.checkpoint.keep < 1:
-    raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps}, checkpoint.keep={c.checkpoint.keep}: "
-                      "need every_steps >= 0 and keep >= 1")
-  k = c.train.steps_per_call
-  for key in ("eval.every_steps", "checkpoint.every_steps"):
-    section, name = key.split(".")
-    if k > 1 and c[section][name] % k:
-      raise ConfigError(f"{key}={c[section][name]}: must be a multiple of train.steps_per_call={k}")
-  data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
-  if c.train.batch_size % (data * fsdp):
-    raise ConfigError(f"train.batch_size={c.train.batch_size}: not divisible by the {data * fsdp} devices of "
-                      f"the mesh (mesh.data={data}, mesh.fsdp={fsdp})")
-  check_strategy_config(c)
+    problem = rule.problem(node)
+    if problem:
+      shown = list(node) if isinstance(node, (list, tuple)) else node
+      raise ConfigError(f"{dotted}={shown!r}: {problem}")
+
+
+# Rules every kind shares (a kind's SCHEMA starts from these).
+COMMON_SCHEMA = {
+    "seed": integer(0),
+    "train.log_every_steps": integer(1),
+    "train.divergence_factor": number(0),
+    "checkpoint.keep": integer(1),
+    "checkpoint.every_steps": integer(0),
+}
+
+

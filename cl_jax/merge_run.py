@@ -1,4 +1,5 @@
-"""`run.py --config configs/merge.py`: merge checkpoints named in the config and evaluate on every task.
+"""The merge kind's parts (`cl_jax.kinds.merge`; `run.py --config configs/merge.py`): merge checkpoints named in
+the config and evaluate on every task.
 
 A checkpoint reference (`merge.base`, each of `merge.models`) is one of
   RUN_DIR:task=N   the task-boundary checkpoint after task N (1-based) of a cl_jax run in RUN_DIR;
@@ -10,7 +11,7 @@ scenario and model come from the first referenced run's `config.json` (every run
 or, when only params directories are named, from the merge config's own sections.
 
 Everything is checked before the workdir is touched: the method and its settings, that every checkpoint exists
-(`check_config`, called by `cl_jax.config.validate`), and that all trees match (the first mismatching path is
+(`check_config`, called by `cl_jax.kinds.validate`), and that all trees match (the first mismatching path is
 named). Evaluation is the task loop's (`cl_jax.eval.evaluator.accuracy_row`): each model is one accuracy-matrix
 row with the logit mask of having trained every task (`task_index = T - 1`), so an input checkpoint of a run
 evaluates to that run's row exactly. The run returns `Results(kind='merge')` whose accuracy matrix is the merged
@@ -28,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from cl_jax import checkpoint, merging
+from cl_jax.checkpoint import REF_RE, Reference, resolve  # noqa: F401  (the references this run reads)
 
-REF_RE = re.compile(r"^(?P<path>.+?)(?::task=(?P<task>\d+))?$")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -47,47 +48,6 @@ def default_config() -> ml_collections.ConfigDict:
       seed=0,            # DARE drop masks
       save=True,         # write the merged params to <workdir>/merged
   ))
-
-
-@dataclasses.dataclass
-class Reference:
-  """A resolved checkpoint reference: `params()` loads it; `run_config` is the producing run's config (or None)."""
-  ref: str
-  what: str
-  path: str
-  task: int | None = None
-  run_config: dict | None = None
-
-  def params(self):
-    if self.run_config is None:
-      return checkpoint.load_params(self.path)
-    return checkpoint.boundary_params(self.path, self.task)
-
-
-def resolve(ref: str, what: str) -> Reference:
-  """Checks a reference (the directory exists; a run has the named task-boundary checkpoint); reads nothing big."""
-  m = REF_RE.match(ref or "")
-  if not ref or m is None:
-    raise ValueError(f"{what}: empty checkpoint reference")
-  path = os.path.abspath(m.group("path"))
-  task = int(m.group("task")) if m.group("task") else None
-  if not os.path.isdir(path):
-    raise ValueError(f"{what}={ref!r}: no such checkpoint or run directory {path}")
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    if task is not None:
-      raise ValueError(f"{what}={ref!r}: ':task=' needs a cl_jax run directory (with config.json)")
-    return Reference(ref, what, path)
-  with open(cfg_path) as f:
-    run_config = json.load(f)
-  steps = checkpoint.boundary_steps(path)
-  finished = sorted(t for t in steps if t >= 1)
-  if not finished:
-    raise ValueError(f"{what}={ref!r}: run {path} has no task-boundary checkpoint")
-  if task is not None and task not in steps:
-    raise ValueError(f"{what}={ref!r}: task={task}, but the run has boundary checkpoints for tasks "
-                     f"{finished[0]}..{finished[-1]}")
-  return Reference(ref, what, path, task, run_config)
 
 
 def check_settings(c) -> None:
@@ -119,7 +79,7 @@ def references(c) -> list[Reference]:
 
 
 def check_config(config) -> None:
-  """`cl_jax.config.validate` for kind 'merge': the settings and that every referenced checkpoint exists."""
+  """For kind 'merge': the settings and that every referenced checkpoint exists."""
   check_settings(config.merge)
   _eval_sections(config, references(config.merge))
 
@@ -179,41 +139,6 @@ def merge_kwargs(c) -> dict:
   return kwargs
 
 
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
-  """Merges, evaluates and reports; see the module docstring. Returns `Results(kind='merge')`."""
-  from cl_jax.results import Results
-  from cl_jax.workdir import Workdir, decide, is_writer, write_json
-  del progress
-  c = config.merge
-  check_settings(c)
-  refs = references(c)
-  data_c, scenario_c, model_c, seed = _eval_sections(config, refs)
-  decide(config, workdir, overwrite)
-  loaded = [r.params() for r in refs]
-  merging.check_compatible(loaded, [r.ref for r in refs])
-  has_base = bool(c.base) and c.method not in ("linear", "slerp")
-  base, models = (loaded[0], loaded[1:]) if has_base else (None, loaded)
-  kwargs = merge_kwargs(c)
-  merged = merging.merge(c.method, base, models, **kwargs)
-  rows = evaluate_rows([merged] + loaded, data_c, scenario_c, model_c, seed)
-  inputs = {r.ref: row for r, row in zip(refs, rows[1:])}
-  matrix = np.asarray(rows[:1])
-  extra = {"method": c.method, "settings": {k: v for k, v in kwargs.items() if k != "weights" or v is not None},
-           "accuracy": rows[0], "average": float(np.mean(rows[0])), "inputs": inputs}
-  results = Results("merge", workdir, matrix, acc=float(np.mean(rows[0])), extra=extra)
-  with Workdir(config, workdir, overwrite):
-    if c.save:
-      checkpoint.save_params(os.path.join(workdir, "merged"), merged, overwrite=True)
-    if is_writer():
-      write_json(workdir, "results.json", results.as_dict())
-      table = summary_table(c.method, rows[0], inputs)
-      with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(f"# Merge: {c.method}\n\nSettings: {json.dumps(extra['settings'])}\n\n" + table + "\n")
-      print(table)
-      print(f"\nOutputs in {workdir}/: results.json, summary.md" + (", merged/" if c.save else ""))
-  return results
-
-
 def summary_table(method: str, merged_row, inputs: dict) -> str:
   rows = [(f"merged ({method})", merged_row)] + list(inputs.items())
   T = len(merged_row)
@@ -224,5 +149,5 @@ def summary_table(method: str, merged_row, inputs: dict) -> str:
   return "\n".join(table)
 
 
-__all__ = ["default_config", "run", "check_config", "check_settings", "Reference", "resolve", "references",
+__all__ = ["default_config", "check_config", "check_settings", "Reference", "resolve", "references",
            "evaluate_rows", "merge_kwargs", "summary_table"]

@@ -1,52 +1,65 @@
-"""`cl_jax.run(config, workdir)`: the one entry point of every run (run.py, notebooks, experiments).
+"""`cl_jax.run(config, workdir)`: the one run skeleton. Every run (classic, many seeds, language model, instruction
+tuning, merge) takes these steps, written once here; a kind (`cl_jax.kinds`) supplies only its own parts:
 
-Order: start `jax.distributed` on multi-host launches (before any other JAX call) -> validate the config (every
-kind) -> check the workdir is usable without writing to it -> hand over to the kind's runner, which builds
-(data-dependent checks still write nothing), takes the workdir's lock, writes config.json and runs:
+  kind = kinds.get(config.kind)       one table names the kinds
+  kinds.validate(config)              types, the kind's declarative SCHEMA, its cross-key checks: nothing written
+  check_usable + precheck             one workdir policy for every kind: a live run's lock, another run's config
+                                      or foreign files refuse the workdir here, before any work (multi-host:
+                                      process 0 decides, every process learns it)
+  built = kind.build(config, **parts) data, model, sharded state, jitted step (strategy hooks included); bad
+                                      input that needs the data still raises here, workdir untouched
+  with Workdir(...) as wd:            the lock, config.json, resume or fresh
+    results = kind.run(built, ctx)    its task plan through the one loop (`cl_jax.train.loop.run_tasks`)
+    finish(results)                   results.json with provenance (process 0), the kind's summary.md and plots
 
-  classic  cl_jax.train.loop.run   (the task loop)
-  lm       cl_jax.lm.run           (continual pre-training on the same task loop)
-  merge    cl_jax.merge_run.run    (merge finished runs' checkpoints, evaluate every task)
-  cit      cl_jax.lm.cit.run       (continual instruction tuning: instruction sets on the same task loop)
-
-Every runner has the signature (config, workdir, overwrite, progress) and returns `cl_jax.results.Results`.
+`parts` are things a caller already holds and the kind would otherwise load (e.g. `data=` for an LM or CIT run
+whose corpora a test or notebook loaded once). Fault injection for tests (`cl_jax.faults`) is read here, once,
+into the loop's step hooks.
 """
 from __future__ import annotations
 
+import gc
+
 from cl_jax import sharding
-from cl_jax.errors import ConfigError
-
-KINDS = ("classic", "lm", "merge", "cit")
 
 
-def runner_for(kind: str):
-  """The run function of a config kind (imported lazily: an LM run never imports the classic data code)."""
-  if kind == "classic":
-    from cl_jax.train.loop import run as kind_run
-  elif kind == "lm":
-    from cl_jax.lm import run as kind_run
-  elif kind == "merge":
-    from cl_jax.merge_run import run as kind_run
-  elif kind == "cit":
-    from cl_jax.lm.cit import run as kind_run
-  else:
-    raise ConfigError(f"kind={kind!r}: expected one of {list(KINDS)}")
-  return kind_run
+def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *, validated: bool = False, **parts):
+  """Runs `config` in `workdir` (resuming the run there, if any) and returns its `Results`.
 
-
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
-  """Runs `config` in `workdir` (resuming the run there, if any) and returns its `Results`."""
-  sharding.maybe_initialize_distributed()
-  from cl_jax import compilation_cache
+  `validated=True`: the caller has just run `cl_jax.kinds.validate(config)` (the command line does, to fail before
+  choosing a workdir), so it is not run twice.
+  """
+  sharding.maybe_initialize_distributed()  # before any other JAX call on a multi-host launch
+  from cl_jax import compilation_cache, faults, kinds
+  from cl_jax.workdir import RunContext, Workdir, check_usable, is_writer, precheck
   compilation_cache.enable()
-  from cl_jax.config import validate
-  from cl_jax.results import Results
-  from cl_jax.workdir import check_usable
-  validate(config)
-  kind = config.get("kind", "classic")
-  kind_run = runner_for(kind)
+  kind = kinds.get(kinds.kind_of(config))
+  if not validated:
+    kinds.validate(config)
+  reference = kind.default_config()
   check_usable(workdir)
-  results = kind_run(config, workdir, overwrite=overwrite, progress=progress)
-  if not isinstance(results, Results):  # a runner not yet ported to the one results type
-    results = Results.load(workdir)
+  precheck(config, workdir, overwrite, reference=reference)
+  # A previous run in this process (a notebook, an experiment script) can leave its buffers in reference cycles;
+  # freeing them now lets this run reuse that memory instead of faulting in fresh pages (Split MNIST's second
+  # run in one process: 1.0-1.1 s of host CPU without it, 0.7-0.8 s with it; benchmarks/loop_overhead.py).
+  gc.collect()
+  built = kind.build(config, **parts)
+  with Workdir(config, workdir, overwrite, reference=reference) as wd:
+    ctx = RunContext(config, workdir, wd.resume, progress, faults.hooks_from_env())
+    results = kind.run(built, ctx)
+    finish(kind, config, results, workdir, is_writer())
   return results
+
+
+def finish(kind, config, results, workdir: str, writer: bool) -> None:
+  """results.json (with the run's provenance) and the kind's own summary.md and plots, written by process 0."""
+  if not writer:
+    return
+  from cl_jax import results as results_module
+  from cl_jax.workdir import write_json
+  if hasattr(results_module, "provenance"):  # TEMP until provenance lands
+    results.extra.setdefault("provenance", results_module.provenance(config))
+  write_json(workdir, "results.json", results.as_dict())
+  report = getattr(kind, "report", None)
+  if report is not None:
+    report(results, workdir, config)

@@ -11,11 +11,13 @@ A workdir holds one run:
   results.json, summary.md, *.png   at the end
 
 Rerunning the same config resumes; "same" compares `cl_jax.config.comparable(config)` (the config without
-strategy sections the run does not use), so adding a strategy to the package never blocks resuming an old run.
+strategy sections the run does not use), so adding a strategy to the package never blocks resuming an old run;
+keys the workdir's config.json lacks count as the same when the new config has them at the kind's default.
 On multi-host launches only process 0 writes any of these files (checkpoints are written collectively).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -27,7 +29,7 @@ import socket
 import struct
 import time
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 from cl_jax.errors import WorkdirError, WorkdirLocked
 
@@ -91,15 +93,6 @@ def _diff_keys(a, b, prefix=""):
     yield prefix.rstrip(".")
 
 
-def _reference(kind: str) -> dict:
-  try:
-    from cl_jax.config import reference_config
-    ref = reference_config(kind)
-  except Exception:  # noqa: BLE001 — no reference: compare strictly
-    return {}
-  return config_dict(ref) if ref is not None else {}
-
-
 def _drop_new_defaults(new: dict, old: dict, ref: dict) -> dict:
   """`new` without the keys `old` lacks whose value is the default: a key added to the package later (with a
   default that keeps the old behaviour) does not stop an old workdir from resuming."""
@@ -127,10 +120,11 @@ def read_config(workdir: str) -> dict | None:
     raise WorkdirError(f"{path}: unreadable ({e}); use --overwrite to discard this workdir") from e
 
 
-def decide(config, workdir: str, overwrite: bool, check_lock: bool = True) -> bool:
+def decide(config, workdir: str, overwrite: bool, check_lock: bool = True, reference=None) -> bool:
   """True when `workdir` holds this run (resume); False for a fresh start. Reads only.
 
   Raises WorkdirError when it holds another config, or files that are not a cl_jax run, and `overwrite` is off.
+  `reference` (the kind's default config): keys a newer package added at their default do not make a run differ.
   """
   check_usable(workdir)
   if check_lock:
@@ -145,7 +139,8 @@ def decide(config, workdir: str, overwrite: bool, check_lock: bool = True) -> bo
                          " use another --workdir, or --overwrite to replace it")
     return False
   new_c, old_c = comparable_dict(config), comparable_dict(old)
-  new_c = _drop_new_defaults(new_c, old_c, _reference(new_c.get("kind", "classic")))
+  ref = config_dict(reference) if reference is not None else {}
+  new_c = _drop_new_defaults(new_c, old_c, ref)
   if new_c != old_c:
     diff = sorted(_diff_keys(old_c, new_c))
     raise WorkdirError(f"workdir {workdir!r} holds a run with a different config (differs in {diff[:8]}); "
@@ -153,12 +148,12 @@ def decide(config, workdir: str, overwrite: bool, check_lock: bool = True) -> bo
   return True
 
 
-def precheck(config, workdir: str, overwrite: bool) -> None:
+def precheck(config, workdir: str, overwrite: bool, reference=None) -> None:
   """`decide` before the run builds anything: process 0 reads, every process learns whether it refused."""
   error = None
   if is_writer():
     try:
-      decide(config, workdir, overwrite)
+      decide(config, workdir, overwrite, reference=reference)
     except (WorkdirError, WorkdirLocked) as e:
       error = e
   if _broadcast_flag(False, error is not None) is None:
@@ -259,8 +254,8 @@ class Workdir:
   is process 0's, broadcast to the others so every process resumes (or not) alike.
   """
 
-  def __init__(self, config, workdir: str, overwrite: bool = False):
-    self.config, self.path, self.overwrite = config, workdir, overwrite
+  def __init__(self, config, workdir: str, overwrite: bool = False, reference=None):
+    self.config, self.path, self.overwrite, self.reference = config, workdir, overwrite, reference
     self.writer = is_writer()
     self.lock = Lock(workdir)
     self.resume = False
@@ -272,7 +267,8 @@ class Workdir:
       try:
         check_usable(self.path)
         self.lock.acquire()
-        self.resume = decide(self.config, self.path, self.overwrite, check_lock=False)  # the lock is ours
+        self.resume = decide(self.config, self.path, self.overwrite, check_lock=False,  # the lock is ours
+                             reference=self.reference)
         if not self.resume:
           for name in os.listdir(self.path):
             if name != LOCK:
@@ -298,6 +294,17 @@ class Workdir:
 
   def __exit__(self, *exc):
     self.close()
+
+
+@dataclasses.dataclass
+class RunContext:
+  """An opened run, as the skeleton hands it to a kind's `run`: where it writes, whether it resumes, and the
+  loop's step hooks (`cl_jax.train.loop.StepHook`: test fault injection, profiling), empty in a plain run."""
+  config: Any
+  workdir: str
+  resume: bool = False
+  progress: bool = True
+  hooks: tuple = ()
 
 
 def _broadcast_flag(resume: bool, failed: bool):

@@ -17,7 +17,7 @@ Data, scenario and model are read from the referenced run's config.json.
 """
 
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 from cl_jax.merge_run import default_config
 
 

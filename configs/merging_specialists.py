@@ -12,7 +12,7 @@ tasks to train, e.g. 2-3-4-5; empty = all), init_from (model.init_from), strateg
 (progressive.router).
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

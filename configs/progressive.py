@@ -9,7 +9,7 @@ With a router the accuracy matrix is class-IL (no task label at test time): the 
 its task's classes. The `progressive.shrinkage` of the prototype router's covariance is a config key.
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

@@ -7,7 +7,7 @@
 arg: comma-separated `key=value` among scenario (class|task|domain), strategy (any registered chain).
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

@@ -6,7 +6,7 @@ MLP 784-400-400, Adam lr 1e-3, 2000 iterations per task, batch 128.
 arg: scenario (domain|task|class), strategy, num_tasks.
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

@@ -8,7 +8,7 @@ MLP 784-400-400, Adam (lr 1e-3, betas 0.9/0.999), 2000 iterations per task, batc
 arg: scenario (class|task|domain), strategy (any registered chain, e.g. ewc+replay).
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

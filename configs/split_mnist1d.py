@@ -6,7 +6,7 @@ MLP 40-256-256, Adam lr 1e-3, 1000 iterations per task, batch 128; `model=cnn` f
 arg: scenario (class|task|domain), strategy, model (mlp|cnn).
 """
 from configs.common import parse_arg
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 
 
 def get_config(arg: str = ""):

@@ -64,7 +64,7 @@ def run_cached(config, workroot: str, log=print) -> dict:
   force a rerun, and one set away from it does. An unfinished run's workdir is resumed from its last checkpoint.
   """
   import cl_jax
-  from cl_jax.config import base_config
+  from cl_jax.kinds import base_config
   from cl_jax.train.loop import config_dict
   path = _equivalent_run(config_dict(config), workroot, config_dict(base_config()))
   if path is None and _only_cached:
@@ -136,7 +136,7 @@ def settings_from_sweeps(config, workroot: str) -> list | None:
   unless every requested setting is found.
   """
   import ml_collections
-  from cl_jax.config import base_config
+  from cl_jax.kinds import base_config
   from cl_jax.train.loop import config_dict
   from cl_jax.train.seeds import parse_sweep
   if not os.path.isdir(workroot):

@@ -10,7 +10,8 @@ MNIST_NPZ = os.path.join(ROOT, "..", "shared", "data", "mnist.npz")
 
 def tiny_config(strategy="naive", kind="class", steps=60, **overrides):
   """Split Digits, 5 tasks, a small MLP: a real run in a few seconds."""
-  from cl_jax.config import base_config, set_overrides
+  from cl_jax.config import set_overrides
+  from cl_jax.kinds import base_config
   c = base_config()
   c.strategy = strategy
   c.data.name = "digits"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cl_jax.config import base_config
+from cl_jax.kinds import base_config
 from cl_jax.strategies import Learner, LossContext, TaskData, TaskInfo, build_strategy
 from cl_jax.strategies.distill import distillation_loss
 from cl_jax.strategies.replay import sample_replay_batch

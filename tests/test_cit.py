@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cl_jax
 from cl_jax.lm import cit
 
 
@@ -95,7 +96,7 @@ def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
     ("strategy", "lora+lora_per_task", "lora and lora_per_task each change the model"),
 ])
 def test_config_errors_name_the_key(key, value, message):
-  from cl_jax.config import validate
+  from cl_jax.kinds import validate
   from cl_jax.errors import ConfigError
   c = tiny_cit_config(**{key: value})
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -159,7 +160,7 @@ def test_imported_checkpoint_with_its_own_chat_template(tmp_path):
   data = cit.load_data(c)
   assert isinstance(data.template, HFChatTemplate) and data.end_text == "<|im_end|>"
   assert data.tokenizer.vocab_size == 128
-  results = cit.run(c, str(tmp_path / "w"), progress=False, data=data)
+  results = cl_jax.run(c, str(tmp_path / "w"), progress=False, data=data)
   assert results.accuracy_matrix.shape == (3, 2)
   assert len(results.metrics("train")) == 4
 
@@ -168,15 +169,15 @@ def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypa
   """SIGTERM mid-task 2 -> Preempted; rerunning resumes (replay source by step, counts via checkpoint meta) and ends
   with the results of the uninterrupted run."""
   from cl_jax.errors import Preempted
-  from cl_jax.train.loop import SIGNAL_ENV
+  from cl_jax.faults import SIGNAL_ENV
   c = tiny_cit_config(strategy="replay", **RUN)
   data = cit.load_data(c)
   whole = whole_run
   monkeypatch.setenv(SIGNAL_ENV, "8")
   with pytest.raises(Preempted):
-    cit.run(c, str(tmp_path / "b"), progress=False, data=data)
+    cl_jax.run(c, str(tmp_path / "b"), progress=False, data=data)
   monkeypatch.delenv(SIGNAL_ENV)
-  resumed = cit.run(c, str(tmp_path / "b"), progress=False, data=data)
+  resumed = cl_jax.run(c, str(tmp_path / "b"), progress=False, data=data)
   np.testing.assert_array_equal(resumed.accuracy_matrix, whole.accuracy_matrix)
   assert resumed.extra["final_sets"] == whole.extra["final_sets"]
   assert resumed.extra["replay_share"] == whole.extra["replay_share"]
@@ -262,7 +263,7 @@ def test_router_sends_prompts_to_their_own_sets_adapter(data):
 
 
 def test_lora_per_task_is_refused_where_nothing_routes():
-  from cl_jax.config import base_config, validate
+  from cl_jax.kinds import base_config, validate
   from cl_jax.errors import ConfigError
   c = base_config()
   c.strategy = "lora_per_task"

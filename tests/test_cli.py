@@ -81,7 +81,7 @@ def test_bad_override_exits_2_naming_the_key(tmp_path, capsys, override, message
 
 def _config_file(tmp_path, body):
   path = tmp_path / "my_config.py"
-  path.write_text("from cl_jax.config import base_config\n\n\ndef get_config(arg=''):\n  c = base_config()\n"
+  path.write_text("from cl_jax.kinds import base_config\n\n\ndef get_config(arg=''):\n  c = base_config()\n"
                   + "".join(f"  {line}\n" for line in body) + "  return c\n")
   return str(path)
 
@@ -200,7 +200,7 @@ def test_config_package_siblings_load_by_path_from_a_copy(tmp_path):
   pkg.mkdir()
   (pkg / "__init__.py").write_text("")
   (pkg / "shared.py").write_text("STEPS = 7\n")
-  (pkg / "exp.py").write_text("from cl_jax.config import base_config\nfrom myconfigs.shared import STEPS\n\n\n"
+  (pkg / "exp.py").write_text("from cl_jax.kinds import base_config\nfrom myconfigs.shared import STEPS\n\n\n"
                               "def get_config(arg=''):\n  c = base_config()\n  c.train.steps_per_task = STEPS\n"
                               "  return c\n")
   before = list(sys.path)

@@ -66,7 +66,8 @@ def _register_extra_strategy():
 
 
 def test_comparable_drops_only_the_sections_the_chain_does_not_read():
-  from cl_jax.config import base_config, comparable
+  from cl_jax.config import comparable
+  from cl_jax.kinds import base_config
   c = base_config()
   c.strategy = "ewc+replay"
   d = comparable(c)
@@ -120,7 +121,7 @@ def test_merge_config_errors_name_the_full_key(tmp_path, capsys):
 def test_every_registered_strategy_keeps_the_contract():
   """REGISTRY entries: sections owned are sections read, both exist in base_config, and the defaults validate."""
   import ml_collections
-  from cl_jax.config import base_config
+  from cl_jax.kinds import base_config
   from cl_jax.lm import default_config as lm_default_config
   from cl_jax.lm.cit import default_config as cit_default_config
   from cl_jax.strategies import REGISTRY, StrategyEntry

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cl_jax.cli import build_config
-from cl_jax.config import KINDS
+from cl_jax.kinds import KINDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))

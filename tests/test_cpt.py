@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cl_jax
-from cl_jax import lm
+from cl_jax import faults, lm
 from cl_jax.lm import runner
 from cl_jax.lm.data import load_data
 from cl_jax.lm.monitor import RegressionMonitor, relative_regression
@@ -118,7 +118,7 @@ def test_hard_stop_fires_on_forced_regression(data, base_run, tmp_path):
   _, base_workdir = base_run
   # Force a regression: adapt on code only with a learning rate 30x the pre-training one.
   c = _tiny(adapt__mixture="domain_only", adapt__lr_ratio=30.0, pretrain__base_dir=base_workdir)
-  r = lm.run(c, str(tmp_path / "stop"), progress=False, data=data).extra
+  r = cl_jax.run(c, str(tmp_path / "stop"), progress=False, data=data).extra
   assert r["stopped"] is not None and r["stopped"]["step"] == 5 and r["steps_run"] == 5
   # Called on the paired interval: its lower end (not only the estimate) is beyond 2%.
   assert "general/perplexity" in r["stopped"]["metrics"]
@@ -140,7 +140,7 @@ def test_benign_run_at_the_default_threshold_keeps_an_adapted_model(data, base_r
   c = _tiny(pretrain__base_dir=base_workdir)
   assert c.regression.threshold == 0.02 and c.regression.hard_stop
   workdir = str(tmp_path / "benign")
-  r = lm.run(c, workdir, progress=False, data=data).extra
+  r = cl_jax.run(c, workdir, progress=False, data=data).extra
   assert r["stopped"] is None and r["steps_run"] == 20
   assert r["test_intervals"]["best"]["general/perplexity"]["estimate"] <= 0.02
   assert r["best_step"] > 0 and r["test"]["best"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
@@ -164,7 +164,7 @@ def test_lora_keeps_the_base_exactly(data, base_run, tmp_path):
   c = _tiny(adapt__lr_ratio=1.0, adapt__mixture="domain_only", pretrain__base_dir=base_workdir,
             regression__threshold=0.5, lora__rank=4)
   c.strategy = "lora"
-  r = lm.run(c, str(tmp_path / "lora"), progress=False, data=data).extra
+  r = cl_jax.run(c, str(tmp_path / "lora"), progress=False, data=data).extra
   assert r["method"] == "lora" and r["strategy_config"]["lora"]["rank"] == 4
   assert r["lora_base_unchanged"] is True
   assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
@@ -209,11 +209,11 @@ def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_pat
   # Same adaptation as `base_run` (same seed, same base restored from it), crashing after step 10.
   c = _tiny(regression__threshold=0.5, pretrain__base_dir=base_workdir)
   workdir = str(tmp_path / "resume")
-  monkeypatch.setenv(runner.CRASH_ENV, "10")
-  with pytest.raises(runner.SimulatedCrash):
-    lm.run(c, workdir, progress=False, data=data)
-  monkeypatch.delenv(runner.CRASH_ENV)
-  r = lm.run(c, workdir, progress=False, data=data).extra
+  monkeypatch.setenv(faults.CRASH_ENV, "10")
+  with pytest.raises(faults.SimulatedCrash):
+    cl_jax.run(c, workdir, progress=False, data=data)
+  monkeypatch.delenv(faults.CRASH_ENV)
+  r = cl_jax.run(c, workdir, progress=False, data=data).extra
   ref = reference.extra
   assert [h["step"] for h in r["history"]] == [0, 5, 10, 15, 20]
   for split_model in ("best", "final"):
@@ -245,7 +245,7 @@ def test_generative_replay_pool_and_run(data, base_run, tmp_path):
   assert all(tuple(r[:8]) in prefixes for r in pool)
   # ...and the continuation is the model's, not the stored text.
   assert not any(any(np.array_equal(r, g) for g in general) for r in pool)
-  r = lm.run(c, str(tmp_path / "genreplay"), progress=False, data=data).extra
+  r = cl_jax.run(c, str(tmp_path / "genreplay"), progress=False, data=data).extra
   assert r["strategy"] == "generative_replay" and r["steps_run"] == 20
   assert r["test"]["final"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
   # 30% of the 70/30 mixture's rows were replayed samples.
@@ -284,10 +284,10 @@ def test_ewc_on_the_lm_holds_general_text(data, base_run, tmp_path):
   _, base_workdir = base_run
   common = dict(adapt__mixture="domain_only", adapt__lr_ratio=3.0, pretrain__base_dir=base_workdir,
                 regression__threshold=0.9, fisher__num_samples=32)
-  naive = lm.run(_tiny(**common), str(tmp_path / "naive"), progress=False, data=data).extra
+  naive = cl_jax.run(_tiny(**common), str(tmp_path / "naive"), progress=False, data=data).extra
   c = _tiny(ewc__lam=1e3, **common)  # naive moves general perplexity by ~6% here, EWC by ~1.5%
   c.strategy = "ewc"
-  ewc = lm.run(c, str(tmp_path / "ewc"), progress=False, data=data).extra
+  ewc = cl_jax.run(c, str(tmp_path / "ewc"), progress=False, data=data).extra
   assert ewc["strategy_config"]["fisher"]["kind"] == "empirical"
 
   def general_change(r):

@@ -17,7 +17,7 @@ def test_tfds_path_under_mock_data():
 def test_tfds_source_trains_through_the_loop(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   from conftest import tiny_config
-  from cl_jax.train import run
+  from cl_jax import run
   c = tiny_config(steps=3)
   c.data.name = "tfds:mnist"
   c.scenario.num_tasks = 1

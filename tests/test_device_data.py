@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def digits_scenarios():
-  from cl_jax.config import base_config
+  from cl_jax.kinds import base_config
   from cl_jax.data import load_source, make_scenario
   c = base_config()
   data = load_source(c.data)
@@ -135,7 +135,7 @@ def test_prefetch_hands_out_the_same_batches_and_a_resumable_state():
 
 def test_on_device_trains_like_grain(tmp_path):
   """Same config, batches from the device sampler or from grain: the same accuracy ballpark (task-IL digits)."""
-  from cl_jax.train.loop import run
+  from cl_jax import run
   device = run(tiny_config(kind="task", steps=40, **{"data.on_device": "true"}), str(tmp_path / "d"), progress=False)
   grain = run(tiny_config(kind="task", steps=40, **{"data.on_device": "false"}), str(tmp_path / "g"), progress=False)
   assert device.acc > 0.85 and grain.acc > 0.85

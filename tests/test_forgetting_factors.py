@@ -80,7 +80,7 @@ def test_train_sizes_rejected(sizes):
 
 
 def test_train_sizes_checked_with_the_config():
-  from cl_jax.config import validate
+  from cl_jax.kinds import validate
   from cl_jax.errors import ConfigError
   from configs.rotated_mnist import get_config
   c = get_config("num_tasks=2")

@@ -104,6 +104,6 @@ def test_stage_through_the_run(tmp_path):
     (dict(long_context__seq_len=0), "long_context.scaling"),
     (dict(long_context__batch_size=3, train__grad_accum=2), "long_context.batch_size")])
 def test_config_errors_name_the_key(changes, key):
-  from cl_jax.config import validate
+  from cl_jax.kinds import validate
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
     validate(_tiny(**changes))

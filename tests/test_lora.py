@@ -86,7 +86,7 @@ def test_adapter_forward_matches_hand_formula(digits):
 
 def test_training_an_adapter_leaves_base_bit_identical(digits):
   """The adapter trained with the task loop's own pieces: build_optimizer(trainable=...) + make_train_step."""
-  from cl_jax.config import base_config
+  from cl_jax.kinds import base_config
   from cl_jax.strategies import LossContext
   from cl_jax.train.optim import build_optimizer
   from cl_jax.train.state import TrainState

@@ -25,13 +25,13 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def three_seeds(tmp_path_factory):
-  from cl_jax.train.loop import run
+  from cl_jax import run
   workdir = tmp_path_factory.mktemp("seeds")
   return run(_config(seed=3, **{"train.num_seeds": 3}), str(workdir), progress=False)
 
 
 def test_each_run_equals_its_seed_run_alone(three_seeds, tmp_path):
-  from cl_jax.train.loop import run
+  from cl_jax import run
   many = _train_losses(three_seeds.workdir)
   assert many.shape == (60, 3)
   for i in (0, 2):  # seeds 3 and 5
@@ -59,7 +59,7 @@ def test_results_hold_every_run_and_the_spread(three_seeds):
 
 
 def test_a_sweep_setting_equals_that_setting_run_alone(tmp_path):
-  from cl_jax.train.loop import run
+  from cl_jax import run
   swept = run(_config(**{"train.sweep": "replay.weight=0.0,3.0"}), str(tmp_path / "sweep"), progress=False)
   assert [s["overrides"] for s in swept.extra["settings"]] == [{"replay.weight": 0.0}, {"replay.weight": 3.0}]
   losses = _train_losses(swept.workdir)
@@ -70,7 +70,7 @@ def test_a_sweep_setting_equals_that_setting_run_alone(tmp_path):
 
 def test_a_one_setting_sweep_sets_its_value_in_a_single_run(tmp_path):
   # One seed and one setting run as a plain single run; the sweep's value must still apply.
-  from cl_jax.train.loop import run
+  from cl_jax import run
   one = run(_config(**{"train.sweep": "replay.weight=3.0"}), str(tmp_path / "one"), progress=False)
   alone = run(_config(**{"replay.weight": 3.0}), str(tmp_path / "alone"), progress=False)
   default = run(_config(**{"replay.weight": 0.0}), str(tmp_path / "default"), progress=False)
@@ -84,7 +84,8 @@ def test_a_one_setting_sweep_sets_its_value_in_a_single_run(tmp_path):
 
 
 def test_bad_sweeps_are_config_errors():
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   for sweep, match in (("model.hidden=1,2", "cannot be swept"), ("replay.weight", "expected"),
                        ("replay.nothing=1", "unknown config key"), ("replay.weight=a,b", "not a valid float"),
                        ("replay.weight=-1", "replay.weight")):
@@ -126,7 +127,7 @@ def test_many_seeds_resume_after_a_kill(tmp_path):
 
 def test_vmapped_and_mapped_runs_agree(three_seeds, tmp_path, monkeypatch):
   """Accelerators vmap the runs, CPUs map over them (`seeds.use_vmap`): the same numbers either way."""
-  from cl_jax.train.loop import run
+  from cl_jax import run
   monkeypatch.setenv("CL_JAX_RUNS", "vmap")
   vmapped = run(_config(seed=3, **{"train.num_seeds": 2}), str(tmp_path / "vmap"), progress=False)
   np.testing.assert_allclose(_train_losses(vmapped.workdir), _train_losses(three_seeds.workdir)[:, :2],

@@ -12,8 +12,8 @@ from cl_jax.cli import main
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-  from cl_jax.config import base_config
-  from cl_jax.train import run
+  from cl_jax.kinds import base_config
+  from cl_jax import run
   c = base_config()
   c.data.name = "digits"
   c.scenario.num_tasks = 2

@@ -350,7 +350,8 @@ def test_chain_runs_each_hook_on_its_own_state():
 ])
 def test_bad_settings_fail_validation_by_name(strategy, key, value, needle):
   from conftest import tiny_config
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   with pytest.raises(ConfigError, match=needle):
     validate(tiny_config(strategy, **{key: value}))
 
@@ -519,7 +520,8 @@ def test_icarl_loss_by_hand():
 def test_icarl_end_to_end(tmp_path):
   import cl_jax
   from conftest import tiny_config
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   config = tiny_config("icarl", steps=20, **{"scenario.num_tasks": 2, "icarl.capacity": 100, "optim.lr": 1e-2})
   r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
   assert r.shape == (3, 2) and r[1, 0] > 0.6 and r[2, 1] > 0.5, r
@@ -567,7 +569,8 @@ def test_packnet_end_to_end_does_not_forget(tmp_path):
   exactly its accuracy after task 1."""
   import cl_jax
   from conftest import tiny_config
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   config = tiny_config("packnet", kind="task", steps=15, **{"scenario.num_tasks": 2, "optim.lr": 1e-2})
   r = np.asarray(cl_jax.run(config, str(tmp_path), progress=False).accuracy_matrix)
   assert r[1, 0] > 0.8 and r[2, 1] > 0.8, r

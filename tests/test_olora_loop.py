@@ -5,7 +5,7 @@ import numpy as np
 from conftest import tiny_config
 from cl_jax import sharding
 from cl_jax.data import train_dataset
-from cl_jax.train import run
+from cl_jax import run
 from cl_jax.train.loop import build
 
 

@@ -55,7 +55,8 @@ def test_refine_scores_one_setting_per_program_and_returns_them_in_grid_order(mo
 
 def test_a_setting_finished_inside_another_sweep_is_reused(tmp_path):
   import json
-  from cl_jax.config import base_config, set_overrides
+  from cl_jax.config import set_overrides
+  from cl_jax.kinds import base_config
   from cl_jax.train.loop import config_dict
   from experiments.protocol import settings_from_sweeps
 
@@ -126,7 +127,8 @@ def test_refine_climbs_past_the_grid_edge_when_extended(monkeypatch):
 
 def test_only_cached_trains_nothing_and_names_the_missing_run(tmp_path):
   import pytest
-  from cl_jax.config import base_config, set_overrides
+  from cl_jax.config import set_overrides
+  from cl_jax.kinds import base_config
   from experiments.protocol import NotCached, only_cached, run_cached
   c = base_config()
   set_overrides(c, {"strategy": "ewc", "seed": 7, "train.sweep": "ewc.lam=10"})
@@ -138,7 +140,8 @@ def test_only_cached_trains_nothing_and_names_the_missing_run(tmp_path):
 def test_a_diverged_run_is_cached_and_raises_again_without_training(tmp_path, monkeypatch):
   import pytest
   import cl_jax
-  from cl_jax.config import base_config, set_overrides
+  from cl_jax.config import set_overrides
+  from cl_jax.kinds import base_config
   from cl_jax.errors import DivergenceError
   from cl_jax.train.loop import config_dict
   from experiments.protocol import DIVERGED, config_key, run_cached

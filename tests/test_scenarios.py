@@ -153,7 +153,8 @@ def test_run_on_the_validation_split(tmp_path):
   data; a bad combination is a config error naming the key."""
   import cl_jax
   from conftest import tiny_config
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   overrides = {"scenario.num_tasks": 2, "data.validation_fraction": 0.2, "optim.lr": 1e-2}
   on_test = cl_jax.run(tiny_config("naive", steps=10, **overrides), str(tmp_path / "t"), progress=False)
   on_val = cl_jax.run(tiny_config("naive", steps=10, **overrides, **{"eval.split": "validation"}),

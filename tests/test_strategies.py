@@ -357,7 +357,7 @@ def test_strategy_state_survives_checkpoint_and_resume(tmp_path, monkeypatch):
   import cl_jax
   from conftest import tiny_config
   from cl_jax.errors import DivergenceError
-  from cl_jax.train.loop import NAN_ENV
+  from cl_jax.faults import NAN_ENV
   config = tiny_config("ewc+lwf+replay+si+derpp", steps=20, **{
       "scenario.num_tasks": 2, "checkpoint.every_steps": 8, "ewc.lam": 100.0, "replay.capacity": 64,
       "replay.batch_size": 16, "der.capacity": 64, "der.batch_size": 16, "si.c": 1.0})
@@ -373,7 +373,8 @@ def test_strategy_state_survives_checkpoint_and_resume(tmp_path, monkeypatch):
 
 def test_bad_strategy_settings_fail_config_validation_by_name():
   from conftest import tiny_config
-  from cl_jax.config import ConfigError, validate
+  from cl_jax.config import ConfigError
+  from cl_jax.kinds import validate
   for strategy, key, value, needle in [("ewc", "fisher.kind", "diag", "fisher.kind"),
                                        ("online_ewc", "ewc.gamma", 2.0, "ewc.gamma"),
                                        ("lwf", "distill.temperature", 0.0, "distill.temperature"),

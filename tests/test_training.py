@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from cl_jax.train import run
+from cl_jax import run
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_chunk_divergence_check_agrees_with_step_by_step():
 def test_torch_init_matches_pytorch_linear_defaults():
   """model.init='torch': kernel and bias uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear), so std 1/sqrt(3 fan_in);
   the default stays Flax's (kernel std 1/sqrt(fan_in), bias 0); other values are refused before any work."""
-  from cl_jax.config import base_config, validate
+  from cl_jax.kinds import base_config, validate
   from cl_jax.errors import ConfigError
   from cl_jax.models import build_model
   c = base_config()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cl_jax
-from cl_jax import lm
+from cl_jax import faults, lm
 from cl_jax.checkpoint import boundary_params
 from cl_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from cl_jax.errors import ConfigError
@@ -158,10 +158,10 @@ def test_runner_optimizer_scales_old_rows():
 def test_resume_reads_the_saved_tokenizer_and_ends_the_same(extended_run, tmp_path, monkeypatch):
   workdir, results = extended_run
   c = _tiny(pretrain__base_dir=workdir)
-  monkeypatch.setenv(runner.CRASH_ENV, "5")
-  with pytest.raises(runner.SimulatedCrash):
+  monkeypatch.setenv(faults.CRASH_ENV, "5")
+  with pytest.raises(faults.SimulatedCrash):
     cl_jax.run(c, str(tmp_path), progress=False)
-  monkeypatch.delenv(runner.CRASH_ENV)
+  monkeypatch.delenv(faults.CRASH_ENV)
 
   def no_relearning(*a, **k):
     raise AssertionError("the resumed run learned its tokens again instead of reading <workdir>/vocab")
@@ -184,7 +184,7 @@ def test_imported_checkpoint_extension_and_export(tmp_path):
 
 
 def test_config_errors_name_the_key():
-  from cl_jax.config import validate
+  from cl_jax.kinds import validate
   for changes, key in ((dict(vocab__extend=-1), r"vocab\.extend"),
                        (dict(vocab__old_row_lr_scale=2.0), r"vocab\.old_row_lr_scale"),
                        (dict(vocab__new_row_lr_scale=0.0), r"vocab\.new_row_lr_scale")):

@@ -2,7 +2,8 @@
 
   config    `default_config()` / `check_config(config)` of `kind='lm'` runs
   data      the corpora, evaluation subsets, cloze items; per-host mixture batches (x, y, task, domain)
-  runner    `run(config, workdir)`: pre-train a base, adapt it on a mixture with a strategy chain, monitor
+  runner    the LM kind's parts (`cl_jax.kinds.lm`; run with `cl_jax.run(config, workdir)`): pre-train a base,
+            adapt it on a mixture with a strategy chain, monitor
   losses    next-token cross-entropy (`next_token_loss` in the strategy convention), token-level distillation KL
   monitor   the regression monitor (the adaptation's per-evaluation hook)
   sampling  `generate` (jitted prefill + while-loop decode with a KV cache, or full recompute), `replay_batch`
@@ -16,12 +17,6 @@ from cl_jax.lm.sampling import generate, replay_batch
 from cl_jax.lm.vocab import extend_vocab, vocab_extension_optimizer
 
 
-def run(config, workdir, overwrite=False, progress=True, data=None):
-  """Continual pre-training of `config` (kind 'lm') in `workdir`; see `cl_jax.lm.runner`."""
-  from cl_jax.lm.runner import run as _run
-  return _run(config, workdir, overwrite=overwrite, progress=progress, data=data)
-
-
-__all__ = ["run", "check_config", "default_config", "distillation_kl", "lm_loss_fn", "next_token_loss",
+__all__ = ["check_config", "default_config", "distillation_kl", "lm_loss_fn", "next_token_loss",
            "next_token_metrics", "token_cross_entropy", "generate", "replay_batch", "extend_vocab",
            "vocab_extension_optimizer"]

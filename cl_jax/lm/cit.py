@@ -1,6 +1,6 @@
 """Continual instruction tuning (CIT): instruction sets trained one after another on the one task loop.
 
-`run(config, workdir)` for `kind='cit'`. Each task is one or more instruction sets (`cit.tasks`, e.g.
+The CIT kind's parts (`cl_jax.kinds.cit`; run with `cl_jax.run(config, workdir)`, `kind='cit'`). Each task is one or more instruction sets (`cit.tasks`, e.g.
 "name,signature,module_qa,refusal+benign": four tasks, the last one the refusal set with its matched benign set),
 from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
 
@@ -11,7 +11,7 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
               over their pooled rows): step s of a task draws floor((s+1) f B) - floor(s f B) replayed rows of B,
               so after S steps the realised share is floor(S f B) / (S B), exactly f up to one row (the practice
               of mixing 5-10% of earlier instruction data into each new set; e.g. Scialom et al. 2022).
-  step        the shared `make_train_step` on `strategy.loss(sft_loss)`: the mean NLL over assistant tokens.
+  step        the shared `compile_step` on `strategy.loss(sft_loss)`: the mean NLL over assistant tokens.
   evaluate    greedy decoding (a KV cache; prompts of unequal length are left-padded and the padding hidden
               from attention) of the first `cit.eval_examples` examples of `cit.eval_split` of every set, scored by
               `instructions.score_outputs`: exact match, format compliance, refusal rate. The accuracy-matrix entry
@@ -423,24 +423,28 @@ def strategy_names(c) -> list[str]:
   return parse_strategy_spec(c.strategy)
 
 
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CITData | None = None):
-  """Continual instruction tuning end to end (module docstring); returns `Results(kind='cit')`."""
-  from cl_jax.checkpoint import Checkpoints
-  from cl_jax.eval.metrics import summarize
+class Built(NamedTuple):
+  """A CIT run before it writes anything: its data, the task plan (state, shared step, hooks) and the model."""
+  data: Any
+  plan: Any
+  params: Any
+  names: list  # the strategy chain's names
+  fraction: float
+  steps: int
+  t0: float
+
+
+def build(config, data: CITData | None = None) -> Built:
+  """The instruction sets (`data` skips building them), the model, the strategy chain and the task plan."""
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.lm.sft import packed_apply, sft_batch
-  from cl_jax.results import Results
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
-  from cl_jax.train.loop import Plan, run_tasks, with_finite_flag
+  from cl_jax.train.loop import Plan, task_start
   from cl_jax.train.optim import build_optimizer
   from cl_jax.train.schedules import build_schedule
-  from cl_jax.train.state import TrainState
-  from cl_jax.train.step import compile_train_step, make_train_step
-  from cl_jax.workdir import Workdir, decide, is_writer, write_json
+  from cl_jax.train.state import build_state
+  from cl_jax.train.step import compile_step
   c = config
-  sharding.maybe_initialize_distributed()
-  check_config(c)
-  decide(c, workdir, overwrite)
   t0 = time.time()
   data = data or load_data(c)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
@@ -462,15 +466,9 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     strategy = build_strategy(spec, c, learner)
   schedule = build_schedule(c.optim, steps, num_tasks)
   optimizer = build_optimizer(c.optim, schedule, trainable)
-  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
-                     strategy_state=strategy.init(params, task_info), rng=jax.random.fold_in(key, 1),
-                     task_index=np.int32(0))
-  rep = sharding.replicated(mesh)
-  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
-  state = sharding.put_global(state, state_sh)
-  step_fn = with_finite_flag(make_train_step(strategy.loss(next_token_loss(learner)), optimizer, schedule,
-                                             log_norms=bool(c.train.log_norms), strategy=strategy))
-  train_step = compile_train_step(step_fn, state_sh, sharding.batch_sharding(mesh), rep)
+  state, state_sh = build_state(params, optimizer, strategy.init(params, task_info), jax.random.fold_in(key, 1), mesh)
+  train_step, _ = compile_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, strategy, state_sh, mesh,
+                               log_norms=bool(c.train.log_norms))
   sources: dict = {}       # task -> its live batch source (counts of the rows drawn so far)
   finished: dict = {}      # task -> the final counts of a finished task (checkpointed through meta)
 
@@ -484,13 +482,6 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
 
   def load_meta(d):
     finished.update({int(t): v for t, v in d.get("replay_counts", {}).items()})
-
-  def begin_task(state, t, done):
-    state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
-    if strategy.reset_optimizer and t > 0 and done == 0:  # O-LoRA: no momentum moves a frozen slot
-      state = state._replace(opt_state=sharding.put_global(jax.device_get(optimizer.init(state.params)),
-                                                           state_sh.opt_state))
-    return state
 
   def after_task(state, t):
     if t in sources:
@@ -528,47 +519,56 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps] * num_tasks, batches=batches,
               train_step=train_step, put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
-              evaluate=evaluate, begin_task=begin_task, after_task=after_task, meta=meta, load_meta=load_meta,
+              evaluate=evaluate, begin_task=task_start(strategy, optimizer, state_sh), after_task=after_task,
+              meta=meta, load_meta=load_meta,
               eval_before=True,
               checkpoint_every=int(c.checkpoint.every_steps), log_every=int(c.train.log_every_steps),
               divergence_factor=float(c.train.divergence_factor), names=[f"cit: {n}" for n in data.names],
               record={"phase": "cit"})
-  with Workdir(c, workdir, overwrite) as wd:
-    checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-    try:
-      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress)
-    finally:
-      checkpoints.close()
-    r = np.asarray([rec["accuracy"] for rec in out.boundary], np.float64)
-    set_history = [{"after_task": i, "sets": rec["sets"]} for i, rec in enumerate(out.boundary)]
-    final = out.boundary[-1]
-    extra = {
-        "title": f"Continual instruction tuning: {c.strategy}, task_prompt={c.sft.task_prompt}",
-        "tasks": data.names,
-        "metric": ("exact match of the greedy-decoded answer" if c.cit.metric == "exact_match" else
-                   "format compliance of the greedy-decoded answer (each set's own output format)")
-                  + f" (per task: over its sets' first {c.cit.eval_examples} {c.cit.eval_split} examples)",
-        "strategy": c.strategy, "task_prompt": c.sft.task_prompt, "replay_fraction": fraction, "seed": c.seed,
-        "steps_per_task": steps, "final_sets": final["sets"], "set_history": set_history,
-        "refusal_rate": final.get("refusal_rate"), "over_refusal_rate": final.get("over_refusal_rate"),
-        "routing_accuracy": final.get("routing_accuracy"),
-        "format_compliance": {s: v["format"] for s, v in final["sets"].items()},
-        "replay_share": final.get("replay_share"),
-        "packing": [st._asdict() for st in data.pack_stats],
-        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0},
-        **strategy_record_cit(c, names)}
-    results = Results("cit", workdir, r, **summarize(r), extra=extra)
-    if is_writer():
-      write_json(workdir, "results.json", results.as_dict())
-      with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary_markdown(results))
-      from cl_jax import report
-      title = f"CIT {c.strategy}, prompts {c.sft.task_prompt} ({c.cit.metric})"
-      report.plot_accuracy_matrix(r, os.path.join(workdir, "accuracy_matrix.png"), title)
-      report.plot_accuracy_curves(report.read_evals(workdir), os.path.join(workdir, "accuracy_curves.png"),
-                                  title=title)
-  return results
+  return Built(data, plan, params, names, fraction, steps, t0)
+
+
+def execute(built: Built, ctx):
+  """Trains the instruction sets in the opened workdir; returns `Results(kind='cit')`."""
+  from cl_jax.checkpoint import Checkpoints
+  from cl_jax.eval.metrics import summarize
+  from cl_jax.results import Results
+  from cl_jax.train.loop import run_tasks
+  c = ctx.config
+  data, plan, params, names, fraction, steps, t0 = built
+  with Checkpoints(ctx.workdir, keep=c.checkpoint.keep) as checkpoints:
+    out = run_tasks(plan, ctx.workdir, checkpoints, ctx.resume, ctx.progress, hooks=ctx.hooks)
+  r = np.asarray([rec["accuracy"] for rec in out.boundary], np.float64)
+  set_history = [{"after_task": i, "sets": rec["sets"]} for i, rec in enumerate(out.boundary)]
+  final = out.boundary[-1]
+  extra = {
+      "title": f"Continual instruction tuning: {c.strategy}, task_prompt={c.sft.task_prompt}",
+      "tasks": data.names,
+      "metric": ("exact match of the greedy-decoded answer" if c.cit.metric == "exact_match" else
+                 "format compliance of the greedy-decoded answer (each set's own output format)")
+                + f" (per task: over its sets' first {c.cit.eval_examples} {c.cit.eval_split} examples)",
+      "strategy": c.strategy, "task_prompt": c.sft.task_prompt, "replay_fraction": fraction, "seed": c.seed,
+      "steps_per_task": steps, "final_sets": final["sets"], "set_history": set_history,
+      "refusal_rate": final.get("refusal_rate"), "over_refusal_rate": final.get("over_refusal_rate"),
+      "routing_accuracy": final.get("routing_accuracy"),
+      "format_compliance": {s: v["format"] for s, v in final["sets"].items()},
+      "replay_share": final.get("replay_share"),
+      "packing": [st._asdict() for st in data.pack_stats],
+      "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0},
+      **strategy_record_cit(c, names)}
+  return Results("cit", ctx.workdir, r, **summarize(r), extra=extra)
+
+
+def report(results, workdir: str, config) -> None:
+  """summary.md, the accuracy-matrix heat map and the per-task curves."""
+  from cl_jax import report as reports
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(summary_markdown(results))
+  title = f"CIT {config.strategy}, prompts {config.sft.task_prompt} ({config.cit.metric})"
+  r = np.asarray(results.accuracy_matrix)
+  reports.plot_accuracy_matrix(r, os.path.join(workdir, "accuracy_matrix.png"), title)
+  reports.plot_accuracy_curves(reports.read_evals(workdir), os.path.join(workdir, "accuracy_curves.png"), title=title)
 
 
 def strategy_record_cit(c, names) -> dict:
@@ -602,6 +602,6 @@ def summary_markdown(results) -> str:
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["run", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
+__all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
            "greedy_decode", "decode_text", "evaluate_sets", "evaluate_routed", "route_prompts", "prompt_features",
            "task_scores", "CIT_STRATEGIES"]

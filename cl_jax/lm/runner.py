@@ -42,16 +42,10 @@ import numpy as np
 
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
-from cl_jax.lm.config import DOMAIN, GENERAL, check_config
+from cl_jax.lm.config import DOMAIN, GENERAL
 from cl_jax.lm.data import CPTData, eval_sizes, load_data, sampler_batch
 
-# Test hook: raise SimulatedCrash when the adaptation evaluation of this step is reported (before its checkpoint).
-CRASH_ENV = "CL_JAX_LM_CRASH_AT_STEP"
 TASKS = (GENERAL, DOMAIN)
-
-
-class SimulatedCrash(RuntimeError):
-  pass
 
 
 def model_config(c, vocab_size: int):
@@ -130,33 +124,15 @@ class Phase(NamedTuple):
   evaluator: Any = None   # the LM evaluator on this phase's params
 
 
-def _train_state(c, params, optimizer, strategy_state, mesh, rng):
-  from cl_jax.train.state import TrainState
-  state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
-                     strategy_state=strategy_state, rng=rng, task_index=np.int32(0))
-  rep = sharding.replicated(mesh)
-  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
-  return sharding.put_global(state, state_sh), state_sh
-
-
-def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool, c=None, vocab_size=None,
-                   batch_size=None):
-  """The jitted step; with the config (H9): `train.grad_accum` micro-batches and tokens/s + MFU in its metrics."""
-  from cl_jax.train.loop import with_finite_flag
-  from cl_jax.train.step import compile_train_step, make_train_step
-  accum = 1 if c is None else int(c.train.get("grad_accum", 1))
-  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms, grad_accum=accum))
-  compiled = compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-
-  def jitted(state, batch):
-    with jax.set_mesh(mesh):  # traced under the mesh: the model pins its FSDP shardings (transformer.constrain)
-      return compiled(state, batch)
-
-  if c is None:
-    return jitted
+def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, c, model_cfg, batch_size: int, strategy):
+  """The shared jitted step (`compile_step`: the strategy's hooks, `train.grad_accum` micro-batches) traced under
+  the mesh, with tokens/s and MFU in its metrics, computed from the model that trains (`model_cfg`: the imported
+  checkpoint's architecture, not the `lm.size` preset)."""
+  from cl_jax.train.step import compile_step
   from cl_jax.train.throughput import lm_throughput
-  return lm_throughput(model_config(c, vocab_size), batch_size, c.lm.seq_len,
-                       window=c.train.log_every_steps).wrap(jitted)
+  step, _ = compile_step(loss_fn, optimizer, schedule, strategy, state_sh, mesh, log_norms=bool(c.train.log_norms),
+                         grad_accum=int(c.train.get("grad_accum", 1)), under_mesh=True)
+  return lm_throughput(model_cfg, batch_size, c.lm.seq_len, window=c.train.log_every_steps).wrap(step)
 
 
 def _optimizer(c, optim, schedule, trainable=None, wrap=None):
@@ -180,17 +156,18 @@ def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
   from cl_jax.strategies import Learner, naive
   from cl_jax.train.loop import Plan
   from cl_jax.train.schedules import cosine_schedule
+  from cl_jax.train.state import build_state
   steps = int(c.pretrain.steps)
   schedule = cosine_schedule(c.optim.lr, max(steps, 1), c.pretrain.warmup_fraction, c.pretrain.end_lr_fraction)
   optimizer = _optimizer(c, c.optim, schedule)
   learner = Learner(model.apply, no_logit_mask)
-  state, state_sh = _train_state(c, params, optimizer, (), mesh, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
+  state, state_sh = build_state(params, optimizer, (), jax.random.fold_in(jax.random.PRNGKey(c.seed), 1), mesh)
   sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
                               c.pretrain.batch_size, seed=c.seed + 1000)
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
-              train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh,
-                                        c.train.log_norms, c, data.tokenizer.vocab_size, c.pretrain.batch_size),
+              train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh, c,
+                                        model.config, c.pretrain.batch_size, naive()),
               eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
               record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
   return Phase(plan, learner, naive(), schedule)
@@ -229,8 +206,9 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
-  from cl_jax.train.loop import Plan, Verdict
+  from cl_jax.train.loop import Plan, Verdict, task_start
   from cl_jax.train.schedules import build_schedule
+  from cl_jax.train.state import build_state
   key = jax.random.PRNGKey(c.seed)
   learner = Learner(model.apply, no_logit_mask)
   strategy = build_strategy(c.strategy, c, learner)
@@ -247,8 +225,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
   schedule = build_schedule(optim, steps, 1)
   from cl_jax.lm.vocab import row_scaling
   optimizer = _optimizer(c, optim, schedule, trainable, wrap=row_scaling(c, params))
-  state, state_sh = _train_state(c, params, optimizer, strategy.init(params, task_info), mesh,
-                                 jax.random.fold_in(key, 3))
+  state, state_sh = build_state(params, optimizer, strategy.init(params, task_info), jax.random.fold_in(key, 3),
+                                mesh)
 
   orders = None
   if c.adapt.difficulty:
@@ -257,15 +235,9 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
                               seed=c.seed, orders=orders)
   evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), c.regression.eval_batch_size, mesh)
   hook = _MonitorHook(c)
-  rep = sharding.replicated(mesh)
-  crash_at = int(os.environ.get(CRASH_ENV, "-1"))
 
   def batches(t, iterator_state):
     return MixtureSource(sampler, data.train, t, iterator_state)
-
-  def begin_task(state, t, done):
-    del done
-    return state._replace(task_index=sharding.put_global(np.int32(t), rep))
 
   def after_task(state, t):
     if t != 0:  # the adapted model's own consolidation would only serve a further task
@@ -303,16 +275,15 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
     return fields
 
   def on_eval(state, step, record):
-    del state, record
-    if step == crash_at:
-      raise SimulatedCrash(f"{CRASH_ENV}={step}")
+    del state, record, step
     v = hook.verdict
     return Verdict(stop=bool(c.regression.hard_stop and hook.monitor.should_stop), best=bool(v.is_best))
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[0, steps], batches=batches,
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh,
-                                        mesh, c.train.log_norms, c, data.tokenizer.vocab_size, c.adapt.batch_size),
-              evaluate=evaluate, begin_task=begin_task, after_task=after_task, on_eval=on_eval, meta=hook.meta,
+                                        mesh, c, model.config, c.adapt.batch_size, strategy),
+              evaluate=evaluate, begin_task=task_start(strategy, optimizer, state_sh), after_task=after_task,
+              on_eval=on_eval, meta=hook.meta,
               load_meta=hook.load_meta, eval_before=False, eval_every=int(c.regression.eval_every),
               checkpoint_every=int(c.regression.eval_every), names=["adapt: general (the base)", "adapt: domain"],
               record={"phase": "adapt"}, **_common_plan_fields(c, mesh))
@@ -355,7 +326,7 @@ def table_row(record: dict) -> dict:
   }
 
 
-def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool):
+def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool, hooks=()):
   """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
   from cl_jax.train.loop import run_tasks
@@ -382,24 +353,26 @@ def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progr
       return checkpoints.restore(abstract, kind="tasks")[0].params, 0.0
     keep_pretrain = lambda s: (lambda r: r.get("phase") == "pretrain" and s is not None and r["step"] <= s)
     out = run_tasks(plan, workdir, checkpoints, resume, progress,
-                    open_log=lambda s: MetricsLog(workdir, s, keep=keep_pretrain(s)))
+                    open_log=lambda s: MetricsLog(workdir, s, keep=keep_pretrain(s)), hooks=hooks)
   finally:
     checkpoints.close()
   return out.state.params, out.seconds
 
 
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CPTData | None = None):
-  """Continual pre-training end to end (see the module docstring); `data` skips reloading the corpora."""
-  from cl_jax.checkpoint import Checkpoints, abstract_like
-  from cl_jax.lm.monitor import paired_interval, plot_monitor
+class Built(NamedTuple):
+  """An LM run before it writes anything: the corpora, the mesh and the model (new, or imported from HF)."""
+  data: CPTData
+  mesh: Any
+  cfg: Any           # the model's TransformerConfig (the imported one for an HF checkpoint)
+  model: Any
+  params: Any
+  imported: Any      # cl_jax.models.hf_checkpoint.Loaded, or None
+  t0: float
+
+
+def build(c, data: CPTData | None = None) -> Built:
+  """Loads the corpora (`data` skips it) and builds or imports the model, straight into the params' shardings."""
   from cl_jax.models.transformer import init_lm
-  from cl_jax.results import Results
-  from cl_jax.train.loop import run_tasks, strategy_record
-  from cl_jax.workdir import MetricsLog, Workdir, decide, is_writer, write_json
-  c = config
-  sharding.maybe_initialize_distributed()
-  check_config(c)
-  decide(c, workdir, overwrite)  # a workdir holding another run fails here, before any work
   t0 = time.time()
   data = data or load_data(c)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
@@ -413,81 +386,91 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     cfg, model, params = imported.config, imported.model, imported.params
   else:
     cfg = model_config(c, data.tokenizer.vocab_size)
-    model, params = init_lm(cfg, c.seed, mesh, c.lm.get("param_dtype", "float32"))  # straight into the shardings
+    model, params = init_lm(cfg, c.seed, mesh, c.lm.get("param_dtype", "float32"))
+  return Built(data, mesh, cfg, model, params, imported, t0)
+
+
+def execute(built: Built, ctx):
+  """Continual pre-training end to end in the opened workdir (see the module docstring); returns the Results."""
+  from cl_jax.checkpoint import Checkpoints, abstract_like
+  from cl_jax.lm.monitor import paired_interval
+  from cl_jax.results import Results
+  from cl_jax.train.loop import run_tasks, strategy_record
+  from cl_jax.workdir import MetricsLog
+  c, workdir, progress = ctx.config, ctx.workdir, ctx.progress
+  data, mesh, cfg, model, params, imported, t0 = built
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
+  base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, ctx.resume, progress, ctx.hooks)
+  # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
+  # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
+  from cl_jax.lm.long_context import stage_for_run
+  from cl_jax.lm.vocab import extend_for_run
+  data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
+  before_stage = model
+  stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
+  phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage)
+  plan, hook = phase.plan, phase.hook
+  with Checkpoints(workdir, keep=c.checkpoint.keep) as checkpoints:
+    keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
+    out = run_tasks(plan, workdir, checkpoints, ctx.resume, progress,
+                    open_log=lambda s: MetricsLog(workdir, s, keep=keep(s)), hooks=ctx.hooks)
+    abstract = abstract_like(plan.state, plan.state_sharding)
+    base_state = checkpoints.restore(abstract, manager=checkpoints.tasks, step=0)[0]
+    best_state, _ = checkpoints.restore(abstract, kind="best")
+    best_step = int(jax.device_get(best_state.step))
+  monitor = hook.monitor
+  test, test_items = {}, {}
+  for name, s in (("base", base_state), ("best", best_state), ("final", out.state)):
+    test_items[name] = {}
+    test[name] = phase.evaluator(s.params, data.eval["test"], data.cloze["test"], per_item=test_items[name])
+  # The same paired intervals on the test split: the kept and the final model against the base.
+  test_intervals = {name: {m: paired_interval(m, test_items["base"][m], test_items[name][m],
+                                              confidence=monitor.confidence, interval=monitor.interval,
+                                              samples=monitor.samples, seed=[c.seed, 1 << 30],
+                                              threshold=monitor.threshold)
+                           for m in monitor.general}
+                    for name in ("best", "final")}
+  record = {
+      "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
+      "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
+      "schedule": c.optim.schedule, "method": "lora" if "lora" in names else "full", "strategy": c.strategy,
+      "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
+      "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
+      "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
+      "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)),
+      "steps_run": int(jax.device_get(out.state.step)), "monitor": monitor.describe(), "history": monitor.history,
+      "realised_mixture": hook.mixture, "test": test, "test_intervals": test_intervals,
+      "monitor_rule": monitor.rule(), "eval_sets": eval_sizes(data),
+      "timing": {"pretrain_seconds": pretrain_seconds, "adapt_seconds": out.seconds,
+                 "total_seconds": time.time() - t0},
+      **strategy_record(c),
+  }
+  if "lora" in names:
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
+                        base_state.params["base"])
+    record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
+  if imported is not None and c.lm.export_hf:
+    from cl_jax.models import hf_checkpoint
+    kept = best_state.params
+    if "lora" in names:  # the kept model = base + its adapter, merged
+      from cl_jax.strategies.lora import merged_params
+      kept = merged_params(kept, c)
+    record["hf_export"] = os.path.join(workdir, "hf")
+    hf_checkpoint.export(record["hf_export"], imported.hf_config, kept, tokenizer=imported.tokenizer)
+  record["row"] = table_row(record)
+  return Results("lm", workdir, extra=record)
 
-  with Workdir(c, workdir, overwrite) as wd:
-    base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, wd.resume, progress)
-    # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
-    # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
-    from cl_jax.lm.long_context import stage_for_run
-    from cl_jax.lm.vocab import extend_for_run
-    data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
-    before_stage = model
-    stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
-    phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage)
-    plan, hook = phase.plan, phase.hook
-    checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-    try:
-      keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
-      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress,
-                      open_log=lambda s: MetricsLog(workdir, s, keep=keep(s)))
-      abstract = abstract_like(plan.state, plan.state_sharding)
-      base_state = checkpoints.restore(abstract, manager=checkpoints.tasks, step=0)[0]
-      best_state, _ = checkpoints.restore(abstract, kind="best")
-      best_step = int(jax.device_get(best_state.step))
-    finally:
-      checkpoints.close()
-    monitor = hook.monitor
-    test, test_items = {}, {}
-    for name, s in (("base", base_state), ("best", best_state), ("final", out.state)):
-      test_items[name] = {}
-      test[name] = phase.evaluator(s.params, data.eval["test"], data.cloze["test"], per_item=test_items[name])
-    # The same paired intervals on the test split: the kept and the final model against the base.
-    test_intervals = {name: {m: paired_interval(m, test_items["base"][m], test_items[name][m],
-                                                confidence=monitor.confidence, interval=monitor.interval,
-                                                samples=monitor.samples, seed=[c.seed, 1 << 30],
-                                                threshold=monitor.threshold)
-                             for m in monitor.general}
-                      for name in ("best", "final")}
-    record = {
-        "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
-        "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
-        "schedule": c.optim.schedule, "method": "lora" if "lora" in names else "full", "strategy": c.strategy,
-        "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
-        "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
-        "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
-        "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)),
-        "steps_run": int(jax.device_get(out.state.step)), "monitor": monitor.describe(), "history": monitor.history,
-        "realised_mixture": hook.mixture, "test": test, "test_intervals": test_intervals,
-        "monitor_rule": monitor.rule(), "eval_sets": eval_sizes(data),
-        "timing": {"pretrain_seconds": pretrain_seconds, "adapt_seconds": out.seconds,
-                   "total_seconds": time.time() - t0},
-        **strategy_record(c),
-    }
-    if "lora" in names:
-      same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
-                          base_state.params["base"])
-      record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
-    if imported is not None and c.lm.export_hf:
-      from cl_jax.models import hf_checkpoint
-      kept = best_state.params
-      if "lora" in names:  # the kept model = base + its adapter, merged
-        from cl_jax.strategies.lora import merged_params
-        kept = merged_params(kept, c)
-      record["hf_export"] = os.path.join(workdir, "hf")
-      hf_checkpoint.export(record["hf_export"], imported.hf_config, kept, tokenizer=imported.tokenizer)
-    record["row"] = table_row(record)
-    results = Results("lm", workdir, extra=record)
-    if is_writer():
-      write_json(workdir, "results.json", results.as_dict())
-      plot_monitor(monitor.history, monitor.baseline, c.regression.threshold, os.path.join(workdir, "monitor.png"),
-                   title=f"{record['mixture']} / {record['schedule']} / {c.strategy}",
-                   stopped_step=None if monitor.stopped is None else monitor.stopped["step"], best_step=best_step)
-      with open(write_summary(workdir, record)) as f:
-        print(f.read())
-  return results
+
+def report(results, workdir: str, config) -> None:
+  """summary.md (the monitor's rule, evaluation sets, test metrics) and monitor.png."""
+  from cl_jax.lm.monitor import plot_monitor
+  record = results.extra
+  plot_monitor(record["history"], record["baseline"], config.regression.threshold,
+               os.path.join(workdir, "monitor.png"), title=f"{record['mixture']} / {record['schedule']} / {config.strategy}",
+               stopped_step=None if record["stopped"] is None else record["stopped"]["step"],
+               best_step=record["best_step"])
+  write_summary(workdir, record)
 
 
 def power_lines(record: dict) -> list[str]:
@@ -545,5 +528,5 @@ def write_summary(workdir: str, record: dict) -> str:
   return path
 
 
-__all__ = ["run", "model_config", "adaptation_stages", "power_lines", "difficulty_order_for", "pretrain_phase",
-           "adapt_phase", "MixtureSource", "table_row", "write_summary", "CRASH_ENV", "SimulatedCrash"]
+__all__ = ["model_config", "adaptation_stages", "power_lines", "difficulty_order_for", "pretrain_phase",
+           "adapt_phase", "MixtureSource", "table_row", "write_summary", "build", "execute", "report", "Built"]

@@ -1,4 +1,4 @@
-"""The task loop every run goes through, and the classic run built on it.
+"""The task loop every run goes through, and the classic kind's parts built on it.
 
 `run_tasks(plan, workdir, ...)` is THE loop. It is handed a `Plan`: what differs between kinds of run (the batch
 source of each task, the jitted step, the task hooks, the evaluator, a per-evaluation hook such as the LM
@@ -18,36 +18,28 @@ Faults:
   the first step's loss of the run and of the current task (losses at parameters no update has touched yet, so a
   step that blows up at once cannot inflate the reference).
 
-`run(config, workdir)` is the classic run: `build(config)` -> `classic_plan(...)` -> `run_tasks` -> results.json,
-summary.md and plots. Rerunning on the same workdir resumes from the newest checkpoint and ends with the same
+`build(config)` and `classic_plan(config, setup)` are the classic kind's parts (`cl_jax.kinds.classic` runs them
+through the skeleton). Rerunning on the same workdir resumes from the newest checkpoint and ends with the same
 `results.json` (all but `timing`, which is wall-clock; it adds up across restarts).
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
-import os
 import signal
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cl_jax import compilation_cache, report, sharding
+from cl_jax import sharding
 from cl_jax.checkpoint import Checkpoints, abstract_like
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
-from cl_jax.workdir import MetricsLog, Workdir, config_dict, decide, is_writer, precheck, write_json
+from cl_jax.workdir import MetricsLog, config_dict, is_writer
+from cl_jax.train.step import with_finite_flag  # noqa: F401  (re-exported: the loop's divergence flag)
 from cl_jax.train.throughput import throughput_postfix
 
-# Test hooks: SIGKILL this process right after the given global step (a real crash, mid-task); replace the
-# inputs of the batch of the given global step by NaN (divergence).
-KILL_ENV = "CL_JAX_TEST_KILL_AT_STEP"
-NAN_ENV = "CL_JAX_TEST_NAN_AT_STEP"
-# Test hook: this process sends itself SIGTERM ("k") or SIGINT ("k:INT") right after global step k (preemption).
-SIGNAL_ENV = "CL_JAX_TEST_SIGNAL_AT_STEP"
 NonFiniteLossError = DivergenceError  # the old name
 
 
@@ -110,16 +102,17 @@ class LoopResult:
   resumed_from: int | None
 
 
-def with_finite_flag(train_step):
-  """Adds `_finite` to the step's metrics: whether every updated param is finite (one fused reduction).
-
-  A sum over all params is non-finite iff some param is (inf + -inf is nan), so one pass tells it.
-  """
-  def step(state, batch):
-    new, metrics = train_step(state, batch)
-    total = sum(jnp.sum(p.astype(jnp.float32)) for p in jax.tree.leaves(new.params))
-    return new, {**metrics, "_finite": jnp.isfinite(total)}
-  return step
+def task_start(strategy, optimizer, state_sharding):
+  """The `begin_task` hook every kind shares: the task index into the state and, for a strategy that asks for it
+  (`reset_optimizer`: O-LoRA, so no momentum of the previous task moves a frozen slot), fresh optimizer state at
+  the start of every task after the first (not on a mid-task resume: the checkpoint holds the task's own)."""
+  def begin_task(state, t, done):
+    state = state._replace(task_index=sharding.put_global(np.int32(t), state_sharding.task_index))
+    if strategy.reset_optimizer and t > 0 and done == 0:
+      opt = sharding.put_global(jax.device_get(optimizer.init(state.params)), state_sharding.opt_state)
+      state = state._replace(opt_state=opt)
+    return state
+  return begin_task
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -163,12 +156,8 @@ def fetch_batches(source, n: int, put_batch, first_step: int, stacked: bool):
   """The device batch of the next n steps (stacked [n, ...] when `stacked`): the one place batches are drawn."""
   if hasattr(source, "next_on_device"):
     return source.next_on_device(n)
+  del first_step
   group = [next(source) for _ in range(n)]
-  nan_at = int(os.environ.get(NAN_ENV, "-1"))
-  if first_step <= nan_at < first_step + n:
-    i = nan_at - first_step
-    group[i] = {k: (np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v)
-                for k, v in group[i].items()}
   if not stacked:
     return put_batch(group[0], False)
   return put_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, True)
@@ -240,8 +229,15 @@ def _metric_column(v) -> list:
 
 
 def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, progress: bool = True,
-              open_log: Callable[[int | None], MetricsLog] | None = None) -> LoopResult:
-  """Runs `plan` to its end (or its hook's stop), resuming from the newest intact checkpoint when `resume`."""
+              open_log: Callable[[int | None], MetricsLog] | None = None, hooks: Sequence = ()) -> LoopResult:
+  """Runs `plan` to its end (or its hook's stop), resuming from the newest intact checkpoint when `resume`.
+
+  `hooks`: `cl_jax.faults.StepHook`s called around every call of the jitted step and after every evaluation
+  (test fault injection; none in a plain run, so the loop's path has no test code).
+  """
+  before_hooks = [h.before for h in hooks if h.before is not None]
+  after_hooks = [h.after for h in hooks if h.after is not None]
+  eval_hooks = [h.after_eval for h in hooks if h.after_eval is not None]
   t_start = time.time()
   num_tasks = len(plan.steps)
   names = list(plan.names or [f"task {t + 1}/{num_tasks}" for t in range(num_tasks)])
@@ -263,9 +259,6 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           f"{', start' if iterator_state is None else ', mid-task'}).")
   log = (open_log or (lambda s: MetricsLog(workdir, s, tb_every=plan.log_every)))(resume_step)
   divergence = _Divergence(plan.divergence_factor, div_state)
-  kill_at, nan_at = int(os.environ.get(KILL_ENV, "-1")), int(os.environ.get(NAN_ENV, "-1"))
-  signal_at, _, signal_name = os.environ.get(SIGNAL_ENV, "-1").partition(":")
-  signal_at, signal_num = int(signal_at), signal.SIGINT if signal_name == "INT" else signal.SIGTERM
   seconds = lambda: prior_seconds + time.time() - t_start
 
   def meta(task, iterator):
@@ -277,6 +270,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
   def write_eval(step, t_record, fields, is_boundary):
     rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
     log.write(rec)
+    for hook in eval_hooks:
+      hook(step)
     verdict = plan.on_eval(state, step, rec) if plan.on_eval is not None else None
     return rec, verdict or Verdict()
 
@@ -335,9 +330,9 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         while k < task_steps:
           n = min(per_call, task_steps - k)
           step_no = first_step + k + n
+          for hook in before_hooks:
+            state = hook(state, step_no - n + 1, step_no)
           if plan.train_chunk is not None:
-            if step_no - n < nan_at <= step_no:  # batches are drawn inside the chunk: poison the params instead
-              state = state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
             state, metrics = plan.train_chunk(state, t, k, n)
           elif n == 1 and (per_call == 1 or plan.multi_step is None):
             state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, step_no, False))
@@ -347,14 +342,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           k += n
           pending.append((step_no - n + 1, metrics))
           bar.update(n)
-          if step_no - n < kill_at <= step_no:  # a crash right after this step, before its eval or checkpoint
-            flush_metrics()
-            log.flush()
-            checkpoints.wait()
-            if jax.process_count() > 1:  # every process crashes at this step; none may see a peer die first,
-              from jax.experimental import multihost_utils  # mid-commit (that aborts it instead)
-              multihost_utils.sync_global_devices(f"test kill at step {kill_at}")
-            os.kill(os.getpid(), signal.SIGKILL)
+          for hook in after_hooks:
+            hook(step_no - n + 1, step_no, lambda: (flush_metrics(), log.flush(), checkpoints.wait()))
           if sum(len(m["loss"]) for _, m in pending) >= plan.log_every:
             flush_metrics()
           if plan.eval_every and k % plan.eval_every == 0 and k < task_steps and plan.evaluate is not None:
@@ -368,8 +357,6 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             save_mid_task(step_no)
             if stopped is not None:
               break
-          if step_no - n < signal_at <= step_no:
-            signal.raise_signal(signal_num)
           # Multi-host: the processes agree on the flag through a collective, so ask only every log_every steps.
           if (jax.process_count() == 1 or k % plan.log_every < n or k == task_steps) and preempt.is_set():
             if not checkpoints.has(step_no):
@@ -437,8 +424,8 @@ def build(config) -> Setup:
   from cl_jax.strategies import Learner, TaskInfo, build_strategy
   from cl_jax.train.optim import build_optimizer
   from cl_jax.train.schedules import build_schedule
-  from cl_jax.train.state import TrainState
-  from cl_jax.train.step import compile_train_step, make_train_step, task_loss
+  from cl_jax.train.state import build_state
+  from cl_jax.train.step import compile_step, task_loss
   data = load_source(config.data)
   scenario = make_scenario(data, config.scenario, multi_head=config.model.multi_head,
                            validation_fraction=config.data.get("validation_fraction", 0.0),
@@ -467,18 +454,11 @@ def build(config) -> Setup:
   optimizer = build_optimizer(config.optim, schedule, trainable)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  # One program for the optimizer's zeros and the step rng: eagerly each leaf would be its own small program.
-  opt_state, rng = jax.jit(lambda p, k: (optimizer.init(p), jax.random.fold_in(k, 1)))(params, root_key)
-  state = TrainState(step=np.int32(0), params=params, opt_state=opt_state,
-                     strategy_state=strategy.init(params, task_info), rng=rng, task_index=np.int32(0))
+  state, state_sh = build_state(params, optimizer, strategy.init(params, task_info), jax.random.fold_in(root_key, 1),
+                                mesh)
   rep = sharding.replicated(mesh)
-  state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
-  state = sharding.put_global(state, state_sh)
-  train_step = with_finite_flag(make_train_step(strategy.loss(task_loss(learner)), optimizer, schedule,
-                                                log_norms=config.train.log_norms, strategy=strategy))
-  step_fn = compile_train_step(train_step, state_sh, sharding.batch_sharding(mesh), rep)
-  multi_step = compile_train_step(lambda s, b: jax.lax.scan(train_step, s, b), state_sh,
-                                  sharding.batch_sharding(mesh, stacked=True), rep)
+  step_fn, multi_step = compile_step(strategy.loss(task_loss(learner)), optimizer, schedule, strategy, state_sh, mesh,
+                                     log_norms=config.train.log_norms)
   from cl_jax.strategies.base import evaluation_learner  # a strategy's `predict` hook replaces the logits (GDumb)
   eval_fn = make_eval_fn(evaluation_learner(learner, strategy), rep, sharding.batch_sharding(mesh))
   return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
@@ -486,9 +466,9 @@ def build(config) -> Setup:
 
 
 def init_params(ref: str, like):
-  """`model.init_from`: the params `ref` names (see cl_jax.merge_run.resolve), checked against the built model's."""
+  """`model.init_from`: the params `ref` names (`cl_jax.checkpoint.resolve`), checked against the built model's."""
   from cl_jax import merging
-  from cl_jax.merge_run import resolve
+  from cl_jax.checkpoint import resolve
   try:
     loaded = resolve(ref, "model.init_from").params()
     merging.check_compatible([jax.device_get(like), loaded], ["the model", f"model.init_from={ref!r}"])
@@ -513,7 +493,7 @@ def check_data_fits(config, scenario, strategy) -> None:
 def classic_plan(config, setup: Setup) -> Plan:
   """The classic kind's plan: grain batches of `strategy.train_tasks(t)`, accuracy rows, strategy after_task."""
   from cl_jax.data import task_data, train_dataset, train_iterator
-  scenario, strategy, mesh, rep = setup.scenario, setup.strategy, setup.mesh, setup.replicated
+  scenario, strategy, mesh = setup.scenario, setup.strategy, setup.mesh
   num_tasks = scenario.num_tasks
   eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
 
@@ -521,13 +501,6 @@ def classic_plan(config, setup: Setup) -> Plan:
     dataset = train_dataset(scenario, strategy.train_tasks(t), config.train.batch_size, config.seed, t)
     from cl_jax.data.device import Prefetch  # grain reads ahead in a thread while the device trains
     return Prefetch(train_iterator(dataset, iterator_state))
-
-  def begin_task(state, t, done):
-    state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
-    if strategy.reset_optimizer and t > 0 and done == 0:
-      opt = sharding.put_global(jax.device_get(setup.optimizer.init(state.params)), setup.state_sharding.opt_state)
-      state = state._replace(opt_state=opt)
-    return state
 
   def after_task(state, t):
     new = strategy.after_task(state.strategy_state, state.params, task_data(scenario, t),
@@ -543,62 +516,11 @@ def classic_plan(config, setup: Setup) -> Plan:
   return Plan(state=setup.state, state_sharding=setup.state_sharding, steps=setup.steps, batches=batches,
               train_step=setup.train_step, multi_step=setup.multi_step,
               put_batch=lambda b, stacked: sharding.put_batch(b, mesh, stacked=stacked),
-              evaluate=evaluate, steps_per_call=config.train.steps_per_call, begin_task=begin_task,
+              evaluate=evaluate, steps_per_call=config.train.steps_per_call,
+              begin_task=task_start(strategy, setup.optimizer, setup.state_sharding),
               after_task=after_task, eval_every=config.eval.every_steps,
               checkpoint_every=config.checkpoint.every_steps, log_every=config.train.log_every_steps,
               divergence_factor=float(config.train.get("divergence_factor", 0.0)))
-
-
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
-  """Runs the classic experiment `config` describes in `workdir`; see the module docstring."""
-  from cl_jax.config import validate
-  from cl_jax.eval.metrics import summarize
-  from cl_jax.models import param_count
-  from cl_jax.results import Results
-  sharding.maybe_initialize_distributed()
-  compilation_cache.enable()
-  validate(config)
-  precheck(config, workdir, overwrite)  # a workdir holding another run, or a live one, fails here: no work done
-  # A previous run in this process (a notebook, an experiment script) can leave its data buffers in reference
-  # cycles; freeing them now lets this run's buffers reuse that memory instead of faulting in fresh pages
-  # (Split MNIST's second run in one process: 1.0-1.1 s of host CPU
-  # without it, 0.7-0.8 s with it; benchmarks/loop_overhead.py).
-  gc.collect()
-  from cl_jax.train import seeds
-  if seeds.num_runs(config) > 1:  # every seed / sweep setting as one vmapped program (H7)
-    return seeds.run(config, workdir, overwrite, progress)
-  # One run: a one-setting sweep ("ewc.lam=1") still sets its values. The workdir keeps the config as given, so
-  # resuming and comparing runs see the same config the user wrote.
-  (setting,) = seeds.settings(config)
-  given, config = config, seeds.setting_config(config, setting.overrides)
-  setup = build(config)
-  scenario, data = setup.scenario, setup.data
-  from cl_jax.data.device import maybe_device_plan
-  plan = maybe_device_plan(classic_plan(config, setup), config, setup)  # batches drawn on device when data fits
-  with Workdir(given, workdir, overwrite) as wd:
-    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    try:
-      print(f"{config.strategy} on {scenario.name}/{scenario.kind} ({data.name}): {scenario.num_tasks} tasks, "
-            f"{param_count(setup.state.params):,} params, mesh {dict(setup.mesh.shape)}")
-      out = run_tasks(plan, workdir, checkpoints, wd.resume, progress)
-      for t, rec in enumerate(out.boundary[1:]):
-        if out.resumed_from is None or int(rec["step"]) > out.resumed_from:
-          print(f"after task {t + 1}: " + " ".join(f"{100 * a:5.1f}" for a in rec["accuracy"]))
-    finally:
-      checkpoints.close()
-    r = np.asarray([rec["accuracy"] for rec in out.boundary])
-    extra = {"strategy": config.strategy, "scenario": f"{scenario.name}/{scenario.kind}", "data": data.name,
-             "num_params": param_count(setup.state.params), "steps_per_task": setup.steps,
-             "timing": {"task_seconds": out.task_seconds, "total_seconds": out.seconds}}
-    extra.update(strategy_record(config))
-    if setting.overrides:
-      extra["overrides"] = setting.overrides
-    results = Results("classic", workdir, r, **summarize(r), extra=extra)
-    if is_writer():
-      write_json(workdir, "results.json", results.as_dict())
-      report.write_report(workdir, results.as_dict(), f"{config.strategy} — {scenario.name} {scenario.kind}-IL "
-                                                      f"({data.name})")
-  return results
 
 
 def strategy_record(config) -> dict:
@@ -632,15 +554,6 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
                          "{rate_fmt}{postfix}]")
 
 
-# Kept for callers of the old names (cl_jax.lm.cpt): the workdir policy lives in cl_jax.workdir now.
-def prepare_workdir(config, workdir: str, overwrite: bool) -> bool:
-  import shutil
-  resume = decide(config, workdir, overwrite)
-  if not resume and overwrite and os.path.isdir(workdir):
-    shutil.rmtree(workdir)
-  return resume
-
-
-__all__ = ["Plan", "Verdict", "LoopResult", "run_tasks", "fetch_batches", "with_finite_flag", "run", "build",
+__all__ = ["Plan", "Verdict", "LoopResult", "run_tasks", "fetch_batches", "with_finite_flag", "build",
            "classic_plan", "Setup", "evaluate_task", "make_eval_fn", "steps_for_task", "strategy_record",
-           "prepare_workdir", "config_dict", "MetricsLog", "WorkdirError", "NonFiniteLossError"]
+           "config_dict", "MetricsLog", "WorkdirError", "NonFiniteLossError"]

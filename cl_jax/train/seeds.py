@@ -259,11 +259,10 @@ def over_runs(chunk, state, pool, table, seeds, t, first):
 def plan(config, setup, base_plan):
   """The classic plan of `setup` turned into one over all runs (see the module docstring)."""
   import dataclasses
-  from cl_jax import sharding
   from cl_jax.data import task_data
   from cl_jax.data.device import DeviceData, DeviceTestData, StepSource, default_chunk
   runs = build_runs(config, setup)
-  mesh, rep = setup.mesh, setup.replicated
+  rep = setup.replicated
   data = DeviceData(setup.scenario, setup.strategy.train_tasks, config.train.batch_size, rep)
   test = DeviceTestData(setup.scenario, config.eval.batch_size, rep)
   per_call = config.train.steps_per_call if config.train.steps_per_call > 1 else 500
@@ -370,58 +369,12 @@ def results_record(runs: Runs, matrices: np.ndarray) -> dict:
   return {"runs": per_run, "settings": out_settings}
 
 
-# ----------------------------------------------------------------------------- the run
-
-def run(config, workdir: str, overwrite: bool = False, progress: bool = True):
-  """The classic run of every seed (and sweep setting) of `config` at once, through the one task loop."""
-  from cl_jax import compilation_cache, report, sharding
-  from cl_jax.checkpoint import Checkpoints
-  from cl_jax.config import validate
+def check_device_data(config, scenario) -> None:
+  """Several runs as one program draw their batches on device: refuse data that cannot live there."""
   from cl_jax.data.device import pool_nbytes, use_device_data
-  from cl_jax.models import param_count
-  from cl_jax.results import Results
-  from cl_jax.train.loop import build, classic_plan, run_tasks, strategy_record
-  from cl_jax.workdir import Workdir, is_writer, precheck, write_json
-  sharding.maybe_initialize_distributed()
-  compilation_cache.enable()
-  validate(config)
-  precheck(config, workdir, overwrite)  # process 0 decides, every process learns the outcome
-  setup = build(config)
-  scenario, data = setup.scenario, setup.data
   if not use_device_data(config.data.on_device, scenario) and config.data.on_device != "auto":
     raise ConfigError("data.on_device=false: train.num_seeds / train.sweep run every seed in one program, which "
                       "draws batches on device; set data.on_device=auto or true")
   if not use_device_data("auto", scenario):
     raise ConfigError(f"train.num_seeds={config.train.num_seeds}: the training data ({pool_nbytes(scenario) >> 20} "
                       "MiB) does not fit comfortably in device memory; run the seeds one by one")
-  base = classic_plan(config, setup)
-  run_plan, runs = plan(config, setup, base)
-  with Workdir(config, workdir, overwrite) as wd:
-    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    try:
-      print(f"{config.strategy} on {scenario.name}/{scenario.kind} ({data.name}): {scenario.num_tasks} tasks, "
-            f"{param_count(setup.state.params):,} params, {len(runs.seeds)} runs in one program "
-            f"({len(runs.settings)} setting(s) x {len(runs.settings[0].seeds)} seeds), mesh {dict(setup.mesh.shape)}")
-      out = run_tasks(run_plan, workdir, checkpoints, wd.resume, progress)
-      for t, rec in enumerate(out.boundary[1:]):
-        if out.resumed_from is None or int(rec["step"]) > out.resumed_from:
-          print(f"after task {t + 1} (mean of {len(runs.seeds)} runs): "
-                + " ".join(f"{100 * a:5.1f}" for a in rec["accuracy"]))
-    finally:
-      checkpoints.close()
-    matrices = np.asarray([rec["accuracy_runs"] for rec in out.boundary])  # [T+1, R, T]
-    record = results_record(runs, matrices)
-    first = record["settings"][0]
-    r = np.asarray(first["accuracy_matrix_mean"])
-    extra = {"strategy": config.strategy, "scenario": f"{scenario.name}/{scenario.kind}", "data": data.name,
-             "num_params": param_count(setup.state.params), "steps_per_task": setup.steps,
-             "num_runs": len(runs.seeds), **record,
-             "timing": {"task_seconds": out.task_seconds, "total_seconds": out.seconds}}
-    extra.update(strategy_record(config))
-    # Top level: the first setting's mean matrix and mean metrics (per-run and per-setting figures in extra).
-    results = Results("classic", workdir, r, **{k: first[k]["mean"] for k in METRICS}, extra=extra)
-    if is_writer():
-      write_json(workdir, "results.json", results.as_dict())
-      report.write_report(workdir, results.as_dict(), f"{config.strategy} — {scenario.name} {scenario.kind}-IL "
-                                                      f"({data.name}), mean of {len(runs.settings[0].seeds)} seeds")
-  return results

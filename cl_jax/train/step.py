@@ -127,3 +127,42 @@ def compile_train_step(train_step, state_sharding, batch_sharding, replicated):
   """jit with explicit shardings; the state is donated so its buffers are reused in place."""
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def with_finite_flag(train_step):
+  """Adds `_finite` to the step's metrics: whether every updated param is finite (one fused reduction).
+
+  A sum over all params is non-finite iff some param is (inf + -inf is nan), so one pass tells it.
+  """
+  def step(state, batch):
+    new, metrics = train_step(state, batch)
+    total = sum(jnp.sum(p.astype(jnp.float32)) for p in jax.tree.leaves(new.params))
+    return new, {**metrics, "_finite": jnp.isfinite(total)}
+  return step
+
+
+def compile_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: Callable, strategy: Strategy,
+                 state_sharding, mesh, *, log_norms: bool = True, grad_accum: int = 1, under_mesh: bool = False):
+  """The one way every kind compiles its step: (step, multi_step), both jitted with the state donated.
+
+  step(state, batch) -> (state, metrics) runs `make_train_step` with the strategy's hooks (`grads`, `update`) and
+  the finite-params flag the loop's divergence check reads; multi_step(state, batches [K, B, ...]) runs K steps in
+  one `lax.scan` (compiled on first use). `under_mesh`: traced under `jax.set_mesh(mesh)`, so a model that pins
+  its FSDP shardings inside (the transformer's `constrain`) sees the mesh.
+  """
+  from cl_jax import sharding
+  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms, strategy=strategy,
+                                          grad_accum=grad_accum))
+  rep = sharding.replicated(mesh)
+  single = compile_train_step(step, state_sharding, sharding.batch_sharding(mesh), rep)
+  multi = compile_train_step(lambda s, b: jax.lax.scan(step, s, b), state_sharding,
+                             sharding.batch_sharding(mesh, stacked=True), rep)
+  if not under_mesh:
+    return single, multi
+
+  def on_mesh(compiled):
+    def call(state, batch):
+      with jax.set_mesh(mesh):
+        return compiled(state, batch)
+    return call
+  return on_mesh(single), on_mesh(multi)

@@ -1,0 +1,96 @@
+"""Fault injection for tests: real crashes, divergence and preemption at a chosen step, as the loop's step hooks.
+
+The test suite (and anyone checking a deployment) sets these in the environment of a run, often a `run.py`
+subprocess; the skeleton (`cl_jax.runner.run`) reads them once at the start of a run into
+`cl_jax.train.loop.StepHook`s. A run without them has no hook: nothing of this module is in the loop's path.
+
+  CL_JAX_TEST_KILL_AT_STEP=k        SIGKILL this process right after global step k (metrics and pending checkpoints
+                                    flushed first, every process of a multi-host run at the same step)
+  CL_JAX_TEST_NAN_AT_STEP=k         the params become NaN before step k: its loss is non-finite (divergence, exit 3)
+  CL_JAX_TEST_SIGNAL_AT_STEP=k[:INT]  this process sends itself SIGTERM (or SIGINT) right after step k (preemption)
+  CL_JAX_TEST_CRASH_AT_EVAL=k       raise `SimulatedCrash` when the evaluation of step k has been recorded, before
+                                    its checkpoint (a crash between an evaluation and its checkpoint)
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable, NamedTuple
+
+KILL_ENV = "CL_JAX_TEST_KILL_AT_STEP"
+NAN_ENV = "CL_JAX_TEST_NAN_AT_STEP"
+SIGNAL_ENV = "CL_JAX_TEST_SIGNAL_AT_STEP"
+CRASH_ENV = "CL_JAX_TEST_CRASH_AT_EVAL"
+
+
+class SimulatedCrash(RuntimeError):
+  pass
+
+
+class StepHook(NamedTuple):
+  """Called by the loop around each call of the jitted step (a call runs the steps first..last):
+
+  before(state, first, last) -> state   before the call
+  after(first, last, settle)            after it; `settle()` flushes metrics, the log and pending checkpoints
+  after_eval(step)                      after an evaluation's record is written, before its checkpoint
+  """
+  before: Callable | None = None
+  after: Callable | None = None
+  after_eval: Callable | None = None
+
+
+def _step(name: str) -> int | None:
+  value = os.environ.get(name, "")
+  return int(value.partition(":")[0]) if value.strip() else None
+
+
+def kill_at(step: int) -> StepHook:
+  def after(first, last, settle):
+    if first <= step <= last:  # a crash right after this call, before its evaluation or checkpoint
+      settle()
+      import jax
+      if jax.process_count() > 1:  # every process crashes at this step; none may see a peer die first,
+        from jax.experimental import multihost_utils  # mid-commit (that aborts it instead)
+        multihost_utils.sync_global_devices(f"test kill at step {step}")
+      os.kill(os.getpid(), signal.SIGKILL)
+  return StepHook(after=after)
+
+
+def nan_at(step: int) -> StepHook:
+  def before(state, first, last):
+    if first <= step <= last:
+      import jax
+      import jax.numpy as jnp
+      return state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+    return state
+  return StepHook(before=before)
+
+
+def signal_at(step: int, signum: int = signal.SIGTERM) -> StepHook:
+  def after(first, last, settle):
+    del settle
+    if first <= step <= last:
+      signal.raise_signal(signum)
+  return StepHook(after=after)
+
+
+def crash_at_eval(step: int) -> StepHook:
+  def after_eval(at):
+    if at == step:
+      raise SimulatedCrash(f"{CRASH_ENV}={step}")
+  return StepHook(after_eval=after_eval)
+
+
+def hooks_from_env() -> tuple[StepHook, ...]:
+  """The hooks the environment asks for (none in a plain run)."""
+  hooks = []
+  if (k := _step(KILL_ENV)) is not None:
+    hooks.append(kill_at(k))
+  if (k := _step(NAN_ENV)) is not None:
+    hooks.append(nan_at(k))
+  if (k := _step(SIGNAL_ENV)) is not None:
+    name = os.environ[SIGNAL_ENV].partition(":")[2]
+    hooks.append(signal_at(k, signal.SIGINT if name == "INT" else signal.SIGTERM))
+  if (k := _step(CRASH_ENV)) is not None:
+    hooks.append(crash_at_eval(k))
+  return tuple(hooks)

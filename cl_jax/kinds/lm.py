@@ -1,0 +1,31 @@
+"""The LM kind: continual pre-training of a causal language model (`cl_jax.lm.runner`: pre-train or import a base,
+adapt it on a data mixture with a strategy chain, guarded by the regression monitor; test metrics against the
+base). Its default config and cross-key checks are `cl_jax.lm.config`'s."""
+from __future__ import annotations
+
+from cl_jax.config import COMMON_SCHEMA, integer
+from cl_jax.lm import config as lm_config
+from cl_jax.lm import runner
+
+# What continual pre-training gives a strategy: token logits [B, L, V] of a next-token loss whose inputs are token
+# rows (a buffer can hold them), per-sequence losses, and a model a strategy may rewrite (adapters). No class
+# labels, no task ids at step time, no joint data set (the mixture is the LM's replay of general text).
+PROVIDES = getattr(lm_config, "LM_PROVIDES", frozenset({"token_logits", "per_example", "input_buffer",
+                                                         "model_rewrite"}))
+
+default_config = lm_config.default_config
+check_config = lm_config.check_config
+SCHEMA = {
+    **COMMON_SCHEMA,
+    "adapt.steps": integer(1),
+    "adapt.batch_size": integer(1),
+    "pretrain.steps": integer(0),
+    "pretrain.batch_size": integer(1),
+}
+build = runner.build
+report = runner.report
+
+
+def run(built, ctx):
+  """Pre-train (or restore) the base, run the stages, adapt under the monitor; returns `Results(kind='lm')`."""
+  return runner.execute(built, ctx)
