@@ -150,7 +150,7 @@ def _common_plan_fields(c, mesh) -> dict:
               log_every=c.train.log_every_steps, divergence_factor=float(c.train.divergence_factor))
 
 
-def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
+def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.strategies import Learner, naive
@@ -167,7 +167,8 @@ def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
               train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh, c,
-                                        model.config, c.pretrain.batch_size, naive()),
+                                        model_cfg or model_config(c, data.tokenizer.vocab_size), c.pretrain.batch_size,
+                                        naive()),
               eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
               record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
   return Phase(plan, learner, naive(), schedule)
@@ -201,7 +202,7 @@ class _MonitorHook:
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
 
-def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None) -> Phase:
+def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, model_cfg=None) -> Phase:
   """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.lm.losses import next_token_loss
@@ -281,7 +282,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[0, steps], batches=batches,
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh,
-                                        mesh, c, model.config, c.adapt.batch_size, strategy),
+                                        mesh, c, model_cfg or model_config(c, data.tokenizer.vocab_size),
+                                        c.adapt.batch_size, strategy),
               evaluate=evaluate, begin_task=task_start(strategy, optimizer, state_sh), after_task=after_task,
               on_eval=on_eval, meta=hook.meta,
               load_meta=hook.load_meta, eval_before=False, eval_every=int(c.regression.eval_every),
@@ -326,14 +328,14 @@ def table_row(record: dict) -> dict:
   }
 
 
-def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool, hooks=()):
+def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool, hooks=(), model_cfg=None):
   """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
   from cl_jax.train.loop import run_tasks
   from cl_jax.workdir import MetricsLog
   if not c.pretrain.base_dir and c.pretrain.steps == 0:
     return params, 0.0
-  phase = pretrain_phase(c, data, model, params, mesh)
+  phase = pretrain_phase(c, data, model, params, mesh, model_cfg)
   plan = phase.plan
   abstract = abstract_like(plan.state, plan.state_sharding)
   if c.pretrain.base_dir:
@@ -401,7 +403,7 @@ def execute(built: Built, ctx):
   data, mesh, cfg, model, params, imported, t0 = built
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
-  base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, ctx.resume, progress, ctx.hooks)
+  base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, ctx.resume, progress, ctx.hooks, cfg)
   # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
   # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
   from cl_jax.lm.long_context import stage_for_run
@@ -409,7 +411,10 @@ def execute(built: Built, ctx):
   data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
   before_stage = model
   stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
-  phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage)
+  # MFU counts the model that trains: the imported architecture, its vocabulary after an extension.
+  adapt_cfg = dataclasses.replace(cfg, vocab_size=int(data.tokenizer.vocab_size), max_len=int(stage_c.lm.seq_len))
+  phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage,
+                      model_cfg=adapt_cfg)
   plan, hook = phase.plan, phase.hook
   with Checkpoints(workdir, keep=c.checkpoint.keep) as checkpoints:
     keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
