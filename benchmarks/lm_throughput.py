@@ -3,7 +3,7 @@
   python benchmarks/lm_throughput.py                      # writes results/lm_throughput.md
   python benchmarks/lm_throughput.py --d-model 256 --layers 2 --repeats 3   # quick check
 
-Train step: the real one (`cl_jax.train.step.make_train_step` on `cl_jax.lm.losses.lm_loss_fn`, optax
+Train step: the real one (`cl_jax.train.step.make_train_step` on `cl_jax.losses.lm_loss_fn`, optax
 adamw, jitted with the state donated) on random tokens. Model FLOPs per step are counted analytically
 (`cl_jax.models.transformer.matmul_flops_per_token`: 6 N per token for the projections and the LM head,
 plus the attention score/value matmuls, backward = 2x forward; Kaplan et al. 2020, PaLM App. B), so
@@ -17,7 +17,7 @@ timings are interleaved repeat by repeat, so a machine shared with other jobs sl
 every figure is a median over `--repeats` timed calls after a compile-and-warm-up call, each ended
 with `block_until_ready`.
 
-Sampling: `cl_jax.lm.sampling.generate` with and without the KV cache (same model, prompts, key),
+Sampling: `cl_jax.models.sampling.generate` with and without the KV cache (same model, prompts, key),
 tokens/s = batch * new tokens / wall time of one jitted call.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_jax.lm.losses import lm_loss_fn  # noqa: E402
-from cl_jax.lm.sampling import generate  # noqa: E402
+from cl_jax.losses import lm_loss_fn  # noqa: E402
+from cl_jax.models.sampling import generate  # noqa: E402
 from cl_jax.models.transformer import build_lm, matmul_flops_per_token, model_config  # noqa: E402
 from cl_jax.strategies.base import LossContext  # noqa: E402
 

@@ -63,7 +63,6 @@ class BareStep:
   """The jitted train step fused over k pre-staged device batches (`Setup.multi_step`): pure compute."""
 
   def __init__(self, config, k: int):
-    import jax
     import numpy as np
     from cl_jax import sharding
     from cl_jax.train.loop import build

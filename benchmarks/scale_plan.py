@@ -65,7 +65,7 @@ def compile_cell(size: str, seq: int, args, num_layers: int | None = None) -> di
   import ml_collections
   import numpy as np
   from cl_jax import sharding
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.lm.runner import no_logit_mask
   from cl_jax.models.transformer import abstract_lm, matmul_flops_per_token
   from cl_jax.strategies import Learner

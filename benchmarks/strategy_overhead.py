@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cl_jax.config import set_overrides
-from cl_jax.kinds import base_config
 from cl_jax.data import task_data, train_dataset, train_iterator
 from cl_jax.losses import cross_entropy
 from cl_jax.strategies.fisher import _chunk, fisher_diagonal

@@ -19,16 +19,12 @@ model's row [1, T]; results.json also holds every input's row (`inputs`), and su
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import re
 
 import jax
 import ml_collections
 import numpy as np
 
-from cl_jax import checkpoint, merging
+from cl_jax import merging
 from cl_jax.checkpoint import REF_RE, Reference, resolve  # noqa: F401  (the references this run reads)
 
 

@@ -91,7 +91,7 @@ def step_tokens_per_second(c, vocab_sizes: list[int], repeats: int = 5, steps: i
   """Tokens/s of the adaptation's train step (forward, backward, AdamW) per vocabulary size, timed interleaved."""
   import jax
   import optax
-  from cl_jax.lm.losses import lm_loss_fn
+  from cl_jax.losses import lm_loss_fn
   from cl_jax.lm.runner import model_config
   from cl_jax.models.transformer import build_lm
   b, length = c.adapt.batch_size, c.lm.seq_len

@@ -73,7 +73,7 @@ def test_task_scores_pool_a_tasks_sets_by_examples(data):
 
 def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
   from cl_jax import sharding
-  from cl_jax.lm.sampling import generate
+  from cl_jax.models.sampling import generate
   model, params = cit.build_model(tiny_cit_config(), data, sharding.make_mesh(-1, 1))
   toks, valid = data.eval_prompts["name"]
   out = np.asarray(cit.greedy_decode(model, params, jnp.asarray(toks[:2]), jnp.asarray(valid[:2]), max_new_tokens=6,
@@ -215,7 +215,7 @@ def test_adapters_are_folded_for_decoding(data):
 def test_lora_per_task_trains_and_applies_only_the_current_slot(data):
   """While task t trains, the model is the base plus slot t alone: the loss equals the plain model with slot t
   folded in, even with the other slots far from zero, and gradients reach slot t only."""
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.lm.sft import packed_apply, sft_batch
   from cl_jax.models import lora
   from cl_jax.strategies import Learner, LossContext

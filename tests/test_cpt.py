@@ -257,7 +257,7 @@ def test_generative_replay_pool_and_run(data, base_run, tmp_path):
 
 def test_lm_fisher_is_the_mean_of_per_sequence_squared_gradients(data):
   import jax
-  from cl_jax.lm.losses import next_token_metrics
+  from cl_jax.losses import next_token_metrics
   from cl_jax.models.transformer import build_lm
   from cl_jax.strategies import Learner
   from cl_jax.strategies.fisher import fisher_diagonal

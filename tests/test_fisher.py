@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cl_jax.losses import apply_mask
 from cl_jax.models import MLP, functional
 from cl_jax.strategies.base import Learner
 from cl_jax.strategies.fisher import dense_layout, fisher_diagonal

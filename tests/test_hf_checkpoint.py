@@ -278,7 +278,7 @@ def test_a_model_built_in_cl_jax_exports_in_each_family(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decoding_of_imported_models_matches_the_full_forward(family):
   """Prefill + one-token decode steps (grouped-query cache, sliding window, learned positions) equal the
-  reference logits: what cl_jax.lm.sampling.generate relies on."""
+  reference logits: what cl_jax.models.sampling.generate relies on."""
   from flax import nnx
   from cl_jax.models.transformer import init_cache
   ref = _reference(family)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cl_jax.lm.sampling import generate, sample_token
+from cl_jax.models.sampling import generate, sample_token
 from cl_jax.models.transformer import build_lm, model_config
 
 # A sharp, input-dependent random model: its samples vary with the key and the prompt, so agreement
@@ -81,7 +81,7 @@ def test_bad_arguments_are_named():
 
 
 def test_replay_batch_masks_the_fill_after_eos():
-  from cl_jax.lm.sampling import replay_batch
+  from cl_jax.models.sampling import replay_batch
   greedy = generate(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0)
   eos = int(greedy[0, 7])
   batch = replay_batch(MODEL, PARAMS, PROMPT, jax.random.key(0), max_new_tokens=10, temperature=0.0,

@@ -89,7 +89,7 @@ def test_packed_documents_never_attend_across(changes):
 
 
 def _lm_step(cfg, optimizer, grad_accum, params):
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.strategies import Learner
   from cl_jax.train.state import TrainState
   from cl_jax.train.step import make_train_step

@@ -61,7 +61,7 @@ def test_stacked_layout_gives_the_per_block_logits_and_gradients(models):
 def test_kv_cache_sampling_in_the_stacked_layout(models):
   """generate (prefill + scanned decode steps over the stacked cache, left-padded rows) equals the per-block
   model's greedy tokens, and the full-recompute reference."""
-  from cl_jax.lm.sampling import generate
+  from cl_jax.models.sampling import generate
   (model, params), (smodel, stacked) = models
   prompt = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
   valid = jnp.asarray([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], jnp.int32)

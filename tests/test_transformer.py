@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from cl_jax.lm.losses import distillation_kl, lm_loss_fn, next_token_metrics, token_cross_entropy
+from cl_jax.losses import distillation_kl, lm_loss_fn, next_token_metrics, token_cross_entropy
 from cl_jax.models.transformer import (TransformerConfig, build_lm, init_cache, matmul_flops_per_token,
                                        model_config, rope)
 
@@ -184,7 +184,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from cl_jax import sharding
-    from cl_jax.lm.losses import lm_loss_fn
+    from cl_jax.losses import lm_loss_fn
     from cl_jax.models.transformer import build_lm, model_config
     from cl_jax.train.state import TrainState
     from cl_jax.train.step import compile_train_step, make_train_step

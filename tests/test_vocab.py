@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cl_jax.lm.losses import lm_loss_fn
+from cl_jax.losses import lm_loss_fn
 from cl_jax.lm.vocab import extend_vocab, vocab_extension_optimizer, vocab_labels
 from cl_jax.models.transformer import build_lm, model_config
 

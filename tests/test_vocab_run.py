@@ -196,12 +196,15 @@ def test_config_errors_name_the_key():
     validate(c)
 
 
-def test_workdirs_written_before_the_stage_sections_still_resume():
+def test_workdirs_written_before_the_stage_sections_still_resume(tmp_path):
   """A config.json without `vocab` / `long_context` (an older run) is the same run as one with them off."""
-  from cl_jax.config import comparable
+  from cl_jax.errors import WorkdirError
+  from cl_jax.workdir import decide
   c = lm.default_config()
   old = json.loads(c.to_json_best_effort())
   del old["vocab"], old["long_context"]
-  assert comparable(old) == comparable(c)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert decide(c, str(tmp_path), overwrite=False, reference=lm.default_config())  # resumes
   c.vocab.extend = 8
-  assert comparable(old) != comparable(c)
+  with pytest.raises(WorkdirError, match="vocab"):
+    decide(c, str(tmp_path), overwrite=False, reference=lm.default_config())

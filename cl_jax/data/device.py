@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

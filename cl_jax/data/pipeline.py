@@ -7,12 +7,15 @@ whatever the number of hosts. The iterator's state (`get_state()`) is saved in c
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import numpy as np
 
 from cl_jax.data.scenarios import Scenario
+
+if TYPE_CHECKING:  # grain is imported when a pipeline is built (it is slow to import)
+  import grain
 
 
 def _gather(scenario: Scenario, task_ids: Sequence[int], offsets: np.ndarray, split: str):

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import sysconfig
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 

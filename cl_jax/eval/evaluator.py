@@ -92,7 +92,7 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
 
   `apply(params, tokens) -> logits`. Every process builds the same padded chunks and feeds only its own rows.
   """
-  from cl_jax.lm.losses import token_cross_entropy
+  from cl_jax.losses import token_cross_entropy
   size = padded_size(batch_size, mesh)
 
   rep = sharding.replicated(mesh)

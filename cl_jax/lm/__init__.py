@@ -12,8 +12,8 @@ The model itself is `cl_jax.models.transformer.TransformerLM` (`build_lm`, `mode
 (train step, strategies, checkpoints, workdir, evaluator) live outside this package.
 """
 from cl_jax.lm.config import check_config, default_config
-from cl_jax.lm.losses import distillation_kl, lm_loss_fn, next_token_loss, next_token_metrics, token_cross_entropy
-from cl_jax.lm.sampling import generate, replay_batch
+from cl_jax.losses import distillation_kl, lm_loss_fn, next_token_loss, next_token_metrics, token_cross_entropy
+from cl_jax.models.sampling import generate, replay_batch
 from cl_jax.lm.vocab import extend_vocab, vocab_extension_optimizer
 
 

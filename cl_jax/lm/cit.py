@@ -311,9 +311,9 @@ class ReplaySource:
 
 def greedy_decode(model, params, prompt, valid, *, max_new_tokens: int, eos_id: int):
   """Greedy continuation of left-padded prompts [B, P] (`valid` 1 on real tokens) with the KV-cache sampler
-  (`cl_jax.lm.sampling.generate`); int32 [B, max_new_tokens], eos-filled after a row's first eos."""
+  (`cl_jax.models.sampling.generate`); int32 [B, max_new_tokens], eos-filled after a row's first eos."""
   from flax import nnx
-  from cl_jax.lm.sampling import generate
+  from cl_jax.models.sampling import generate
   # A prompt longer than the model's context keeps its last tokens (prompts are left-padded, so the tail is the
   # question and the answer cue); an imported checkpoint's max_len can be shorter than the longest prompt.
   keep = nnx.merge(model.graphdef, params).config.max_len - max_new_tokens
@@ -436,7 +436,7 @@ class Built(NamedTuple):
 
 def build(config, data: CITData | None = None) -> Built:
   """The instruction sets (`data` skips building them), the model, the strategy chain and the task plan."""
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.lm.sft import packed_apply, sft_batch
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
   from cl_jax.train.loop import Plan, task_start

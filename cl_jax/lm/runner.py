@@ -93,7 +93,7 @@ def adaptation_stages(c) -> list:
 def difficulty_order_for(apply, params, data: CPTData, batch_size: int, mesh) -> np.ndarray:
   """Domain train sequences ordered by their document's base-model perplexity (moderate first)."""
   from cl_jax.eval.evaluator import pad_rows, padded_size
-  from cl_jax.lm.losses import token_cross_entropy
+  from cl_jax.losses import token_cross_entropy
   tokens, doc = data.train[DOMAIN], data.doc_index[DOMAIN]
 
   def seq_nll(p, t):
@@ -152,7 +152,7 @@ def _common_plan_fields(c, mesh) -> dict:
 
 def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.strategies import Learner, naive
   from cl_jax.train.loop import Plan
   from cl_jax.train.schedules import cosine_schedule
@@ -205,7 +205,7 @@ class _MonitorHook:
 def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, model_cfg=None) -> Phase:
   """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
   from cl_jax.eval.evaluator import make_lm_evaluator
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
   from cl_jax.train.loop import Plan, Verdict, task_start
   from cl_jax.train.schedules import build_schedule

@@ -25,7 +25,7 @@ packing:
 
 and `packed_apply(model)` is the `apply(params, x, task)` that reads it, so every strategy that calls
 `learner.apply(params, batch['x'], ...)` (distillation's teacher, replay) sees segment-masked logits. The SFT loss
-is then `cl_jax.lm.losses.next_token_loss` unchanged:
+is then `cl_jax.losses.next_token_loss` unchanged:
 
   loss = sum_{b,t} mask[b,t] * -log p(y[b,t] | x[b,<=t], same segment) / sum_{b,t} mask[b,t]
 
@@ -111,7 +111,7 @@ def packed_apply(model):
 
 def sft_loss(model):
   """The SFT task loss in the train-step convention `(params, batch, ctx) -> (loss, aux)` (module docstring)."""
-  from cl_jax.lm.losses import next_token_loss
+  from cl_jax.losses import next_token_loss
   from cl_jax.strategies.base import Learner
   return next_token_loss(Learner(packed_apply(model), lambda task, index: None))
 

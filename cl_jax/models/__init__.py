@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -12,6 +13,16 @@ from cl_jax.models.cnn import CNN
 from cl_jax.models.mlp import MLP
 
 Params = Any
+
+
+# Parameter dtypes by name (`lm.param_dtype`): float32, or bfloat16 with a float32 master copy in the optimizer.
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast_params(params, dtype):
+  """Floating leaves cast to `dtype` (a name in PARAM_DTYPES or a dtype); others unchanged."""
+  dtype = PARAM_DTYPES.get(dtype, dtype)
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

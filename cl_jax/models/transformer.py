@@ -41,7 +41,7 @@ activations are cast to bf16 for the matmuls, while the residual stream, norms, 
 logits stay float32 (the usual recipe, Micikevicius et al. 2018).
 
 The same module serves training (`__call__`, the full causal forward pass) and KV-cache decoding
-(`forward_with_cache`), used by `cl_jax.lm.sampling`.
+(`forward_with_cache`), used by `cl_jax.models.sampling`.
 """
 from __future__ import annotations
 
@@ -588,8 +588,7 @@ def init_lm(cfg: TransformerConfig, seed: int = 0, mesh=None, param_dtype: str =
   the whole model. Same values as `build_lm(cfg, seed)` (cast to `param_dtype`: 'float32' | 'bfloat16').
   Without a mesh the params land on the default device."""
   from cl_jax import sharding
-  from cl_jax.models import functional
-  from cl_jax.train.precision import cast_params
+  from cl_jax.models import cast_params, functional
   model, abstract = abstract_lm(cfg)
   shardings = None if mesh is None else sharding.state_sharding(abstract, mesh)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cl_jax.losses import distillation_loss  # noqa: F401  (T² KL per example; re-exported for callers)
 from cl_jax.strategies.base import LossContext, Strategy
 
 
@@ -39,15 +40,6 @@ def default_config() -> ml_collections.ConfigDict:
       #               current task counts as one task among t), so distillation grows with the tasks behind it
       weighting="constant",
   ))
-
-
-def distillation_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
-  """Per-example T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)); masked logits (-1e9) drop out."""
-  t = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature)
-  log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
-  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
-  # Classes the teacher gives probability 0 (masked) contribute 0·(finite) = 0.
-  return temperature ** 2 * jnp.sum(jnp.where(t > 0, t * (log_t - log_s), 0.0), axis=-1)
 
 
 def mean_over_positions(values: jax.Array, batch) -> jax.Array:

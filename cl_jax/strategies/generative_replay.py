@@ -53,7 +53,7 @@ def generate_pool(apply, params, sequences, rng, *, num_prompts: int, prompt_len
                   batch_size: int) -> np.ndarray:
   """int32 [min(num_prompts, N), L]: the model's continuations of the first `prompt_len` tokens of sequences
   [N, L] chosen with `rng` (deterministic for a key)."""
-  from cl_jax.lm.sampling import continue_with_apply
+  from cl_jax.models.sampling import continue_with_apply
   sequences = np.asarray(sequences)
   n, length = sequences.shape
   pick_rng, sample_rng = jax.random.split(rng)

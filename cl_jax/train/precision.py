@@ -19,18 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from cl_jax.models import PARAM_DTYPES, cast_params  # noqa: F401  (the params' dtypes live with the models)
 
 
 def check_param_dtype(value, key: str = "lm.param_dtype") -> None:
   if value not in PARAM_DTYPES:
     raise ValueError(f"{key}={value!r}: expected one of {sorted(PARAM_DTYPES)}")
-
-
-def cast_params(params, dtype):
-  """Floating leaves cast to `dtype` (a name in PARAM_DTYPES or a dtype); others unchanged."""
-  dtype = PARAM_DTYPES.get(dtype, dtype)
-  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 class MasterWeightsState(NamedTuple):

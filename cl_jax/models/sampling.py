@@ -172,7 +172,7 @@ def replay_batch(model, params, prompts: jax.Array, key: jax.Array, *, max_new_t
   prompt + continuation is returned as an LM training batch `{'tokens': int32 [B, T+N], 'mask': [B, T+N]}`.
 
   `mask` is 1 on the prompt, the continuation and its first `eos_id`, 0 on the eos fill after it, so
-  `cl_jax.lm.losses.next_token_metrics` never trains on fill. Sampling uses the KV cache.
+  `cl_jax.losses.next_token_metrics` never trains on fill. Sampling uses the KV cache.
   """
   tokens = generate(model, params, prompts, key, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, eos_id=eos_id)
