@@ -263,9 +263,15 @@ def _check_merge(c) -> None:
     merge_run.check_settings(c.merge)
 
 
+# What a classic run gives a strategy (cl_jax.strategies.CAPABILITIES): labelled examples of fixed shape, class logits,
+# task ids, every hook of the step and the evaluator, `prepare` and `train_tasks`; no token logits, no mixture.
+CLASSIC_PROVIDES = frozenset({"class_labels", "class_logits", "task_ids", "per_example", "input_buffer", "step_hooks",
+                              "predict", "model_rewrite", "reset_optimizer", "train_tasks"})
+
+
 def _check_classic(c) -> None:
-  from cl_jax.strategies import check_strategy_config, parse_strategy_spec
-  parse_strategy_spec(c.strategy)
+  from cl_jax.strategies import check_allowed, check_strategy_config
+  check_allowed(c.strategy, CLASSIC_PROVIDES, "classic", config=c)
   if not isinstance(c.seed, int) or c.seed < 0:
     raise ConfigError(f"seed={c.seed!r}: must be a non-negative integer")
   sources.check_source(c.data)

@@ -140,12 +140,14 @@ def _train_state(c, params, optimizer, strategy_state, mesh, rng):
 
 
 def _compiled_step(loss_fn, optimizer, schedule, state_sh, mesh, log_norms: bool, c=None, vocab_size=None,
-                   batch_size=None):
-  """The jitted step; with the config (H9): `train.grad_accum` micro-batches and tokens/s + MFU in its metrics."""
+                   batch_size=None, strategy=None):
+  """The jitted step; with the config (H9): `train.grad_accum` micro-batches and tokens/s + MFU in its metrics.
+  `strategy`'s step hooks (`grads`: A-GEM's projection; `update`: SI's path integral) run inside it."""
   from cl_jax.train.loop import with_finite_flag
   from cl_jax.train.step import compile_train_step, make_train_step
   accum = 1 if c is None else int(c.train.get("grad_accum", 1))
-  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms, grad_accum=accum))
+  step = with_finite_flag(make_train_step(loss_fn, optimizer, schedule, log_norms=log_norms, grad_accum=accum,
+                                          strategy=strategy))
   compiled = compile_train_step(step, state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
 
   def jitted(state, batch):
@@ -177,23 +179,29 @@ def _common_plan_fields(c, mesh) -> dict:
 def pretrain_phase(c, data: CPTData, model, params, mesh) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
   from cl_jax.lm.losses import next_token_loss
-  from cl_jax.strategies import Learner, naive
+  from cl_jax.strategies import Learner, TaskInfo, build_strategy, naive, parse_strategy_spec
   from cl_jax.train.loop import Plan
   from cl_jax.train.schedules import cosine_schedule
   steps = int(c.pretrain.steps)
   schedule = cosine_schedule(c.optim.lr, max(steps, 1), c.pretrain.warmup_fraction, c.pretrain.end_lr_fraction)
   optimizer = _optimizer(c, c.optim, schedule)
   learner = Learner(model.apply, no_logit_mask)
-  state, state_sh = _train_state(c, params, optimizer, (), mesh, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
+  # SI's importance of the general task is the path integral of the base's own training: it runs here (Ω = 0, so
+  # its penalty is 0) and the adaptation's SI starts from its state (`adapt_phase(pretrain_path=...)`).
+  strategy = build_strategy("si", c, learner) if "si" in parse_strategy_spec(c.strategy) else naive()
+  strategy_state = strategy.init(params, TaskInfo(1, int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,)))
+  state, state_sh = _train_state(c, params, optimizer, strategy_state, mesh,
+                                 jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
   sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
                               c.pretrain.batch_size, seed=c.seed + 1000)
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
-              train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh,
-                                        c.train.log_norms, c, data.tokenizer.vocab_size, c.pretrain.batch_size),
+              train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh, mesh,
+                                        c.train.log_norms, c, data.tokenizer.vocab_size, c.pretrain.batch_size,
+                                        strategy=strategy),
               eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
               record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
-  return Phase(plan, learner, naive(), schedule)
+  return Phase(plan, learner, strategy, schedule)
 
 
 class _MonitorHook:
@@ -224,8 +232,9 @@ class _MonitorHook:
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
 
-def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None) -> Phase:
-  """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
+def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, pretrain_path=None) -> Phase:
+  """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring.
+  `pretrain_path`: SI's state at the end of pre-training (its path integral), which SI in the chain starts from."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.lm.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
@@ -234,7 +243,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
   key = jax.random.PRNGKey(c.seed)
   learner = Learner(model.apply, no_logit_mask)
   strategy = build_strategy(c.strategy, c, learner)
-  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,))
+  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,), (int(c.lm.seq_len) - 1,))
   # A copy: the step donates its state, and the caller keeps the base.
   params, trainable = jax.tree.map(lambda p: jnp.array(p, copy=True), base_params), None
   if strategy.prepare is not None:  # LoRA: the model becomes base + adapter, only the adapter trains
@@ -247,8 +256,11 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
   schedule = build_schedule(optim, steps, 1)
   from cl_jax.lm.vocab import row_scaling
   optimizer = _optimizer(c, optim, schedule, trainable, wrap=row_scaling(c, params))
-  state, state_sh = _train_state(c, params, optimizer, strategy.init(params, task_info), mesh,
-                                 jax.random.fold_in(key, 3))
+  strategy_state = strategy.init(params, task_info)
+  if pretrain_path is not None:
+    from cl_jax.strategies.si import with_path
+    strategy_state = with_path(strategy_state, c.strategy, pretrain_path)
+  state, state_sh = _train_state(c, params, optimizer, strategy_state, mesh, jax.random.fold_in(key, 3))
 
   orders = None
   if c.adapt.difficulty:
@@ -264,8 +276,11 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
     return MixtureSource(sampler, data.train, t, iterator_state)
 
   def begin_task(state, t, done):
-    del done
-    return state._replace(task_index=sharding.put_global(np.int32(t), rep))
+    state = state._replace(task_index=sharding.put_global(np.int32(t), rep))
+    if strategy.reset_optimizer and t > 0 and done == 0:  # as the classic plan: no momentum moves a frozen slot
+      state = state._replace(opt_state=sharding.put_global(jax.device_get(optimizer.init(state.params)),
+                                                           state_sh.opt_state))
+    return state
 
   def after_task(state, t):
     if t != 0:  # the adapted model's own consolidation would only serve a further task
@@ -311,7 +326,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None)
 
   plan = Plan(state=state, state_sharding=state_sh, steps=[0, steps], batches=batches,
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh,
-                                        mesh, c.train.log_norms, c, data.tokenizer.vocab_size, c.adapt.batch_size),
+                                        mesh, c.train.log_norms, c, data.tokenizer.vocab_size, c.adapt.batch_size,
+                                        strategy=strategy),
               evaluate=evaluate, begin_task=begin_task, after_task=after_task, on_eval=on_eval, meta=hook.meta,
               load_meta=hook.load_meta, eval_before=False, eval_every=int(c.regression.eval_every),
               checkpoint_every=int(c.regression.eval_every), names=["adapt: general (the base)", "adapt: domain"],
@@ -356,12 +372,13 @@ def table_row(record: dict) -> dict:
 
 
 def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool):
-  """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation."""
+  """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation; with the
+  seconds it took and the pre-training's SI state (its path integral; None without SI)."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
   from cl_jax.train.loop import run_tasks
   from cl_jax.workdir import MetricsLog
   if not c.pretrain.base_dir and c.pretrain.steps == 0:
-    return params, 0.0
+    return params, 0.0, None
   phase = pretrain_phase(c, data, model, params, mesh)
   plan = phase.plan
   abstract = abstract_like(plan.state, plan.state_sharding)
@@ -374,18 +391,20 @@ def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progr
     if restored is None:
       raise FileNotFoundError(f"pretrain.base_dir={c.pretrain.base_dir!r}: no pre-trained base under "
                               f"{os.path.join(c.pretrain.base_dir, 'pretrain', 'checkpoints', 'tasks')}")
-    return restored[0].params, 0.0
+    return restored[0].params, 0.0, None
+  path = lambda s: s.strategy_state if phase.strategy.name == "si" else None
   checkpoints = Checkpoints(os.path.join(workdir, "pretrain"), keep=c.checkpoint.keep)
   try:
     done = resume and checkpoints.tasks.latest_step() == int(c.pretrain.steps)
     if done:  # the base exists: no loop run (it would reopen, and trim, the metrics log)
-      return checkpoints.restore(abstract, kind="tasks")[0].params, 0.0
+      done_state = checkpoints.restore(abstract, kind="tasks")[0]
+      return done_state.params, 0.0, path(done_state)
     keep_pretrain = lambda s: (lambda r: r.get("phase") == "pretrain" and s is not None and r["step"] <= s)
     out = run_tasks(plan, workdir, checkpoints, resume, progress,
                     open_log=lambda s: MetricsLog(workdir, s, keep=keep_pretrain(s)))
   finally:
     checkpoints.close()
-  return out.state.params, out.seconds
+  return out.state.params, out.seconds, path(out.state)
 
 
 def run(config, workdir: str, overwrite: bool = False, progress: bool = True, data: CPTData | None = None):
@@ -416,9 +435,10 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     model, params = init_lm(cfg, c.seed, mesh, c.lm.get("param_dtype", "float32"))  # straight into the shardings
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
+  adapter = next((n for n in ("lora", "olora") if n in names), None)  # base + adapter(s): the base stays frozen
 
   with Workdir(c, workdir, overwrite) as wd:
-    base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, wd.resume, progress)
+    base, pretrain_seconds, pretrain_path = _base_params(c, data, model, params, mesh, workdir, wd.resume, progress)
     # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
     # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
     from cl_jax.lm.long_context import stage_for_run
@@ -426,7 +446,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     data, model, base, imported = extend_for_run(c, data, model, base, workdir, imported)
     before_stage = model
     stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
-    phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage)
+    phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage,
+                        pretrain_path=pretrain_path)
     plan, hook = phase.plan, phase.hook
     checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
     try:
@@ -454,7 +475,7 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
     record = {
         "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
         "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
-        "schedule": c.optim.schedule, "method": "lora" if "lora" in names else "full", "strategy": c.strategy,
+        "schedule": c.optim.schedule, "method": adapter or "full", "strategy": c.strategy,
         "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
         "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
         "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
@@ -466,14 +487,14 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, da
                    "total_seconds": time.time() - t0},
         **strategy_record(c),
     }
-    if "lora" in names:
+    if adapter:
       same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                           base_state.params["base"])
       record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
     if imported is not None and c.lm.export_hf:
       from cl_jax.models import hf_checkpoint
       kept = best_state.params
-      if "lora" in names:  # the kept model = base + its adapter, merged
+      if adapter:  # the kept model = base + its adapter(s), merged (O-LoRA's inference rule is their sum)
         from cl_jax.strategies.lora import merged_params
         kept = merged_params(kept, c)
       record["hf_export"] = os.path.join(workdir, "hf")
