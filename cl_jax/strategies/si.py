@@ -16,6 +16,10 @@ g is the gradient the optimizer applied (after any `grads` hook) minus the gradi
 2cΩ(θ − θ*), so ω integrates the unregularised loss as in the paper (other strategies' terms in a chain stay in).
 The path integral is updated in the train step through the strategy's `update` hook.
 
+On an LM's continual pre-training the general task is the base's own pre-training: the LM runner runs SI's update
+hook in that phase (Ω = 0, so the penalty is 0 there) and starts the adaptation's SI from its state (`with_path`), so
+the consolidation at the general task's end weighs the path from the initialisation to the base.
+
 State (params-shaped float32 trees): {'omega': ω, 'importance': Ω, 'anchor': θ*}.
 """
 from __future__ import annotations
