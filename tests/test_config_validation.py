@@ -156,3 +156,29 @@ def test_registering_a_section_twice_with_different_defaults_is_refused():
       default_configs()
   finally:
     REGISTRY.pop("h2_clash")
+
+
+def test_kinds_allow_the_strategies_whose_needs_they_meet():
+  """Issue 20 item 3: the allowed strategies of a kind are computed from the strategies' needs; a refusal is one line
+  naming the capability the kind lacks."""
+  from cl_jax.config import CLASSIC_PROVIDES, base_config, validate
+  from cl_jax.errors import ConfigError
+  from cl_jax.lm.cit import cit_strategies
+  from cl_jax.lm.config import lm_strategies
+  from cl_jax.strategies import CAPABILITIES, REGISTRY, allowed, check_allowed
+  for name, entry in REGISTRY.items():
+    assert entry.needs <= set(CAPABILITIES), name
+  assert set(allowed(CLASSIC_PROVIDES)) == set(REGISTRY) - {"generative_replay", "lora_per_task"}
+  assert {"si", "mas", "agem", "olora", "lora", "ewc", "distill"} <= set(lm_strategies())
+  assert {"replay", "lora_per_task", "olora", "distill"} <= set(cit_strategies())
+  c = base_config()
+  c.strategy = "ewc+generative_replay"
+  with pytest.raises(ConfigError, match=r"^strategy='ewc\+generative_replay': kind 'classic' cannot run "
+                                        r"generative_replay \(needs mixture: .*token_logits: ") as e:
+    validate(c)
+  assert "\n" not in str(e.value)
+  assert check_allowed("naive+replay", {"class_labels"}, "toy", own=("replay",)) == ["naive", "replay"]
+  with pytest.raises(ValueError, match=r"^strategy='replay': kind 'toy' cannot run replay \(needs input_buffer: "):
+    check_allowed("replay", {"class_labels"}, "toy")
+  with pytest.raises(ValueError, match="unknown capabilities"):
+    allowed({"labels"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.lm import cit
 
-# What instruction tuning gives a strategy: token logits of a masked-response next-token loss on packed rows
-# (per example), the task id of every row, and a model a strategy may rewrite (one adapter, one per task).
-PROVIDES = getattr(cit, "CIT_PROVIDES", frozenset({"token_logits", "task_ids", "per_example", "model_rewrite"}))
+# What instruction tuning gives a strategy (`cl_jax.lm.cit.CIT_PROVIDES`): token logits of a masked-response
+# next-token loss on packed rows, the step's hooks, a model a strategy may rewrite, a prompt router.
+PROVIDES = cit.CIT_PROVIDES
 
 default_config = cit.default_config
 check_config = cit.check_config

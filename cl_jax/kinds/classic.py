@@ -18,11 +18,11 @@ from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.errors import ConfigError
 from cl_jax.train.optim import OPTIMIZERS
 
-# What a classic task sequence gives a strategy: class labels and task ids per example, logits over classes
-# (with the scenario's mask), per-example losses (the exact Fisher), inputs a buffer can store and replay, a
-# model a strategy may rewrite (adapters, columns, masks), and the whole joint data set (the joint bound).
-PROVIDES = frozenset({"labels", "task_ids", "class_logits", "per_example", "input_buffer", "model_rewrite",
-                      "all_task_data"})
+# What a classic task sequence gives a strategy (cl_jax.strategies.CAPABILITIES): labelled examples of fixed shape,
+# class logits, task ids, every hook of the step and the evaluator, `prepare` and `train_tasks`; no token logits,
+# no mixture.
+PROVIDES = frozenset({"class_labels", "class_logits", "task_ids", "per_example", "input_buffer", "step_hooks",
+                      "predict", "model_rewrite", "reset_optimizer", "train_tasks"})
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -7,11 +7,10 @@ from cl_jax.config import COMMON_SCHEMA, integer
 from cl_jax.lm import config as lm_config
 from cl_jax.lm import runner
 
-# What continual pre-training gives a strategy: token logits [B, L, V] of a next-token loss whose inputs are token
-# rows (a buffer can hold them), per-sequence losses, and a model a strategy may rewrite (adapters). No class
-# labels, no task ids at step time, no joint data set (the mixture is the LM's replay of general text).
-PROVIDES = getattr(lm_config, "LM_PROVIDES", frozenset({"token_logits", "per_example", "input_buffer",
-                                                         "model_rewrite"}))
+# What continual pre-training gives a strategy (`cl_jax.lm.config.LM_PROVIDES`): token logits of a next-token loss
+# on token rows, per-sequence losses, the step's hooks, a model a strategy may rewrite; no class labels (the
+# mixture is the LM's replay of general text).
+PROVIDES = lm_config.LM_PROVIDES
 
 default_config = lm_config.default_config
 check_config = lm_config.check_config

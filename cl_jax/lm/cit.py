@@ -48,8 +48,24 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import instructions as ins
 
-CIT_STRATEGIES = ("naive", "replay", "distill", "lwf", "lora", "olora", "lora_per_task")
-ADAPTER_STRATEGIES = ("lora", "olora", "lora_per_task")  # each changes the model; a chain holds at most one
+# What a CIT run gives a strategy (cl_jax.strategies.CAPABILITIES): token logits over packed rows, the step's hooks,
+# `prepare` with its trainable mask, the optimizer reset, and a prompt router (`route_prompts`). Not per-example
+# inputs nor an input buffer (a packed row holds several examples and needs its mask, segment ids and positions).
+CIT_PROVIDES = frozenset({"token_logits", "step_hooks", "model_rewrite", "reset_optimizer", "routing"})
+# Replay is the kind's own: a share of each task's rows drawn from the earlier tasks (`ReplaySource`).
+CIT_OWN = ("replay",)
+
+
+def cit_strategies() -> list[str]:
+  """The strategies a CIT run can chain: the registered ones whose needs CIT_PROVIDES meets, plus CIT_OWN."""
+  from cl_jax.strategies import allowed
+  return [*allowed(CIT_PROVIDES), *CIT_OWN]
+
+
+def adapter_strategies() -> list[str]:
+  """The CIT strategies that change the model (`prepare`); a chain holds at most one."""
+  from cl_jax.strategies import REGISTRY
+  return [n for n in cit_strategies() if "model_rewrite" in REGISTRY[n].needs]
 METRICS = ("exact_match", "format")
 
 
@@ -59,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "cit"
   c.seed = 0
-  c.strategy = "naive"  # a '+' chain of CIT_STRATEGIES: naive | replay | distill | lwf
+  c.strategy = "naive"  # a '+' chain of cit_strategies(): naive | replay | distill | lwf | si | lora | olora | ...
   c.cit = ml_collections.ConfigDict(dict(
       tasks="name,signature,module_qa,refusal+benign",  # ',' between tasks, '+' joins sets into one task
       steps_per_task=200, batch_size=16,
@@ -81,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
   from cl_jax.strategies.olora import default_config as olora_config
   c.lora = lora_config()
   c.olora = olora_config()
+  from cl_jax.strategies import REGISTRY
+  for name in cit_strategies():  # the sections of every other strategy a CIT run can chain (e.g. `si`)
+    if name not in CIT_OWN:
+      for section, default in REGISTRY[name].default_config.items():
+        if section not in c:
+          c[section] = default()
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=False, divergence_factor=100.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -111,16 +133,14 @@ def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
 
 def check_config(c) -> None:
   """Raises ValueError whose message starts with the full key, before anything is written."""
-  from cl_jax.strategies import REGISTRY, parse_strategy_spec
+  from cl_jax.strategies import REGISTRY, check_allowed, parse_strategy_spec
   from cl_jax.train.optim import OPTIMIZERS
   from cl_jax.train.schedules import check_schedule
   if c.kind != "cit":
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cit runs kind='cit' configs")
   names = parse_strategy_spec(c.strategy)
-  other = [n for n in names if n not in CIT_STRATEGIES]
-  if other:
-    raise ValueError(f"strategy={c.strategy!r}: {other} cannot run on continual instruction tuning; expected a "
-                     f"chain of {list(CIT_STRATEGIES)}")
+  check_allowed(c.strategy, CIT_PROVIDES, "cit", config=c, own=CIT_OWN,
+                hint=" (replay: a share replay.fraction of each task's rows from the earlier tasks)")
   if not isinstance(c.seed, int) or c.seed < 0:
     raise ValueError(f"seed={c.seed!r}: must be a non-negative integer")
   parse_tasks(c.cit.tasks)
@@ -156,7 +176,7 @@ def check_config(c) -> None:
   if c.cit.batch_size % (data * fsdp):
     raise ValueError(f"cit.batch_size={c.cit.batch_size}: not divisible by the {data * fsdp} devices of the mesh "
                      f"(mesh.data={data}, mesh.fsdp={fsdp})")
-  adapters = [n for n in names if n in ADAPTER_STRATEGIES]
+  adapters = [n for n in names if n in adapter_strategies()]
   if len(adapters) > 1:
     raise ValueError(f"strategy={c.strategy!r}: {' and '.join(adapters)} each change the model; choose one")
   for name in names:
@@ -577,10 +597,15 @@ def strategy_record_cit(c, names) -> dict:
     used["replay"] = c.replay.to_dict()
   if {"distill", "lwf"} & set(names):
     used["distill"] = c.distill.to_dict()
-  if set(ADAPTER_STRATEGIES) & set(names):
+  if set(adapter_strategies()) & set(names):
     used["lora"] = c.lora.to_dict()
   if "olora" in names:
     used["olora"] = c.olora.to_dict()
+  from cl_jax.strategies import REGISTRY
+  for name in names:  # any other strategy's own sections (e.g. `si`)
+    for section in REGISTRY[name].config_sections if name not in CIT_OWN else ():
+      if section not in used and section in c:
+        used[section] = c[section].to_dict()
   return {"strategy_config": used} if used else {}
 
 
@@ -604,4 +629,4 @@ def summary_markdown(results) -> str:
 
 __all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
            "greedy_decode", "decode_text", "evaluate_sets", "evaluate_routed", "route_prompts", "prompt_features",
-           "task_scores", "CIT_STRATEGIES"]
+           "task_scores", "CIT_PROVIDES", "cit_strategies", "adapter_strategies"]

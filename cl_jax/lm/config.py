@@ -19,9 +19,21 @@ from cl_jax.data import mixture as mx
 
 GENERAL, DOMAIN = "general", "domain"
 
-# Strategies an LM run can chain: the loss transforms that are shape-generic (token logits [B, L, V]) plus the
-# LM's own generative replay; LoRA trains one adapter on the frozen base (through `prepare`).
-LM_STRATEGIES = ("naive", "distill", "lwf", "ewc", "online_ewc", "generative_replay", "lora")
+# What an LM run gives a strategy (cl_jax.strategies.CAPABILITIES); the strategies it chains are those whose needs
+# these meet (`lm_strategies()`). Token logits [B, L, V] and fixed-length sequences (a buffer can keep them, and each
+# is one example for per-example gradients), a mixture with each row's corpus, the step's hooks, `prepare` with
+# its trainable mask, the optimizer reset. No class labels or class logits (replay of real general data is the
+# mixture itself), no task id at evaluation, no `predict` in the LM evaluator, no `train_tasks` (the mixture decides).
+LM_PROVIDES = frozenset({"token_logits", "per_example", "input_buffer", "mixture", "step_hooks", "model_rewrite",
+                         "reset_optimizer"})
+# Penalties on every parameter: with an adapter (`prepare`) the base is frozen already.
+PARAM_PENALTIES = ("ewc", "online_ewc", "si", "mas")
+
+
+def lm_strategies() -> list[str]:
+  """The registered strategies an LM run can chain (computed from their needs and LM_PROVIDES)."""
+  from cl_jax.strategies import allowed
+  return allowed(LM_PROVIDES)
 FISHER_KINDS = ("empirical", "sampled", "batched")
 
 
@@ -32,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "lm"
   c.seed = 0
-  c.strategy = "naive"  # a '+' chain of LM_STRATEGIES, e.g. 'lora', 'distill', 'ewc', 'generative_replay'
+  c.strategy = "naive"  # a '+' chain of lm_strategies(), e.g. 'lora', 'distill', 'ewc', 'si', 'agem', 'olora'
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
       seq_len=128, tokenizer="byte", tied_embeddings=True,
@@ -73,6 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.ewc.lam = 1000.0
   c.fisher.kind = "empirical"
   c.fisher.num_samples = 256
+  # MAS the same way: per-sequence gradients of the squared norm of the token logits, over 256 general sequences.
+  c.mas.num_examples = 256
+  # A-GEM: a reservoir memory of general sequences (a sequence has no class label to balance on), and a reference
+  # gradient on as many memory sequences as a batch holds (the classic 256 would cost 16 steps' compute per step).
+  c.agem.policy = "reservoir"
+  c.agem.batch_size = 16
   c.regression = ml_collections.ConfigDict(dict(
       threshold=0.02, eval_every=500, hard_stop=True, patience=1, select="domain/perplexity",
       eval_batch_size=64,
@@ -104,17 +122,22 @@ def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
 
 def check_config(c) -> None:
   """Raises ValueError whose message starts with the full key, for every value that would waste a run."""
-  from cl_jax.strategies import REGISTRY, parse_strategy_spec
+  from cl_jax.strategies import REGISTRY, check_allowed
   from cl_jax.train.schedules import check_schedule
   if c.kind != "lm":
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm runs kind='lm' configs")
-  names = parse_strategy_spec(c.strategy)
-  other = [n for n in names if n not in LM_STRATEGIES]
-  if other:
-    raise ValueError(f"strategy={c.strategy!r}: {other} cannot run on a language model; LM runs chain "
-                     f"{list(LM_STRATEGIES)} (replay of real general data is the mixture itself: adapt.mixture)")
-  if {"ewc", "online_ewc"} & set(names) and "lora" in names:
-    raise ValueError(f"strategy={c.strategy!r}: EWC with LoRA; the LoRA base is frozen already")
+  names = check_allowed(c.strategy, LM_PROVIDES, "lm", config=c,
+                        hint=" (replay of real general data is the mixture itself: adapt.mixture)")
+  penalties = [n for n in names if n in PARAM_PENALTIES]
+  adapters = [n for n in names if "model_rewrite" in REGISTRY[n].needs]
+  if penalties and adapters:
+    raise ValueError(f"strategy={c.strategy!r}: {penalties[0]} with {adapters[0]}; the adapter's base is frozen "
+                     "already")
+  if "si" in names and (c.pretrain.base_dir or c.lm.init_from or int(c.pretrain.steps) == 0
+                        or int(c.vocab.extend) > 0):
+    raise ValueError(f"strategy={c.strategy!r}: SI's importance is the path integral of the base's own pre-training "
+                     "(Zenke et al. 2017), so the base must be pre-trained in this run: pretrain.steps > 0, no "
+                     "pretrain.base_dir or lm.init_from, no vocab.extend (it reshapes the params)")
   if {"ewc", "online_ewc"} & set(names) and c.fisher.kind not in FISHER_KINDS:
     raise ValueError(f"fisher.kind={c.fisher.kind!r}: an LM predicts a label per token, so the exact Fisher "
                      f"(a sum over every label sequence) is out of reach; expected one of {FISHER_KINDS}")
@@ -210,4 +233,4 @@ def check_scale_keys(c) -> None:
 
 
 __all__ = ["default_config", "check_config", "check_scale_keys", "check_regression_keys", "GENERAL", "DOMAIN",
-           "LM_STRATEGIES", "FISHER_KINDS"]
+           "LM_PROVIDES", "lm_strategies", "FISHER_KINDS"]

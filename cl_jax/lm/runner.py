@@ -153,7 +153,7 @@ def _common_plan_fields(c, mesh) -> dict:
 def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
   from cl_jax.losses import next_token_loss
-  from cl_jax.strategies import Learner, naive
+  from cl_jax.strategies import Learner, TaskInfo, build_strategy, naive, parse_strategy_spec
   from cl_jax.train.loop import Plan
   from cl_jax.train.schedules import cosine_schedule
   from cl_jax.train.state import build_state
@@ -161,17 +161,22 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
   schedule = cosine_schedule(c.optim.lr, max(steps, 1), c.pretrain.warmup_fraction, c.pretrain.end_lr_fraction)
   optimizer = _optimizer(c, c.optim, schedule)
   learner = Learner(model.apply, no_logit_mask)
-  state, state_sh = build_state(params, optimizer, (), jax.random.fold_in(jax.random.PRNGKey(c.seed), 1), mesh)
+  # SI's importance of the general task is the path integral of the base's own training: it runs here (Ω = 0, so
+  # its penalty is 0) and the adaptation's SI starts from its state (`adapt_phase(pretrain_path=...)`).
+  strategy = build_strategy("si", c, learner) if "si" in parse_strategy_spec(c.strategy) else naive()
+  strategy_state = strategy.init(params, TaskInfo(1, int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,)))
+  state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
+                                mesh)
   sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
                               c.pretrain.batch_size, seed=c.seed + 1000)
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
-              train_step=_compiled_step(next_token_loss(learner), optimizer, schedule, state_sh, mesh, c,
-                                        model_cfg or model_config(c, data.tokenizer.vocab_size), c.pretrain.batch_size,
-                                        naive()),
+              train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh, mesh,
+                                        c, model_cfg or model_config(c, data.tokenizer.vocab_size),
+                                        c.pretrain.batch_size, strategy),
               eval_before=False, checkpoint_every=int(c.checkpoint.every_steps), names=["pretrain (general)"],
               record={"phase": "pretrain"}, **_common_plan_fields(c, mesh))
-  return Phase(plan, learner, naive(), schedule)
+  return Phase(plan, learner, strategy, schedule)
 
 
 class _MonitorHook:
@@ -202,8 +207,11 @@ class _MonitorHook:
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
 
-def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, model_cfg=None) -> Phase:
-  """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring."""
+def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, pretrain_path=None,
+                model_cfg=None) -> Phase:
+  """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring.
+  `pretrain_path`: SI's state at the end of pre-training (its path integral), which SI in the chain starts from;
+  `model_cfg`: the architecture that trains (its throughput and MFU)."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
@@ -213,7 +221,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   key = jax.random.PRNGKey(c.seed)
   learner = Learner(model.apply, no_logit_mask)
   strategy = build_strategy(c.strategy, c, learner)
-  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,))
+  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,), (int(c.lm.seq_len) - 1,))
   # A copy: the step donates its state, and the caller keeps the base.
   params, trainable = jax.tree.map(lambda p: jnp.array(p, copy=True), base_params), None
   if strategy.prepare is not None:  # LoRA: the model becomes base + adapter, only the adapter trains
@@ -226,8 +234,11 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   schedule = build_schedule(optim, steps, 1)
   from cl_jax.lm.vocab import row_scaling
   optimizer = _optimizer(c, optim, schedule, trainable, wrap=row_scaling(c, params))
-  state, state_sh = build_state(params, optimizer, strategy.init(params, task_info), jax.random.fold_in(key, 3),
-                                mesh)
+  strategy_state = strategy.init(params, task_info)
+  if pretrain_path is not None:
+    from cl_jax.strategies.si import with_path
+    strategy_state = with_path(strategy_state, c.strategy, pretrain_path)
+  state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(key, 3), mesh)
 
   orders = None
   if c.adapt.difficulty:
@@ -329,12 +340,13 @@ def table_row(record: dict) -> dict:
 
 
 def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool, hooks=(), model_cfg=None):
-  """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation."""
+  """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation; with the
+  seconds it took and the pre-training's SI state (its path integral; None without SI)."""
   from cl_jax.checkpoint import Checkpoints, abstract_like
   from cl_jax.train.loop import run_tasks
   from cl_jax.workdir import MetricsLog
   if not c.pretrain.base_dir and c.pretrain.steps == 0:
-    return params, 0.0
+    return params, 0.0, None
   phase = pretrain_phase(c, data, model, params, mesh, model_cfg)
   plan = phase.plan
   abstract = abstract_like(plan.state, plan.state_sharding)
@@ -347,18 +359,20 @@ def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progr
     if restored is None:
       raise FileNotFoundError(f"pretrain.base_dir={c.pretrain.base_dir!r}: no pre-trained base under "
                               f"{os.path.join(c.pretrain.base_dir, 'pretrain', 'checkpoints', 'tasks')}")
-    return restored[0].params, 0.0
+    return restored[0].params, 0.0, None
+  path = lambda s: s.strategy_state if phase.strategy.name == "si" else None
   checkpoints = Checkpoints(os.path.join(workdir, "pretrain"), keep=c.checkpoint.keep)
   try:
     done = resume and checkpoints.tasks.latest_step() == int(c.pretrain.steps)
     if done:  # the base exists: no loop run (it would reopen, and trim, the metrics log)
-      return checkpoints.restore(abstract, kind="tasks")[0].params, 0.0
+      done_state = checkpoints.restore(abstract, kind="tasks")[0]
+      return done_state.params, 0.0, path(done_state)
     keep_pretrain = lambda s: (lambda r: r.get("phase") == "pretrain" and s is not None and r["step"] <= s)
     out = run_tasks(plan, workdir, checkpoints, resume, progress,
                     open_log=lambda s: MetricsLog(workdir, s, keep=keep_pretrain(s)), hooks=hooks)
   finally:
     checkpoints.close()
-  return out.state.params, out.seconds
+  return out.state.params, out.seconds, path(out.state)
 
 
 class Built(NamedTuple):
@@ -403,7 +417,9 @@ def execute(built: Built, ctx):
   data, mesh, cfg, model, params, imported, t0 = built
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   names = c.strategy.split("+")
-  base, pretrain_seconds = _base_params(c, data, model, params, mesh, workdir, ctx.resume, progress, ctx.hooks, cfg)
+  adapter = next((n for n in ("lora", "olora") if n in names), None)  # base + adapter(s): the base stays frozen
+  base, pretrain_seconds, pretrain_path = _base_params(c, data, model, params, mesh, workdir, ctx.resume, progress,
+                                                       ctx.hooks, cfg)
   # Stages between the base and the adaptation (issue 10 items 4-5; no-ops unless configured): vocabulary
   # extension (tokenizer, data, embedding rows: cl_jax.lm.vocab) and long context (RoPE, sequence length).
   from cl_jax.lm.long_context import stage_for_run
@@ -414,7 +430,7 @@ def execute(built: Built, ctx):
   # MFU counts the model that trains: the imported architecture, its vocabulary after an extension.
   adapt_cfg = dataclasses.replace(cfg, vocab_size=int(data.tokenizer.vocab_size), max_len=int(stage_c.lm.seq_len))
   phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage,
-                      model_cfg=adapt_cfg)
+                      pretrain_path=pretrain_path, model_cfg=adapt_cfg)
   plan, hook = phase.plan, phase.hook
   with Checkpoints(workdir, keep=c.checkpoint.keep) as checkpoints:
     keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
@@ -439,7 +455,7 @@ def execute(built: Built, ctx):
   record = {
       "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
       "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
-      "schedule": c.optim.schedule, "method": "lora" if "lora" in names else "full", "strategy": c.strategy,
+      "schedule": c.optim.schedule, "method": adapter or "full", "strategy": c.strategy,
       "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
       "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
       "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
@@ -451,14 +467,14 @@ def execute(built: Built, ctx):
                  "total_seconds": time.time() - t0},
       **strategy_record(c),
   }
-  if "lora" in names:
+  if adapter:
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                         base_state.params["base"])
     record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
   if imported is not None and c.lm.export_hf:
     from cl_jax.models import hf_checkpoint
     kept = best_state.params
-    if "lora" in names:  # the kept model = base + its adapter, merged
+    if adapter:  # the kept model = base + its adapter(s), merged (O-LoRA's inference rule is their sum)
       from cl_jax.strategies.lora import merged_params
       kept = merged_params(kept, c)
     record["hf_export"] = os.path.join(workdir, "hf")

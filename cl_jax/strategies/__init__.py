@@ -17,9 +17,16 @@ The contract of an entry (README "Adding a strategy"):
                   decides whether it holds the same run. List every section the strategy reads (usually the keys
                   of `default_config`; O-LoRA adds the base config's `lora`).
 
+  needs           the capabilities (`CAPABILITIES`) a run kind must provide for the strategy to work there: class
+                  labels, task ids, per-example inputs, the shape of the logits, a buffer of inputs, the step's
+                  hooks, ... Which strategies a kind allows is computed from it (`allowed(provides)`), and
+                  `check_allowed` refuses the rest in one line naming the capability a kind lacks.
+  config_needs    (config) -> {capability: 'key=value'}, or None: what a setting adds to `needs` (A-GEM's
+                  class-balanced memory needs class labels; its reservoir memory does not).
+
 Registering a strategy is one line below:
 
-  REGISTRY["si"] = StrategyEntry(si.si, {"si": si.default_config}, si.check_config, ("si",))
+  REGISTRY["si"] = StrategyEntry(si.si, {"si": si.default_config}, si.check_config, ("si",), frozenset({"step_hooks"}))
 """
 from __future__ import annotations
 
@@ -32,62 +39,127 @@ from cl_jax.strategies import distill as _distill, ewc as _ewc, fisher as _fishe
 from cl_jax.strategies import olora as _olora
 
 
+# What a run kind can provide a strategy; an entry's `needs` is a subset of these keys. Each value says what the
+# capability promises (it is also the reason an error gives when a kind lacks it).
+CAPABILITIES: dict[str, str] = {
+    "class_labels": "one class label per example (batch['y'] int [B]; a buffer keeps one label per slot)",
+    "class_logits": "one logits row per example [B, C] under the scenario's logit mask, scored by its argmax",
+    "token_logits": "a causal language model: next-token logits [B, L, V], a target per position",
+    "task_ids": "each example's task id reaches the model in training and evaluation (heads, columns, masks)",
+    "per_example": "the task's training examples at its end, one per row, the model run on one at a time "
+                   "(per-example gradients: EWC's Fisher, MAS's importance)",
+    "input_buffer": "examples (x, y, task) of fixed shapes (TaskInfo.input_shape / label_shape) that a device "
+                    "buffer can keep and the model and task loss can run on alone (no packing metadata)",
+    "mixture": "batches drawn from a data mixture, each row's corpus in batch['domain']",
+    "step_hooks": "a train step that runs the strategy's grads and update hooks",
+    "predict": "an evaluator that scores the strategy's predict hook instead of the model",
+    "model_rewrite": "a model built through the strategy's prepare (adapters, columns), its trainable mask honoured",
+    "reset_optimizer": "the optimizer state re-initialised at a task boundary when the strategy asks",
+    "routing": "a router that sends each input to its task's adapter at evaluation",
+    "train_tasks": "task t trained on the data of strategy.train_tasks(t) (joint's union of the tasks seen)",
+}
+
+
 class StrategyEntry(NamedTuple):
   """One registered strategy; see the module docstring for each field's contract."""
   build: Callable[..., Strategy]
   default_config: Mapping[str, Callable] = {}
   check_config: Callable | None = None
   config_sections: tuple[str, ...] = ()
+  needs: frozenset[str] = frozenset()
+  config_needs: Callable | None = None
 
 
-def entry_from_builder(build, default_config: Mapping[str, Callable] | None = None) -> StrategyEntry:
+def entry_from_builder(build, default_config: Mapping[str, Callable] | None = None,
+                       needs: frozenset[str] = frozenset()) -> StrategyEntry:
   """An entry for a builder that carries `check_config` / `config_sections` as function attributes."""
   default_config = dict(default_config or {})
   sections = getattr(build, "config_sections", None)
   return StrategyEntry(build, default_config, getattr(build, "check_config", None),
-                       tuple(sections) if sections is not None else tuple(default_config))
+                       tuple(sections) if sections is not None else tuple(default_config), frozenset(needs))
+
+
+def _buffer_policy_needs(section: str):
+  """config_needs of a buffer filled by `replay.POLICIES`: class-balanced filling groups by (task, class label)."""
+  def config_needs(config) -> dict[str, str]:
+    policy = config[section].get("policy", "reservoir") if section in config else "reservoir"
+    return {"class_labels": f"{section}.policy={policy!r}"} if policy == "class_balanced" else {}
+  return config_needs
+
+
+def _online_replay_needs(config) -> dict[str, str]:
+  fill = config.replay.get("fill", "task_end") if "replay" in config else "task_end"
+  return {"step_hooks": f"replay.fill={fill!r}"} if fill == "online" else {}
+
+
+def _router_needs(config) -> dict[str, str]:
+  router = config.progressive.get("router", "none") if "progressive" in config else "none"
+  return {"predict": f"progressive.router={router!r}"} if router != "none" else {}
 
 
 _DISTILL = {"distill": _distill.default_config}
 _EWC = {"ewc": _ewc.default_config, "fisher": _fisher.default_config}
 
+_PER_EXAMPLE = frozenset({"per_example"})   # EWC's Fisher: per-example gradients of the task's examples
+_ADAPTERS = frozenset({"model_rewrite", "reset_optimizer"})   # adapter slots on a frozen base, one per task
+
 REGISTRY: dict[str, StrategyEntry] = {
     "naive": StrategyEntry(naive, {}, None, ()),
-    "joint": StrategyEntry(joint, {}, None, ()),
-    "ewc": entry_from_builder(_ewc.ewc, _EWC),
-    "online_ewc": entry_from_builder(_ewc.online_ewc, _EWC),
+    "joint": StrategyEntry(joint, {}, None, (), frozenset({"train_tasks"})),
+    "ewc": entry_from_builder(_ewc.ewc, _EWC, _PER_EXAMPLE),
+    "online_ewc": entry_from_builder(_ewc.online_ewc, _EWC, _PER_EXAMPLE),
+    # Distillation is shape-generic (KL over the last axis of [B, C] or [B, L, V]): it needs nothing special.
     "distill": entry_from_builder(_distill.distill, _DISTILL),
     "lwf": entry_from_builder(_distill.distill, _DISTILL),
-    "replay": entry_from_builder(_replay.replay, {"replay": _replay.default_config}),
+    # The buffer keeps one class label per slot and its examples are concatenated to the batch (x, y, task).
+    "replay": entry_from_builder(_replay.replay, {"replay": _replay.default_config},
+                                 frozenset({"class_labels", "input_buffer"}))._replace(
+                                     config_needs=_online_replay_needs),
     # O-LoRA also reads the base config's `lora` section (adapter rank, targets), so results.json records it.
-    "olora": StrategyEntry(_olora.olora, {"olora": _olora.default_config}, _olora.check_config, ("olora", "lora")),
+    "olora": StrategyEntry(_olora.olora, {"olora": _olora.default_config}, _olora.check_config, ("olora", "lora"),
+                           _ADAPTERS),
 }
 # LoRA (one adapter on the frozen base, through `prepare`; reads the base config's `lora` section) and the LM's
 # generative replay (H3).
 from cl_jax.strategies import generative_replay as _generative_replay, lora as _lora  # noqa: E402
 from cl_jax.strategies import progressive as _progressive  # noqa: E402
-REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",))
+REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",), frozenset({"model_rewrite"}))
 from cl_jax.strategies import lora_per_task as _lora_per_task  # noqa: E402
-REGISTRY["lora_per_task"] = entry_from_builder(_lora_per_task.lora_per_task)
+# Per-task slots that never meet: an input must be sent to its own slot, so the kind needs a router.
+REGISTRY["lora_per_task"] = entry_from_builder(_lora_per_task.lora_per_task, needs=_ADAPTERS | {"routing"})
+# One MLP column per task, picked by the task id (or by a router through `predict`); predictions are class logits.
 REGISTRY["progressive"] = StrategyEntry(_progressive.progressive, {"progressive": _progressive.default_config},
-                                        _progressive.check_config, ("progressive", "model"))
+                                        _progressive.check_config, ("progressive", "model"),
+                                        _ADAPTERS | {"task_ids", "class_logits"}, _router_needs)
+# The model writes the replay data itself, which takes the place of the mixture's general rows.
 REGISTRY["generative_replay"] = StrategyEntry(
     _generative_replay.generative_replay, {"generative_replay": _generative_replay.default_config},
-    _generative_replay.check_config, ("generative_replay",))
+    _generative_replay.check_config, ("generative_replay",), frozenset({"token_logits", "mixture"}))
 # Classic methods (H4): SI, MAS, DER / DER++ (one `der` section), A-GEM.
 from cl_jax.strategies import agem as _agem, der as _der, mas as _mas, si as _si  # noqa: E402
-REGISTRY["si"] = StrategyEntry(_si.si, {"si": _si.default_config}, _si.check_config, ("si",))
-REGISTRY["mas"] = StrategyEntry(_mas.mas, {"mas": _mas.default_config}, _mas.check_config, ("mas",))
-REGISTRY["der"] = StrategyEntry(_der.der, {"der": _der.default_config}, _der.check_config, ("der",))
-REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der.check_config, ("der",))
-REGISTRY["agem"] = StrategyEntry(_agem.agem, {"agem": _agem.default_config}, _agem.check_config, ("agem",))
+# SI's path integral runs in the step (update hook); MAS takes per-example gradients of the output norm.
+REGISTRY["si"] = StrategyEntry(_si.si, {"si": _si.default_config}, _si.check_config, ("si",),
+                               frozenset({"step_hooks"}))
+REGISTRY["mas"] = StrategyEntry(_mas.mas, {"mas": _mas.default_config}, _mas.check_config, ("mas",), _PER_EXAMPLE)
+# DER's buffer keeps one class label and one logits row [C] per slot, filled in the step (update hook).
+_DER_NEEDS = frozenset({"class_labels", "class_logits", "input_buffer", "step_hooks"})
+REGISTRY["der"] = StrategyEntry(_der.der, {"der": _der.default_config}, _der.check_config, ("der",), _DER_NEEDS)
+REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der.check_config, ("der",), _DER_NEEDS)
+# A-GEM's memory keeps whole examples (label slots shaped by TaskInfo.label_shape); the projection is a grads hook.
+REGISTRY["agem"] = StrategyEntry(_agem.agem, {"agem": _agem.default_config}, _agem.check_config, ("agem",),
+                                 frozenset({"input_buffer", "step_hooks"}), _buffer_policy_needs("agem"))
 from cl_jax.strategies import gdumb as _gdumb  # noqa: E402
-REGISTRY["gdumb"] = StrategyEntry(_gdumb.gdumb, {"gdumb": _gdumb.default_config}, _gdumb.check_config, ("gdumb",))
+REGISTRY["gdumb"] = StrategyEntry(_gdumb.gdumb, {"gdumb": _gdumb.default_config}, _gdumb.check_config, ("gdumb",),
+                                  frozenset({"class_labels", "class_logits", "input_buffer", "step_hooks",
+                                             "predict"}))
 from cl_jax.strategies import icarl as _icarl  # noqa: E402
-REGISTRY["icarl"] = StrategyEntry(_icarl.icarl, {"icarl": _icarl.default_config}, _icarl.check_config, ("icarl",))
+REGISTRY["icarl"] = StrategyEntry(_icarl.icarl, {"icarl": _icarl.default_config}, _icarl.check_config, ("icarl",),
+                                  frozenset({"class_labels", "class_logits", "input_buffer", "predict"}))
 from cl_jax.strategies import packnet as _packnet  # noqa: E402
+# Weights owned per task (the task id picks the mask), frozen by a grads hook, scored through predict.
 REGISTRY["packnet"] = StrategyEntry(_packnet.packnet, {"packnet": _packnet.default_config}, _packnet.check_config,
-                                    ("packnet",))
+                                    ("packnet",), frozenset({"task_ids", "class_logits", "step_hooks", "predict",
+                                                             "reset_optimizer"}))
 
 
 def default_configs() -> dict[str, Callable]:
@@ -141,10 +213,56 @@ def check_strategy_config(config) -> None:
       check(config)
 
 
+def needs_of(name: str, config=None) -> dict[str, str]:
+  """{capability: why} that strategy `name` needs: its `needs` ('' as the why) plus, with a config, what its
+  settings add (`config_needs`, the why naming the setting)."""
+  entry = REGISTRY[name]
+  out = {cap: "" for cap in sorted(entry.needs)}
+  if config is not None and entry.config_needs is not None:
+    out.update({cap: why for cap, why in entry.config_needs(config).items() if cap not in out})
+  return out
+
+
+def allowed(provides) -> list[str]:
+  """The registered strategies whose `needs` a kind that provides `provides` meets, in registry order."""
+  unknown = set(provides) - set(CAPABILITIES)
+  if unknown:
+    raise ValueError(f"provides: unknown capabilities {sorted(unknown)}; expected among {sorted(CAPABILITIES)}")
+  return [name for name, entry in REGISTRY.items() if entry.needs <= set(provides)]
+
+
+def refused(spec: str, provides, config=None) -> dict[str, dict[str, str]]:
+  """{name: {missing capability: why}} for the strategies of `spec` that a kind providing `provides` cannot run."""
+  out = {}
+  for name in parse_strategy_spec(spec):
+    missing = {cap: why for cap, why in needs_of(name, config).items() if cap not in provides}
+    if missing:
+      out[name] = missing
+  return out
+
+
+def check_allowed(spec: str, provides, kind: str, config=None, hint: str = "", own=()) -> list[str]:
+  """The names of `spec`, or a one-line ValueError naming each strategy kind `kind` refuses and the capability it
+  lacks, e.g. "strategy='replay': kind 'lm' cannot run replay (needs class_labels: one class label per example ...);
+  kind 'lm' runs [...]". `own` names strategies the kind implements itself (never refused); `hint` is appended
+  (what the kind offers instead)."""
+  names = parse_strategy_spec(spec)
+  missing = {n: caps for n, caps in refused(spec, provides, config).items() if n not in own}
+  if missing:
+    parts = []
+    for name, caps in missing.items():
+      why = "; ".join(f"{cap}{' for ' + reason if reason else ''}: {CAPABILITIES[cap]}" for cap, reason in caps.items())
+      parts.append(f"{name} (needs {why})")
+    raise ValueError(f"strategy={spec!r}: kind {kind!r} cannot run {', '.join(parts)}; kind {kind!r} runs "
+                     f"{[*allowed(provides), *own]}{hint}")
+  return names
+
+
 def build_strategy(spec: str, config, learner: Learner) -> Strategy:
   return chain(*[REGISTRY[n].build(config, learner) for n in parse_strategy_spec(spec)])
 
 
 __all__ = ["Strategy", "LossContext", "LossFn", "TaskData", "TaskInfo", "Learner", "chain", "StrategyEntry",
            "entry_from_builder", "build_strategy", "parse_strategy_spec", "used_sections", "check_strategy_config",
-           "default_configs", "REGISTRY", "DEFAULT_CONFIGS"]
+           "default_configs", "REGISTRY", "DEFAULT_CONFIGS", "CAPABILITIES", "needs_of", "allowed", "refused",
+           "check_allowed"]

@@ -10,6 +10,12 @@ so to first order the step does not increase the average loss on the memory. The
 parameters at once. The projection happens in the train step through the strategy's `grads` hook, before the
 optimizer; nothing is projected while the memory is empty.
 
+Shape-generic: the reference loss is the mean cross-entropy over every target of the drawn examples, so on a
+language model (logits [B, L, V], targets [B, L]) it is the mean next-token loss on the remembered sequences. The
+memory's label slots take the shape `TaskInfo.label_shape` (() for a class label, (L,) for next tokens), and its
+inputs go to the model in the dtype of the step's own batch (token ids stay integers). Token targets have no class
+to balance on, so a language model fills the memory with `agem.policy='reservoir'`.
+
 State: a `replay.ReplayBuffer`.
 """
 from __future__ import annotations
@@ -18,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cl_jax.losses import cross_entropy
 from cl_jax.strategies import replay as replay_lib
 from cl_jax.strategies.base import Strategy
 
@@ -32,6 +37,19 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=256,            # memory examples behind each reference gradient (Chaudhry et al. use 256)
       policy="class_balanced",   # how the memory is filled at task ends: class_balanced | reservoir
   ))
+
+
+def mean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over every target of -log softmax(logits)[target]: logits [..., C], integer targets [...]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+
+
+def empty_memory(capacity: int, task_info) -> replay_lib.ReplayBuffer:
+  """An empty memory whose label slots have the shape of one example's target (`TaskInfo.label_shape`)."""
+  memory = replay_lib.empty_buffer(capacity, tuple(task_info.input_shape))
+  label_shape = tuple(getattr(task_info, "label_shape", ()))
+  return memory._replace(y=jnp.zeros((capacity, *label_shape), jnp.int32)) if label_shape else memory
 
 
 def tree_vdot(a, b) -> jax.Array:
@@ -69,15 +87,16 @@ def agem(config, learner) -> Strategy:
 
   def init(params, task_info):
     del params
-    return replay_lib.empty_buffer(capacity, tuple(task_info.input_shape))
+    return empty_memory(capacity, task_info)
 
   def reference_loss(params, memory, task_index):
     logits = learner.logits(params, memory["x"], memory["task"], task_index)
-    return jnp.mean(cross_entropy(logits, memory["y"]))
+    return mean_cross_entropy(logits, memory["y"])
 
   def grads(memory, g, params, batch, ctx, loss_fn):
-    del batch, loss_fn
+    del loss_fn
     drawn = replay_lib.sample_replay_batch(memory, jax.random.fold_in(ctx.rng, _MEMORY_STREAM), batch_size)
+    drawn["x"] = drawn["x"].astype(batch["x"].dtype)  # the buffer keeps float32; an LM reads token ids
     g_ref = jax.grad(reference_loss)(params, drawn, ctx.task_index)
     return project(g, g_ref, memory["size"] > 0)
 

@@ -91,10 +91,15 @@ class TaskData(NamedTuple):
 
 
 class TaskInfo(NamedTuple):
-  """Static facts about the scenario that a strategy's `init` may size its state from."""
+  """Static facts about the scenario that a strategy's `init` may size its state from.
+
+  `label_shape` is the shape of one example's target: () for a class label, (L,) for a language model's next tokens
+  (a buffer that keeps targets, A-GEM's memory, sizes its label slots from it).
+  """
   num_tasks: int
   num_outputs: int
   input_shape: tuple
+  label_shape: tuple = ()
 
 
 class StepInfo(NamedTuple):

@@ -25,8 +25,12 @@ def base_params(params):
 
 
 def merged_params(params, config):
-  """The adapted model as plain params: the adapter folded into the base, W + (alpha / r) A B."""
-  return lora_lib.merge_adapter(params, ADAPTER, lora_lib.spec_from_config(config.lora))["base"]
+  """The adapted model as plain params: every adapter folded into the base, W + (alpha / r) Σ_k A_k B_k (one adapter
+  for `lora`; O-LoRA's slots, whose inference rule is exactly their sum)."""
+  spec = lora_lib.spec_from_config(config.lora)
+  for name in lora_lib.adapter_names(params):
+    params = lora_lib.merge_adapter(params, name, spec)
+  return params["base"]
 
 
 def lora(config, learner=None) -> Strategy:

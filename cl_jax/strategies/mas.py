@@ -6,7 +6,8 @@ network's output over the task's training data (no labels needed):
   Ω_t,i = 1/N Σ_n | ∂ ‖f(x_n; θ)‖²₂ / ∂θ_i |,
 
 with f the logits the task is trained on (the scenario's logit mask applied: masked classes count 0), one gradient
-per example as in the paper. Importances add up over tasks, Ω = Σ_t Ω_t, the anchor θ* is the latest task's final
+per example as in the paper. On a language model an example is a sequence and f(x_n) its next-token logits at
+every position, [L, V]: the squared norm sums over positions and vocabulary. Importances add up over tasks, Ω = Σ_t Ω_t, the anchor θ* is the latest task's final
 params, and later tasks train on
 
   L(θ) + λ Σ_i Ω_i (θ_i − θ*_i)².
@@ -98,7 +99,9 @@ def mas(config, learner) -> Strategy:
     idx = np.arange(n)
     if 0 < num < n:  # a fixed random subset of the task
       idx = np.sort(np.asarray(jax.random.choice(rng, n, (num,), replace=False)))
-    x = jnp.asarray(task_data.x[idx], jnp.float32)
+    x = jnp.asarray(task_data.x[idx])
+    if not jnp.issubdtype(x.dtype, jnp.integer):  # token ids (an LM's input) stay integers
+      x = x.astype(jnp.float32)
     task = jnp.asarray(task_data.task[idx], jnp.int32)
     omega = mas_importance(learner, params, x, task, jnp.int32(task_data.task_index), chunk_size=min(chunk, len(idx)))
     return dict(importance=jax.tree.map(jnp.add, state["importance"], omega),

@@ -16,6 +16,10 @@ g is the gradient the optimizer applied (after any `grads` hook) minus the gradi
 2cΩ(θ − θ*), so ω integrates the unregularised loss as in the paper (other strategies' terms in a chain stay in).
 The path integral is updated in the train step through the strategy's `update` hook.
 
+On an LM's continual pre-training the general task is the base's own pre-training: the LM runner runs SI's update
+hook in that phase (Ω = 0, so the penalty is 0 there) and starts the adaptation's SI from its state (`with_path`), so
+the consolidation at the general task's end weighs the path from the initialisation to the base.
+
 State (params-shaped float32 trees): {'omega': ω, 'importance': Ω, 'anchor': θ*}.
 """
 from __future__ import annotations
@@ -58,6 +62,17 @@ def consolidate(state, params, xi: float):
   importance = jax.tree.map(lambda imp, w, p, a: imp + w / (jnp.square(p - a) + xi),
                             state["importance"], state["omega"], params, state["anchor"])
   return dict(omega=jax.tree.map(jnp.zeros_like, state["omega"]), importance=importance, anchor=params)
+
+
+def with_path(chain_state, spec: str, path_state):
+  """The initial state of the chain `spec` with SI's entry replaced by `path_state`: SI's state at the end of an
+  earlier training of the same params (an LM's pre-training), so that the consolidation at the first task boundary
+  weighs the path of that training (ω, and the anchor at its start) instead of an empty one."""
+  from cl_jax.strategies import parse_strategy_spec
+  names = parse_strategy_spec(spec)
+  if len(names) == 1:
+    return path_state
+  return tuple(path_state if name == "si" else state for name, state in zip(names, chain_state))
 
 
 def check_config(config) -> None:
