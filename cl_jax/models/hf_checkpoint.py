@@ -51,6 +51,7 @@ import numpy as np
 
 from cl_jax.errors import ConfigError
 from cl_jax.models import FunctionalModel, scan_layout
+from cl_jax.models.hf_tokenizer import HFTokenizer
 from cl_jax.models.transformer import TransformerConfig, abstract_lm
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
@@ -454,7 +455,6 @@ def load_tokenizer(path: str, hf: Mapping | None = None):
   file = os.path.join(path, TOKENIZER_FILE)
   if not os.path.exists(file):
     return None
-  from cl_jax.data.tokenizer import HFTokenizer
   hf = dict(hf or {})
   return HFTokenizer(file, eos_id=_token_id(hf.get("eos_token_id")), bos_id=_token_id(hf.get("bos_token_id")),
                      pad_id=_token_id(hf.get("pad_token_id")))
@@ -573,7 +573,7 @@ def _write_tokenizer(path: str, tokenizer) -> None:
     source = getattr(tokenizer, "path", None)
     if source is None or not os.path.exists(source):
       raise ConfigError(f"export: tokenizer {tokenizer!r} has no tokenizer.json to copy (expected a "
-                        "cl_jax.data.tokenizer.HFTokenizer or a path)")
+                        "cl_jax.models.hf_tokenizer.HFTokenizer or a path)")
   shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
   for side in TOKENIZER_SIDE_FILES:
     other = os.path.join(os.path.dirname(source), side)
