@@ -3,9 +3,9 @@
     pip install torch==2.13.0 transformers    # reference-only: never needed by the test suite
     python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--check-export] [--check-variants]
 
-For each family (llama with grouped-query attention and Llama-3.1 RoPE scaling, sharded; mistral with a
-sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2) it builds a tiny
-random model with `transformers` (PyTorch, CPU, float32, eager attention), perturbs every parameter (norm
+For each family of `family_configs` (llama with grouped-query attention and Llama-3.1 RoPE scaling, sharded;
+mistral with a sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2) it builds a
+tiny random model with `transformers` (PyTorch, CPU, float32, eager attention), perturbs every parameter (norm
 gains and biases too, so a mis-mapped one changes the logits), and writes into `<out>/<family>/`:
 
   config.json, model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json),
@@ -102,11 +102,11 @@ def build(out: str) -> None:
   text_ids = np.asarray(hf_tok(TEXT, add_special_tokens=False)["input_ids"], np.int32)
   rng = np.random.default_rng(0)
   tokens = np.stack([np.resize(text_ids, SEQ), rng.integers(0, VOCAB, SEQ)]).astype(np.int32)
-  classes = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-             "gpt2": tf.GPT2LMHeadModel}
+  from cl_jax.models.hf_families import FAMILIES
   for i, (family, config) in enumerate(family_configs().items()):
     config._attn_implementation = "eager"
-    model = classes[family](config).eval()
+    # The class transformers builds is the one the family's entry names in config.json's `architectures`.
+    model = getattr(tf, FAMILIES[family].architecture)(config).eval()
     perturb(model, seed=100 + i)
     if config.tie_word_embeddings:
       model.tie_weights()
@@ -129,7 +129,7 @@ def check_export(out: str) -> None:
   import torch
   import transformers as tf
   from cl_jax.models import hf_checkpoint
-  for family in ("llama", "mistral", "qwen2", "gpt2"):
+  for family in family_configs():
     ref = np.load(os.path.join(out, family, "reference.npz"))
     loaded = hf_checkpoint.load(os.path.join(out, family))
     with tempfile.TemporaryDirectory() as tmp:

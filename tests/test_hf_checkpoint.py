@@ -6,6 +6,8 @@ tied), qwen2 (q/k/v biases, untied) and gpt2 models with their reference logits.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -113,6 +115,51 @@ def test_export_with_a_lora_adapter_merged(tmp_path):
   merged = _logits(hc.load(str(tmp_path)), tokens)
   np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-4)
   assert np.abs(merged - _reference("qwen2")["logits"]).max() > 1e-2  # the adapter is really in there
+
+
+def test_a_new_family_is_one_table_entry(tmp_path, monkeypatch):
+  """Adding a Hugging Face family takes one `hf_families.Family` entry and no code: a toy family (Llama's
+  conventions under other tensor names, its own prefix and head name, q/k/v and gate/up each fused into one
+  tensor, weights stored [in, out]) registered here exports the Llama fixture and loads it back bit for bit."""
+  from safetensors.numpy import load_file
+  fused = {"q": "blocks.{i}.mix.qkv", "k": "blocks.{i}.mix.qkv", "v": "blocks.{i}.mix.qkv",
+           "gate": "blocks.{i}.ffn.gate_up", "up": "blocks.{i}.ffn.gate_up"}
+  toy = dataclasses.replace(
+      hc.FAMILIES["llama"], model_type="toy", architecture="ToyForCausalLM", prefix="backbone.", lm_head="head",
+      weight_layout="in_out", tensors={"embed": "tok_embed", "final_norm": "out_norm", "attn_norm": "blocks.{i}.norm1",
+                                       "mlp_norm": "blocks.{i}.norm2", "o": "blocks.{i}.mix.out",
+                                       "down": "blocks.{i}.ffn.down", **fused})
+  loaded = hc.load(_fixture("llama"))
+  cfg = loaded.config
+  with monkeypatch.context() as m:
+    m.setitem(hc.FAMILIES, "toy", toy)
+    assert hc.family_of(cfg) == "llama"  # earlier entries keep their configs
+    hc.export(str(tmp_path), loaded.hf_config, loaded.params, tokenizer=loaded.tokenizer, family="toy")
+    again = hc.load(str(tmp_path))
+    a, b = _flat(loaded.params), _flat(again.params)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+    assert again.config == cfg and again.hf_config["model_type"] == "toy"
+    assert again.hf_config["architectures"] == ["ToyForCausalLM"]
+    np.testing.assert_array_equal(again.tokenizer.encode("fox jumps"), loaded.tokenizer.encode("fox jumps"))
+  # The toy file holds the Llama tensors under the entry's names: the fused ones are Llama's [out, in] weights
+  # transposed and laid side by side along the output axis, in q, k, v / gate, up order.
+  theirs = {k: v for f in glob.glob(os.path.join(_fixture("llama"), "model-*.safetensors"))
+            for k, v in load_file(f).items()}
+  ours = load_file(str(tmp_path / hc.SINGLE_FILE))
+  assert "head.weight" in ours and not any(k.startswith("model.") for k in ours)
+  for i in range(cfg.num_layers):
+    llama, toy_layer = f"model.layers.{i}.", f"backbone.blocks.{i}."
+    np.testing.assert_array_equal(ours[toy_layer + "mix.qkv.weight"], np.concatenate(
+        [theirs[f"{llama}self_attn.{p}_proj.weight"].T for p in "qkv"], axis=1))
+    np.testing.assert_array_equal(ours[toy_layer + "ffn.gate_up.weight"], np.concatenate(
+        [theirs[f"{llama}mlp.{p}_proj.weight"].T for p in ("gate", "up")], axis=1))
+    np.testing.assert_array_equal(ours[toy_layer + "norm1.weight"], theirs[llama + "input_layernorm.weight"])
+  # Registered for the test only: once removed, the family is unknown again.
+  with pytest.raises(ConfigError, match="model_type='toy' is not supported"):
+    hc.load(str(tmp_path))
+  # A malformed entry fails where it is written.
+  with pytest.raises(ValueError, match=r"lack roles \['o'\]"):
+    dataclasses.replace(toy, tensors={k: v for k, v in toy.tensors.items() if k != "o"})
 
 
 SHARD_SCRIPT = textwrap.dedent("""

@@ -5,7 +5,7 @@ text and three specials follow them (`pad`, `bos`, `eos`). It is the tokenizer o
 "ByT5: Towards a token-free future with pre-trained byte-to-byte models") without its sentinel ids.
 
 A trained tokenizer a user brings is loaded from its file:
-  * `*.json`  - a Hugging Face `tokenizers` file (`Tokenizer.from_file`),
+  * `*.json`  - a Hugging Face `tokenizers` file (`HFTokenizer`, from `cl_jax.models.hf_tokenizer`),
   * `*.model` - a SentencePiece model (Kudo & Richardson 2018),
   * a Hugging Face checkpoint directory - its `tokenizer.json` (`cl_jax.models.hf_checkpoint.load_tokenizer`).
 Both packages are imported only when such a file is asked for, so neither is a dependency of the rest.
@@ -15,11 +15,14 @@ Every tokenizer has the same small surface: `encode(text) -> np.int32 [n]`, `dec
 """
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
+
+# The `tokenizers` file class lives with the HF checkpoints that carry such files (models may not import data).
+from cl_jax.models.hf_tokenizer import HFTokenizer, require_package
 
 
 class Tokenizer(Protocol):
@@ -55,62 +58,11 @@ class ByteTokenizer:
     return data.decode("utf-8", errors="replace")
 
 
-def _require(module: str, package: str, path: str):
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise ImportError(f"tokenizer={path!r} needs the `{package}` package, which is not installed: "
-                      f"`pip install {package}` (or use tokenizer='byte', which needs nothing)") from e
-
-
-def _special_id(lookup, names: Sequence[str], what: str, path: str, default: int | None = None) -> int:
-  for n in names:
-    i = lookup(n)
-    if i is not None and i >= 0:
-      return int(i)
-  if default is not None:
-    return default
-  raise ValueError(f"tokenizer={path!r} has no {what} token (looked for {list(names)})")
-
-
-class HFTokenizer:
-  """A Hugging Face `tokenizers` JSON file. Specials are found by their usual spellings unless given: a
-  checkpoint's config.json names its eos / bos / pad ids (`cl_jax.models.hf_checkpoint` passes them)."""
-
-  def __init__(self, path: str, *, eos_id: int | None = None, bos_id: int | None = None,
-               pad_id: int | None = None):
-    tokenizers = _require("tokenizers", "tokenizers", path)
-    self.path = path
-    self.name = os.path.basename(path)
-    self._tok = tokenizers.Tokenizer.from_file(path)
-    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-    lookup = self._tok.token_to_id
-    self.eos_id = int(eos_id) if eos_id is not None else _special_id(
-        lookup, ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]"), "end-of-text", path)
-    self.bos_id = int(bos_id) if bos_id is not None else _special_id(
-        lookup, ("<s>", "<|startoftext|>", "<|begin_of_text|>", "<bos>", "[CLS]"), "bos", path,
-        default=self.eos_id)
-    # Padding positions are masked out of every loss, so reusing eos as pad is harmless.
-    self.pad_id = int(pad_id) if pad_id is not None else _special_id(lookup, ("<pad>", "[PAD]"), "pad", path,
-                                                                      default=self.eos_id)
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    """`encode` of many texts at once (the Rust tokenizer runs them in parallel)."""
-    return [np.asarray(e.ids, dtype=np.int32)
-            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
-
-
 class SentencePieceTokenizer:
   """A SentencePiece `.model` file."""
 
   def __init__(self, path: str):
-    spm = _require("sentencepiece", "sentencepiece", path)
+    spm = require_package("sentencepiece", "sentencepiece", path)
     self.name = os.path.basename(path)
     self._sp = spm.SentencePieceProcessor(model_file=path)
     self.vocab_size = int(self._sp.get_piece_size())
@@ -152,4 +104,4 @@ def load_tokenizer(spec: str = "byte") -> Tokenizer:
                    "`.model` (sentencepiece) file, or 'byte'")
 
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer"]

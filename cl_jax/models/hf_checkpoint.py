@@ -7,15 +7,18 @@
 Families (config.json's `model_type`): `llama` (Llama 2 / 3 / 3.1+, RoPE scalings 'linear' and 'llama3',
 optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases) and `gpt2`
 (learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]). All with
-grouped-query attention where the config has it, tied or untied embeddings.
+grouped-query attention where the config has it, tied or untied embeddings. Each family is one entry of
+`cl_jax.models.hf_families.FAMILIES` (its config.json keys, conventions and tensor names); every function here
+reads that table, so a new family is a new entry, not new code.
 
 Layouts. A torch `nn.Linear` weight is stored [out, in]; cl_jax kernels are [in..., out...] with named axes
 (`q: [D, H, Dh]`, `o: [H, Dh, D]`, see `cl_jax.models.transformer`), so `q_proj.weight [H Dh, D]` becomes
 `q.kernel = W^T.reshape(D, H, Dh)`, head-major as transformers splits heads (`view(..., H, Dh)`). GPT-2's
-Conv1D weights are already [in, out]; its fused `c_attn` [D, 3D] holds q, k and v side by side. Every
-mapping is one `Piece`: an HF tensor, the cl_jax param path, and for each HF axis the cl_jax axes it splits
-into (and an offset along it, for the fused tensor). Import and export both read this one table, so they
-cannot disagree, and export -> import is a pure data move (bit-exact).
+Conv1D weights are already [in, out]; its fused `c_attn` [D, 3D] holds q, k and v side by side (projections
+whose entry names one tensor are fused in role order). Every mapping is one `Piece`: an HF tensor, the cl_jax
+param path, and for each HF axis the cl_jax axes it splits into (and an offset along it, for a fused tensor).
+`layout` builds the pieces from the family's entry; import and export both read them, so they cannot disagree,
+and export -> import is a pure data move (bit-exact).
 
 Streaming. `load(..., mesh=m)` builds each param with `jax.make_array_from_callback`: for every device's
 shard, the callback reads only the rows / columns of the HF tensor that shard needs (safetensors
@@ -42,29 +45,28 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from contextlib import ExitStack
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cl_jax.errors import ConfigError
-from cl_jax.models import FunctionalModel, scan_layout
+from cl_jax.models import FunctionalModel, hf_families, scan_layout
+from cl_jax.models.hf_families import Family
+from cl_jax.models.hf_tokenizer import HFTokenizer
 from cl_jax.models.transformer import TransformerConfig, abstract_lm
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+# model_type -> its `hf_families.Family` entry (the table itself: an entry added there is supported here).
+FAMILIES = hf_families.FAMILIES
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Files that travel with tokenizer.json (transformers' AutoTokenizer reads them when present).
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# Non-parameter tensors some checkpoints carry (RoPE tables, GPT-2's causal-mask buffers): skipped.
-_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
-# transformers' names for the tanh approximation of gelu (GPT-2's `gelu_new`) and for the exact one.
-_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_GELU_EXACT = ("gelu",)
 
 
 class Loaded(NamedTuple):
@@ -99,7 +101,7 @@ def _fail(path: str, message: str):
   raise ConfigError(f"{path}: {message}")
 
 
-def _rope_settings(hf: dict, path: str) -> dict:
+def _rope_settings(hf: dict, path: str, max_len_key: str) -> dict:
   """theta and scaling from either transformers layout: v5 `rope_parameters` (theta inside) or v4
   `rope_theta` + `rope_scaling`."""
   params = dict(hf.get("rope_parameters") or {})
@@ -110,7 +112,7 @@ def _rope_settings(hf: dict, path: str) -> dict:
   partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1, 1.0):
     _fail(path, f"partial_rotary_factor={partial}: only full rotary embeddings are supported")
-  out = dict(rope_base=float(theta))
+  out = {"rope_base": float(theta)}
 
   def need(key):
     if merged.get(key) is None:
@@ -122,100 +124,99 @@ def _rope_settings(hf: dict, path: str) -> dict:
   if kind == "linear":
     return {**out, "rope_scaling": "linear", "rope_factor": float(need("factor"))}
   if kind == "llama3":
-    original = merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    original = merged.get("original_max_position_embeddings") or hf.get(max_len_key)
     return {**out, "rope_scaling": "llama3", "rope_factor": float(need("factor")),
             "rope_low_freq_factor": float(need("low_freq_factor")),
             "rope_high_freq_factor": float(need("high_freq_factor")), "rope_original_max_len": int(original)}
   _fail(path, f"RoPE scaling type {kind!r} is not supported; supported: 'default', 'linear', 'llama3'")
 
 
-def _sliding_window(hf: dict, family: str, path: str) -> int:
-  if family == "mistral":
-    return int(hf.get("sliding_window") or 0)
-  if family == "qwen2" and hf.get("use_sliding_window"):
-    n = int(hf["num_hidden_layers"])
-    types = hf.get("layer_types") or ["sliding_attention" if i >= int(hf.get("max_window_layers", n)) else
-                                      "full_attention" for i in range(n)]
-    if len(set(types)) > 1:
-      _fail(path, f"layer_types={types}: a mix of sliding and full attention layers is not supported")
-    return int(hf["sliding_window"]) if types[0] == "sliding_attention" else 0
-  return 0
+def _activation(family: Family, cfg: TransformerConfig) -> str | None:
+  """The name `family` gives `cfg`'s MLP activation (None: it has none for it)."""
+  for name, fields in family.activations.items():
+    if all(getattr(cfg, k) == v for k, v in fields.items()):
+      return name
+  return None
 
 
 def transformer_config(hf: Mapping, path: str = "config.json", **overrides) -> TransformerConfig:
-  """The `TransformerConfig` of an HF config.json dict (`overrides`: e.g. compute_dtype='bfloat16')."""
+  """The `TransformerConfig` of an HF config.json dict (`overrides`: e.g. compute_dtype='bfloat16'), read through
+  its family's entry in `hf_families.FAMILIES`."""
   hf = dict(hf)
-  family = hf.get("model_type")
-  if family not in FAMILIES:
-    _fail(path, f"model_type={family!r} is not supported; supported families: {', '.join(FAMILIES)}")
-  if family == "gpt2":
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GELU_TANH + _GELU_EXACT:
-      _fail(path, f"activation_function={act!r}: expected one of {_GELU_TANH + _GELU_EXACT}")
-    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-      _fail(path, "scale_attn_weights=false / scale_attn_by_inverse_layer_idx=true are not supported")
-    d = int(hf["n_embd"])
-    fields = dict(
-        vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["n_layer"]), num_heads=int(hf["n_head"]),
-        max_len=int(hf["n_positions"]), mlp_hidden=int(hf.get("n_inner") or 4 * d),
-        tied_embeddings=bool(hf.get("tie_word_embeddings", True)), norm="layernorm",
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), mlp="gelu", gelu_approximate=act in _GELU_TANH,
-        qkv_bias=True, o_bias=True, mlp_bias=True, positions="learned")
-  else:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-      _fail(path, f"hidden_act={act!r}: only 'silu' (SwiGLU) is supported for {family}")
-    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or d // heads)
-    attn_bias = {"llama": bool(hf.get("attention_bias", False)), "mistral": False, "qwen2": True}[family]
-    fields = dict(
-        vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        attn_head_dim=0 if head_dim * heads == d else head_dim,
-        max_len=int(hf.get("max_position_embeddings", 2048)), mlp_hidden=int(hf["intermediate_size"]),
-        tied_embeddings=bool(hf.get("tie_word_embeddings", False)), norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", qkv_bias=attn_bias,
-        o_bias=attn_bias and family == "llama", mlp_bias=bool(hf.get("mlp_bias", False)) and family == "llama",
-        positions="rope", sliding_window=_sliding_window(hf, family, path), **_rope_settings(hf, path))
+  family = hf_families.lookup(hf.get("model_type"), path)
+  keys = family.keys
+
+  def value(key, default=None):
+    """config.json's `key`; null or absent reads as the family's default (transformers' own), then `default`."""
+    v = hf.get(key)
+    v = family.defaults.get(key, default) if v is None else v
+    if v is None:
+      _fail(path, f"{family.model_type} config.json needs {key!r}")
+    return v
+
+  for key, want in family.fixed.items():
+    if key in hf and hf[key] != want:
+      _fail(path, f"{key}={hf[key]!r} is not supported (cl_jax holds {family.model_type} models with {want!r})")
+  act = value(keys.activation)
+  if act not in family.activations:
+    _fail(path, f"{keys.activation}={act!r}: supported for {family.model_type}: {', '.join(family.activations)}")
+  d, heads = int(value(keys.d_model)), int(value(keys.num_heads))
+  head_dim = int((hf.get(keys.head_dim) if keys.head_dim else None) or d // heads)
+  fields = dict(
+      vocab_size=int(value("vocab_size")), d_model=d, num_layers=int(value(keys.num_layers)), num_heads=heads,
+      attn_head_dim=0 if head_dim * heads == d else head_dim, max_len=int(value(keys.max_len)),
+      mlp_hidden=int(value(keys.mlp_hidden, family.default_mlp_ratio * d or None)),
+      tied_embeddings=bool(value("tie_word_embeddings")),
+      norm=family.norm, norm_eps=float(value(keys.norm_eps)), positions=family.positions,
+      sliding_window=family.window.read(hf, path) if family.window else 0, **family.activations[act])
+  if keys.num_kv_heads:  # absent: one key / value head per query head
+    fields["num_kv_heads"] = int(hf.get(keys.num_kv_heads) or heads)
+  for field, setting in family.bias_settings():  # a flag that is absent reads as false, as in transformers
+    fields[field] = setting if isinstance(setting, bool) else bool(hf.get(setting))
+  if family.positions == "rope":
+    fields.update(_rope_settings(hf, path, keys.max_len))
   try:
     return TransformerConfig(**{**fields, **overrides})
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{path}: {e}") from e
 
 
+def _fits(cfg: TransformerConfig, family: Family) -> bool:
+  """Whether `family`'s modeling code computes exactly `cfg`'s function (a bias-free Llama is also a valid
+  Mistral without a window, and so on)."""
+  if (cfg.norm, cfg.positions) != (family.norm, family.positions) or _activation(family, cfg) is None:
+    return False
+  if cfg.sliding_window and family.window is None:
+    return False
+  # A dialect without these keys has plain multi-head attention with head dim d_model / heads.
+  if not family.keys.num_kv_heads and cfg.kv_heads != cfg.num_heads:
+    return False
+  if not family.keys.head_dim and cfg.head_dim * cfg.num_heads != cfg.d_model:
+    return False
+  flags: dict[str, bool] = {}
+  for field, setting in family.bias_settings():
+    have = getattr(cfg, field)
+    if isinstance(setting, bool) and have != setting:
+      return False
+    if isinstance(setting, str) and flags.setdefault(setting, have) != have:  # one flag, two different biases
+      return False
+  return True
+
+
 def family_of(cfg: TransformerConfig) -> str:
-  """The HF family a config exports as (the first of gpt2, llama, qwen2, mistral that holds it exactly);
+  """The HF family a config exports as: the first entry of `hf_families.FAMILIES` that holds it exactly;
   ConfigError when none can (e.g. cl_jax's own byte model: RoPE with a gelu MLP)."""
-  for family in FAMILIES_IN_EXPORT_ORDER:
+  for name, family in FAMILIES.items():
     if _fits(cfg, family):
-      return family
+      return name
+  kinds: dict[str, list[str]] = {}
+  for name, family in FAMILIES.items():
+    mlps = "/".join(dict.fromkeys(fields["mlp"] for fields in family.activations.values()))
+    kinds.setdefault(f"{family.norm} + {mlps} + {family.positions} positions", []).append(name)
   raise ConfigError(f"TransformerConfig(norm={cfg.norm!r}, mlp={cfg.mlp!r}, positions={cfg.positions!r}, "
                     f"biases q/k/v={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}, "
                     f"sliding_window={cfg.sliding_window}) matches no Hugging Face family; exportable: "
-                    "llama/mistral/qwen2 (rmsnorm + swiglu + rope) and gpt2 (layernorm + gelu + learned "
-                    "positions + biases)")
-
-
-FAMILIES_IN_EXPORT_ORDER = ("gpt2", "llama", "qwen2", "mistral")
-
-
-def _fits(cfg: TransformerConfig, family: str) -> bool:
-  """Whether `family`'s modeling code computes exactly `cfg`'s function (a bias-free Llama is also a valid
-  Mistral without a window, and so on)."""
-  if family == "gpt2":
-    return (cfg.positions, cfg.norm, cfg.mlp, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.sliding_window) == (
-        "learned", "layernorm", "gelu", True, True, True, 0)
-  if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.positions != "rope":
-    return False
-  if family == "llama":  # attention_bias covers q, k, v and o together; mlp_bias the MLP
-    return cfg.qkv_bias == cfg.o_bias and not cfg.sliding_window
-  if family == "qwen2":
-    return cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
-  return family == "mistral" and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
-
-
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "gpt2": "GPT2LMHeadModel"}
+                    + "; ".join(f"{'/'.join(names)} ({kind})" for kind, names in kinds.items()))
 
 
 def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping | None = None) -> dict:
@@ -223,50 +224,49 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
   generation settings) are kept unless `cfg` determines them."""
   family = family or family_of(cfg)
   if family not in FAMILIES:
-    raise ConfigError(f"family={family!r}: supported families: {', '.join(FAMILIES)}")
-  if not _fits(cfg, family):
+    raise ConfigError(f"family={family!r}: supported families: {hf_families.supported()}")
+  entry = FAMILIES[family]
+  if not _fits(cfg, entry):
     raise ConfigError(f"family={family!r} cannot hold this model exactly (it exports as {family_of(cfg)!r})")
+  keys = entry.keys
   out = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
-  out.update(model_type=family, architectures=[_ARCHITECTURES[family]], vocab_size=cfg.vocab_size,
+  out.update(model_type=entry.model_type, architectures=[entry.architecture], vocab_size=cfg.vocab_size,
              tie_word_embeddings=cfg.tied_embeddings)
-  if family == "gpt2":
-    out.update(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_positions=cfg.max_len,
-               n_inner=cfg.mlp_dim, layer_norm_epsilon=cfg.norm_eps,
-               activation_function="gelu_new" if cfg.gelu_approximate else "gelu",
-               scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
-    return out
-  out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-             num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
-             max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu")
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
-  if cfg.rope_scaling == "linear":
-    rope.update(rope_type="linear", factor=cfg.rope_factor)
-  elif cfg.rope_scaling == "llama3":
-    rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                high_freq_factor=cfg.rope_high_freq_factor,
-                original_max_position_embeddings=cfg.rope_original_max_len)
-  # Both layouts: transformers >= 5 reads `rope_parameters`, 4.x reads `rope_theta` + `rope_scaling`.
-  out["rope_parameters"] = rope
-  out["rope_theta"] = cfg.rope_base
-  out["rope_scaling"] = None if cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
-  if family == "llama":
-    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-  elif family == "mistral":
-    out.update(sliding_window=cfg.sliding_window or None)
-  else:
-    out.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
-               layer_types=[("sliding_attention" if cfg.sliding_window else "full_attention")
-                            for _ in range(cfg.num_layers)])
-    if cfg.sliding_window:  # every layer slides (cl_jax has one window for all layers)
-      out["max_window_layers"] = 0
+  out.update({keys.d_model: cfg.d_model, keys.num_layers: cfg.num_layers, keys.num_heads: cfg.num_heads,
+              keys.max_len: cfg.max_len, keys.mlp_hidden: cfg.mlp_dim, keys.norm_eps: cfg.norm_eps,
+              keys.activation: _activation(entry, cfg)})
+  if keys.num_kv_heads:
+    out[keys.num_kv_heads] = cfg.kv_heads
+  if keys.head_dim:
+    out[keys.head_dim] = cfg.head_dim
+  out.update(entry.fixed)
+  out.update({setting: getattr(cfg, field) for field, setting in entry.bias_settings() if isinstance(setting, str)})
+  if entry.window:
+    out.update(entry.window.write(cfg))
+  if entry.positions == "rope":
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if cfg.rope_scaling == "linear":
+      rope.update(rope_type="linear", factor=cfg.rope_factor)
+    elif cfg.rope_scaling == "llama3":
+      rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                  high_freq_factor=cfg.rope_high_freq_factor,
+                  original_max_position_embeddings=cfg.rope_original_max_len)
+    # Both layouts: transformers >= 5 reads `rope_parameters`, 4.x reads `rope_theta` + `rope_scaling`.
+    out["rope_parameters"] = rope
+    out["rope_theta"] = cfg.rope_base
+    out["rope_scaling"] = (None if cfg.rope_scaling == "none" else
+                           {k: v for k, v in rope.items() if k != "rope_theta"})
   return out
 
 
 # ----------------------------------------------------------------------------------------------- layout
 
 def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> list[Piece]:
-  """Every cl_jax param of `cfg` and where it lives in `family`'s checkpoint (see `Piece`)."""
+  """Every cl_jax param of `cfg` and where it lives in `family`'s checkpoint (see `Piece`), from the family's
+  tensor names (`hf_families.Family.tensors`)."""
+  entry = FAMILIES[family]
   d, h, kv, dh, f, v = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  p = entry.prefix if prefix is None else prefix
   pieces: list[Piece] = []
 
   def add(path, name, *groups):
@@ -275,47 +275,43 @@ def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> li
   def vector(path, name, sizes, offset=0):
     add(path, name, (0, sizes, offset))
 
-  if family == "gpt2":
-    p = "transformer." if prefix is None else prefix
-    add("embed/embedding", p + "wte.weight", (0, (v,), 0), (1, (d,), 0))
-    add("pos_embed/embedding", p + "wpe.weight", (0, (cfg.max_len,), 0), (1, (d,), 0))
-    for i in range(cfg.num_layers):
-      b, n = f"block_{i}/", f"{p}h.{i}."
-      for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-        vector(b + ours + "/scale", n + theirs + ".weight", (d,))
-        vector(b + ours + "/bias", n + theirs + ".bias", (d,))
-      for j, proj in enumerate("qkv"):  # c_attn [D, 3D] = [q | k | v] along its output axis
-        add(f"{b}attn/{proj}/kernel", n + "attn.c_attn.weight", (0, (d,), 0), (1, (h, dh), j * d))
-        vector(f"{b}attn/{proj}/bias", n + "attn.c_attn.bias", (h, dh), j * d)
-      add(b + "attn/o/kernel", n + "attn.c_proj.weight", (0, (h, dh), 0), (1, (d,), 0))
-      vector(b + "attn/o/bias", n + "attn.c_proj.bias", (d,))
-      add(b + "mlp/up/kernel", n + "mlp.c_fc.weight", (0, (d,), 0), (1, (f,), 0))
-      vector(b + "mlp/up/bias", n + "mlp.c_fc.bias", (f,))
-      add(b + "mlp/down/kernel", n + "mlp.c_proj.weight", (0, (f,), 0), (1, (d,), 0))
-      vector(b + "mlp/down/bias", n + "mlp.c_proj.bias", (d,))
-    vector("final_norm/scale", p + "ln_f.weight", (d,))
-    vector("final_norm/bias", p + "ln_f.bias", (d,))
-  else:
-    p = "model." if prefix is None else prefix
-    add("embed/embedding", p + "embed_tokens.weight", (0, (v,), 0), (1, (d,), 0))
-    for i in range(cfg.num_layers):
-      b, n = f"block_{i}/", f"{p}layers.{i}."
-      vector(b + "attn_norm/scale", n + "input_layernorm.weight", (d,))
-      vector(b + "mlp_norm/scale", n + "post_attention_layernorm.weight", (d,))
-      for proj, heads in (("q", h), ("k", kv), ("v", kv)):  # nn.Linear [out, in] -> kernel [in, heads, Dh]
-        add(f"{b}attn/{proj}/kernel", f"{n}self_attn.{proj}_proj.weight", (1, (d,), 0), (0, (heads, dh), 0))
-        if cfg.qkv_bias:
-          vector(f"{b}attn/{proj}/bias", f"{n}self_attn.{proj}_proj.bias", (heads, dh))
-      add(b + "attn/o/kernel", n + "self_attn.o_proj.weight", (1, (h, dh), 0), (0, (d,), 0))
-      if cfg.o_bias:
-        vector(b + "attn/o/bias", n + "self_attn.o_proj.bias", (d,))
-      for proj, fan_in, fan_out in (("gate", d, f), ("up", d, f), ("down", f, d)):
-        add(f"{b}mlp/{proj}/kernel", f"{n}mlp.{proj}_proj.weight", (1, (fan_in,), 0), (0, (fan_out,), 0))
-        if cfg.mlp_bias:
-          vector(f"{b}mlp/{proj}/bias", f"{n}mlp.{proj}_proj.bias", (fan_out,))
-    vector("final_norm/scale", p + "norm.weight", (d,))
-  if not cfg.tied_embeddings:
-    add("lm_head/kernel", "lm_head.weight", (1, (d,), 0), (0, (v,), 0))
+  def matrix(path, name, fan_in, fan_out, offset=0, stored=entry.weight_layout):
+    """kernel [in..., out...] <- a weight stored [out, in] (nn.Linear) or [in, out] (Conv1D); `offset` along
+    the output axis, where several projections share one fused tensor."""
+    in_axis, out_axis = (1, 0) if stored == "out_in" else (0, 1)
+    add(path, name, (in_axis, fan_in, 0), (out_axis, fan_out, offset))
+
+  def norm(path, name):
+    vector(path + "/scale", name + ".weight", (d,))
+    if cfg.norm == "layernorm":
+      vector(path + "/bias", name + ".bias", (d,))
+
+  # Embedding tables are [rows, D] in every family (nn.Embedding / wte): no transpose.
+  add("embed/embedding", p + entry.tensors["embed"] + ".weight", (0, (v,), 0), (1, (d,), 0))
+  if cfg.positions == "learned":
+    add("pos_embed/embedding", p + entry.tensors["pos_embed"] + ".weight", (0, (cfg.max_len,), 0), (1, (d,), 0))
+  # (module, role, fan_in, fan_out, has a bias): every projection of a block, in ROLES order.
+  projections = [("attn", "q", (d,), (h, dh), cfg.qkv_bias), ("attn", "k", (d,), (kv, dh), cfg.qkv_bias),
+                 ("attn", "v", (d,), (kv, dh), cfg.qkv_bias), ("attn", "o", (h, dh), (d,), cfg.o_bias),
+                 ("mlp", "gate", (d,), (f,), cfg.mlp_bias), ("mlp", "up", (d,), (f,), cfg.mlp_bias),
+                 ("mlp", "down", (f,), (d,), cfg.mlp_bias)]
+  if cfg.mlp != "swiglu":
+    projections = [proj for proj in projections if proj[1] != "gate"]
+  for i in range(cfg.num_layers):
+    b = f"block_{i}/"
+    names = {role: p + entry.tensors[role].format(i=i) for role in hf_families.LAYER_ROLES if role in entry.tensors}
+    norm(b + "attn_norm", names["attn_norm"])
+    norm(b + "mlp_norm", names["mlp_norm"])
+    filled: dict[str, int] = {}  # fused tensor -> output rows the projections before this one take
+    for module, role, fan_in, fan_out, bias in projections:
+      offset = filled.get(names[role], 0)
+      filled[names[role]] = offset + math.prod(fan_out)
+      matrix(f"{b}{module}/{role}/kernel", names[role] + ".weight", fan_in, fan_out, offset)
+      if bias:
+        vector(f"{b}{module}/{role}/bias", names[role] + ".bias", fan_out, offset)
+  norm("final_norm", p + entry.tensors["final_norm"])
+  if not cfg.tied_embeddings:  # the output head is an nn.Linear in every family
+    matrix("lm_head/kernel", entry.lm_head + ".weight", (d,), (v,), stored="out_in")
   return pieces
 
 
@@ -422,25 +418,26 @@ def _weight_files(path: str) -> dict[str, str]:
                 "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))")
   from safetensors import safe_open
   with safe_open(single, framework="numpy") as fh:
-    return {k: single for k in fh.keys()}
+    return dict.fromkeys(fh.keys(), single)
 
 
 def read_config(path: str) -> dict:
   """config.json of a checkpoint directory (ConfigError naming the path when it is not one)."""
   if not os.path.isdir(path):
     _fail(path, f"not a directory; expected a Hugging Face checkpoint directory ({CONFIG_FILE} + "
-                f"{SINGLE_FILE} or {INDEX_FILE}) of a supported family: {', '.join(FAMILIES)}")
+                f"{SINGLE_FILE} or {INDEX_FILE}) of a supported family: {hf_families.supported()}")
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(config_path):
     _fail(path, f"no {CONFIG_FILE}; expected a Hugging Face checkpoint directory of a supported family: "
-                f"{', '.join(FAMILIES)}")
+                f"{hf_families.supported()}")
   with open(config_path) as fh:
     return json.load(fh)
 
 
 def _prefix(names, family: str) -> str:
-  """'model.' / 'transformer.' for *ForCausalLM checkpoints, '' for bare-model ones (the original gpt2)."""
-  root = "transformer." if family == "gpt2" else "model."
+  """The family's prefix ('model.', 'transformer.') for *ForCausalLM checkpoints, '' for bare-model ones (the
+  original gpt2)."""
+  root = FAMILIES[family].prefix
   return root if any(n.startswith(root) for n in names) else ""
 
 
@@ -454,7 +451,6 @@ def load_tokenizer(path: str, hf: Mapping | None = None):
   file = os.path.join(path, TOKENIZER_FILE)
   if not os.path.exists(file):
     return None
-  from cl_jax.data.tokenizer import HFTokenizer
   hf = dict(hf or {})
   return HFTokenizer(file, eos_id=_token_id(hf.get("eos_token_id")), bos_id=_token_id(hf.get("bos_token_id")),
                      pad_id=_token_id(hf.get("pad_token_id")))
@@ -499,8 +495,10 @@ def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **o
   if missing:
     _fail(path, f"the checkpoint lacks tensors a {family} model with this config.json needs: {missing[:8]}"
                 f"{' ...' if len(missing) > 8 else ''}")
-  unexpected = sorted(n for n in set(files) - set(expected) if not n.endswith(_BUFFER_SUFFIXES)
-                      and not (cfg.tied_embeddings and n == "lm_head.weight"))
+  entry = FAMILIES[family]
+  # A tied checkpoint may still store its output head (a copy of the embedding): it is not read.
+  unexpected = sorted(n for n in set(files) - set(expected) if not n.endswith(entry.buffers)
+                      and not (cfg.tied_embeddings and n == entry.lm_head + ".weight"))
   if unexpected:
     _fail(path, f"tensors this {family} config.json does not account for: {unexpected[:8]}"
                 f"{' ...' if len(unexpected) > 8 else ''} (is config.json from the same model?)")
@@ -573,7 +571,7 @@ def _write_tokenizer(path: str, tokenizer) -> None:
     source = getattr(tokenizer, "path", None)
     if source is None or not os.path.exists(source):
       raise ConfigError(f"export: tokenizer {tokenizer!r} has no tokenizer.json to copy (expected a "
-                        "cl_jax.data.tokenizer.HFTokenizer or a path)")
+                        "cl_jax.models.hf_tokenizer.HFTokenizer or a path)")
   shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
   for side in TOKENIZER_SIDE_FILES:
     other = os.path.join(os.path.dirname(source), side)
@@ -681,5 +679,5 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
   return written
 
 
-__all__ = ["FAMILIES", "Loaded", "Piece", "check", "load", "export", "read_config", "transformer_config", "hf_config",
-           "family_of", "layout", "load_tokenizer"]
+__all__ = ["FAMILIES", "Loaded", "Piece", "check", "export", "family_of", "hf_config", "layout", "load",
+           "load_tokenizer", "read_config", "transformer_config"]
