@@ -161,8 +161,9 @@ def test_registering_a_section_twice_with_different_defaults_is_refused():
 def test_kinds_allow_the_strategies_whose_needs_they_meet():
   """Issue 20 item 3: the allowed strategies of a kind are computed from the strategies' needs; a refusal is one line
   naming the capability the kind lacks."""
-  from cl_jax.config import CLASSIC_PROVIDES, base_config, validate
   from cl_jax.errors import ConfigError
+  from cl_jax.kinds import base_config, validate
+  from cl_jax.kinds.classic import PROVIDES as CLASSIC_PROVIDES
   from cl_jax.lm.cit import cit_strategies
   from cl_jax.lm.config import lm_strategies
   from cl_jax.strategies import CAPABILITIES, REGISTRY, allowed, check_allowed

@@ -111,7 +111,7 @@ def _weighted_distance(params, importance, anchor) -> float:
 
 
 def test_lm_strategies_are_computed_from_needs_and_refusals_name_the_capability():
-  from cl_jax.config import validate
+  from cl_jax.kinds import validate
   from cl_jax.errors import ConfigError
   from cl_jax.strategies import REGISTRY, allowed
   names = lm_strategies()
