@@ -743,12 +743,12 @@ def _merge_fn(m: MergeMethod, paths: tuple, static: tuple, shardings: tuple) -> 
                         keys=keys, threshold=st["threshold"], mode=st["mode"])
     return out.astype(ref.dtype)
 
-  def run(refs, bases, model_leaves, weights, lam, ts, seed):
+  def merge_leaves(refs, bases, model_leaves, weights, lam, ts, seed):
     bases = bases if bases is not None else [None] * len(refs)
     return [per_leaf(p, refs[j], bases[j], [ml[j] for ml in model_leaves], weights, lam, ts[j], seed)
             for j, p in enumerate(paths)]
 
-  return jax.jit(run, out_shardings=list(shardings))
+  return jax.jit(merge_leaves, out_shardings=list(shardings))
 
 
 def _device_ids(sharding) -> tuple:
