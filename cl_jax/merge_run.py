@@ -47,30 +47,29 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_settings(c) -> None:
-  """ValueError naming the `merge.*` key for a bad setting; runs before anything is loaded."""
-  if c.method not in merging.METHODS:
-    raise ValueError(f"merge.method={c.method!r}: expected one of {merging.METHODS}")
+  """ValueError naming the `merge.*` key for a bad setting; runs before anything is loaded. What a method needs (a
+  base, a number of models) and which settings it reads come from its `merging.METHODS` entry."""
+  m = merging.METHODS.get(c.method)
+  if m is None:
+    raise ValueError(f"merge.method={c.method!r}: expected one of {tuple(merging.METHODS)}")
   models = list(c.models)
   if not models:
     raise ValueError("merge.models: name at least one checkpoint to merge")
-  if c.method == "slerp" and len(models) != 2:
-    raise ValueError(f"merge.models: slerp interpolates exactly two models, got {len(models)}")
-  if c.method not in ("linear", "slerp") and not c.base:
+  if m.num_models is not None and len(models) != m.num_models:
+    raise ValueError(f"merge.models: {c.method} merges exactly {m.num_models} models, got {len(models)}")
+  if m.task_vectors and not c.base:
     raise ValueError(f"merge.base: method {c.method!r} merges task vectors and needs a base checkpoint")
   if list(c.weights) and len(c.weights) != len(models):
     raise ValueError(f"merge.weights: {len(c.weights)} weights for {len(models)} models")
-  if c.method in ("ties", "dare", "dare_linear", "dare_ties") and not 0 < float(c.density) <= 1:
-    raise ValueError(f"merge.density={c.density}: must be in (0, 1]")
-  if c.method == "slerp":
-    if not 0 <= float(c.t) <= 1:
-      raise ValueError(f"merge.t={c.t}: must be in [0, 1]")
-    if any(not 0 <= float(t) <= 1 for t in c.t_layers):
-      raise ValueError(f"merge.t_layers={list(c.t_layers)}: every anchor must be in [0, 1]")
+  for name in m.settings:
+    merging.check_setting(name, c[name], f"merge.{name}")
+  if "t" in m.settings and list(c.t_layers):  # the depth schedule of t (see merge_kwargs)
+    merging.check_setting("t", [float(a) for a in c.t_layers], "merge.t_layers")
 
 
 def references(c) -> list[Reference]:
   """[base (when the method uses one)] + models, resolved and checked."""
-  base = [resolve(c.base, "merge.base")] if c.base and c.method not in ("linear", "slerp") else []
+  base = [resolve(c.base, "merge.base")] if c.base and merging.METHODS[c.method].task_vectors else []
   return base + [resolve(r, f"merge.models[{i}]") for i, r in enumerate(c.models)]
 
 
@@ -120,18 +119,16 @@ def evaluate_rows(params_list, data_c, scenario_c, model_c, seed, batch_size=100
 
 
 def merge_kwargs(c) -> dict:
+  """`merging.merge`'s keyword arguments: weights and seed, then the settings the method's entry reads (in
+  `merging.SETTINGS` order, which results.json's `settings` keeps)."""
   kwargs = dict(weights=list(c.weights) or None, seed=int(c.seed))
-  if c.method in ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties"):
-    kwargs["lam"] = float(c.lam)
-  if c.method in ("ties", "dare", "dare_linear", "dare_ties"):
-    kwargs["density"] = float(c.density)
-  if c.method in ("linear", "ties", "dare_ties"):
-    kwargs["normalize"] = bool(c.normalize)
-  if c.method == "slerp":
-    # Numbered layers (a layer index in the path, see merging.layer_index) follow the depth schedule;
-    # the rest (embeddings, head) take t.
-    kwargs["t"] = ({merging._LAYER_RE.pattern: [float(a) for a in c.t_layers], "default": float(c.t)}
-                   if list(c.t_layers) else float(c.t))
+  for name in merging.METHODS[c.method].settings:
+    if name == "t":
+      # Numbered layers (a layer index in the path, see merging.layer_index) follow the depth schedule;
+      # the rest (embeddings, head) take t.
+      kwargs["t"] = merging.depth_schedule(c.t, c.t_layers)
+    else:
+      kwargs[name] = bool(c[name]) if name == "normalize" else float(c[name])
   return kwargs
 
 

@@ -1,25 +1,34 @@
 """Model merging on params pytrees: task vectors, linear, task arithmetic, TIES, DARE, SLERP.
 
-Every method is a small pure per-tensor function whose parameters are named after its paper
-(`weights`, `lam`, `density`, `t`), plus one pytree-level entry point, `merge(method, base, models,
-**params)`, which validates everything before any work and runs the whole tree in one `jax.jit` whose
-outputs keep the reference tree's shardings (the base's, or the first model's when there is no base).
+Every method is one entry of the table `METHODS` (name -> `MergeMethod`): which parts of one per-tensor pipeline it
+uses, which settings it reads (parameters named after its paper: `weights`, `lam`, `density`, `t`) and how they are
+checked. `merge(method, base, models, **settings)` reads the entry, validates everything before any work and runs
+the whole tree in one `jax.jit` whose outputs keep the reference tree's shardings (the base's, or the first model's
+when there is no base). A merge run (`cl_jax.merge_run`) reads the same entry to check its config and to pick the
+settings it passes on. Adding a method is adding an entry.
 
 Notation: theta_base is the shared starting point, theta_i the fine-tuned models, w_i their weights,
 tau_i = theta_i - theta_base their task vectors (Ilharco et al. 2023, "Editing models with task
-arithmetic").
+arithmetic"). The pipeline, per tensor:
 
-  linear            theta = sum_i w_i theta_i / sum_i w_i                     (model soup / weighted mean)
-  task_arithmetic   theta = theta_base + lam * sum_i w_i tau_i                (Ilharco et al. 2023)
-  ties              trim -> elect sign -> disjoint merge   (Yadav et al. 2023, "TIES-Merging")
+  tau_i'  = sparsify(tau_i, density) [/ density]   none | magnitude top-k (the TIES trim) | random drop (DARE);
+                                                    the division is `rescale` (DARE's, which keeps E[tau_i'] = tau_i)
+  m       = consensus(w_i tau_i')                  none: sum_i w_i tau_i' | sign: TIES's elected-sign disjoint sum
+            [/ the weights that took part]         `normalize`: sum_i w_i, or the weight agreeing with the sign
+  theta   = theta_base + lam * m                   (a method without task vectors returns m of the theta_i)
+
+  linear            no task vectors, no sparsifier, no consensus: sum_i w_i theta_i / sum_i w_i (model soup)
+  task_arithmetic   theta_base + lam * sum_i w_i tau_i                           (Ilharco et al. 2023)
+  ties              magnitude trim -> sign election -> disjoint merge   (Yadav et al. 2023, "TIES-Merging")
   dare_linear       task arithmetic on DARE-sparsified tau_i (Yu et al. 2024, "Language models are
-  dare_ties         TIES with DARE in place of the trim     Super Mario", DARE)
-  slerp             spherical interpolation of two models with per-path t (Shoemake 1985)
+  dare_ties         TIES with DARE in place of the trim     Super Mario", DARE); 'dare' is dare_linear
+  slerp             outside the pipeline: its own per-tensor function, spherical interpolation of two
+                    models with per-path t (Shoemake 1985)
 
 Two modes (`mode=`), which differ only where the papers leave a choice open:
 
-  'mergekit' (the default) does what mergekit (arcee-ai/mergekit, `merge_methods/generalized_task_arithmetic.py`
-    and `sparsify.py`) does, so numbers can be checked against it:
+  'mergekit' (the default) follows mergekit's (arcee-ai/mergekit) generalized task arithmetic and sparsification,
+    so numbers can be checked against it:
     - the TIES trim keeps exactly k = max(1, int(density * n)) entries per tensor (int truncates: n=1024,
       density=0.4 keeps 409), the k largest |tau|; entries tied at the k-th magnitude are kept in flat
       (row-major) index order until k are kept, so the result is deterministic (mergekit's argsort leaves the
@@ -45,18 +54,20 @@ reference leaf's dtype. Non-floating leaves (step counters, int tables) are copi
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cl_jax.models.scan_layout import layer_axes, layer_path
+from cl_jax.models.scan_layout import layer_axes, layer_path, path_str
 
 Params = Any
 
@@ -67,7 +78,6 @@ THRESHOLD_SAMPLE_SIZE = 1 << 16
 # |cos(angle)| above this counts as colinear for SLERP; sin(angle) is then too small to divide by.
 SLERP_COLINEAR_DOT = 0.9995
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
 MODES = ("mergekit", "cl_jax")
 # mergekit replaces a |sum of weights| below this by 1 before dividing (task arithmetic, DARE-linear).
 WEIGHT_SUM_EPS = 1e-8
@@ -139,20 +149,6 @@ def linear(thetas: Sequence[jax.Array], weights: jax.Array, normalize: bool = Tr
   if normalize:
     out = out / _weight_divisor(weights, dt)
   return out
-
-
-def task_arithmetic(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array,
-                    lam: float | jax.Array = 1.0, normalize: bool = False) -> jax.Array:
-  """`theta_base + lam * sum_i w_i (theta_i - theta_base) [/ sum_i w_i]` (Ilharco et al. 2023).
-
-  normalize=True divides the weighted sum of task vectors by sum_i w_i (1 if |sum_i w_i| < 1e-8), as
-  mergekit's `normalize` does; the default (False) is mergekit's default for task arithmetic.
-  """
-  _check_models("task_arithmetic", thetas, weights, theta_base)
-  dt = _compute_dtype(theta_base, *thetas)
-  base = theta_base.astype(dt)
-  taus = [t.astype(dt) - base for t in thetas]
-  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=normalize)
 
 
 def num_kept(size: int, density: float, mode: str = "mergekit") -> int:
@@ -330,67 +326,6 @@ def disjoint_merge(taus: Sequence[jax.Array], weights: jax.Array, normalize: boo
   return jnp.where(den != 0, num / jnp.where(den != 0, den, 1), 0)
 
 
-def ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
-         lam: float | jax.Array = 1.0, normalize: bool = True, *, threshold: str = "auto",
-         mode: str = "mergekit") -> jax.Array:
-  """TIES-Merging (Yadav et al. 2023): theta_base + lam * disjoint_merge(trim(tau_i, density)).
-
-  Trim each tau_i = theta_i - theta_base to its top-`density` magnitudes (per tensor), elect the sign
-  per entry from the weighted sum, and merge the weighted entries agreeing with it (see `trim` and
-  `disjoint_merge`; `mode` as there). With density=1 and no sign conflicts and normalize=False this is
-  task arithmetic.
-  """
-  _check_mode(mode, "ties")
-  _check_density(density, "ties")
-  _check_models("ties", thetas, weights, theta_base)
-  dt = _compute_dtype(theta_base, *thetas)
-  base = theta_base.astype(dt)
-  taus = [trim(t.astype(dt) - base, density, method=threshold, mode=mode) for t in thetas]
-  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize, mode)
-
-
-def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
-                lam: float | jax.Array = 1.0, normalize: bool = False, *,
-                keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None) -> jax.Array:
-  """DARE + task arithmetic: theta_base + lam * sum_i w_i DARE(tau_i) (Yu et al. 2024).
-
-  With `normalize` the sum is divided by sum_i w_i (a weighted mean of the sparsified task vectors; 1 when
-  |sum_i w_i| < 1e-8, as mergekit does).
-  """
-  _check_density(density, "dare_linear")
-  _check_models("dare_linear", thetas, weights, theta_base)
-  dt = _compute_dtype(theta_base, *thetas)
-  base = theta_base.astype(dt)
-  taus = _dare_all([t.astype(dt) - base for t in thetas], density, keys, masks)
-  return base + jnp.asarray(lam, dt) * linear(taus, weights, normalize=normalize)
-
-
-def dare_ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
-              lam: float | jax.Array = 1.0, normalize: bool = True, *,
-              keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None,
-              mode: str = "mergekit") -> jax.Array:
-  """DARE-TIES: TIES sign election and disjoint merge on DARE-sparsified task vectors (Yu et al. 2024)."""
-  _check_mode(mode, "dare_ties")
-  _check_density(density, "dare_ties")
-  _check_models("dare_ties", thetas, weights, theta_base)
-  dt = _compute_dtype(theta_base, *thetas)
-  base = theta_base.astype(dt)
-  taus = _dare_all([t.astype(dt) - base for t in thetas], density, keys, masks)
-  return base + jnp.asarray(lam, dt) * disjoint_merge(taus, weights, normalize, mode)
-
-
-def _dare_all(taus, density, keys, masks):
-  if masks is not None:
-    if len(masks) != len(taus):
-      raise ValueError(f"dare: {len(masks)} masks for {len(taus)} models")
-    return [dare(t, density, mask=m) for t, m in zip(taus, masks)]
-  if keys is None:
-    raise ValueError("dare: give `keys` (one per model) or fixed `masks`")
-  if len(keys) != len(taus):
-    raise ValueError(f"dare: {len(keys)} keys for {len(taus)} models")
-  return [dare(t, density, key=k) for t, k in zip(taus, keys)]
-
-
 def slerp(theta_a: jax.Array, theta_b: jax.Array, t: float | jax.Array,
           colinear_dot: float = SLERP_COLINEAR_DOT) -> jax.Array:
   """Spherical linear interpolation (Shoemake 1985) of two tensors seen as flat float32 vectors.
@@ -417,21 +352,279 @@ def slerp(theta_a: jax.Array, theta_b: jax.Array, t: float | jax.Array,
 
 
 # ------------------------------------------------------------------------------------------------
-# Pytree level
+# Methods as parts: the pipeline's parts, the `MergeMethod` entry, the table
 # ------------------------------------------------------------------------------------------------
 
-def path_str(path) -> str:
-  """'dense_0/kernel' for a key path (dict keys, sequence indices and attributes joined by '/')."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+# Sparsifiers, fn(tau, density, *, key, mask, rescale, threshold, mode) -> tau'. Each is called on one model's task
+# vector; `key` / `mask` are that model's random stream or fixed mask (only the random drop reads them).
 
+def _keep_all(tau, density, *, key, mask, rescale, threshold, mode):
+  """No sparsifier: tau' = tau."""
+  del density, key, mask, rescale, threshold, mode
+  return tau
+
+
+def _magnitude_top_k(tau, density, *, key, mask, rescale, threshold, mode):
+  """The TIES trim (`trim`): the top-`density` fraction of |tau| per tensor; `rescale` divides survivors by density."""
+  del key, mask
+  out = trim(tau, density, method=threshold, mode=mode)
+  return out / jnp.asarray(density, out.dtype) if rescale else out
+
+
+def _random_drop(tau, density, *, key, mask, rescale, threshold, mode):
+  """DARE's drop: keep each entry with probability density (drawn from `key`, or the fixed boolean `mask`); with
+  `rescale` the survivors are divided by density (`dare`), so E[tau'] = tau."""
+  del threshold, mode
+  if rescale:
+    return dare(tau, density, key=key, mask=mask)
+  if mask is None:
+    if density >= 1.0:
+      return tau
+    mask = dare_mask(key, density, tau.shape)
+  return jnp.where(mask, tau, jnp.zeros_like(tau))
+
+
+SPARSIFIERS: dict[str, Callable] = {"none": _keep_all, "magnitude": _magnitude_top_k, "random": _random_drop}
+
+
+# Consensus, fn(taus, weights, normalize, mode) -> m: how the (sparsified) weighted vectors become one.
+
+def _weighted_sum(taus, weights, normalize, mode):
+  """No consensus: m = sum_i w_i tau_i, divided by sum_i w_i with `normalize` (`linear`)."""
+  del mode
+  return linear(taus, weights, normalize)
+
+
+CONSENSUS: dict[str, Callable] = {"none": _weighted_sum, "sign": disjoint_merge}
+
+
+def _check_unit(name: str, value, lo_open: bool) -> None:
+  vals = value if isinstance(value, (list, tuple)) else [value]
+  if not vals:
+    raise ValueError(f"{name}: an empty list")
+  for v in vals:
+    ok = isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)
+    ok = ok and ((0 < v <= 1) if lo_open else (0 <= v <= 1))
+    if not ok:
+      rng = "(0, 1]" if lo_open else "[0, 1]"
+      raise ValueError(f"{name} must be in {rng}, got {value!r}")
+
+
+# The settings a method can read, each with its check, fn(label, value) raising ValueError that names `label`.
+# Their order is the order a merge run passes (and results.json records) them in.
+
+def _check_lam(label: str, lam) -> None:
+  if isinstance(lam, bool) or not (isinstance(lam, numbers.Real) and math.isfinite(lam)):
+    raise ValueError(f"{label} must be a finite number, got {lam!r}")
+
+
+def _check_density_setting(label: str, density) -> None:
+  _check_unit(label, density, lo_open=True)
+
+
+def _check_normalize(label: str, normalize) -> None:
+  if normalize not in (None, True, False):
+    raise ValueError(f"{label} must be True, False or None (the method's default), got {normalize!r}")
+
+
+def _check_t(label: str, t) -> None:
+  """A number, a list of anchors over depth, or a {regex: number or list} dict (see `resolve_t`), all in [0, 1]."""
+  if t is None:
+    raise ValueError(f"{label}: give an interpolation factor t in [0, 1]")
+  for spec in (t.values() if isinstance(t, Mapping) else [t]):
+    _check_unit(label, list(spec) if isinstance(spec, (list, tuple)) else spec, lo_open=False)
+
+
+SETTINGS: dict[str, Callable[[str, Any], None]] = {
+    "lam": _check_lam,                  # the scale of the merged task vector (Ilharco et al. 2023's lambda)
+    "density": _check_density_setting,  # the sparsifier's kept fraction, in (0, 1]
+    "normalize": _check_normalize,      # divide by the weights that took part (None: the method's default)
+    "t": _check_t,                      # SLERP's interpolation factor(s), in [0, 1]
+}
+
+
+def check_setting(name: str, value, label: str | None = None) -> None:
+  """ValueError naming `label` (default `name`) when `value` is not a valid value of setting `name`."""
+  SETTINGS[name](label or name, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+  """One merge method as parts of the per-tensor pipeline (see the module docstring); the values of `METHODS`.
+
+  sparsify: a key of SPARSIFIERS: 'none', 'magnitude' (the TIES trim: the top-`density` |tau| per tensor) or
+    'random' (DARE's Bernoulli(density) drop). A sparsifier reads `density`, so 'density' must be in `settings`.
+  rescale: divide the sparsifier's survivors by density (DARE's rescale; needs a sparsifier).
+  consensus: a key of CONSENSUS: 'none' (a weighted sum) or 'sign' (TIES's sign election and disjoint merge,
+    which needs weights >= 0).
+  normalize: the modes (of MODES) in which `normalize=None` means True: divide by the weights that took part
+    (sum_i w_i without consensus, the weight agreeing with the elected sign with it).
+  task_vectors: merge tau_i = theta_i - theta_base (needs a base; the result is theta_base + lam * m). False
+    merges the models themselves (no base, no lam).
+  settings: the names of SETTINGS the method reads, kept in SETTINGS order. `merge` checks these; a merge run
+    checks and passes on exactly these from its `merge.*` section (`merge` also takes `normalize` for every
+    pipeline method, listed or not).
+  per_tensor: a method outside the pipeline, as its own function fn(thetas, weights, t) -> tensor (SLERP); it
+    takes neither sparsifier nor consensus nor task vectors.
+  num_models: the exact number of models it merges (None: any number from 1).
+  """
+  sparsify: str = "none"
+  consensus: str = "none"
+  normalize: tuple[str, ...] = ()
+  rescale: bool = False
+  task_vectors: bool = True
+  settings: tuple[str, ...] = ()
+  per_tensor: Callable | None = None
+  num_models: int | None = None
+
+  def __post_init__(self):
+    # An entry is checked where it is written, so a bad one fails at import (or in the test adding it), not
+    # halfway through a merge.
+    if self.sparsify not in SPARSIFIERS:
+      raise ValueError(f"MergeMethod: sparsify must be one of {tuple(SPARSIFIERS)}, got {self.sparsify!r}")
+    if self.consensus not in CONSENSUS:
+      raise ValueError(f"MergeMethod: consensus must be one of {tuple(CONSENSUS)}, got {self.consensus!r}")
+    bad = [s for s in self.settings if s not in SETTINGS] + [m for m in self.normalize if m not in MODES]
+    if isinstance(self.settings, str) or isinstance(self.normalize, str) or bad:
+      raise ValueError(f"MergeMethod: settings are tuples of {tuple(SETTINGS)} and normalize of {MODES}; got "
+                       f"settings={self.settings!r}, normalize={self.normalize!r}")
+    if self.sparsify != "none" and "density" not in self.settings:
+      raise ValueError(f"MergeMethod: sparsify={self.sparsify!r} reads density; list 'density' in settings")
+    if self.rescale and self.sparsify == "none":
+      raise ValueError("MergeMethod: rescale divides a sparsifier's survivors by density; it needs a sparsifier")
+    if self.per_tensor is not None and (self.sparsify, self.consensus, self.task_vectors) != ("none", "none", False):
+      raise ValueError("MergeMethod: a per_tensor method is its own function: no sparsify, consensus or task_vectors")
+    object.__setattr__(self, "settings", tuple(s for s in SETTINGS if s in self.settings))
+    object.__setattr__(self, "normalize", tuple(m for m in MODES if m in self.normalize))
+
+  def default_normalize(self, mode: str) -> bool:
+    return mode in self.normalize
+
+
+def _merge_tensor(m: MergeMethod, theta_base: jax.Array | None, thetas: Sequence[jax.Array], weights: jax.Array, *,
+                  lam: float | jax.Array = 1.0, density: float = 1.0, normalize: bool = False, t=None,
+                  keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None,
+                  threshold: str = "auto", mode: str = "mergekit") -> jax.Array:
+  """One tensor merged by method `m`: sparsify each tau_i, combine by the consensus, normalize, scale by lam.
+
+  Arithmetic runs in the promoted float dtype (at least float32) of the inputs; the caller checks the arguments.
+  """
+  if m.per_tensor is not None:
+    return m.per_tensor(thetas, weights, t)
+  n = len(thetas)
+  if m.sparsify == "random":
+    if masks is not None and len(masks) != n:
+      raise ValueError(f"dare: {len(masks)} masks for {n} models")
+    if masks is None and keys is None:
+      raise ValueError("dare: give `keys` (one per model) or fixed `masks`")
+    if masks is None and len(keys) != n:
+      raise ValueError(f"dare: {len(keys)} keys for {n} models")
+  keys = [None] * n if keys is None or masks is not None else keys
+  masks = [None] * n if masks is None else masks
+  if m.task_vectors:
+    dt = _compute_dtype(theta_base, *thetas)
+    base = theta_base.astype(dt)
+    vecs = [x.astype(dt) - base for x in thetas]
+  else:
+    dt = _compute_dtype(*thetas)
+    vecs = [x.astype(dt) for x in thetas]
+  sparsify = SPARSIFIERS[m.sparsify]
+  vecs = [sparsify(v, density, key=k, mask=mk, rescale=m.rescale, threshold=threshold, mode=mode)
+          for v, k, mk in zip(vecs, keys, masks)]
+  merged = CONSENSUS[m.consensus](vecs, weights, normalize, mode)
+  return base + jnp.asarray(lam, dt) * merged if m.task_vectors else merged
+
+
+def _slerp_two(thetas: Sequence[jax.Array], weights, t) -> jax.Array:
+  """SLERP's entry: the two models interpolated by t (weights are not read)."""
+  del weights
+  return slerp(thetas[0], thetas[1], t)
+
+
+# The table. Defaults of `normalize` per mode as in the module docstring (mergekit's: True for linear and ties).
+# task_arithmetic and dare_linear do not list 'normalize' among their settings: a merge run's `merge.normalize`
+# (default True, written for linear / TIES) leaves them at mergekit's False, as it always has; `merge(...,
+# normalize=True)` still divides them by sum_i w_i.
+LINEAR = MergeMethod(task_vectors=False, normalize=("mergekit", "cl_jax"), settings=("normalize",))
+TASK_ARITHMETIC = MergeMethod(settings=("lam",))
+TIES = MergeMethod(sparsify="magnitude", consensus="sign", normalize=("mergekit", "cl_jax"),
+                   settings=("lam", "density", "normalize"))
+DARE_LINEAR = MergeMethod(sparsify="random", rescale=True, settings=("lam", "density"))
+DARE_TIES = MergeMethod(sparsify="random", rescale=True, consensus="sign", normalize=("cl_jax",),
+                        settings=("lam", "density", "normalize"))
+SLERP = MergeMethod(task_vectors=False, per_tensor=_slerp_two, num_models=2, settings=("t",))
+
+METHODS: dict[str, MergeMethod] = {
+    "linear": LINEAR,
+    "task_arithmetic": TASK_ARITHMETIC,
+    "ties": TIES,
+    "dare": DARE_LINEAR,  # an alias: mergekit's dare_linear
+    "dare_linear": DARE_LINEAR,
+    "dare_ties": DARE_TIES,
+    "slerp": SLERP,
+}
+
+
+# The named per-tensor methods: their table entry on one tensor, with arguments checked under their own name.
+
+def task_arithmetic(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array,
+                    lam: float | jax.Array = 1.0, normalize: bool = False) -> jax.Array:
+  """`theta_base + lam * sum_i w_i (theta_i - theta_base) [/ sum_i w_i]` (Ilharco et al. 2023).
+
+  normalize=True divides the weighted sum of task vectors by sum_i w_i (1 if |sum_i w_i| < 1e-8), as
+  mergekit's `normalize` does; the default (False) is mergekit's default for task arithmetic.
+  """
+  _check_models("task_arithmetic", thetas, weights, theta_base)
+  return _merge_tensor(TASK_ARITHMETIC, theta_base, thetas, weights, lam=lam, normalize=normalize)
+
+
+def ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
+         lam: float | jax.Array = 1.0, normalize: bool = True, *, threshold: str = "auto",
+         mode: str = "mergekit") -> jax.Array:
+  """TIES-Merging (Yadav et al. 2023): theta_base + lam * disjoint_merge(trim(tau_i, density)).
+
+  Trim each tau_i = theta_i - theta_base to its top-`density` magnitudes (per tensor), elect the sign
+  per entry from the weighted sum, and merge the weighted entries agreeing with it (see `trim` and
+  `disjoint_merge`; `mode` as there). With density=1 and no sign conflicts and normalize=False this is
+  task arithmetic.
+  """
+  _check_mode(mode, "ties")
+  _check_density(density, "ties")
+  _check_models("ties", thetas, weights, theta_base)
+  return _merge_tensor(TIES, theta_base, thetas, weights, lam=lam, density=density, normalize=normalize,
+                       threshold=threshold, mode=mode)
+
+
+def dare_linear(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
+                lam: float | jax.Array = 1.0, normalize: bool = False, *,
+                keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None) -> jax.Array:
+  """DARE + task arithmetic: theta_base + lam * sum_i w_i DARE(tau_i) (Yu et al. 2024).
+
+  DARE(tau) = tau * m / density, m ~ Bernoulli(density) from `keys` (one per model) or the fixed `masks`.
+  With `normalize` the sum is divided by sum_i w_i (a weighted mean of the sparsified task vectors; 1 when
+  |sum_i w_i| < 1e-8, as mergekit does).
+  """
+  _check_density(density, "dare_linear")
+  _check_models("dare_linear", thetas, weights, theta_base)
+  return _merge_tensor(DARE_LINEAR, theta_base, thetas, weights, lam=lam, density=density, normalize=normalize,
+                       keys=keys, masks=masks)
+
+
+def dare_ties(theta_base: jax.Array, thetas: Sequence[jax.Array], weights: jax.Array, density: float,
+              lam: float | jax.Array = 1.0, normalize: bool = True, *,
+              keys: Sequence[jax.Array] | None = None, masks: Sequence[jax.Array] | None = None,
+              mode: str = "mergekit") -> jax.Array:
+  """DARE-TIES: TIES sign election and disjoint merge on DARE-sparsified task vectors (Yu et al. 2024)."""
+  _check_mode(mode, "dare_ties")
+  _check_density(density, "dare_ties")
+  _check_models("dare_ties", thetas, weights, theta_base)
+  return _merge_tensor(DARE_TIES, theta_base, thetas, weights, lam=lam, density=density, normalize=normalize,
+                       keys=keys, masks=masks, mode=mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pytree level
+# ------------------------------------------------------------------------------------------------
 
 def task_vectors(base: Params, models: Sequence[Params]) -> list[Params]:
   """[theta_i - theta_base] as params pytrees."""
@@ -453,7 +646,7 @@ def _interp_gradient(anchors: Sequence[float], pos: float) -> float:
   if len(anchors) == 1:
     return float(anchors[0])
   x = pos * (len(anchors) - 1)
-  lo = min(int(math.floor(x)), len(anchors) - 2)
+  lo = min(math.floor(x), len(anchors) - 2)
   f = x - lo
   return float(anchors[lo] * (1 - f) + anchors[lo + 1] * f)
 
@@ -487,16 +680,11 @@ def resolve_t(t_spec, paths: Sequence[str]) -> dict[str, float]:
   return out
 
 
-def _check_unit(name: str, value, lo_open: bool) -> None:
-  vals = value if isinstance(value, (list, tuple)) else [value]
-  if not vals:
-    raise ValueError(f"{name}: an empty list")
-  for v in vals:
-    ok = isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)
-    ok = ok and ((0 < v <= 1) if lo_open else (0 <= v <= 1))
-    if not ok:
-      rng = "(0, 1]" if lo_open else "[0, 1]"
-      raise ValueError(f"{name} must be in {rng}, got {value!r}")
+def depth_schedule(t: float, anchors: Sequence[float] = ()) -> float | dict:
+  """A SLERP t spec for `resolve_t` from one factor and optional anchors over depth: `t` alone, or the anchors for
+  every path with a layer number (`layer_index`) and `t` for the rest (embeddings, head)."""
+  anchors = [float(a) for a in anchors]
+  return {_LAYER_RE.pattern: anchors, "default": float(t)} if anchors else float(t)
 
 
 def _flatten(tree, what: str):
@@ -535,10 +723,9 @@ def _is_float(x) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
-def _merge_fn(method: str, paths: tuple, static: tuple, shardings: tuple) -> Callable:
-  """One jitted function per (method, leaves, static params, shardings): the leaves in one program."""
+def _merge_fn(m: MergeMethod, paths: tuple, static: tuple, shardings: tuple) -> Callable:
+  """One jitted function per (method entry, leaves, static params, shardings): the leaves in one program."""
   st = dict(static)
-  mode = st["mode"]
 
   def per_leaf(path, ref, base, thetas, weights, lam, t, seed):
     if not _is_float(ref):
@@ -552,33 +739,23 @@ def _merge_fn(method: str, paths: tuple, static: tuple, shardings: tuple) -> Cal
     return jax.vmap(lambda r, b, th, tl, ks: one(r, b, th, weights, lam, tl, ks))(ref, base, thetas, t, keys)
 
   def one(ref, base, thetas, weights, lam, t, keys):
-    if method == "linear":
-      out = linear(thetas, weights, st["normalize"])
-    elif method == "task_arithmetic":
-      out = task_arithmetic(base, thetas, weights, lam, st["normalize"])
-    elif method == "ties":
-      out = ties(base, thetas, weights, st["density"], lam, st["normalize"], threshold=st["threshold"], mode=mode)
-    elif method in ("dare", "dare_linear", "dare_ties"):
-      if method == "dare_ties":
-        out = dare_ties(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys, mode=mode)
-      else:
-        out = dare_linear(base, thetas, weights, st["density"], lam, st["normalize"], keys=keys)
-    elif method == "slerp":
-      out = slerp(thetas[0], thetas[1], t)
-    else:
-      raise AssertionError(method)
+    out = _merge_tensor(m, base, thetas, weights, lam=lam, density=st["density"], normalize=st["normalize"], t=t,
+                        keys=keys, threshold=st["threshold"], mode=st["mode"])
     return out.astype(ref.dtype)
 
-  def run(refs, bases, model_leaves, weights, lam, ts, seed):
+  def merge_leaves(refs, bases, model_leaves, weights, lam, ts, seed):
     bases = bases if bases is not None else [None] * len(refs)
     return [per_leaf(p, refs[j], bases[j], [ml[j] for ml in model_leaves], weights, lam, ts[j], seed)
             for j, p in enumerate(paths)]
 
-  return jax.jit(run, out_shardings=list(shardings))
+  return jax.jit(merge_leaves, out_shardings=list(shardings))
 
 
 def _device_ids(sharding) -> tuple:
   return tuple(sorted(d.id for d in sharding.device_set))
+
+
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
 def merge(method: str, base: Params | None, models: Sequence[Params], *, weights: Sequence[float] | None = None,
@@ -586,34 +763,37 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
           threshold: str = "auto", mode: str = "mergekit") -> Params:
   """Merge fine-tuned `models` (params pytrees, sharded or not) into one params pytree.
 
-  method: 'linear' (weights, normalize; base unused), 'task_arithmetic' (weights, lam, normalize), 'ties'
-  (weights, density, lam, normalize, threshold), 'dare_linear' or its alias 'dare' (weights, density, lam,
-  normalize, seed), 'dare_ties' (weights, density, lam, normalize, seed), 'slerp' (exactly two models, t:
-  number, depth gradient list or {regex: ...} dict, see `resolve_t`; base unused).
-  mode: 'mergekit' (default) or 'cl_jax', see the module docstring; normalize=None takes the mode's default
-  (mergekit: True for linear and ties, False otherwise; cl_jax: True for linear, ties and dare_ties).
+  method: a name in `METHODS`; its entry says what it reads. 'linear' (weights, normalize; base unused),
+  'task_arithmetic' (weights, lam, normalize), 'ties' (weights, density, lam, normalize, threshold), 'dare_linear'
+  or its alias 'dare' (weights, density, lam, normalize, seed), 'dare_ties' (weights, density, lam, normalize,
+  seed), 'slerp' (exactly two models, t: number, depth gradient list or {regex: ...} dict, see `resolve_t`; base
+  unused). Settings a method does not read are ignored.
+  mode: 'mergekit' (default) or 'cl_jax', see the module docstring; normalize=None takes the entry's default for
+  the mode (mergekit: True for linear and ties, False otherwise; cl_jax: True for linear, ties and dare_ties).
   threshold ('auto' | 'exact' | 'sample') only matters in mode='cl_jax'; mergekit mode always keeps exactly k.
   weights default to 1 per model (so 'linear' is the plain mean). See the per-tensor functions for
   the formulas. Everything is validated before any computation: an unknown method or mode, trees that differ
-  (the offending path is named), density outside (0, 1], t outside [0, 1], a weight count that is not
-  the model count, or negative weights for the sign-electing methods raise ValueError.
+  (the offending path is named), a setting the method reads failing its check in `SETTINGS` (density outside
+  (0, 1], t outside [0, 1], a lam that is not finite), a weight count that is not the model count, or negative
+  weights for the sign-electing methods raise ValueError.
   The result has the reference tree's structure, dtypes and shardings (base, or models[0] when base
   is None or unused). Every input leaf is first placed like the reference leaf, so trees may mix sharded
   and single-device leaves (and base and models may be placed differently); leaves on the same devices are
   merged in one jitted program, one program per distinct device set.
   """
   if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+  m = METHODS[method]
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   models = list(models)
   if not models:
     raise ValueError("models: need at least one model to merge")
-  needs_base = method not in ("linear", "slerp")
-  if needs_base and base is None:
+  if m.task_vectors and base is None:
     raise ValueError(f"base: method {method!r} merges task vectors and needs the base params")
-  if method == "slerp" and len(models) != 2:
-    raise ValueError(f"models: slerp interpolates exactly two models, got {len(models)}")
+  if m.num_models is not None and len(models) != m.num_models:
+    raise ValueError(f"models: {method} merges exactly {_COUNT_WORDS.get(m.num_models, m.num_models)} models, "
+                     f"got {len(models)}")
   if weights is None:
     weights = [1.0] * len(models)
   weights = [float(w) for w in weights]
@@ -621,31 +801,29 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
     raise ValueError(f"weights: got {len(weights)} weights for {len(models)} models")
   if not all(math.isfinite(w) for w in weights):
     raise ValueError(f"weights must be finite, got {weights}")
-  if method in ("ties", "dare_ties") and any(w < 0 for w in weights):
+  if m.consensus == "sign" and any(w < 0 for w in weights):
     raise ValueError(f"weights must be >= 0 for {method} (sign election), got {weights}")
-  if method == "linear" and (normalize is None or normalize) and sum(weights) == 0:
-    raise ValueError(f"weights sum to 0; linear cannot normalize by them: {weights}")
-  if isinstance(lam, bool) or not (isinstance(lam, numbers.Real) and math.isfinite(lam)):
-    raise ValueError(f"lam must be a finite number, got {lam!r}")
-  if method in ("ties", "dare", "dare_linear", "dare_ties"):
-    _check_unit("density", density, lo_open=True)
+  settings = {"lam": lam, "density": density, "normalize": normalize, "t": t}
+  for name in m.settings:
+    check_setting(name, settings[name])
+  normalize = m.default_normalize(mode) if normalize is None else bool(normalize)
+  # A weighted mean of the models themselves has nothing to fall back on when the weights cancel (task vector
+  # methods divide by 1 instead, as mergekit does).
+  if not m.task_vectors and m.per_tensor is None and normalize and sum(weights) == 0:
+    raise ValueError(f"weights sum to 0; {method} cannot normalize by them: {weights}")
   if threshold not in ("auto", "exact", "sample"):
     raise ValueError(f"threshold must be 'auto', 'exact' or 'sample', got {threshold!r}")
-  if mode == "mergekit" and threshold == "sample" and method == "ties":
+  if mode == "mergekit" and threshold == "sample" and m.sparsify == "magnitude":
     raise ValueError("threshold='sample' keeps about, not exactly, k entries; it needs mode='cl_jax'")
 
-  trees = ([base] if needs_base else []) + models
-  names = (["base"] if needs_base else []) + [f"models[{i}]" for i in range(len(models))]
+  trees = ([base] if m.task_vectors else []) + models
+  names = (["base"] if m.task_vectors else []) + [f"models[{i}]" for i in range(len(models))]
   check_compatible(trees, names)
   ref = trees[0]
   flat, treedef = jax.tree.flatten_with_path(ref)
   paths = tuple(path_str(p) for p, _ in flat)
 
-  if method == "slerp":
-    if t is None:
-      raise ValueError("t: slerp needs an interpolation factor t")
-    for spec in (t.values() if isinstance(t, Mapping) else [t]):
-      _check_unit("t", list(spec) if isinstance(spec, (list, tuple)) else spec, lo_open=False)
+  if "t" in m.settings:
     # A stacked leaf's t is one per layer, resolved on its layers' per-block paths (so depth gradients and
     # patterns such as 'block_3/' apply to it exactly as to the per-block layout).
     layers = {p: [layer_path(p, l) for l in range(np.shape(x)[0])] for p, x in zip(paths, jax.tree.leaves(ref))
@@ -656,26 +834,23 @@ def merge(method: str, base: Params | None, models: Sequence[Params], *, weights
   else:
     ts = [None] * len(paths)
 
-  if normalize is None:
-    normalize = method in (("linear", "ties") if mode == "mergekit" else ("linear", "ties", "dare_ties"))
-  static = (("density", float(density)), ("normalize", bool(normalize)), ("threshold", threshold),
-            ("mode", mode))
+  static = (("density", float(density)), ("normalize", normalize), ("threshold", threshold), ("mode", mode))
   # Outputs are placed like the reference tree's leaves: elementwise merges of sharded params stay
   # sharded, with no gather to one device. Inputs placed elsewhere are moved there first (jit refuses
   # committed arguments on different devices), and leaves are grouped by device set for the same reason.
   refs = [jnp.asarray(x) for x in jax.tree.leaves(ref)]
   shardings = [x.sharding for x in refs]
   place = lambda tree: [jax.device_put(jnp.asarray(x), s) for x, s in zip(jax.tree.leaves(tree), shardings)]
-  bases = place(base) if needs_base else None
-  model_leaves = [place(m) for m in models]
+  bases = place(base) if m.task_vectors else None
+  model_leaves = [place(x) for x in models]
   groups: dict[tuple, list[int]] = {}
   for j, s in enumerate(shardings):
     groups.setdefault(_device_ids(s), []).append(j)
   w = jnp.asarray(weights, jnp.float32)
   out = [None] * len(refs)
   for idx in groups.values():
-    fn = _merge_fn(method, tuple(paths[j] for j in idx), static, tuple(shardings[j] for j in idx))
-    pick = lambda leaves: [leaves[j] for j in idx]
+    fn = _merge_fn(m, tuple(paths[j] for j in idx), static, tuple(shardings[j] for j in idx))
+    pick = lambda leaves, idx=idx: [leaves[j] for j in idx]
     res = fn(pick(refs), pick(bases) if bases is not None else None, [pick(ml) for ml in model_leaves], w,
              jnp.float32(lam), pick(ts), jnp.uint32(seed))
     for j, r in zip(idx, res):

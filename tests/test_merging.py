@@ -337,6 +337,72 @@ def test_merge_rejects_mismatched_trees_naming_the_path():
     merging.merge("ties", None, [a], density=0.5)
 
 
+
+def test_a_new_method_is_one_table_entry(monkeypatch):
+  """A toy method, magnitude top-k sparsifier + no consensus + weighted sum, added as one `METHODS` entry: `merge`
+  and a merge run's settings read it, and its numbers are the ones worked out by hand."""
+  from cl_jax import merge_run
+  toy = merging.MergeMethod(sparsify="magnitude", consensus="none", settings=("density", "lam"))
+  monkeypatch.setitem(merging.METHODS, "prune_sum", toy)
+  base = {"x": f32(1, 1, 1, 1), "y": f32(0, 0)}
+  a = {"x": f32(1.5, -2, 1.25, 4), "y": f32(2, -3)}   # tau_a: x [0.5, -3, 0.25, 3], y [2, -3]
+  b = {"x": f32(0, 3.5, 3, 0.5), "y": f32(-1, 0.5)}   # tau_b: x [-1, 2.5, 2, -0.5], y [-1, 0.5]
+  out = merging.merge("prune_sum", base, [a, b], weights=[1, 2], density=0.5, lam=0.5)
+  # density 0.5 keeps k = int(0.5 * n) entries of each task vector, the largest |tau|:
+  #   x (k = 2): [0, -3, 0, 3] and [0, 2.5, 2, 0];  y (k = 1): [0, -3] and [-1, 0]
+  # no consensus, not normalized: m = 1 * first + 2 * second, theta = base + 0.5 * m
+  #   x: m = [0, 2, 4, 3] -> [1, 2, 3, 2.5];  y: m = [-2, -3] -> [-1, -1.5]
+  np.testing.assert_allclose(out["x"], [1, 2, 3, 2.5], rtol=1e-6)
+  np.testing.assert_allclose(out["y"], [-1, -1.5], rtol=1e-6)
+  # normalize divides m by sum_i w_i = 3 (no consensus: every weight takes part)
+  out = merging.merge("prune_sum", base, [a, b], weights=[1, 2], density=0.5, lam=0.5, normalize=True)
+  np.testing.assert_allclose(out["x"], 1 + 0.5 * np.array([0, 2, 4, 3]) / 3, rtol=1e-6)
+  # TIES (sign consensus) on the same inputs drops the minority -3 at x[1]: m = [0, 5, 4, 3].
+  ties = merging.merge("ties", base, [a, b], weights=[1, 2], density=0.5, lam=0.5, normalize=False)
+  np.testing.assert_allclose(ties["x"], [1, 3.5, 3, 2.5], rtol=1e-6)
+  # Its settings are checked, and a merge run passes exactly them on (plus weights and seed).
+  with pytest.raises(ValueError, match="density must be in"):
+    merging.merge("prune_sum", base, [a, b], density=0.0)
+  c = merge_run.default_config()
+  c.method, c.base, c.models, c.density, c.lam = "prune_sum", "base_ckpt", ["a", "b"], 0.25, 2.0
+  merge_run.check_settings(c)
+  assert merge_run.merge_kwargs(c) == dict(weights=None, seed=0, lam=2.0, density=0.25)
+  c.density = 1.5
+  with pytest.raises(ValueError, match="merge.density"):
+    merge_run.check_settings(c)
+  c.density, c.base = 0.5, ""
+  with pytest.raises(ValueError, match="merge.base"):  # a task-vector method needs the base
+    merge_run.check_settings(c)
+
+
+@pytest.mark.parametrize("entry, match", [
+    (dict(sparsify="magnitude"), "reads density"),
+    (dict(sparsify="median"), "sparsify must be one of"),
+    (dict(consensus="vote"), "consensus must be one of"),
+    (dict(settings=("lambda",)), "settings are tuples of"),
+    (dict(normalize="mergekit"), "settings are tuples of"),
+    (dict(rescale=True), "needs a sparsifier"),
+    (dict(per_tensor=lambda thetas, weights, t: thetas[0]), "its own function"),
+])
+def test_merge_method_entries_are_checked_where_written(entry, match):
+  with pytest.raises(ValueError, match=match):
+    merging.MergeMethod(**entry)
+
+
+def test_table_entries_are_the_named_methods():
+  """The parts each named method is made of (the decomposition the module docstring gives)."""
+  m = merging.METHODS
+  assert m["dare"] is m["dare_linear"]
+  parts = {name: (e.sparsify, e.rescale, e.consensus, e.task_vectors, e.settings) for name, e in m.items()}
+  assert parts["linear"] == ("none", False, "none", False, ("normalize",))
+  assert parts["task_arithmetic"] == ("none", False, "none", True, ("lam",))
+  assert parts["ties"] == ("magnitude", False, "sign", True, ("lam", "density", "normalize"))
+  assert parts["dare_linear"] == ("random", True, "none", True, ("lam", "density"))
+  assert parts["dare_ties"] == ("random", True, "sign", True, ("lam", "density", "normalize"))
+  assert m["slerp"].per_tensor is not None and m["slerp"].num_models == 2 and m["slerp"].settings == ("t",)
+  assert [n for n, e in m.items() if e.default_normalize("mergekit")] == ["linear", "ties"]
+  assert [n for n, e in m.items() if e.default_normalize("cl_jax")] == ["linear", "ties", "dare_ties"]
+
 SHARDED_SCRIPT = textwrap.dedent("""
   import os
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

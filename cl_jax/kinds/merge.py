@@ -41,7 +41,7 @@ def build(config) -> Built:
   data_c, scenario_c, model_c, seed = merge_run._eval_sections(config, refs)
   loaded = [r.params() for r in refs]
   merging.check_compatible(loaded, [r.ref for r in refs])
-  has_base = bool(c.base) and c.method not in ("linear", "slerp")
+  has_base = bool(c.base) and merging.METHODS[c.method].task_vectors  # the entry says whether it reads a base
   base, models = (loaded[0], loaded[1:]) if has_base else (None, loaded)
   kwargs = merge_run.merge_kwargs(c)
   merged = merging.merge(c.method, base, models, **kwargs)

@@ -17,7 +17,8 @@ strategy state that mirrors the params) carries the leading layer axis, which th
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,11 +102,26 @@ def to_layout(params: Mapping, scan_layers: bool) -> dict:
   return stack_blocks(params) if scan_layers else unstack_blocks(params)
 
 
+def path_str(path) -> str:
+  """'dense_0/kernel' for a JAX key path (dict keys, sequence indices and attribute names joined by '/').
+
+  It lives here, not in `cl_jax.merging` (which re-exports it), because `layer_axes` reads key paths (optimizer
+  and strategy state mirroring the params) and the models layer must not import merging, which sits above it."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
 def _keys(path) -> tuple[str, ...]:
   """A '/'-joined path string or a JAX key path, as its tuple of key names."""
   if isinstance(path, str):
     return tuple(path.split("/"))
-  from cl_jax.merging import path_str  # merging imports this module: import at call time
   return tuple(path_str(path).split("/"))
 
 
@@ -151,5 +167,5 @@ def get_layer(params: Mapping, path: tuple, layer: int | None = None) -> Any:
   return node if layer is None else node[layer]
 
 
-__all__ = ["STACK", "block_key", "block_index", "is_stacked", "num_layers", "stack_blocks", "unstack_blocks",
-           "to_layout", "split_layer", "layer_path", "layer_axes", "get_layer"]
+__all__ = ["STACK", "block_index", "block_key", "get_layer", "is_stacked", "layer_axes", "layer_path", "num_layers",
+           "path_str", "split_layer", "stack_blocks", "to_layout", "unstack_blocks"]
