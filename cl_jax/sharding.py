@@ -98,6 +98,42 @@ def shard_like_batch(cls):
   return cls
 
 
+# ----------------------------------------------------------------------------- stacked layers
+
+STACK = "stacked_blocks"  # the params key of scanned transformer blocks (distinct from any generic model's names)
+
+
+def path_str(path) -> str:
+  """'dense_0/kernel' for a JAX key path (dict keys, sequence indices and attribute names joined by '/').
+
+  It lives here, below the models (`cl_jax.models.scan_layout` and `cl_jax.merging` re-export it), because
+  `layer_axes` reads key paths of every tree the sharding rule places."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _keys(path) -> tuple[str, ...]:
+  """A '/'-joined path string or a JAX key path, as its tuple of key names."""
+  if isinstance(path, str):
+    return tuple(path.split("/"))
+  return tuple(path_str(path).split("/"))
+
+
+def layer_axes(path) -> int:
+  """1 when `path` addresses a stacked leaf (or a LoRA adapter on one, 'stacked_blocks/attn/q'), 0 otherwise.
+
+  Any component may be the stack's key, so optimizer moments (`opt_state.mu['stacked_blocks']`), EWC's Fisher and other
+  trees mirroring the params are recognised too."""
+  return int(any(k == STACK or k.startswith(STACK + "/") for k in _keys(path)))
+
+
 def batch_leaf_spec(shape: tuple, mesh: Mesh) -> P:
   size = mesh.shape[DATA] * mesh.shape[FSDP]
   if len(shape) >= 1 and shape[0] % size == 0:
@@ -107,7 +143,6 @@ def batch_leaf_spec(shape: tuple, mesh: Mesh) -> P:
 
 def state_sharding(tree, mesh: Mesh):
   """NamedShardings for every leaf of a state pytree (params, optimizer and strategy state alike)."""
-  from cl_jax.models.scan_layout import layer_axes
   fsdp_size = mesh.shape[FSDP]
 
   def node_sharding(path, x):

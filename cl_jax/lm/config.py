@@ -17,7 +17,7 @@ import ml_collections
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
 
-GENERAL, DOMAIN = "general", "domain"
+from cl_jax.lm.data import DOMAIN, GENERAL  # noqa: F401  (the two roles of an LM run's corpora)
 
 # What an LM run gives a strategy (cl_jax.strategies.CAPABILITIES); the strategies it chains are those whose needs
 # these meet (`lm_strategies()`). Token logits [B, L, V] and fixed-length sequences (a buffer can keep them, and each

@@ -22,7 +22,9 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import text as textdata
 from cl_jax.data.tokenizer import load_tokenizer
-from cl_jax.lm.config import DOMAIN, GENERAL
+
+# The two roles of an LM run's corpora: the general text the base knows, the domain it adapts to.
+GENERAL, DOMAIN = "general", "domain"
 
 
 class CPTData(NamedTuple):

@@ -214,7 +214,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   `model_cfg`: the architecture that trains (its throughput and MFU)."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.losses import next_token_loss
-  from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy
+  from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy, parse_strategy_spec
   from cl_jax.train.loop import Plan, Verdict, task_start
   from cl_jax.train.schedules import build_schedule
   from cl_jax.train.state import build_state
@@ -237,7 +237,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   strategy_state = strategy.init(params, task_info)
   if pretrain_path is not None:
     from cl_jax.strategies.si import with_path
-    strategy_state = with_path(strategy_state, c.strategy, pretrain_path)
+    strategy_state = with_path(strategy_state, parse_strategy_spec(c.strategy), pretrain_path)
   state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(key, 3), mesh)
 
   orders = None

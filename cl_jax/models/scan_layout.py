@@ -23,7 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-STACK = "stacked_blocks"  # the params key of the stacked blocks (distinct from any generic model's names)
+# The params key of the stacked blocks, how a key path reads, and which leaves have a layer axis: the sharding rule
+# needs them too, so they live in the layer below (cl_jax.sharding) and are re-exported here.
+from cl_jax.sharding import STACK, _keys, layer_axes, path_str  # noqa: F401
+
 _BLOCK = re.compile(r"^block_(\d+)$")
 
 
@@ -102,29 +105,6 @@ def to_layout(params: Mapping, scan_layers: bool) -> dict:
   return stack_blocks(params) if scan_layers else unstack_blocks(params)
 
 
-def path_str(path) -> str:
-  """'dense_0/kernel' for a JAX key path (dict keys, sequence indices and attribute names joined by '/').
-
-  It lives here, not in `cl_jax.merging` (which re-exports it), because `layer_axes` reads key paths (optimizer
-  and strategy state mirroring the params) and the models layer must not import merging, which sits above it."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def _keys(path) -> tuple[str, ...]:
-  """A '/'-joined path string or a JAX key path, as its tuple of key names."""
-  if isinstance(path, str):
-    return tuple(path.split("/"))
-  return tuple(path_str(path).split("/"))
-
-
 def split_layer(path):
   """A per-block path -> (the stacked path, its layer index); any other path -> (path, None).
 
@@ -146,14 +126,6 @@ def layer_path(path, layer: int):
     raise ValueError(f"layer_path: {path!r} is not under {STACK!r}")
   out = (block_key(layer), *keys[1:])
   return "/".join(out) if isinstance(path, str) else out
-
-
-def layer_axes(path) -> int:
-  """1 when `path` addresses a stacked leaf (or a LoRA adapter on one, 'stacked_blocks/attn/q'), 0 otherwise.
-
-  Any component may be the stack's key, so optimizer moments (`opt_state.mu['stacked_blocks']`), EWC's Fisher and other
-  trees mirroring the params are recognised too."""
-  return int(any(k == STACK or k.startswith(STACK + "/") for k in _keys(path)))
 
 
 def get_layer(params: Mapping, path: tuple, layer: int | None = None) -> Any:

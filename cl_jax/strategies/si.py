@@ -64,12 +64,11 @@ def consolidate(state, params, xi: float):
   return dict(omega=jax.tree.map(jnp.zeros_like, state["omega"]), importance=importance, anchor=params)
 
 
-def with_path(chain_state, spec: str, path_state):
-  """The initial state of the chain `spec` with SI's entry replaced by `path_state`: SI's state at the end of an
-  earlier training of the same params (an LM's pre-training), so that the consolidation at the first task boundary
-  weighs the path of that training (ω, and the anchor at its start) instead of an empty one."""
-  from cl_jax.strategies import parse_strategy_spec
-  names = parse_strategy_spec(spec)
+def with_path(chain_state, names, path_state):
+  """The initial state of the chain of strategies `names` with SI's entry replaced by `path_state`: SI's state at
+  the end of an earlier training of the same params (an LM's pre-training), so that the consolidation at the first
+  task boundary weighs the path of that training (ω, and the anchor at its start) instead of an empty one."""
+  names = list(names)
   if len(names) == 1:
     return path_state
   return tuple(path_state if name == "si" else state for name, state in zip(names, chain_state))
