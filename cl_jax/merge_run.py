@@ -62,9 +62,18 @@ def check_settings(c) -> None:
   if list(c.weights) and len(c.weights) != len(models):
     raise ValueError(f"merge.weights: {len(c.weights)} weights for {len(models)} models")
   for name in m.settings:
-    merging.check_setting(name, c[name], f"merge.{name}")
+    _check_key(name, c[name], f"merge.{name}")
   if "t" in m.settings and list(c.t_layers):  # the depth schedule of t (see merge_kwargs)
-    merging.check_setting("t", [float(a) for a in c.t_layers], "merge.t_layers")
+    _check_key("t", [float(a) for a in c.t_layers], "merge.t_layers")
+
+
+def _check_key(name: str, value, key: str) -> None:
+  """`merging.check_setting`, its message in the config's convention: the full key and its value first."""
+  try:
+    merging.check_setting(name, value, key)
+  except ValueError as e:
+    shown = list(value) if isinstance(value, (list, tuple)) else value
+    raise ValueError(f"{key}={shown!r}: {str(e).removeprefix(key).lstrip(' :')}") from None
 
 
 def references(c) -> list[Reference]:

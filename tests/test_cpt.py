@@ -171,22 +171,23 @@ def test_lora_keeps_the_base_exactly(data, base_run, tmp_path):
 
 
 def test_config_entry_point_and_errors():
+  from cl_jax.kinds import validate  # types, the LM schema, then its cross-key checks
   from configs.cpt_lm import get_config
   c = get_config("mixture=two_phase,schedule=cosine")
   assert c.kind == "lm" and c.adapt.mixture == "two_phase" and c.optim.schedule == "cosine"
-  lm.check_config(c)
+  validate(c)
   stages = runner.adaptation_stages(c)
   assert stages[1][0] == c.adapt.steps - round(c.optim.decay_fraction * c.adapt.steps)
   with pytest.raises(ValueError, match="mixture='60_30'"):
-    lm.check_config(get_config("mixture=60_30"))
+    validate(get_config("mixture=60_30"))
   bad = get_config()
   bad.adapt.lr_ratio = 0.0
   with pytest.raises(ValueError, match="^adapt.lr_ratio=0.0"):
-    lm.check_config(bad)
+    validate(bad)
   # The strategy sections are the classic path's; an LM-only refusal names its key.
   assert get_config("strategy=lora+distill").lora.rank == 8
   with pytest.raises(ValueError, match="^strategy='replay'"):
-    lm.check_config(get_config("strategy=replay"))
+    validate(get_config("strategy=replay"))
   for key, value, match in (("regression.interval", "normal", "^regression.interval='normal'"),
                             ("regression.confidence", 1.0, "^regression.confidence=1.0"),
                             ("regression.keep", "last", "^regression.keep='last'"),
@@ -197,11 +198,11 @@ def test_config_entry_point_and_errors():
     section, k = key.split(".")
     bad[section][k] = value
     with pytest.raises(ValueError, match=match):
-      lm.check_config(bad)
+      validate(bad)
   ewc_exact = get_config("strategy=ewc")
   ewc_exact.fisher.kind = "exact"
   with pytest.raises(ValueError, match="^fisher.kind='exact'"):
-    lm.check_config(ewc_exact)
+    validate(ewc_exact)
 
 
 def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_path, monkeypatch):

@@ -184,7 +184,7 @@ def test_init_lands_in_the_shardings():
 
 def test_lm_config_scale_keys_are_checked_and_1b_trains_in_bf16():
   from cl_jax.lm import default_config
-  from cl_jax.lm.config import check_config
+  from cl_jax.kinds import validate as check_config  # types, the LM schema, then its cross-key checks
   from cl_jax.lm.runner import model_config
   c = default_config()
   c.lm.size = "1b"

@@ -1,9 +1,8 @@
 """The LM kind: continual pre-training of a causal language model (`cl_jax.lm.runner`: pre-train or import a base,
 adapt it on a data mixture with a strategy chain, guarded by the regression monitor; test metrics against the
-base). Its default config and cross-key checks are `cl_jax.lm.config`'s."""
+base). Its default config, schema and cross-key checks are `cl_jax.lm.config`'s."""
 from __future__ import annotations
 
-from cl_jax.config import COMMON_SCHEMA, integer
 from cl_jax.lm import config as lm_config
 from cl_jax.lm import runner
 
@@ -14,13 +13,7 @@ PROVIDES = lm_config.LM_PROVIDES
 
 default_config = lm_config.default_config
 check_config = lm_config.check_config
-SCHEMA = {
-    **COMMON_SCHEMA,
-    "adapt.steps": integer(1),
-    "adapt.batch_size": integer(1),
-    "pretrain.steps": integer(0),
-    "pretrain.batch_size": integer(1),
-}
+SCHEMA = lm_config.SCHEMA
 build = runner.build
 report = runner.report
 

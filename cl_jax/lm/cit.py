@@ -125,50 +125,40 @@ def parse_tasks(spec: str) -> list[list[str]]:
   return tasks
 
 
-def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
-  v = c[section][key]
-  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-    raise ValueError(f"{section}.{key}={v!r}: must be an integer >= {minimum}")
+def _schema():
+  from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
+  from cl_jax.train.optim import OPTIMIZERS
+  return {
+      **COMMON_SCHEMA,
+      "cit.steps_per_task": integer(1), "cit.batch_size": integer(1), "cit.eval_examples": integer(1),
+      "cit.max_new_tokens": integer(1), "cit.metric": one_of(METRICS), "cit.eval_split": one_of("validation", "test"),
+      "sft.task_prompt": one_of(ins.TASK_PROMPTS), "sft.seq_len": integer(16),
+      "replay.fraction": number(0.0, 1.0, high_open=True), "optim.name": one_of(OPTIMIZERS),
+  }
+
+
+# One rule per key (cl_jax.config.check_schema, run by cl_jax.kinds.validate before `check_config`).
+SCHEMA = _schema()
 
 
 def check_config(c) -> None:
-  """Raises ValueError whose message starts with the full key, before anything is written."""
+  """What one key's rule cannot say (SCHEMA has those): the strategy chain, the sets, keys that must agree, files;
+  raises ValueError whose message starts with the full key, before anything is written."""
   from cl_jax.strategies import REGISTRY, check_allowed, parse_strategy_spec
-  from cl_jax.train.optim import OPTIMIZERS
   from cl_jax.train.schedules import check_schedule
   if c.kind != "cit":
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cit runs kind='cit' configs")
   names = parse_strategy_spec(c.strategy)
   check_allowed(c.strategy, CIT_PROVIDES, "cit", config=c, own=CIT_OWN,
                 hint=" (replay: a share replay.fraction of each task's rows from the earlier tasks)")
-  if not isinstance(c.seed, int) or c.seed < 0:
-    raise ValueError(f"seed={c.seed!r}: must be a non-negative integer")
   parse_tasks(c.cit.tasks)
-  for key in ("steps_per_task", "batch_size", "eval_examples", "max_new_tokens"):
-    _positive_int(c, "cit", key)
-  if c.cit.metric not in METRICS:
-    raise ValueError(f"cit.metric={c.cit.metric!r}: expected one of {list(METRICS)}")
-  if c.cit.eval_split not in ("validation", "test"):
-    raise ValueError(f"cit.eval_split={c.cit.eval_split!r}: expected 'validation' or 'test'")
   if c.cit.data_dir and not os.path.isdir(c.cit.data_dir):
     raise ValueError(f"cit.data_dir={c.cit.data_dir!r}: not a directory (build one with "
                      "scripts/build_instruction_sets.py, or '' to build the sets in memory)")
-  if c.sft.task_prompt not in ins.TASK_PROMPTS:
-    raise ValueError(f"sft.task_prompt={c.sft.task_prompt!r}: expected one of {list(ins.TASK_PROMPTS)}")
-  _positive_int(c, "sft", "seq_len", 16)
-  if not 0.0 <= float(c.replay.fraction) < 1.0:
-    raise ValueError(f"replay.fraction={c.replay.fraction}: must be in [0, 1)")
   if "replay" in names and not float(c.replay.fraction) > 0:
     raise ValueError(f"replay.fraction={c.replay.fraction}: strategy 'replay' needs a fraction > 0 "
                      "(practice: 0.05 to 0.10)")
-  if c.optim.name not in OPTIMIZERS:
-    raise ValueError(f"optim.name={c.optim.name!r}: expected one of {OPTIMIZERS}")
   check_schedule(c.optim)
-  _positive_int(c, "train", "log_every_steps")
-  _positive_int(c, "checkpoint", "keep")
-  _positive_int(c, "checkpoint", "every_steps", 0)
-  if not c.train.divergence_factor >= 0:
-    raise ValueError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0: off)")
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.sft.seq_len))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import ml_collections
 
 from cl_jax import sharding
+from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.data import mixture as mx
+from cl_jax.train.optim import OPTIMIZERS
 
 from cl_jax.lm.data import DOMAIN, GENERAL  # noqa: F401  (the two roles of an LM run's corpora)
 
@@ -114,14 +116,26 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _positive_int(c, section: str, key: str, minimum: int = 1) -> None:
-  v = c[section][key]
-  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-    raise ValueError(f"{section}.{key}={v!r}: must be an integer >= {minimum}")
+# One rule per key (cl_jax.config.check_schema, run by cl_jax.kinds.validate before `check_config`).
+SCHEMA = {
+    **COMMON_SCHEMA,
+    "adapt.steps": integer(1), "adapt.batch_size": integer(1), "adapt.lr_ratio": number(0, low_open=True),
+    "pretrain.steps": integer(0), "pretrain.batch_size": integer(1),
+    "pretrain.warmup_fraction": number(0, 1), "pretrain.end_lr_fraction": number(0, 1),
+    "optim.name": one_of(OPTIMIZERS),
+    "regression.eval_every": integer(1), "regression.eval_batch_size": integer(1), "regression.patience": integer(1),
+    "regression.threshold": number(0, 1, low_open=True, high_open=True),
+    "regression.bootstrap_samples": integer(100),
+    "text.validation": number(0, 0.5, low_open=True, high_open=True),
+    "text.test": number(0, 0.5, low_open=True, high_open=True),
+    "text.eval_sequences": integer(0), "text.general_eval_sequences": integer(0),
+    "lm.attn_chunk": integer(0), "train.grad_accum": integer(1),
+}
 
 
 def check_config(c) -> None:
-  """Raises ValueError whose message starts with the full key, for every value that would waste a run."""
+  """What one key's rule cannot say (SCHEMA has those): the strategy chain, keys that must agree, files; raises
+  ValueError whose message starts with the full key."""
   from cl_jax.strategies import REGISTRY, check_allowed
   from cl_jax.train.schedules import check_schedule
   if c.kind != "lm":
@@ -141,45 +155,14 @@ def check_config(c) -> None:
   if {"ewc", "online_ewc"} & set(names) and c.fisher.kind not in FISHER_KINDS:
     raise ValueError(f"fisher.kind={c.fisher.kind!r}: an LM predicts a label per token, so the exact Fisher "
                      f"(a sum over every label sequence) is out of reach; expected one of {FISHER_KINDS}")
-  if not isinstance(c.seed, int) or c.seed < 0:
-    raise ValueError(f"seed={c.seed!r}: must be a non-negative integer")
-  for key in ("steps", "batch_size"):
-    _positive_int(c, "adapt", key)
-  _positive_int(c, "pretrain", "steps", 0)
-  _positive_int(c, "pretrain", "batch_size")
-  for key in ("log_every_steps",):
-    _positive_int(c, "train", key)
-  _positive_int(c, "checkpoint", "keep")
-  _positive_int(c, "checkpoint", "every_steps", 0)
-  if not c.train.divergence_factor >= 0:
-    raise ValueError(f"train.divergence_factor={c.train.divergence_factor}: must be >= 0 (0: off)")
-  if not c.adapt.lr_ratio > 0:
-    raise ValueError(f"adapt.lr_ratio={c.adapt.lr_ratio}: must be positive (adaptation peak LR = "
-                     "lr_ratio * optim.lr)")
-  for key in ("warmup_fraction", "end_lr_fraction"):
-    if not 0 <= c.pretrain[key] <= 1:
-      raise ValueError(f"pretrain.{key}={c.pretrain[key]}: must be in [0, 1]")
-  from cl_jax.train.optim import OPTIMIZERS
-  if c.optim.name not in OPTIMIZERS:
-    raise ValueError(f"optim.name={c.optim.name!r}: expected one of {OPTIMIZERS}")
   check_schedule(c.optim)
   mx.from_spec(c.adapt.mixture, c.adapt.steps)  # raises naming adapt.mixture's value
-  _positive_int(c, "regression", "eval_every")
-  _positive_int(c, "regression", "eval_batch_size")
-  if not 0 < c.regression.threshold < 1:
-    raise ValueError(f"regression.threshold={c.regression.threshold}: must be a fraction in (0, 1)")
-  _positive_int(c, "regression", "patience")
   check_regression_keys(c)
   if c.lm.seq_len < 2 or c.text.cloze_context + 1 > c.lm.seq_len:
     raise ValueError(f"lm.seq_len={c.lm.seq_len}, text.cloze_context={c.text.cloze_context}: need "
                      "2 <= cloze_context + 1 <= seq_len")
-  for key in ("validation", "test"):
-    if not 0 < c.text[key] < 0.5:
-      raise ValueError(f"text.{key}={c.text[key]}: must be a fraction in (0, 0.5)")
   if not c.text.validation + c.text.test < 0.9:
     raise ValueError(f"text.validation + text.test = {c.text.validation + c.text.test}: leave at least 10% to train")
-  _positive_int(c, "text", "eval_sequences", 0)
-  _positive_int(c, "text", "general_eval_sequences", 0)
   check_scale_keys(c)
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
@@ -210,7 +193,6 @@ def check_regression_keys(c) -> None:
     raise ValueError(f"regression.confidence={r.confidence}: must be in (0, 1), e.g. 0.95")
   if r.interval not in INTERVALS:
     raise ValueError(f"regression.interval={r.interval!r}: expected one of {INTERVALS}")
-  _positive_int(c, "regression", "bootstrap_samples", 100)
   if not 0 < r.stop_threshold < 1:
     raise ValueError(f"regression.stop_threshold={r.stop_threshold}: must be a fraction in (0, 1) (the stop uses "
                      "max(regression.threshold, regression.stop_threshold))")
@@ -228,8 +210,6 @@ def check_scale_keys(c) -> None:
   if c.lm.remat not in REMAT_POLICIES:
     raise ValueError(f"lm.remat={c.lm.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
   check_param_dtype(c.lm.param_dtype, "lm.param_dtype")
-  _positive_int(c, "lm", "attn_chunk", 0)
-  _positive_int(c, "train", "grad_accum")
 
 
 __all__ = ["default_config", "check_config", "check_scale_keys", "check_regression_keys", "GENERAL", "DOMAIN",
