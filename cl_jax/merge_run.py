@@ -113,18 +113,16 @@ def evaluate_rows(params_list, data_c, scenario_c, model_c, seed, batch_size=100
   from cl_jax import sharding
   from cl_jax.data import make_scenario
   from cl_jax.data.sources import load_source
-  from cl_jax.eval.evaluator import accuracy_row, make_accuracy_fn, padded_size
+  from cl_jax.eval.evaluator import accuracy_evaluator
   from cl_jax.models import build_model
   from cl_jax.strategies import Learner
   data = load_source(data_c)
   scenario = make_scenario(data, scenario_c, multi_head=bool(model_c.get("multi_head", True)))
   model, _ = build_model(model_c, scenario.input_shape, scenario.num_outputs, scenario.num_heads, seed)
   mesh = sharding.make_mesh(-1, 1)
-  eval_fn = make_accuracy_fn(Learner(model.apply, scenario.logit_mask), sharding.replicated(mesh),
-                             sharding.batch_sharding(mesh))
-  size = padded_size(batch_size, mesh)
-  return [accuracy_row(eval_fn, jax.device_put(p, sharding.replicated(mesh)), scenario, scenario.num_tasks - 1,
-                       size, mesh) for p in params_list]
+  evaluator = accuracy_evaluator(Learner(model.apply, scenario.logit_mask), mesh, batch_size)
+  return [evaluator.row(jax.device_put(p, sharding.replicated(mesh)), scenario, scenario.num_tasks - 1)
+          for p in params_list]
 
 
 def merge_kwargs(c) -> dict:

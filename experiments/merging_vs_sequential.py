@@ -101,12 +101,11 @@ class Evaluator:
   def __init__(self, config):
     from cl_jax.data import make_scenario
     from cl_jax.data.sources import load_source
-    from cl_jax.eval.evaluator import make_accuracy_fn, padded_size
+    from cl_jax.eval.evaluator import accuracy_evaluator
     from cl_jax.models import build_model
     from cl_jax.strategies import Learner
     data = load_source(config.data)
     self.mesh = sharding.make_mesh(-1, 1)
-    self.size = padded_size(config.eval.batch_size, self.mesh)
     self.scenarios, self.fns = {}, {}
     for kind, split in itertools.product(("task", "class"), ("validation", "test")):
       sc = config.scenario.copy_and_resolve_references()
@@ -116,18 +115,16 @@ class Evaluator:
       model, _ = build_model(config.model, scenario.input_shape, scenario.num_outputs, scenario.num_heads,
                              config.seed)
       self.scenarios[kind, split] = scenario
-      self.fns[kind, split] = make_accuracy_fn(Learner(model.apply, scenario.logit_mask),
-                                               sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh))
+      self.fns[kind, split] = accuracy_evaluator(Learner(model.apply, scenario.logit_mask), self.mesh,
+                                                 config.eval.batch_size)
 
   def __call__(self, params, split="test", kinds=("task", "class")):
     """(task-IL row, class-IL row) of the model after the last task (`kinds` picks which)."""
-    from cl_jax.eval.evaluator import accuracy_row
     params = jax.device_put(params, sharding.replicated(self.mesh))
     rows = []
     for kind in kinds:
       scenario = self.scenarios[kind, split]
-      rows.append([float(a) for a in accuracy_row(self.fns[kind, split], params, scenario, scenario.num_tasks - 1,
-                                                  self.size, self.mesh)])
+      rows.append([float(a) for a in self.fns[kind, split].row(params, scenario, scenario.num_tasks - 1)])
     return tuple(rows)
 
 

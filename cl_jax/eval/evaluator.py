@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,30 @@ def task_accuracy(eval_fn, params, scenario, task_id: int, task_index: int, batc
 def accuracy_row(eval_fn, params, scenario, task_index: int, batch_size: int, mesh) -> list:
   """Accuracy on every task of the scenario after training up to `task_index`: one row of R."""
   return [task_accuracy(eval_fn, params, scenario, i, task_index, batch_size, mesh) for i in range(scenario.num_tasks)]
+
+
+class AccuracyEvaluator(NamedTuple):
+  """The classic evaluator, as `accuracy_evaluator` assembles it: `row(state, scenario, task_index)`."""
+  fn: Callable          # jitted (params, batch, task_index) -> (hits, count)
+  strategy: Any         # whose `predict` hook (if any) replaces the model's logits
+  batch_size: int       # padded to a multiple of the mesh's devices
+  mesh: Any
+
+  def row(self, state, scenario, task_index: int) -> list:
+    """Row `task_index + 1` of R for a train state (or a bare params pytree when no strategy predicts)."""
+    from cl_jax.strategies.base import evaluation_params
+    params = evaluation_params(self.strategy, state) if hasattr(state, "params") else state
+    return accuracy_row(self.fn, params, scenario, task_index, self.batch_size, self.mesh)
+
+
+def accuracy_evaluator(learner, mesh, batch_size: int, strategy=None) -> AccuracyEvaluator:
+  """The one way a classic evaluator is assembled (the classic kind, the merge kind, experiments): the learner or
+  the strategy's `predict` hook (`evaluation_learner`), jitted with replicated counts, batches padded to the mesh.
+  The device-resident paths (`cl_jax.data.device`, `cl_jax.train.seeds`) evaluate the same `evaluation_learner`
+  on test data that stays on the devices."""
+  from cl_jax.strategies.base import evaluation_learner
+  fn = make_accuracy_fn(evaluation_learner(learner, strategy), sharding.replicated(mesh))
+  return AccuracyEvaluator(fn, strategy, padded_size(batch_size, mesh), mesh)
 
 
 # -------------------------------------------------------------------------------------------------- LM
@@ -157,4 +181,5 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
   return evaluate
 
 
-__all__ = ["padded_size", "pad_rows", "make_accuracy_fn", "task_accuracy", "accuracy_row", "make_lm_evaluator"]
+__all__ = ["padded_size", "pad_rows", "make_accuracy_fn", "task_accuracy", "accuracy_row", "AccuracyEvaluator",
+           "accuracy_evaluator", "make_lm_evaluator"]

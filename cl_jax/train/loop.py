@@ -414,6 +414,7 @@ class Setup(NamedTuple):
   steps: list              # steps per task
   root_key: jax.Array
   optimizer: Any
+  evaluator: Any = None    # cl_jax.eval.evaluator.AccuracyEvaluator (its `fn` is eval_fn)
 
 
 def build(config) -> Setup:
@@ -459,10 +460,10 @@ def build(config) -> Setup:
   rep = sharding.replicated(mesh)
   step_fn, multi_step = compile_step(strategy.loss(task_loss(learner)), optimizer, schedule, strategy, state_sh, mesh,
                                      log_norms=config.train.log_norms)
-  from cl_jax.strategies.base import evaluation_learner  # a strategy's `predict` hook replaces the logits (GDumb)
-  eval_fn = make_eval_fn(evaluation_learner(learner, strategy), rep, sharding.batch_sharding(mesh))
-  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, eval_fn,
-               steps, root_key, optimizer)
+  from cl_jax.eval.evaluator import accuracy_evaluator  # a strategy's `predict` hook replaces the logits (GDumb)
+  evaluator = accuracy_evaluator(learner, mesh, config.eval.batch_size, strategy)
+  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, evaluator.fn,
+               steps, root_key, optimizer, evaluator)
 
 
 def init_params(ref: str, like):
@@ -494,8 +495,6 @@ def classic_plan(config, setup: Setup) -> Plan:
   """The classic kind's plan: grain batches of `strategy.train_tasks(t)`, accuracy rows, strategy after_task."""
   from cl_jax.data import task_data, train_dataset, train_iterator
   scenario, strategy, mesh = setup.scenario, setup.strategy, setup.mesh
-  num_tasks = scenario.num_tasks
-  eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
 
   def batches(t, iterator_state):
     dataset = train_dataset(scenario, strategy.train_tasks(t), config.train.batch_size, config.seed, t)
@@ -508,10 +507,7 @@ def classic_plan(config, setup: Setup) -> Plan:
     return state._replace(strategy_state=sharding.put_global(new, setup.state_sharding.strategy_state))
 
   def evaluate(state, t):
-    from cl_jax.strategies.base import evaluation_params
-    return {"accuracy": [evaluate_task(setup.eval_fn, evaluation_params(strategy, state), scenario, i, t, eval_batch,
-                                       mesh)
-                         for i in range(num_tasks)]}
+    return {"accuracy": setup.evaluator.row(state, scenario, t)}
 
   return Plan(state=setup.state, state_sharding=setup.state_sharding, steps=setup.steps, batches=batches,
               train_step=setup.train_step, multi_step=setup.multi_step,
