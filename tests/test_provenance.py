@@ -1,5 +1,6 @@
 """results.json says what produced it: `provenance` (commit, package versions, devices, processes, config hash) in
-every kind's results, and `cl_jax.results` stays infrastructure (it draws an LM run's figure without LM modules)."""
+every kind's results; `cl_jax.results` stays infrastructure (it draws an LM run's figure without LM modules); and
+pyproject.toml declares every package cl_jax imports."""
 import json
 import os
 import shutil
@@ -135,3 +136,32 @@ def test_results_plot_an_lm_run_without_importing_lm():
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_third_party_import_of_cl_jax_is_a_declared_dependency():
+  """pyproject.toml names every distribution cl_jax imports (a dependency, or an extra for optional data sources)."""
+  import ast
+  import re
+  import tomllib
+  from importlib.metadata import packages_distributions
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+  normalize = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+  declared = {normalize(re.match(r"[A-Za-z0-9_.-]+", d).group()) for d in declared}
+  imported = set()
+  for folder, _, files in os.walk(os.path.join(ROOT, "cl_jax")):
+    for name in files:
+      if name.endswith(".py"):
+        with open(os.path.join(folder, name)) as f:
+          tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+          if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+          elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+  third_party = imported - set(sys.stdlib_module_names) - {"cl_jax", "configs"}
+  owners = packages_distributions()
+  missing = {m: owners.get(m, [m]) for m in third_party
+             if not any(normalize(d) in declared for d in owners.get(m, [m]))}
+  assert not missing, f"imported by cl_jax but not in pyproject.toml: {missing}"
