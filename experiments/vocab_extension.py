@@ -157,7 +157,7 @@ def main(argv=None):
   p.add_argument("--pretrain_steps", type=int, default=400)
   p.add_argument("--adapt_steps", type=int, default=150)
   p.add_argument("--test_bytes", type=int, default=60_000, help="test text per corpus for fertility and bpb")
-  p.add_argument("--workdir", default="/tmp/cl_jax_vocab_extension")
+  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "vocab_extension"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "vocab_extension.md"))
   p.add_argument("--lr_variant", action="store_true", help="also old rows at 0.1x the LR (not frozen)")
   p.add_argument("--new_row_scale", type=float, nargs="*", default=[],
