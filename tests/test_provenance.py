@@ -63,7 +63,7 @@ def test_a_local_configs_folder_wins_over_the_installed_one(tmp_path, monkeypatc
   from cl_jax.cli import load_config
   local = tmp_path / "configs"
   local.mkdir()
-  (local / "quickstart.py").write_text("from cl_jax.config import base_config\n\n\ndef get_config(arg=''):\n"
+  (local / "quickstart.py").write_text("from cl_jax.kinds import base_config\n\n\ndef get_config(arg=''):\n"
                                        "  c = base_config()\n  c.train.steps_per_task = 3\n  return c\n")
   monkeypatch.chdir(tmp_path)
   assert load_config("configs/quickstart.py").train.steps_per_task == 3
