@@ -26,10 +26,17 @@ def load_config(spec: str):
   A config in a package folder (one with `__init__.py`, such as `configs/`) may import its siblings
   (`from configs.common import parse_arg`): when that package is not importable from where it lies (a copy of
   `configs/` elsewhere), it is loaded from its folder by path, so nothing is added to `sys.path`.
+
+  A relative `configs/X.py` that does not exist from the current directory is the installed `configs` package's
+  X.py (pyproject installs `configs` with cl_jax), so the README's commands work from any directory; a file of
+  that name in the current directory always wins.
   """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ConfigError(f"--config {path!r}: no such file")
+    installed = _installed_config(path)
+    if installed is None:
+      raise ConfigError(f"--config {path!r}: no such file (here or in the installed configs package)")
+    path = installed
   package = _package_of(path)
   stem = os.path.splitext(os.path.basename(path))[0]
   name = f"{package}.{stem}" if package and stem.isidentifier() else "_cl_jax_config"
@@ -95,6 +102,22 @@ def _path_to(node, target, prefix: str = ""):
       found = _path_to(child, target, f"{prefix}{key}.")
       if found is not None:
         return found
+  return None
+
+
+def _installed_config(path: str) -> str | None:
+  """`configs/<rest>` as a file of the importable `configs` package; None for another path or no such file."""
+  parts = os.path.normpath(path).split(os.sep)
+  if os.path.isabs(path) or len(parts) < 2 or parts[0] != "configs":
+    return None
+  try:
+    found = importlib.util.find_spec("configs")
+  except (ImportError, ValueError):
+    return None
+  for folder in (found.submodule_search_locations or []) if found is not None else []:
+    candidate = os.path.join(folder, *parts[1:])
+    if os.path.isfile(candidate):
+      return candidate
   return None
 
 

@@ -6,7 +6,9 @@ in a notebook, on a headless node, in a test), return it, and also write a PNG w
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -135,3 +137,68 @@ def write_report(workdir: str, results: dict, title: str) -> None:
   write_summary(workdir, results, title)
   plot_accuracy_matrix(results["accuracy_matrix"], os.path.join(workdir, "accuracy_matrix.png"), title)
   plot_accuracy_curves(read_evals(workdir), os.path.join(workdir, "accuracy_curves.png"), title=title)
+
+
+# An LM run's regression monitor (cl_jax.lm.monitor), drawn from its JSON history. Here rather than in the monitor
+# so that `Results.plot` of a finished LM run needs no LM module.
+LOWER_IS_BETTER = ("perplexity", "loss", "bits_per_byte")
+
+
+def higher_is_better(name: str) -> bool:
+  return not any(name.endswith(k) for k in LOWER_IS_BETTER)
+
+
+def relative_regression(base: float, value: float, higher_better: bool) -> float:
+  """How much worse `value` is than `base`, relative to `base` (> 0: worse; < 0: better)."""
+  if base == 0:
+    return 0.0 if value == base else math.inf
+  return (base - value) / abs(base) if higher_better else (value - base) / abs(base)
+
+
+def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, *, title: str = "",
+                   stopped_step: int | None = None, best_step: int | None = None):
+  """A matplotlib Figure (built without pyplot, so nothing is displayed or kept alive): general metrics' relative
+  regression with its interval (left, with the threshold drawn) and domain metrics' improvement (right)."""
+  from matplotlib.figure import Figure
+  steps = [h["step"] for h in history]
+  general = sorted({m for h in history for m in h["regressions"]})
+  domain = sorted(m for m in baseline if m.startswith("domain/"))
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
+  ax = axes[0]
+  for m in general:
+    line, = ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
+    if all("intervals" in h and m in h["intervals"] for h in history):
+      ax.fill_between(steps, [100 * h["intervals"][m]["lo"] for h in history],
+                      [100 * h["intervals"][m]["hi"] for h in history], color=line.get_color(), alpha=0.15)
+  ax.axhline(100 * threshold, color="red", ls="--", label=f"threshold {100 * threshold:.0f}%")
+  ax.axhline(0, color="gray", lw=0.5)
+  ax.set_xlabel("adaptation step")
+  ax.set_ylabel("general regression vs base (%)")
+  ax.set_title("general (higher = worse; band: interval)")
+  ax = axes[1]
+  for m in domain:
+    vals = [h["metrics"][m] for h in history]
+    ax.plot(steps, [100 * relative_regression(baseline[m], v, higher_is_better(m)) * -1 for v in vals],
+            marker="o", ms=3, label=m)
+  ax.axhline(0, color="gray", lw=0.5)
+  ax.set_xlabel("adaptation step")
+  ax.set_ylabel("domain improvement vs base (%)")
+  ax.set_title("domain (higher = better)")
+  for ax in axes:
+    if stopped_step is not None:
+      ax.axvline(stopped_step, color="red", lw=1, label="regression called")
+    if best_step is not None:
+      ax.axvline(best_step, color="green", lw=1, ls=":", label="best kept")
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
+                 title: str = "", stopped_step: int | None = None, best_step: int | None = None) -> None:
+  """`monitor_figure` saved as a PNG at `path`."""
+  monitor_figure(history, baseline, threshold, title=title, stopped_step=stopped_step,
+                 best_step=best_step).savefig(path, dpi=110)

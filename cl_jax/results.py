@@ -3,17 +3,96 @@
 A run's `results.json` is `Results.as_dict()`: `kind`, the accuracy matrix and its summaries where the run has
 one (classic: R[j, i] = accuracy on task i after training task j, row 0 before any training; see
 `cl_jax.eval.metrics` for ACC / BWT / FWT / forgetting), and the kind's own record under the remaining keys
-(`extra`: timing, strategy settings, an LM run's monitor history and test metrics, ...).
+(`extra`: timing, strategy settings, an LM run's monitor history and test metrics, ...), and `provenance`: what
+produced the numbers (`provenance(config)`: commit, package versions, devices, processes, config hash), so a
+results file can be traced back to the code and machine that wrote it.
+
+This module is infrastructure: it imports no run kind (an LM run's monitor figure lives in `cl_jax.report`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import platform
+import subprocess
 
 import numpy as np
 
 SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting")
+# The distributions whose versions decide a run's numbers; provenance records each (None when not installed).
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "cl-jax")
+
+
+def config_sha256(config) -> str | None:
+  """sha256 of the config's canonical JSON (keys sorted, no whitespace); None for no config.
+
+  The full config, as the run's config.json holds it (a ConfigDict or that dict loaded back hash the same), not
+  `cl_jax.config.comparable`: the hash then says exactly which config produced the numbers and can be checked
+  against config.json with no cl_jax code, while `comparable` (which drops sections no strategy of the run reads)
+  belongs to the config layer above this one and decides only whether a workdir may be resumed. Two runs with
+  the same hash ran the same config; two hashes may still be the same run by `comparable`.
+  """
+  if config is None:
+    return None
+  if hasattr(config, "to_json_best_effort"):  # an ml_collections ConfigDict
+    d = json.loads(config.to_json_best_effort(sort_keys=True))
+  else:
+    d = json.loads(json.dumps(dict(config), default=str))
+  text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def git_commit(path: str | None = None) -> dict | None:
+  """{'rev': HEAD's sha, 'dirty': whether tracked files differ from it} of the git checkout cl_jax runs from.
+
+  None when cl_jax is not in a git checkout of its own (an installed wheel, no git on the machine, a
+  checkout git refuses to read): provenance never fails a run. `path` is the checkout's root (default: the
+  folder above the cl_jax package); a repository that merely contains it (a virtual environment inside some
+  other project) does not count. Untracked files do not make it dirty (runs/ and scratch files would).
+  """
+  root = os.path.abspath(path or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+  def git(*args) -> str:
+    out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout.strip()
+
+  try:
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+      return None
+    rev = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {"rev": rev, "dirty": dirty}
+
+
+def package_versions() -> dict:
+  """{distribution: version} of `PACKAGES`, plus the Python version (None for one not installed)."""
+  from importlib import metadata
+  versions = {"python": platform.python_version()}
+  for name in PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
+def provenance(config=None) -> dict:
+  """What produced a run's results: results.json holds it under `provenance`, for every kind.
+
+  commit (`git_commit`), packages (`package_versions`), backend, device kind, device counts (all processes, this
+  one), process count and config_sha256 (`config_sha256` of the config the run was given, the one in its
+  config.json). Called at the end of a run, on the process that writes results.json; JAX is initialized by then.
+  """
+  import jax
+  devices = jax.devices()
+  return {"commit": git_commit(), "packages": package_versions(), "backend": jax.default_backend(),
+          "device_kind": devices[0].device_kind if devices else None, "device_count": jax.device_count(),
+          "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
+          "config_sha256": config_sha256(config)}
 
 
 @dataclasses.dataclass
@@ -26,14 +105,17 @@ class Results:
   fwt: float | None = None
   forgetting: float | None = None
   extra: dict = dataclasses.field(default_factory=dict)
+  provenance: dict | None = None             # `provenance(config)`; None for results built by hand
 
   def as_dict(self) -> dict:
-    """results.json: kind, the matrix and its summaries (those the run has), then `extra`."""
+    """results.json: kind, the matrix and its summaries (those the run has), `extra`, then `provenance`."""
     d = {"kind": self.kind}
     if self.accuracy_matrix is not None:
       d["accuracy_matrix"] = np.asarray(self.accuracy_matrix).tolist()
     d.update({k: getattr(self, k) for k in SUMMARY_KEYS if getattr(self, k) is not None})
     d.update(self.extra)
+    if self.provenance is not None:
+      d["provenance"] = self.provenance
     return d
 
   @classmethod
@@ -42,7 +124,9 @@ class Results:
     kind = d.pop("kind", None) or kind or "classic"
     matrix = d.pop("accuracy_matrix", None)
     summaries = {k: d.pop(k, None) for k in SUMMARY_KEYS}
-    return cls(kind, workdir, None if matrix is None else np.asarray(matrix, np.float64), **summaries, extra=d)
+    prov = d.pop("provenance", None)
+    return cls(kind, workdir, None if matrix is None else np.asarray(matrix, np.float64), **summaries, extra=d,
+               provenance=prov)
 
   @classmethod
   def load(cls, workdir: str) -> "Results":
@@ -86,9 +170,8 @@ class Results:
     """A matplotlib Figure (no display needed): the matrix heat map and accuracy curves, or the LM monitor."""
     from cl_jax import report
     if self.kind == "lm" and "history" in self.extra:
-      from cl_jax.lm.monitor import monitor_figure
       e = self.extra
-      return monitor_figure(e["history"], e["baseline"], e["threshold"], best_step=e.get("best_step"),
+      return report.monitor_figure(e["history"], e["baseline"], e["threshold"], best_step=e.get("best_step"),
                             stopped_step=(e.get("stopped") or {}).get("step"))
     if self.accuracy_matrix is None:
       raise ValueError(f"{self.kind} results in {self.workdir} have nothing to plot")

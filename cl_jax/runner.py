@@ -57,8 +57,7 @@ def finish(kind, config, results, workdir: str, writer: bool) -> None:
     return
   from cl_jax import results as results_module
   from cl_jax.workdir import write_json
-  if hasattr(results_module, "provenance"):  # TEMP until provenance lands
-    results.extra.setdefault("provenance", results_module.provenance(config))
+  results.provenance = results_module.provenance(config)
   write_json(workdir, "results.json", results.as_dict())
   report = getattr(kind, "report", None)
   if report is not None:

@@ -540,7 +540,7 @@ def main(argv=None):
   p.add_argument("--factors", default="", help=f"comma-separated classic factors to measure (default: all of "
                  f"{','.join(CLASSIC)}); a subset replaces those factors in the saved JSON")
   p.add_argument("--quick", action="store_true", help="tiny smoke run; writes under /tmp, not results/")
-  p.add_argument("--workroot", default="/tmp/forgetting_factors_runs")
+  p.add_argument("--workroot", default="runs/forgetting_factors")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "forgetting_factors"))
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -13,7 +13,7 @@ same base to Python code (70/30 code/general mixture, the same steps, batch and 
   ext<N>_lr0.1      (--lr_variant) the same with the old rows at 0.1x the learning rate
 Measured:
   fertility         tokens per byte on the code and general test documents
-  bytes/s           training throughput in text bytes: tokens/s of the train step (timed interleaved with the
+  bytes/s           training throughput in text bytes: tokens/s of the shared train step (timed interleaved with the
                     byte model's in this process, medians of repeats) x bytes per token on code
   bits per byte     of the final model on the *whole* code and general test splits (packed at seq_len with the
                     run's own tokenizer): comparable across vocabularies, unlike per-token perplexity
@@ -88,33 +88,55 @@ def bits_per_byte_of(c, params, tok, texts: dict, mesh) -> dict:
 
 
 def step_tokens_per_second(c, vocab_sizes: list[int], repeats: int = 5, steps: int = 10) -> dict:
-  """Tokens/s of the adaptation's train step (forward, backward, AdamW) per vocabulary size, timed interleaved."""
+  """Tokens/s of the adaptation's train step per vocabulary size, timed interleaved.
+
+  The step is the one every run compiles (`cl_jax.train.step.make_train_step` on the LM loss with the run's
+  strategy, optimizer and schedule from `c`, jitted by `compile_train_step` into the mesh's shardings), so the
+  table measures what a run executes, not a stand-in. Only the vocabulary size differs between the timed steps
+  (an extended run's old-row learning-rate scale is an elementwise multiply, left out).
+  """
   import jax
-  import optax
-  from cl_jax.losses import lm_loss_fn
-  from cl_jax.lm.runner import model_config
+  import ml_collections
+  from cl_jax import sharding
+  from cl_jax.losses import next_token_loss
+  from cl_jax.lm.runner import model_config, no_logit_mask
   from cl_jax.models.transformer import build_lm
+  from cl_jax.strategies import Learner, TaskInfo, build_strategy
+  from cl_jax.train.optim import build_optimizer
+  from cl_jax.train.schedules import build_schedule
+  from cl_jax.train.state import TrainState
+  from cl_jax.train.step import compile_train_step, make_train_step
   b, length = c.adapt.batch_size, c.lm.seq_len
+  mesh = sharding.make_mesh(1, 1)
+  rep = sharding.replicated(mesh)
+  optim = ml_collections.ConfigDict(c.optim.to_dict())  # the adaptation's rate, as the run sets it
+  optim.lr = float(c.optim.lr) * float(c.adapt.lr_ratio)
+  schedule = build_schedule(optim, int(c.adapt.steps), 1)
+  optimizer = build_optimizer(optim, schedule)
   fns = {}
   for v in vocab_sizes:
     model, params = build_lm(model_config(c, v))
-    tx = optax.adamw(1e-3)
-    loss = lm_loss_fn(model.apply)
-
-    def step(p, s, tokens, loss=loss, tx=tx):
-      g = jax.grad(lambda q: loss(q, {"tokens": tokens})[0])(p)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    tokens = jax.random.randint(jax.random.key(0), (b, length), 0, v)
-    fns[v] = [jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), tokens]
-    fns[v][1], fns[v][2] = jax.block_until_ready(fns[v][0](*fns[v][1:]))
+    learner = Learner(model.apply, no_logit_mask)
+    strategy = build_strategy(c.strategy, c, learner)
+    state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
+                       strategy_state=strategy.init(params, TaskInfo(2, v, (length - 1,))),
+                       rng=jax.random.key_data(jax.random.key(0)), task_index=np.int32(1))
+    state_sh = sharding.state_sharding(state, mesh)._replace(step=rep, rng=rep, task_index=rep)
+    step = compile_train_step(make_train_step(strategy.loss(next_token_loss(learner)), optimizer, schedule,
+                                              log_norms=bool(c.train.log_norms), strategy=strategy),
+                              state_sh, sharding.batch_sharding(mesh), rep)
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (b, length), 0, v), np.int32)
+    batch = sharding.put_batch({"x": tokens[:, :-1], "y": tokens[:, 1:]}, mesh)
+    with jax.set_mesh(mesh):  # as the run calls it: the model pins its shardings under the mesh
+      state, _ = step(sharding.put_global(state, state_sh), batch)
+    fns[v] = [step, jax.block_until_ready(state), batch]
   times = {v: [] for v in vocab_sizes}
   for _ in range(repeats):
     for v, f in fns.items():
       t0 = time.perf_counter()
-      for _ in range(steps):
-        f[1], f[2] = f[0](*f[1:])
+      with jax.set_mesh(mesh):
+        for _ in range(steps):
+          f[1], _ = f[0](f[1], f[2])
       jax.block_until_ready(f[1])
       times[v].append((time.perf_counter() - t0) / steps)
   return {v: b * length / statistics.median(t) for v, t in times.items()}
@@ -135,7 +157,7 @@ def main(argv=None):
   p.add_argument("--pretrain_steps", type=int, default=400)
   p.add_argument("--adapt_steps", type=int, default=150)
   p.add_argument("--test_bytes", type=int, default=60_000, help="test text per corpus for fertility and bpb")
-  p.add_argument("--workdir", default="/tmp/cl_jax_vocab_extension")
+  p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "vocab_extension"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "vocab_extension.md"))
   p.add_argument("--lr_variant", action="store_true", help="also old rows at 0.1x the LR (not frozen)")
   p.add_argument("--new_row_scale", type=float, nargs="*", default=[],
@@ -252,7 +274,8 @@ def report(args, rows, speed, seconds) -> str:
     return summary["none"]["fert"]["domain"] / summary[n]["fert"]["domain"] / (flops[n] / flops["none"])
 
   lines += ["", "Per-seed differences in parentheses (paired: same seed, same base). Step tokens/s: medians of "
-            "interleaved repeats of the jitted train step in one process; code bytes/s = tokens/s x bytes per code "
+            "interleaved repeats of the shared train step (`cl_jax.train.step.make_train_step` with the run's "
+            "optimizer, as every run compiles it) in one process; code bytes/s = tokens/s x bytes per code "
             "token. Timed on a loaded, shared machine, so the measured per-token ratio carries load noise; by the "
             "analytic count (cl_jax.models.transformer.matmul_flops_per_token) a token costs "
             + ", ".join(f"{flops[n] / flops['none']:.2f}x" for n in names if n != "none")

@@ -135,6 +135,7 @@ def test_two_sets_through_cl_jax_run(whole_run):
   assert e["replay_share"]["rows"] == pytest.approx(0.25)
   saved = json.load(open(os.path.join(tmp_path, "results.json")))
   assert saved["kind"] == "cit" and np.allclose(saved["accuracy_matrix"], r)
+  assert saved["provenance"]["process_count"] == 1 and saved["provenance"]["config_sha256"]  # every kind records it
   train = [m for m in results.metrics("train")]
   assert len(train) == 12 and train[-1]["loss"] < train[0]["loss"]  # SFT on the masked loss learns something
   for name in ("summary.md", "accuracy_matrix.png", "accuracy_curves.png"):

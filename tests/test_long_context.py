@@ -68,6 +68,7 @@ def _tiny(**changes):
 def test_stage_through_the_run(tmp_path):
   results = cl_jax.run(_tiny(), str(tmp_path), progress=False).as_dict()
   stage = json.load(open(tmp_path / "long_context.json"))
+  assert results["provenance"]["process_count"] == 1 and results["provenance"]["config_sha256"]  # as every kind
   assert stage["before"]["rope_scaling"] == "none"
   assert (stage["after"]["rope_scaling"], stage["after"]["rope_factor"]) == ("linear", 2.0)  # 64 / 32
   assert stage["long_seq_len"] == 64 and stage["batch_size"] == 4  # 8 x 32 tokens per step, at 64 tokens

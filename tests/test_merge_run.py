@@ -37,6 +37,7 @@ def test_merge_cli_reproduces_inputs_and_merges(source_run, tmp_path):
   np.testing.assert_allclose(res["inputs"][f"{src}:task=1"], matrix[1], atol=1e-9)
   np.testing.assert_allclose(res["inputs"][f"{src}:task=2"], matrix[2], atol=1e-9)
   assert len(res["accuracy"]) == 2 and os.path.isdir(os.path.join(out, "merged"))
+  assert res["provenance"]["process_count"] == 1 and res["provenance"]["config_sha256"]  # every kind records it
   # One results type: the merged model is an accuracy-matrix row, read back by cl_jax.Results.
   import cl_jax
   loaded = cl_jax.Results.load(out)

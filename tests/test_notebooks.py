@@ -3,12 +3,14 @@
 Each notebook reads two environment variables in its first code cell: CL_JAX_NOTEBOOK_QUICK=1 shrinks every run to
 a few steps (the cells and the API they call are what is tested here, not the numbers of a full run), and
 CL_JAX_NOTEBOOK_WORKDIR puts the run directories under pytest's tmp_path. The kernel starts in the repository root,
-as `jupyter` does when started there. The assertions read the runs' results.json files and the executed outputs.
+as `jupyter` does when started there. The assertions read the runs' results.json files and the executed outputs, and
+hold them to numbers computed outside the notebook: each notebook run's results equal a direct `cl_jax.run` of the
+config in its workdir (same seed, same numbers), summaries equal the formulas applied to the matrix here, and runs
+that share a prefix of training share those rows exactly.
 """
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pytest
@@ -49,6 +51,27 @@ def results_json(path: pathlib.Path) -> dict:
     return json.load(f)
 
 
+def rerun(path: pathlib.Path, workdir: pathlib.Path):
+  """`cl_jax.run` of the config the notebook's run in `path` saved (its config.json), in a fresh `workdir`."""
+  import ml_collections
+
+  import cl_jax
+  with open(path / "config.json") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  return cl_jax.run(config, str(workdir), progress=False)
+
+
+def summaries(r):
+  """ACC, BWT and forgetting of an accuracy matrix (row 0 before training, row j after task j), written out here."""
+  import numpy as np
+  r = np.asarray(r, np.float64)
+  t = r.shape[1]
+  acc = r[t].mean()
+  bwt = np.mean([r[t, i] - r[i + 1, i] for i in range(t - 1)])
+  forgetting = np.mean([max(r[j, i] for j in range(i + 1, t)) - r[t, i] for i in range(t - 1)])
+  return acc, bwt, forgetting
+
+
 def test_committed_notebooks_have_no_outputs():
   paths = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
   assert sorted(p.stem for p in paths) == sorted(NAMES)
@@ -62,43 +85,84 @@ def test_committed_notebooks_have_no_outputs():
 
 
 def test_quickstart(tmp_path, monkeypatch):
-  nb = execute("quickstart", tmp_path, monkeypatch)
-  runs = {name: results_json(tmp_path / name) for name in ("naive", "ewc", "replay", "swapped")}
+  import numpy as np
+  nb = execute("quickstart", tmp_path / "nb", monkeypatch)
+  names = ("naive", "ewc", "replay", "swapped")
+  runs = {name: results_json(tmp_path / "nb" / name) for name in names}
   for name, r in runs.items():
-    matrix = r["accuracy_matrix"]
-    assert len(matrix) == len(matrix[0]) + 1, name  # row 0 before training, one row per task
-    assert 0.0 <= r["acc"] <= 1.0 and -1.0 <= r["bwt"] <= 1.0, (name, r["acc"], r["bwt"])
+    matrix = np.asarray(r["accuracy_matrix"])
+    assert matrix.shape == (6, 5), name  # row 0 before training, one row per task of the 5
+    np.testing.assert_allclose((r["acc"], r["bwt"], r["forgetting"]), summaries(matrix), atol=1e-12, err_msg=name)
+    # The notebook's run is the library's run: the same config through cl_jax.run gives the same numbers.
+    direct = rerun(tmp_path / "nb" / name, tmp_path / "direct" / name)
+    np.testing.assert_allclose(direct.accuracy_matrix, matrix, atol=1e-6, err_msg=name)
+  assert runs["swapped"]["strategy"] == "ewc+replay"
+  # Row 0 (before training: the same init) is the same for every strategy; EWC's penalty is zero until its first
+  # anchor, so after task 1 it equals naive fine-tuning too.
+  naive = np.asarray(runs["naive"]["accuracy_matrix"])
+  for name in ("ewc", "replay", "swapped"):
+    np.testing.assert_array_equal(np.asarray(runs[name]["accuracy_matrix"])[0], naive[0], err_msg=name)
+  np.testing.assert_allclose(np.asarray(runs["ewc"]["accuracy_matrix"])[1], naive[1], atol=1e-6)
   # Class-incremental: naive fine-tuning forgets every old task; a replay buffer keeps some of them.
   assert runs["naive"]["bwt"] < -0.5
   assert runs["replay"]["acc"] > runs["naive"]["acc"] + 0.1
   assert len(outputs(nb, "image/png")) >= 4  # the three .plot() figures and the swapped strategy's
   table = [md for md in outputs(nb, "text/markdown") if md.startswith("| strategy | ACC (%) | BWT (%)")]
   assert table and f"| `replay` | {100 * runs['replay']['acc']:.1f} |" in table[0]
+  assert f"| `naive` | {100 * runs['naive']['acc']:.1f} | {100 * runs['naive']['bwt']:+.1f} |" in table[0]
 
 
 def test_continual_pretraining(tmp_path, monkeypatch):
-  nb = execute("continual_pretraining", tmp_path, monkeypatch)
-  r = results_json(tmp_path / "cpt_70_30")
+  import numpy as np
+  nb = execute("continual_pretraining", tmp_path / "nb", monkeypatch)
+  r = results_json(tmp_path / "nb" / "cpt_70_30")
   assert r["kind"] == "lm" and r["mixture"] == "70_30"
   base, final = r["test"]["base"], r["test"]["final"]
   # 70% code in every adaptation batch: the code perplexity falls even in a 20-step run.
   assert final["domain/perplexity"] < base["domain/perplexity"]
+  # The notebook's run is the library's run: the same config through cl_jax.run gives the same test metrics.
+  direct = rerun(tmp_path / "nb" / "cpt_70_30", tmp_path / "direct").as_dict()
+  for model in ("base", "final"):
+    assert set(direct["test"][model]) == set(r["test"][model])
+    for k, v in r["test"][model].items():
+      np.testing.assert_allclose(direct["test"][model][k], v, rtol=1e-5, err_msg=f"{model} {k}")
+  assert direct["best_step"] == r["best_step"]
   assert outputs(nb, "image/png")  # the regression monitor's figure
   tables = [h for h in outputs(nb, "text/html") if "<th>adapted (70/30)</th>" in h]
   assert tables and tables[0].count("<tr>") == 4  # header + one row per prompt
   # The imported Hugging Face model (tests/fixtures/hf/llama): adapted the same way, exported back in HF layout.
-  assert len(tables) == 2 and results_json(tmp_path / "cpt_hf")["kind"] == "lm"
-  assert (tmp_path / "cpt_hf" / "hf" / "model.safetensors").is_file()
+  assert len(tables) == 2 and results_json(tmp_path / "nb" / "cpt_hf")["kind"] == "lm"
+  assert (tmp_path / "nb" / "cpt_hf" / "hf" / "model.safetensors").is_file()
 
 
 def test_merging(tmp_path, monkeypatch):
+  import numpy as np
   nb = execute("merging", tmp_path, monkeypatch)
-  spec = {k: results_json(tmp_path / f"specialist_{k}")["accuracy_matrix"][-1] for k in (2, 3)}
+  seq = np.asarray(results_json(tmp_path / "sequential")["accuracy_matrix"])
+  spec = {k: np.asarray(results_json(tmp_path / f"specialist_{k}")["accuracy_matrix"]) for k in (2, 3)}
+  assert seq.shape == spec[2].shape == spec[3].shape == (4, 3)
+  # Every model trains task 1 from the same init first, so rows 0-1 agree exactly; a task a specialist skips
+  # (train.tasks) changes nothing, so its row repeats the one before.
+  np.testing.assert_array_equal(spec[2][:2], seq[:2])
+  np.testing.assert_array_equal(spec[3][:2], seq[:2])
+  np.testing.assert_array_equal(spec[2][2], seq[2])  # specialist 2 is the sequential run up to task 2
+  np.testing.assert_array_equal(spec[2][3], spec[2][2])
+  np.testing.assert_array_equal(spec[3][2], spec[3][1])
   # Each specialist trained task 1 and its own task only (train.tasks=[1, k]): better on its task than the other.
-  assert spec[2][1] > spec[3][1] + 0.2 and spec[3][2] > spec[2][2] + 0.2
+  assert spec[2][-1][1] > spec[3][-1][1] + 0.2 and spec[3][-1][2] > spec[2][-1][2] + 0.2
   for method in ("task_arithmetic", "ties", "slerp"):
-    matrix = results_json(tmp_path / f"merged_{method}")["accuracy_matrix"]
-    assert len(matrix) == 1 and len(matrix[0]) == 3 and all(0.0 <= a <= 1.0 for a in matrix[0]), method
+    r = results_json(tmp_path / f"merged_{method}")
+    matrix = np.asarray(r["accuracy_matrix"])
+    assert matrix.shape == (1, 3) and r["acc"] == matrix.mean(), method
+    # The merge runner re-evaluates each input: the task loop's rows at the referenced boundaries, exactly.
+    inputs = {ref.rsplit("/", 1)[-1]: row for ref, row in r["inputs"].items()}
+    if "sequential:task=1" in inputs:
+      np.testing.assert_allclose(inputs["sequential:task=1"], seq[1], atol=1e-9)
+    np.testing.assert_allclose(inputs["specialist_2:task=2"], spec[2][2], atol=1e-9)
+    np.testing.assert_allclose(inputs["specialist_3:task=3"], spec[3][3], atol=1e-9)
+  ties = results_json(tmp_path / "merged_ties")
+  direct = rerun(tmp_path / "merged_ties", tmp_path / "direct_ties")
+  np.testing.assert_allclose(direct.accuracy_matrix, ties["accuracy_matrix"], atol=1e-9)
   assert len(outputs(nb, "image/png")) == 2  # the per-task bars and the lambda sweep
 
 

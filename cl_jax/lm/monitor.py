@@ -68,21 +68,14 @@ from typing import Mapping
 
 import numpy as np
 
-LOWER_IS_BETTER = ("perplexity", "loss", "bits_per_byte")
+# The metric direction and relative change live with the figures in cl_jax.report (infrastructure, so that
+# `Results.plot` draws an LM run's monitor without importing this kind's modules); re-exported here.
+from cl_jax.report import (LOWER_IS_BETTER, higher_is_better, monitor_figure, plot_monitor,  # noqa: F401
+                           relative_regression)
+
 INTERVALS = ("bootstrap", "t")
 KEEP_RULES = ("not_regressed", "within")
 POWER = 0.8  # the power at which `detectable` is quoted
-
-
-def higher_is_better(name: str) -> bool:
-  return not any(name.endswith(k) for k in LOWER_IS_BETTER)
-
-
-def relative_regression(base: float, value: float, higher_better: bool) -> float:
-  """How much worse `value` is than `base`, relative to `base` (> 0: worse; < 0: better)."""
-  if base == 0:
-    return 0.0 if value == base else math.inf
-  return (base - value) / abs(base) if higher_better else (value - base) / abs(base)
 
 
 def _from_means(name: str, mean_value, mean_base):
@@ -292,55 +285,6 @@ class RegressionMonitor:
                       for m, r in self.stopped["regressions"].items())
     what = "Hard stop" if self.hard_stop else "Regression called (record-only, training continued)"
     return f"{what} at step {self.stopped['step']}: {parts} (stop threshold {100 * self.stop_threshold:.1f}%); {best}."
-
-
-def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, *, title: str = "",
-                   stopped_step: int | None = None, best_step: int | None = None):
-  """A matplotlib Figure (built without pyplot, so nothing is displayed or kept alive): general metrics' relative
-  regression with its interval (left, with the threshold drawn) and domain metrics' improvement (right)."""
-  from matplotlib.figure import Figure
-  steps = [h["step"] for h in history]
-  general = sorted({m for h in history for m in h["regressions"]})
-  domain = sorted(m for m in baseline if m.startswith("domain/"))
-  fig = Figure(figsize=(11, 4))
-  axes = fig.subplots(1, 2)
-  ax = axes[0]
-  for m in general:
-    line, = ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
-    if all("intervals" in h and m in h["intervals"] for h in history):
-      ax.fill_between(steps, [100 * h["intervals"][m]["lo"] for h in history],
-                      [100 * h["intervals"][m]["hi"] for h in history], color=line.get_color(), alpha=0.15)
-  ax.axhline(100 * threshold, color="red", ls="--", label=f"threshold {100 * threshold:.0f}%")
-  ax.axhline(0, color="gray", lw=0.5)
-  ax.set_xlabel("adaptation step")
-  ax.set_ylabel("general regression vs base (%)")
-  ax.set_title("general (higher = worse; band: interval)")
-  ax = axes[1]
-  for m in domain:
-    vals = [h["metrics"][m] for h in history]
-    ax.plot(steps, [100 * relative_regression(baseline[m], v, higher_is_better(m)) * -1 for v in vals],
-            marker="o", ms=3, label=m)
-  ax.axhline(0, color="gray", lw=0.5)
-  ax.set_xlabel("adaptation step")
-  ax.set_ylabel("domain improvement vs base (%)")
-  ax.set_title("domain (higher = better)")
-  for ax in axes:
-    if stopped_step is not None:
-      ax.axvline(stopped_step, color="red", lw=1, label="regression called")
-    if best_step is not None:
-      ax.axvline(best_step, color="green", lw=1, ls=":", label="best kept")
-    ax.legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
-
-
-def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
-                 title: str = "", stopped_step: int | None = None, best_step: int | None = None) -> None:
-  """`monitor_figure` saved as a PNG at `path`."""
-  monitor_figure(history, baseline, threshold, title=title, stopped_step=stopped_step,
-                 best_step=best_step).savefig(path, dpi=110)
 
 
 __all__ = ["RegressionMonitor", "Verdict", "paired_interval", "relative_regression", "higher_is_better",
