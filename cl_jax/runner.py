@@ -55,9 +55,9 @@ def finish(kind, config, results, workdir: str, writer: bool) -> None:
   """results.json (with the run's provenance) and the kind's own summary.md and plots, written by process 0."""
   if not writer:
     return
-  from cl_jax import results as results_module
+  from cl_jax.results import provenance
   from cl_jax.workdir import write_json
-  results.provenance = results_module.provenance(config)
+  results.provenance = provenance(config)
   write_json(workdir, "results.json", results.as_dict())
   report = getattr(kind, "report", None)
   if report is not None:
