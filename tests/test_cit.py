@@ -268,7 +268,7 @@ def test_lora_per_task_is_refused_where_nothing_routes():
   from cl_jax.errors import ConfigError
   c = base_config()
   c.strategy = "lora_per_task"
-  with pytest.raises(ConfigError, match="lora_per_task.*kind='classic'"):
+  with pytest.raises(ConfigError, match="kind 'classic' cannot run lora_per_task .needs routing"):
     validate(c)
 
 

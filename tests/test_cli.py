@@ -183,13 +183,12 @@ def test_cl_jax_command_is_run_py(tmp_path):
 @pytest.mark.parametrize("error, code", [("ConfigError", 2), ("WorkdirError", 2), ("DivergenceError", 3),
                                          ("WorkdirLocked", 4), ("Preempted", 75)])
 def test_each_error_exits_with_its_code_and_one_line(tmp_path, capsys, monkeypatch, error, code):
-  import cl_jax
-  from cl_jax import errors
+  from cl_jax import errors, runner
 
   def fail(*args, **kwargs):
     raise getattr(errors, error)(f"what went wrong\nin {error}")
 
-  monkeypatch.setattr(cl_jax, "run", fail)
+  monkeypatch.setattr(runner, "run", fail)  # what the command line calls
   assert main(["--config", "configs/quickstart.py", "--workdir", str(tmp_path / "w")]) == code
   assert capsys.readouterr().err == f"error: what went wrong in {error}\n"
 
