@@ -205,7 +205,7 @@ def _masked_ce(learner):
 
 
 def test_der_and_derpp_losses_by_hand():
-  from cl_jax.strategies import der as der_lib
+  from cl_jax.strategies import buffer as buffer_lib, der as der_lib
   alpha, beta = 0.4, 0.7
   for name in ("der", "derpp"):
     learner, params, strategy, buffer = _der_setup(name, **{"der.alpha": alpha, "der.beta": beta})
@@ -216,7 +216,7 @@ def test_der_and_derpp_losses_by_hand():
     np.testing.assert_allclose(loss(params, batch, ctx)[0], base(params, batch, ctx)[0], rtol=1e-6)  # empty
     old = _batch(8, 0, seed=9)
     stored = old["x"] @ params["w"] * 0.5     # logits of some earlier network
-    buffer = der_lib.reservoir_add(buffer, old["x"], old["y"], old["task"], stored, jax.random.key(1))
+    buffer = buffer_lib.reservoir_add(buffer, {**old, "logits": stored}, jax.random.key(1))
     ctx = ctx._replace(strategy_state=buffer)
     value, aux = loss(params, batch, ctx)
     # The two draws, reproduced with the loss's own streams.
@@ -383,17 +383,18 @@ def test_runs_end_to_end_through_cl_jax_run(tmp_path, strategy, overrides):
 
 
 def test_gdumb_greedy_class_balanced_memory_by_hand():
-  from cl_jax.strategies.gdumb import GdumbMemory, greedy_add
+  from cl_jax.strategies.buffer import empty, greedy_balanced_add
   cap, outputs = 4, 3
-  mem = GdumbMemory(jnp.zeros((cap, 1)), jnp.zeros((cap,), jnp.int32), jnp.zeros((cap,), jnp.int32), jnp.int32(0))
+  mem = empty(cap, (1,))
   counts, seen = jnp.zeros((outputs,), jnp.int32), jnp.zeros((outputs,), bool)
   y = jnp.asarray([0, 0, 0, 0, 1, 1, 2, 2], jnp.int32)
   x = jnp.arange(8, dtype=jnp.float32)[:, None]        # x = stream position
-  mem, counts, seen = greedy_add(mem, counts, seen, x, y, jnp.zeros(8, jnp.int32), jax.random.key(0), outputs)
+  examples = {"x": x, "y": y, "task": jnp.zeros(8, jnp.int32)}
+  mem, counts, seen = greedy_balanced_add(mem, counts, seen, examples, jax.random.key(0), outputs)
   # 0,0,0,0 fill the memory; 1 (quota 4 // 2 = 2) twice replaces a class-0 example; 2 (quota 1) replaces one of
   # the largest class (0 and 1 tie at 2: the first, class 0); the second 2 is dropped (class 2 holds its quota).
   np.testing.assert_array_equal(counts, [1, 2, 1])
-  assert int(mem.size) == 4
+  assert int(mem.size) == 4 and int(mem.seen) == 8
   kept = sorted(np.asarray(mem.x[:, 0]).astype(int).tolist())
   assert {4, 5, 6} <= set(kept) and 7 not in kept and len(set(kept) & {0, 1, 2, 3}) == 1
   np.testing.assert_array_equal(np.bincount(np.asarray(mem.y), minlength=3), [1, 2, 1])

@@ -1,6 +1,6 @@
 """Dark experience replay, DER and DER++ (Buzzega et al. 2020, "Dark Experience for General Continual Learning").
 
-A reservoir buffer (Vitter's Algorithm R over the whole stream, `replay.reservoir_add`) is filled during training:
+A reservoir buffer (Vitter's Algorithm R over the whole stream, `buffer.reservoir_add`) is filled during training:
 every step offers the current batch's examples together with the logits z the network gave them in that step's
 forward pass (before the update). Each step then adds to the task loss
 
@@ -13,19 +13,17 @@ Logits are the model's raw outputs for the example's own task (every class, no l
 whole response); the CE term uses the logit mask of the current task, as the task loss does. Both terms are 0 while
 the buffer is empty.
 
-State: a `DerBuffer` {'x', 'y', 'task', 'logits', 'size', 'seen'} of static shape, sharded along its slots.
+State: the rehearsal strategies' one `buffer.Buffer`, with the stored logits as its extra field 'logits'
+[capacity, C] (C: the model's outputs), of static shape, sharded along its slots.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from cl_jax.losses import cross_entropy
-from cl_jax.sharding import shard_like_batch
-from cl_jax.strategies import replay as replay_lib
+from cl_jax.strategies import buffer as buffer_lib
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
 _LOGIT_STREAM, _LABEL_STREAM = 0xDE41, 0xDE42
@@ -39,43 +37,6 @@ def default_config() -> ml_collections.ConfigDict:
       alpha=0.3,         # α: weight of the logit-matching term
       beta=0.5,          # β: weight of the buffer cross-entropy term (DER++ only)
   ))
-
-
-@shard_like_batch
-class DerBuffer(NamedTuple):
-  x: jax.Array
-  y: jax.Array
-  task: jax.Array
-  logits: jax.Array
-  size: jax.Array
-  seen: jax.Array
-
-  def __getitem__(self, key):
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-
-def empty_buffer(capacity: int, input_shape, num_logits: int) -> DerBuffer:
-  return DerBuffer(x=jnp.zeros((capacity, *input_shape), jnp.float32), y=jnp.zeros((capacity,), jnp.int32),
-                   task=jnp.zeros((capacity,), jnp.int32), logits=jnp.zeros((capacity, num_logits), jnp.float32),
-                   size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
-
-
-def reservoir_add(buffer: DerBuffer, x, y, task, logits, rng) -> DerBuffer:
-  """Algorithm R over the stream (`replay.reservoir_winners`), the logits stored beside each example."""
-  capacity, n = buffer.y.shape[0], x.shape[0]
-  winner = replay_lib.reservoir_winners(buffer.seen, capacity, n, rng)
-  take = winner >= 0
-  src = jnp.maximum(winner, 0)
-  put = lambda old, new: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new[src].astype(old.dtype), old)
-  return DerBuffer(x=put(buffer.x, x), y=put(buffer.y, y), task=put(buffer.task, task),
-                   logits=put(buffer.logits, logits), size=jnp.minimum(buffer.seen + n, capacity).astype(jnp.int32),
-                   seen=buffer.seen + n)
-
-
-def sample(buffer: DerBuffer, rng, batch_size: int) -> dict:
-  """`batch_size` slots drawn uniformly with replacement from the valid ones (slot 0 if empty)."""
-  idx = jax.random.randint(rng, (batch_size,), 0, jnp.maximum(buffer.size, 1))
-  return dict(x=buffer.x[idx], y=buffer.y[idx], task=buffer.task[idx], logits=buffer.logits[idx])
 
 
 def check_config(config) -> None:
@@ -102,20 +63,20 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
   def init(params, task_info):
     probe = jax.eval_shape(learner.apply, params, jnp.zeros((1, *task_info.input_shape), jnp.float32),
                            jnp.zeros((1,), jnp.int32))
-    return empty_buffer(capacity, tuple(task_info.input_shape), int(probe.shape[-1]))
+    return buffer_lib.empty(capacity, tuple(task_info.input_shape), extra={"logits": (int(probe.shape[-1]),)})
 
   def loss(loss_fn):
     def der_loss(params, batch, ctx: LossContext):
       buffer = ctx.strategy_state
       value, aux = loss_fn(params, batch, ctx)
       filled = (buffer.size > 0).astype(jnp.float32)
-      m = sample(buffer, jax.random.fold_in(ctx.rng, _LOGIT_STREAM), batch_size)
+      m = buffer_lib.sample(buffer, jax.random.fold_in(ctx.rng, _LOGIT_STREAM), batch_size)
       out = learner.apply(params, m["x"], m["task"]).astype(jnp.float32)
       match = jnp.mean(jnp.square(out - m["logits"]))
       total = value + filled * alpha * match
       extra = {"der_logit_mse": filled * match}
       if plus_plus:
-        r = sample(buffer, jax.random.fold_in(ctx.rng, _LABEL_STREAM), batch_size)
+        r = buffer_lib.sample(buffer, jax.random.fold_in(ctx.rng, _LABEL_STREAM), batch_size)
         ce = jnp.mean(cross_entropy(learner.logits(params, r["x"], r["task"], ctx.task_index), r["y"]))
         total = total + filled * beta * ce
         extra["der_buffer_ce"] = filled * ce
@@ -129,7 +90,8 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
     if raw is None or raw.ndim != 2 or raw.shape[0] < n:  # no forward pass to reuse: run one at the old params
       raw = learner.apply(step.old_params, batch["x"], batch["task"])
     logits = jax.lax.stop_gradient(raw[:n]).astype(jnp.float32)
-    return reservoir_add(buffer, batch["x"].astype(jnp.float32), batch["y"], batch["task"], logits, step.rng)
+    examples = dict(x=batch["x"].astype(jnp.float32), y=batch["y"], task=batch["task"], logits=logits)
+    return buffer_lib.reservoir_add(buffer, examples, step.rng)
 
   return Strategy(init=init, loss=loss, name="derpp" if plus_plus else "der", update=update)
 

@@ -1,7 +1,8 @@
 """GDumb (Prabhu, Torr & Dokania 2020, "GDumb: A Simple Approach that Questions Our Progress in Continual Learning").
 
 GDumb does not learn from the stream. It only keeps a memory of `gdumb.capacity` examples, filled greedily and
-class-balanced as the stream goes by (every train step, through the strategy's `update` hook; per example, in order):
+class-balanced as the stream goes by (every train step, through the strategy's `update` hook; per example, in order;
+`buffer.greedy_balanced_add`):
 
   the example's class c joins the classes seen, and with k = capacity // (number of classes seen)
   - while the memory has room, the example is stored;
@@ -10,19 +11,18 @@ class-balanced as the stream goes by (every train step, through the strategy's `
 
 Before every evaluation (at each task end) a model is trained from scratch — from the run's initial params — on the
 memory alone: `gdumb.epochs` epochs of SGD with momentum 0.9 and a cosine-decayed learning rate `gdumb.lr`, batches of
-`gdumb.batch_size` drawn without replacement within an epoch, masked cross-entropy with the logit mask of the current
-task (class-IL: every class seen). The evaluator scores that model through the strategy's `predict` hook. The
+`gdumb.batch_size` drawn without replacement within an epoch (`buffer.epoch_order`), masked cross-entropy with the
+logit mask of the current task (class-IL: every class seen). The evaluator scores that model through the strategy's `predict` hook. The
 stream model itself receives no gradient (the strategy's loss is 0), so it stays at its initial params.
 
 "Class" is (task, label), so task- and domain-incremental scenarios, whose labels repeat across tasks, balance per task
 and label. The paper's cutmix augmentation and warm restarts are left out.
 
-State: {'memory': GdumbMemory (sharded along its slots), 'counts': int32 [groups], 'seen': bool [groups],
-'init': θ₀, 'model': the params trained on the memory}.
+State: {'memory': the rehearsal strategies' one `buffer.Buffer` (sharded along its slots), 'counts': int32 [groups]
+(members per class), 'seen': bool [groups] (classes the stream has shown), 'init': θ₀, 'model': the params trained
+on the memory}.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ import ml_collections
 import optax
 
 from cl_jax.losses import cross_entropy
-from cl_jax.sharding import shard_like_batch
+from cl_jax.strategies import buffer as buffer_lib
 from cl_jax.strategies.base import StepInfo, Strategy
 
 
@@ -42,47 +42,6 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=32,     # retraining batch size
       lr=0.05,           # retraining peak learning rate (SGD, momentum 0.9, cosine decay to 0)
   ))
-
-
-@shard_like_batch
-class GdumbMemory(NamedTuple):
-  x: jax.Array
-  y: jax.Array
-  task: jax.Array
-  size: jax.Array
-
-  def __getitem__(self, key):
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-
-def greedy_add(memory: GdumbMemory, counts, seen, x, y, task, rng, num_outputs: int):
-  """Offers examples x[0..n) one by one to GDumb's greedy class-balanced sampler (module docstring); pure."""
-  capacity = memory.y.shape[0]
-  keys = jax.random.split(rng, x.shape[0])
-
-  def one(i, carry):
-    mem, counts, seen = carry
-    g = task[i] * num_outputs + y[i]
-    seen = seen.at[g].set(True)
-    quota = capacity // jnp.maximum(jnp.sum(seen), 1)
-    has_room = mem.size < capacity
-    # Replace a uniformly random member of the largest class (first largest on a tie).
-    largest = jnp.argmax(counts)
-    slot_group = mem.task * num_outputs + mem.y
-    candidates = (slot_group == largest) & (jnp.arange(capacity) < mem.size)
-    priority = jnp.where(candidates, jax.random.uniform(keys[i], (capacity,)), -1.0)
-    victim = jnp.argmax(priority)
-    replace = ~has_room & (counts[g] < quota)
-    slot = jnp.where(has_room, mem.size, victim)
-    write = has_room | replace
-    put = lambda buf, v: jnp.where(write, buf.at[slot].set(v.astype(buf.dtype)), buf)
-    new = GdumbMemory(put(mem.x, x[i]), put(mem.y, y[i]), put(mem.task, task[i]),
-                      mem.size + has_room.astype(jnp.int32))
-    counts = counts.at[g].add(write.astype(jnp.int32))
-    counts = counts.at[largest].add(-replace.astype(jnp.int32))
-    return new, counts, seen
-
-  return jax.lax.fori_loop(0, x.shape[0], one, (memory, counts, seen))
 
 
 def check_config(config) -> None:
@@ -105,8 +64,7 @@ def gdumb(config, learner) -> Strategy:
   def init(params, task_info):
     groups = int(task_info.num_tasks) * int(task_info.num_outputs)
     copy = lambda tree: jax.tree.map(lambda p: jnp.array(p, copy=True), tree)
-    memory = GdumbMemory(jnp.zeros((capacity, *task_info.input_shape), jnp.float32),
-                         jnp.zeros((capacity,), jnp.int32), jnp.zeros((capacity,), jnp.int32), jnp.zeros((), jnp.int32))
+    memory = buffer_lib.empty(capacity, tuple(task_info.input_shape))
     return dict(memory=memory, counts=jnp.zeros((groups,), jnp.int32), seen=jnp.zeros((groups,), bool),
                 init=copy(params), model=copy(params))
 
@@ -118,9 +76,9 @@ def gdumb(config, learner) -> Strategy:
 
   def update(state, step: StepInfo):
     b = step.batch
-    memory, counts, seen = greedy_add(state["memory"], state["counts"], state["seen"], b["x"].astype(jnp.float32),
-                                      b["y"].astype(jnp.int32), b["task"].astype(jnp.int32), step.rng,
-                                      state["counts"].shape[0] // num_tasks)
+    examples = dict(x=b["x"].astype(jnp.float32), y=b["y"].astype(jnp.int32), task=b["task"].astype(jnp.int32))
+    memory, counts, seen = buffer_lib.greedy_balanced_add(state["memory"], state["counts"], state["seen"], examples,
+                                                          step.rng, state["counts"].shape[0] // num_tasks)
     return {**state, "memory": memory, "counts": counts, "seen": seen}
 
   def after_task(state, params, task_data, rng):
@@ -143,9 +101,7 @@ def gdumb(config, learner) -> Strategy:
     def step(s, carry):
       p, opt_state = carry
       epoch, b = s // num_batches, s % num_batches
-      bits = jax.random.bits(jax.random.fold_in(rng, epoch), (capacity,), jnp.uint32)
-      bits = jnp.where(jnp.arange(capacity) < memory.size, bits, jnp.uint32(0xFFFFFFFF))
-      order = jnp.argsort(bits, stable=True)   # this epoch's order of the valid slots, padding last
+      order = buffer_lib.epoch_order(memory, jax.random.fold_in(rng, epoch))   # valid slots shuffled, padding last
       pos = b * batch_size + jnp.arange(batch_size)
       idx = order[jnp.minimum(pos, capacity - 1)]
       weight = (pos < memory.size).astype(jnp.float32)

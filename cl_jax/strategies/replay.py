@@ -1,15 +1,15 @@
 """Experience replay from a fixed-capacity buffer that lives in the strategy state.
 
-The buffer is device arrays of static shape, so drawing a replay batch is ordinary `jit` code:
-
-  {'x': [capacity, ...] float32, 'y': [capacity] int32, 'task': [capacity] int32,
-   'size': int32 number of valid slots (they are the first `size`), 'seen': int32 stream length so far}
+The buffer is the rehearsal strategies' one `buffer.Buffer` (inputs, labels, task ids, the number of valid slots
+`size` and the stream length `seen`; no extra fields), device arrays of static shape, so drawing a replay batch is
+ordinary `jit` code.
 
 It is filled either at each task boundary (`after_task`) from the task's training examples
 (`replay.fill='task_end'`, the default), or online (`replay.fill='online'`): every train step offers its batch
 to the buffer (the strategy's `update` hook, inside the jitted step), so the buffer holds current-task examples
 too, as experience replay (ER) is usually run on a stream (e.g. Chaudhry et al. 2019, "On Tiny Episodic
-Memories in Continual Learning"; Buzzega et al. 2020). Either way the examples are chosen by
+Memories in Continual Learning"; Buzzega et al. 2020). Either way the examples are chosen by one of the
+buffer's insertion policies:
   reservoir        reservoir sampling over the stream of all examples seen (Vitter 1985, Algorithm R):
                    after n examples every one of them is in the buffer with probability capacity / n;
   class_balanced   an equal share of the capacity for every (task, class) seen so far, a uniformly random
@@ -25,19 +25,15 @@ and w = 0 while the buffer is empty. The task loss must honour `batch['weight']`
 """
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cl_jax.sharding import shard_like_batch
+from cl_jax.strategies import buffer as buffer_lib
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
 POLICIES = ("reservoir", "class_balanced")
 FILLS = ("task_end", "online")
-_GROUP_STRIDE = 1 << 16   # group id of (task, class) = task * stride + class
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,87 +48,26 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-@shard_like_batch
-class ReplayBuffer(NamedTuple):
-  """The buffer's arrays; `buffer['x']` works as for a dict. Sharded along the slot axis like a batch."""
-  x: jax.Array
-  y: jax.Array
-  task: jax.Array
-  size: jax.Array
-  seen: jax.Array
-
-  def __getitem__(self, key):
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+def empty_buffer(capacity: int, input_shape) -> buffer_lib.Buffer:
+  """An empty `buffer.Buffer` of inputs, labels and task ids (no extra fields)."""
+  return buffer_lib.empty(capacity, input_shape)
 
 
-def empty_buffer(capacity: int, input_shape) -> ReplayBuffer:
-  return ReplayBuffer(x=jnp.zeros((capacity, *input_shape), jnp.float32),
-                      y=jnp.zeros((capacity,), jnp.int32), task=jnp.zeros((capacity,), jnp.int32),
-                      size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32))
+def reservoir_add(buffer: buffer_lib.Buffer, x, y, task, rng) -> buffer_lib.Buffer:
+  """Feeds examples x[0..n) to reservoir sampling (`buffer.reservoir_add`), in order, all at once."""
+  return buffer_lib.reservoir_add(buffer, dict(x=x, y=y, task=task), rng)
 
 
-def reservoir_winners(seen, capacity: int, n: int, rng) -> jax.Array:
-  """Per buffer slot, which of n new examples (stream indices seen..seen+n) ends there; -1: none.
-
-  Algorithm R: the example with stream index g goes to slot g while g < capacity, else to slot
-  j ~ U{0..g} if j < capacity. The buffer after the whole stream only needs, per slot, the last example
-  written there, so all draws happen at once and a scatter-max picks each slot's winner.
-  """
-  g = seen + jnp.arange(n, dtype=jnp.int32)
-  j = jax.random.randint(rng, (n,), 0, g + 1)
-  slot = jnp.where(g < capacity, g, j)
-  return jnp.full((capacity,), -1, jnp.int32).at[slot].max(jnp.arange(n, dtype=jnp.int32), mode="drop")
+def class_balanced_add(buffer: buffer_lib.Buffer, x, y, task, rng, per_class: int = -1) -> buffer_lib.Buffer:
+  """Re-selects the buffer from its contents plus x[0..n): a uniform random subset of q examples per (task, class)
+  seen, q = capacity // groups (capped at `per_class` when positive); `buffer.balanced_add` by class."""
+  return buffer_lib.balanced_add(buffer, dict(x=x, y=y, task=task), rng, per_group=per_class, by="class")
 
 
-@jax.jit
-def reservoir_add(buffer: dict, x, y, task, rng) -> dict:
-  """Feeds examples x[0..n) to reservoir sampling (`reservoir_winners`), in order, all at once."""
-  capacity, n = buffer["y"].shape[0], x.shape[0]
-  winner = reservoir_winners(buffer["seen"], capacity, n, rng)
-  return _write(buffer, winner, x, y, task, size=jnp.minimum(buffer["seen"] + n, capacity))
-
-
-@functools.partial(jax.jit, static_argnames=("per_class",))
-def class_balanced_add(buffer: dict, x, y, task, rng, per_class: int = -1) -> dict:
-  """Re-selects the buffer from its contents plus x[0..n): a uniform random subset of q examples per
-  (task, class) seen, q = capacity // groups (capped at `per_class` when positive)."""
-  capacity, n = buffer["y"].shape[0], x.shape[0]
-  valid = jnp.concatenate([jnp.arange(capacity) < buffer["size"], jnp.ones((n,), bool)])
-  group = jnp.concatenate([buffer["task"] * _GROUP_STRIDE + buffer["y"],
-                           task.astype(jnp.int32) * _GROUP_STRIDE + y.astype(jnp.int32)])
-  group = jnp.where(valid, group, jnp.iinfo(jnp.int32).max)
-  # Random priorities: the top q of a group are a uniform subset of it, and the buffer's old members
-  # (already a uniform subset) stay uniform when their group's share shrinks.
-  priority = jax.random.uniform(rng, group.shape)
-  order = jnp.lexsort((-priority, group))
-  sorted_group = group[order]
-  rank = jnp.arange(group.shape[0]) - jnp.searchsorted(sorted_group, sorted_group, side="left")
-  num_groups = jnp.sum((rank == 0) & valid[order])
-  quota = capacity // jnp.maximum(num_groups, 1)
-  if per_class > 0:
-    quota = jnp.minimum(quota, per_class)
-  keep = valid[order] & (rank < quota)
-  chosen = order[jnp.argsort(~keep, stable=True)[:capacity]]   # kept candidates first
-  size = jnp.minimum(keep.sum(), capacity).astype(jnp.int32)
-  old = dict(x=buffer["x"], y=buffer["y"], task=buffer["task"])
-  pick = lambda old_a, new_a: jnp.concatenate([old_a, new_a.astype(old_a.dtype)])[chosen]
-  return ReplayBuffer(x=pick(old["x"], x), y=pick(old["y"], y), task=pick(old["task"], task),
-                      size=size, seen=buffer["seen"] + n)
-
-
-def _write(buffer, winner, x, y, task, size):
-  take = winner >= 0
-  src = jnp.maximum(winner, 0)
-  put = lambda old, new: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new[src].astype(old.dtype),
-                                   old)
-  return ReplayBuffer(x=put(buffer["x"], x), y=put(buffer["y"], y), task=put(buffer["task"], task),
-                      size=size.astype(jnp.int32), seen=buffer["seen"] + x.shape[0])
-
-
-def sample_replay_batch(buffer: dict, rng, batch_size: int) -> dict:
+def sample_replay_batch(buffer: buffer_lib.Buffer, rng, batch_size: int) -> dict:
   """`batch_size` examples drawn uniformly with replacement from the valid slots (slot 0 if empty)."""
-  idx = jax.random.randint(rng, (batch_size,), 0, jnp.maximum(buffer["size"], 1))
-  return dict(x=buffer["x"][idx], y=buffer["y"][idx], task=buffer["task"][idx])
+  drawn = buffer_lib.sample(buffer, rng, batch_size)
+  return dict(x=drawn["x"], y=drawn["y"], task=drawn["task"])
 
 
 def check_config(config) -> None:
