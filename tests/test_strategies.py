@@ -269,6 +269,51 @@ def test_class_balanced_buffer_keeps_an_equal_share_per_class():
   assert int(capped["size"]) == 6
 
 
+def test_one_buffer_type_carries_extra_fields_through_every_policy_and_draw():
+  """`buffer.Buffer`: an extra per-slot field (DER's logits) follows its example through reservoir, balanced and
+  greedy insertion and through both draws; the per-task quota; the type is sharded like a batch."""
+  from cl_jax.sharding import BATCH_AXIS_TYPES
+  from cl_jax.strategies import buffer as buffer_lib
+  n, capacity = 30, 12
+  y = jnp.asarray(np.arange(n) % 3, jnp.int32)
+  task = jnp.asarray(np.arange(n) // 10, jnp.int32)                       # three tasks of 10
+  x = jnp.arange(n, dtype=jnp.float32)[:, None]                           # x = stream position
+  examples = {"x": x, "y": y, "task": task, "logits": jnp.stack([x[:, 0], -x[:, 0]], 1)}
+
+  def check_rows(buf):   # every valid slot holds one example whole: its label, task and logits
+    size = int(buf.size)
+    pos = np.asarray(buf.x[:size, 0]).astype(int)
+    np.testing.assert_array_equal(buf.y[:size], pos % 3)
+    np.testing.assert_array_equal(buf.task[:size], pos // 10)
+    np.testing.assert_array_equal(buf["logits"][:size], np.stack([pos, -pos], 1))
+    return pos
+
+  empty = buffer_lib.empty(capacity, (1,), extra={"logits": (2,)})
+  assert type(empty) in BATCH_AXIS_TYPES and empty.logits.shape == (capacity, 2)
+  res = buffer_lib.reservoir_add(empty, examples, jax.random.key(0))
+  assert int(res.size) == capacity and int(res.seen) == n and len(set(check_rows(res))) == capacity
+  by_task = buffer_lib.empty(capacity, (1,), extra={"logits": (2,)})
+  for t in range(3):   # per-task quota: capacity // tasks seen, each a subset of its own task
+    part = {k: v[10 * t:10 * (t + 1)] for k, v in examples.items()}
+    by_task = buffer_lib.balanced_add(by_task, part, jax.random.key(t), by="task")
+    pos = check_rows(by_task)
+    np.testing.assert_array_equal(np.bincount(pos // 10, minlength=t + 1), [min(10, capacity // (t + 1))] * (t + 1))
+  assert int(by_task.seen) == n
+  greedy, counts, _ = buffer_lib.greedy_balanced_add(empty, jnp.zeros(9, jnp.int32), jnp.zeros(9, bool), examples,
+                                                     jax.random.key(1), num_outputs=3)
+  check_rows(greedy)
+  np.testing.assert_array_equal(np.bincount(np.asarray(greedy.task) * 3 + np.asarray(greedy.y), minlength=9), counts)
+  drawn = buffer_lib.sample(res, jax.random.key(2), 50)
+  assert set(drawn) == {"x", "y", "task", "logits"}
+  np.testing.assert_array_equal(drawn["logits"][:, 0], drawn["x"][:, 0])
+  half = buffer_lib.reservoir_add(empty, {k: v[:5] for k, v in examples.items()}, jax.random.key(0))
+  assert set(np.asarray(buffer_lib.sample(half, jax.random.key(3), 200)["x"][:, 0]).astype(int)) == set(range(5))
+  order = np.asarray(buffer_lib.epoch_order(half, jax.random.key(4)))
+  assert sorted(order[:5].tolist()) == list(range(5)) and sorted(order.tolist()) == list(range(capacity))
+  with pytest.raises(ValueError, match="logits"):
+    buffer_lib.reservoir_add(empty, {"x": x, "y": y, "task": task}, jax.random.key(0))
+
+
 def test_replay_loss_weights_the_replay_batch_and_ignores_an_empty_buffer():
   learner, params = _logreg()
   config = _config(**{"replay.capacity": 16, "replay.batch_size": 8, "replay.weight": 0.5})
