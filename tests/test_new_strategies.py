@@ -335,7 +335,10 @@ def test_chain_runs_each_hook_on_its_own_state():
   # Hooks default to no-ops: a chain without them has none, and predict is single-owner.
   plain = build_strategy("ewc+lwf", config, learner)
   assert plain.grads is None and plain.update is None and plain.predict is None
-  p = lambda *a: jnp.zeros(())
+
+  def p(*a):
+    return jnp.zeros(())
+
   with pytest.raises(ValueError, match="predict"):
     chain(Strategy(name="a", predict=p), Strategy(name="b", predict=p))
 
@@ -546,7 +549,10 @@ def test_icarl_loss_by_hand():
   idx = np.asarray(jax.random.choice(jax.random.fold_in(ctx.rng, _EXEMPLAR_STREAM), 4, (2,), p=jnp.asarray(p)))
   x = np.concatenate([np.asarray(batch["x"]), np.asarray(state["x"])[idx]])
   y = np.concatenate([np.asarray(batch["y"]), np.asarray(state["y"])[idx]])
-  sig = lambda z: 1 / (1 + np.exp(-z))
+
+  def sig(z):
+    return 1 / (1 + np.exp(-z))
+
   w, b = np.asarray(params["w"]), np.asarray(params["b"])
   z, zt = x @ w + b, x @ (0.5 * w) + 0.5 * b
   target = np.concatenate([sig(zt[:, :2]), np.eye(4)[y][:, 2:]], axis=1)

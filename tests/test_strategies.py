@@ -88,7 +88,10 @@ def test_ewc_state_is_exactly_the_sum_of_per_task_penalties():
   """Kirkpatrick et al.: one penalty per finished task; the merged quadratic must equal their sum."""
   rng = np.random.default_rng(0)
   shape = {"a": (5,), "b": (2, 3)}
-  tree = lambda: {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shape.items()}
+
+  def tree():
+    return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shape.items()}
+
   fishers = [jax.tree.map(jnp.abs, tree()) for _ in range(3)]
   fishers[1]["a"] = fishers[1]["a"].at[0].set(0.0)   # zero curvature somewhere
   anchors = [tree() for _ in range(3)]
@@ -139,7 +142,10 @@ def test_distillation_is_zero_when_student_is_teacher_and_positive_otherwise():
   learner, params = _logreg()
   strategy = build_strategy("lwf", _config(**{"distill.alpha": 2.0}), learner)
   state = strategy.init(params, TaskInfo(3, 4, (3,)))
-  base = lambda p, b, c: (jnp.zeros(()), {})
+
+  def base(p, b, c):
+    return jnp.zeros(()), {}
+
   loss = strategy.loss(base)
   batch = {"x": jnp.asarray(_task_data(task_index=1).x), "y": jnp.zeros(40, jnp.int32),
            "task": jnp.ones(40, jnp.int32)}
@@ -165,7 +171,10 @@ def test_tasks_seen_weighting_is_one_over_t_of_the_task_loss():
   learner, params = _logreg()
   batch = {"x": jnp.asarray(_task_data(task_index=1).x), "y": jnp.zeros(40, jnp.int32),
            "task": jnp.ones(40, jnp.int32)}
-  base = lambda p, b, c: (jnp.float32(3.0), {})
+
+  def base(p, b, c):
+    return jnp.float32(3.0), {}
+
   moved = _perturb(params, 0.5, 3)
   values = {}
   for weighting in ("constant", "tasks_seen"):

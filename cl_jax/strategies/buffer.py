@@ -32,7 +32,8 @@ the valid slots (sampling without replacement, an epoch at a time).
 from __future__ import annotations
 
 import functools
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,8 @@ def greedy_balanced_add(buffer: Buffer, counts, groups_seen, examples: dict, rng
     replace = ~has_room & (counts[g] < quota)
     slot = jnp.where(has_room, buf.size, victim)
     write = has_room | replace
-    put = lambda old, new: jnp.where(write, old.at[slot].set(new[i].astype(old.dtype)), old)
+    def put(old, new):
+      return jnp.where(write, old.at[slot].set(new[i].astype(old.dtype)), old)
     fields = {k: put(old, examples[k]) for k, old in slots(buf).items()}
     buf = _with_slots(buf, fields, size=buf.size + has_room.astype(jnp.int32), seen=buf.seen + 1)
     counts = counts.at[g].add(write.astype(jnp.int32))

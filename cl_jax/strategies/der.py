@@ -90,7 +90,7 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
     if raw is None or raw.ndim != 2 or raw.shape[0] < n:  # no forward pass to reuse: run one at the old params
       raw = learner.apply(step.old_params, batch["x"], batch["task"])
     logits = jax.lax.stop_gradient(raw[:n]).astype(jnp.float32)
-    examples = dict(x=batch["x"].astype(jnp.float32), y=batch["y"], task=batch["task"], logits=logits)
+    examples = {"x": batch["x"].astype(jnp.float32), "y": batch["y"], "task": batch["task"], "logits": logits}
     return buffer_lib.reservoir_add(buffer, examples, step.rng)
 
   return Strategy(init=init, loss=loss, name="derpp" if plus_plus else "der", update=update)

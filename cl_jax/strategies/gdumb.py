@@ -12,8 +12,9 @@ class-balanced as the stream goes by (every train step, through the strategy's `
 Before every evaluation (at each task end) a model is trained from scratch — from the run's initial params — on the
 memory alone: `gdumb.epochs` epochs of SGD with momentum 0.9 and a cosine-decayed learning rate `gdumb.lr`, batches of
 `gdumb.batch_size` drawn without replacement within an epoch (`buffer.epoch_order`), masked cross-entropy with the
-logit mask of the current task (class-IL: every class seen). The evaluator scores that model through the strategy's `predict` hook. The
-stream model itself receives no gradient (the strategy's loss is 0), so it stays at its initial params.
+logit mask of the current task (class-IL: every class seen). The evaluator scores that model through the strategy's
+`predict` hook. The stream model itself receives no gradient (the strategy's loss is 0), so it stays at its initial
+params.
 
 "Class" is (task, label), so task- and domain-incremental scenarios, whose labels repeat across tasks, balance per task
 and label. The paper's cutmix augmentation and warm restarts are left out.
@@ -63,7 +64,9 @@ def gdumb(config, learner) -> Strategy:
 
   def init(params, task_info):
     groups = int(task_info.num_tasks) * int(task_info.num_outputs)
-    copy = lambda tree: jax.tree.map(lambda p: jnp.array(p, copy=True), tree)
+    def copy(tree):
+      return jax.tree.map(lambda p: jnp.array(p, copy=True), tree)
+
     memory = buffer_lib.empty(capacity, tuple(task_info.input_shape))
     return dict(memory=memory, counts=jnp.zeros((groups,), jnp.int32), seen=jnp.zeros((groups,), bool),
                 init=copy(params), model=copy(params))
@@ -76,7 +79,7 @@ def gdumb(config, learner) -> Strategy:
 
   def update(state, step: StepInfo):
     b = step.batch
-    examples = dict(x=b["x"].astype(jnp.float32), y=b["y"].astype(jnp.int32), task=b["task"].astype(jnp.int32))
+    examples = {"x": b["x"].astype(jnp.float32), "y": b["y"].astype(jnp.int32), "task": b["task"].astype(jnp.int32)}
     memory, counts, seen = buffer_lib.greedy_balanced_add(state["memory"], state["counts"], state["seen"], examples,
                                                           step.rng, state["counts"].shape[0] // num_tasks)
     return {**state, "memory": memory, "counts": counts, "seen": seen}
@@ -90,7 +93,9 @@ def gdumb(config, learner) -> Strategy:
   def retrain(init_params, memory, task_index, rng):
     num_batches = jnp.maximum((memory.size + batch_size - 1) // batch_size, 1)
     total = epochs * num_batches
-    schedule = lambda s: 0.5 * lr * (1 + jnp.cos(jnp.pi * s / total))
+    def schedule(s):
+      return 0.5 * lr * (1 + jnp.cos(jnp.pi * s / total))
+
     opt = optax.sgd(schedule, momentum=0.9)
 
     def batch_loss(p, idx, weight):

@@ -55,19 +55,19 @@ def empty_buffer(capacity: int, input_shape) -> buffer_lib.Buffer:
 
 def reservoir_add(buffer: buffer_lib.Buffer, x, y, task, rng) -> buffer_lib.Buffer:
   """Feeds examples x[0..n) to reservoir sampling (`buffer.reservoir_add`), in order, all at once."""
-  return buffer_lib.reservoir_add(buffer, dict(x=x, y=y, task=task), rng)
+  return buffer_lib.reservoir_add(buffer, {"x": x, "y": y, "task": task}, rng)
 
 
 def class_balanced_add(buffer: buffer_lib.Buffer, x, y, task, rng, per_class: int = -1) -> buffer_lib.Buffer:
   """Re-selects the buffer from its contents plus x[0..n): a uniform random subset of q examples per (task, class)
   seen, q = capacity // groups (capped at `per_class` when positive); `buffer.balanced_add` by class."""
-  return buffer_lib.balanced_add(buffer, dict(x=x, y=y, task=task), rng, per_group=per_class, by="class")
+  return buffer_lib.balanced_add(buffer, {"x": x, "y": y, "task": task}, rng, per_group=per_class, by="class")
 
 
 def sample_replay_batch(buffer: buffer_lib.Buffer, rng, batch_size: int) -> dict:
   """`batch_size` examples drawn uniformly with replacement from the valid slots (slot 0 if empty)."""
   drawn = buffer_lib.sample(buffer, rng, batch_size)
-  return dict(x=drawn["x"], y=drawn["y"], task=drawn["task"])
+  return {"x": drawn["x"], "y": drawn["y"], "task": drawn["task"]}
 
 
 def check_config(config) -> None:
