@@ -27,7 +27,10 @@ Classification (the strategy's `predict` hook): nearest mean of exemplars,
 with the means computed at each task end from the params then (the params every boundary evaluation scores).
 
 State: {'x', 'y', 'task' [K, ...], 'rank' [K] (herding position, -1 = empty slot), 'teacher' (params), 'means'
-[C, D], 'has_mean' [C]}.
+[C, D], 'has_mean' [C]}. The exemplars are not a `buffer.Buffer` (whose valid slots are its first `size`): cutting
+every list to its first m entries frees slots all over the memory, and they stay where they are, because moving the
+kept exemplars to the front would change which ones the uniform draw over filled slots picks, and so the published
+runs (results/split_mnist).
 """
 from __future__ import annotations
 
