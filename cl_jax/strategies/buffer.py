@@ -2,7 +2,7 @@
 that lives in the strategy state, so filling it and drawing from it are ordinary `jit` code.
 
   Buffer(x     [capacity, ...] float32   the stored inputs
-         y     [capacity] int32          their labels
+         y     [capacity, ...] int32     their labels (a class label each; next tokens [L] for a language model)
          task  [capacity] int32          their task ids
          size  int32                     valid slots: they are the first `size`
          seen  int32                     examples offered to the buffer so far (the stream's length)
@@ -67,9 +67,11 @@ class Buffer(NamedTuple):
     raise AttributeError(name)
 
 
-def empty(capacity: int, input_shape, extra: Mapping[str, tuple] | None = None) -> Buffer:
-  """An empty buffer; `extra` maps a per-slot field's name to its shape per example (float32)."""
-  return Buffer(x=jnp.zeros((capacity, *input_shape), jnp.float32), y=jnp.zeros((capacity,), jnp.int32),
+def empty(capacity: int, input_shape, extra: Mapping[str, tuple] | None = None, label_shape=()) -> Buffer:
+  """An empty buffer; `extra` maps a per-slot field's name to its shape per example (float32); `label_shape` is one
+  example's target shape (`TaskInfo.label_shape`: () for a class label, (L,) for a language model's next tokens)."""
+  return Buffer(x=jnp.zeros((capacity, *input_shape), jnp.float32),
+                y=jnp.zeros((capacity, *label_shape), jnp.int32),
                 task=jnp.zeros((capacity,), jnp.int32), size=jnp.zeros((), jnp.int32), seen=jnp.zeros((), jnp.int32),
                 extra={k: jnp.zeros((capacity, *shape), jnp.float32) for k, shape in (extra or {}).items()})
 

@@ -48,9 +48,13 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def empty_buffer(capacity: int, input_shape) -> buffer_lib.Buffer:
-  """An empty `buffer.Buffer` of inputs, labels and task ids (no extra fields)."""
-  return buffer_lib.empty(capacity, input_shape)
+# The type of replay's and A-GEM's state (A-GEM's annotations name it so): the rehearsal strategies' one buffer.
+ReplayBuffer = buffer_lib.Buffer
+
+
+def empty_buffer(capacity: int, input_shape, label_shape=()) -> buffer_lib.Buffer:
+  """An empty `buffer.Buffer` of inputs, labels (one target of `label_shape` each) and task ids; no extra fields."""
+  return buffer_lib.empty(capacity, input_shape, label_shape=label_shape)
 
 
 def reservoir_add(buffer: buffer_lib.Buffer, x, y, task, rng) -> buffer_lib.Buffer:
