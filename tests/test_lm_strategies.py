@@ -1,5 +1,5 @@
 """Strategies on LM continual pre-training (issue 20 item 3): which ones an LM run allows is computed from what they
-need, and the ones it gained (SI, MAS, A-GEM, O-LoRA) do on a tiny LM what they are for.
+need, and the ones it gained (SI, MAS, A-GEM, DER / DER++, O-LoRA) do on a tiny LM what they are for.
 
 The tests drive the runner's own pieces (`pretrain_phase` / `adapt_phase`: its step, with the strategy's hooks, and
 its task-boundary hooks) on synthetic token data, without the evaluator and the monitor, so each takes seconds.
@@ -116,10 +116,10 @@ def test_lm_strategies_are_computed_from_needs_and_refusals_name_the_capability(
   from cl_jax.strategies import REGISTRY, allowed
   names = lm_strategies()
   assert {"naive", "distill", "lwf", "ewc", "online_ewc", "generative_replay", "lora",
-          "si", "mas", "agem", "olora"} <= set(names)
-  assert not {"replay", "der", "derpp", "gdumb", "icarl", "joint", "packnet", "progressive"} & set(names)
+          "si", "mas", "agem", "der", "derpp", "olora"} <= set(names)
+  assert not {"replay", "gdumb", "icarl", "joint", "packnet", "progressive"} & set(names)
   assert names == allowed(LM_PROVIDES) and all(REGISTRY[n].needs <= LM_PROVIDES for n in names)
-  for spec, needle in (("replay", "replay (needs class_labels"), ("der", "der (needs class_labels"),
+  for spec, needle in (("replay", "replay (needs class_labels"), ("gdumb", "gdumb (needs class_labels"),
                        ("si+joint", "joint (needs train_tasks"), ("gdumb", "predict")):
     c = _config(spec)
     with pytest.raises(ConfigError, match=rf"^strategy='{spec.replace('+', '[+]')}': kind 'lm' cannot run") as e:
@@ -128,7 +128,7 @@ def test_lm_strategies_are_computed_from_needs_and_refusals_name_the_capability(
   # A setting adds a need: a class-balanced memory balances on class labels, which token targets are not.
   with pytest.raises(ConfigError, match="agem .needs class_labels for agem.policy='class_balanced'"):
     validate(_config("agem", **{"agem.policy": "class_balanced"}))
-  for spec in ("si", "mas", "agem", "olora", "si+agem", "mas+distill"):
+  for spec in ("si", "mas", "agem", "der", "derpp", "olora", "si+agem", "mas+distill"):
     validate(_config(spec))
   with pytest.raises(ConfigError, match="^strategy='si': SI's importance is the path integral"):
     validate(_config("si", **{"pretrain.steps": 0}))
@@ -244,3 +244,26 @@ def test_olora_trains_only_its_domain_slot(setup, pretrained, monkeypatch):
   from cl_jax.strategies.lora import merged_params
   merged = merged_params(state.params, c)
   assert jax.tree.structure(merged) == jax.tree.structure(base)
+
+
+def test_der_keeps_token_rows_with_their_next_token_logits(setup, pretrained):
+  """Buzzega et al. 2020 on a language model: the buffer keeps token rows, their next tokens and the model's whole
+  response [L, V] at the step they were seen; DER++'s two terms then read it (logit matching and next-token CE)."""
+  base = pretrained[0]
+  c = _config("derpp", **{"der.capacity": 16, "der.batch_size": 4})
+  assert "der" in lm_strategies() and "derpp" in lm_strategies()
+  phase, _, _, state = _adapt(c, setup, base, steps=2)   # 2 steps x 8 rows: the reservoir's first 16 fill it
+  buf = jax.device_get(state.strategy_state)
+  assert buf.extra["logits"].shape == (16, SEQ_LEN - 1, VOCAB) and buf.y.shape == (16, SEQ_LEN - 1)
+  assert int(buf.size) == 16 and int(buf.seen) == 16
+  rows = {tuple(r) for r in setup.data.train[DOMAIN]}
+  x = np.asarray(buf.x).astype(np.int32)
+  for xi, yi in zip(x, np.asarray(buf.y)):
+    assert tuple(xi) + (int(yi[-1]),) in rows and np.array_equal(xi[1:], yi[:-1])  # real rows, next tokens
+  # the first step's rows (slots 0..7) carry the base model's logits: the forward pass of the step that saw them
+  want = np.asarray(setup.model.apply(base, jnp.asarray(x[:8]), jnp.asarray(buf.task[:8])))
+  np.testing.assert_allclose(np.asarray(buf.extra["logits"][:8]), want, atol=2e-4, rtol=1e-4)
+  plan = phase.plan
+  _, metrics = plan.train_step(state, plan.put_batch(next(plan.batches(1, {"step": 2})), False))
+  assert float(metrics["der_logit_mse"]) > 0 and float(metrics["der_buffer_ce"]) > 0
+  assert float(metrics["loss"]) > float(metrics["task_loss"])

@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   # gradient on as many memory sequences as a batch holds (the classic 256 would cost 16 steps' compute per step).
   c.agem.policy = "reservoir"
   c.agem.batch_size = 16
+  # DER on an LM keeps every stored row's next-token logits [seq_len - 1, vocab]: capacity x L x V floats (128 x 127 x
+  # 256 x 4 bytes = 17 MB for the byte model); keep it small for a large vocabulary.
+  c.der.capacity = 128
   c.regression = ml_collections.ConfigDict(dict(
       threshold=0.02, eval_every=500, hard_stop=True, patience=1, select="domain/perplexity",
       eval_batch_size=64,

@@ -164,7 +164,8 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
   # SI's importance of the general task is the path integral of the base's own training: it runs here (Ω = 0, so
   # its penalty is 0) and the adaptation's SI starts from its state (`adapt_phase(pretrain_path=...)`).
   strategy = build_strategy("si", c, learner) if "si" in parse_strategy_spec(c.strategy) else naive()
-  strategy_state = strategy.init(params, TaskInfo(1, int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,)))
+  strategy_state = strategy.init(params, TaskInfo(1, int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,),
+                                                  (int(c.lm.seq_len) - 1,), "int32"))
   state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
                                 mesh)
   sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
@@ -221,7 +222,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   key = jax.random.PRNGKey(c.seed)
   learner = Learner(model.apply, no_logit_mask)
   strategy = build_strategy(c.strategy, c, learner)
-  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,), (int(c.lm.seq_len) - 1,))
+  task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,), (int(c.lm.seq_len) - 1,),
+                       "int32")
   # A copy: the step donates its state, and the caller keeps the base.
   params, trainable = jax.tree.map(lambda p: jnp.array(p, copy=True), base_params), None
   if strategy.prepare is not None:  # LoRA: the model becomes base + adapter, only the adapter trains

@@ -141,8 +141,8 @@ from cl_jax.strategies import agem as _agem, der as _der, mas as _mas, si as _si
 REGISTRY["si"] = StrategyEntry(_si.si, {"si": _si.default_config}, _si.check_config, ("si",),
                                frozenset({"step_hooks"}))
 REGISTRY["mas"] = StrategyEntry(_mas.mas, {"mas": _mas.default_config}, _mas.check_config, ("mas",), _PER_EXAMPLE)
-# DER's buffer keeps one class label and one logits row [C] per slot, filled in the step (update hook).
-_DER_NEEDS = frozenset({"class_labels", "class_logits", "input_buffer", "step_hooks"})
+# DER's buffer keeps each example's labels and its whole response (logits [C], or [L, V] on a language model).
+_DER_NEEDS = frozenset({"input_buffer", "step_hooks"})  # class logits [C] or token logits [L, V] alike
 REGISTRY["der"] = StrategyEntry(_der.der, {"der": _der.default_config}, _der.check_config, ("der",), _DER_NEEDS)
 REGISTRY["derpp"] = StrategyEntry(_der.derpp, {"der": _der.default_config}, _der.check_config, ("der",), _DER_NEEDS)
 # A-GEM's memory keeps whole examples (label slots shaped by TaskInfo.label_shape); the projection is a grads hook.

@@ -94,12 +94,14 @@ class TaskInfo(NamedTuple):
   """Static facts about the scenario that a strategy's `init` may size its state from.
 
   `label_shape` is the shape of one example's target: () for a class label, (L,) for a language model's next tokens
-  (a buffer that keeps targets, A-GEM's memory, sizes its label slots from it).
+  (a buffer that keeps targets, A-GEM's memory, sizes its label slots from it). `input_dtype`: what the model reads
+  ('float32' features, 'int32' token ids), for a strategy that runs the model on a probe input at `init` (DER).
   """
   num_tasks: int
   num_outputs: int
   input_shape: tuple
   label_shape: tuple = ()
+  input_dtype: str = "float32"
 
 
 class StepInfo(NamedTuple):

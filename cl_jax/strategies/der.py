@@ -14,7 +14,10 @@ whole response); the CE term uses the logit mask of the current task, as the tas
 the buffer is empty.
 
 State: the rehearsal strategies' one `buffer.Buffer`, with the stored logits as its extra field 'logits'
-[capacity, C] (C: the model's outputs), of static shape, sharded along its slots.
+[capacity, C] (C: the model's outputs), of static shape, sharded along its slots. On a language model (continual
+pre-training) an example is a token row, its labels the next tokens and its stored response the next-token logits
+[L, V]: the buffer holds capacity x L x V floats (500 x 127 x 256 x 4 bytes = 65 MB for the byte-level model; a
+32k vocabulary needs ~128x that, so keep `der.capacity` small there), and DER++'s CE is the mean next-token CE.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cl_jax.losses import cross_entropy
+from cl_jax.losses import cross_entropy, token_cross_entropy
 from cl_jax.strategies import buffer as buffer_lib
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
@@ -61,9 +64,11 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
   beta = float(dc.beta) if plus_plus else 0.0
 
   def init(params, task_info):
-    probe = jax.eval_shape(learner.apply, params, jnp.zeros((1, *task_info.input_shape), jnp.float32),
+    probe = jax.eval_shape(learner.apply, params, jnp.zeros((1, *task_info.input_shape), task_info.input_dtype),
                            jnp.zeros((1,), jnp.int32))
-    return buffer_lib.empty(capacity, tuple(task_info.input_shape), extra={"logits": (int(probe.shape[-1]),)})
+    # One example's whole response: [C] class logits, or [L, V] next-token logits of a language model.
+    return buffer_lib.empty(capacity, tuple(task_info.input_shape), extra={"logits": tuple(probe.shape[1:])},
+                            label_shape=tuple(task_info.label_shape))
 
   def loss(loss_fn):
     def der_loss(params, batch, ctx: LossContext):
@@ -71,13 +76,14 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
       value, aux = loss_fn(params, batch, ctx)
       filled = (buffer.size > 0).astype(jnp.float32)
       m = buffer_lib.sample(buffer, jax.random.fold_in(ctx.rng, _LOGIT_STREAM), batch_size)
-      out = learner.apply(params, m["x"], m["task"]).astype(jnp.float32)
+      out = learner.apply(params, m["x"].astype(batch["x"].dtype), m["task"]).astype(jnp.float32)
       match = jnp.mean(jnp.square(out - m["logits"]))
       total = value + filled * alpha * match
       extra = {"der_logit_mse": filled * match}
       if plus_plus:
         r = buffer_lib.sample(buffer, jax.random.fold_in(ctx.rng, _LABEL_STREAM), batch_size)
-        ce = jnp.mean(cross_entropy(learner.logits(params, r["x"], r["task"], ctx.task_index), r["y"]))
+        logits = learner.logits(params, r["x"].astype(batch["x"].dtype), r["task"], ctx.task_index)
+        ce = jnp.mean(_cross_entropy(logits, r["y"]))
         total = total + filled * beta * ce
         extra["der_buffer_ce"] = filled * ce
       return total, {**aux, **extra}
@@ -87,13 +93,21 @@ def der(config, learner, *, plus_plus: bool = False) -> Strategy:
     batch = step.batch
     n = batch["y"].shape[0]
     raw = step.aux.get("_raw_logits")
-    if raw is None or raw.ndim != 2 or raw.shape[0] < n:  # no forward pass to reuse: run one at the old params
+    stored = buffer.extra["logits"].shape[1:]
+    if raw is None or raw.shape[1:] != stored or raw.shape[0] < n:  # no forward pass to reuse: run one at the old params
       raw = learner.apply(step.old_params, batch["x"], batch["task"])
     logits = jax.lax.stop_gradient(raw[:n]).astype(jnp.float32)
     examples = {"x": batch["x"].astype(jnp.float32), "y": batch["y"], "task": batch["task"], "logits": logits}
     return buffer_lib.reservoir_add(buffer, examples, step.rng)
 
   return Strategy(init=init, loss=loss, name="derpp" if plus_plus else "der", update=update)
+
+
+def _cross_entropy(logits, labels):
+  """Per-example CE: of the class label, or the mean over positions of next-token CE (labels [B, L])."""
+  if labels.ndim == 1:
+    return cross_entropy(logits, labels)
+  return jnp.mean(token_cross_entropy(logits, labels), axis=tuple(range(1, labels.ndim)))
 
 
 def derpp(config, learner) -> Strategy:
