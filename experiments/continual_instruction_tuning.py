@@ -202,11 +202,12 @@ def write(a, rows: dict, quiet: bool = False) -> None:
             "At this scale exact match stays near 0 on the code sets, so the format-compliance metric "
             "(`cit.metric=format`) is what carries the signal; conclusions about large pre-trained models need "
             "runs of configs/cit.py with `lm.init_from` (an imported checkpoint) on an accelerator.", ""]
-  from experiments.protocol import write_markdown
+  from experiments.protocol import portable, write_markdown
   write_markdown(a.out + ".md", lines)  # + the hand-written <out>.notes.md, when there is one
   with open(a.out + ".json", "w") as f:
-    json.dump({"args": vars(a), "runs": list(rows.values()),
-               "claims": {k: {"bwt_diffs": d, "verdict": v, "acc_diffs": acc} for k, (d, v, acc) in claims.items()}},
+    json.dump(portable({"args": vars(a), "runs": list(rows.values()),
+               "claims": {k: {"bwt_diffs": d, "verdict": v, "acc_diffs": acc}
+                          for k, (d, v, acc) in claims.items()}}),
               f, indent=1)
   if not quiet:
     print("\n".join(lines))

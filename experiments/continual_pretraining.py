@@ -38,6 +38,7 @@ import numpy as np
 
 import cl_jax
 from experiments.lm_protocol import small_lm_config
+from experiments.protocol import portable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ def write_outputs(args, records, seconds):
           | ({"lora_base_unchanged": r["lora_base_unchanged"]} if "lora_base_unchanged" in r else {})
           for r in records]
   with open(stem + ".json", "w") as f:
-    json.dump({"args": vars(args), "runs": slim}, f, indent=2)
+    json.dump(portable({"args": vars(args), "runs": slim}), f, indent=2)
   plot_tradeoff(records, stem + "_tradeoff.png")
   plot_curves(records, stem + "_curves.png", records[0]["threshold"])
   with open(args.out, "w") as f:

@@ -518,8 +518,9 @@ def render(data: dict, out: str) -> None:
   for name, s in data["summary"].items():
     print(f"{name}: slope {s['slope_mean']:+.4g} [{s['slope_interval'][0]:+.4g}, {s['slope_interval'][1]:+.4g}] "
           f"rho {s['spearman_rho']:+.2f} -> {s['verdict']}")
+  from experiments.protocol import portable
   with open(out + ".json", "w") as f:
-    json.dump(data, f, indent=1)
+    json.dump(portable(data), f, indent=1)
   write_plot(data["summary"], data["raw"], out + ".png")
   write_markdown(data["summary"], data["meta"], out + ".md")
   print(f"wrote {out}.md/.png/.json")

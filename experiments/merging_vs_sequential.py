@@ -54,6 +54,7 @@ from cl_jax import checkpoint, merging, sharding
 from cl_jax.models import lora as lora_lib
 from cl_jax.strategies import olora as olora_lib
 from configs import merging_specialists
+from experiments.protocol import portable
 
 DEFAULT_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                              "mnist.npz")
@@ -336,7 +337,7 @@ def write_report(record, out_path):
   with open(out_path, "w") as f:
     f.write("\n".join(lines))
   with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
-    json.dump(record, f, indent=1)
+    json.dump(portable(record), f, indent=1)
   plot(record, os.path.splitext(out_path)[0] + ".png")
   print("\n".join(lines))
   print(f"\nwrote {out_path}")

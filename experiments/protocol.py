@@ -335,9 +335,22 @@ def write_markdown(path: str, lines: list) -> None:
     f.write("\n".join(lines) + "\n")
 
 
+def portable(obj):
+  """`obj` with every absolute path inside the checkout's folder (or the folder beside it, where runs/ and
+  shared/ may live) rewritten relative to the checkout: a results file names what a fresh clone has, not this
+  machine's paths."""
+  if isinstance(obj, dict):
+    return {k: portable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(portable(v) for v in obj)
+  if isinstance(obj, str) and os.path.isabs(obj) and obj.startswith(os.path.dirname(ROOT) + os.sep):
+    return os.path.relpath(obj, ROOT)
+  return obj
+
+
 def write_json(path: str, obj) -> None:
   with open(path, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=float)
+    json.dump(portable(obj), f, indent=1, sort_keys=True, default=float)
 
 
 def t_interval_of_difference(a, b) -> tuple[float, float]:
