@@ -16,7 +16,7 @@ memory's label slots take the shape `TaskInfo.label_shape` (() for a class label
 inputs go to the model in the dtype of the step's own batch (token ids stay integers). Token targets have no class
 to balance on, so a language model fills the memory with `agem.policy='reservoir'`.
 
-State: a `replay.ReplayBuffer`.
+State: the rehearsal strategies' one `buffer.Buffer` (inputs, labels, task ids).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cl_jax.strategies import replay as replay_lib
+from cl_jax.strategies import buffer as buffer_lib, replay as replay_lib
 from cl_jax.strategies.base import Strategy
 
 _MEMORY_STREAM = 0xA6E1
@@ -45,11 +45,9 @@ def mean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
 
 
-def empty_memory(capacity: int, task_info) -> replay_lib.ReplayBuffer:
+def empty_memory(capacity: int, task_info) -> buffer_lib.Buffer:
   """An empty memory whose label slots have the shape of one example's target (`TaskInfo.label_shape`)."""
-  memory = replay_lib.empty_buffer(capacity, tuple(task_info.input_shape))
-  label_shape = tuple(getattr(task_info, "label_shape", ()))
-  return memory._replace(y=jnp.zeros((capacity, *label_shape), jnp.int32)) if label_shape else memory
+  return buffer_lib.empty(capacity, tuple(task_info.input_shape), label_shape=tuple(task_info.label_shape))
 
 
 def tree_vdot(a, b) -> jax.Array:
