@@ -11,12 +11,12 @@
   python run.py --config configs/cit.py --config.cit.tasks=signature,name,refusal+benign --workdir runs/cit_order
 
 arg: comma-separated `key=value` among
-  strategy  a '+' chain of: naive | replay (mix `replay.fraction` of earlier sets' rows into every batch) |
+  strategy  a '+' chain of: naive | replay (mix `cit.replay_fraction` of earlier sets' rows into every batch) |
             distill (token-level KL to the model after the previous set; `distill.*`) | lwf (the same) |
             lora (one adapter on the frozen base; `lora.*`) | olora (O-LoRA: one adapter slot per set, earlier
             slots frozen, orthogonality penalty; `olora.*`) | lora_per_task (one adapter per set trained alone;
             at evaluation a router on the prompt picks the adapter among the sets trained so far)
-  replay    replay.fraction, e.g. 0.05 (practice: 0.05 to 0.10); used when strategy has `replay`
+  replay    cit.replay_fraction, e.g. 0.05 (practice: 0.05 to 0.10); used when strategy has `replay`
   prompts   off | system (per-set system prompt) | tag (per-set task tag as the system turn): sft.task_prompt
   tasks     default (name, signature, module_qa, refusal+benign) | two (name, refusal+benign) |
             all (summary, name, signature, module_qa, refusal+benign); any order with --config.cit.tasks=...
@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
   args = parse_arg(arg, strategy="naive", replay="0.05", prompts="off", tasks="default", steps="200", size="tiny")
   c = default_config()
   c.strategy = args["strategy"]
-  c.replay.fraction = float(args["replay"])
+  c.cit.replay_fraction = float(args["replay"])
   c.sft.task_prompt = args["prompts"]
   if args["tasks"] not in TASKS:
     raise ValueError(f"config arg tasks={args['tasks']!r}: expected one of {sorted(TASKS)} "

@@ -7,7 +7,7 @@
 Every run goes through `cl_jax.run` with `configs/cit.py`: a byte-level `tiny` transformer (from scratch) trained
 on the sets one after another (default order: name, signature, module_qa, refusal+benign), evaluated after every
 task by greedy decoding; the accuracy-matrix entry is the exact-match rate of a task's sets.
-Variants: replay.fraction in {0, 0.05, 0.10, 0.20} x sft.task_prompt in {off, system}; and on the frozen base with
+Variants: cit.replay_fraction in {0, 0.05, 0.10, 0.20} x sft.task_prompt in {off, system}; and on the frozen base with
 prompts off: `lora_per_set` (one LoRA adapter per set, a prompt router picks one at inference) and `olora` (O-LoRA).
 
 The two claims tested (issue 10):

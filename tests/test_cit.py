@@ -91,7 +91,7 @@ def test_left_padded_greedy_decoding_matches_unpadded_generate(data):
     ("cit.tasks", "name,name", "a set appears twice"),
     ("strategy", "ewc", "strategy='ewc'"),
     ("sft.task_prompt", "yes", "sft.task_prompt='yes'"),
-    ("replay.fraction", 1.5, "replay.fraction=1.5"),
+    ("cit.replay_fraction", 1.5, "cit.replay_fraction=1.5"),
     ("cit.eval_split", "train", "cit.eval_split='train'"),
     ("strategy", "lora+lora_per_task", "lora and lora_per_task each change the model"),
 ])
@@ -101,12 +101,12 @@ def test_config_errors_name_the_key(key, value, message):
   c = tiny_cit_config(**{key: value})
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
     validate(c)
-  c = tiny_cit_config(strategy="replay", **{"replay.fraction": 0.0})
-  with pytest.raises(ConfigError, match="replay.fraction=0.0"):
+  c = tiny_cit_config(strategy="replay", **{"cit.replay_fraction": 0.0})
+  with pytest.raises(ConfigError, match="cit.replay_fraction=0.0"):
     validate(c)
 
 
-RUN = {"replay.fraction": 0.25, "sft.task_prompt": "tag"}
+RUN = {"cit.replay_fraction": 0.25, "sft.task_prompt": "tag"}
 
 
 @pytest.fixture(scope="module")

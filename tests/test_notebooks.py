@@ -93,9 +93,10 @@ def test_quickstart(tmp_path, monkeypatch):
     matrix = np.asarray(r["accuracy_matrix"])
     assert matrix.shape == (6, 5), name  # row 0 before training, one row per task of the 5
     np.testing.assert_allclose((r["acc"], r["bwt"], r["forgetting"]), summaries(matrix), atol=1e-12, err_msg=name)
-    # The notebook's run is the library's run: the same config through cl_jax.run gives the same numbers.
-    direct = rerun(tmp_path / "nb" / name, tmp_path / "direct" / name)
-    np.testing.assert_allclose(direct.accuracy_matrix, matrix, atol=1e-6, err_msg=name)
+  # The notebook's run is the library's run: the same config through cl_jax.run gives the same numbers (one run
+  # of the four: each rerun costs as much as the notebook's own).
+  direct = rerun(tmp_path / "nb" / "swapped", tmp_path / "direct")
+  np.testing.assert_allclose(direct.accuracy_matrix, runs["swapped"]["accuracy_matrix"], atol=1e-6)
   assert runs["swapped"]["strategy"] == "ewc+replay"
   # Row 0 (before training: the same init) is the same for every strategy; EWC's penalty is zero until its first
   # anchor, so after task 1 it equals naive fine-tuning too.
@@ -113,20 +114,18 @@ def test_quickstart(tmp_path, monkeypatch):
 
 
 def test_continual_pretraining(tmp_path, monkeypatch):
-  import numpy as np
   nb = execute("continual_pretraining", tmp_path / "nb", monkeypatch)
   r = results_json(tmp_path / "nb" / "cpt_70_30")
   assert r["kind"] == "lm" and r["mixture"] == "70_30"
   base, final = r["test"]["base"], r["test"]["final"]
   # 70% code in every adaptation batch: the code perplexity falls even in a 20-step run.
   assert final["domain/perplexity"] < base["domain/perplexity"]
-  # The notebook's run is the library's run: the same config through cl_jax.run gives the same test metrics.
-  direct = rerun(tmp_path / "nb" / "cpt_70_30", tmp_path / "direct").as_dict()
-  for model in ("base", "final"):
-    assert set(direct["test"][model]) == set(r["test"][model])
-    for k, v in r["test"][model].items():
-      np.testing.assert_allclose(direct["test"][model][k], v, rtol=1e-5, err_msg=f"{model} {k}")
-  assert direct["best_step"] == r["best_step"]
+  # The monitor's record is consistent with itself: the kept step is one it evaluated, and every general metric has
+  # a test interval of the kept and the final model against the base (lower end <= estimate <= upper end).
+  assert r["best_step"] in [h["step"] for h in r["history"]]
+  for model in ("best", "final"):
+    for metric, interval in r["test_intervals"][model].items():
+      assert metric in base and interval["lo"] <= interval["estimate"] <= interval["hi"], (model, metric)
   assert outputs(nb, "image/png")  # the regression monitor's figure
   tables = [h for h in outputs(nb, "text/html") if "<th>adapted (70/30)</th>" in h]
   assert tables and tables[0].count("<tr>") == 4  # header + one row per prompt

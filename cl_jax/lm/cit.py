@@ -7,7 +7,7 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
   batches     packed SFT rows of the task's sets (`cl_jax.lm.sft`, assistant-only loss mask, segment ids), chat
               template `cl_jax.lm.templates` (plain for the byte model; the checkpoint's own chat_template when
               `lm.init_from` names a Hugging Face checkpoint that has one). With the `replay` strategy a share
-              `replay.fraction` of every task's rows comes from the training rows of the earlier tasks (uniformly
+              `cit.replay_fraction` of every task's rows comes from the training rows of the earlier tasks (uniformly
               over their pooled rows): step s of a task draws floor((s+1) f B) - floor(s f B) replayed rows of B,
               so after S steps the realised share is floor(S f B) / (S B), exactly f up to one row (the practice
               of mixing 5-10% of earlier instruction data into each new set; e.g. Scialom et al. 2022).
@@ -21,7 +21,7 @@ from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.ru
               `refusal` set and on the `benign` set (over-refusal) are reported per evaluation.
   after_task  the strategy chain's `after_task` (distillation snapshots its teacher).
 
-Strategies (`strategy`, a '+' chain): `naive`; `replay` (the data-side mix above, `replay.fraction`); `distill` /
+Strategies (`strategy`, a '+' chain): `naive`; `replay` (the data-side mix above, `cit.replay_fraction`); `distill` /
 `lwf` (the registry's distillation on the packed logits, teacher = the params after the previous task); `lora` (one
 adapter on the frozen base through all sets, `lora.*`); `olora` (O-LoRA: one adapter slot per set, earlier slots
 frozen, orthogonality penalty; `olora.*`, `lora.*`) -- for both, adapters are folded into the base for decoding;
@@ -83,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
       eval_split="test",    # validation | test
       max_new_tokens=64,
       metric="exact_match",  # the accuracy-matrix entry per set: exact_match | format (compliance rate)
-      data_dir=""))         # '' builds the sets from this Python's stdlib; else a scripts/build_instruction_sets.py dir
+      data_dir="",          # '' builds the sets from this Python's stdlib; else a scripts/build_instruction_sets.py dir
+      # strategy 'replay' (CIT's own, data-side): this share of each batch's rows comes from earlier tasks' rows. It
+      # lives here, not in a `replay` section: the registry's replay strategy owns that name with another schema.
+      replay_fraction=0.05))
   c.sft = ml_collections.ConfigDict(dict(task_prompt="off", seq_len=384))
   c.lm = ml_collections.ConfigDict(dict(size="tiny", d_model=0, num_layers=0, num_heads=0, compute_dtype="float32",
                                         init_from=""))  # a Hugging Face checkpoint directory ('' = a new byte model)
@@ -91,7 +94,6 @@ def default_config() -> ml_collections.ConfigDict:
       name="adamw", lr=3e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
       schedule="constant", scope="task", warmup_fraction=0.05, decay_fraction=0.25, end_lr_fraction=0.0,
       decay_shape="linear"))
-  c.replay = ml_collections.ConfigDict(dict(fraction=0.05))  # share of each batch's rows from earlier tasks
   c.distill = distill_config()
   from cl_jax.models.lora import default_config as lora_config
   from cl_jax.strategies.olora import default_config as olora_config
@@ -133,7 +135,7 @@ def _schema():
       "cit.steps_per_task": integer(1), "cit.batch_size": integer(1), "cit.eval_examples": integer(1),
       "cit.max_new_tokens": integer(1), "cit.metric": one_of(METRICS), "cit.eval_split": one_of("validation", "test"),
       "sft.task_prompt": one_of(ins.TASK_PROMPTS), "sft.seq_len": integer(16),
-      "replay.fraction": number(0.0, 1.0, high_open=True), "optim.name": one_of(OPTIMIZERS),
+      "cit.replay_fraction": number(0.0, 1.0, high_open=True), "optim.name": one_of(OPTIMIZERS),
   }
 
 
@@ -150,13 +152,13 @@ def check_config(c) -> None:
     raise ValueError(f"kind={c.kind!r}: cl_jax.lm.cit runs kind='cit' configs")
   names = parse_strategy_spec(c.strategy)
   check_allowed(c.strategy, CIT_PROVIDES, "cit", config=c, own=CIT_OWN,
-                hint=" (replay: a share replay.fraction of each task's rows from the earlier tasks)")
+                hint=" (replay: a share cit.replay_fraction of each task's rows from the earlier tasks)")
   parse_tasks(c.cit.tasks)
   if c.cit.data_dir and not os.path.isdir(c.cit.data_dir):
     raise ValueError(f"cit.data_dir={c.cit.data_dir!r}: not a directory (build one with "
                      "scripts/build_instruction_sets.py, or '' to build the sets in memory)")
-  if "replay" in names and not float(c.replay.fraction) > 0:
-    raise ValueError(f"replay.fraction={c.replay.fraction}: strategy 'replay' needs a fraction > 0 "
+  if "replay" in names and not float(c.cit.replay_fraction) > 0:
+    raise ValueError(f"cit.replay_fraction={c.cit.replay_fraction}: strategy 'replay' needs a fraction > 0 "
                      "(practice: 0.05 to 0.10)")
   check_schedule(c.optim)
   if c.lm.init_from:
@@ -466,7 +468,7 @@ def build(config, data: CITData | None = None) -> Built:
   strategy = build_strategy(spec, c, learner)
   num_tasks = len(data.tasks)
   steps = int(c.cit.steps_per_task)
-  fraction = float(c.replay.fraction) if "replay" in names else 0.0
+  fraction = float(c.cit.replay_fraction) if "replay" in names else 0.0
   key = jax.random.PRNGKey(c.seed)
   task_info = TaskInfo(num_tasks, int(data.tokenizer.vocab_size), (int(c.sft.seq_len) - 1,))
   trainable = None
@@ -584,7 +586,7 @@ def report(results, workdir: str, config) -> None:
 def strategy_record_cit(c, names) -> dict:
   used = {}
   if "replay" in names:
-    used["replay"] = c.replay.to_dict()
+    used["replay"] = {"fraction": float(c.cit.replay_fraction)}  # the record's shape before the key moved
   if {"distill", "lwf"} & set(names):
     used["distill"] = c.distill.to_dict()
   if set(adapter_strategies()) & set(names):
