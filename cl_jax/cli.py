@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from cl_jax.config import ConfigError, set_overrides
+from cl_jax.config import ConfigError, normalise, one_line, set_overrides
 from cl_jax.kinds import validate
 from cl_jax.errors import CLJaxError
 
@@ -44,20 +44,66 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise ConfigError(f"--config {path!r}: syntax error at line {e.lineno}: {e.msg}") from e
+  except SyntaxError as e:  # in the file, or in a module it imports (then that module is named)
+    elsewhere = e.filename and os.path.realpath(e.filename) != os.path.realpath(path)
+    where = f"line {e.lineno} of {e.filename}" if elsewhere else f"line {e.lineno}"
+    raise ConfigError(f"--config {path!r}: syntax error at {where}: {e.msg}") from e
   except ImportError as e:
-    raise ConfigError(f"--config {path!r}: cannot import: {e}") from e
-  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config {path!r}: cannot import: {e}{_where(e, path)}") from e
+  except CLJaxError:
+    raise
+  except Exception as e:  # the file's top level raised: its own bug, reported as bad input, not a traceback
+    raise ConfigError(f"--config {path!r}: importing it raised {_raised(e)}{_where(e, path)}") from e
+  if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"--config {path!r}: defines no get_config(arg)")
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except CLJaxError:
     raise
   except TypeError as e:  # a locked ConfigDict refuses a value of another type (e.g. a float for an int key)
-    raise ConfigError(_type_error_message(e, spec)) from e
-  except (ValueError, KeyError, AttributeError) as e:
-    raise ConfigError(f"--config {spec!r}: {' '.join(str(e).split())}") from e
+    message = _type_error_message(e, spec)
+    if message is None:
+      raise ConfigError(f"--config {spec!r}: get_config raised {_raised(e)}{_where(e, path)}") from e
+    raise ConfigError(message) from e
+  except (ValueError, KeyError, AttributeError) as e:  # a bad arg or key, which the config's own message names
+    raise ConfigError(f"--config {spec!r}: {one_line(e)}{_where(e, path)}") from e
+  except Exception as e:  # any other bug inside get_config (ZeroDivisionError, an import inside it, ...)
+    raise ConfigError(f"--config {spec!r}: get_config raised {_raised(e)}{_where(e, path)}") from e
+  import ml_collections
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config {spec!r}: get_config returned {_short(config)}; it must return an "
+                      "ml_collections.ConfigDict, e.g. cl_jax.kinds.base_config() or "
+                      "cl_jax.kinds.default_config(kind) with its values set")
+  return config
+
+
+def _raised(error: BaseException) -> str:
+  """'ZeroDivisionError: division by zero': the exception's type and its message on one line."""
+  text = one_line(error)
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _where(error: BaseException, path: str) -> str:
+  """' (line N of PATH)': the innermost line of the config file the exception passed through ('' if none).
+
+  The file's own line, not the library's, is the one its author can fix: an error raised deep inside cl_jax while
+  get_config runs is located at the config's call into it.
+  """
+  target = os.path.realpath(path)
+  line, tb = None, error.__traceback__
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == target:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return "" if line is None else f" (line {line} of {path})"
+
+
+def _short(value, limit: int = 60) -> str:
+  """`value`'s type and a repr cut to `limit` characters, for a message about what came back."""
+  text = repr(value)
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return "None" if value is None else f"a {type(value).__name__} ({text})"
 
 
 _OVERRIDE_RE = re.compile(r"Could not override field '(?P<field>[^']+)'.*?of original type <class '(?P<got>\w+)'> "
@@ -65,12 +111,15 @@ _OVERRIDE_RE = re.compile(r"Could not override field '(?P<field>[^']+)'.*?of ori
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
 
 
-def _type_error_message(error: TypeError, spec: str) -> str:
-  """ml_collections names only the field's last part; find its full key from the section being set."""
+def _type_error_message(error: TypeError, spec: str) -> str | None:
+  """ml_collections names only the field's last part; find its full key from the section being set.
+
+  None when the TypeError is not a locked field refusing a value of another type (a bug of the file itself).
+  """
   text = " ".join(str(error).split())
   m = _OVERRIDE_RE.search(text)
   if not m:
-    return f"--config {spec!r}: {text}"
+    return None
   want = _TYPE_NAMES.get(m["want"], f"a {m['want']}")
   return f"{_full_key(error, m['field'])}: expected {want}, got a {m['got']} (set in --config {spec!r})"
 
@@ -211,11 +260,23 @@ def _lookup(config, dotted):
   return node
 
 
+class _Once(argparse.Action):
+  """An option given at most once: argparse's default keeps the last of two silently, which would run a config
+  other than the one the first flag named."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    previous = getattr(namespace, self.dest, None)
+    if previous is not None:
+      raise ConfigError(f"{self.option_strings[0]} {values!r}: given twice (first {previous!r}); pass one config "
+                        f"file and change its values with --config.KEY=VALUE")
+    setattr(namespace, self.dest, values)
+
+
 def build_config(argv, prog: str = "run.py"):
   """(validated config, parsed args) from the command line; raises ConfigError before anything is written."""
   overrides, rest = split_args(argv)
   parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  parser.add_argument("--config", required=True, action=_Once, help="configs/X.py[:arg]")
   parser.add_argument("--workdir", default="", help="output folder (default: a new one under runs/)")
   parser.add_argument("--overwrite", action="store_true", help="discard a workdir holding another run")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -223,6 +284,7 @@ def build_config(argv, prog: str = "run.py"):
   config = load_config(args.config)
   typed = {key: parse_value(text, _lookup(config, key), key) for key, text in overrides.items()}
   set_overrides(config, typed)
+  normalise(config)
   validate(config)
   if not args.workdir:
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]

@@ -8,6 +8,9 @@ one-line message starts with the full key and its value and says what is allowed
 "optim.lr=inf: must be a finite number". Default configs are locked, so a misspelt key (in a config file or a
 `--config.key=value` override) is an error, not a silently new field.
 
+`normalise(config)` rewrites a value with several spellings into its one spelling (a strategy chain without spaces,
+'ewc + replay' -> 'ewc+replay') before the config is validated and written.
+
 `comparable(config)` is the config as a plain dict without the strategy-owned sections the run's chain does not
 read; a workdir compares it to decide whether it holds the same run, so registering a new strategy (which adds a
 default section to every kind's default config) never stops an existing workdir from resuming.
@@ -34,6 +37,8 @@ def set_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
         prefix = ".".join(parts[:i])
         raise ConfigError(unknown_key_message(prefix, part, keys))
       if i == len(parts) - 1:
+        if isinstance(node[part], ml_collections.ConfigDict):
+          raise ConfigError(section_override_message(dotted, value, node[part]))
         try:
           node[part] = value
         except TypeError as e:  # a locked ConfigDict keeps each field's type
@@ -41,6 +46,18 @@ def set_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
                             f"({' '.join(str(e).split())})") from e
       else:
         node = node[part]
+
+
+def section_override_message(dotted: str, value, section: ml_collections.ConfigDict) -> str:
+  """Why a whole section cannot be set at once: replacing it would drop the keys not given (and their types), so
+  each key is set on its own; the example uses a key and value from `value` when it names one of the section's."""
+  keys = list(section.keys())
+  given = [k for k in value if k in keys] if isinstance(value, dict) else []
+  key = given[0] if given else keys[0] if keys else "KEY"
+  example = value[key] if given else section[key] if keys else "VALUE"
+  shown = json.dumps(example) if isinstance(example, (bool, list, tuple)) or example is None else example
+  return (f"{dotted}={value!r}: is a section and cannot be set whole; set its keys one by one, e.g. "
+          f"--config.{dotted}.{key}={shown}; its keys are: {sorted(keys)}")
 
 
 def _type_name(value) -> str:
@@ -58,6 +75,17 @@ def unknown_key_message(prefix: str, key: str, valid) -> str:
   return f"unknown config key {full!r}{hint}; valid keys {where}are: {sorted(valid)}"
 
 
+def normalise(config) -> None:
+  """Rewrites, in place, the values that have several spellings into their one spelling: the strategy chain without
+  spaces around its names ('ewc + replay' -> 'ewc+replay'). Runs before validation and before config.json is
+  written, so a workdir holds the spelling every later run compares against."""
+  from cl_jax.strategies import normalise_strategy_spec
+  if "strategy" in config:
+    spec = normalise_strategy_spec(config["strategy"])
+    if spec != config["strategy"]:
+      config["strategy"] = spec
+
+
 def comparable(config) -> dict:
   """The config as a JSON-style dict, without the strategy-owned sections that `config.strategy` does not read.
 
@@ -72,9 +100,11 @@ def comparable(config) -> dict:
     d = json.loads(config.to_json_best_effort(sort_keys=True))
   else:
     d = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
-  from cl_jax.strategies import REGISTRY, default_configs
+  from cl_jax.strategies import REGISTRY, default_configs, normalise_strategy_spec
   spec = d.get("strategy")
-  names = [n.strip() for n in spec.split("+")] if isinstance(spec, str) else []
+  if isinstance(spec, str):  # a workdir written before chains were normalised compares as its normal spelling
+    d["strategy"] = spec = normalise_strategy_spec(spec)
+  names = spec.split("+") if isinstance(spec, str) else []
   used = set()
   for name in names:
     used.update(REGISTRY[name].config_sections if name in REGISTRY else (name,))
@@ -219,8 +249,12 @@ def check_schema(config, schema: dict[str, Rule]) -> None:
 
 
 # Rules every kind shares (a kind's SCHEMA starts from these).
+# A seed is 32 bits: jax.random.PRNGKey keeps the low 32 bits of a larger one (2**32 is seed 0's key) and
+# overflows past 2**63, and the data order folds the seed in as a uint32.
+SEED_LIMIT = 2**32
+
 COMMON_SCHEMA = {
-    "seed": integer(0),
+    "seed": integer(0, SEED_LIMIT - 1),
     "train.log_every_steps": integer(1),
     "train.divergence_factor": number(0),
     "checkpoint.keep": integer(1),

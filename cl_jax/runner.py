@@ -26,14 +26,17 @@ from cl_jax import sharding
 def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *, validated: bool = False, **parts):
   """Runs `config` in `workdir` (resuming the run there, if any) and returns its `Results`.
 
+  `config` is normalised in place first (`cl_jax.config.normalise`: 'ewc + replay' is stored as 'ewc+replay').
   `validated=True`: the caller has just run `cl_jax.kinds.validate(config)` (the command line does, to fail before
   choosing a workdir), so it is not run twice.
   """
   sharding.maybe_initialize_distributed()  # before any other JAX call on a multi-host launch
   from cl_jax import compilation_cache, faults, kinds
+  from cl_jax.config import normalise
   from cl_jax.workdir import RunContext, Workdir, check_usable, is_writer, precheck
   compilation_cache.enable()
   kind = kinds.get(kinds.kind_of(config))
+  normalise(config)  # even when validated: config.json and the "same run" check see one spelling of the chain
   if not validated:
     kinds.validate(config)
   reference = kind.default_config()

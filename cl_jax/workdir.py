@@ -55,6 +55,10 @@ def check_usable(workdir: str) -> None:
     raise WorkdirError(f"workdir {workdir!r} is a file, not a directory")
   existing = path
   while not os.path.exists(existing):
+    if os.path.islink(existing):  # a link to nothing (or a loop): creating the folder would fail with "File exists"
+      what = "is" if existing == path else f"lies under {existing!r}, which is"
+      raise WorkdirError(f"workdir {workdir!r} {what} a symbolic link to {os.readlink(existing)!r}, which leads "
+                         "nowhere (its target does not exist, or the links loop); remove the link or create its target")
     parent = os.path.dirname(existing)
     if parent == existing:
       break

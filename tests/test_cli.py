@@ -107,6 +107,124 @@ def test_config_file_with_a_syntax_error(tmp_path, capsys):
   assert f"--config {str(path)!r}: syntax error at line" in err
 
 
+def _raw_config_file(tmp_path, text, name="my_config.py"):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("def get_config(arg=''):\n  x = 1\n  return x / 0\n",
+     "get_config raised ZeroDivisionError: division by zero (line 3 of {path})"),
+    ("def get_config(arg=''):\n  raise RuntimeError('no such experiment')\n",
+     "get_config raised RuntimeError: no such experiment (line 2 of {path})"),
+    ("def get_config(arg=''):\n  import cl_jax_no_such_module\n",
+     "get_config raised ModuleNotFoundError: No module named 'cl_jax_no_such_module' (line 2 of {path})"),
+    ("def get_config(arg=''):\n  return len(None)\n",
+     "get_config raised TypeError: object of type 'NoneType' has no len() (line 2 of {path})"),
+    ("import cl_jax_no_such_module\n\n\ndef get_config(arg=''):\n  return None\n",
+     "cannot import: No module named 'cl_jax_no_such_module' (line 1 of {path})"),
+    ("STEPS = 10 // 0\n\n\ndef get_config(arg=''):\n  return None\n",
+     "importing it raised ZeroDivisionError: integer division or modulo by zero (line 1 of {path})"),
+    ("get_config = 3\n", "defines no get_config(arg)"),
+])
+def test_config_file_that_fails_exits_2_naming_the_file_and_line(tmp_path, capsys, text, message):
+  """Issue 23: a config file's own bug (at import or inside get_config) is one line naming the file, not a
+  traceback through cli.py."""
+  path = _raw_config_file(tmp_path, text)
+  err = _refused(capsys, tmp_path / "run", config=path)
+  assert err.startswith(f"error: --config {path!r}: ") and err.endswith(message.format(path=path)), err
+
+
+@pytest.mark.parametrize("returned, shown", [("None", "None"), ("{'seed': 1}", "a dict ({'seed': 1})"),
+                                             ("[1, 2]", "a list ([1, 2])")])
+def test_get_config_must_return_a_config_dict(tmp_path, capsys, returned, shown):
+  path = _raw_config_file(tmp_path, f"def get_config(arg=''):\n  return {returned}\n")
+  err = _refused(capsys, tmp_path / "run", config=path)
+  assert err == (f"error: --config {path!r}: get_config returned {shown}; it must return an ml_collections.ConfigDict,"
+                 " e.g. cl_jax.kinds.base_config() or cl_jax.kinds.default_config(kind) with its values set")
+
+
+def test_syntax_error_in_a_module_the_config_imports_names_that_module(tmp_path, capsys):
+  pkg = tmp_path / "badpkg_h23"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "helpers.py").write_text("x = (\n")
+  path = _raw_config_file(pkg, "from badpkg_h23.helpers import x\n\n\ndef get_config(arg=''):\n  return x\n")
+  try:
+    err = _refused(capsys, tmp_path / "run", config=path)
+  finally:
+    sys.modules.pop("badpkg_h23", None)
+  assert err.startswith(f"error: --config {path!r}: syntax error at line 1 of {pkg / 'helpers.py'}: "), err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim={'lr': 0.1}", "optim={'lr': 0.1}: is a section and cannot be set whole; set its keys one by one, e.g. "
+                          "--config.optim.lr=0.1; its keys are: ["),
+    ("optim=3", "optim=3: is a section and cannot be set whole; set its keys one by one, e.g. --config.optim."),
+    ("train={}", "train={}: is a section and cannot be set whole"),
+])
+def test_a_whole_section_cannot_be_overridden(tmp_path, capsys, override, message):
+  err = _refused(capsys, tmp_path / "run", f"--config.{override}")
+  assert err.startswith(f"error: {message}"), err
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**32, -1])
+def test_seed_must_fit_the_prng(tmp_path, capsys, seed):
+  """jax.random.PRNGKey keeps 32 bits of a seed (2**32 would silently be seed 0) and overflows past 2**63."""
+  err = _refused(capsys, tmp_path / "run", f"--config.seed={seed}")
+  assert err == f"error: seed={seed}: must be an integer in [0, 4294967295]"
+  err = _refused(capsys, tmp_path / "run", config=_config_file(tmp_path, [f"c.seed = {seed}"]))
+  assert err == f"error: seed={seed}: must be an integer in [0, 4294967295]"
+
+
+def test_largest_seed_is_accepted():
+  from cl_jax.cli import build_config
+  config, _ = build_config(["--config", "configs/quickstart.py", f"--config.seed={2**32 - 1}"])
+  assert config.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("spelling, where", [("ewc + replay", "override"), (" ewc+ replay ", "override"),
+                                             ("ewc +  replay", "file")])
+def test_strategy_chain_is_normalised(tmp_path, spelling, where):
+  """'ewc + replay' is 'ewc+replay': the config (and so config.json) holds one spelling, and compares equal."""
+  from cl_jax.cli import build_config
+  from cl_jax.config import comparable
+  if where == "file":
+    args = ["--config", _config_file(tmp_path, [f"c.strategy = {spelling!r}"])]
+  else:
+    args = ["--config", "configs/quickstart.py", f"--config.strategy={spelling}"]
+  config, _ = build_config(args)
+  assert config.strategy == "ewc+replay"
+  spaced = comparable(config)
+  spaced["strategy"] = spelling   # a config.json written before chains were normalised
+  assert comparable(spaced) == comparable(config)
+
+
+@pytest.mark.parametrize("second, shown", [(["--config", "configs/split_mnist.py"], "configs/split_mnist.py"),
+                                           (["--config=configs/quickstart.py"], "configs/quickstart.py")])
+def test_a_second_config_flag_is_refused(tmp_path, capsys, second, shown):
+  """argparse keeps the last of two silently: the run would not be the one the first flag named."""
+  err = _refused(capsys, tmp_path / "run", *second)
+  assert err == (f"error: --config {shown!r}: given twice (first 'configs/quickstart.py'); pass one config file "
+                 "and change its values with --config.KEY=VALUE")
+
+
+def test_dangling_symlink_workdir_is_refused(tmp_path, capsys):
+  target = tmp_path / "gone" / "run"
+  link = tmp_path / "run"
+  link.symlink_to(target)
+  err = _refused(capsys, link)
+  assert err == (f"error: workdir {str(link)!r} is a symbolic link to {str(target)!r}, which leads nowhere (its target "
+                 "does not exist, or the links loop); remove the link or create its target")
+  err = _refused(capsys, link / "sub")
+  assert err.startswith(f"error: workdir {str(link / 'sub')!r} lies under {str(link)!r}, which is a symbolic link")
+  loop = tmp_path / "loop"
+  loop.symlink_to(loop)
+  assert "which leads nowhere" in _refused(capsys, loop)
+  assert link.is_symlink() and not (tmp_path / "gone").exists()   # the link is left as it was, nothing created
+
+
 def _npz(path, **arrays):
   np.savez(path, **arrays)
   return str(path)

@@ -101,6 +101,24 @@ def test_adding_a_strategy_keeps_old_workdirs_resumable(tmp_path):
     REGISTRY.pop("h2_extra", None)
 
 
+def test_a_spaced_strategy_chain_is_stored_normalised_and_resumes_as_the_same_run(tmp_path):
+  """Issue 23: 'ewc + replay' and 'ewc+replay' are one run: config.json holds 'ewc+replay', and a workdir written
+  with the spaces (before chains were normalised) resumes under either spelling instead of being refused."""
+  import cl_jax
+  from conftest import tiny_config
+  workdir = tmp_path / "run"
+  c = tiny_config(steps=4, **{"scenario.num_tasks": 2})
+  c.strategy = "ewc + replay"
+  first = cl_jax.run(c, str(workdir), progress=False)
+  assert c.strategy == "ewc+replay"
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["strategy"] == "ewc+replay"
+  (workdir / "config.json").write_text(json.dumps({**written, "strategy": "ewc + replay"}))  # an older workdir
+  c = tiny_config(steps=4, **{"scenario.num_tasks": 2})
+  c.strategy = "ewc+replay"
+  assert cl_jax.run(c, str(workdir), progress=False).acc == first.acc   # resumes: nothing left to train
+
+
 def test_lm_config_errors_name_the_full_key(tmp_path, capsys):
   rc = main(["--config", "configs/cpt_lm.py", "--config.adapt.steps=abc", "--workdir", str(tmp_path / "w")])
   assert rc == 2 and "adapt.steps='abc': expected an integer" in capsys.readouterr().err

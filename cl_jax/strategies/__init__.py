@@ -178,11 +178,21 @@ def default_configs() -> dict[str, Callable]:
 DEFAULT_CONFIGS = default_configs()
 
 
+def normalise_strategy_spec(spec):
+  """'ewc + replay' -> 'ewc+replay': the one spelling of a chain, so that a run is stored and compared by its
+  strategies, not by the spaces around their names. Anything else (not a string) is returned as it is, for
+  `parse_strategy_spec` to refuse."""
+  if not isinstance(spec, str):
+    return spec
+  return "+".join(n.strip() for n in spec.split("+"))
+
+
 def parse_strategy_spec(spec: str) -> list[str]:
-  """'ewc+replay' -> ['ewc', 'replay']; an unknown, empty or repeated name is a ValueError naming `strategy`."""
+  """'ewc+replay' -> ['ewc', 'replay'] (spaces around names ignored, as `normalise_strategy_spec` drops them); an
+  unknown, empty or repeated name is a ValueError naming `strategy`."""
   if not isinstance(spec, str):
     raise ValueError(f"strategy={spec!r}: expected a string of strategy names joined by '+'")
-  names = [n.strip() for n in spec.split("+")]
+  names = normalise_strategy_spec(spec).split("+")
   valid = f"valid names: {sorted(REGISTRY)} (chain them with '+', each at most once)"
   if not spec.strip() or any(not n for n in names):
     raise ValueError(f"strategy={spec!r}: empty strategy name; {valid}")
