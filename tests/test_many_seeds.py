@@ -132,3 +132,16 @@ def test_vmapped_and_mapped_runs_agree(three_seeds, tmp_path, monkeypatch):
   vmapped = run(_config(seed=3, **{"train.num_seeds": 2}), str(tmp_path / "vmap"), progress=False)
   np.testing.assert_allclose(_train_losses(vmapped.workdir), _train_losses(three_seeds.workdir)[:, :2],
                              rtol=2e-4, atol=1e-5)
+
+
+def test_seeds_past_the_prng_limit_are_refused():
+  """PRNGKey(2**32) is PRNGKey(0): a run of seeds that crosses the limit would silently repeat seed 0's run."""
+  from conftest import tiny_config
+  from cl_jax.errors import ConfigError
+  from cl_jax.kinds import validate
+  c = tiny_config(**{"train.num_seeds": 2})
+  c.seed = 2**32 - 2
+  validate(c)  # seeds 2**32 - 2 and 2**32 - 1: within the limit
+  c.seed = 2**32 - 1
+  with pytest.raises(ConfigError, match=r"^train.num_seeds=2: the seeds 4294967295..4294967296 pass"):
+    validate(c)

@@ -108,6 +108,10 @@ def check_config(config) -> None:
   n = config.train.get("num_seeds", 1)
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:
     raise ConfigError(f"train.num_seeds={n!r}: must be a positive integer")
+  from cl_jax.config import SEED_LIMIT
+  if isinstance(config.seed, int) and config.seed + n > SEED_LIMIT:  # PRNGKey wraps past 2**32: seed 0 again
+    raise ConfigError(f"train.num_seeds={n}: the seeds {config.seed}..{config.seed + n - 1} pass the PRNG's limit "
+                      f"{SEED_LIMIT - 1} (a seed past it repeats seed 0's key); lower seed or num_seeds")
   grid = settings(config)
   for setting in grid:
     setting_config(config, setting.overrides)  # a value the strategy's own check rejects fails here
