@@ -205,6 +205,16 @@ def test_config_entry_point_and_errors():
     validate(ewc_exact)
 
 
+
+def test_unknown_model_size_exits_2_naming_the_sizes(tmp_path, capsys):
+  from cl_jax.cli import main
+  from cl_jax.models.transformer import SIZES
+  workdir = tmp_path / "w"
+  rc = main(["--config", "configs/cpt_lm.py", "--config.lm.size=huge", "--workdir", str(workdir), "--no_progress"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err == f"error: lm.size='huge': expected one of {list(SIZES)}"
+  assert not workdir.exists()
+
 def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_path, monkeypatch):
   reference, base_workdir = base_run
   # Same adaptation as `base_run` (same seed, same base restored from it), crashing after step 10.

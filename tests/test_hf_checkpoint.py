@@ -302,6 +302,35 @@ def test_clear_errors_name_the_path_and_the_supported_families(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+
+def test_a_corrupt_safetensors_header_is_named_at_validation_and_at_load(tmp_path, capsys):
+  """First bytes of a weight file overwritten (the header length becomes absurd): `check` (a config's validation)
+  and `load` both name the file in one ConfigError; through the CLI that is exit 2 with nothing written."""
+  from cl_jax.cli import main
+  sharded = _copy("llama", tmp_path)
+  shard = sharded / "model-00002-of-00006.safetensors"
+  single = _copy("gpt2", tmp_path) / "model.safetensors"
+  for file in (shard, single):
+    data = bytearray(file.read_bytes())
+    data[:8] = b"\xff" * 8
+    file.write_bytes(bytes(data))
+  for directory, file in ((sharded, shard), (single.parent, single)):
+    with pytest.raises(ConfigError, match=rf"^lm.init_from='{directory}': {file}: not a readable safetensors file"):
+      hc.check(str(directory))
+    with pytest.raises(ConfigError, match=rf"^{file}: not a readable safetensors file \(.*header too large\)"):
+      hc.load(str(directory))
+  workdir = tmp_path / "w"
+  rc = main(["--config", "configs/cpt_lm.py", f"--config.lm.init_from={sharded}", "--workdir", str(workdir),
+             "--no_progress"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2, err
+  assert err.startswith(f"error: lm.init_from='{sharded}': {shard}: not a readable safetensors file") and "\n" not in err
+  assert not workdir.exists()
+  # A torn config.json is named too (not a bare JSONDecodeError).
+  (sharded / "config.json").write_text('{"model_type": "lla')
+  with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(Unterminated string"):
+    hc.check(str(sharded))
+
 def test_a_model_built_in_cl_jax_exports_in_each_family(tmp_path):
   """A freshly initialised TransformerLM with a family's architecture round-trips through that layout."""
   common = dict(vocab_size=40, d_model=16, num_heads=4, num_layers=1, max_len=24)

@@ -12,6 +12,7 @@ import pytest
 
 from cl_jax.data import text
 from cl_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+from cl_jax.errors import ConfigError
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -131,7 +132,7 @@ def test_load_domain_from_local_files(tmp_path):
     # Every packed token stream decodes back to the split's documents joined by eos.
     stream = np.concatenate([np.append(tok.encode(d.text), tok.eos_id) for d in dom.documents[s]])
     np.testing.assert_array_equal(p.tokens.ravel(), stream[:p.tokens.size])
-  with pytest.raises(FileNotFoundError, match="no file matches"):
+  with pytest.raises(ConfigError, match=r"^domain='files:.*\*.none': no file matches the glob"):
     text.load_domain(f"files:{tmp_path}/*.none", tok, seq_len=32)
   with pytest.raises(ValueError, match="expected 'general'"):
     text.load_domain("wikipedia", tok, seq_len=32)
@@ -202,10 +203,12 @@ def test_directory_domain_reads_txt_and_jsonl_and_splits_by_document(tmp_path):
 
 
 def test_directory_domain_errors_name_the_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="is not a directory"):
+  with pytest.raises(ConfigError, match="missing': no such directory"):
     text.domain_documents(f"dir:{tmp_path}/missing")
   (tmp_path / "a.md").write_text("x")
-  with pytest.raises(FileNotFoundError, match=r"no .txt or .jsonl file under"):
+  with pytest.raises(ConfigError, match="a.md': not a directory"):
+    text.domain_documents(f"dir:{tmp_path}/a.md")
+  with pytest.raises(ConfigError, match=r"no .txt or .jsonl file under"):
     text.domain_documents(f"dir:{tmp_path}")
   (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
   with pytest.raises(ValueError, match=r"b.jsonl:2 has no string 'text' field"):
@@ -213,3 +216,52 @@ def test_directory_domain_errors_name_the_file(tmp_path):
   (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{not json\n')
   with pytest.raises(ValueError, match=r"b.jsonl:2 is not valid JSON"):
     text.domain_documents(f"dir:{tmp_path}")
+
+
+# ----------------------------------------------------------------------------- bad corpora through the CLI
+
+def _refused(capsys, workdir, *overrides):
+  """Runs configs/cpt_lm.py through the CLI with `overrides`; asserts exit 2, one `error:` line on stderr and no
+  workdir, and returns the line."""
+  from cl_jax.cli import main
+  rc = main(["--config", "configs/cpt_lm.py", *overrides, "--workdir", str(workdir), "--no_progress"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2, err
+  assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+  assert not workdir.exists()
+  return err
+
+
+def test_missing_or_empty_corpora_are_refused_at_validation_naming_the_key(tmp_path, capsys):
+  missing, empty = tmp_path / "missing", tmp_path / "empty"
+  empty.mkdir()
+  (empty / "notes.md").write_text("not a corpus file")  # neither .txt nor .jsonl
+  workdir = tmp_path / "w"
+  err = _refused(capsys, workdir, f"--config.text.domain=dir:{missing}")
+  assert err == f"error: text.domain='dir:{missing}': no such directory (expected a directory of .txt / .jsonl files)"
+  err = _refused(capsys, workdir, f"--config.text.general=dir:{empty}")
+  assert err.startswith(f"error: text.general='dir:{empty}': no .txt or .jsonl file under {empty}")
+  err = _refused(capsys, workdir, f"--config.text.domain=files:{tmp_path}/*.txt")
+  assert err.startswith(f"error: text.domain='files:{tmp_path}/*.txt': no file matches the glob")
+  err = _refused(capsys, workdir, "--config.text.domain=wikipedia")
+  assert err.startswith("error: text.domain='wikipedia': expected 'general', 'code'")
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path, capsys):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(5):
+    (corpus / f"note{i}.txt").write_text(f"Plain note {i}. " * 20)
+  latin1 = corpus / "zz_latin1.txt"
+  latin1.write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9. ".encode("latin-1"))
+  err = _refused(capsys, tmp_path / "w", f"--config.text.general=dir:{corpus}")
+  assert err == (f"error: {latin1}: not UTF-8 (byte 0xe9 at offset 3); a corpus file must be UTF-8 text: re-encode "
+                 "it, e.g. iconv -f latin1 -t utf-8")
+  # The same through `files:`, and in a .jsonl file: the offset counts from the start of the file (17 + 12).
+  with pytest.raises(ConfigError, match=r"zz_latin1.txt: not UTF-8 \(byte 0xe9 at offset 3\)"):
+    text.domain_documents(f"files:{corpus}/*.txt")
+  records = corpus / "records.jsonl"
+  records.write_bytes(b'{"text": "fine"}\n{"text": "na\xefve"}\n')
+  latin1.unlink()
+  with pytest.raises(ConfigError, match=r"records.jsonl: not UTF-8 \(byte 0xef at offset 29\)"):
+    text.domain_documents(f"dir:{corpus}")

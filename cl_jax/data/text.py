@@ -38,6 +38,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from cl_jax.errors import ConfigError
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -87,6 +89,8 @@ def _stdlib_share(relpath: str, code_share: float) -> str:
 
 
 def _read(path: str) -> str | None:
+  """A standard-library file's text, or None when it cannot be read (CPython ships a few non-UTF-8 test inputs:
+  skipping them loses nothing). A user's corpus file is read by `_read_corpus_file`, which refuses instead."""
   try:
     with open(path, encoding="utf-8") as f:
       return f.read()
@@ -135,20 +139,105 @@ def code_documents(*, code_share: float = 0.5, min_chars: int = 64,
   return docs
 
 
-def file_documents(pattern: str, *, min_chars: int = 1, max_docs: int | None = None) -> list[Document]:
-  """One document per local text file matching `pattern` (a glob; `**` recurses)."""
-  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-  if not paths:
-    raise FileNotFoundError(f"domain 'files:{pattern}': no file matches the glob {pattern!r}")
-  docs = []
-  for p in paths[:max_docs]:
-    text = _read(p)
-    if text is not None and len(text) >= min_chars:
-      docs.append(Document(text, f"file:{p}"))
-  return docs
-
+# ----------------------------------------------------------------------------- local corpora
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl")
+# The domain specs (module docstring): names of the built-in corpora, and the forms a spec may take.
+_ALIASES = {"python": "code", "domain": "code", "prose": "general"}
+_SPEC_FORMS = ("expected 'general', 'code' (alias 'python'/'domain'), 'files:<glob>', 'dir:<directory>' or "
+               "'tfds:<name>[:<split>[:<feature>]]'")
+
+
+def _glob_files(pattern: str, key: str) -> list[str]:
+  """The files `files:<pattern>` names, sorted (directories the glob matches are not documents)."""
+  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f"{key}='files:{pattern}': no file matches the glob (expected 'files:<glob>' matching at "
+                      "least one UTF-8 text file; '**' recurses)")
+  return paths
+
+
+def _directory_files(directory: str, key: str) -> list[str]:
+  """The corpus files under `dir:<directory>`, sorted: every `.txt` and `.jsonl` file, hidden ones excepted."""
+  spec = f"dir:{directory}"
+  root = os.path.expanduser(directory)
+  wanted = " / ".join(DIRECTORY_SUFFIXES)
+  if not os.path.exists(root):
+    raise ConfigError(f"{key}={spec!r}: no such directory (expected a directory of {wanted} files)")
+  if not os.path.isdir(root):
+    raise ConfigError(f"{key}={spec!r}: not a directory (expected a directory of {wanted} files)")
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                 if f.endswith(DIRECTORY_SUFFIXES) and not f.startswith("."))
+  if not paths:
+    raise ConfigError(f"{key}={spec!r}: no {' or '.join(DIRECTORY_SUFFIXES)} file under {root} (each .txt file is "
+                      "one document, each .jsonl line one document)")
+  return sorted(paths)
+
+
+def check_spec(spec: str, key: str = "domain") -> None:
+  """Validates a domain spec without reading any document (a config's validation step, before anything is
+  written): its form, and for `files:` / `dir:` that the glob or directory names at least one corpus file (the
+  files are listed, not read). Raises ConfigError starting with `key='spec':`. A `tfds:` dataset is not looked up
+  here (that imports tensorflow-datasets); its reader names it when it is missing."""
+  kind = _ALIASES.get(spec, spec)
+  if kind in ("general", "code"):
+    return
+  if spec.startswith("files:"):
+    _glob_files(spec[len("files:"):], key)
+  elif spec.startswith("dir:"):
+    _directory_files(spec[len("dir:"):], key)
+  elif spec.startswith("tfds:"):
+    if not spec.split(":")[1]:
+      raise ConfigError(f"{key}={spec!r}: expected 'tfds:<name>[:<split>[:<feature>]]'")
+  else:
+    raise ConfigError(f"{key}={spec!r}: {_SPEC_FORMS}")
+
+
+def _not_utf8(path: str, offset: int, byte: bytes) -> ConfigError:
+  return ConfigError(f"{path}: not UTF-8 (byte 0x{byte.hex()} at offset {offset}); a corpus file must be UTF-8 "
+                     "text: re-encode it, e.g. iconv -f latin1 -t utf-8")
+
+
+def _read_corpus_file(path: str) -> str:
+  """A user's corpus file as text; a ConfigError naming the file and the first bad byte when it is not UTF-8
+  (skipping it would leave "no documents", or silently a smaller corpus)."""
+  try:
+    with open(path, "rb") as fh:
+      data = fh.read()
+  except OSError as e:
+    raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); a corpus file must be a readable UTF-8 text "
+                      "file") from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, e.start, data[e.start:e.start + 1]) from None
+
+
+def _jsonl_lines(path: str):
+  """(line number, text) of each line of a `.jsonl` file, streamed; ConfigError naming the file and the byte offset
+  of the first byte that is not UTF-8."""
+  offset = 0
+  with open(path, "rb") as fh:
+    for line_no, raw in enumerate(fh, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, offset + e.start, raw[e.start:e.start + 1]) from None
+      offset += len(raw)
+      yield line_no, line
+
+
+def file_documents(pattern: str, *, min_chars: int = 1, max_docs: int | None = None) -> list[Document]:
+  """One document per local text file matching `pattern` (a glob; `**` recurses)."""
+  docs = []
+  for p in _glob_files(pattern, "domain")[:max_docs]:
+    text = _read_corpus_file(p)
+    if len(text) >= min_chars:
+      docs.append(Document(text, f"file:{p}"))
+  return docs
 
 
 def directory_documents(directory: str, *, field: str = "text", min_chars: int = 1,
@@ -161,37 +250,26 @@ def directory_documents(directory: str, *, field: str = "text", min_chars: int =
   """
   spec = f"dir:{directory}"
   root = os.path.expanduser(directory)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"domain {spec!r}: {root} is not a directory (expected a directory of "
-                            f"{' / '.join(DIRECTORY_SUFFIXES)} files)")
-  paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                 if f.endswith(DIRECTORY_SUFFIXES) and not f.startswith("."))
-  if not paths:
-    raise FileNotFoundError(f"domain {spec!r}: no {' or '.join(DIRECTORY_SUFFIXES)} file under {root}")
   docs = []
-  for path in sorted(paths):
+  for path in _directory_files(directory, "domain"):
     rel = os.path.relpath(path, root)
     if path.endswith(".txt"):
-      text = _read(path)
-      if text is not None and len(text) >= min_chars:
+      text = _read_corpus_file(path)
+      if len(text) >= min_chars:
         docs.append(Document(text, f"dir:{rel}"))
     else:
-      with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"domain {spec!r}: {path}:{line_no} is not valid JSON ({e.msg})") from None
-          if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise ValueError(f"domain {spec!r}: {path}:{line_no} has no string {field!r} field "
-                             "(each .jsonl line must be an object with the document's text under it)")
-          if len(record[field]) >= min_chars:
-            docs.append(Document(record[field], f"dir:{rel}:{line_no}"))
+      for line_no, line in _jsonl_lines(path):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"domain {spec!r}: {path}:{line_no} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+          raise ValueError(f"domain {spec!r}: {path}:{line_no} has no string {field!r} field "
+                           "(each .jsonl line must be an object with the document's text under it)")
+        if len(record[field]) >= min_chars:
+          docs.append(Document(record[field], f"dir:{rel}:{line_no}"))
     if max_docs is not None and len(docs) >= max_docs:
       break
   return docs[:max_docs]
@@ -278,9 +356,6 @@ def pack(token_lists: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Packed
 
 # ----------------------------------------------------------------------------- domains
 
-_ALIASES = {"python": "code", "domain": "code", "prose": "general"}
-
-
 def domain_documents(spec: str, *, max_docs: int | None = None, code_share: float = 0.5) -> list[Document]:
   """The raw documents of a domain spec (see the module docstring)."""
   kind = _ALIASES.get(spec, spec)
@@ -298,8 +373,7 @@ def domain_documents(spec: str, *, max_docs: int | None = None, code_share: floa
       raise ValueError(f"domain {spec!r}: expected 'tfds:<name>[:<split>[:<feature>]]'")
     docs = tfds_documents(*parts[:3], max_docs=max_docs)
   else:
-    raise ValueError(f"domain {spec!r}: expected 'general', 'code' (alias 'python'/'domain'), "
-                     "'files:<glob>', 'dir:<directory>' or 'tfds:<name>[:<split>[:<feature>]]'")
+    raise ValueError(f"domain {spec!r}: {_SPEC_FORMS}")
   return docs[:max_docs]
 
 
@@ -400,6 +474,6 @@ def make_cloze_items(docs: Sequence[Document], tokenizer, *, num_items: int, con
   return ClozeItems(np.stack(ctx).astype(np.int32), choices, mask, np.asarray(answers, np.int32))
 
 
-__all__ = ["Document", "PackedSplit", "TextDomain", "ClozeItems", "SPLITS", "general_documents",
+__all__ = ["Document", "PackedSplit", "TextDomain", "ClozeItems", "SPLITS", "check_spec", "general_documents",
            "code_documents", "file_documents", "directory_documents", "tfds_documents", "deduplicate",
            "split_documents", "pack", "encode_all", "domain_documents", "load_domain", "make_cloze_items"]

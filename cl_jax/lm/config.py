@@ -17,6 +17,8 @@ import ml_collections
 from cl_jax import sharding
 from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.data import mixture as mx
+from cl_jax.data import text as textdata
+from cl_jax.models.transformer import SIZES
 from cl_jax.train.optim import OPTIMIZERS
 
 from cl_jax.lm.data import DOMAIN, GENERAL  # noqa: F401  (the two roles of an LM run's corpora)
@@ -133,6 +135,7 @@ SCHEMA = {
     "text.test": number(0, 0.5, low_open=True, high_open=True),
     "text.eval_sequences": integer(0), "text.general_eval_sequences": integer(0),
     "lm.attn_chunk": integer(0), "train.grad_accum": integer(1),
+    "lm.size": one_of(tuple(SIZES)),
 }
 
 
@@ -167,6 +170,10 @@ def check_config(c) -> None:
   if not c.text.validation + c.text.test < 0.9:
     raise ValueError(f"text.validation + text.test = {c.text.validation + c.text.test}: leave at least 10% to train")
   check_scale_keys(c)
+  # The corpora's files are listed (not read) here, so a missing directory or an empty glob fails before the
+  # workdir is made; a file that is not UTF-8 is found when the corpus is read (build, still before any write).
+  for role in ("general", "domain"):
+    textdata.check_spec(c.text[role], f"text.{role}")
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
   check_vocab_config(c)

@@ -400,12 +400,39 @@ def _read_piece(tensor, piece: Piece, index: tuple[slice, ...], dtype) -> np.nda
   return block.reshape([s for shape in box_shapes for s in shape]).astype(dtype)
 
 
+def _read_json(file: str):
+  """A checkpoint's JSON file; a ConfigError naming the file when it is not JSON (a torn download)."""
+  try:
+    with open(file, encoding="utf-8") as fh:
+      return json.load(fh)
+  except (ValueError, UnicodeDecodeError) as e:
+    _fail(file, f"not valid JSON ({' '.join(str(e).split())})")
+
+
+def _open_weights(stack: ExitStack, file: str):
+  """`safe_open(file)` entered in `stack` (memory-mapped: only the header is read); a ConfigError naming the file
+  when its header is not a safetensors header (overwritten, truncated or not a safetensors file at all), instead of
+  the library's SafetensorError traceback."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    return stack.enter_context(safe_open(file, framework="numpy"))
+  except SafetensorError as e:
+    _fail(file, f"not a readable safetensors file ({' '.join(str(e).split())}); re-download or re-export it")
+
+
+def _check_weight_headers(files) -> None:
+  """Opens every weight file's header (no tensor is read), so a corrupt shard fails at validation."""
+  for file in sorted(set(files)):
+    with ExitStack() as stack:
+      _open_weights(stack, file)
+
+
 def _weight_files(path: str) -> dict[str, str]:
   """{tensor name: file} from the index of a sharded checkpoint, or from the single file."""
   index = os.path.join(path, INDEX_FILE)
   if os.path.exists(index):
-    with open(index) as fh:
-      weight_map = json.load(fh).get("weight_map")
+    loaded = _read_json(index)
+    weight_map = loaded.get("weight_map") if isinstance(loaded, dict) else None
     if not isinstance(weight_map, dict):
       _fail(index, "no 'weight_map' object")
     missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(path, f))})
@@ -416,9 +443,8 @@ def _weight_files(path: str) -> dict[str, str]:
   if not os.path.exists(single):
     _fail(path, f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read; convert a "
                 "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))")
-  from safetensors import safe_open
-  with safe_open(single, framework="numpy") as fh:
-    return dict.fromkeys(fh.keys(), single)
+  with ExitStack() as stack:
+    return dict.fromkeys(_open_weights(stack, single).keys(), single)
 
 
 def read_config(path: str) -> dict:
@@ -430,8 +456,10 @@ def read_config(path: str) -> dict:
   if not os.path.exists(config_path):
     _fail(path, f"no {CONFIG_FILE}; expected a Hugging Face checkpoint directory of a supported family: "
                 f"{hf_families.supported()}")
-  with open(config_path) as fh:
-    return json.load(fh)
+  config = _read_json(config_path)
+  if not isinstance(config, dict):
+    _fail(config_path, f"expected a JSON object, got {type(config).__name__}")
+  return config
 
 
 def _prefix(names, family: str) -> str:
@@ -459,12 +487,13 @@ def load_tokenizer(path: str, hf: Mapping | None = None):
 def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
           need_tokenizer: bool = True) -> TransformerConfig:
   """Validates a checkpoint directory without reading any weight (for a config's validation step): config.json
-  of a supported family, its weight files, tokenizer.json, and `seq_len` within learned positions. Raises
+  of a supported family, its weight files and their safetensors headers (a corrupt shard fails here, not mid-load),
+  tokenizer.json, and `seq_len` within learned positions. Raises
   ConfigError starting with `key=path:`; returns the `TransformerConfig`."""
   try:
     hf = read_config(path)
     cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE))
-    _weight_files(path)
+    _check_weight_headers(_weight_files(path).values())
     if need_tokenizer and not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
       _fail(path, f"no {TOKENIZER_FILE} (the run tokenizes its text with the checkpoint's own tokenizer)")
     if seq_len is not None and cfg.positions == "learned" and seq_len > cfg.max_len:
@@ -482,7 +511,6 @@ def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **o
   dtype: the params' dtype (float32, or bfloat16 to halve their memory).
   overrides: `TransformerConfig` fields that do not change the params, e.g. compute_dtype='bfloat16'.
   """
-  from safetensors import safe_open
   hf = read_config(path)
   cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE), **overrides)
   family = hf["model_type"]
@@ -511,7 +539,7 @@ def load(path: str, mesh=None, dtype=jnp.float32, *, tokenizer: bool = True, **o
   np_dtype = np.dtype(dtype)
   params: dict = {}
   with ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+    handles = {f: _open_weights(stack, f) for f in sorted(set(files.values()))}
 
     def open_tensor(piece):
       tensor = handles[files[piece.name]].get_slice(piece.name)
