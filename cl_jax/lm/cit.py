@@ -129,9 +129,10 @@ def parse_tasks(spec: str) -> list[list[str]]:
 
 def _schema():
   from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
+  from cl_jax.models.transformer import SIZES
   from cl_jax.train.optim import OPTIMIZERS
   return {
-      **COMMON_SCHEMA,
+      **COMMON_SCHEMA, "lm.size": one_of(tuple(SIZES)),
       "cit.steps_per_task": integer(1), "cit.batch_size": integer(1), "cit.eval_examples": integer(1),
       "cit.max_new_tokens": integer(1), "cit.metric": one_of(METRICS), "cit.eval_split": one_of("validation", "test"),
       "sft.task_prompt": one_of(ins.TASK_PROMPTS), "sft.seq_len": integer(16),
