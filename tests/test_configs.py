@@ -71,7 +71,15 @@ def finished_run(tmp_path_factory):
 
 
 def _with_runs(items, name, request):
-  """Merge configs name run directories (runs/seq, runs/a, ...): point them at a finished run."""
+  """Merge configs name run directories (runs/seq, runs/a, ...): point them at a finished run. The HF config names
+  corpus directories of the user's (my_corpus/, notes/general, ...): point them at a directory with a text file,
+  as validation lists a `dir:` corpus (a missing or empty one is refused)."""
+  if name == "cpt_hf.py":
+    corpus = request.getfixturevalue("tmp_path") / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "doc.txt").write_text("A document of the user's own corpus.\n")
+    sub = lambda m: f"{m.group(1)}={corpus}" if ("/" in m.group(2) or m.group(2) == "notes") else m.group(0)
+    return [re.sub(r"\b(domain|general)=([^,\s]+)", sub, item) for item in items]
   if name != "merge.py":
     return items
   run = request.getfixturevalue("finished_run")
