@@ -152,11 +152,10 @@ class PreemptionFlag:
 
 # ----------------------------------------------------------------------------- batches
 
-def fetch_batches(source, n: int, put_batch, first_step: int, stacked: bool):
+def fetch_batches(source, n: int, put_batch, stacked: bool):
   """The device batch of the next n steps (stacked [n, ...] when `stacked`): the one place batches are drawn."""
   if hasattr(source, "next_on_device"):
     return source.next_on_device(n)
-  del first_step
   group = [next(source) for _ in range(n)]
   if not stacked:
     return put_batch(group[0], False)
@@ -335,10 +334,10 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           if plan.train_chunk is not None:
             state, metrics = plan.train_chunk(state, t, k, n)
           elif n == 1 and (per_call == 1 or plan.multi_step is None):
-            state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, step_no, False))
+            state, metrics = plan.train_step(state, fetch_batches(source, 1, plan.put_batch, False))
             metrics = jax.tree.map(lambda m: m[None], metrics)
           else:  # n steps fused into one jitted lax.scan (a shorter last chunk compiles once more)
-            state, metrics = plan.multi_step(state, fetch_batches(source, n, plan.put_batch, step_no - n + 1, True))
+            state, metrics = plan.multi_step(state, fetch_batches(source, n, plan.put_batch, True))
           k += n
           pending.append((step_no - n + 1, metrics))
           bar.update(n)
@@ -410,11 +409,15 @@ class Setup(NamedTuple):
   replicated: Any
   train_step: Any          # jitted (state, batch) -> (state, metrics), state donated
   multi_step: Any          # jitted (state, batches [K, B, ...]) -> (state, metrics [K]): K steps in one lax.scan
-  eval_fn: Any             # jitted (params, batch, task_index) -> (hits, count)
   steps: list              # steps per task
   root_key: jax.Array
   optimizer: Any
-  evaluator: Any = None    # cl_jax.eval.evaluator.AccuracyEvaluator (its `fn` is eval_fn)
+  evaluator: Any           # cl_jax.eval.evaluator.AccuracyEvaluator: `row(state, scenario, t)`
+
+  @property
+  def eval_fn(self):
+    """The evaluator's jitted (params, batch, task_index) -> (hits, count)."""
+    return self.evaluator.fn
 
 
 def build(config) -> Setup:
@@ -462,8 +465,8 @@ def build(config) -> Setup:
                                      log_norms=config.train.log_norms)
   from cl_jax.eval.evaluator import accuracy_evaluator  # a strategy's `predict` hook replaces the logits (GDumb)
   evaluator = accuracy_evaluator(learner, mesh, config.eval.batch_size, strategy)
-  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, evaluator.fn,
-               steps, root_key, optimizer, evaluator)
+  return Setup(data, scenario, model, learner, strategy, mesh, state, state_sh, rep, step_fn, multi_step, steps,
+               root_key, optimizer, evaluator)
 
 
 def init_params(ref: str, like):
