@@ -2,8 +2,10 @@
 
 `CheckpointManager`s under `<workdir>/checkpoints/`: `tasks/` keeps every task-boundary checkpoint (one per task,
 for analysis and for merging), `rolling/` the last `checkpoint.keep` mid-task ones, `best/` the one a per-
-evaluation hook marked best (the LM regression monitor). Each holds the whole train state (params, optimizer,
-strategy state, rng, step) and a JSON `meta` item (data-iterator state, evaluation records so far, where in the
+evaluation hook marked best (the LM regression monitor). `tasks/` and `rolling/` hold the whole train state
+(params, optimizer, strategy state, rng, step), `best/` the params and step alone (`ParamsOnly`: evaluation and
+export read nothing else; a resume never starts from it); how many stay is `Checkpoints.retain`'s. Each has a JSON
+`meta` item (data-iterator state, evaluation records so far, where in the
 task loop it was taken, accumulated wall time).
 
 Resuming takes the newest intact one of `tasks/` and `rolling/`. A newest checkpoint that cannot be read (a
@@ -22,7 +24,7 @@ import os
 import re
 import shutil
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -36,6 +38,8 @@ def _ocp():
 
 
 class Checkpoints:
+  keep_best, _pin = True, ()  # retention beyond `keep`: `retain`
+
   def __init__(self, workdir: str, keep: int = 2):
     self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._warn_partial()
@@ -44,10 +48,42 @@ class Checkpoints:
 
   def _get(self, kind: str):
     if kind not in self._managers:
-      ocp = _ocp()
-      options = ocp.CheckpointManagerOptions(create=True, max_to_keep=self._keep[kind])
-      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.root, kind), options=options)
+      options = self._options(kind)
+      self._managers[kind] = _ocp().CheckpointManager(os.path.join(self.root, kind), options=options)
     return self._managers[kind]
+
+  # --------------------------------------------------------------------------- retention (issue 22 item 3)
+
+  def retain(self, keep_tasks: int = 0, keep_best: bool = True, pin: tuple = ()) -> "Checkpoints":
+    """How many checkpoints stay on disk, beyond `keep` (the newest rolling ones): `keep_tasks` the newest task-
+    boundary ones (0: every one, for analysis and merging; a resume reads only the newest), `keep_best` whether a
+    per-evaluation hook's best is saved at all (params only: `params_only`), `pin` boundary steps never deleted (an
+    LM run's step 0: the base its test split compares with). Call before the first save."""
+    if self._managers:
+      raise RuntimeError("Checkpoints.retain: call it before the first save or restore")
+    self._keep["tasks"] = int(keep_tasks) or None
+    self._pin = tuple(int(s) for s in pin)
+    self.keep_best = bool(keep_best)
+    return self
+
+  def _options(self, kind: str):
+    """orbax options of one manager: the newest `_keep[kind]` (None: all), plus the pinned task-boundary steps."""
+    ocp = _ocp()
+    keep, pin = self._keep[kind], self._pin
+    if kind != "tasks" or keep is None or not pin:
+      return ocp.CheckpointManagerOptions(create=True, max_to_keep=keep)
+    from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+    return ocp.CheckpointManagerOptions(create=True, preservation_policy=pp.AnyPreservationPolicy(
+        [pp.LatestN(keep), pp.CustomSteps(list(pin))]))
+
+  def restore_params(self, abstract_state, kind: str, step: int):
+    """`ParamsOnly(step, params)` of one saved (full) train state, read alone: a partial restore that never
+    allocates the optimizer or strategy state (what evaluating or exporting a saved model needs)."""
+    ocp = _ocp()
+    abstract = params_only(abstract_state)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(os.path.join(self.path(kind, step), "state"), args=ocp.args.PyTreeRestore(
+          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
 
   @property
   def tasks(self):
@@ -188,6 +224,24 @@ class Checkpoints:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class ParamsOnly(NamedTuple):
+  """A params-only checkpoint's item (the `best` one): enough to evaluate or export a model, not to resume (no
+  optimizer or strategy state: for float32 AdamW a third of the full state's bytes)."""
+  step: Any
+  params: Any
+
+
+def params_only(state) -> ParamsOnly:
+  """`ParamsOnly` of a train state (arrays or ShapeDtypeStructs: the abstract item to restore it into)."""
+  return state if isinstance(state, ParamsOnly) else ParamsOnly(state.step, state.params)
+
+
+def retention(checkpoint_config) -> dict:
+  """`Checkpoints.retain`'s arguments from a config's `checkpoint` section (defaults where a kind has no key)."""
+  get = lambda k, d: checkpoint_config.get(k, d) if hasattr(checkpoint_config, "get") else d
+  return {"keep_tasks": int(get("keep_tasks", 0)), "keep_best": bool(get("keep_best", True))}
 
 
 def abstract_like(state, shardings):

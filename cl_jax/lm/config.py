@@ -110,7 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0,
                                            grad_accum=1))
   # every_steps: rolling checkpoints of pre-training (0: none mid-way; adaptation saves at every evaluation).
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+  # Retention (cl_jax.checkpoint.Checkpoints.retain): keep the newest `keep` rolling (mid-task) checkpoints and
+  # `keep_tasks` task-boundary ones (0: all; step 0's, the base the test split compares with, always stays), and
+  # the best (`keep_best`), which holds the params alone: it serves the test split and the HF export, never a
+  # resume. keep_best=False keeps none and the kept model is the final one.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, keep_tasks=0, keep_best=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   # Issue 10 items 4-5 (stages before the adaptation): vocabulary extension, long-context extension.
   from cl_jax.lm.long_context import default_long_context_config
@@ -134,7 +138,7 @@ SCHEMA = {
     "text.validation": number(0, 0.5, low_open=True, high_open=True),
     "text.test": number(0, 0.5, low_open=True, high_open=True),
     "text.eval_sequences": integer(0), "text.general_eval_sequences": integer(0),
-    "lm.attn_chunk": integer(0), "train.grad_accum": integer(1),
+    "lm.attn_chunk": integer(0), "train.grad_accum": integer(1), "checkpoint.keep_tasks": integer(0),
     "lm.size": one_of(tuple(SIZES)),
 }
 

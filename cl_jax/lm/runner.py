@@ -208,11 +208,28 @@ class _MonitorHook:
     self.mixture, self.last_eval = list(d.get("mixture", [])), int(d.get("last_eval", 0))
 
 
+# One evaluation batch's float32 logits [rows, seq_len - 1, vocab] stay under this many bytes: at a 49,152-token
+# vocabulary and 128 tokens a row is 25 MB, so `regression.eval_batch_size=64` alone would be a 1.6 GB buffer (and
+# its log-softmax another) on top of the train state; 16 rows still fill a matrix unit. Per-item scores do not
+# depend on the batch (each row is scored alone), so the cap changes memory, not numbers.
+EVAL_LOGITS_BYTES = 512 * 2 ** 20
+
+
+def eval_rows(c, apply, params) -> int:
+  """`regression.eval_batch_size`, capped so one batch's logits fit `EVAL_LOGITS_BYTES` (at least one row)."""
+  width = int(c.lm.seq_len) - 1
+  logits = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((1, width), jnp.int32))
+  row = 4 * width * int(logits.shape[-1])
+  return max(1, min(int(c.regression.eval_batch_size), EVAL_LOGITS_BYTES // row))
+
+
 def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None, pretrain_path=None,
-                model_cfg=None) -> Phase:
+                model_cfg=None, own_base: bool = False) -> Phase:
   """Tasks 'general' (0 steps: the base, handed to the strategies) and 'domain' (the mixture); see the docstring.
   `pretrain_path`: SI's state at the end of pre-training (its path integral), which SI in the chain starts from;
-  `model_cfg`: the architecture that trains (its throughput and MFU)."""
+  `model_cfg`: the architecture that trains (its throughput and MFU). `own_base`: the caller hands over
+  `base_params` (the train state starts from those very buffers and the first step donates them) instead of
+  keeping them: one copy of the params fewer for the whole run."""
   from cl_jax.eval.evaluator import make_lm_evaluator
   from cl_jax.losses import next_token_loss
   from cl_jax.strategies import Learner, TaskData, TaskInfo, build_strategy, parse_strategy_spec
@@ -224,8 +241,9 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   strategy = build_strategy(c.strategy, c, learner)
   task_info = TaskInfo(len(TASKS), int(data.tokenizer.vocab_size), (int(c.lm.seq_len) - 1,), (int(c.lm.seq_len) - 1,),
                        "int32")
-  # A copy: the step donates its state, and the caller keeps the base.
-  params, trainable = jax.tree.map(lambda p: jnp.array(p, copy=True), base_params), None
+  # A copy unless the caller hands the base over: the step donates its state.
+  params = base_params if own_base else jax.tree.map(lambda p: jnp.array(p, copy=True), base_params)
+  trainable = None
   if strategy.prepare is not None:  # LoRA: the model becomes base + adapter, only the adapter trains
     apply, params, trainable = strategy.prepare(model, params, task_info, jax.random.fold_in(key, 2))
     learner = Learner(apply, no_logit_mask)
@@ -244,10 +262,12 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
 
   orders = None
   if c.adapt.difficulty:
-    orders = {DOMAIN: difficulty_order_for(model.apply, base_params, data, c.regression.eval_batch_size, mesh)}
+    orders = {DOMAIN: difficulty_order_for(model.apply, base_params, data, eval_rows(c, model.apply, base_params),
+                                           mesh)}
   sampler = mx.MixtureSampler(adaptation_stages(c), {r: len(data.train[r]) for r in TASKS}, c.adapt.batch_size,
                               seed=c.seed, orders=orders)
-  evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), c.regression.eval_batch_size, mesh)
+  rows = eval_rows(c, learner.apply, params)
+  evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh)
   hook = _MonitorHook(c)
 
   def batches(t, iterator_state):
@@ -268,7 +288,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
     if hook.monitor is None and baseline_model is not None:
       # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed.
       base_items = {}
-      reference = make_lm_evaluator(baseline_model.apply, c.regression.eval_batch_size, mesh)(
+      reference = make_lm_evaluator(baseline_model.apply, rows, mesh)(
           state.params, data.eval["validation"], data.cloze["validation"], per_item=base_items)
       hook.monitor = hook.make(reference, base_items)
     if hook.monitor is None:
@@ -344,7 +364,7 @@ def table_row(record: dict) -> dict:
 def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progress: bool, hooks=(), model_cfg=None):
   """The base: pre-trained here (resuming), restored from `pretrain.base_dir`, or the initialisation; with the
   seconds it took and the pre-training's SI state (its path integral; None without SI)."""
-  from cl_jax.checkpoint import Checkpoints, abstract_like
+  from cl_jax.checkpoint import Checkpoints, abstract_like, retention
   from cl_jax.train.loop import run_tasks
   from cl_jax.workdir import MetricsLog
   if not c.pretrain.base_dir and c.pretrain.steps == 0:
@@ -363,7 +383,8 @@ def _base_params(c, data, model, params, mesh, workdir: str, resume: bool, progr
                               f"{os.path.join(c.pretrain.base_dir, 'pretrain', 'checkpoints', 'tasks')}")
     return restored[0].params, 0.0, None
   path = lambda s: s.strategy_state if phase.strategy.name == "si" else None
-  checkpoints = Checkpoints(os.path.join(workdir, "pretrain"), keep=c.checkpoint.keep)
+  checkpoints = Checkpoints(os.path.join(workdir, "pretrain"), keep=c.checkpoint.keep).retain(
+      **retention(c.checkpoint))
   try:
     done = resume and checkpoints.tasks.latest_step() == int(c.pretrain.steps)
     if done:  # the base exists: no loop run (it would reopen, and trim, the metrics log)
@@ -410,7 +431,7 @@ def build(c, data: CPTData | None = None) -> Built:
 
 def execute(built: Built, ctx):
   """Continual pre-training end to end in the opened workdir (see the module docstring); returns the Results."""
-  from cl_jax.checkpoint import Checkpoints, abstract_like
+  from cl_jax.checkpoint import Checkpoints, abstract_like, params_only, retention
   from cl_jax.lm.monitor import paired_interval
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks, strategy_record
@@ -431,17 +452,30 @@ def execute(built: Built, ctx):
   stage_c, data, model, imported = stage_for_run(c, data, model, base, workdir, imported)
   # MFU counts the model that trains: the imported architecture, its vocabulary after an extension.
   adapt_cfg = dataclasses.replace(cfg, vocab_size=int(data.tokenizer.vocab_size), max_len=int(stage_c.lm.seq_len))
+  # The run hands the base over (`own_base`): nothing below reads it again (the test split's base is restored from
+  # step 0's checkpoint), so the state starts from its buffers instead of a copy (one params' bytes for the run).
   phase = adapt_phase(stage_c, data, model, base, mesh, baseline_model=None if stage_c is c else before_stage,
-                      pretrain_path=pretrain_path, model_cfg=adapt_cfg)
+                      pretrain_path=pretrain_path, model_cfg=adapt_cfg, own_base=True)
+  del base, params
   plan, hook = phase.plan, phase.hook
-  with Checkpoints(workdir, keep=c.checkpoint.keep) as checkpoints:
+  # Step 0's boundary is the base the test split compares with: kept whatever `checkpoint.keep_tasks` says.
+  with Checkpoints(workdir, keep=c.checkpoint.keep).retain(**retention(c.checkpoint), pin=(0,)) as checkpoints:
     keep = lambda s: (lambda r: r.get("phase") == "pretrain" or (s is not None and r["step"] <= s))
     out = run_tasks(plan, workdir, checkpoints, ctx.resume, progress,
                     open_log=lambda s: MetricsLog(workdir, s, keep=keep(s)), hooks=ctx.hooks)
     abstract = abstract_like(plan.state, plan.state_sharding)
-    base_state = checkpoints.restore(abstract, manager=checkpoints.tasks, step=0)[0]
-    best_state, _ = checkpoints.restore(abstract, kind="best")
+    # The base and the kept model as params alone (`ParamsOnly`): evaluation and export read nothing else, and
+    # restoring whole states would allocate two optimizer states (2 x 2 params' bytes for AdamW) at the run's end.
+    base_state = checkpoints.restore_params(abstract, "tasks", 0)
+    if checkpoints.keep_best:
+      best_state, _ = checkpoints.restore(params_only(abstract), kind="best")
+    else:  # `checkpoint.keep_best=False`: the kept model is the final one
+      best_state = params_only(out.state)
     best_step = int(jax.device_get(best_state.step))
+  # The final optimizer state is in its checkpoint; evaluation needs the params alone, so the rest is let go
+  # before the test split's three evaluations (2 params' bytes for AdamW).
+  final_state = params_only(out.state)
+  out = dataclasses.replace(out, state=final_state)
   monitor = hook.monitor
   test, test_items = {}, {}
   for name, s in (("base", base_state), ("best", best_state), ("final", out.state)):
@@ -461,7 +495,7 @@ def execute(built: Built, ctx):
       "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
       "num_params": num_params, "model": dataclasses.asdict(cfg), "baseline": monitor.baseline,
       "threshold": c.regression.threshold, "stopped": monitor.stopped, "best_step": best_step,
-      "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)),
+      "best_checkpoint": os.path.join(checkpoints.root, "best", str(best_step)) if checkpoints.keep_best else None,
       "steps_run": int(jax.device_get(out.state.step)), "monitor": monitor.describe(), "history": monitor.history,
       "realised_mixture": hook.mixture, "test": test, "test_intervals": test_intervals,
       "monitor_rule": monitor.rule(), "eval_sets": eval_sizes(data),

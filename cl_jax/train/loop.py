@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from cl_jax import sharding
-from cl_jax.checkpoint import Checkpoints, abstract_like
+from cl_jax.checkpoint import Checkpoints, abstract_like, params_only
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, config_dict, is_writer
 from cl_jax.train.step import with_finite_flag  # noqa: F401  (re-exported: the loop's divergence flag)
@@ -266,6 +266,12 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             "divergence": divergence.state(), "stopped": stopped,
             "plan": plan.meta() if plan.meta is not None else {}}
 
+  def save_best(step, state, meta):
+    # The best is for evaluation and export, never for a resume: its params alone (`params_only`), a third of a
+    # float32 AdamW state's bytes to stage and write; none at all under `checkpoint.keep_best=False`.
+    if getattr(checkpoints, "keep_best", True):
+      checkpoints.save(step, params_only(state), meta, kind="best")
+
   def write_eval(step, t_record, fields, is_boundary):
     rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
     log.write(rec)
@@ -280,7 +286,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         rec, verdict = write_eval(int(state.step), 0, plan.evaluate(state, 0), True)
         boundary.append(rec)
         if verdict.best:
-          checkpoints.save(int(state.step), state, meta(0, None), kind="best")
+          save_best(int(state.step), state, meta(0, None))
       for t in range(start_task, num_tasks):
         if stopped is not None:
           break
@@ -349,7 +355,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             flush_metrics()
             _, verdict = write_eval(step_no, t + 1, plan.evaluate(state, t), False)
             if verdict.best:
-              checkpoints.save(step_no, state, meta(t, source.get_state()), kind="best")
+              save_best(step_no, state, meta(t, source.get_state()))
             if verdict.stop:
               stopped = {"step": step_no, "task": t + 1}
           if stopped is not None or (plan.checkpoint_every and k % plan.checkpoint_every == 0 and k < task_steps):
@@ -378,7 +384,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         boundary.append(rec)
         log.flush()
         if verdict.best:
-          checkpoints.save(int(state.step), state, meta(t + 1, None), kind="best")
+          save_best(int(state.step), state, meta(t + 1, None))
         if verdict.stop:
           stopped = {"step": int(state.step), "task": t + 1}
         checkpoints.save(int(state.step), state, meta(t + 1, None), kind="task")
