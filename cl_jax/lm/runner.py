@@ -468,7 +468,10 @@ def execute(built: Built, ctx):
     # restoring whole states would allocate two optimizer states (2 x 2 params' bytes for AdamW) at the run's end.
     base_state = checkpoints.restore_params(abstract, "tasks", 0)
     if checkpoints.keep_best:
-      best_state, _ = checkpoints.restore(params_only(abstract), kind="best")
+      try:
+        best_state, _ = checkpoints.restore(params_only(abstract), kind="best")
+      except (ValueError, RuntimeError):  # a best saved whole (by a run begun before bests were params-only)
+        best_state = checkpoints.restore_params(abstract, "best", checkpoints.best.latest_step())
     else:  # `checkpoint.keep_best=False`: the kept model is the final one
       best_state = params_only(out.state)
     best_step = int(jax.device_get(best_state.step))
