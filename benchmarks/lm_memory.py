@@ -1,6 +1,7 @@
 """Peak memory of LM continual pre-training: cl_jax's whole run against transformers' own training step.
 
   nice -n 5 python benchmarks/lm_memory.py [--steps 4] [--repeats 1] [--out results/lm_memory.md]
+  nice -n 5 python benchmarks/lm_memory.py --step-analysis --model DIR --corpus DIR   # XLA's account of the step
 
 The model is SmolLM-135M's shape (Llama: 30 layers, hidden 576, 9 heads, 3 kv heads, intermediate 1536, tied
 embeddings, vocabulary 49,152; 134.5M parameters), built with transformers at random initialisation and saved in
@@ -156,6 +157,33 @@ def child_cl_jax(argv: list[str]) -> None:
                                "param_bytes": params}), flush=True)
 
 
+def step_analysis(model: str, corpus: str) -> dict:
+  """XLA's own account of the run's train step (`compiled.memory_analysis()`), in MiB and in params' bytes: the
+  state passed in, the state returned (aliased to the input when donation works), the step's temporaries. The same
+  parts as the run (`adapt_phase`, the strategy's loss, the optimizer, `make_train_step`), lowered, not run."""
+  import jax
+  from cl_jax import compilation_cache
+  from cl_jax.lm import runner
+  from cl_jax.losses import next_token_loss
+  from cl_jax.train.step import make_train_step, with_finite_flag
+  from configs.cpt_hf import get_config
+  compilation_cache.enable()
+  c = get_config(f"path={model},domain={corpus},steps=2")
+  c.adapt.batch_size, c.lm.seq_len = BATCH, SEQ
+  c.text.eval_sequences = c.text.general_eval_sequences = c.text.cloze_items = EVAL_SET
+  built = runner.build(c)
+  phase = runner.adapt_phase(c, built.data, built.model, built.params, built.mesh, model_cfg=built.cfg, own_base=True)
+  batch = phase.plan.put_batch(next(phase.plan.batches(1, None)), False)
+  optimizer = runner._optimizer(c, c.optim, phase.schedule)
+  step = with_finite_flag(make_train_step(phase.strategy.loss(next_token_loss(phase.learner)), optimizer,
+                                          phase.schedule, log_norms=True, strategy=phase.strategy))
+  with jax.set_mesh(built.mesh):
+    m = jax.jit(step, donate_argnums=0).lower(phase.plan.state, batch).compile().memory_analysis()
+  p = 4 * sum(x.size for x in jax.tree.leaves(phase.plan.state.params))
+  return {k: {"MiB": round(getattr(m, k) / 2 ** 20), "params": round(getattr(m, k) / p, 2)}
+          for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")}
+
+
 def child_transformers(model: str, steps: int) -> None:
   import torch
   import transformers as tf
@@ -197,7 +225,13 @@ def main(args=None):
   ap.add_argument("--code", default=ROOT, help="the cl_jax checkout the cl_jax run imports (e.g. an older commit's "
                   "worktree: the before of a before/after)")
   ap.add_argument("--only", choices=("cl_jax", "transformers"), default=None)
+  ap.add_argument("--step-analysis", action="store_true", help="print XLA's memory analysis of the train step "
+                  "(needs --model and --corpus) and exit")
   a = ap.parse_args(args)
+  if a.step_analysis:
+    sys.path.insert(0, os.path.abspath(a.code))
+    print("STEP " + json.dumps(step_analysis(a.model, a.corpus)))
+    return None
   if a.child == "cl_jax":
     return child_cl_jax(cl_jax_argv(a.model, a.corpus, a.workdir, a.steps, a.eval_batch, a.code))
   if a.child == "transformers":
