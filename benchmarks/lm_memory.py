@@ -43,6 +43,7 @@ SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidd
              num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
              bos_token_id=1, eos_token_id=2)
 BATCH, SEQ = 4, 128
+EXTRA = [a for a in os.environ.get("LM_MEMORY_OVERRIDES", "").split() if a]  # e.g. --config.checkpoint.keep=1
 EVAL_SET = 4  # sequences per corpus and cloze items per evaluation: enough to run every evaluation path
 
 
@@ -70,7 +71,7 @@ def cl_jax_argv(model: str, corpus: str, workdir: str, steps: int, eval_batch: i
           f"--workdir={workdir}", f"--config.adapt.batch_size={BATCH}", f"--config.lm.seq_len={SEQ}",
           f"--config.regression.eval_every={every}", f"--config.regression.eval_batch_size={eval_batch}",
           f"--config.text.eval_sequences={EVAL_SET}", f"--config.text.general_eval_sequences={EVAL_SET}",
-          f"--config.text.cloze_items={EVAL_SET}", "--config.train.log_every_steps=1"]
+          f"--config.text.cloze_items={EVAL_SET}", "--config.train.log_every_steps=1", *EXTRA]
 
 
 # ----------------------------------------------------------------------------- the children

@@ -38,7 +38,7 @@ def _ocp():
 
 
 class Checkpoints:
-  keep_best, _pin = True, ()  # retention beyond `keep`: `retain`
+  keep_best, synchronous, _pin = True, False, ()  # retention beyond `keep` and write order: `retain`
 
   def __init__(self, workdir: str, keep: int = 2):
     self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -54,16 +54,19 @@ class Checkpoints:
 
   # --------------------------------------------------------------------------- retention (issue 22 item 3)
 
-  def retain(self, keep_tasks: int = 0, keep_best: bool = True, pin: tuple = ()) -> "Checkpoints":
+  def retain(self, keep_tasks: int = 0, keep_best: bool = True, pin: tuple = (), async_save: bool = True
+             ) -> "Checkpoints":
     """How many checkpoints stay on disk, beyond `keep` (the newest rolling ones): `keep_tasks` the newest task-
     boundary ones (0: every one, for analysis and merging; a resume reads only the newest), `keep_best` whether a
     per-evaluation hook's best is saved at all (params only: `params_only`), `pin` boundary steps never deleted (an
-    LM run's step 0: the base its test split compares with). Call before the first save."""
+    LM run's step 0: the base its test split compares with). `async_save=False` asks the task loop to wait for
+    each write before going on (`synchronous`). Call before the first save."""
     if self._managers:
       raise RuntimeError("Checkpoints.retain: call it before the first save or restore")
     self._keep["tasks"] = int(keep_tasks) or None
     self._pin = tuple(int(s) for s in pin)
     self.keep_best = bool(keep_best)
+    self.synchronous = not async_save
     return self
 
   def _options(self, kind: str):
@@ -241,7 +244,8 @@ def params_only(state) -> ParamsOnly:
 def retention(checkpoint_config) -> dict:
   """`Checkpoints.retain`'s arguments from a config's `checkpoint` section (defaults where a kind has no key)."""
   get = lambda k, d: checkpoint_config.get(k, d) if hasattr(checkpoint_config, "get") else d
-  return {"keep_tasks": int(get("keep_tasks", 0)), "keep_best": bool(get("keep_best", True))}
+  return {"keep_tasks": int(get("keep_tasks", 0)), "keep_best": bool(get("keep_best", True)),
+          "async_save": bool(get("async_save", True))}
 
 
 def abstract_like(state, shardings):

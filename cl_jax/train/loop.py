@@ -271,6 +271,13 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     # float32 AdamW state's bytes to stage and write; none at all under `checkpoint.keep_best=False`.
     if getattr(checkpoints, "keep_best", True):
       checkpoints.save(step, params_only(state), meta, kind="best")
+      settle()
+
+  def settle():
+    # `checkpoint.async_save=False`: a save's write (and the buffers it holds) ends before the next step or
+    # evaluation allocates its own, so the peak is the larger of the two, not their sum.
+    if getattr(checkpoints, "synchronous", False):
+      checkpoints.wait()
 
   def write_eval(step, t_record, fields, is_boundary):
     rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
@@ -328,6 +335,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           flush_metrics()  # checks divergence first: a diverged state is never saved
           log.flush()
           checkpoints.save(step_no, state, meta(t, source.get_state()), kind="rolling")
+          settle()
 
         fused = plan.multi_step is not None or plan.train_chunk is not None
         per_call = max(1, plan.steps_per_call if fused else 1)
@@ -388,6 +396,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
         if verdict.stop:
           stopped = {"step": int(state.step), "task": t + 1}
         checkpoints.save(int(state.step), state, meta(t + 1, None), kind="task")
+        settle()
       checkpoints.wait()
   except BaseException:
     _close(locals().get("source"))
