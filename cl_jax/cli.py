@@ -293,8 +293,15 @@ def build_config(argv, prog: str = "run.py"):
   return config, args
 
 
+# `cl-jax <command> ...`: commands beside running a config, each a module with `main(argv) -> exit code`.
+COMMANDS = {"prepare": "cl_jax.data.prepare"}
+
+
 def main(argv, prog: str = "run.py") -> int:
   """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of the CLJaxError that ended the run)."""
+  if argv and argv[0] in COMMANDS:
+    import importlib
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
   from cl_jax import sharding
   try:
     sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices

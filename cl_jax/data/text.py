@@ -56,8 +56,12 @@ class PackedSplit(NamedTuple):
 
 class TextDomain(NamedTuple):
   name: str
-  documents: dict        # split -> list[Document]
-  splits: dict           # split -> PackedSplit
+  documents: dict        # split -> list[Document] (a prepared cache: the decoded evaluation sequences only)
+  splits: dict           # split -> PackedSplit (a prepared cache: tokens read on demand, `prepare.CachedRows`)
+  num_documents: dict | None = None  # split -> documents, where `documents` does not hold them all
+
+  def count(self, split: str) -> int:
+    return self.num_documents[split] if self.num_documents is not None else len(self.documents[split])
 
 
 def _unit_hash(*parts) -> float:
@@ -144,8 +148,8 @@ def code_documents(*, code_share: float = 0.5, min_chars: int = 64,
 DIRECTORY_SUFFIXES = (".txt", ".jsonl")
 # The domain specs (module docstring): names of the built-in corpora, and the forms a spec may take.
 _ALIASES = {"python": "code", "domain": "code", "prose": "general"}
-_SPEC_FORMS = ("expected 'general', 'code' (alias 'python'/'domain'), 'files:<glob>', 'dir:<directory>' or "
-               "'tfds:<name>[:<split>[:<feature>]]'")
+_SPEC_FORMS = ("expected 'general', 'code' (alias 'python'/'domain'), 'files:<glob>', 'dir:<directory>', "
+               "'cache:<prepared directory>' or 'tfds:<name>[:<split>[:<feature>]]'")
 
 
 def _glob_files(pattern: str, key: str) -> list[str]:
@@ -387,7 +391,8 @@ def encode_all(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
 def load_domain(spec: str, tokenizer, seq_len: int, *, seed: int = 0, validation: float = 0.05,
                 test: float = 0.05, max_docs: int | None = None, name: str | None = None,
                 code_share: float = 0.5) -> TextDomain:
-  """Documents -> dedup -> split by group -> tokenize -> pack, for one domain."""
+  """Documents -> dedup -> split by group -> tokenize -> pack, for one domain (a prepared cache instead:
+  `prepare.load_domain`)."""
   docs = deduplicate(domain_documents(spec, max_docs=max_docs, code_share=code_share))
   if not docs:
     raise ValueError(f"domain {spec!r}: no documents")

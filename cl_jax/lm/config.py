@@ -17,7 +17,7 @@ import ml_collections
 from cl_jax import sharding
 from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.data import mixture as mx
-from cl_jax.data import text as textdata
+from cl_jax.data import prepare
 from cl_jax.models.transformer import SIZES
 from cl_jax.train.optim import OPTIMIZERS
 
@@ -173,7 +173,7 @@ def check_config(c) -> None:
   # The corpora's files are listed (not read) here, so a missing directory or an empty glob fails before the
   # workdir is made; a file that is not UTF-8 is found when the corpus is read (build, still before any write).
   for role in ("general", "domain"):
-    textdata.check_spec(c.text[role], f"text.{role}")
+    prepare.check_spec(c.text[role], f"text.{role}")
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
   check_vocab_config(c)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cl_jax import sharding
+from cl_jax.data import prepare
 from cl_jax.data import text as textdata
 from cl_jax.data.tokenizer import load_tokenizer
 
@@ -43,6 +44,15 @@ def subset(n: int, k: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
+# A prepared cache's evaluation sets when the config asks for all of a split (`*eval_sequences=0`): all of a
+# multi-GB corpus's validation split would be scored at every evaluation; 4,096 sequences detect a 1% change in
+# mean loss many times over (the monitor's paired interval narrows as 1/sqrt(n)).
+CACHED_EVAL_SEQUENCES = 4096
+# The general sample a strategy consolidates on after the base phase (EWC's Fisher, MAS's importance, ...) when
+# general text is a prepared cache, instead of all of it.
+CACHED_CONSOLIDATION_SEQUENCES = 4096
+
+
 def load_data(c, tokenizer=None) -> CPTData:
   """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config).
 
@@ -55,24 +65,31 @@ def load_data(c, tokenizer=None) -> CPTData:
   else:
     tok = load_tokenizer(c.lm.tokenizer)
   t = c.text
-  domains = {role: textdata.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
+  domains = {role: prepare.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
                                         test=t.test, name=role)
              for role, spec in ((GENERAL, t.general), (DOMAIN, t.domain))}
   train, doc_index, evals = {}, {}, {"validation": {}, "test": {}}
   for i, (role, dom) in enumerate(domains.items()):
     tr = dom.splits["train"]
     keep = subset(len(tr.tokens), t.max_train_sequences, 11 + i)
-    train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    if isinstance(tr.tokens, np.ndarray):
+      train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    else:  # a prepared cache: rows stay on disk, read per batch (only this process's rows)
+      lazy = len(keep) == len(tr.tokens)
+      train[role] = tr.tokens if lazy else tr.tokens.view(keep)
+      doc_index[role] = tr.doc_index if lazy else np.asarray(tr.doc_index)[keep]
     cap = t.general_eval_sequences if role == GENERAL else t.eval_sequences
+    if not isinstance(dom.splits["validation"].tokens, np.ndarray) and cap <= 0:
+      cap = CACHED_EVAL_SEQUENCES
     for j, split in enumerate(("validation", "test")):
       ev = dom.splits[split].tokens
-      evals[split][role] = ev[subset(len(ev), cap, 101 + 10 * i + j)]
+      evals[split][role] = np.asarray(ev[subset(len(ev), cap, 101 + 10 * i + j)])
   cloze = {split: textdata.make_cloze_items(domains[GENERAL].documents[split], tok, num_items=t.cloze_items,
                                             context_tokens=t.cloze_context, num_choices=t.cloze_choices,
                                             seed=7 + j)
            for j, split in enumerate(("validation", "test"))}
   return CPTData(tok, train, doc_index, evals, cloze,
-                 {role: len(dom.documents["train"]) for role, dom in domains.items()})
+                 {role: dom.count("train") for role, dom in domains.items()})
 
 
 def eval_sizes(data: CPTData) -> dict:
@@ -100,12 +117,12 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   ids, example = sampler.indices(step)
   rows = sharding.process_rows({"ids": ids, "example": example})
   ids, example = rows["ids"], rows["example"]
-  first = np.asarray(data_by_role[sampler.domains[0]])
-  tokens = np.empty((len(ids),) + first.shape[1:], first.dtype)
+  first = data_by_role[sampler.domains[0]]
+  tokens = np.empty((len(ids),) + tuple(first.shape[1:]), first.dtype)
   for d in np.unique(ids):
     where = ids == d
-    tokens[where] = np.asarray(data_by_role[sampler.domains[d]])[example[where]]
+    tokens[where] = data_by_role[sampler.domains[d]][example[where]]  # arrays, or cache rows read on demand
   return next_token_batch(tokens, task, ids)
 
 
-__all__ = ["CPTData", "load_data", "eval_sizes", "subset", "next_token_batch", "sampler_batch"]
+__all__ = ["CACHED_EVAL_SEQUENCES", "CACHED_CONSOLIDATION_SEQUENCES", "CPTData", "load_data", "eval_sizes", "subset", "next_token_batch", "sampler_batch"]

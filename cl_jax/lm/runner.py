@@ -43,7 +43,7 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
 from cl_jax.lm.config import DOMAIN, GENERAL
-from cl_jax.lm.data import CPTData, eval_sizes, load_data, sampler_batch
+from cl_jax.lm.data import CACHED_CONSOLIDATION_SEQUENCES, CPTData, eval_sizes, load_data, sampler_batch, subset
 
 TASKS = (GENERAL, DOMAIN)
 
@@ -257,6 +257,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
     if t != 0:  # the adapted model's own consolidation would only serve a further task
       return state
     general = data.train[GENERAL]
+    if not isinstance(general, np.ndarray):  # a prepared cache: the consolidation sample, not the whole corpus
+      general = general[subset(len(general), CACHED_CONSOLIDATION_SEQUENCES, 23)]
     task_data = TaskData(general[:, :-1], general[:, 1:], np.zeros(len(general), np.int32), 0)
     new = strategy.after_task(state.strategy_state, state.params, task_data, jax.random.fold_in(key, 1000))
     return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
