@@ -56,7 +56,8 @@ def test_prepare_packs_exactly_like_the_in_memory_path_deterministically(tmp_pat
   assert len(m.data["splits"]["train"]["shards"]) > 2
   # Segment ids restart at 1 in every sequence and step up exactly after each eos.
   rows = prepare.cached_split(m, "train").tokens
-  segs = prepare.CachedRows(m.path, rows.files, 32, part=1)[np.arange(len(rows))]
+  assert m.data["record"]["dtype"] == "<u2" == rows.record_dtype  # 259 ids fit in 16 bits
+  segs = prepare.CachedRows(m.path, rows.files, 32, part=1, record_dtype="<u2")[np.arange(len(rows))]
   toks = rows[np.arange(len(rows))]
   assert (segs[:, 0] == 1).all()
   np.testing.assert_array_equal(np.diff(segs, axis=1), (toks[:, :-1] == tok.eos_id).astype(np.int32))

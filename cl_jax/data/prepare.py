@@ -9,7 +9,8 @@ A *prepared cache* is a directory:
   <split>-00000.array_record, ...    packed sequences, one record each, `shard_sequences` records per shard
   <split>.doc_index.npy              int32 [N]: the split-local document each sequence starts in (curricula)
 
-Record layout: little-endian int32 `[2, seq_len]` -- row 0 the tokens, row 1 the segment ids (1, 2, ... for the
+Record layout: `[2, seq_len]` little-endian integers -- uint16 when the vocabulary and `seq_len` fit in 16 bits
+(most tokenizers up to 65,536 ids: half the disk and read bandwidth), else int32 (the manifest's `record.dtype`) -- row 0 the tokens, row 1 the segment ids (1, 2, ... for the
 documents the sequence holds, in order; a document continued from the previous sequence is segment 1). Documents
 are packed GPT-style (Radford et al. 2019) exactly as `cl_jax.data.text.pack` packs them in memory -- each followed
 by `eos`, the stream cut into `seq_len` windows -- so a run on the cache trains on the sequences a run on the raw
@@ -211,6 +212,11 @@ def load_any_tokenizer(spec: str):
 
 # ----------------------------------------------------------------------------- writing
 
+def record_dtype(vocab_size: int, seq_len: int) -> str:
+  """The narrowest record integer that holds every token id and segment id."""
+  return "<u2" if vocab_size <= 2 ** 16 and seq_len < 2 ** 16 else "<i4"
+
+
 def _pack_rows(tokens: np.ndarray, owner: np.ndarray, seq_len: int):
   """Full `seq_len` rows of a token stream: (tokens [n, L], segment ids [n, L], first owner [n])."""
   n = len(tokens) // seq_len
@@ -223,8 +229,8 @@ def _pack_rows(tokens: np.ndarray, owner: np.ndarray, seq_len: int):
 class _SplitWriter:
   """The packed stream of one split: tokens (with eos after each document) waiting for a full shard."""
 
-  def __init__(self, out: str, split: str, seq_len: int, shard_sequences: int):
-    self.out, self.split, self.seq_len, self.per_shard = out, split, seq_len, shard_sequences
+  def __init__(self, out: str, split: str, seq_len: int, shard_sequences: int, dtype: str):
+    self.out, self.split, self.seq_len, self.per_shard, self.dtype = out, split, seq_len, shard_sequences, dtype
     self.tokens = np.zeros((0,), np.int32)
     self.owner = np.zeros((0,), np.int32)   # split-local document index of each token
     self.documents = 0
@@ -264,7 +270,7 @@ class _SplitWriter:
     name = f"{self.split}-{len(self.shards):05d}.array_record"
     tmp = os.path.join(self.out, name + ".tmp")
     writer = ArrayRecordWriter(tmp, "group_size:1")
-    records = np.stack([tok, seg], axis=1).astype("<i4")
+    records = np.stack([tok, seg], axis=1).astype(self.dtype)
     for r in records:
       writer.write(r.tobytes())
     writer.close()
@@ -347,7 +353,8 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
       raise ConfigError(f"{out}: holds a prepared cache made from other sources or settings; choose another --out")
     return existing
   os.makedirs(out, exist_ok=True)
-  writers = {s: _SplitWriter(out, s, seq_len, shard_sequences) for s in textdata.SPLITS}
+  dtype = record_dtype(tokenizer.vocab_size, seq_len)
+  writers = {s: _SplitWriter(out, s, seq_len, shard_sequences, dtype) for s in textdata.SPLITS}
   counters = {"documents": 0, "duplicates": 0, "characters": 0, "digest": ""}
   consumed = 0
   progress_dir = os.path.join(out, ".progress")
@@ -421,7 +428,7 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
     np.save(os.path.join(out, f"{s}.doc_index.npy"), first.astype(np.int32))
     n = sum(sh["sequences"] for sh in w.shards)
     splits[s] = {"shards": w.shards, "sequences": n, "tokens": n * seq_len, "documents": w.documents}
-  data = dict(settings, format=FORMAT, record={"dtype": "<i4", "shape": [2, seq_len],
+  data = dict(settings, format=FORMAT, record={"dtype": dtype, "shape": [2, seq_len],
                                                "rows": ["tokens", "segment_ids"]},
               documents=counters["documents"], duplicates=counters["duplicates"],
               characters=counters["characters"], content_digest=digest.hexdigest(), splits=splits,
@@ -480,8 +487,9 @@ class CachedRows:
   `part` picks the record row: 0 tokens, 1 segment ids."""
 
   def __init__(self, path: str, files: Sequence[str], seq_len: int, indices: np.ndarray | None = None,
-               part: int = 0, source=None):
+               part: int = 0, source=None, record_dtype: str = "<i4"):
     self.path, self.files, self.seq_len, self.part = path, tuple(files), int(seq_len), part
+    self.record_dtype = record_dtype
     if source is None:
       from grain.sources import ArrayRecordDataSource
       source = ArrayRecordDataSource([os.path.join(path, f) for f in files]) if files else ()
@@ -501,7 +509,7 @@ class CachedRows:
   def view(self, indices) -> "CachedRows":
     indices = np.asarray(indices, np.int64)
     base = indices if self._indices is None else self._indices[indices]
-    return CachedRows(self.path, self.files, self.seq_len, base, self.part, self._source)
+    return CachedRows(self.path, self.files, self.seq_len, base, self.part, self._source, self.record_dtype)
 
   def __getitem__(self, index) -> np.ndarray:
     if isinstance(index, slice):
@@ -514,7 +522,7 @@ class CachedRows:
       idx = self._indices[idx]
     out = np.empty((len(idx), self.seq_len), np.int32)
     for k, i in enumerate(idx.tolist()):
-      out[k] = np.frombuffer(self._source[int(i)], "<i4").reshape(2, self.seq_len)[self.part]
+      out[k] = np.frombuffer(self._source[int(i)], self.record_dtype).reshape(2, self.seq_len)[self.part]
     return out[0] if scalar else out
 
   def __array__(self, dtype=None, copy=None):  # a whole split in memory: only when asked for explicitly
@@ -526,7 +534,8 @@ def cached_split(manifest: Manifest, split: str) -> textdata.PackedSplit:
   """One split of a cache as a `PackedSplit` whose `tokens` are `CachedRows` (lazy) and `doc_index` an array
   memory-mapped from disk."""
   info = manifest.data["splits"][split]
-  rows = CachedRows(manifest.path, [s["file"] for s in info["shards"]], manifest.seq_len)
+  rows = CachedRows(manifest.path, [s["file"] for s in info["shards"]], manifest.seq_len,
+                    record_dtype=manifest.data["record"]["dtype"])
   doc_index = np.load(os.path.join(manifest.path, f"{split}.doc_index.npy"), mmap_mode="r")
   return textdata.PackedSplit(rows, doc_index)
 
@@ -554,7 +563,7 @@ def cached_domain(path: str, tokenizer, seq_len: int, *, seed: int, validation: 
     rows = splits[s].tokens
     k = min(len(rows), CACHED_EVAL_DOCUMENT_SEQUENCES)
     tokens = rows[np.arange(k)]
-    segments = CachedRows(m.path, rows.files, seq_len, part=1)[np.arange(k)]
+    segments = CachedRows(m.path, rows.files, seq_len, part=1, record_dtype=rows.record_dtype)[np.arange(k)]
     docs = []
     for i in range(k):
       for seg in np.unique(segments[i]):
