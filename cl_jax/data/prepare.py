@@ -200,14 +200,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def load_any_tokenizer(spec: str):
-  """`byte`, `sp:<model>` (cl_jax's own specs), or `hf:<dir>` / a directory: a Hugging Face checkpoint's."""
-  path = spec[3:] if spec.startswith("hf:") else spec
-  if spec.startswith("hf:") or os.path.isdir(os.path.expanduser(path)):
-    from cl_jax.models import hf_checkpoint
-    path = os.path.expanduser(path)
-    return hf_checkpoint.load_tokenizer(path, hf_checkpoint.read_config(path))
+  """`byte`, a `tokenizers` .json / SentencePiece .model file, or `hf:<dir>` / a Hugging Face checkpoint directory
+  (`cl_jax.data.tokenizer.load_tokenizer`); a ConfigError naming the spec when it cannot be loaded."""
   from cl_jax.data.tokenizer import load_tokenizer
-  return load_tokenizer(spec)
+  path = os.path.expanduser(spec[3:] if spec.startswith("hf:") else spec)
+  try:
+    return load_tokenizer(path)
+  except (OSError, ValueError, TypeError) as e:
+    raise ConfigError(f"--tokenizer {spec!r}: {' '.join(str(e).split())}") from None
 
 
 # ----------------------------------------------------------------------------- writing
