@@ -138,3 +138,22 @@ def test_an_lm_run_reads_a_prepared_cache_as_it_reads_the_raw_text(tmp_path):
   # A cache prepared with another split than the run's is refused before anything is written.
   with pytest.raises(ConfigError, match="split with"):
     load_data(_tiny(text__domain=spec, text__general=general, text__split_seed=1))
+
+
+def test_the_in_memory_path_reads_every_format_and_names_what_it_skips(tmp_path, capsys):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  corpus = _corpus(tmp_path / "corpus", n_txt=2, n_jsonl=3)
+  (corpus / "readme.md").write_text("A markdown document.")
+  (corpus / "tool.py").write_text("def f():\n    return 1\n")
+  with open(corpus / "z.jsonl.zst", "wb") as f:
+    f.write(zstandard.ZstdCompressor().compress(b'{"text": "zstd one"}\n{"text": "zstd two"}\n'))
+  pq.write_table(pa.table({"text": ["parquet one", "parquet two", None]}), corpus / "t.parquet")
+  docs = text.domain_documents(f"dir:{corpus}")
+  assert "skipping 1 file(s) of no known text format: picture.png" in capsys.readouterr().err
+  texts = {d.text for d in docs}
+  assert {"A markdown document.", "def f():\n    return 1\n", "zstd two", "parquet two"} <= texts
+  groups = [d.group for d in docs]
+  assert "dir:t.parquet:2" in groups and "dir:z.jsonl.zst:1" in groups and "dir:more.jsonl.gz:20" in groups
+  assert len(docs) == 2 + 3 + 2 + 20 + 1 + 1 + 2 + 2  # .txt, .jsonl (+2 near-duplicates), .gz, .md, .py, .zst, .parquet

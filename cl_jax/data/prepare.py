@@ -36,9 +36,7 @@ the shards of a split, read in order, are exactly `text.pack` of the split's doc
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -53,91 +51,11 @@ from cl_jax.errors import ConfigError
 
 FORMAT = "cl_jax.prepared/1"
 MANIFEST = "manifest.json"
-# Whole-file documents under `dir:` (besides the record formats below): prose, markup and source code.
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
-                 ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".sql", ".html", ".css", ".yaml", ".yml", ".toml")
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _PROBE = ("The quick brown fox jumps over the lazy dog. def f(x):\n    return x ** 2  # 0123456789\n"
           "Ünïcödé, 日本語, emoji 🙂, tabs\tand  spaces.\n")
 
 
 # ----------------------------------------------------------------------------- documents, streamed
-
-def _open_records(path: str):
-  """A binary file object over a (possibly compressed) JSON-lines file."""
-  if path.endswith(".gz"):
-    return gzip.open(path, "rb")
-  if path.endswith(".zst"):
-    try:
-      import zstandard
-    except ImportError:
-      raise ConfigError(f"{path}: a .zst file needs the zstandard package (pip install zstandard)") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-  return open(path, "rb")
-
-
-def _jsonl_documents(path: str, rel: str, field: str) -> Iterator[textdata.Document]:
-  with _open_records(path) as fh:
-    for line_no, raw in enumerate(fh, 1):
-      if not raw.strip():
-        continue
-      try:
-        record = json.loads(raw)
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}:{line_no}: not a JSON object in UTF-8 ({e}); each line must be an object "
-                          f"with the document's text under {field!r}") from None
-      if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        raise ConfigError(f"{path}:{line_no}: no string {field!r} field (each line must be an object with the "
-                          "document's text under it)")
-      yield textdata.Document(record[field], f"{rel}:{line_no}")
-
-
-def _parquet_documents(path: str, rel: str, field: str) -> Iterator[textdata.Document]:
-  try:
-    import pyarrow.parquet as pq
-  except ImportError:
-    raise ConfigError(f"{path}: a .parquet file needs pyarrow (pip install pyarrow)") from None
-  pf = pq.ParquetFile(path)
-  if field not in pf.schema_arrow.names:
-    raise ConfigError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
-  row = 0
-  for batch in pf.iter_batches(columns=[field], batch_size=4096):
-    for value in batch.column(0).to_pylist():
-      row += 1
-      if isinstance(value, str):
-        yield textdata.Document(value, f"{rel}:{row}")
-
-
-def _directory(root: str, warn: Callable[[str], None]) -> list[str]:
-  """The files of a `dir:` source, sorted; every file it will not read is named in one warning."""
-  if not os.path.isdir(root):
-    raise ConfigError(f"dir:{root}: no such directory")
-  keep, skipped = [], []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    for f in sorted(filenames):
-      path = os.path.join(dirpath, f)
-      if f.startswith("."):
-        continue
-      (keep if f.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES) else skipped).append(path)
-  if skipped:
-    shown = ", ".join(os.path.relpath(p, root) for p in skipped[:8])
-    more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
-    warn(f"dir:{root}: skipping {len(skipped)} file(s) of no known text format: {shown}{more} "
-         f"(read: {' '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)})")
-  if not keep:
-    raise ConfigError(f"dir:{root}: no readable file (expected {' / '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)})")
-  return sorted(keep)
-
-
-def _file_documents(path: str, rel: str, field: str) -> Iterator[textdata.Document]:
-  if path.endswith(RECORD_SUFFIXES[:3]):
-    yield from _jsonl_documents(path, rel, field)
-  elif path.endswith(".parquet"):
-    yield from _parquet_documents(path, rel, field)
-  else:
-    yield textdata.Document(textdata._read_corpus_file(path), rel)
-
 
 def iter_documents(spec: str, *, field: str = "text", warn: Callable[[str], None] = print
                    ) -> Iterator[textdata.Document]:
@@ -149,11 +67,9 @@ def iter_documents(spec: str, *, field: str = "text", warn: Callable[[str], None
     yield from textdata.domain_documents(spec)
   elif spec.startswith("files:"):
     for path in textdata._glob_files(spec[len("files:"):], "source"):
-      yield from _file_documents(path, f"file:{path}", field)
+      yield from textdata.path_documents(path, f"file:{path}", field)
   elif spec.startswith("dir:"):
-    root = os.path.expanduser(spec[len("dir:"):])
-    for path in _directory(root, warn):
-      yield from _file_documents(path, f"dir:{os.path.relpath(path, root)}", field)
+    yield from textdata.iter_directory_documents(spec[len("dir:"):], field=field, warn=warn)
   elif spec.startswith("hf:"):
     try:
       import datasets
