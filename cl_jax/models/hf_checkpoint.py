@@ -475,15 +475,31 @@ def _token_id(value):
   return value[0] if isinstance(value, list) and value else value
 
 
-def load_tokenizer(path: str, hf: Mapping | None = None):
-  """tokenizer.json of a checkpoint directory through `tokenizers` (None when there is none); the eos / bos
-  ids come from config.json where it names them."""
+def load_tokenizer(path: str, hf: Mapping | None = None, *, separator: str | None = None):
+  """tokenizer.json of a checkpoint directory through `tokenizers` (None when there is none). The eos / bos / pad
+  ids come from config.json where it names them, else from tokenizer_config.json's token strings (what
+  transformers' tokenizer uses), else the usual spellings. separator: the document separator's token string
+  (`HFTokenizer.separator_id`; default the family's end-of-text token)."""
   file = os.path.join(path, TOKENIZER_FILE)
   if not os.path.exists(file):
     return None
   hf = dict(hf or {})
-  return HFTokenizer(file, eos_id=_token_id(hf.get("eos_token_id")), bos_id=_token_id(hf.get("bos_token_id")),
-                     pad_id=_token_id(hf.get("pad_token_id")))
+  try:
+    strings = hf_tokenizer.special_tokens(path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  from tokenizers import Tokenizer
+  vocab = Tokenizer.from_file(file).get_vocab(with_added_tokens=True)
+  ids = {}
+  for attr, key in (("eos_id", "eos"), ("bos_id", "bos"), ("pad_id", "pad")):
+    ident = _token_id(hf.get(f"{key}_token_id"))
+    if ident is None and strings.get(f"{key}_token") in vocab:
+      ident = vocab[strings[f"{key}_token"]]
+    ids[attr] = ident
+  try:
+    return HFTokenizer(file, separator=separator, **ids)
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
@@ -957,18 +973,31 @@ def import_peft_adapter(path: str, model_config, base_params=None, *, family: st
   if not adapter:
     _fail(weights_file, "holds no LoRA factors")
   spec = lora.LoraSpec(targets=tuple(sorted(adapter)), rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0))
-  if base_params is not None:
-    stacked = scan_layout.is_stacked(base_params)
-    for p, layer in adapter.items():
-      kernel = scan_layout.get_layer(base_params, (*p.split("/"), "kernel"))
-      if kernel.size != layer["A"].shape[0] * layer["B"].shape[1]:
-        _fail(weights_file, f"{p}: the adapter is [{layer['A'].shape[0]}, r] x [r, {layer['B'].shape[1]}] but the "
-                            f"base kernel has shape {tuple(kernel.shape)}")
-      adapter[p] = {k: jnp.asarray(v, kernel.dtype) for k, v in layer.items()}
-    adapter = scan_layout.to_layout(adapter, stacked)
-    if stacked:
-      spec = dataclasses.replace(spec, targets=tuple(sorted(adapter)))
-  return adapter, spec
+  if base_params is None:
+    return adapter, spec
+  dtypes = {}
+  for p, layer in adapter.items():
+    kernel = scan_layout.get_layer(base_params, (*p.split("/"), "kernel"))
+    if kernel.size != layer["A"].shape[0] * layer["B"].shape[1]:
+      _fail(weights_file, f"{p}: the adapter is [{layer['A'].shape[0]}, r] x [r, {layer['B'].shape[1]}] but the "
+                          f"base kernel has shape {tuple(kernel.shape)}")
+    dtypes[p] = kernel.dtype
+  if scan_layout.is_stacked(base_params):  # one adapter per layer along the stacked kernel's layer axis
+    groups: dict[str, dict[int, str]] = {}
+    for p in adapter:
+      stacked_path, i = scan_layout.split_layer(p)
+      groups.setdefault(stacked_path, {})[i] = p
+    layers = scan_layout.num_layers(base_params)
+    stacked = {}
+    for stacked_path, by_layer in groups.items():
+      if sorted(by_layer) != list(range(layers)):
+        _fail(weights_file, f"adapts {stacked_path} in layers {sorted(by_layer)} only; the stacked layout "
+                            f"(scan_layers) needs all {layers} (load the base with scan_layers=False)")
+      paths = [by_layer[i] for i in range(layers)]
+      stacked[stacked_path] = {f: jnp.asarray(np.stack([adapter[q][f] for q in paths]), dtypes[paths[0]])
+                               for f in "AB"}
+    return stacked, dataclasses.replace(spec, targets=tuple(sorted(stacked)))
+  return {p: {f: jnp.asarray(v, dtypes[p]) for f, v in layer.items()} for p, layer in adapter.items()}, spec
 
 
 __all__ = ["FAMILIES", "Loaded", "Piece", "check", "export", "export_peft_adapter", "family_of", "hf_config",
