@@ -132,3 +132,35 @@ def test_document_separator_is_end_of_text_not_end_of_turn():
   assert tok.separator_id == 129
   with pytest.raises(Exception, match="no such token"):
     hf_checkpoint.load_tokenizer(d, separator="<|nope|>")
+
+
+def test_doc_separator_key_packs_documents_with_the_chosen_token(tmp_path):
+  """`lm.doc_separator`: '' packs with the end-of-text token, a token string with that token; an unknown one is
+  refused at validation (ConfigError naming the key)."""
+  import ml_collections
+
+  from cl_jax.data import text as textdata
+  from cl_jax.errors import ConfigError
+  from cl_jax.lm.data import run_tokenizer
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(QWEN2, ckpt)
+  for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(CHAT, "chatml", f), ckpt / f)
+  c = ml_collections.ConfigDict({"lm": {"init_from": str(ckpt), "doc_separator": "", "tokenizer": "byte"}})
+  cfg = json.load(open(ckpt / "config.json"))
+  json.dump({**cfg, "eos_token_id": 129}, open(ckpt / "config.json", "w"))  # an instruct model: eos = <|im_end|>
+  docs = [np.asarray([5, 6], np.int32), np.asarray([7], np.int32)]
+  tok = run_tokenizer(c)
+  assert textdata.pack(docs, 5, tok.separator_id).tokens.tolist() == [[5, 6, 130, 7, 130]]
+  for k in range(6):
+    (tmp_path / f"doc{k}.txt").write_text(f"the quick brown fox {k} " * 3)
+  packed = textdata.load_domain(f"files:{tmp_path}/doc*.txt", tok, 8, validation=0.0, test=0.0).splits["train"]
+  assert (packed.tokens == 130).sum() >= 4 and not (packed.tokens == 129).any()
+  c.lm.doc_separator = "<|im_end|>"
+  assert run_tokenizer(c).separator_id == 129
+  c.lm.doc_separator = "<|nope|>"
+  with pytest.raises(ConfigError, match=r"lm.doc_separator='<\|nope\|>'"):
+    run_tokenizer(c)
+  c.lm.init_from = ""
+  with pytest.raises(ConfigError, match="byte tokenizer has no named tokens"):
+    run_tokenizer(c)

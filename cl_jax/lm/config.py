@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
       # A Hugging Face checkpoint directory to start from (cl_jax.models.hf_checkpoint): its architecture and
       # tokenizer replace size / d_model / num_layers / num_heads / tokenizer / tied_embeddings; '' = a new model.
       init_from="",
+      # The token packed between documents: '' = the tokenizer's end-of-text (an instruct checkpoint's too, not its
+      # chat end-of-turn token; cl_jax.lm.data.run_tokenizer), else a token string of the vocabulary.
+      doc_separator="",
       export_hf=True))  # with init_from: write the kept (best) model to <workdir>/hf in the same layout
   c.text = ml_collections.ConfigDict(dict(
       general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
@@ -181,6 +184,9 @@ def check_config(c) -> None:
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))
+  if c.lm.doc_separator:
+    from cl_jax.lm.data import run_tokenizer
+    run_tokenizer(c)  # the token exists (reads the tokenizer file only)
   data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
   accum = int(c.train.grad_accum)
   for section in ("pretrain", "adapt"):
