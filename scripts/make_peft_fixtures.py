@@ -18,6 +18,9 @@ Writes, from the tiny checkpoints of scripts/make_hf_fixtures.py (tests/fixtures
                      inst     Llama-2 / Mistral-style [INST] turns: the system message folded into the first user
                               turn, `bos_token` / `eos_token`, `raise_exception` on roles that do not alternate;
                               stored in chat_template.jinja
+  spm/llama/       a SentencePiece BPE tokenizer.model (byte fallback; no tokenizer.json) + tokenizer_config.json
+                   with the inst template, and reference.json: transformers' LlamaTokenizer ids of a few texts
+                   and of one chat (`build_spm`)
   peft/qwen2_lora/ adapter_config.json + adapter_model.safetensors, a LoRA adapter saved by `peft` on the qwen2
                    fixture (q/k/v/o/gate/up/down; a rank_pattern and an alpha_pattern, so per-module scales
                    differ; random A and B), and reference.npz: tokens [2, T] and the PeftModel's logits [2, T, V].
@@ -161,6 +164,38 @@ def build_chat(out: str) -> None:
     print(f"chat/{name}: {files}; {len(refs)} cases, ids {[len(r['ids']) for r in refs]}")
 
 
+SPM_TEXTS = ["The quick brown fox  jumps over the lazy dog; def f(x): return x + 1",
+             "h\u00e9llo w\u00f6rld \U0001F642 <s>[INST] hi [/INST]", "  leading spaces\nand\ttabs <|tool|> end</s>", "x"]
+
+
+def build_spm(out: str) -> None:
+  """spm/llama/: a SentencePiece BPE model (byte fallback, identity normalization, a user-defined <|tool|>: the
+  Llama 2 recipe) with no tokenizer.json, the inst template in tokenizer_config.json, and reference.json: the ids
+  and decodings transformers' LlamaTokenizer (converted from tokenizer.model) gives, and one chat's ids."""
+  import sentencepiece as spm
+  import transformers as tf
+  from pydoc_data.topics import topics
+  directory = os.path.join(out, "spm", "llama")
+  shutil.rmtree(directory, ignore_errors=True)
+  os.makedirs(directory)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([topics[k] for k in sorted(topics)[:40]]), model_prefix=os.path.join(directory, "tokenizer"),
+      vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=0.98, user_defined_symbols=["<|tool|>"],
+      unk_id=0, bos_id=1, eos_id=2, normalization_rule_name="identity", minloglevel=2)
+  os.remove(os.path.join(directory, "tokenizer.vocab"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+               "legacy": False, "chat_template": INST}, f, indent=2)
+  tok = tf.AutoTokenizer.from_pretrained(directory)
+  assert type(tok).__name__ == "LlamaTokenizer", type(tok)
+  ids = [tok(t, add_special_tokens=False)["input_ids"] for t in SPM_TEXTS]
+  chat = tok.apply_chat_template([SYSTEM, *TURNS], tokenize=True, return_dict=False)
+  with open(os.path.join(directory, "reference.json"), "w") as f:
+    json.dump({"texts": SPM_TEXTS, "ids": ids, "decoded": [tok.decode(i) for i in ids],
+               "chat": {"messages": [SYSTEM, *TURNS], "ids": list(chat)}}, f, indent=1, ensure_ascii=False)
+  print(f"spm/llama: {sorted(os.listdir(directory))}; ids {[len(i) for i in ids]}, chat {len(chat)}")
+
+
 def peft_config():
   import peft
   return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
@@ -188,6 +223,7 @@ def build_peft(out: str) -> None:
   with open(cfg_path) as f:
     cfg = json.load(f)
   cfg["base_model_name_or_path"] = "tests/fixtures/hf/qwen2"  # not this machine's absolute path
+  cfg["target_modules"] = sorted(cfg["target_modules"])  # peft writes a set: a fixed order keeps the file stable
   with open(cfg_path, "w") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
   ref = np.load(os.path.join(BASE, "reference.npz"))
@@ -272,6 +308,26 @@ def check(out: str) -> None:
           f"then from tokenizer_config.json) == fixture == cl_jax for {same}/{total} renderings")
 
 
+def check_spm(out: str) -> None:
+  """cl_jax's conversion of the SentencePiece fixture == transformers' ids; its export (tokenizer.json written,
+  tokenizer.model copied) read back by transformers gives the same ids."""
+  import transformers as tf
+  from cl_jax.lm import templates
+  from cl_jax.models import hf_checkpoint
+  src = os.path.join(out, "spm", "llama")
+  ref = json.load(open(os.path.join(src, "reference.json")))
+  tok = hf_checkpoint.load_tokenizer(src)
+  same = sum(tok.encode(t).tolist() == i for t, i in zip(ref["texts"], ref["ids"]))
+  chat = templates.encode_chat(ref["chat"]["messages"], tok, templates.load_chat_template(src))[0].tolist()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_checkpoint.write_tokenizer(tmp, tok)
+    exported = tf.PreTrainedTokenizerFast.from_pretrained(tmp)
+    again = sum(exported(t, add_special_tokens=False)["input_ids"] == i for t, i in zip(ref["texts"], ref["ids"]))
+    files = sorted(os.listdir(tmp))
+  print(f"spm/llama: cl_jax == transformers on {same}/{len(ref['texts'])} texts, chat ids equal: "
+        f"{chat == ref['chat']['ids']}; export {files} read by transformers: {again}/{len(ref['texts'])}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
@@ -280,8 +336,10 @@ def main():
   args = parser.parse_args()
   if not args.skip_build:
     build_chat(args.out)
+    build_spm(args.out)
     build_peft(args.out)
   if args.check:
+    check_spm(args.out)
     check(args.out)
 
 

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("jinja2")
 pytest.importorskip("tokenizers")
 
+from cl_jax.errors import ConfigError  # noqa: E402
 from cl_jax.lm import templates  # noqa: E402
 from cl_jax.models import hf_checkpoint  # noqa: E402
 
@@ -164,3 +165,29 @@ def test_doc_separator_key_packs_documents_with_the_chosen_token(tmp_path):
   c.lm.init_from = ""
   with pytest.raises(ConfigError, match="byte tokenizer has no named tokens"):
     run_tokenizer(c)
+
+
+def test_sentencepiece_checkpoint_tokenizer_equals_transformers(tmp_path):
+  """A checkpoint with tokenizer.model and no tokenizer.json (Llama 2's layout) loads, converted without the
+  sentencepiece / protobuf packages, to transformers' LlamaTokenizer ids; its template renders on it; the export
+  writes tokenizer.json beside the model file."""
+  src = os.path.join(ROOT, "tests", "fixtures", "spm", "llama")
+  with open(os.path.join(src, "reference.json")) as f:
+    ref = json.load(f)
+  tok = hf_checkpoint.load_tokenizer(src)
+  for text, ids, decoded in zip(ref["texts"], ref["ids"], ref["decoded"]):
+    assert tok.encode(text).tolist() == ids
+    assert tok._tok.decode(ids, skip_special_tokens=False) == decoded
+  assert any(i > 3 and i < 3 + 256 for i in ref["ids"][1])  # byte-fallback pieces occur (the emoji)
+  assert (tok.bos_id, tok.eos_id, tok.separator_id) == (1, 2, 2)
+  template = templates.template_for(tok, src)
+  assert templates.encode_chat(ref["chat"]["messages"], tok, template)[0].tolist() == ref["chat"]["ids"]
+  files = hf_checkpoint.write_tokenizer(str(tmp_path), tok)
+  assert {"tokenizer.json", "tokenizer.model", "chat_template.jinja"} <= set(files)
+  back = hf_checkpoint.load_tokenizer(str(tmp_path))
+  assert back.path.endswith("tokenizer.json") and back.encode(ref["texts"][1]).tolist() == ref["ids"][1]
+  with open(tmp_path / "tokenizer.model", "wb") as f:
+    f.write(b"\x0a\x09trunc")  # a piece field longer than the file
+  os.remove(tmp_path / "tokenizer.json")
+  with pytest.raises(ConfigError, match="not a SentencePiece model"):
+    hf_checkpoint.load_tokenizer(str(tmp_path))

@@ -476,20 +476,29 @@ def _token_id(value):
 
 
 def load_tokenizer(path: str, hf: Mapping | None = None, *, separator: str | None = None):
-  """tokenizer.json of a checkpoint directory through `tokenizers` (None when there is none). The eos / bos / pad
+  """tokenizer.json of a checkpoint directory through `tokenizers`, else its SentencePiece tokenizer.model
+  converted (`hf_tokenizer.sentencepiece_tokenizer`, with tokenizer_config.json's `legacy` / `add_prefix_space`);
+  None when it has neither. The eos / bos / pad
   ids come from config.json where it names them, else from tokenizer_config.json's token strings (what
   transformers' tokenizer uses), else the usual spellings. separator: the document separator's token string
   (`HFTokenizer.separator_id`; default the family's end-of-text token)."""
-  file = os.path.join(path, TOKENIZER_FILE)
-  if not os.path.exists(file):
-    return None
+  file, spm_file = os.path.join(path, TOKENIZER_FILE), os.path.join(path, hf_tokenizer.SPM_FILE)
   hf = dict(hf or {})
   try:
     strings = hf_tokenizer.special_tokens(path)
+    if os.path.exists(file):
+      from tokenizers import Tokenizer
+      backend = Tokenizer.from_file(file)
+    elif os.path.exists(spm_file):  # SentencePiece only (Llama 2, Mistral v0.1): converted, as transformers does
+      settings = hf_tokenizer.read_json_object(os.path.join(path, hf_tokenizer.TOKENIZER_CONFIG_FILE))
+      backend = hf_tokenizer.sentencepiece_tokenizer(spm_file, legacy=bool(settings.get("legacy", False)),
+                                                     add_prefix_space=settings.get("add_prefix_space") is not False)
+      file = spm_file
+    else:
+      return None
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  from tokenizers import Tokenizer
-  vocab = Tokenizer.from_file(file).get_vocab(with_added_tokens=True)
+  vocab = backend.get_vocab(with_added_tokens=True)
   ids = {}
   for attr, key in (("eos_id", "eos"), ("bos_id", "bos"), ("pad_id", "pad")):
     ident = _token_id(hf.get(f"{key}_token_id"))
@@ -497,7 +506,7 @@ def load_tokenizer(path: str, hf: Mapping | None = None, *, separator: str | Non
       ident = vocab[strings[f"{key}_token"]]
     ids[attr] = ident
   try:
-    return HFTokenizer(file, separator=separator, **ids)
+    return HFTokenizer(file, separator=separator, tokenizer=backend, **ids)
   except ValueError as e:
     raise ConfigError(f"{path}: {e}") from None
 
@@ -512,8 +521,10 @@ def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
     hf = read_config(path)
     cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE))
     _check_weight_headers(_weight_files(path).values())
-    if need_tokenizer and not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
-      _fail(path, f"no {TOKENIZER_FILE} (the run tokenizes its text with the checkpoint's own tokenizer)")
+    if need_tokenizer and not any(os.path.exists(os.path.join(path, f))
+                                  for f in (TOKENIZER_FILE, hf_tokenizer.SPM_FILE)):
+      _fail(path, f"no {TOKENIZER_FILE} or {hf_tokenizer.SPM_FILE} (the run tokenizes its text with the "
+                  "checkpoint's own tokenizer)")
     if seq_len is not None and cfg.positions == "learned" and seq_len > cfg.max_len:
       _fail(path, f"sequences of {seq_len} tokens exceed the model's {cfg.max_len} learned positions")
   except ConfigError as e:
@@ -645,7 +656,12 @@ def write_tokenizer(path: str, tokenizer, chat_template=None) -> list[str]:
   if jax.process_index() != 0:
     return written
   os.makedirs(path, exist_ok=True)
-  if os.path.abspath(source) != os.path.abspath(os.path.join(path, TOKENIZER_FILE)):
+  if source.endswith(".model"):  # a converted SentencePiece model: its tokenizer.json, and the model file beside it
+    tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+    if os.path.abspath(source) != os.path.abspath(os.path.join(path, hf_tokenizer.SPM_FILE)):
+      shutil.copyfile(source, os.path.join(path, hf_tokenizer.SPM_FILE))
+    written.append(hf_tokenizer.SPM_FILE)
+  elif os.path.abspath(source) != os.path.abspath(os.path.join(path, TOKENIZER_FILE)):
     shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
   for side in TOKENIZER_SIDE_FILES:
     other = os.path.join(source_dir, side)
@@ -656,7 +672,7 @@ def write_tokenizer(path: str, tokenizer, chat_template=None) -> list[str]:
   config = _read_json(config_path) if os.path.exists(config_path) else {}
   if not config:  # e.g. the byte model's file: name its specials as transformers' TokenizersBackend expects
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "backend": "tokenizers"}
-    with open(source, encoding="utf-8") as fh:
+    with open(os.path.join(path, TOKENIZER_FILE), encoding="utf-8") as fh:
       added = json.load(fh).get("added_tokens", [])
     vocab = {int(t["id"]): t["content"] for t in added if isinstance(t, dict)}
     for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,10 @@ class HFTokenizer:
                                                                       default=self.eos_id)
     self.separator_id = self.token_id(separator, "separator") if separator else _special_id(
         lookup, END_OF_TEXT, "end-of-text", path, default=self.eos_id)
+
+  def save(self, file: str) -> None:
+    """Writes the tokenizer as a `tokenizers` JSON file (a converted SentencePiece model's tokenizer.json)."""
+    self._tok.save(file)
 
   def token_id(self, token: str, what: str = "token") -> int:
     """The id of a token string; ValueError naming the tokenizer when its vocabulary has no such token."""
@@ -155,5 +160,131 @@ def chat_template_source(path: str) -> tuple[str | None, str | None]:
   return None, None
 
 
+# ----------------------------------------------------------------------------------------------- SentencePiece
+# A checkpoint without tokenizer.json (Llama 2, Mistral v0.1, ...) ships a SentencePiece `tokenizer.model` (Kudo &
+# Richardson 2018). It is converted here to a `tokenizers` pipeline with no `sentencepiece` / `protobuf` package:
+# the file is a protobuf `ModelProto`, of which a few fields are read by hand from the wire format
+#   ModelProto: 1 pieces (repeated SentencePiece: 1 piece str, 2 score float, 3 type enum), 2 trainer_spec,
+#               3 normalizer_spec
+#   TrainerSpec: 3 model_type (1 unigram, 2 bpe), 35 byte_fallback, 40 unk_id
+#   NormalizerSpec: 2 precompiled_charsmap, 3 add_dummy_prefix
+# (sentencepiece_model.proto). Piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+
+SPM_FILE = "tokenizer.model"
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    b = buf[i]
+    value |= (b & 0x7F) << shift
+    i += 1
+    if not b & 0x80:
+      return value, i
+    shift += 7
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, Any]]:
+  """(field number, wire type, value) of a protobuf message: ints for varints, bytes for length-delimited
+  fields, raw 4 / 8 bytes for fixed-width ones."""
+  out, i = [], 0
+  while i < len(buf):
+    key, i = _varint(buf, i)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, i = _varint(buf, i)
+    elif wire == 2:
+      n, i = _varint(buf, i)
+      if i + n > len(buf):
+        raise ValueError(f"field {field} is truncated")
+      value, i = buf[i:i + n], i + n
+    elif wire == 5:
+      value, i = buf[i:i + 4], i + 4
+    elif wire == 1:
+      value, i = buf[i:i + 8], i + 8
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire}")
+    out.append((field, wire, value))
+  return out
+
+
+def read_sentencepiece(path: str) -> dict:
+  """The parts of a SentencePiece model file a tokenizer needs: pieces [(piece, score, type)], model_type
+  ('unigram' | 'bpe'), byte_fallback, unk_id, precompiled_charsmap, add_dummy_prefix."""
+  import struct
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    pieces, trainer, normalizer = [], {}, {}
+    for field, _, value in _fields(data):
+      if field == 1:
+        piece = {1: b"", 2: struct.pack("<f", 0.0), 3: 1}
+        piece.update({f: v for f, _, v in _fields(value)})
+        pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], int(piece[3])))
+      elif field == 2:
+        trainer = {f: v for f, _, v in _fields(value)}
+      elif field == 3:
+        normalizer = {f: v for f, _, v in _fields(value)}
+  except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+    raise ValueError(f"{path}: not a SentencePiece model file ({e})") from None
+  kind = {1: "unigram", 2: "bpe"}.get(int(trainer.get(3, 1)))
+  if kind is None or not pieces:
+    raise ValueError(f"{path}: a SentencePiece model of type {trainer.get(3)} with {len(pieces)} pieces; "
+                     "unigram and bpe models are supported")
+  return {"pieces": pieces, "model_type": kind, "byte_fallback": bool(trainer.get(35, 0)),
+          "unk_id": int(trainer.get(40, 0)), "precompiled_charsmap": normalizer.get(2, b""),
+          "add_dummy_prefix": bool(normalizer.get(3, 1))}
+
+
+def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+  """BPE merges from a SentencePiece BPE vocabulary, ranked as transformers ranks them when it converts such a
+  model: every split of a piece into two vocabulary pieces, ordered by the merged piece's id (SentencePiece
+  lists pieces in merge order), then by the lengths of the two halves."""
+  merges = []
+  for piece, ident in vocab.items():
+    local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    merges += [(ident, left, right) for left, right in local]
+  merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
+  return [(left, right) for _, left, right in merges]
+
+
+def sentencepiece_tokenizer(path: str, *, legacy: bool = False, add_prefix_space: bool = True):
+  """A `tokenizers.Tokenizer` equivalent to a SentencePiece `tokenizer.model`.
+
+  bpe (Llama 2, Mistral): the pipeline transformers 5's LlamaTokenizer builds from such a file -- BPE over the
+    pieces (merges from `_bpe_merges`, unknown characters as <0xXX> byte pieces when the model has byte_fallback),
+    a Metaspace pre-tokenizer replacing spaces by U+2581 and prepending one to the first piece (`legacy=True`:
+    to every piece split off by special tokens; `add_prefix_space=False`: none), no normalizer.
+  unigram (T5-style): the `tokenizers` package's SentencePiece recipe -- the model's precompiled normalizer,
+    runs of spaces collapsed, Metaspace with the prefix.
+  Control and unknown pieces become special added tokens, user-defined pieces plain added ones (they are matched
+  in text before the model runs, as SentencePiece does)."""
+  tokenizers = require_package("tokenizers", "tokenizers", path)
+  from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+  spm = read_sentencepiece(path)
+  pieces = spm["pieces"]
+  prepend = "never" if not (add_prefix_space and spm["add_dummy_prefix"]) else "always" if legacy else "first"
+  if spm["model_type"] == "bpe":
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    tok = tokenizers.Tokenizer(models.BPE(vocab, _bpe_merges(vocab), unk_token=pieces[spm["unk_id"]][0],
+                                          fuse_unk=True, byte_fallback=spm["byte_fallback"]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prepend != "never":
+      steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+  else:
+    tok = tokenizers.Tokenizer(models.Unigram([(p, s) for p, s, _ in pieces], spm["unk_id"], spm["byte_fallback"]))
+    steps = [normalizers.Precompiled(spm["precompiled_charsmap"])] if spm["precompiled_charsmap"] else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend)
+  tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p, _, t in pieces if t in (2, 3)])
+  tok.add_tokens([AddedToken(p, normalized=False, special=False) for p, _, t in pieces if t == 4])
+  return tok
+
+
 __all__ = ["CHAT_TEMPLATE_FILE", "HFTokenizer", "SPECIAL_TOKENS_MAP_FILE", "TOKENIZER_CONFIG_FILE",
-           "chat_template_source", "read_json_object", "require_package", "special_tokens"]
+           "SPM_FILE", "chat_template_source", "read_json_object", "read_sentencepiece", "require_package",
+           "sentencepiece_tokenizer", "special_tokens"]
