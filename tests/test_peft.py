@@ -153,3 +153,39 @@ def test_bad_adapters_are_refused_naming_the_file(base, tmp_path):
     hf_checkpoint.import_peft_adapter(str(bad), base.config)
   with pytest.raises(ConfigError, match="no adapter_config.json"):
     hf_checkpoint.import_peft_adapter(str(tmp_path), base.config)
+
+
+def test_a_new_model_run_exports_model_and_adapter(tmp_path, capsys):
+  """`lm.export_hf` for a model trained from scratch (no lm.init_from): a Llama-shaped one (lm.mlp='swiglu')
+  is written as llama with its tokenizer, its LoRA adapter in PEFT's format on <workdir>/hf_base; the default
+  gelu model, which no family holds, gets a one-line notice instead."""
+  import ml_collections
+
+  from cl_jax.lm.runner import export_hf
+  from cl_jax.models.transformer import model_config
+  # The params of a Llama-shaped model (read from the llama fixture, so no init is compiled), handed over as a
+  # new run's: no imported config.json to keep, the family found from the TransformerConfig.
+  llama = hf_checkpoint.load(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"))
+  cfg, params, tok = llama.config, llama.params, llama.tokenizer
+  c = ml_collections.ConfigDict({"lm": {"init_from": ""}, "lora": lora.default_config()})
+  c.lora.targets, c.lora.rank, c.lora.alpha = "block_*/attn/v", 2, 4.0
+  rng = np.random.default_rng(0)
+  slot = {"block_0/attn/v": {"A": rng.standard_normal((32, 2), np.float32),
+                             "B": rng.standard_normal((2, 16), np.float32)}}
+  kept = lora.lora_params(params, {"lora": slot})
+  out = export_hf(c, str(tmp_path), cfg, None, kept, "lora", tok)
+  assert out == {"hf_export": str(tmp_path / "hf"), "hf_adapter": str(tmp_path / "hf_adapter")}
+  merged, base = hf_checkpoint.load(out["hf_export"]), hf_checkpoint.load(str(tmp_path / "hf_base"))
+  assert merged.hf_config["model_type"] == "llama" and merged.tokenizer.encode("the fox").size > 0
+  adapter, spec = hf_checkpoint.import_peft_adapter(out["hf_adapter"], base.config, base.params)
+  assert json.load(open(tmp_path / "hf_adapter" / "adapter_config.json"))["base_model_name_or_path"] == \
+      str(tmp_path / "hf_base")
+  delta = (spec.alpha / 2) * np.asarray(adapter["block_0/attn/v"]["A"]) @ np.asarray(adapter["block_0/attn/v"]["B"])
+  want = np.asarray(params["block_0"]["attn"]["v"]["kernel"]) + delta.reshape(32, 2, 8)
+  np.testing.assert_allclose(np.asarray(merged.params["block_0"]["attn"]["v"]["kernel"]), want, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(base.params["block_0"]["attn"]["q"]["kernel"]),
+                                np.asarray(params["block_0"]["attn"]["q"]["kernel"]))
+  gelu = model_config("tiny", vocab_size=tok.vocab_size, d_model=32, num_heads=4, num_layers=2, max_len=32)
+  skipped = export_hf(c, str(tmp_path / "g"), gelu, None, params, None, tok)
+  assert skipped["hf_export"] is None and "matches no Hugging Face family" in skipped["hf_export_skipped"]
+  assert len(capsys.readouterr().out.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "g" / "hf")

@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
       seq_len=128, tokenizer="byte", tied_embeddings=True,
+      mlp="",  # '' = the size's own (gelu); 'swiglu' (with rmsnorm + RoPE: a Llama model lm.export_hf can write)
       # '' = the size's own (bfloat16 for 1b, float32 below); 'float32' | 'bfloat16' override it.
       compute_dtype="",
       # Scale (H9, issue 9 item 2): remat none|full|dots, layers under one lax.scan, params float32 (default) or
@@ -184,6 +185,8 @@ def check_config(c) -> None:
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))
+  if c.lm.mlp not in ("", "gelu", "swiglu"):
+    raise ValueError(f"lm.mlp={c.lm.mlp!r}: expected '' (the size's own), 'gelu' or 'swiglu'")
   if c.lm.doc_separator:
     from cl_jax.lm.data import run_tokenizer
     run_tokenizer(c)  # the token exists (reads the tokenizer file only)
