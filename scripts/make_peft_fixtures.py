@@ -269,14 +269,22 @@ def check(out: str) -> None:
     params = lm.add_adapter(params, name, jax.random.key(k))
     params["adapters"][name] = jax.tree.map(
         lambda x, k=k: 0.3 * jax.random.normal(jax.random.key(10 + k), x.shape), params["adapters"][name])
-  for names in (("task_0",), ("task_0", "task_1")):
+  # task_2 adapts the query projections only: summed with task_0, those modules have rank 6 and the rest 3, so
+  # the export needs a rank_pattern.
+  q_only = lora.LoraSpec(targets=("block_*/attn/q",), rank=3, alpha=6.0)
+  params = lora.LoraModel(loaded.model, q_only).add_adapter(params, "task_2", jax.random.key(2))
+  params["adapters"]["task_2"] = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(12), x.shape),
+                                              params["adapters"]["task_2"])
+  for names in (("task_0",), ("task_0", "task_1"), ("task_0", "task_2")):
     ours = np.asarray(lm.apply(params, jnp.asarray(ref["tokens"]), adapter=names))
     with tempfile.TemporaryDirectory() as tmp:
       base_dir, adapter_dir = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
       hf_checkpoint.export(base_dir, loaded.hf_config, params["base"], tokenizer=loaded.tokenizer)
       hf_checkpoint.export_peft_adapter(adapter_dir, params, names, spec, loaded.hf_config, base_model=base_dir)
       theirs = _peft_logits(base_dir, adapter_dir, ref["tokens"])
-    print(f"cl_jax {'+'.join(names)} -> peft: max |peft - cl_jax logits| = {np.abs(theirs - ours).max():.2e}")
+      pattern = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))["rank_pattern"]
+    print(f"cl_jax {'+'.join(names)} -> peft: max |peft - cl_jax logits| = {np.abs(theirs - ours).max():.2e}"
+          f" (rank_pattern {pattern})")
   # Chat templates: cl_jax reads each fixture, exports it with the qwen2 weights; transformers reads the export's
   # template from chat_template.jinja, and (the file removed) from tokenizer_config.json, as older versions do.
   # The ids come from PreTrainedTokenizerFast (tokenizer.json as written): AutoTokenizer would pick Qwen2Tokenizer
