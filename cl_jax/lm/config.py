@@ -65,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
       # The token packed between documents: '' = the tokenizer's end-of-text (an instruct checkpoint's too, not its
       # chat end-of-turn token; cl_jax.lm.data.run_tokenizer), else a token string of the vocabulary.
       doc_separator="",
-      export_hf=True))  # with init_from: write the kept (best) model to <workdir>/hf in the same layout
+      # Write the kept (best) model to <workdir>/hf in the Hugging Face layout (+ <workdir>/hf_adapter, PEFT, for
+      # lora / olora): an imported model in its own layout, a new one when a family holds it (lm.runner.export_hf).
+      export_hf=True))
   c.text = ml_collections.ConfigDict(dict(
       general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
       # Document groups (source files) per split; 15% each gives the general corpus ~40-50 groups and ~150K
