@@ -439,6 +439,13 @@ def test_cpt_hf_continues_pretraining_an_imported_model_through_run_py(tmp_path)
   for name in a:  # LoRA adapts the attention and MLP projections; everything else is the base, bit for bit
     changed = not np.array_equal(a[name], b[name])
     assert changed == (name.startswith("block_") and name.endswith("kernel")), name
+  # The adapter itself, in PEFT's format on the unchanged checkpoint: base + (alpha / r) A B = the merged export.
+  assert record["hf_adapter"] == str(workdir / "hf_adapter")
+  adapter, spec = hc.import_peft_adapter(record["hf_adapter"], base.config, base.params)
+  for path, layer in adapter.items():
+    kernel = a[path + "/kernel"]
+    delta = (spec.alpha / spec.rank) * np.asarray(layer["A"]) @ np.asarray(layer["B"])
+    np.testing.assert_allclose(b[path + "/kernel"], kernel + delta.reshape(kernel.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

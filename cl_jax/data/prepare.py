@@ -106,12 +106,18 @@ def check_source(spec: str) -> None:
 
 # ----------------------------------------------------------------------------- tokenizer identity
 
+def separator_id(tokenizer) -> int:
+  """The token packed between documents: the tokenizer's document separator (an HF tokenizer's end-of-text token,
+  `lm.doc_separator`), else its eos -- as `text.load_domain` packs."""
+  return int(getattr(tokenizer, "separator_id", tokenizer.eos_id))
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
   """A hash of what the tokenizer does (ids of a fixed multilingual probe text, vocabulary size, eos): two
   tokenizers with equal fingerprints tokenize the probe alike, whatever files they were loaded from."""
   ids = np.asarray(tokenizer.encode(_PROBE), np.int64)
   h = hashlib.sha256(ids.tobytes())
-  h.update(f"|{tokenizer.vocab_size}|{tokenizer.eos_id}".encode())
+  h.update(f"|{tokenizer.vocab_size}|{tokenizer.eos_id}|{separator_id(tokenizer)}".encode())
   return h.hexdigest()[:32]
 
 
@@ -260,7 +266,8 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
   settings = {"sources": list(sources), "seq_len": int(seq_len), "seed": int(seed), "validation": validation,
               "test": test, "shard_sequences": int(shard_sequences), "field": field,
               "tokenizer": {"spec": tokenizer_spec, "fingerprint": tokenizer_fingerprint(tokenizer),
-                            "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id)}}
+                            "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
+                            "separator_id": separator_id(tokenizer)}}
   manifest_path = os.path.join(out, MANIFEST)
   if os.path.exists(manifest_path):
     existing = open_prepared(out)
@@ -270,6 +277,7 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
     return existing
   os.makedirs(out, exist_ok=True)
   dtype = record_dtype(tokenizer.vocab_size, seq_len)
+  separator = separator_id(tokenizer)
   writers = {s: _SplitWriter(out, s, seq_len, shard_sequences, dtype) for s in textdata.SPLITS}
   counters = {"documents": 0, "duplicates": 0, "characters": 0, "digest": ""}
   consumed = 0
@@ -294,7 +302,7 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
     nonlocal written
     for s, docs in pending.items():
       if docs:
-        writers[s].add(textdata.encode_all(tokenizer, [d.text for d in docs]), tokenizer.eos_id)
+        writers[s].add(textdata.encode_all(tokenizer, [d.text for d in docs]), separator)
         pending[s] = []
     for w in writers.values():
       while w.full_shards():
@@ -483,7 +491,7 @@ def cached_domain(path: str, tokenizer, seq_len: int, *, seed: int, validation: 
     docs = []
     for i in range(k):
       for seg in np.unique(segments[i]):
-        ids = tokens[i][(segments[i] == seg) & (tokens[i] != tokenizer.eos_id)]
+        ids = tokens[i][(segments[i] == seg) & (tokens[i] != separator_id(tokenizer))]
         if len(ids):
           docs.append(textdata.Document(tokenizer.decode(ids), f"cache:{s}:{i}:{seg}"))
     documents[s] = docs

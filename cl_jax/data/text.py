@@ -461,8 +461,10 @@ def load_domain(spec: str, tokenizer, seq_len: int, *, seed: int = 0, validation
   if not docs:
     raise ValueError(f"domain {spec!r}: no documents")
   by_split = split_documents(docs, seed=seed, validation=validation, test=test)
-  packed = {s: pack(encode_all(tokenizer, [d.text for d in by_split[s]]), seq_len, tokenizer.eos_id)
-            for s in SPLITS}
+  # Between documents: the tokenizer's document separator (an HF tokenizer's end-of-text token, which an instruct
+  # model's eos need not be), else its eos.
+  separator = int(getattr(tokenizer, "separator_id", tokenizer.eos_id))
+  packed = {s: pack(encode_all(tokenizer, [d.text for d in by_split[s]]), seq_len, separator) for s in SPLITS}
   for s in SPLITS:
     want = {"train": 1.0, "validation": validation, "test": test}[s]
     if want > 0 and len(packed[s].tokens) == 0:

@@ -53,17 +53,38 @@ CACHED_EVAL_SEQUENCES = 4096
 CACHED_CONSOLIDATION_SEQUENCES = 4096
 
 
+def run_tokenizer(c):
+  """The tokenizer an LM run reads its corpora with: the checkpoint's own (`lm.init_from`) or `lm.tokenizer`.
+
+  Documents are packed with `separator_id` between them (`cl_jax.data.text.pack`): the family's end-of-text token
+  (`cl_jax.models.hf_tokenizer.HFTokenizer`; an instruct model's chat end-of-turn token, which its config.json may
+  name as eos, is not what its pre-training put between documents), or the token `lm.doc_separator` names.
+  ConfigError when that token is not in the vocabulary or the tokenizer has no named tokens (byte)."""
+  from cl_jax.errors import ConfigError
+  sep = str(c.lm.get("doc_separator", "") or "")
+  try:
+    if c.lm.init_from:  # an imported model reads text through its own tokenizer
+      from cl_jax.models import hf_checkpoint
+      return hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from),
+                                          separator=sep or None)
+    tok = load_tokenizer(c.lm.tokenizer)
+    if sep:
+      if not hasattr(tok, "token_id"):
+        raise ConfigError(f"the {getattr(tok, 'name', type(tok).__name__)} tokenizer has no named tokens (its eos "
+                          "separates documents); leave it ''")
+      tok.separator_id = tok.token_id(sep, "separator")
+    return tok
+  except ValueError as e:
+    if not sep:
+      raise
+    raise ConfigError(f"lm.doc_separator={sep!r}: {e}") from None
+
+
 def load_data(c, tokenizer=None) -> CPTData:
   """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config).
 
   `tokenizer`: read the corpora with this one instead of the config's (a vocabulary-extended run: cl_jax.lm.vocab)."""
-  if tokenizer is not None:
-    tok = tokenizer
-  elif c.lm.init_from:  # an imported model reads text through its own tokenizer
-    from cl_jax.models import hf_checkpoint
-    tok = hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from))
-  else:
-    tok = load_tokenizer(c.lm.tokenizer)
+  tok = tokenizer if tokenizer is not None else run_tokenizer(c)
   t = c.text
   domains = {role: prepare.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
                                         test=t.test, name=role)
@@ -125,4 +146,5 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   return next_token_batch(tokens, task, ids)
 
 
-__all__ = ["CACHED_EVAL_SEQUENCES", "CACHED_CONSOLIDATION_SEQUENCES", "CPTData", "load_data", "eval_sizes", "subset", "next_token_batch", "sampler_batch"]
+__all__ = ["CACHED_EVAL_SEQUENCES", "CACHED_CONSOLIDATION_SEQUENCES", "CPTData", "run_tokenizer", "load_data",
+           "eval_sizes", "subset", "next_token_batch", "sampler_batch"]
