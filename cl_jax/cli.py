@@ -1,9 +1,14 @@
 """Command line of `run.py` and the `cl-jax` command: `--config file.py[:arg]`, `--config.a.b=value` overrides,
 `--workdir`, `--overwrite`, `--no_progress`.
 
-`main(argv)` starts `jax.distributed` on multi-host launches, builds and validates the config, calls
-`cl_jax.run(config, workdir)` and turns a `cl_jax.errors.CLJaxError` into one line on stderr and its exit code
-(2 bad input, 3 divergence, 4 workdir locked, 75 preempted; see cl_jax/errors.py). No traceback for those.
+`main(argv)` loads the config, starts `jax.distributed` on multi-host launches (with `config.distributed`'s
+timeouts), validates the config, calls `cl_jax.run(config, workdir)` and turns whatever ends the run into one
+`error:` line on stderr and its exit code (`cl_jax.errors.classify`: 2 bad input, 3 divergence, 4 workdir locked,
+69 peer lost, 74 I/O failure, 75 preempted; the table is in cl_jax/errors.py). No traceback for those; library
+output goes to <workdir>/logs/stderr-detail.log.
+
+Importing this module is cheap (the standard library and `cl_jax.errors`; jax, ml_collections and the kinds are
+imported inside `main`), so `run.py` and `cl-jax` install the SIGTERM / SIGINT handler before any heavy import.
 """
 from __future__ import annotations
 
@@ -15,9 +20,13 @@ import os
 import re
 import sys
 
-from cl_jax.config import ConfigError, normalise, one_line, set_overrides
-from cl_jax.kinds import validate
-from cl_jax.errors import CLJaxError
+from cl_jax.errors import CLJaxError, ConfigError
+from cl_jax import errors
+
+
+def one_line(error) -> str:
+  from cl_jax.config import one_line as one
+  return one(error)
 
 
 def load_config(spec: str):
@@ -274,6 +283,18 @@ class _Once(argparse.Action):
 
 def build_config(argv, prog: str = "run.py"):
   """(validated config, parsed args) from the command line; raises ConfigError before anything is written."""
+  config, args = parse_config(argv, prog)
+  from cl_jax.kinds import validate
+  validate(config)
+  return config, args
+
+
+def parse_config(argv, prog: str = "run.py"):
+  """(config, parsed args): loaded, overridden and normalised, not yet validated (the default workdir is set).
+
+  Reads no device: `main` starts `jax.distributed` between this and validation (checking a merge's checkpoints
+  opens orbax, which asks JAX for the processes), with the timeouts this config names."""
+  from cl_jax.config import normalise, set_overrides
   overrides, rest = split_args(argv)
   parser = argparse.ArgumentParser(prog=prog, description=__doc__)
   parser.add_argument("--config", required=True, action=_Once, help="configs/X.py[:arg]")
@@ -285,7 +306,6 @@ def build_config(argv, prog: str = "run.py"):
   typed = {key: parse_value(text, _lookup(config, key), key) for key, text in overrides.items()}
   set_overrides(config, typed)
   normalise(config)
-  validate(config)
   if not args.workdir:
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -294,28 +314,78 @@ def build_config(argv, prog: str = "run.py"):
 
 
 def main(argv, prog: str = "run.py") -> int:
-  """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of the CLJaxError that ended the run)."""
-  from cl_jax import sharding
+  """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of what ended the run, `errors.classify`).
+
+  SIGTERM / SIGINT raise `Preempted` from here on (and from the first instant under `run.py` / `cl-jax`, which
+  install the handler before importing this module's heavy parts); the previous handlers and logging set-up come
+  back on return, so calling `main` in-process (a test, a notebook) leaves no trace.
+  """
+  previous = errors.install_signal_handlers()
+  captured = errors.capture_library_output()
   try:
-    sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices
-    config, args = build_config(argv, prog)
+    return _main(argv, prog)
+  finally:
+    if captured:
+      errors.release_library_output()
+    errors.restore_signal_handlers(previous)
+
+
+def _main(argv, prog: str) -> int:
+  try:
+    config, args = parse_config(argv, prog)
+    from cl_jax import sharding
+    sharding.maybe_initialize_distributed(config)  # multi-host: before anything asks JAX for its devices
+    from cl_jax.kinds import validate
+    validate(config)
     from cl_jax.runner import run
     results = run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress, validated=True)
-  except CLJaxError as e:
-    return _fail(e, e.exit_code)
-  except ValueError as e:  # bad input a runner reports as a plain ValueError: still bad input, still no write
-    return _fail(e, 2)
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- every ending is classified; a bug re-raises
+    error = errors.classify(e)
+    if error is None and isinstance(e, ValueError):  # bad input a runner reports as a plain ValueError
+      return _fail(e, 2)
+    if error is None and _peer_collective_failure(e):
+      error = errors.PeerLost(errors.PeerLost.describe(_heartbeat_timeout(), _first_line(e)))
+    if error is None:
+      errors.detail_log_traceback(e)
+      raise
+    if error is not e:
+      errors.detail_log_traceback(e)
+    return _fail(error, error.exit_code)
   print_results(results)
   return 0
 
 
+def _first_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:200]
+
+
+def _peer_collective_failure(error: BaseException) -> bool:
+  """A multi-host collective that failed because a peer went away (gloo or the coordination service saw the
+  connection drop before the heartbeat timeout did): the same ending as `PeerLost`."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import distributed as _dist
+  if getattr(_dist.global_state, "client", None) is None:
+    return False
+  text = str(error).lower()
+  return any(k in text for k in ("gloo", "connection closed", "connection reset", "socket closed", "unavailable",
+                                 "heartbeat", "coordination service", "barrier", "deadline_exceeded"))
+
+
+def _heartbeat_timeout() -> int:
+  from cl_jax import sharding
+  return sharding.LAST_TIMEOUTS.get("heartbeat_timeout_s", sharding.DISTRIBUTED_DEFAULTS["heartbeat_timeout_s"])
+
+
 def console_main() -> None:
   """The `cl-jax` console command (pyproject.toml): the same as `python run.py`."""
+  errors.install_signal_handlers()  # first: the imports below take seconds, and a preemption during them is 75
+  errors.capture_library_output()  # for the whole process: orbax's threads still log while it exits
   sys.exit(main(sys.argv[1:], prog="cl-jax"))
 
 
-def _fail(error: Exception, code: int) -> int:
-  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+def _fail(error: BaseException, code: int) -> int:
+  print(f"error: {' '.join(str(error).split())}{errors.detail_log_summary() if code != 2 else ''}", file=sys.stderr)
   return code
 
 
