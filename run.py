@@ -13,5 +13,5 @@ from cl_jax.errors import capture_library_output, install_signal_handlers  # the
 if __name__ == "__main__":
   install_signal_handlers()
   capture_library_output()  # for the whole process: orbax's threads still log while it exits
-  from cl_jax.cli import main  # cheap: jax and the kinds are imported inside main, under the handler
-  sys.exit(main(sys.argv[1:]))
+  from cl_jax.cli import launch  # cheap: jax and the kinds are imported inside main, under the handler
+  sys.exit(launch(sys.argv[1:]))

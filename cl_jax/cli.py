@@ -381,7 +381,144 @@ def console_main() -> None:
   """The `cl-jax` console command (pyproject.toml): the same as `python run.py`."""
   errors.install_signal_handlers()  # first: the imports below take seconds, and a preemption during them is 75
   errors.capture_library_output()  # for the whole process: orbax's threads still log while it exits
-  sys.exit(main(sys.argv[1:], prog="cl-jax"))
+  sys.exit(launch(sys.argv[1:], prog="cl-jax"))
+
+
+# ----------------------------------------------------------------------------- multi-host: a supervised process
+
+SUPERVISED_ENV = "CL_JAX_SUPERVISED"  # set in the supervised child: it runs `main` itself
+
+
+def launch(argv, prog: str = "run.py") -> int:
+  """What `run.py` and `cl-jax` run: `main(argv)` here, or on a multi-host launch (`errors.multihost_launch`) in a
+  child process this one supervises (`supervise`), whose exit it reports."""
+  try:
+    if not errors.multihost_launch() or os.environ.get(SUPERVISED_ENV):
+      return main(argv, prog)
+    return supervise(argv, prog)
+  except CLJaxError as e:  # a preemption before `main` took over
+    return _fail(e, e.exit_code)
+
+
+def supervised_main() -> None:
+  """The supervised child's entry point: `sys.argv` is [prog, *argv]."""
+  errors.install_signal_handlers()
+  errors.capture_library_output()
+  sys.exit(main(sys.argv[2:], prog=sys.argv[1]))
+
+
+def supervise(argv, prog: str) -> int:
+  """Runs `main(argv)` in a child process and returns its exit code, turning a lost peer into `PeerLost` (69).
+
+  Why a child: when a peer of a multi-host run dies, jax's coordination client aborts the survivors from a C++
+  thread (SIGABRT after a check-failure trace; jaxlib 0.10 takes no Python callback for it, see
+  `cl_jax.sharding.maybe_initialize_distributed`), which no handler in the dying process can turn into an exit code.
+  This process sees the abort and the coordination service's message, prints one `error:` line and exits 69,
+  within `distributed.heartbeat_timeout_s` of the peer's death (at once when the coordinator itself died).
+
+  The child's stdout is this one's; its stderr passes through, except the runtime's native log lines
+  (`errors.NATIVE_LOG_LINE`, with their continuation lines), which go to the detail log of the workdir. SIGTERM and
+  SIGINT are forwarded (the child has its own process group, so a terminal's Ctrl-C reaches it once); the child
+  dies with this process (PR_SET_PDEATHSIG); a child killed by a signal is mirrored (this process dies by it too).
+  """
+  import signal
+  import subprocess
+  package_root = os.path.dirname(os.path.dirname(os.path.abspath(errors.__file__)))
+  path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, **{SUPERVISED_ENV: "1", "PYTHONPATH": path})
+  child = subprocess.Popen([sys.executable, "-c", "from cl_jax.cli import supervised_main; supervised_main()", prog,
+                            *argv], env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent, process_group=0)
+
+  def forward(signum, frame):
+    del frame
+    if child.poll() is None:
+      child.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in errors.SIGNALS}
+  try:
+    native, fatal = _relay(child.stderr)
+    code = child.wait()
+  finally:
+    errors.restore_signal_handlers(previous)
+  workdir = _flag_value(argv, "--workdir")
+  if workdir and os.path.isfile(os.path.join(workdir, "config.json")):  # the run held its workdir: log there
+    errors.open_detail_log(workdir, int(os.environ.get("JAX_PROCESS_ID", "0") or 0))
+    if native:
+      errors.detail_log_write("native runtime output (jax / XLA / gRPC):\n" + "".join(native))
+  elif native and not fatal:
+    sys.stderr.write("".join(native))  # nowhere to keep them: they are the only record
+  if code == -signal.SIGABRT and fatal:
+    timeout = _flag_value(argv, "--config.distributed.heartbeat_timeout_s")
+    return _fail(errors.PeerLost(errors.PeerLost.describe(int(timeout) if timeout and timeout.isdigit() else
+                                                          _default_heartbeat())), errors.PeerLost.exit_code)
+  if code < 0:  # killed by a signal: die by it too, so whoever launched this sees the same ending
+    if -code != signal.SIGKILL:
+      signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+  return code
+
+
+def _default_heartbeat() -> int:
+  from cl_jax.sharding import DISTRIBUTED_DEFAULTS
+  return DISTRIBUTED_DEFAULTS["heartbeat_timeout_s"]
+
+
+def _die_with_parent() -> None:
+  """In the child, before exec: SIGKILL it when its supervisor dies (Linux; elsewhere a no-op)."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+  except (OSError, AttributeError):
+    pass
+
+
+def _flag_value(argv, flag: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a == flag and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith(flag + "="):
+      return a[len(flag) + 1:]
+  return None
+
+
+OWN_LINE = ("error:", "warning:", "Traceback (most recent call last)", "Resuming")
+
+
+def _relay(stream) -> tuple[list, bool]:
+  """Copies the child's stderr to ours, holding back native runtime lines (and the lines that continue them, up to
+  the next line of our own); returns (the held-back lines, whether they report a lost peer)."""
+  native_re = re.compile(errors.NATIVE_LOG_LINE)
+  fd, out = stream.fileno(), sys.stderr
+  native, in_native, pending = [], False, ""
+  while True:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+      break
+    pending += chunk.decode("utf-8", "replace")
+    *lines, pending = pending.split("\n")
+    for line in lines:
+      line += "\n"
+      if native_re.match(line):
+        in_native = True
+      elif in_native and (line.startswith(OWN_LINE) or "\r" in line):
+        in_native = False
+      if in_native:
+        native.append(line)
+      else:
+        out.write(line)
+    if pending and not in_native and "\r" in pending:  # a progress bar redrawing its line: show it now
+      cut = pending.rindex("\r") + 1
+      out.write(pending[:cut])
+      pending = pending[cut:]
+    out.flush()
+  if pending:
+    if in_native:
+      native.append(pending)
+    else:
+      out.write(pending)
+  out.flush()
+  text = "".join(native)
+  return native, any(mark in text for mark in errors.PEER_LOST_MARKS)
 
 
 def _fail(error: BaseException, code: int) -> int:

@@ -186,6 +186,25 @@ def restore_signal_handlers(previous: dict) -> None:
     signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+# ----------------------------------------------------------------------------- multi-host launches
+
+CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")  # where jax finds the coordinator
+
+
+def multihost_launch(environ=None) -> bool:
+  """Whether this process is one of a multi-host launch (`cl_jax.sharding.maybe_initialize_distributed` starts
+  `jax.distributed` then); decided from the environment alone, before jax is imported."""
+  env = os.environ if environ is None else environ
+  return bool(env.get("JAX_COORDINATOR_ADDRESS")) or any(k in env for k in CLUSTER_ENV)
+
+
+# Lines jax's C++ runtime writes to stderr (absl / glog format `E1207 01:13:06.208 16369 file.cc:1549] ...`, its
+# check-failure trace, gRPC details): folded into the detail log by `cl_jax.cli.launch`.
+NATIVE_LOG_LINE = r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ ]+:\d+\]|\*\*\* Check failure stack trace|\s+@ +0x|terminate called )"
+# What the coordination service's fatal error (a lost peer) writes before it aborts the process.
+PEER_LOST_MARKS = ("distributed service detected fatal errors", "stopped sending heartbeats")
+
+
 # ----------------------------------------------------------------------------- library output into a detail log
 
 DETAIL_LOG = os.path.join("logs", "stderr-detail.log")  # under the workdir

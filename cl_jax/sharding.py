@@ -58,11 +58,11 @@ def maybe_initialize_distributed(config=None) -> None:
   coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. On CPU hosts
   the processes' collectives go through gloo. The timeouts come from `config.distributed` (`distributed_timeouts`).
 
-  A lost peer: the coordination service notices a process whose heartbeats stopped (after `heartbeat_timeout_s`)
-  and tells every other process, whose client calls its missed-heartbeat callback. jax's default callback aborts
-  the process (SIGABRT, a C++ check-failure trace, no exit code anyone documents); ours prints one `error:` line and
-  exits with `PeerLost.exit_code` at once -- from the client's thread, since the main thread may be blocked in a
-  collective that will never complete.
+  A lost peer: the coordination service notices a process whose heartbeats stopped (after `heartbeat_timeout_s`),
+  or the coordinator's own death, and tells every other process, whose client aborts it (SIGABRT after a C++
+  check-failure trace: jaxlib 0.10's missed-heartbeat callback cannot be a Python function, the status it passes
+  has no Python conversion). `cl_jax.cli.launch` supervises a multi-host process to turn that abort into
+  `cl_jax.errors.PeerLost` (exit 69) with one `error:` line.
   """
   global _DISTRIBUTED
   if _DISTRIBUTED:
@@ -71,10 +71,10 @@ def maybe_initialize_distributed(config=None) -> None:
   if getattr(_dist.global_state, "client", None) is not None:
     _DISTRIBUTED = True
     return
-  explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-  if not explicit and not any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
-                                                         "OMPI_COMM_WORLD_SIZE")):
+  from cl_jax.errors import multihost_launch
+  if not multihost_launch():
     return
+  explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
   timeouts = distributed_timeouts(config)
   LAST_TIMEOUTS.update(timeouts)
   kwargs = dict(initialization_timeout=timeouts["init_timeout_s"],
@@ -85,52 +85,8 @@ def maybe_initialize_distributed(config=None) -> None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs.update(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
-  with _peer_loss_exits(timeouts["heartbeat_timeout_s"]):
-    jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs)
   _DISTRIBUTED = True
-
-
-class _peer_loss_exits:
-  """While `jax.distributed.initialize` runs, its client is created with `missed_heartbeat_callback=_peer_lost`.
-
-  jax does not expose the callback; the client factory it calls is wrapped for the duration of the call (and left
-  alone when this jaxlib's factory has no such parameter: the default abort then stays)."""
-
-  def __init__(self, heartbeat_timeout_s: int):
-    self.heartbeat = heartbeat_timeout_s
-
-  def __enter__(self):
-    from jax._src import distributed as _dist
-    self.lib = _dist._jax
-    self.factory = self.lib.get_distributed_runtime_client
-    if "missed_heartbeat_callback" not in (self.factory.__doc__ or ""):  # its signature, as nanobind documents it
-      return self
-    factory, heartbeat = self.factory, self.heartbeat
-
-    def client(*args, **kwargs):
-      kwargs.setdefault("missed_heartbeat_callback", lambda status: _peer_lost(status, heartbeat))
-      return factory(*args, **kwargs)
-
-    self.lib.get_distributed_runtime_client = client
-    return self
-
-  def __exit__(self, *exc):
-    self.lib.get_distributed_runtime_client = self.factory
-
-
-def _peer_lost(status, heartbeat_timeout_s: int) -> None:
-  """The coordination service reported a lost process: one line on stderr and exit `PeerLost.exit_code` now.
-
-  `os._exit`, not an exception: this runs on the distributed client's own thread while the main thread may wait
-  forever in a collective; nothing can be unwound safely. The workdir's lock names a dead pid (a rerun takes it
-  over), and checkpoints already committed stay intact (a save in flight is left as a partial directory, which a
-  resume ignores).
-  """
-  import sys
-  from cl_jax.errors import PeerLost, detail_log_write
-  detail_log_write(f"the coordination service reported: {status}")
-  print(f"error: {PeerLost.describe(heartbeat_timeout_s)}", file=sys.stderr, flush=True)
-  os._exit(PeerLost.exit_code)
 
 
 _DISTRIBUTED = False
