@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from cl_jax.errors import capture_library_output, install_signal_handlers  # the standard library only
+from cl_jax import errors  # the standard library only
 
 if __name__ == "__main__":
-  install_signal_handlers()
-  capture_library_output()  # for the whole process: orbax's threads still log while it exits
-  from cl_jax.cli import launch  # cheap: jax and the kinds are imported inside main, under the handler
+  errors.install_signal_handlers()
+  errors.capture_library_output()  # for the whole process: orbax's threads still log while it exits
+  try:
+    from cl_jax.cli import launch  # cheap: jax and the kinds are imported inside main, under the handler
+  except errors.Preempted as e:
+    sys.exit(errors.report(e, e.exit_code))
   sys.exit(launch(sys.argv[1:]))

@@ -522,8 +522,7 @@ def _relay(stream) -> tuple[list, bool]:
 
 
 def _fail(error: BaseException, code: int) -> int:
-  print(f"error: {' '.join(str(error).split())}{errors.detail_log_summary() if code != 2 else ''}", file=sys.stderr)
-  return code
+  return errors.report(error, code)
 
 
 def print_results(results) -> None:

@@ -1,20 +1,22 @@
 """The errors a run can end with, the exit code `run.py` / `cl-jax` returns for each, and how a failure is reported.
 
-| exit code | meaning                                                                                            |
-|-----------|----------------------------------------------------------------------------------------------------|
-| 0         | the run finished                                                                                   |
-| 1         | a bug: an exception no rule below covers (its traceback is printed)                                |
-| 2         | bad input (config, workdir, data path): refused before any work, nothing was written               |
-| 3         | the run diverged (non-finite loss or params, or a loss blow-up); the last good checkpoint is       |
-|           | intact, or the message says that no checkpoint was written yet                                     |
-| 4         | the workdir is locked by another live run                                                          |
-| 69        | a peer process of a multi-host run was lost (no heartbeat for `distributed.heartbeat_timeout_s`);  |
-|           | checkpoints already written are intact: rerun every process to resume (69 is EX_UNAVAILABLE)       |
-| 74        | I/O failure mid-run (disk full, workdir unwritable or gone); checkpoints written before it are     |
-|           | intact: free space or fix the path, then rerun to resume (74 is EX_IOERR)                          |
-| 75        | preempted (SIGTERM / SIGINT), from the first instant of the launch and for every kind: inside the  |
-|           | training loop a checkpoint is saved at the step boundary; rerun the same command to resume (75 is  |
-|           | EX_TEMPFAIL: "try again")                                                                          |
+| code | error                     | meaning                                                                              |
+| ---- | ------------------------- | ------------------------------------------------------------------------------------ |
+| 0    |                           | the run finished                                                                     |
+| 1    |                           | a bug: an exception no rule below covers (its traceback is printed)                  |
+| 2    | ConfigError, WorkdirError | bad input (config, workdir, data path): refused before any work, nothing was written |
+| 3    | DivergenceError           | the run diverged (non-finite loss or params, or a loss blow-up); the last good       |
+|      |                           | checkpoint is intact, or the message says that no checkpoint was written yet         |
+| 4    | WorkdirLocked             | the workdir is locked by another live run                                            |
+| 69   | PeerLost                  | a peer process of a multi-host run was lost (no heartbeat for                        |
+|      |                           | `distributed.heartbeat_timeout_s` seconds, or the coordinator died); checkpoints     |
+|      |                           | already written are intact: rerun every process to resume (69 is EX_UNAVAILABLE)     |
+| 74   | IOFailure                 | I/O failure mid-run (disk full, workdir unwritable or gone): one line naming the     |
+|      |                           | path and the reason; checkpoints written before it are intact: free space or fix the |
+|      |                           | path, then rerun to resume (74 is EX_IOERR)                                          |
+| 75   | Preempted                 | preempted (SIGTERM / SIGINT), from the first instant of the launch and for every     |
+|      |                           | kind (merge too): inside the training loop a checkpoint is saved at the step         |
+|      |                           | boundary; rerun the same command to resume (75 is EX_TEMPFAIL)                       |
 
 The table above is `exit_code_table()` (rendered from `EXIT_CODES`); README's "Exit codes" section holds the same
 text, and tests/test_exit_codes.py checks all three agree.
@@ -88,32 +90,47 @@ class Preempted(CLJaxError):
   exit_code = 75
 
 
-EXIT_CODES = (
-    (0, "the run finished"),
-    (1, "a bug: an exception no rule below covers (its traceback is printed)"),
-    (ConfigError.exit_code, "bad input (config, workdir, data path): refused before any work, nothing was written"),
-    (DivergenceError.exit_code, "the run diverged (non-finite loss or params, or a loss blow-up); the last good "
-                                "checkpoint is intact, or the message says that no checkpoint was written yet"),
-    (WorkdirLocked.exit_code, "the workdir is locked by another live run"),
-    (PeerLost.exit_code, "a peer process of a multi-host run was lost (no heartbeat for "
-                         "`distributed.heartbeat_timeout_s`); checkpoints already written are intact: rerun every "
-                         "process to resume (69 is EX_UNAVAILABLE)"),
-    (IOFailure.exit_code, "I/O failure mid-run (disk full, workdir unwritable or gone); checkpoints written before "
-                          "it are intact: free space or fix the path, then rerun to resume (74 is EX_IOERR)"),
-    (Preempted.exit_code, "preempted (SIGTERM / SIGINT), from the first instant of the launch and for every kind: "
-                          "inside the training loop a checkpoint is saved at the step boundary; rerun the same "
-                          "command to resume (75 is EX_TEMPFAIL: \"try again\")"),
+EXIT_CODES = (  # (code, the error that ends a run with it, what it means); `exit_code_table` renders it
+    (0, "", "the run finished"),
+    (1, "", "a bug: an exception no rule below covers (its traceback is printed)"),
+    (ConfigError.exit_code, "ConfigError, WorkdirError",
+     "bad input (config, workdir, data path): refused before any work, nothing was written"),
+    (DivergenceError.exit_code, "DivergenceError",
+     "the run diverged (non-finite loss or params, or a loss blow-up); the last good checkpoint is intact, or the "
+     "message says that no checkpoint was written yet"),
+    (WorkdirLocked.exit_code, "WorkdirLocked", "the workdir is locked by another live run"),
+    (PeerLost.exit_code, "PeerLost",
+     "a peer process of a multi-host run was lost (no heartbeat for `distributed.heartbeat_timeout_s` seconds, or "
+     "the coordinator died); checkpoints already written are intact: rerun every process to resume (69 is "
+     "EX_UNAVAILABLE)"),
+    (IOFailure.exit_code, "IOFailure",
+     "I/O failure mid-run (disk full, workdir unwritable or gone): one line naming the path and the reason; "
+     "checkpoints written before it are intact: free space or fix the path, then rerun to resume (74 is EX_IOERR)"),
+    (Preempted.exit_code, "Preempted",
+     "preempted (SIGTERM / SIGINT), from the first instant of the launch and for every kind (merge too): inside the "
+     "training loop a checkpoint is saved at the step boundary; rerun the same command to resume (75 is "
+     "EX_TEMPFAIL)"),
 )
 
 
-def exit_code_table(width: int = 98) -> str:
+def exit_code_table(width: int = 84) -> str:
   """`EXIT_CODES` as the Markdown table of this docstring and of README (meanings wrapped at `width` columns)."""
   import textwrap
-  lines = [f"| exit code | {'meaning'.ljust(width)} |", f"|-----------|{'-' * (width + 2)}|"]
-  for code, meaning in EXIT_CODES:
+  rows = [("code", "error", "meaning"), ("---", "---", "---")]
+  for code, name, meaning in EXIT_CODES:
     for i, part in enumerate(textwrap.wrap(meaning, width)):
-      lines.append(f"| {(str(code) if i == 0 else '').ljust(9)} | {part.ljust(width)} |")
-  return "\n".join(lines)
+      rows.append((str(code) if i == 0 else "", name if i == 0 else "", part))
+  widths = [max(len(r[k]) for r in rows) for k in range(3)]
+  fill = lambda r: "| " + " | ".join((c if c != "---" else "-" * w).ljust(w) for c, w in zip(r, widths)) + " |"
+  return "\n".join(fill(r) for r in rows)
+
+
+def report(error: BaseException, code: int) -> int:
+  """Prints the one `error:` line of a run that ends with `code` (and where the library output went); returns
+  `code`. Bad input (2) names nothing else: nothing was written."""
+  where = detail_log_summary() if code != ConfigError.exit_code else ""
+  print(f"error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
+  return code
 
 
 # ----------------------------------------------------------------------------- mapping any exception to a code
