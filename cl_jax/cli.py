@@ -404,7 +404,12 @@ def supervised_main() -> None:
   """The supervised child's entry point: `sys.argv` is [prog, *argv]."""
   errors.install_signal_handlers()
   errors.capture_library_output()
-  sys.exit(main(sys.argv[2:], prog=sys.argv[1]))
+  code = main(sys.argv[2:], prog=sys.argv[1])
+  if code == errors.PeerLost.exit_code:  # jax's exit handlers would wait for (or abort on) the lost peer
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def supervise(argv, prog: str) -> int:

@@ -73,11 +73,13 @@ class PeerLost(CLJaxError):
   exit_code = 69
 
   @staticmethod
-  def describe(heartbeat_timeout_s: int, detail: str = "") -> str:
-    why = f" ({detail})" if detail else ""
-    return (f"peer process lost: another process of this multi-host run stopped sending heartbeats for "
-            f"distributed.heartbeat_timeout_s={heartbeat_timeout_s}s{why}; checkpoints already written are intact: "
-            "rerun every process with the same command to resume")
+  def describe(heartbeat_timeout_s: int, collective: str = "") -> str:
+    """The one line: how the peer was found lost (its heartbeats stopped, or a collective with it broke)."""
+    how = (f"broke off a collective ({collective})" if collective else
+           f"stopped answering (no heartbeat for distributed.heartbeat_timeout_s={heartbeat_timeout_s}s, or the "
+           "coordinator died)")
+    return (f"peer process lost: another process of this multi-host run {how}; checkpoints already written are "
+            "intact: rerun every process with the same command to resume")
 
 
 class IOFailure(CLJaxError, OSError):

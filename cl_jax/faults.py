@@ -6,7 +6,8 @@ subprocess; the skeleton (`cl_jax.runner.run`) reads them once at the start of a
 
   CL_JAX_TEST_KILL_AT_STEP=k[:P]    SIGKILL this process right after global step k (metrics and pending checkpoints
                                     flushed first, every process of a multi-host run at the same step); with :P only
-                                    process P dies, at once and alone (a lost peer: the others exit 69)
+                                    process P dies, at once and alone (a lost peer: the others exit 69); k=0 with :P:
+                                    as soon as the run holds its workdir, before its first step
   CL_JAX_TEST_NAN_AT_STEP=k         the params become NaN before step k: its loss is non-finite (divergence, exit 3)
   CL_JAX_TEST_SIGNAL_AT_STEP=k[:INT]  this process sends itself SIGTERM (or SIGINT) right after step k (preemption);
                                     k=0: as soon as the run holds its workdir, before its kind runs (any kind, merge too)
@@ -64,7 +65,13 @@ def kill_at(step: int, process: int | None = None) -> StepHook:
         from jax.experimental import multihost_utils  # mid-commit (that aborts it instead)
         multihost_utils.sync_global_devices(f"test kill at step {step}")
       os.kill(os.getpid(), signal.SIGKILL)
-  return StepHook(after=after)
+
+  def start():
+    if step == 0 and process is not None:
+      import jax
+      if jax.process_index() == process:
+        os.kill(os.getpid(), signal.SIGKILL)
+  return StepHook(after=after, start=start)
 
 
 def nan_at(step: int) -> StepHook:

@@ -135,15 +135,18 @@ def test_a_lost_peer_ends_the_other_process_with_69(tmp_path):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from multihost_util import launch
   w = tmp_path / "mh"
-  # Process 1 dies alone (SIGKILL) after step 3; process 0 is then waiting in a collective that never completes.
+  # Process 1 dies alone (SIGKILL) once the run holds its workdir, before its first step (dying later would cost
+  # the test its compilations, not change what happens); process 0 then waits in a collective that never completes.
   # Its coordination service notices the missing heartbeats after 1 s, and its supervisor reports it.
   outs = launch(["run.py", *ARGS, "--config.distributed.heartbeat_timeout_s=1", "--workdir", str(w)],
-                num_processes=2, env={faults.KILL_ENV: "3:1"}, timeout=120)
+                num_processes=2, env={faults.KILL_ENV: "0:1"}, timeout=120)
   assert outs[1].returncode == -signal.SIGKILL, outs[1].stderr[-3000:]
   survivor = outs[0]
   assert survivor.returncode == errors.PeerLost.exit_code, survivor.stderr[-3000:]  # None: it hung
   assert len(error_lines(survivor.stderr)) == 1, survivor.stderr[-3000:]
   assert error_lines(survivor.stderr)[0].startswith("error: peer process lost")
   assert "Check failure" not in survivor.stderr and "coordination_service" not in survivor.stderr
+  # The runtime's own words are kept in the detail log: the coordination service's (its abort) or gloo's (a
+  # collective that saw the connection close first, raised as an exception).
   detail = (w / "logs" / "stderr-detail.log").read_text()
-  assert "stopped sending heartbeats" in detail  # the runtime's own words are kept, in the detail log
+  assert "stopped sending heartbeats" in detail or "Connection closed by peer" in detail, detail[-3000:]
