@@ -16,6 +16,7 @@ import pytest
 
 from cl_jax import errors, faults
 from cl_jax.cli import main
+from multihost_util import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Split Digits, 2 tasks x 8 steps, a rolling checkpoint every 4 steps: a real run in about a second.
@@ -132,8 +133,6 @@ def test_divergence_before_the_first_checkpoint_says_so(tmp_path, capsys, monkey
 
 
 def test_a_lost_peer_ends_the_other_process_with_69(tmp_path):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from multihost_util import launch
   w = tmp_path / "mh"
   # Process 1 dies alone (SIGKILL) once the run holds its workdir, before its first step (dying later would cost
   # the test its compilations, not change what happens); process 0 then waits in a collective that never completes.
