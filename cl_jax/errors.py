@@ -164,7 +164,8 @@ def classify(error: BaseException) -> CLJaxError | None:
 
 
 def describe_os_error(e: OSError) -> str:
-  """'no space left on device writing /w/metrics.jsonl (ENOSPC): free space ...' -- one line, what to do."""
+  """'I/O failure: no space left on device at /w/metrics.jsonl (ENOSPC); ...: free space ...': one line, the path,
+  the reason and what to do."""
   name = errno.errorcode.get(e.errno, "") if e.errno else ""
   reason = (e.strerror or str(e) or type(e).__name__).strip().lower()
   where = f" at {e.filename}" if e.filename else ""
@@ -172,8 +173,8 @@ def describe_os_error(e: OSError) -> str:
   hint = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your quota",
           errno.EROFS: "make the workdir writable", errno.EACCES: "make the workdir writable",
           errno.EPERM: "make the workdir writable"}.get(e.errno, "fix the path")
-  return (f"I/O failure mid-run: {reason}{where}{code}; checkpoints written before it are intact: {hint}, then "
-          "rerun the same command to resume")
+  return (f"I/O failure: {reason}{where}{code}; checkpoints written before it are intact: {hint}, then rerun the "
+          "same command to resume")
 
 
 # ----------------------------------------------------------------------------- preemption from the first instant

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def test_disk_full_mid_run_exits_74_with_one_line_and_the_rerun_resumes(straight
   assert len(error_lines(err)) == 1 and "Traceback" not in err, err[-3000:]
   assert "no space left on device" in error_lines(err)[0] and "ENOSPC" in error_lines(err)[0]
   assert str(w) in error_lines(err)[0]  # the path that failed
+  # orbax's tracebacks are not on stderr but in the detail log, which the full workdir could not take: the line says
+  # where it went instead.
+  detail = re.search(r"library messages? in (\S+)\)$", error_lines(err)[0]).group(1)
+  assert not detail.startswith(str(w)) and "Traceback" in open(detail).read()
+  os.remove(detail)
   assert (w / "checkpoints" / "rolling" / "4" / "_CHECKPOINT_METADATA").is_file()
   assert not (w / "results.json").exists()
   monkeypatch.delenv(faults.DISK_FULL_ENV)
