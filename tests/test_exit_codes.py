@@ -118,7 +118,8 @@ def test_sigterm_before_jax_is_imported_exits_75(tmp_path):
 
 def test_sigterm_during_a_merge_exits_75_and_the_rerun_completes(straight, tmp_path, capsys, monkeypatch):
   out = tmp_path / "merge"
-  argv = ["--config", f"configs/merge.py:method=ties,run={straight},tasks=2", "--workdir", str(out), "--no_progress"]
+  argv = ["--config", "configs/merge.py:method=linear", f"--config.merge.models=['{straight}:task=2']", "--workdir",
+          str(out), "--no_progress"]
   monkeypatch.setenv(faults.SIGNAL_ENV, "0")  # SIGTERM once the merge run holds its workdir
   assert main(argv) == errors.Preempted.exit_code
   err = capsys.readouterr().err
@@ -126,7 +127,7 @@ def test_sigterm_during_a_merge_exits_75_and_the_rerun_completes(straight, tmp_p
   assert not (out / "results.json").exists() and not (out / ".lock").exists()
   monkeypatch.delenv(faults.SIGNAL_ENV)
   assert main(argv) == 0
-  assert json.loads((out / "results.json").read_text())["method"] == "ties"
+  assert json.loads((out / "results.json").read_text())["method"] == "linear"
 
 
 def test_divergence_before_the_first_checkpoint_says_so(tmp_path, capsys, monkeypatch):
