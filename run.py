@@ -15,6 +15,6 @@ if __name__ == "__main__":
   errors.capture_library_output()  # for the whole process: orbax's threads still log while it exits
   try:
     from cl_jax.cli import launch  # cheap: jax and the kinds are imported inside main, under the handler
-  except errors.Preempted as e:
-    sys.exit(errors.report(e, e.exit_code))
+  except errors.Interrupted as e:
+    sys.exit(errors.report(e.preempted(), errors.Preempted.exit_code))
   sys.exit(launch(sys.argv[1:]))

@@ -339,7 +339,7 @@ def _main(argv, prog: str) -> int:
     validate(config)
     from cl_jax.runner import run
     results = run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress, validated=True)
-  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- every ending is classified; a bug re-raises
+  except (Exception, KeyboardInterrupt, errors.Interrupted) as e:  # noqa: BLE001 -- each classified; a bug re-raises
     error = errors.classify(e)
     if error is None and isinstance(e, ValueError):  # bad input a runner reports as a plain ValueError
       return _fail(e, 2)
@@ -396,8 +396,8 @@ def launch(argv, prog: str = "run.py") -> int:
     if not errors.multihost_launch() or os.environ.get(SUPERVISED_ENV):
       return main(argv, prog)
     return supervise(argv, prog)
-  except CLJaxError as e:  # a preemption before `main` took over
-    return _fail(e, e.exit_code)
+  except errors.Interrupted as e:  # a preemption before `main` took over
+    return _fail(e.preempted(), errors.Preempted.exit_code)
 
 
 def supervised_main() -> None:

@@ -157,6 +157,8 @@ def classify(error: BaseException) -> CLJaxError | None:
   for e in chain:
     if isinstance(e, CLJaxError):
       return e
+    if isinstance(e, Interrupted):
+      return e.preempted()
   for e in chain:
     if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
       return IOFailure(describe_os_error(e))
@@ -182,14 +184,28 @@ def describe_os_error(e: OSError) -> str:
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Interrupted(BaseException):
+  """What the early handler raises where the main thread is: a BaseException, like KeyboardInterrupt, so that no
+  library's `except Exception` swallows it; `classify` (and `cl_jax.run`) turn it into `Preempted`."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+  def preempted(self) -> Preempted:
+    name = signal.Signals(self.signum).name
+    return Preempted(f"preempted by signal {self.signum} ({name}) outside the training loop (nothing to checkpoint "
+                     "there): rerun the same command")
+
+
 def _raise_preempted(signum, frame):
   del frame
-  raise Preempted(f"preempted by signal {signum} ({signal.Signals(signum).name}) before training started "
-                  "(nothing to checkpoint yet): rerun the same command")
+  raise Interrupted(signum)
 
 
 def install_signal_handlers() -> dict:
-  """SIGTERM / SIGINT raise `Preempted` (exit 75) wherever the main thread is, returns the previous handlers.
+  """SIGTERM / SIGINT raise `Interrupted` (reported as `Preempted`, exit 75) wherever the main thread is; returns
+  the previous handlers.
 
   `run.py` and `cl-jax` call it before importing jax, so a preemption during the imports, config loading, data
   loading or compilation, or of a merge run, exits 75 instead of dying by the signal (-15 / 143). The training

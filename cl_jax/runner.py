@@ -38,6 +38,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *,
   previous = errors.install_signal_handlers()  # no-op change when run.py / cl-jax installed them already
   try:
     return _run(config, workdir, overwrite, progress, validated, **parts)
+  except errors.Interrupted as e:  # the handler's BaseException, as the documented error
+    raise e.preempted() from None
   finally:
     errors.restore_signal_handlers(previous)
 
