@@ -108,6 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=False, divergence_factor=100.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = sharding.distributed_config()  # multi-host timeouts (cl_jax/sharding.py)
   c.lock()
   return c
 

@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
   # every_steps: rolling checkpoints of pre-training (0: none mid-way; adaptation saves at every evaluation).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = sharding.distributed_config()  # multi-host timeouts (cl_jax/sharding.py)
   # Issue 10 items 4-5 (stages before the adaptation): vocabulary extension, long-context extension.
   from cl_jax.lm.long_context import default_long_context_config
   from cl_jax.lm.vocab import default_vocab_config
