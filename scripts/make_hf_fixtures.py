@@ -174,7 +174,10 @@ def check_export(out: str) -> None:
 
 
 # Variants the fixtures do not cover: biases everywhere with a head dim != d_model / heads and linear RoPE scaling
-# (llama), a sliding window with Llama-3.1 scaling (mistral), a sliding window (qwen2), exact gelu (gpt2).
+# (llama), a sliding window with Llama-3.1 scaling (mistral), a sliding window (qwen2), exact gelu (gpt2); attention
+# biases and every layer sliding (qwen3); exact gelu, no soft-caps, query scale = head dim and the other layer
+# global (gemma2); a sliding window (phi3); attention biases (olmo2); a final soft-cap, query scale != head dim and
+# one theta for all layers (gemma3_text).
 VARIANTS = {
     "llama": dict(mlp="swiglu", qkv_bias=True, o_bias=True, mlp_bias=True, rope_scaling="linear", rope_factor=2.0,
                   attn_head_dim=8),
@@ -183,6 +186,13 @@ VARIANTS = {
     "qwen2": dict(mlp="swiglu", qkv_bias=True, sliding_window=5),
     "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, qkv_bias=True, o_bias=True, mlp_bias=True,
                  gelu_approximate=False),
+    "qwen3": dict(mlp="swiglu", qk_norm="head", qkv_bias=True, o_bias=True, sliding_window=5, attn_head_dim=8),
+    "gemma2": dict(mlp="geglu", gelu_approximate=False, block_norms="sandwich", norm_plus_one=True, embed_scale=True,
+                   sliding_window=3, global_layers=(0,), tied_embeddings=False),
+    "phi3": dict(mlp="swiglu", sliding_window=4, num_kv_heads=2),
+    "olmo2": dict(mlp="swiglu", qk_norm="full", block_norms="post", qkv_bias=True, o_bias=True, num_kv_heads=2),
+    "gemma3_text": dict(mlp="geglu", block_norms="sandwich", norm_plus_one=True, embed_scale=True, qk_norm="head",
+                        sliding_window=3, global_layers=(1,), final_softcap=5.0, attn_scale_dim=6.0),
 }
 
 

@@ -5,9 +5,13 @@
     hf_checkpoint.export("out/", loaded.hf_config, params, tokenizer=loaded.tokenizer)
 
 Families (config.json's `model_type`): `llama` (Llama 2 / 3 / 3.1+, RoPE scalings 'linear' and 'llama3',
-optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases) and `gpt2`
-(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]). All with
-grouped-query attention where the config has it, tied or untied embeddings. Each family is one entry of
+optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases), `gpt2`
+(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]), `qwen3` (per-head q/k
+norms), `gemma2` (sandwich norms with `1 + w` gains, scaled embeddings, soft-capped scores and logits,
+query_pre_attn_scalar, GeGLU, alternating sliding / global layers), `phi3` (fused qkv_proj and gate_up_proj),
+`olmo2` (post-norms, q/k norms over the whole projection) and `gemma3_text` (Gemma 2's layer with q/k norms, no
+soft-caps by default, and the sliding layers' own RoPE theta). All with grouped-query attention where the config
+has it, sliding windows per layer where the family states them so, tied or untied embeddings. Each family is one entry of
 `cl_jax.models.hf_families.FAMILIES` (its config.json keys, conventions and tensor names); every function here
 reads that table, so a new family is a new entry, not new code.
 
@@ -262,6 +266,8 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
          if k not in ("rope_scaling", "rope_parameters", "rope_theta", "rope_local_base_freq")}
   out.update(model_type=entry.model_type, architectures=[entry.architecture], vocab_size=cfg.vocab_size,
              tie_word_embeddings=cfg.tied_embeddings)
+  # Stated, not left to the family's default, which may lie outside a cl_jax-built model's vocabulary (Phi-3: 32000).
+  out.setdefault("pad_token_id", None)
   out.update({keys.d_model: cfg.d_model, keys.num_layers: cfg.num_layers, keys.num_heads: cfg.num_heads,
               keys.max_len: cfg.max_len, keys.mlp_hidden: cfg.mlp_dim, keys.norm_eps: cfg.norm_eps,
               keys.activation: _activation(entry, cfg)})
@@ -678,7 +684,7 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
   if vocab != cfg.vocab_size:  # e.g. after cl_jax.lm.vocab.extend_vocab
     cfg = cfg.replace(vocab_size=int(vocab))
   out_config = hf_config(cfg, family, base)
-  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id")):
+  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
     if base is None and getattr(tokenizer, attr, None) is not None:
       out_config[key] = int(getattr(tokenizer, attr))
   family = out_config["model_type"]

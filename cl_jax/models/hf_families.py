@@ -256,8 +256,8 @@ def _gemma(model_type: str, architecture: str, period: int, defaults: dict, **op
   return Family(model_type, architecture, keys=dataclasses.replace(LLAMA_KEYS, activation="hidden_activation"),
                 defaults={**GEMMA_DEFAULTS, **defaults}, activations=GEGLU, prefix="model.",
                 buffers=("rotary_emb.inv_freq", "embed_scale"), qkv_bias="attention_bias",
-                o_bias="attention_bias", window=layer_types_window(None, _every(period)), scalars=GEMMA_SCALARS,
-                **options)
+                o_bias="attention_bias", window=layer_types_window(None, _every(period)),
+                **{"scalars": GEMMA_SCALARS, **options})
 
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
@@ -308,7 +308,9 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     # sliding layers to each global one, and the sliding layers' own (unscaled) RoPE theta.
     _gemma("gemma3_text", "Gemma3ForCausalLM", 6, {"max_position_embeddings": 131072},
            tensors={**GEMMA_TENSORS, **QK_NORMS}, conventions={**GEMMA_CONVENTIONS, "qk_norm": "head"},
-           fixed={"use_bidirectional_attention": False}, rope_by_layer_type=True),
+           fixed={"use_bidirectional_attention": False}, rope_by_layer_type=True,
+           # transformers' Gemma 3 attention never soft-caps, whatever `attn_logit_softcapping` says: not read.
+           scalars={k: v for k, v in GEMMA_SCALARS.items() if v != "attn_softcap"}),
 )}
 
 

@@ -1,6 +1,7 @@
 """A decoder-only (causal) transformer language model in Flax NNX, config-driven over the families it imports.
 
-Architecture (pre-norm; GPT-2, Llama 2/3, Mistral and Qwen2 are all instances of it):
+Architecture (pre-norm by default; GPT-2, Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3 and OLMo 2 are all
+instances of it, the last ones through the options below):
 
   h_0     = E[tokens] (+ P[positions] with learned positions, GPT-2)     embedding, E in R^{V x D}
   h'_l    = h_{l-1} + Attn_l(Norm(h_{l-1}))                               causal self-attention
@@ -25,13 +26,34 @@ Architecture (pre-norm; GPT-2, Llama 2/3, Mistral and Qwen2 are all instances of
             the band between interpolated with s = (L_orig / wavelength - low) / (high - low):
             f' = (1 - s) f / factor + s f). Or 'learned' absolute position embeddings P (GPT-2).
 
+Options (`TransformerConfig`; each defaults to the plain model above and is resolved when the model is traced, so
+a model that leaves it off runs the same program as before it existed):
+  qk_norm        RMSNorm of q and k before RoPE, per head over Dh ('head': Qwen3, Gemma 3; Dehghani et al. 2023)
+                 or over the whole projection [H Dh] ('full': OLMo 2, OLMo et al. 2024).
+  block_norms    'sandwich': h' = h + Norm(Attn(Norm(h))), h'' = h' + Norm(MLP(Norm(h'))) (Gemma 2/3);
+                 'post':     h' = h + Norm(Attn(h)),       h'' = h' + Norm(MLP(h'))        (OLMo 2).
+  norm_plus_one  RMSNorm gain (1 + w) with w stored (and initialised at 0) (Gemma).
+  embed_scale    h_0 = sqrt(D) E[tokens] (Gemma).
+  attn_scale_dim scores q.k / sqrt(s) with s = query_pre_attn_scalar instead of Dh (Gemma).
+  attn_softcap,  soft-capping c tanh(x / c) of the attention scores (before the mask) and of the logits
+  final_softcap  (Gemma 2; Gemma Team 2024, after Bello et al. 2016).
+  mlp='geglu'    W_down (gelu(W_gate x) * W_up x) (Shazeer 2020; Gemma, tanh gelu).
+  global_layers  layers exempt from `sliding_window` (Gemma 2: every other layer; Gemma 3: one in six);
+  rope_local_base  theta of the sliding layers' RoPE, unscaled (Gemma 3: 10k local, 1M global).
+  Where layers differ (windows / RoPE), every block holds the same static tables (window and RoPE kind per layer)
+  and is told its index: a Python int in the unrolled loop (static: the same program as one window), a traced one
+  under `scan_layers`, scanned along with the stacked params (the window mask and the RoPE frequencies are then
+  picked from the tables; everything else is unchanged, so the stacked layout keeps one block's program).
+
 Every projection is an explicit `einsum` over a named-axes kernel (`q: [D, H, Dh]`, `k, v: [D, K, Dh]`,
 `o: [H, Dh, D]`, `up, gate: [D, F]`, `down: [F, D]`), so GSPMD can shard any axis of any kernel (FSDP over
 `fsdp`, heads or MLP width over a model axis) and the batch over `data` without code changes. Parameter paths
 are stable strings: `embed.embedding`, `pos_embed.embedding` (learned positions only),
 `block_{i}.attn.{q,k,v,o}.{kernel,bias}`, `block_{i}.mlp.{gate,up,down}.{kernel,bias}`,
 `block_{i}.{attn_norm,mlp_norm}.{scale,bias}`, `final_norm.{scale,bias}`, `lm_head.kernel` (untied only);
-biases, `gate` and the norms' `bias` exist only where the config asks for them. With `scan_layers=True` the blocks
+biases, `gate` and the norms' `bias` exist only where the config asks for them, and so do
+`block_{i}.{attn_post_norm,mlp_post_norm}.scale` (block_norms 'sandwich' / 'post'; 'post' has no attn_norm /
+mlp_norm) and `block_{i}.attn.{q_norm,k_norm}.scale` ([Dh], or [H Dh] / [K Dh] for qk_norm='full'). With `scan_layers=True` the blocks
 are stored stacked instead: `stacked_blocks.attn.q.kernel [L, D, H, Dh]` and so on, one leaf per kind with a leading
 layer axis, `stacked_blocks.*[i]` being `block_{i}.*` (`cl_jax.models.scan_layout` converts between the layouts).
 `cl_jax.models.hf_checkpoint` maps Hugging Face checkpoints onto these paths and back, in either layout.
@@ -396,7 +418,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    # A finite floor, as the fused path uses: a row with no visible key (a left-padding query) stays finite.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(q.shape)
   return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible[:, None], scale=scale)
@@ -443,11 +466,11 @@ class Attention(nnx.Module):
     """(sliding window, RoPE frequencies) of layer `layer`: static when the layers agree or `layer` is a Python
     int (the unrolled blocks), looked up from the tables when it is traced (the scanned blocks)."""
     freqs = None if self.rope_freqs is None else np.asarray(self.rope_freqs, np.float32)
-    if not self.per_layer:
-      return self.windows[0], freqs
+    local = None if self.local_freqs is None else np.asarray(self.local_freqs, np.float32)
+    if not self.per_layer:  # every layer alike (all of them sliding with their own theta, possibly)
+      return self.windows[0], (local if self.local_layers[0] else freqs)
     if layer is None:
       raise ValueError("Attention: this model's layers differ (windows / RoPE); the block needs its layer index")
-    local = None if self.local_freqs is None else np.asarray(self.local_freqs, np.float32)
     if isinstance(layer, (int, np.integer)):
       return self.windows[layer], (local if self.local_layers[layer] else freqs)
     window = jnp.asarray(self.windows, jnp.int32)[layer]
