@@ -489,11 +489,14 @@ class Attention(nnx.Module):
     written at `positions` (which must be contiguous) and attention runs over the whole cache. `layer`: this
     block's index (a Python or traced int), needed only when the layers differ (`TransformerConfig.per_layer`)."""
     window, freqs = self._layer(layer)
-    q, k, v = self.q(x), self.k(x), self.v(x)
-    if self.qk_norm != "none":
-      q, k = self._norm_qk(self.q_norm, q), self._norm_qk(self.k_norm, k)
-    if self.use_rope:
-      q, k = rope(q, positions, self.rope_base, freqs), rope(k, positions, self.rope_base, freqs)
+
+    def project(proj, norm):  # projection, q/k norm, RoPE (in the order the plain model always traced them)
+      y = proj(x)
+      if self.qk_norm != "none":
+        y = self._norm_qk(getattr(self, norm), y)
+      return rope(y, positions, self.rope_base, freqs) if self.use_rope else y
+
+    q, k, v = project(self.q, "q_norm"), project(self.k, "k_norm"), self.v(x)
     options = dict(scale=self.scale, softcap=self.softcap)
     if cache is None:
       return self.o(causal_attention(q, k, v, positions, positions, window, segment_ids, segment_ids,
