@@ -5,9 +5,13 @@
     hf_checkpoint.export("out/", loaded.hf_config, params, tokenizer=loaded.tokenizer)
 
 Families (config.json's `model_type`): `llama` (Llama 2 / 3 / 3.1+, RoPE scalings 'linear' and 'llama3',
-optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases) and `gpt2`
-(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]). All with
-grouped-query attention where the config has it, tied or untied embeddings. Each family is one entry of
+optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases), `gpt2`
+(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]), `qwen3` (per-head q/k
+norms), `gemma2` (sandwich norms with `1 + w` gains, scaled embeddings, soft-capped scores and logits,
+query_pre_attn_scalar, GeGLU, alternating sliding / global layers), `phi3` (fused qkv_proj and gate_up_proj),
+`olmo2` (post-norms, q/k norms over the whole projection) and `gemma3_text` (Gemma 2's layer with q/k norms, no
+soft-caps by default, and the sliding layers' own RoPE theta). All with grouped-query attention where the config
+has it, sliding windows per layer where the family states them so, tied or untied embeddings. Each family is one entry of
 `cl_jax.models.hf_families.FAMILIES` (its config.json keys, conventions and tensor names); every function here
 reads that table, so a new family is a new entry, not new code.
 
@@ -103,10 +107,22 @@ def _fail(path: str, message: str):
   raise ConfigError(f"{path}: {message}")
 
 
-def _rope_settings(hf: dict, path: str, max_len_key: str) -> dict:
+def _rope_settings(hf: dict, path: str, max_len_key: str, by_layer_type: bool = False) -> dict:
   """theta and scaling from either transformers layout: v5 `rope_parameters` (theta inside) or v4
-  `rope_theta` + `rope_scaling`."""
+  `rope_theta` + `rope_scaling`. `by_layer_type` (Gemma 3): v5 nests one such dict per layer type, v4 gives the
+  sliding layers' theta as `rope_local_base_freq`; the global layers' settings are read as above, the sliding
+  layers' theta becomes `rope_local_base` (unscaled)."""
   params = dict(hf.get("rope_parameters") or {})
+  if by_layer_type:
+    nested = "full_attention" in params or "sliding_attention" in params
+    local = dict(params.get("sliding_attention") or {}) if nested else {}
+    if local.get("rope_type", "default") != "default":
+      _fail(path, f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r}: only 'default' RoPE is "
+                  "supported on the sliding layers")
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    glob = dict(params.get("full_attention") or {}) if nested else params
+    return {**_rope_settings({**hf, "rope_parameters": glob}, path, max_len_key),
+            "rope_local_base": float(local_theta)}
   scaling = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
   merged = {**params, **scaling}
@@ -170,13 +186,16 @@ def transformer_config(hf: Mapping, path: str = "config.json", **overrides) -> T
       mlp_hidden=int(value(keys.mlp_hidden, family.default_mlp_ratio * d or None)),
       tied_embeddings=bool(value("tie_word_embeddings")),
       norm=family.norm, norm_eps=float(value(keys.norm_eps)), positions=family.positions,
-      sliding_window=family.window.read(hf, path) if family.window else 0, **family.activations[act])
+      **(family.window.read(hf, path) if family.window else {}), **family.activations[act], **family.conventions)
+  for key, field in family.scalars.items():  # null turns the option off; absent means the family's default
+    v = hf[key] if key in hf else family.defaults.get(key)
+    fields[field] = float(v) if v else 0.0
   if keys.num_kv_heads:  # absent: one key / value head per query head
     fields["num_kv_heads"] = int(hf.get(keys.num_kv_heads) or heads)
   for field, setting in family.bias_settings():  # a flag that is absent reads as false, as in transformers
     fields[field] = setting if isinstance(setting, bool) else bool(hf.get(setting))
   if family.positions == "rope":
-    fields.update(_rope_settings(hf, path, keys.max_len))
+    fields.update(_rope_settings(hf, path, keys.max_len, family.rope_by_layer_type))
   try:
     return TransformerConfig(**{**fields, **overrides})
   except (TypeError, ValueError) as e:
@@ -189,6 +208,18 @@ def _fits(cfg: TransformerConfig, family: Family) -> bool:
   if (cfg.norm, cfg.positions) != (family.norm, family.positions) or _activation(family, cfg) is None:
     return False
   if cfg.sliding_window and family.window is None:
+    return False
+  if len(set(cfg.layer_windows())) > 1 and not family.window.per_layer:
+    return False
+  defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+  if any(getattr(cfg, f) != family.conventions.get(f, defaults[f]) for f in hf_families.CONVENTION_FIELDS):
+    return False
+  if any(getattr(cfg, f) for f in hf_families.SCALAR_FIELDS if f not in family.scalars.values()):
+    return False
+  if family.rope_by_layer_type:  # its sliding layers have their own unscaled theta: no scaling shared with them
+    if not cfg.rope_local_base and cfg.rope_scaling != "none" and any(cfg.layer_windows()):
+      return False
+  elif any(cfg.layer_is_local()):
     return False
   # A dialect without these keys has plain multi-head attention with head dim d_model / heads.
   if not family.keys.num_kv_heads and cfg.kv_heads != cfg.num_heads:
@@ -215,9 +246,11 @@ def family_of(cfg: TransformerConfig) -> str:
   for name, family in FAMILIES.items():
     mlps = "/".join(dict.fromkeys(fields["mlp"] for fields in family.activations.values()))
     kinds.setdefault(f"{family.norm} + {mlps} + {family.positions} positions", []).append(name)
+  options = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in (*hf_families.CONVENTION_FIELDS, *hf_families.SCALAR_FIELDS))
   raise ConfigError(f"TransformerConfig(norm={cfg.norm!r}, mlp={cfg.mlp!r}, positions={cfg.positions!r}, "
                     f"biases q/k/v={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}, "
-                    f"sliding_window={cfg.sliding_window}) matches no Hugging Face family; exportable: "
+                    f"sliding_window={cfg.sliding_window}, global_layers={cfg.global_layers}, {options}) matches "
+                    "no Hugging Face family; exportable: "
                     + "; ".join(f"{'/'.join(names)} ({kind})" for kind, names in kinds.items()))
 
 
@@ -231,9 +264,12 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
   if not _fits(cfg, entry):
     raise ConfigError(f"family={family!r} cannot hold this model exactly (it exports as {family_of(cfg)!r})")
   keys = entry.keys
-  out = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+  out = {k: v for k, v in dict(base or {}).items()
+         if k not in ("rope_scaling", "rope_parameters", "rope_theta", "rope_local_base_freq")}
   out.update(model_type=entry.model_type, architectures=[entry.architecture], vocab_size=cfg.vocab_size,
              tie_word_embeddings=cfg.tied_embeddings)
+  # Stated, not left to the family's default, which may lie outside a cl_jax-built model's vocabulary (Phi-3: 32000).
+  out.setdefault("pad_token_id", None)
   out.update({keys.d_model: cfg.d_model, keys.num_layers: cfg.num_layers, keys.num_heads: cfg.num_heads,
               keys.max_len: cfg.max_len, keys.mlp_hidden: cfg.mlp_dim, keys.norm_eps: cfg.norm_eps,
               keys.activation: _activation(entry, cfg)})
@@ -243,6 +279,12 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
     out[keys.head_dim] = cfg.head_dim
   out.update(entry.fixed)
   out.update({setting: getattr(cfg, field) for field, setting in entry.bias_settings() if isinstance(setting, str)})
+  for key, field in entry.scalars.items():  # 0 (off) is written as transformers states it: null, or the head dim
+    value = getattr(cfg, field)
+    if field == "attn_scale_dim":
+      value = value or cfg.head_dim
+      value = int(value) if float(value).is_integer() else value  # transformers types it int
+    out[key] = value or None
   if entry.window:
     out.update(entry.window.write(cfg))
   if entry.positions == "rope":
@@ -258,6 +300,11 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
     out["rope_theta"] = cfg.rope_base
     out["rope_scaling"] = (None if cfg.rope_scaling == "none" else
                            {k: v for k, v in rope.items() if k != "rope_theta"})
+    if entry.rope_by_layer_type:  # Gemma 3: one dict per layer type; 4.x: `rope_local_base_freq`
+      local = cfg.rope_local_base or cfg.rope_base
+      out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": local}}
+      out["rope_local_base_freq"] = local
   return out
 
 
@@ -283,10 +330,10 @@ def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> li
     in_axis, out_axis = (1, 0) if stored == "out_in" else (0, 1)
     add(path, name, (in_axis, fan_in, 0), (out_axis, fan_out, offset))
 
-  def norm(path, name):
-    vector(path + "/scale", name + ".weight", (d,))
-    if cfg.norm == "layernorm":
-      vector(path + "/bias", name + ".bias", (d,))
+  def norm(path, name, size=d, rms=False):
+    vector(path + "/scale", name + ".weight", (size,))
+    if cfg.norm == "layernorm" and not rms:
+      vector(path + "/bias", name + ".bias", (size,))
 
   # Embedding tables are [rows, D] in every family (nn.Embedding / wte): no transpose.
   add("embed/embedding", p + entry.tensors["embed"] + ".weight", (0, (v,), 0), (1, (d,), 0))
@@ -297,13 +344,16 @@ def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> li
                  ("attn", "v", (d,), (kv, dh), cfg.qkv_bias), ("attn", "o", (h, dh), (d,), cfg.o_bias),
                  ("mlp", "gate", (d,), (f,), cfg.mlp_bias), ("mlp", "up", (d,), (f,), cfg.mlp_bias),
                  ("mlp", "down", (f,), (d,), cfg.mlp_bias)]
-  if cfg.mlp != "swiglu":
+  if cfg.mlp not in hf_families.GATED_MLPS:
     projections = [proj for proj in projections if proj[1] != "gate"]
   for i in range(cfg.num_layers):
     b = f"block_{i}/"
     names = {role: p + entry.tensors[role].format(i=i) for role in hf_families.LAYER_ROLES if role in entry.tensors}
-    norm(b + "attn_norm", names["attn_norm"])
-    norm(b + "mlp_norm", names["mlp_norm"])
+    for role in hf_families.BLOCK_NORM_ROLES[cfg.block_norms]:
+      norm(b + role, names[role])
+    if cfg.qk_norm != "none":  # RMSNorms (every family): a gain per head dim shared by the heads, or per unit
+      norm(b + "attn/q_norm", names["q_norm"], dh if cfg.qk_norm == "head" else h * dh, rms=True)
+      norm(b + "attn/k_norm", names["k_norm"], dh if cfg.qk_norm == "head" else kv * dh, rms=True)
     filled: dict[str, int] = {}  # fused tensor -> output rows the projections before this one take
     for module, role, fan_in, fan_out, bias in projections:
       offset = filled.get(names[role], 0)
@@ -726,7 +776,7 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
   if vocab != cfg.vocab_size:  # e.g. after cl_jax.lm.vocab.extend_vocab
     cfg = cfg.replace(vocab_size=int(vocab))
   out_config = hf_config(cfg, family, base)
-  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id")):
+  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
     if base is None and getattr(tokenizer, attr, None) is not None:
       out_config[key] = int(getattr(tokenizer, attr))
   family = out_config["model_type"]
