@@ -114,34 +114,42 @@ def test_deleted_metrics_log_is_rewritten_from_the_checkpoint(tmp_path, straight
 
 # ----------------------------------------------------------------------------- in-process: the pieces alone
 
-def test_digest_catches_any_change_to_one_word_and_moves_but_not_the_sharding():
+def test_digest_catches_flips_and_moves_and_is_the_same_on_host_and_device():
+  from cl_jax.checkpoint import LANES, _lanes_device, _lanes_host
   rng = np.random.default_rng(0)
-  x = rng.standard_normal(1000).astype(np.float32)
+  x = rng.standard_normal(5000).astype(np.float32)
   base = digest({"x": jnp.asarray(x)})["x"]
-  seen = {base}
-  for i, bit in [(0, 0), (1, 31), (500, 7), (999, 22)]:  # a single flipped bit anywhere
+  seen = []
+  for i, bit in [(0, 0), (1, 31), (2500, 7), (4999, 22), (1 + LANES, 31)]:  # a single flipped bit anywhere
     y = x.copy()
     y.view(np.uint32)[i] ^= np.uint32(1 << bit)
-    seen.add(digest({"x": jnp.asarray(y)})["x"])
-  seen.add(digest({"x": jnp.asarray(x[::-1].copy())})["x"])  # the same values, other places
-  seen.add(digest({"x": jnp.asarray(np.roll(x, 1))})["x"])
+    seen.append(digest({"x": jnp.asarray(y)})["x"])
+  seen.append(digest({"x": jnp.asarray(x[::-1].copy())})["x"])  # the same values, other places
+  seen.append(digest({"x": jnp.asarray(np.roll(x, 1))})["x"])
   z = x.copy()
-  z.view(np.uint32)[[3, 4]] ^= np.uint32(1 << 31)  # two sign flips (a plain sum of words would cancel them)
-  seen.add(digest({"x": jnp.asarray(z)})["x"])
-  assert len(seen) == 8
-  # bfloat16, int8, bool, a typed key: every dtype a state holds has one
-  leaves = {"b": jnp.ones(3, jnp.bfloat16), "i": jnp.arange(5, dtype=jnp.int8), "m": jnp.array([True, False]),
-            "k": jax.random.key(0)}
-  assert len(set(digest(leaves).values())) == 4
-  # The formula of `_leaf_digest`, in numpy: wrapping integer sums, so any reduction order (any sharding, any
-  # backend) gives these two words.
-  w = x.view(np.uint32).astype(np.uint64)
-  i = np.arange(w.size, dtype=np.uint64)
-  h = (w + i * 0x9E3779B9) % 2**32
+  z.view(np.uint32)[[3, 4]] ^= np.uint32(1 << 31)  # two sign flips (a plain sum of the words would cancel them)
+  seen.append(digest({"x": jnp.asarray(z)})["x"])
+  z = x.copy()
+  z.view(np.uint8)[4000:4064] ^= 0xFF  # 64 inverted bytes
+  seen.append(digest({"x": jnp.asarray(z)})["x"])
+  assert len(seen) == 9 and base not in seen
+  # The definition, in float64 numpy (exact below 2^53): lane j sums the words at i = j (mod 1021), mod 2^32;
+  # integer sums, so any reduction order (sharding, backend) gives these words.
+  w = x.view(np.uint32)
+  lanes = np.bincount(np.arange(w.size) % LANES, weights=w.astype(np.float64), minlength=LANES) % 2**32
+  j = np.arange(LANES, dtype=np.uint64)
+  h = (lanes.astype(np.uint64) + j * 0x9E3779B9) % 2**32
   for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
     h = ((h ^ (h >> shift)) * mul) % 2**32
   h ^= h >> 16
-  assert base == f"{int(h.sum() % 2**32):08x}{int((h * (2 * i + 1) % 2**32).sum() % 2**32):08x}"
+  assert base == f"{int(h.sum() % 2**32):08x}{int((h * (2 * j + 1) % 2**32).sum() % 2**32):08x}"
+  # The jitted device path (accelerators) and the host path (CPU) agree on every dtype a state holds.
+  leaves = [jnp.asarray(x), jnp.ones(3000, jnp.bfloat16), jnp.arange(2100, dtype=jnp.int8),
+            jnp.array([True, False] * 600), jax.random.key(0), jnp.int32(7)]
+  device = np.asarray(_lanes_device(leaves))
+  for row, leaf in zip(device, leaves):
+    assert (row == _lanes_host(leaf)).all()
+  assert len({tuple(r) for r in device}) == len(leaves)
 
 
 def _saved(tmp_path, identity=None):
