@@ -12,7 +12,8 @@ reported with a warning naming its path, and the next older one is used. On mult
 `save` and `restore` (orbax writes collectively; each process reads its own shards).
 
 Every checkpoint proves itself. `save` seals its `meta` with a `_verify` record: a 64-bit digest of every array
-(`digest`, computed on device from the arrays about to be written, so nothing is read back), the state's layout
+(`digest`: one integer pass over the arrays about to be written, on their device, so nothing is read back from
+disk; what it detects is in its docstring), the state's layout
 (path, shape, dtype of every leaf), the sha256 of the rest of `meta`, and the run's identity (`identity`: the
 config's sha256, the seed, the code version). Resuming checks, in order: the meta item is a non-empty dict; it is
 unchanged; the identity is this run's; the layout is this code's; after reading, the arrays' digests. A failed check
@@ -25,7 +26,9 @@ package versions. The config hash is of the workdir's config.json, which is writ
 fresh, so a resume with an equivalent config (`cl_jax.workdir.decide`) always matches it. A different code version
 is reported in one line and accepted: a fix committed while a preempted job waits is a normal resume, and the
 layout check still refuses a state the code can no longer read. Checkpoints written before digests existed (no
-`_verify`, but a non-empty meta) are restored unverified with one note.
+`_verify`, but a non-empty meta) are restored unverified with one note: refusing them would retrain every run
+started before this change. `boundary_params` (what merging reads from finished runs) checks the params' digests
+too and raises `CheckpointError` on a mismatch.
 
 orbax is imported, and each manager created, on first use: a fresh run reaches its first training step without
 either (importing orbax takes ~1 s of a CPU launch).
@@ -488,10 +491,20 @@ def boundary_params(workdir: str, task: int | None = None):
     raise FileNotFoundError(f"{workdir}: no task-boundary checkpoint of task {task} (tasks {sorted(steps)})")
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints", "tasks"))
   try:
-    state = manager.restore(steps[task], args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    restored = manager.restore(steps[task], args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                   meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  return state["params"] if isinstance(state, dict) else state.params
+  state = restored.state
+  params = state["params"] if isinstance(state, dict) else state.params
+  want = (restored.meta or {}).get(VERIFY, {}).get("arrays")
+  if want:  # a checkpoint written with digests: the params must still match theirs
+    bad = [p for p, d in digest(params).items() if want.get(f"params/{p}") != d]
+    if bad:
+      raise CheckpointError(f"checkpoint {manager.directory / str(steps[task])} is corrupt (array digest mismatch in "
+                            f"params/{bad[0]}{f' and {len(bad) - 1} other array(s)' if len(bad) > 1 else ''}: "
+                            "the data changed after it was written)")
+  return params
 
 
 def save_params(path: str, params, overwrite: bool = False) -> str:

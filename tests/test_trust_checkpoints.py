@@ -203,3 +203,18 @@ def test_a_named_checkpoint_that_fails_verification_raises(tmp_path):
   with pytest.raises(CheckpointError, match="belongs to another run .*seed 0; this run has seed 1"):
     ck.restore(abstract, kind="rolling", step=1)
   ck.close()
+
+
+def test_merging_reads_only_params_that_match_their_digests(tmp_path, straight):
+  from cl_jax.checkpoint import boundary_params
+  params = boundary_params(straight, 5)  # the finished run's params, verified (paths as the run saved them)
+  assert digest(params)
+  w = tmp_path / "w"
+  shutil.copytree(straight, w)
+  meta_path = w / "checkpoints" / "tasks" / "50" / "meta" / "metadata"
+  meta = json.loads(meta_path.read_text())
+  meta["_verify"]["arrays"]["params/head/bias"] = "0" * 16  # what a changed array file looks like from here
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="tasks/50 is corrupt .*params/head/bias"):
+    boundary_params(str(w), 5)
+  assert boundary_params(str(w), 4)  # the others still load
