@@ -267,6 +267,12 @@ def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, t
       assert r["test"][split_model][k] == pytest.approx(v, rel=1e-5), (split_model, k)
   key = lambda path: [(e["type"], e.get("phase"), e["step"]) for e in map(json.loads, open(path))]
   assert key(os.path.join(workdir, "metrics.jsonl")) == key(os.path.join(base_workdir, "metrics.jsonl"))
+  # Up to the step it resumed from, the log is the original's byte for byte (rewritten from the checkpoint's copy).
+  step = int(next(m for m in said if "metrics.jsonl was missing" in m).split("checkpoint of step ")[1].split()[0])
+  with open(os.path.join(base_workdir, "metrics.jsonl")) as f:
+    original = [line for line in f if json.loads(line).get("phase") == "pretrain" or json.loads(line)["step"] <= step]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.readlines()[:len(original)] == original and 0 < step < 20
 
 
 def test_generative_replay_pool_and_run(data, base_run, tmp_path):
