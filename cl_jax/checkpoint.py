@@ -15,8 +15,8 @@ Every checkpoint proves itself. `save` seals its `meta` with a `_verify` record:
 (`digest`: one integer pass over the arrays about to be written, on their device, so nothing is read back from
 disk; what it detects is in its docstring), the state's layout
 (path, shape, dtype of every leaf), the sha256 of the rest of `meta`, and the run's identity (`identity`: the
-config's sha256, the seed, the code version). Resuming checks, in order: the meta item is a non-empty dict; it is
-unchanged; the identity is this run's; the layout is this code's; after reading, the arrays' digests. A failed check
+config's sha256, the seed, the code version). Resuming reads a checkpoint, then checks: the meta item is a
+non-empty dict; it is unchanged; the identity is this run's; the layout is this code's; the arrays' digests. A failed check
 is handled exactly like a truncated file: one warning line naming the cause (corrupt, another run's, another
 layout, unreadable), the checkpoint set aside under `checkpoints/unreadable/`, the next older one tried.
 
@@ -218,9 +218,21 @@ def _first_layout_difference(saved: list, expected: list) -> str:
   for p in sorted(set(saved_d) | set(expected_d)):
     a, b = saved_d.get(p), expected_d.get(p)
     if a != b:
-      show = lambda v: "absent" if v is None else f"{v[1]}{list(v[0])}"
+      show = lambda v: "absent" if v is None else f"{v[1] or ''}{list(v[0])}"
       return f"{p}: saved {show(a)}, expected {show(b)}"
   return "leaf order differs"
+
+
+def _saved_layout(step_dir: str) -> list | None:
+  """A checkpoint's layout as `save` recorded it, else as orbax's tree metadata has it (dtypes None), else None."""
+  try:
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+      recorded = json.load(f)[VERIFY]["layout"]
+    if recorded:
+      return recorded
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  return _orbax_layout(step_dir)
 
 
 def _orbax_layout(step_dir: str) -> list | None:
@@ -369,8 +381,10 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 — any checkpoint that fails: fall back to an older one
           if not isinstance(e, Rejected):
             e = Rejected("unreadable", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
-            saved = _orbax_layout(path)  # a state the code cannot read: another layout, or damage?
-            expected = [[p, sh, None] for p, sh, _ in layout(abstract_state)]
+            saved = _saved_layout(path)  # a state the code cannot read: another layout, or damage?
+            expected = layout(abstract_state)
+            if saved is not None and saved[0][2] is None:  # orbax's own record: shapes only
+              expected = [[p, sh, None] for p, sh, _ in expected]
             if saved is not None and sorted(map(str, saved)) != sorted(map(str, expected)):
               e = Rejected("layout", _first_layout_difference(saved, expected))
           warnings.warn(f"checkpoint {path} {_CAUSE_TEXT[e.cause]} ({e.detail}); set aside in "
@@ -383,18 +397,21 @@ class Checkpoints:
   def _read(self, manager, step: int, abstract_state, path: str):
     """(state, meta) of one checkpoint, verified; raises `Rejected` naming the cause."""
     ocp = _ocp()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    # One read of both items (a second orbax call would cost more than the checks it could skip); a layout orbax
+    # cannot restore raises here and is named by `restore`'s handler.
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, restored.meta
     if not isinstance(meta, dict) or not meta:
       raise Rejected("corrupt", f"its meta item is {json.dumps(meta)[:40]}, not the run's record")
+    if state is None:
+      raise Rejected("unreadable", "no state item")
     record = meta.pop(VERIFY, None)
     if record is None:
       warnings.warn(f"checkpoint {path} was written before checkpoints carried digests: restored unverified",
                     stacklevel=3)
     else:
       self._check_record(record, meta, abstract_state)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
-    if state is None:
-      raise Rejected("unreadable", "no state item")
     if record is not None:
       got, want = digest(state), record.get("arrays", {})
       bad = [p for p in want if got.get(p) != want[p]]
