@@ -10,9 +10,8 @@ load from other processes hits both alike), on a fresh directory:
 
   save      `Checkpoints.save` + `wait` (the write finished on disk): with digests, `seal` computes every array's
             digest on device and adds the `_verify` record to the meta item; without, the meta item as given
-  restore   with digests: `Checkpoints.restore` (meta read first, identity and layout checked, state read, its
-            digests computed on device and compared); without: one orbax restore of state and meta (the code
-            before issue 23)
+  restore   with digests: `Checkpoints.restore` (one orbax read of state and meta, then meta sha256, identity,
+            layout and the arrays' digests checked); without: the same orbax read alone (the code before issue 23)
 
 and reports medians and the ratio with / without. `digest` alone (one jitted pass over the state, the part the
 checks add) is timed too. Goal: ratios <= 1.05 on the 125M state.
@@ -144,7 +143,7 @@ def main():
       f"The digest alone (one pass over the {gb:.2f} GB state, `cl_jax.checkpoint.digest`): "
       f"{med['digest']:.2f} s median, {fastest['digest']:.2f} s fastest ({gb / fastest['digest']:.1f} GB/s); "
       f"per round, digest / save without digests: median {100 * paired:.1f}%. A save with digests does one such "
-      "pass, a verified restore one more (on the restored arrays) plus a separate read of the small meta item.",
+      "pass, a verified restore one more (on the restored arrays).",
       "",
       "Per-round times (s): " + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in times.items()),
   ]
