@@ -295,6 +295,8 @@ def build_config(argv, prog: str = "run.py"):
 
 def main(argv, prog: str = "run.py") -> int:
   """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of the CLJaxError that ended the run)."""
+  if argv and argv[0] in GENERATION_COMMANDS:
+    return _generation(argv)
   from cl_jax import sharding
   try:
     sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices
@@ -307,6 +309,18 @@ def main(argv, prog: str = "run.py") -> int:
     return _fail(e, 2)
   print_results(results)
   return 0
+
+
+# `cl-jax generate ...` / `cl-jax chat ...` (cl_jax.lm.generation): text in, text out from a model directory.
+GENERATION_COMMANDS = ("generate", "chat")
+
+
+def _generation(argv) -> int:
+  try:
+    from cl_jax.lm.generation import main as generation_main
+    return generation_main(argv)
+  except CLJaxError as e:
+    return _fail(e, e.exit_code)
 
 
 def console_main() -> None:

@@ -378,8 +378,12 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None = None):
     """Returns (output, new_cache). With a cache `{'k','v': [B, S, K, Dh]}` the new keys/values are
     written at `positions` (which must be contiguous) and attention runs over the whole cache."""
-    q = self._rotate(self.q(x), positions)
-    k = self._rotate(self.k(x), positions)
+    # A cache's optional 'offset' [B] (left padding per row): the token in slot s sits at position s - offset, so a
+    # left-padded row is rotated exactly as the same prompt alone would be (the causal mask compares slots).
+    offset = None if cache is None else cache.get("offset")
+    rotated = positions if offset is None else positions[None] - offset[:, None]
+    q = self._rotate(self.q(x), rotated)
+    k = self._rotate(self.k(x), rotated)
     v = self.v(x)
     if cache is None:
       return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window, segment_ids,
@@ -537,11 +541,12 @@ class TransformerLM(nnx.Module):
     whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache). The cache is `init_cache`'s:
     one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks."""
     positions = start + jnp.arange(tokens.shape[1])
-    h = self._embed(tokens, positions)
+    offset = cache[0].get("offset")  # left padding per row (see Attention): learned positions shift with it too
+    h = self._embed(tokens, positions if offset is None else jnp.maximum(positions[None] - offset[:, None], 0))
     if self.config.scan_layers:
       (stacked_cache,) = cache
       graphdef, stacked = nnx.split(getattr(self, STACK))
-      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # e.g. 'valid', the same per layer
+      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # 'valid', 'offset': the same per layer
 
       def body(x, layer):
         state, k, v = layer
