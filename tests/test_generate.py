@@ -160,6 +160,24 @@ def test_greedy_with_repetition_penalty_equals_transformers_under_learned_positi
   assert any(r["penalty"] != r["stop"] for r in rows)
 
 
+def test_sampling_is_seeded_per_row_and_independent_of_batch_mates(llama):
+  rows, _ = _rows("llama")
+  p0, p1 = np.asarray(rows[0]["ids"]), np.asarray(rows[1]["ids"])
+  kw = dict(max_new_tokens=12, temperature=1.5, top_k=40, top_p=0.95, buckets=(16,), batch_size=2)
+
+  def ids(prompts, seed=0):
+    return [o.ids.tolist() for o in generation.generate_ids(llama, prompts, seed=seed, **kw)]
+
+  before = sampling.compilations()
+  a = ids([p0, p1])
+  assert ids([p0, p1]) == a                         # same seed, same draws
+  assert ids([p0, p1], seed=1) != a                 # the seed is used
+  both = ids([p0, p0])
+  assert both[0] == a[0] and both[1] != both[0]     # row 0 ignores its batch mate; row 1 has its own key
+  assert a[0] != rows[0]["free"][:len(a[0])]        # really sampled, not greedy
+  assert sampling.compilations() - before == 1      # seed, temperature, top-k / top-p are traced values
+
+
 # ----------------------------------------------------------------------------- the commands
 
 def _same_model(llama, monkeypatch):
@@ -215,3 +233,37 @@ def test_chat_renders_the_template_and_answers_each_line(llama, monkeypatch):
   assert prompt[0] == llama.tokenizer.bos_id and generation.bucket_of(len(prompt)) == 64
   expected = generation.generate_ids(llama, [prompt], max_new_tokens=REF["new"], stop=stops)[0].text
   assert out.getvalue() == f"{expected}\n{expected}\n"  # '/reset' started the second conversation afresh
+
+
+def test_load_reads_a_cl_jax_lm_workdir(tmp_path, monkeypatch):
+  """A finished LM run's workdir: its config.json's model, its last task-boundary params (`boundary_params`, which
+  the merge tests cover, is stubbed here: orbax would cost seconds), its tokenizer."""
+  from cl_jax import checkpoint, lm
+  from cl_jax.data.tokenizer import ByteTokenizer
+  from cl_jax.lm.runner import model_config
+  from cl_jax.models.transformer import build_lm
+  from cl_jax.workdir import config_dict
+  c = lm.default_config()
+  c.lm.d_model, c.lm.num_layers, c.lm.num_heads, c.lm.seq_len = 16, 1, 2, 16
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(config_dict(c), f)
+  _, params = build_lm(model_config(c, ByteTokenizer.vocab_size), seed=3)
+  final = jax.tree.map(lambda x: np.asarray(x) + 1, params)
+  monkeypatch.setattr(checkpoint, "boundary_params", lambda path, task=None: final if path == str(tmp_path) else None)
+  m = generation.load(str(tmp_path))
+  assert isinstance(m.tokenizer, ByteTokenizer) and m.eos_ids == (258,) and m.pad_id == 256 and m.max_len == 16
+  assert m.vocab_size == 259
+  for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # a checkpoint of another model (d_model 32) is refused, not loaded into the wrong shapes
+  c32 = c.copy_and_resolve_references()
+  c32.lm.d_model = 32
+  other = build_lm(model_config(c32, ByteTokenizer.vocab_size), seed=3)[1]
+  monkeypatch.setattr(checkpoint, "boundary_params", lambda path, task=None: other)
+  with pytest.raises(generation.ConfigError, match="param shapes differ"):
+    generation.load(str(tmp_path))
+  c.vocab.extend = 8
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(config_dict(c), f)
+  with pytest.raises(generation.ConfigError, match="vocab.extend"):
+    generation.load(str(tmp_path))

@@ -54,6 +54,7 @@ class Model(NamedTuple):
   pad_id: int
   path: str
   max_len: int
+  vocab_size: int
 
 
 def _ids(value) -> list[int]:
@@ -83,7 +84,7 @@ def _from_hf(path: str) -> Model:
   pad = gen.get("pad_token_id", loaded.hf_config.get("pad_token_id"))
   pad = _ids(pad)[0] if _ids(pad) else eos[0]
   return Model(loaded.model, loaded.params, tok, template_for(tok, path), tuple(eos), int(pad), path,
-               int(loaded.config.max_len))
+               int(loaded.config.max_len), int(loaded.config.vocab_size))
 
 
 def _from_workdir(path: str, run: dict) -> Model:
@@ -104,8 +105,11 @@ def _from_workdir(path: str, run: dict) -> Model:
   if c.lm.get("init_from"):
     raise ConfigError(f"--model={path!r}: this run imported {c.lm.init_from} but has no hf/ export; rerun it with "
                       "lm.export_hf=True, or pass its hf/ directory")
-  if c.get("vocab", {}).get("extend_tokens", 0):
-    raise ConfigError(f"--model={path!r}: a vocabulary-extended run; generate from its hf/ export instead")
+  # The stages before adaptation change the tokenizer (vocab.extend) or the positions (long_context): their
+  # models are not `model_config(c)`'s, so they are refused rather than loaded wrongly.
+  if int(c.get("vocab", {}).get("extend", 0) or 0) or int(c.get("long_context", {}).get("seq_len", 0) or 0):
+    raise ConfigError(f"--model={path!r}: a run with a vocab.extend / long_context stage; generation reads plain "
+                      "LM runs and Hugging Face directories")
   tok = load_tokenizer(c.lm.tokenizer)
   try:
     params = boundary_params(path)
@@ -116,8 +120,15 @@ def _from_workdir(path: str, run: dict) -> Model:
     params = merged_params(params, c)
   cfg = model_config(c, tok.vocab_size)
   model, abstract = abstract_lm(cfg)
+  try:
+    same = jax.tree.map(lambda a, x: tuple(a.shape) == tuple(np.shape(x)), abstract, params)
+  except ValueError as e:  # another tree structure
+    raise ConfigError(f"--model={path!r}: its checkpoint does not hold the params of its config's model: {e}") from None
+  if not all(jax.tree.leaves(same)):
+    raise ConfigError(f"--model={path!r}: its checkpoint's param shapes differ from its config's model")
   params = jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), abstract, params)
-  return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path, int(cfg.max_len))
+  return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path, int(cfg.max_len),
+               int(cfg.vocab_size))
 
 
 def load(path: str) -> Model:
@@ -290,7 +301,7 @@ def generate_ids(m: Model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
   from cl_jax.models.sampling import decode
   check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, batch_size, buckets)
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
-  vocab = _vocab(m)
+  vocab = m.vocab_size
   for i, p in enumerate(prompts):
     if len(p) == 0:
       raise ConfigError(f"prompt {i}: empty (nothing to continue)")
@@ -316,9 +327,8 @@ def generate_ids(m: Model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
       for r, i in enumerate(index):
         tokens[r, width - len(prompts[i]):] = prompts[i]
         valid[r, width - len(prompts[i]):] = 1
-      keys = jnp.stack([jax.random.fold_in(key, i) for i in index])
       tables = None if stops is None else (stops.next, stops.hit, stops.initial([prompts[i] for i in index]))
-      new, lengths = decode(m.model, m.params, tokens, valid, keys, max_new_tokens=max_new_tokens,
+      new, lengths = decode(m.model, m.params, tokens, valid, key, np.asarray(index), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, eos_ids=eos, pad_id=m.pad_id, stops=tables)
       new, lengths = np.asarray(new), np.asarray(lengths)
@@ -333,11 +343,6 @@ def generate_ids(m: Model, prompts: Sequence[np.ndarray], *, max_new_tokens: int
           why = "length"
         results[i] = Output(stops.cut(text) if stops is not None else text, ids, why)
   return results
-
-
-def _vocab(m: Model) -> int:
-  from flax import nnx
-  return int(nnx.merge(m.model.graphdef, m.params).config.vocab_size)
 
 
 def generate(texts: Sequence[str] | str, model: Model | str, **settings) -> list[str]:

@@ -236,9 +236,10 @@ def _draw(logits, key, seen, setting: Decoding, temperature, top_k, top_p, penal
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "setting"))
-def _decode(model, params, prompt, valid, row_keys, knobs, eos_ids, pad_id, stop_next, stop_hit, stop_state, *,
-            max_new_tokens, setting):
+def _decode(model, params, prompt, valid, key, rows_index, knobs, eos_ids, pad_id, stop_next, stop_hit, stop_state,
+            *, max_new_tokens, setting):
   module = nnx.merge(model.graphdef, params)
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows_index)
   temperature, top_k, top_p, penalty = knobs
   batch, prompt_len = prompt.shape
   vocab = module.config.vocab_size
@@ -285,13 +286,13 @@ def _decode(model, params, prompt, valid, row_keys, knobs, eos_ids, pad_id, stop
   return out, lengths
 
 
-def decode(model, params, prompt, valid, row_keys, *, max_new_tokens: int, temperature: float = 0.0,
+def decode(model, params, prompt, valid, key, rows_index, *, max_new_tokens: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_ids=(), pad_id: int = 0,
            stops=None):
   """Continues left-padded prompts: (new tokens int32 [B, max_new_tokens], lengths int32 [B]).
 
-  prompt [B, P] int32, right-aligned; valid [B, P] 1 on real tokens (0s only on the left); row_keys [B] one PRNG
-  key per row (token i of a row is drawn with fold_in(row_key, i)). A row stops after emitting one of `eos_ids`
+  prompt [B, P] int32, right-aligned; valid [B, P] 1 on real tokens (0s only on the left); row r draws its token i
+  with the key fold_in(fold_in(key, rows_index[r]), i), so a row's draws depend on its index, not its batch mates. A row stops after emitting one of `eos_ids`
   or completing a stop string (`stops`: (next [S, V, M], hit [S, V, M], state [B, S]) automata over the token
   stream, see `cl_jax.lm.generation.StopStrings`); its later tokens are `pad_id` and `lengths` counts its tokens
   up to and including the one that stopped it. temperature 0 is greedy (argmax after the repetition penalty).
@@ -308,7 +309,8 @@ def decode(model, params, prompt, valid, row_keys, *, max_new_tokens: int, tempe
   knobs = (jnp.float32(max(float(temperature), 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
            jnp.float32(repetition_penalty))
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-  return _decode(model, params, jnp.asarray(prompt, jnp.int32), jnp.asarray(valid, jnp.int32), row_keys, knobs,
+  return _decode(model, params, jnp.asarray(prompt, jnp.int32), jnp.asarray(valid, jnp.int32), key,
+                 jnp.asarray(rows_index, jnp.int32), knobs,
                  eos, jnp.int32(pad_id), *(jnp.asarray(x) for x in stops), max_new_tokens=int(max_new_tokens),
                  setting=setting)
 
