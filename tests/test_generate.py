@@ -241,14 +241,19 @@ def test_load_reads_a_cl_jax_lm_workdir(tmp_path, monkeypatch):
   from cl_jax import checkpoint, lm
   from cl_jax.data.tokenizer import ByteTokenizer
   from cl_jax.lm.runner import model_config
-  from cl_jax.models.transformer import build_lm
+  from cl_jax.models.transformer import abstract_lm
   from cl_jax.workdir import config_dict
+
+  def random_params(config, seed):  # host arrays of the model's shapes (an eager init would cost seconds)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype),
+                        abstract_lm(model_config(config, ByteTokenizer.vocab_size))[1])
+
   c = lm.default_config()
   c.lm.d_model, c.lm.num_layers, c.lm.num_heads, c.lm.seq_len = 16, 1, 2, 16
   with open(tmp_path / "config.json", "w") as f:
     json.dump(config_dict(c), f)
-  _, params = build_lm(model_config(c, ByteTokenizer.vocab_size), seed=3)
-  final = jax.tree.map(lambda x: np.asarray(x) + 1, params)
+  final = random_params(c, 3)
   monkeypatch.setattr(checkpoint, "boundary_params", lambda path, task=None: final if path == str(tmp_path) else None)
   m = generation.load(str(tmp_path))
   assert isinstance(m.tokenizer, ByteTokenizer) and m.eos_ids == (258,) and m.pad_id == 256 and m.max_len == 16
@@ -258,7 +263,7 @@ def test_load_reads_a_cl_jax_lm_workdir(tmp_path, monkeypatch):
   # a checkpoint of another model (d_model 32) is refused, not loaded into the wrong shapes
   c32 = c.copy_and_resolve_references()
   c32.lm.d_model = 32
-  other = build_lm(model_config(c32, ByteTokenizer.vocab_size), seed=3)[1]
+  other = random_params(c32, 4)
   monkeypatch.setattr(checkpoint, "boundary_params", lambda path, task=None: other)
   with pytest.raises(generation.ConfigError, match="param shapes differ"):
     generation.load(str(tmp_path))
