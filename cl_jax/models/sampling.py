@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cl_jax.models.transformer import init_cache
@@ -303,16 +304,16 @@ def decode(model, params, prompt, valid, key, rows_index, *, max_new_tokens: int
   setting = Decoding(sample=float(temperature) > 0, filter=float(temperature) > 0 and (int(top_k) > 0 or
                                                                                        float(top_p) < 1.0),
                      penalize=float(repetition_penalty) != 1.0, stops=0 if stops is None else int(stops[0].shape[0]))
+  # Host (numpy) arguments: jit transfers them with the call, where jnp constructors would each be an eager dispatch
+  # (most of a short call's overhead).
   if stops is None:
-    stops = (jnp.zeros((0, 1, 1), jnp.int32), jnp.zeros((0, 1, 1), bool),
-             jnp.zeros((prompt.shape[0], 0), jnp.int32))
-  knobs = (jnp.float32(max(float(temperature), 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
-           jnp.float32(repetition_penalty))
-  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-  return _decode(model, params, jnp.asarray(prompt, jnp.int32), jnp.asarray(valid, jnp.int32), key,
-                 jnp.asarray(rows_index, jnp.int32), knobs,
-                 eos, jnp.int32(pad_id), *(jnp.asarray(x) for x in stops), max_new_tokens=int(max_new_tokens),
-                 setting=setting)
+    stops = (np.zeros((0, 1, 1), np.int32), np.zeros((0, 1, 1), bool), np.zeros((prompt.shape[0], 0), np.int32))
+  knobs = (np.float32(max(float(temperature), 1e-6)), np.int32(top_k), np.float32(top_p),
+           np.float32(repetition_penalty))
+  eos = np.asarray(list(eos_ids) or [-1], np.int32)
+  return _decode(model, params, np.asarray(prompt, np.int32), np.asarray(valid, np.int32), key,
+                 np.asarray(rows_index, np.int32), knobs, eos, np.int32(pad_id), *(np.asarray(x) for x in stops),
+                 max_new_tokens=int(max_new_tokens), setting=setting)
 
 
 def compilations() -> int:
