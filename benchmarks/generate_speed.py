@@ -170,7 +170,12 @@ def main() -> None:
                  f"**{r['ttft_theirs'] / r['ttft_ours']:.2f}x** | {r['agree']:.3f} | {r['first_call']:.1f} | "
                  f"{r['compiled']} |")
   ratios = [r["batch"] * r["new"] / r["full_ours"] / (r["batch"] * r["new"] / r["full_theirs"]) for r in rows]
+  from cl_jax.lm.generation import bucket_of
+  bucket = bucket_of(args.prompt)
   lines += ["", f"Median tokens/s ratio over the rows: {statistics.median(ratios):.2f}x.", "",
+            f"cl_jax left-pads the {args.prompt}-token prompts to their {bucket}-token bucket, so its prefill covers "
+            f"{bucket / args.prompt:.2f}x the positions transformers' does; the TTFT columns include that. torch ran "
+            f"with {torch.get_num_threads()} thread(s) (`--torch_threads`; 0 keeps torch's default).", "",
             "## Compilation per prompt length", "",
             "One call of 30 new tokens on the random Llama at a prompt length not seen before (wall seconds; the "
             "first length also compiles the bucketed program of the 32 bucket, the second reuses it):", "",

@@ -199,11 +199,12 @@ def test_cli_generate_prints_the_cut_completion(llama, capsys, monkeypatch):
           "--prompt", rows[1]["text"]]
   for s in stops:
     argv += ["--stop", s]
+  expected = generation.StopStrings(stops, llama.tokenizer, 128).cut(llama.tokenizer.decode(rows[1]["stop"]))
+  assert generation.generate_ids(llama, [rows[1]["ids"]], max_new_tokens=REF["new"], stop=stops)[0].text == expected
   before = sampling.compilations()
   assert cli.main(argv, prog="cl-jax") == 0
-  expected = generation.StopStrings(stops, llama.tokenizer, 128).cut(llama.tokenizer.decode(rows[1]["stop"]))
   assert capsys.readouterr().out == expected + "\n" and expected
-  assert sampling.compilations() == before  # bucket 16, one row, the same settings: the program compiled above
+  assert sampling.compilations() == before  # bucket 16, one row, the same settings: the same program
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -424,6 +424,9 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> int:
   settings = _settings(args)
   check_settings(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"],
                  settings["repetition_penalty"], 8, None)
+  for s in args.stop:
+    if not s:
+      raise ConfigError("--stop '': stop strings must be non-empty")
   m = load(args.model)
   if command == "generate":
     for text in generate(args.prompt, m, add_bos=args.add_bos, **settings):
@@ -438,7 +441,12 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> int:
     if not line.strip():
       continue
     conversation.append(("user", line))
-    reply = chat_reply(m, conversation, **settings)
+    try:
+      reply = chat_reply(m, conversation, **settings)
+    except ConfigError as e:  # the conversation outgrew the model's positions: say so, keep the session
+      conversation.pop()
+      print(f"error: {e} ('/reset' starts a new conversation)", file=sys.stderr, flush=True)
+      continue
     conversation.append(("assistant", reply))
     print(reply, file=stdout, flush=True)
   return 0
