@@ -264,7 +264,7 @@ def _decode(model, params, prompt, valid, key, rows_index, knobs, eos_ids, pad_i
     seen = seen.at[rows, new].set(True) if setting.penalize else seen
     return new, seen, state, done | stopped
 
-  logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
+  logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache, last_only=True)
   done = jnp.zeros((batch,), bool)
   first, seen, state, done_after = step(logits[:, -1], 0, seen, stop_state, done)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -536,10 +536,11 @@ class TransformerLM(nnx.Module):
     h, _ = jax.lax.scan(lambda x, state: (block_fn(x, state), None), h, stacked)
     return h
 
-  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
+  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple, last_only: bool = False):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
     whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache). The cache is `init_cache`'s:
-    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks."""
+    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks.
+    `last_only`: logits of the last position only ([B, 1, V]), what a prefill needs (the LM head is skipped elsewhere)."""
     positions = start + jnp.arange(tokens.shape[1])
     offset = cache[0].get("offset")  # left padding per row (see Attention): learned positions shift with it too
     h = self._embed(tokens, positions if offset is None else jnp.maximum(positions[None] - offset[:, None], 0))
@@ -554,12 +555,12 @@ class TransformerLM(nnx.Module):
         return x, (c["k"], c["v"])
 
       h, (ks, vs) = jax.lax.scan(body, h, (stacked, stacked_cache["k"], stacked_cache["v"]))
-      return self._logits(h), ({**stacked_cache, "k": ks, "v": vs},)
+      return self._logits(h[:, -1:] if last_only else h), ({**stacked_cache, "k": ks, "v": vs},)
     new_cache = []
     for i in range(self.config.num_layers):
       h, c = getattr(self, block_key(i))(h, positions, cache[i])
       new_cache.append(c)
-    return self._logits(h), tuple(new_cache)
+    return self._logits(h[:, -1:] if last_only else h), tuple(new_cache)
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> tuple:
