@@ -327,6 +327,8 @@ def main(argv, prog: str = "run.py") -> int:
   if argv and argv[0] in COMMANDS:
     import importlib
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+  if argv and argv[0] in GENERATION_COMMANDS:
+    return _generation(argv)
   previous = errors.install_signal_handlers()
   captured = errors.capture_library_output()
   try:
@@ -382,6 +384,18 @@ def _peer_collective_failure(error: BaseException) -> bool:
 def _heartbeat_timeout() -> int:
   from cl_jax import sharding
   return sharding.LAST_TIMEOUTS.get("heartbeat_timeout_s", sharding.DISTRIBUTED_DEFAULTS["heartbeat_timeout_s"])
+
+
+# `cl-jax generate ...` / `cl-jax chat ...` (cl_jax.lm.generation): text in, text out from a model directory.
+GENERATION_COMMANDS = ("generate", "chat")
+
+
+def _generation(argv) -> int:
+  try:
+    from cl_jax.lm.generation import main as generation_main
+    return generation_main(argv)
+  except CLJaxError as e:
+    return _fail(e, e.exit_code)
 
 
 def console_main() -> None:

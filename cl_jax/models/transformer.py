@@ -489,12 +489,16 @@ class Attention(nnx.Module):
     written at `positions` (which must be contiguous) and attention runs over the whole cache. `layer`: this
     block's index (a Python or traced int), needed only when the layers differ (`TransformerConfig.per_layer`)."""
     window, freqs = self._layer(layer)
+    # A cache's optional 'offset' [B] (left padding per row): the token in slot s sits at position s - offset, so a
+    # left-padded row is rotated exactly as the same prompt alone would be (the causal mask compares slots).
+    offset = None if cache is None else cache.get("offset")
+    rotated = positions if offset is None else positions[None] - offset[:, None]
 
     def project(proj, norm):  # projection, q/k norm, RoPE (in the order the plain model always traced them)
       y = proj(x)
       if self.qk_norm != "none":
         y = self._norm_qk(getattr(self, norm), y)
-      return rope(y, positions, self.rope_base, freqs) if self.use_rope else y
+      return rope(y, rotated, self.rope_base, freqs) if self.use_rope else y
 
     q, k, v = project(self.q, "q_norm"), project(self.k, "k_norm"), self.v(x)
     options = dict(scale=self.scale, softcap=self.softcap)
@@ -677,16 +681,18 @@ class TransformerLM(nnx.Module):
     h, _ = jax.lax.scan(lambda x, xs: (block_fn(x, *xs), None), h, (stacked, layers))
     return h
 
-  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
+  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple, last_only: bool = False):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
     whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache). The cache is `init_cache`'s:
-    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks."""
+    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks.
+    `last_only`: logits of the last position only ([B, 1, V]), what a prefill needs (the LM head is skipped elsewhere)."""
     positions = start + jnp.arange(tokens.shape[1])
-    h = self._embed(tokens, positions)
+    offset = cache[0].get("offset")  # left padding per row (see Attention): learned positions shift with it too
+    h = self._embed(tokens, positions if offset is None else jnp.maximum(positions[None] - offset[:, None], 0))
     if self.config.scan_layers:
       (stacked_cache,) = cache
       graphdef, stacked = nnx.split(getattr(self, STACK))
-      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # e.g. 'valid', the same per layer
+      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # 'valid', 'offset': the same per layer
 
       def body(x, layer):
         state, k, v, index = layer
@@ -695,12 +701,12 @@ class TransformerLM(nnx.Module):
 
       index = jnp.arange(self.config.num_layers) if self.config.per_layer else None
       h, (ks, vs) = jax.lax.scan(body, h, (stacked, stacked_cache["k"], stacked_cache["v"], index))
-      return self._logits(h), ({**stacked_cache, "k": ks, "v": vs},)
+      return self._logits(h[:, -1:] if last_only else h), ({**stacked_cache, "k": ks, "v": vs},)
     new_cache = []
     for i in range(self.config.num_layers):
       h, c = getattr(self, block_key(i))(h, positions, cache[i], None, i)
       new_cache.append(c)
-    return self._logits(h), tuple(new_cache)
+    return self._logits(h[:, -1:] if last_only else h), tuple(new_cache)
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> tuple:
