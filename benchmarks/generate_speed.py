@@ -28,14 +28,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from benchmarks.common import interleaved_medians  # noqa: E402
 
