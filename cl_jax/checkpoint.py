@@ -13,12 +13,32 @@ truncated file, missing metadata, a partial `*.orbax-checkpoint-tmp*` directory 
 reported with a warning naming its path, and the next older one is used. On multi-host runs every process calls
 `save` and `restore` (orbax writes collectively; each process reads its own shards).
 
+Every checkpoint proves itself. `save` seals its `meta` with a `_verify` record: a 64-bit digest of every array
+(`digest`: one integer pass over the arrays about to be written, on their device, so nothing is read back from
+disk; what it detects is in its docstring), the state's layout
+(path, shape, dtype of every leaf), the sha256 of the rest of `meta`, and the run's identity (`identity`: the
+config's sha256, the seed, the code version). Resuming reads a checkpoint, then checks: the meta item is a
+non-empty dict; it is unchanged; the identity is this run's; the layout is this code's; the arrays' digests. A failed check
+is handled exactly like a truncated file: one warning line naming the cause (corrupt, another run's, another
+layout, unreadable), the checkpoint set aside under `checkpoints/unreadable/`, the next older one tried.
+
+What identity leaves out, so that a legitimate resume passes: the workdir's path (a run may be moved), the devices,
+mesh and shardings (the digest does not depend on them: a run may resume on another topology), hosts, times and
+package versions. The config hash is of the workdir's config.json, which is written once when the run starts
+fresh, so a resume with an equivalent config (`cl_jax.workdir.decide`) always matches it. A different code version
+is reported in one line and accepted: a fix committed while a preempted job waits is a normal resume, and the
+layout check still refuses a state the code can no longer read. Checkpoints written before digests existed (no
+`_verify`, but a non-empty meta) are restored unverified with one note: refusing them would retrain every run
+started before this change. `boundary_params` (what merging reads from finished runs) checks the params' digests
+too and raises `CheckpointError` on a mismatch.
+
 orbax is imported, and each manager created, on first use: a fresh run reaches its first training step without
 either (importing orbax takes ~1 s of a CPU launch).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -27,6 +47,8 @@ import warnings
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("tasks", "rolling", "best")
 METADATA = "_CHECKPOINT_METADATA"  # orbax writes it last into a step's directory
@@ -37,14 +59,213 @@ def _ocp():
   return ocp
 
 
+# ----------------------------------------------------------------------------- digests, layout, verification
+
+VERIFY = "_verify"     # the meta key `save` adds (and `restore` removes)
+METRICS = "_metrics"   # the meta key holding metrics.jsonl up to the checkpoint's step (see `Checkpoints.log`)
+LANES = 1021           # a prime: no power-of-two tensor dimension is a multiple of it
+_GOLDEN = 0x9E3779B9   # 2^32 / golden ratio
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finaliser on a uint32 numpy array: a bijection in which every input bit flips each
+  output bit with probability ~1/2 (Appleby 2008). Products wrap mod 2^32."""
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def _word_dtype(dtype):
+  """How an array's bit pattern is read as unsigned words: (view dtype, widen to uint32 after)."""
+  size = np.dtype(dtype).itemsize if not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else 4
+  return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+
+
+def _words_device(x):
+  """The bit pattern of `x` as a flat uint32 vector (8-byte dtypes two words per element; narrower ones zero-
+  extended; a typed PRNG key by its key data)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.reshape(-1).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, _word_dtype(x.dtype)).reshape(-1).astype(jnp.uint32)
+
+
+@jax.jit
+def _lanes_device(leaves):
+  """[len(leaves), LANES] uint32: lane j of a leaf = sum of its words at positions i = j (mod LANES), mod 2^32."""
+  out = []
+  for x in leaves:
+    w = _words_device(x)
+    pad = -w.size % LANES
+    out.append(jnp.sum(jnp.pad(w, (0, pad)).reshape(-1, LANES), axis=0, dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0, LANES), jnp.uint32)
+
+
+def _lanes_host(x) -> np.ndarray:
+  """`_lanes_device` of one array in host memory (a CPU device's buffer is read in place, not copied)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  a = np.asarray(x).reshape(-1)
+  if a.dtype == np.bool_:
+    w = a.astype(np.uint32)
+  else:
+    w = a.view(np.dtype(_word_dtype(a.dtype)))
+  lanes = np.zeros(LANES, np.uint32)
+  m = w.size - w.size % LANES
+  if m:
+    lanes += w[:m].reshape(-1, LANES).sum(axis=0, dtype=np.uint32)
+  lanes[: w.size - m] += w[m:].astype(np.uint32)
+  return lanes
+
+
+def _on_host(x) -> bool:
+  return getattr(x, "is_fully_addressable", True) and all(d.platform == "cpu" for d in getattr(
+      x, "devices", lambda: ())())
+
+
+def _combine(lanes: np.ndarray) -> str:
+  """64 bits of one array from its lane sums s_j:  h_j = fmix32(s_j + j * 0x9E3779B9),
+  a = sum_j h_j,  b = sum_j (2j + 1) h_j  (mod 2^32)."""
+  j = np.arange(LANES, dtype=np.uint32)
+  h = _fmix32(lanes.astype(np.uint32) + j * np.uint32(_GOLDEN))
+  a = int(h.sum(dtype=np.uint32))
+  b = int((h * (np.uint32(2) * j + np.uint32(1))).sum(dtype=np.uint32))
+  return f"{a:08x}{b:08x}"
+
+
+def _key_name(k) -> str:
+  for attr in ("name", "key", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _leaves(tree) -> tuple[list, list]:
+  """(paths 'params/dense/kernel', leaves): a NamedTuple field and the dict key orbax restores it as name alike."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return ["/".join(_key_name(k) for k in path) for path, _ in flat], [x for _, x in flat]
+
+
+def _dtype_name(x) -> str:
+  return str(x.dtype)
+
+
+def layout(tree) -> list:
+  """[path, shape, dtype] of every leaf of a state (arrays or ShapeDtypeStructs)."""
+  paths, leaves = _leaves(tree)
+  return [[p, list(x.shape), _dtype_name(x)] for p, x in zip(paths, leaves)]
+
+
+def digest(tree) -> dict:
+  """{path: 16 hex digits} of every array of `tree`: a content digest of its bit pattern.
+
+  Each array's words w_i (its bytes read as uint32; 2- and 1-byte dtypes zero-extended, 8-byte ones as two words)
+  are summed into LANES = 1021 lanes, s_j = sum_{i = j mod 1021} w_i (mod 2^32), and the lanes mixed into 64 bits
+  (`_combine`). One pass over the data, all integer sums: on an accelerator one jitted program for every array
+  (only the lanes, 4 KB an array, come to the host); on a CPU device numpy reads the arrays' buffers in place
+  (XLA:CPU runs integer element-wise work scalar, ~12x slower than this; benchmarks/checkpoint_digest.py).
+
+  What it detects: any change to one word (any bits of one float32) for certain; any change confined to fewer than
+  1021 consecutive words (4 KiB of float32: a run of flipped bytes, a torn or overwritten block) changes each lane
+  it touches by a non-zero amount, and is missed only if the mixed sums collide (~2^-64). Wider changes are missed
+  only when, in every lane, they cancel mod 2^32: random damage essentially never; a swap of two words exactly a
+  multiple of 1021 apart would be (no power-of-two tensor dimension is such a multiple). Not a cryptographic
+  hash: a deliberate forgery is out of scope. Integer sums wrap and are associative, so the digest does not depend
+  on reduction order, sharding, mesh or backend: a state saved on 8 devices verifies restored on 1.
+  """
+  paths, leaves = _leaves(tree)
+  host = [i for i, x in enumerate(leaves) if _on_host(x)]
+  lanes = [None] * len(leaves)
+  for i in host:
+    lanes[i] = _lanes_host(leaves[i])
+  rest = [i for i in range(len(leaves)) if lanes[i] is None]
+  if rest:
+    for i, row in zip(rest, np.asarray(jax.device_get(_lanes_device([leaves[i] for i in rest])))):
+      lanes[i] = row
+  return {p: _combine(lane) for p, lane in zip(paths, lanes)}
+
+
+def _meta_sha256(meta: dict) -> str:
+  """sha256 of `meta` (without `_verify`) as canonical JSON, as it reads back from the checkpoint."""
+  body = {k: v for k, v in meta.items() if k != VERIFY}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Rejected(Exception):
+  """A checkpoint that failed verification; `cause` is one of corrupt | foreign | layout | unreadable."""
+
+  def __init__(self, cause: str, detail: str):
+    super().__init__(detail)
+    self.cause, self.detail = cause, detail
+
+
+class CheckpointError(RuntimeError):
+  """An explicitly named checkpoint (not a resume's newest-intact search) failed verification."""
+
+
+_CAUSE_TEXT = {
+    "corrupt": "is corrupt",
+    "foreign": "belongs to another run",
+    "layout": "holds another state layout (written by another code version or model; not damaged)",
+    "unreadable": "is unreadable",
+}
+
+
+def _first_layout_difference(saved: list, expected: list) -> str:
+  saved_d = {p: (tuple(s), d) for p, s, d in saved}
+  expected_d = {p: (tuple(s), d) for p, s, d in expected}
+  for p in sorted(set(saved_d) | set(expected_d)):
+    a, b = saved_d.get(p), expected_d.get(p)
+    if a != b:
+      show = lambda v: "absent" if v is None else f"{v[1] or ''}{list(v[0])}"
+      return f"{p}: saved {show(a)}, expected {show(b)}"
+  return "leaf order differs"
+
+
+def _saved_layout(step_dir: str) -> list | None:
+  """A checkpoint's layout as `save` recorded it, else as orbax's tree metadata has it (dtypes None), else None."""
+  try:
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+      recorded = json.load(f)[VERIFY]["layout"]
+    if recorded:
+      return recorded
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  return _orbax_layout(step_dir)
+
+
+def _orbax_layout(step_dir: str) -> list | None:
+  """[path, shape, None] of a checkpoint's state from orbax's own tree metadata (for checkpoints without `_verify`),
+  or None when it cannot be read."""
+  try:
+    with open(os.path.join(step_dir, "state", "_METADATA")) as f:
+      tree = json.load(f)["tree_metadata"]
+    return [["/".join(str(k["key"]) for k in v["key_metadata"]), list(v["value_metadata"]["write_shape"]), None]
+            for v in tree.values() if v["value_metadata"].get("write_shape") is not None]  # not empty nodes
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 class Checkpoints:
+  """The checkpoints of one run (or one phase of it) under `<workdir>/checkpoints/`.
+
+  `identity`: the run's identity (`{"config_sha256", "seed", "code"}`; see the module docstring), recorded by
+  every save and checked by every restore; None checks none (reading another run's checkpoints on purpose).
+  `log`: the run's `cl_jax.workdir.MetricsLog`; when set, every save keeps metrics.jsonl as written so far in the
+  checkpoint's meta (`_metrics`), from which a resume rewrites a torn or deleted metrics.jsonl.
+  """
   keep_best, synchronous, _pin = True, False, ()  # retention beyond `keep` and write order: `retain`
 
-  def __init__(self, workdir: str, keep: int = 2):
+  def __init__(self, workdir: str, keep: int = 2, identity: dict | None = None):
     self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._warn_partial()
     self._keep = {"tasks": None, "rolling": keep, "best": 1}
     self._managers = {}
+    self.identity = identity
+    self.log = None
 
   def _get(self, kind: str):
     if kind not in self._managers:
@@ -138,8 +359,19 @@ class Checkpoints:
       # finalising at once (a rolling save still in flight when the task-boundary one starts) collide on it
       # ("Barrier ... is already ongoing"). One save in flight at a time across managers avoids that.
       self.wait()
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(self.seal(state, meta))), force=True)
+
+  def seal(self, state, meta: dict) -> dict:
+    """`meta` plus metrics.jsonl so far (when a log is set) and the `_verify` record (see the module docstring)."""
+    meta = dict(meta)
+    snapshot = self.log.snapshot() if self.log is not None else None
+    if snapshot is not None:
+      meta[METRICS] = snapshot
+    meta = json.loads(json.dumps(meta))  # as it will read back (tuples as lists): what the sha256 is taken of
+    meta[VERIFY] = {"version": 1, "identity": self.identity, "layout": layout(state), "arrays": digest(state),
+                    "meta_sha256": _meta_sha256(meta)}
+    return meta
 
   def has(self, step: int) -> bool:
     return any(step in self._steps(kind) for kind in ("tasks", "rolling"))
@@ -160,41 +392,90 @@ class Checkpoints:
   def restore(self, abstract_state, manager=None, step=None, kind: str | None = None):
     """(state, meta) restored into the shardings of `abstract_state` (a pytree of ShapeDtypeStructs), or None.
 
-    Without `manager`/`kind`: the newest intact checkpoint, falling back past unreadable ones with a warning.
-    `kind='best'`: the best one.
+    Without `manager`/`kind`: the newest checkpoint that passes verification, falling back past the others with
+    one warning line each (they are set aside under `checkpoints/unreadable/`). `kind='best'`: the best one;
+    a named checkpoint that fails verification raises `CheckpointError`.
     """
     if manager is None and kind is None and not self.candidates():
       return None  # a fresh workdir: nothing to restore (and no orbax import)
-    ocp = _ocp()
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if manager is not None or kind is not None:
       manager = manager or self._manager(kind)
       step = manager.latest_step() if step is None else step
       if step is None:
         return None
-      restored = manager.restore(step, args=args)
-      return restored.state, restored.meta
+      try:
+        return self._read(manager, step, abstract_state, str(manager.directory / str(step)))
+      except Rejected as e:
+        raise CheckpointError(f"checkpoint {manager.directory / str(step)} {_CAUSE_TEXT[e.cause]} ({e.detail})"
+                              ) from None
     broken = []
     try:
       for step, kind in self.candidates():
-        if not os.path.isfile(os.path.join(self.path(kind, step), METADATA)):
-          warnings.warn(f"checkpoint {self.path(kind, step)} has no {METADATA} (an unfinished or damaged save); "
-                        "falling back to an older checkpoint", stacklevel=2)
-          broken.append((step, kind))
-          continue
+        path = self.path(kind, step)
         try:
-          restored = self._manager(kind).restore(step, args=args)
-          if not isinstance(restored.meta, dict) or restored.state is None:
-            raise ValueError("no meta item")
-          return restored.state, restored.meta
-        except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back to an older one
-          reason = " ".join(str(e).split())[:160]
-          warnings.warn(f"checkpoint {self.path(kind, step)} is unreadable ({type(e).__name__}: {reason}); "
-                        "falling back to an older checkpoint", stacklevel=2)
+          if not os.path.isfile(os.path.join(path, METADATA)):
+            raise Rejected("unreadable", f"no {METADATA}: an unfinished or damaged save")
+          return self._read(self._manager(kind), step, abstract_state, path)
+        except Exception as e:  # noqa: BLE001 — any checkpoint that fails: fall back to an older one
+          if not isinstance(e, Rejected):
+            e = Rejected("unreadable", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+            saved = _saved_layout(path)  # a state the code cannot read: another layout, or damage?
+            expected = layout(abstract_state)
+            if saved is not None and saved[0][2] is None:  # orbax's own record: shapes only
+              expected = [[p, sh, None] for p, sh, _ in expected]
+            if saved is not None and sorted(map(str, saved)) != sorted(map(str, expected)):
+              e = Rejected("layout", _first_layout_difference(saved, expected))
+          warnings.warn(f"checkpoint {path} {_CAUSE_TEXT[e.cause]} ({e.detail}); set aside in "
+                        f"{os.path.join(self.root, 'unreadable')}, falling back to an older checkpoint", stacklevel=2)
           broken.append((step, kind))
       return None
     finally:
       self._set_aside(broken)
+
+  def _read(self, manager, step: int, abstract_state, path: str):
+    """(state, meta) of one checkpoint, verified; raises `Rejected` naming the cause."""
+    ocp = _ocp()
+    # One read of both items (a second orbax call would cost more than the checks it could skip); a layout orbax
+    # cannot restore raises here and is named by `restore`'s handler.
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, restored.meta
+    if not isinstance(meta, dict) or not meta:
+      raise Rejected("corrupt", f"its meta item is {json.dumps(meta)[:40]}, not the run's record")
+    if state is None:
+      raise Rejected("unreadable", "no state item")
+    record = meta.pop(VERIFY, None)
+    if record is None:
+      warnings.warn(f"checkpoint {path} was written before checkpoints carried digests: restored unverified",
+                    stacklevel=3)
+    else:
+      self._check_record(record, meta, abstract_state)
+    if record is not None:
+      got, want = digest(state), record.get("arrays", {})
+      bad = [p for p in want if got.get(p) != want[p]]
+      if bad or set(got) != set(want):
+        more = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
+        raise Rejected("corrupt", f"array digest mismatch in {bad[0] if bad else 'its leaf set'}{more}: "
+                       "the data changed after it was written")
+    return state, meta
+
+  def _check_record(self, record: dict, meta: dict, abstract_state) -> None:
+    """The checks that need no array: meta unchanged, this run's identity, this code's layout."""
+    if record.get("meta_sha256") != _meta_sha256(meta):
+      raise Rejected("corrupt", "its meta item changed after it was written (sha256 mismatch)")
+    theirs, ours = record.get("identity"), self.identity
+    if theirs is not None and ours is not None:
+      differ = [k for k in ("seed", "config_sha256")
+                if None not in (theirs.get(k), ours.get(k)) and theirs.get(k) != ours.get(k)]
+      if differ:
+        show = lambda d: ", ".join(f"{k} {str(d.get(k))[:12]}" for k in differ)
+        raise Rejected("foreign", f"written by a run with {show(theirs)}; this run has {show(ours)}")
+      if theirs.get("code") != ours.get("code"):
+        warnings.warn(f"resuming from a checkpoint written by code {str(theirs.get('code'))[:12]}, this run's code "
+                      f"is {str(ours.get('code'))[:12]}: the results will mix the two versions", stacklevel=4)
+    expected = layout(abstract_state)
+    if record.get("layout") != expected:
+      raise Rejected("layout", _first_layout_difference(record.get("layout") or [], expected))
 
   def _set_aside(self, broken) -> None:
     """Moves unreadable checkpoints to `checkpoints/unreadable/` (kept for inspection), so the resumed run can
@@ -284,10 +565,22 @@ def boundary_params(workdir: str, task: int | None = None):
     raise FileNotFoundError(f"{workdir}: no task-boundary checkpoint of task {task} (tasks {sorted(steps)})")
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints", "tasks"))
   try:
-    state = manager.restore(steps[task], args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    restored = manager.restore(steps[task], args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                   meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  return state["params"] if isinstance(state, dict) else state.params
+  state = restored.state
+  params = state["params"] if isinstance(state, dict) else state.params
+  want = (restored.meta or {}).get(VERIFY, {}).get("arrays")
+  if want:  # a checkpoint written with digests: the params must still match theirs
+    # Only arrays with a recorded digest are compared (a params tree restored without its abstract structure
+    # names its leaves as the saved state did; an unmatched name is left unverified rather than refused).
+    bad = [p for p, d in digest(params).items() if want.get(f"params/{p}", d) != d]
+    if bad:
+      raise CheckpointError(f"checkpoint {manager.directory / str(steps[task])} is corrupt (array digest mismatch in "
+                            f"params/{bad[0]}{f' and {len(bad) - 1} other array(s)' if len(bad) > 1 else ''}: "
+                            "the data changed after it was written)")
+  return params
 
 
 def save_params(path: str, params, overwrite: bool = False) -> str:

@@ -1,9 +1,14 @@
 """Command line of `run.py` and the `cl-jax` command: `--config file.py[:arg]`, `--config.a.b=value` overrides,
 `--workdir`, `--overwrite`, `--no_progress`.
 
-`main(argv)` starts `jax.distributed` on multi-host launches, builds and validates the config, calls
-`cl_jax.run(config, workdir)` and turns a `cl_jax.errors.CLJaxError` into one line on stderr and its exit code
-(2 bad input, 3 divergence, 4 workdir locked, 75 preempted; see cl_jax/errors.py). No traceback for those.
+`main(argv)` loads the config, starts `jax.distributed` on multi-host launches (with `config.distributed`'s
+timeouts), validates the config, calls `cl_jax.run(config, workdir)` and turns whatever ends the run into one
+`error:` line on stderr and its exit code (`cl_jax.errors.classify`: 2 bad input, 3 divergence, 4 workdir locked,
+69 peer lost, 74 I/O failure, 75 preempted; the table is in cl_jax/errors.py). No traceback for those; library
+output goes to <workdir>/logs/stderr-detail.log.
+
+Importing this module is cheap (the standard library and `cl_jax.errors`; jax, ml_collections and the kinds are
+imported inside `main`), so `run.py` and `cl-jax` install the SIGTERM / SIGINT handler before any heavy import.
 """
 from __future__ import annotations
 
@@ -15,9 +20,13 @@ import os
 import re
 import sys
 
-from cl_jax.config import ConfigError, normalise, one_line, set_overrides
-from cl_jax.kinds import validate
-from cl_jax.errors import CLJaxError
+from cl_jax.errors import CLJaxError, ConfigError
+from cl_jax import errors
+
+
+def one_line(error) -> str:
+  from cl_jax.config import one_line as one
+  return one(error)
 
 
 def load_config(spec: str):
@@ -274,6 +283,18 @@ class _Once(argparse.Action):
 
 def build_config(argv, prog: str = "run.py"):
   """(validated config, parsed args) from the command line; raises ConfigError before anything is written."""
+  config, args = parse_config(argv, prog)
+  from cl_jax.kinds import validate
+  validate(config)
+  return config, args
+
+
+def parse_config(argv, prog: str = "run.py"):
+  """(config, parsed args): loaded, overridden and normalised, not yet validated (the default workdir is set).
+
+  Reads no device: `main` starts `jax.distributed` between this and validation (checking a merge's checkpoints
+  opens orbax, which asks JAX for the processes), with the timeouts this config names."""
+  from cl_jax.config import normalise, set_overrides
   overrides, rest = split_args(argv)
   parser = argparse.ArgumentParser(prog=prog, description=__doc__)
   parser.add_argument("--config", required=True, action=_Once, help="configs/X.py[:arg]")
@@ -285,7 +306,6 @@ def build_config(argv, prog: str = "run.py"):
   typed = {key: parse_value(text, _lookup(config, key), key) for key, text in overrides.items()}
   set_overrides(config, typed)
   normalise(config)
-  validate(config)
   if not args.workdir:
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -293,30 +313,242 @@ def build_config(argv, prog: str = "run.py"):
   return config, args
 
 
+# `cl-jax <command> ...`: commands beside running a config, each a module with `main(argv) -> exit code`.
+COMMANDS = {"prepare": "cl_jax.data.prepare"}
+
+
 def main(argv, prog: str = "run.py") -> int:
-  """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of the CLJaxError that ended the run)."""
-  from cl_jax import sharding
+  """`run.py` / `cl-jax`: returns the exit code (0, or the `exit_code` of what ended the run, `errors.classify`).
+
+  SIGTERM / SIGINT raise `Preempted` from here on (and from the first instant under `run.py` / `cl-jax`, which
+  install the handler before importing this module's heavy parts); the previous handlers and logging set-up come
+  back on return, so calling `main` in-process (a test, a notebook) leaves no trace.
+  """
+  if argv and argv[0] in COMMANDS:
+    import importlib
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+  if argv and argv[0] in GENERATION_COMMANDS:
+    return _generation(argv)
+  previous = errors.install_signal_handlers()
+  captured = errors.capture_library_output()
   try:
-    sharding.maybe_initialize_distributed()  # multi-host: before anything asks JAX for its devices
-    config, args = build_config(argv, prog)
+    return _main(argv, prog)
+  finally:
+    if captured:
+      errors.release_library_output()
+    errors.restore_signal_handlers(previous)
+
+
+def _main(argv, prog: str) -> int:
+  try:
+    config, args = parse_config(argv, prog)
+    from cl_jax import sharding
+    sharding.maybe_initialize_distributed(config)  # multi-host: before anything asks JAX for its devices
+    from cl_jax.kinds import validate
+    validate(config)
     from cl_jax.runner import run
     results = run(config, args.workdir, overwrite=args.overwrite, progress=not args.no_progress, validated=True)
-  except CLJaxError as e:
-    return _fail(e, e.exit_code)
-  except ValueError as e:  # bad input a runner reports as a plain ValueError: still bad input, still no write
-    return _fail(e, 2)
+  except (Exception, KeyboardInterrupt, errors.Interrupted) as e:  # noqa: BLE001 -- each classified; a bug re-raises
+    error = errors.classify(e)
+    if error is None and isinstance(e, ValueError):  # bad input a runner reports as a plain ValueError
+      return _fail(e, 2)
+    if error is None and _peer_collective_failure(e):
+      error = errors.PeerLost(errors.PeerLost.describe(_heartbeat_timeout(), _first_line(e)))
+    if error is None:
+      errors.detail_log_traceback(e)
+      raise
+    if error is not e:
+      errors.detail_log_traceback(e)
+    return _fail(error, error.exit_code)
   print_results(results)
   return 0
 
 
+def _first_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:200]
+
+
+def _peer_collective_failure(error: BaseException) -> bool:
+  """A multi-host collective that failed because a peer went away (gloo or the coordination service saw the
+  connection drop before the heartbeat timeout did): the same ending as `PeerLost`."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import distributed as _dist
+  if getattr(_dist.global_state, "client", None) is None:
+    return False
+  text = str(error).lower()
+  return any(k in text for k in ("gloo", "connection closed", "connection reset", "socket closed", "unavailable",
+                                 "heartbeat", "coordination service", "barrier", "deadline_exceeded"))
+
+
+def _heartbeat_timeout() -> int:
+  from cl_jax import sharding
+  return sharding.LAST_TIMEOUTS.get("heartbeat_timeout_s", sharding.DISTRIBUTED_DEFAULTS["heartbeat_timeout_s"])
+
+
+# `cl-jax generate ...` / `cl-jax chat ...` (cl_jax.lm.generation): text in, text out from a model directory.
+GENERATION_COMMANDS = ("generate", "chat")
+
+
+def _generation(argv) -> int:
+  try:
+    from cl_jax.lm.generation import main as generation_main
+    return generation_main(argv)
+  except CLJaxError as e:
+    return _fail(e, e.exit_code)
+
+
 def console_main() -> None:
   """The `cl-jax` console command (pyproject.toml): the same as `python run.py`."""
-  sys.exit(main(sys.argv[1:], prog="cl-jax"))
+  errors.install_signal_handlers()  # first: the imports below take seconds, and a preemption during them is 75
+  errors.capture_library_output()  # for the whole process: orbax's threads still log while it exits
+  sys.exit(launch(sys.argv[1:], prog="cl-jax"))
 
 
-def _fail(error: Exception, code: int) -> int:
-  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+# ----------------------------------------------------------------------------- multi-host: a supervised process
+
+SUPERVISED_ENV = "CL_JAX_SUPERVISED"  # set in the supervised child: it runs `main` itself
+
+
+def launch(argv, prog: str = "run.py") -> int:
+  """What `run.py` and `cl-jax` run: `main(argv)` here, or on a multi-host launch (`errors.multihost_launch`) in a
+  child process this one supervises (`supervise`), whose exit it reports."""
+  try:
+    if not errors.multihost_launch() or os.environ.get(SUPERVISED_ENV):
+      return main(argv, prog)
+    return supervise(argv, prog)
+  except errors.Interrupted as e:  # a preemption before `main` took over
+    return _fail(e.preempted(), errors.Preempted.exit_code)
+
+
+def supervised_main() -> None:
+  """The supervised child's entry point: `sys.argv` is [prog, *argv]."""
+  errors.install_signal_handlers()
+  errors.capture_library_output()
+  code = main(sys.argv[2:], prog=sys.argv[1])
+  if code == errors.PeerLost.exit_code:  # jax's exit handlers would wait for (or abort on) the lost peer
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
+def supervise(argv, prog: str) -> int:
+  """Runs `main(argv)` in a child process and returns its exit code, turning a lost peer into `PeerLost` (69).
+
+  Why a child: when a peer of a multi-host run dies, jax's coordination client aborts the survivors from a C++
+  thread (SIGABRT after a check-failure trace; jaxlib 0.10 takes no Python callback for it, see
+  `cl_jax.sharding.maybe_initialize_distributed`), which no handler in the dying process can turn into an exit code.
+  This process sees the abort and the coordination service's message, prints one `error:` line and exits 69,
+  within `distributed.heartbeat_timeout_s` of the peer's death (at once when the coordinator itself died).
+
+  The child's stdout is this one's; its stderr passes through, except the runtime's native log lines
+  (`errors.NATIVE_LOG_LINE`, with their continuation lines), which go to the detail log of the workdir. SIGTERM and
+  SIGINT are forwarded (the child has its own process group, so a terminal's Ctrl-C reaches it once); the child
+  dies with this process (PR_SET_PDEATHSIG); a child killed by a signal is mirrored (this process dies by it too).
+  """
+  import signal
+  import subprocess
+  package_root = os.path.dirname(os.path.dirname(os.path.abspath(errors.__file__)))
+  path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, **{SUPERVISED_ENV: "1", "PYTHONPATH": path})
+  child = subprocess.Popen([sys.executable, "-c", "from cl_jax.cli import supervised_main; supervised_main()", prog,
+                            *argv], env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent, process_group=0)
+
+  def forward(signum, frame):
+    del frame
+    if child.poll() is None:
+      child.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in errors.SIGNALS}
+  try:
+    native, fatal = _relay(child.stderr)
+    code = child.wait()
+  finally:
+    errors.restore_signal_handlers(previous)
+  workdir = _flag_value(argv, "--workdir")
+  if workdir and os.path.isfile(os.path.join(workdir, "config.json")):  # the run held its workdir: log there
+    errors.open_detail_log(workdir, int(os.environ.get("JAX_PROCESS_ID", "0") or 0))
+    if native:
+      errors.detail_log_write("native runtime output (jax / XLA / gRPC):\n" + "".join(native))
+  elif native and not fatal:
+    sys.stderr.write("".join(native))  # nowhere to keep them: they are the only record
+  if code == -signal.SIGABRT and fatal:
+    timeout = _flag_value(argv, "--config.distributed.heartbeat_timeout_s")
+    return _fail(errors.PeerLost(errors.PeerLost.describe(int(timeout) if timeout and timeout.isdigit() else
+                                                          _default_heartbeat())), errors.PeerLost.exit_code)
+  if code < 0:  # killed by a signal: die by it too, so whoever launched this sees the same ending
+    if -code != signal.SIGKILL:
+      signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
   return code
+
+
+def _default_heartbeat() -> int:
+  from cl_jax.sharding import DISTRIBUTED_DEFAULTS
+  return DISTRIBUTED_DEFAULTS["heartbeat_timeout_s"]
+
+
+def _die_with_parent() -> None:
+  """In the child, before exec: SIGKILL it when its supervisor dies (Linux; elsewhere a no-op)."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+  except (OSError, AttributeError):
+    pass
+
+
+def _flag_value(argv, flag: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a == flag and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith(flag + "="):
+      return a[len(flag) + 1:]
+  return None
+
+
+OWN_LINE = ("error:", "warning:", "Traceback (most recent call last)", "Resuming")
+
+
+def _relay(stream) -> tuple[list, bool]:
+  """Copies the child's stderr to ours, holding back native runtime lines (and the lines that continue them, up to
+  the next line of our own); returns (the held-back lines, whether they report a lost peer)."""
+  native_re = re.compile(errors.NATIVE_LOG_LINE)
+  fd, out = stream.fileno(), sys.stderr
+  native, in_native, pending = [], False, ""
+  while True:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+      break
+    pending += chunk.decode("utf-8", "replace")
+    *lines, pending = pending.split("\n")
+    for line in lines:
+      line += "\n"
+      if native_re.match(line):
+        in_native = True
+      elif in_native and (line.startswith(OWN_LINE) or "\r" in line):
+        in_native = False
+      if in_native:
+        native.append(line)
+      else:
+        out.write(line)
+    if pending and not in_native and "\r" in pending:  # a progress bar redrawing its line: show it now
+      cut = pending.rindex("\r") + 1
+      out.write(pending[:cut])
+      pending = pending[cut:]
+    out.flush()
+  if pending:
+    if in_native:
+      native.append(pending)
+    else:
+      out.write(pending)
+  out.flush()
+  text = "".join(native)
+  return native, any(mark in text for mark in errors.PEER_LOST_MARKS)
+
+
+def _fail(error: BaseException, code: int) -> int:
+  return errors.report(error, code)
 
 
 def print_results(results) -> None:

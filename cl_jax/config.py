@@ -259,6 +259,9 @@ COMMON_SCHEMA = {
     "train.divergence_factor": number(0),
     "checkpoint.keep": integer(1),
     "checkpoint.every_steps": integer(0),
+    "distributed.init_timeout_s": integer(1),
+    "distributed.heartbeat_timeout_s": integer(1),
+    "distributed.shutdown_timeout_s": integer(1),
 }
 
 

@@ -15,12 +15,17 @@ tuning, merge) takes these steps, written once here; a kind (`cl_jax.kinds`) sup
 `parts` are things a caller already holds and the kind would otherwise load (e.g. `data=` for an LM or CIT run
 whose corpora a test or notebook loaded once). Fault injection for tests (`cl_jax.faults`) is read here, once,
 into the loop's step hooks.
+
+How it ends (`cl_jax.errors`, the exit codes): SIGTERM / SIGINT raise `Preempted` wherever this skeleton is (the
+loop replaces that handler with its own, which stops at a step boundary with a checkpoint); once the workdir is
+held, library output goes to <workdir>/logs/stderr-detail.log; a divergence before the first checkpoint says so.
 """
 from __future__ import annotations
 
 import gc
+import os
 
-from cl_jax import sharding
+from cl_jax import errors, sharding
 
 
 def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *, validated: bool = False, **parts):
@@ -30,7 +35,17 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *,
   `validated=True`: the caller has just run `cl_jax.kinds.validate(config)` (the command line does, to fail before
   choosing a workdir), so it is not run twice.
   """
-  sharding.maybe_initialize_distributed()  # before any other JAX call on a multi-host launch
+  previous = errors.install_signal_handlers()  # no-op change when run.py / cl-jax installed them already
+  try:
+    return _run(config, workdir, overwrite, progress, validated, **parts)
+  except errors.Interrupted as e:  # the handler's BaseException, as the documented error
+    raise e.preempted() from None
+  finally:
+    errors.restore_signal_handlers(previous)
+
+
+def _run(config, workdir: str, overwrite: bool, progress: bool, validated: bool, **parts):
+  sharding.maybe_initialize_distributed(config)  # before any other JAX call on a multi-host launch
   from cl_jax import compilation_cache, faults, kinds
   from cl_jax.config import normalise
   from cl_jax.workdir import RunContext, Workdir, check_usable, is_writer, precheck
@@ -48,10 +63,37 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *,
   gc.collect()
   built = kind.build(config, **parts)
   with Workdir(config, workdir, overwrite, reference=reference) as wd:
-    ctx = RunContext(config, workdir, wd.resume, progress, faults.hooks_from_env())
-    results = kind.run(built, ctx)
+    import jax
+    errors.open_detail_log(workdir, jax.process_index())
+    hooks = faults.hooks_from_env(workdir)
+    for hook in hooks:
+      if hook.start is not None:
+        hook.start()
+    ctx = RunContext(config, workdir, wd.resume, progress, hooks)
+    try:
+      results = kind.run(built, ctx)
+    except errors.DivergenceError as e:
+      if has_checkpoint(workdir):
+        raise
+      raise errors.DivergenceError(no_checkpoint_yet(str(e))) from e
     finish(kind, config, results, workdir, is_writer())
   return results
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a complete task-boundary or rolling checkpoint (orbax writes its metadata last)."""
+  from cl_jax.checkpoint import METADATA
+  root = os.path.join(workdir, "checkpoints")
+  return any(os.path.isfile(os.path.join(root, kind, step, METADATA))
+             for kind in ("tasks", "rolling") if os.path.isdir(os.path.join(root, kind))
+             for step in os.listdir(os.path.join(root, kind)) if step.isdigit())
+
+
+def no_checkpoint_yet(message: str) -> str:
+  """The loop's divergence message, corrected for a run that diverged before its first checkpoint."""
+  claim = "the last good checkpoint is intact"
+  fix = "no checkpoint was written yet (a rerun starts from the beginning)"
+  return message.replace(claim, fix) if claim in message else f"{message.rstrip('. ')}; {fix}"
 
 
 def finish(kind, config, results, workdir: str, writer: bool) -> None:

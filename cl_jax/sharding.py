@@ -18,13 +18,51 @@ DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 
 
-def maybe_initialize_distributed() -> None:
+DISTRIBUTED_DEFAULTS = dict(
+    # How long (s) every process waits for all the others to join at start-up (jax's `initialization_timeout`).
+    init_timeout_s=300,
+    # A process not heard from for this long (s) counts as lost; every other process then exits with
+    # `cl_jax.errors.PeerLost` (exit 69) instead of waiting in a collective (jax's `heartbeat_timeout_seconds`).
+    heartbeat_timeout_s=100,
+    # How long (s) a finishing process waits for the others at shut-down (jax's `shutdown_timeout_seconds`).
+    shutdown_timeout_s=300,
+)
+
+
+def distributed_config():
+  """The `distributed` config section every kind has: the timeouts of a multi-host launch (`DISTRIBUTED_DEFAULTS`)."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(DISTRIBUTED_DEFAULTS))
+
+
+def distributed_timeouts(config=None) -> dict:
+  """{init_timeout_s, heartbeat_timeout_s, shutdown_timeout_s} from `config.distributed` (defaults for what it lacks);
+  ConfigError naming the key for a value that is not a whole number of seconds >= 1. Checked here, not only by
+  validation, because the processes connect before the rest of the config is validated."""
+  from cl_jax.errors import ConfigError
+  section = config.get("distributed", None) if config is not None else None
+  out = {}
+  for key, default in DISTRIBUTED_DEFAULTS.items():
+    value = section.get(key, default) if section is not None else default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"distributed.{key}={value!r}: expected a whole number of seconds >= 1")
+    out[key] = value
+  return out
+
+
+def maybe_initialize_distributed(config=None) -> None:
   """Starts `jax.distributed` on multi-host launches (TPU pods, SLURM/GPU clusters); a no-op on one host.
 
   Must run before any other JAX call (a device query starts the backends, after which `initialize` fails);
   `cl_jax.run` and the CLI call it first. Idempotent. On Cloud TPU and under SLURM/Open MPI JAX discovers the
   coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. On CPU hosts
-  the processes' collectives go through gloo.
+  the processes' collectives go through gloo. The timeouts come from `config.distributed` (`distributed_timeouts`).
+
+  A lost peer: the coordination service notices a process whose heartbeats stopped (after `heartbeat_timeout_s`),
+  or the coordinator's own death, and tells every other process, whose client aborts it (SIGABRT after a C++
+  check-failure trace: jaxlib 0.10's missed-heartbeat callback cannot be a Python function, the status it passes
+  has no Python conversion). `cl_jax.cli.launch` supervises a multi-host process to turn that abort into
+  `cl_jax.errors.PeerLost` (exit 69) with one `error:` line.
   """
   global _DISTRIBUTED
   if _DISTRIBUTED:
@@ -33,18 +71,26 @@ def maybe_initialize_distributed() -> None:
   if getattr(_dist.global_state, "client", None) is not None:
     _DISTRIBUTED = True
     return
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  from cl_jax.errors import multihost_launch
+  if not multihost_launch():
+    return
+  explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  timeouts = distributed_timeouts(config)
+  LAST_TIMEOUTS.update(timeouts)
+  kwargs = dict(initialization_timeout=timeouts["init_timeout_s"],
+                heartbeat_timeout_seconds=timeouts["heartbeat_timeout_s"],
+                shutdown_timeout_seconds=timeouts["shutdown_timeout_s"])
+  if explicit:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                               int(os.environ["JAX_PROCESS_ID"]))
-    _DISTRIBUTED = True
-  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
-    jax.distributed.initialize()
-    _DISTRIBUTED = True
+    kwargs.update(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+  _DISTRIBUTED = True
 
 
 _DISTRIBUTED = False
+LAST_TIMEOUTS: dict = {}  # the timeouts this process's jax.distributed started with
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int | None = None) -> tuple[int, int]:

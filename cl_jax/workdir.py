@@ -337,17 +337,26 @@ def finite_or_none(x):
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of metrics.jsonl; a torn last line (a process killed mid-write) is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  return _read_metrics(os.path.join(workdir, "metrics.jsonl"))[0]
+
+
+def _read_metrics(path: str) -> tuple[list[dict], int]:
+  """(records, number of lines that are not a JSON record: torn by a kill mid-write, or damaged)."""
   if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
+    return [], 0
+  out, torn = [], 0
+  with open(path, errors="replace") as f:
     for line in f:
       try:
-        out.append(json.loads(line))
+        rec = json.loads(line)
       except ValueError:
-        pass
-  return out
+        torn += 1
+        continue
+      if isinstance(rec, dict):
+        out.append(rec)
+      else:
+        torn += 1
+  return out, torn
 
 
 class EventFile:
@@ -461,6 +470,11 @@ class MetricsLog:
 
   `tb_every`: train records reach TensorBoard only at steps divisible by it (metrics.jsonl keeps every step).
   `write_many` writes a chunk's records in one call (the task loop's per-chunk flush).
+
+  Metrics are never lost: `snapshot()` is the file's text as written so far (kept in memory, so nothing is read
+  back), which every checkpoint stores (`cl_jax.checkpoint.Checkpoints.log`); on resume, `recover(text)` compares
+  it with what the file kept up to the restored step and, when the file was deleted, torn mid-line or is missing
+  records, rewrites it from the checkpoint's copy with one warning line saying so.
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None, keep: Callable[[dict], bool] | None = None,
@@ -474,10 +488,13 @@ class MetricsLog:
       return
     if keep is None:
       keep = (lambda rec: False) if resume_step is None else (lambda rec: rec.get("step", 0) <= resume_step)
-    kept = [r for r in read_metrics(workdir) if keep(r)]
+    self._existed = os.path.exists(self.path)
+    records, self._torn = _read_metrics(self.path)
+    self._lines = [self._line(r) for r in records if keep(r)]
     with open(self.path, "w") as f:
-      f.writelines(self._line(r) for r in kept)
+      f.writelines(self._lines)
     self.file = open(self.path, "a")
+    kept = self._lines
     if tensorboard:
       tb_dir = os.path.join(workdir, "tensorboard")
       if resume_step is None and not kept and os.path.isdir(tb_dir):
@@ -494,6 +511,32 @@ class MetricsLog:
     except ValueError:  # a non-finite float: null, as finite_or_none writes it
       return _STRICT_JSON.encode(finite_or_none(record)) + "\n"
 
+  def snapshot(self) -> str | None:
+    """metrics.jsonl's text as written so far (None on a process that writes no log)."""
+    return "".join(self._lines) if self.writer and self.file is not None else None
+
+  def recover(self, text: str | None, step: int) -> bool:
+    """Rewrites metrics.jsonl from `text` (a checkpoint's copy up to its step `step`) when what the file kept
+    differs from it, with one warning line naming what was wrong; True when it did."""
+    if text is None or not self.writer or self.file is None or text == self.snapshot():
+      return False
+    lines = text.splitlines(keepends=True)
+    if not self._existed:
+      what = "was missing"
+    elif self._torn:
+      what = f"was torn ({self._torn} unreadable line(s))"
+    else:
+      what = "differed from the checkpoint's record"
+    missing = max(0, len(lines) - self.snapshot().count("\n"))
+    warnings.warn(f"{self.path} {what}: rewritten from the checkpoint of step {step} ({len(lines)} records up to "
+                  f"there; {missing} had been lost)", stacklevel=2)
+    self.file.close()
+    with open(self.path, "w") as f:
+      f.write(text)
+    self.file = open(self.path, "a")
+    self._lines = lines
+    return True
+
   def write(self, record: dict) -> None:
     self.write_many([record])
 
@@ -501,7 +544,9 @@ class MetricsLog:
     """Appends `records` to metrics.jsonl (one write) and their scalars to TensorBoard (train ones every tb_every)."""
     if not self.writer or not records:
       return
-    self.file.write("".join(map(self._line, records)))
+    text = "".join(map(self._line, records))
+    self._lines.append(text)
+    self.file.write(text)
     if self.tb is None:
       return
     for record in records:

@@ -4,7 +4,11 @@
     python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--check-export] [--check-variants]
 
 For each family of `family_configs` (llama with grouped-query attention and Llama-3.1 RoPE scaling, sharded;
-mistral with a sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2) it builds a
+mistral with a sliding window and tied embeddings; qwen2 with q/k/v biases and untied embeddings; gpt2; qwen3 with
+q/k norms, a head dim != d_model / heads and one sliding layer of two; gemma2 with alternating sliding / global
+layers, both soft-caps and query_pre_attn_scalar != head dim; phi3 with its fused projections; olmo2 with post-norms
+and whole-projection q/k norms; gemma3_text with q/k norms, linear RoPE scaling on the global layer and another
+theta on the sliding one) it builds a
 tiny random model with `transformers` (PyTorch, CPU, float32, eager attention), perturbs every parameter (norm
 gains and biases too, so a mis-mapped one changes the logits), and writes into `<out>/<family>/`:
 
@@ -72,6 +76,34 @@ def family_configs():
           n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, activation_function="gelu_new",
           layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, vocab_size=VOCAB,
           bos_token_id=1, eos_token_id=2),
+      "qwen3": tf.Qwen3Config(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+          use_sliding_window=True, sliding_window=5, max_window_layers=1,
+          layer_types=["full_attention", "sliding_attention"],
+          rope_parameters=dict(rope_type="default", rope_theta=10000.0), **common),
+      "gemma2": tf.Gemma2Config(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=4, query_pre_attn_scalar=12,
+          attn_logit_softcapping=5.0, final_logit_softcapping=10.0, hidden_activation="gelu_pytorch_tanh",
+          tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0), pad_token_id=0,
+          **common),
+      "phi3": tf.Phi3Config(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=128, original_max_position_embeddings=128, rms_norm_eps=1e-5,
+          tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0,
+          rope_parameters=dict(rope_type="default", rope_theta=10000.0), **common),
+      "olmo2": tf.Olmo2Config(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0,
+          rope_parameters=dict(rope_type="default", rope_theta=500.0), **common),
+      "gemma3_text": tf.Gemma3TextConfig(
+          hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+          head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=4, query_pre_attn_scalar=8,
+          layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh",
+          tie_word_embeddings=True, pad_token_id=0,
+          rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1000.0),
+                           "sliding_attention": dict(rope_type="default", rope_theta=10.0)}, **common),
   }
 
 
@@ -142,7 +174,10 @@ def check_export(out: str) -> None:
 
 
 # Variants the fixtures do not cover: biases everywhere with a head dim != d_model / heads and linear RoPE scaling
-# (llama), a sliding window with Llama-3.1 scaling (mistral), a sliding window (qwen2), exact gelu (gpt2).
+# (llama), a sliding window with Llama-3.1 scaling (mistral), a sliding window (qwen2), exact gelu (gpt2); attention
+# biases and every layer sliding (qwen3); exact gelu, no soft-caps, query scale = head dim and the other layer
+# global (gemma2); a sliding window (phi3); attention biases (olmo2); a final soft-cap, query scale != head dim and
+# one theta for all layers (gemma3_text).
 VARIANTS = {
     "llama": dict(mlp="swiglu", qkv_bias=True, o_bias=True, mlp_bias=True, rope_scaling="linear", rope_factor=2.0,
                   attn_head_dim=8),
@@ -151,6 +186,13 @@ VARIANTS = {
     "qwen2": dict(mlp="swiglu", qkv_bias=True, sliding_window=5),
     "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, qkv_bias=True, o_bias=True, mlp_bias=True,
                  gelu_approximate=False),
+    "qwen3": dict(mlp="swiglu", qk_norm="head", qkv_bias=True, o_bias=True, sliding_window=5, attn_head_dim=8),
+    "gemma2": dict(mlp="geglu", gelu_approximate=False, block_norms="sandwich", norm_plus_one=True, embed_scale=True,
+                   sliding_window=3, global_layers=(0,), tied_embeddings=False),
+    "phi3": dict(mlp="swiglu", sliding_window=4, num_kv_heads=2),
+    "olmo2": dict(mlp="swiglu", qk_norm="full", block_norms="post", qkv_bias=True, o_bias=True, num_kv_heads=2),
+    "gemma3_text": dict(mlp="geglu", block_norms="sandwich", norm_plus_one=True, embed_scale=True, qk_norm="head",
+                        sliding_window=3, global_layers=(1,), final_softcap=5.0, attn_scale_dim=6.0),
 }
 
 

@@ -164,6 +164,14 @@ def test_imported_checkpoint_with_its_own_chat_template(tmp_path):
   results = cl_jax.run(c, str(tmp_path / "w"), progress=False, data=data)
   assert results.accuracy_matrix.shape == (3, 2)
   assert len(results.metrics("train")) == 4
+  # The tokenizer and its template are kept with the run: the saved directory renders the same ids.
+  from cl_jax.lm.templates import encode_chat, load_chat_template
+  saved = str(tmp_path / "w" / "tokenizer")
+  assert os.path.exists(os.path.join(saved, "chat_template.jinja"))
+  chat = [("user", "Hi?"), ("assistant", "Yo.")]
+  from cl_jax.models import hf_checkpoint
+  assert encode_chat(chat, hf_checkpoint.load_tokenizer(saved), load_chat_template(saved))[0].tolist() == \
+      encode_chat(chat, data.tokenizer, data.template)[0].tolist()
 
 
 def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypatch):

@@ -237,6 +237,44 @@ def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_pat
   assert [e["step"] for e in records if e["type"] == "train"] == list(range(1, 21))
 
 
+def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, tmp_path):
+  """Issue 23 on the LM kind (the checkpoint code is the classic kind's, tests/test_trust_checkpoints.py): the
+  newest adaptation checkpoint with flipped bytes is set aside for the one before it, a deleted metrics.jsonl is
+  rewritten from that checkpoint's copy, and the run ends with the same numbers."""
+  import shutil
+  import warnings
+  reference, base_workdir = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base_workdir, workdir)
+  newest = os.path.join(workdir, "checkpoints", "tasks", "20")
+  blob = max((os.path.join(d, f) for d, _, fs in os.walk(os.path.join(newest, "state")) for f in fs
+              if os.path.basename(d) == "d"), key=os.path.getsize)
+  with open(blob, "r+b") as f:
+    f.seek(os.path.getsize(blob) // 2)
+    chunk = f.read(64)
+    f.seek(os.path.getsize(blob) // 2)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    r = cl_jax.run(_tiny(regression__threshold=0.5), workdir, progress=False, data=data).extra
+  said = [str(w.message) for w in caught]
+  set_aside = [m for m in said if m.startswith("checkpoint ")]
+  assert len(set_aside) == 1 and set_aside[0].startswith(f"checkpoint {newest} is corrupt (array digest mismatch"), said
+  assert sum("metrics.jsonl was missing" in m for m in said) == 1, said
+  for split_model in ("best", "final"):
+    for k, v in reference.extra["test"][split_model].items():
+      assert r["test"][split_model][k] == pytest.approx(v, rel=1e-5), (split_model, k)
+  key = lambda path: [(e["type"], e.get("phase"), e["step"]) for e in map(json.loads, open(path))]
+  assert key(os.path.join(workdir, "metrics.jsonl")) == key(os.path.join(base_workdir, "metrics.jsonl"))
+  # Up to the step it resumed from, the log is the original's byte for byte (rewritten from the checkpoint's copy).
+  step = int(next(m for m in said if "metrics.jsonl was missing" in m).split("checkpoint of step ")[1].split()[0])
+  with open(os.path.join(base_workdir, "metrics.jsonl")) as f:
+    original = [line for line in f if json.loads(line).get("phase") == "pretrain" or json.loads(line)["step"] <= step]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.readlines()[:len(original)] == original and 0 < step < 20
+
+
 def test_generative_replay_pool_and_run(data, base_run, tmp_path):
   import jax
   from cl_jax.models.transformer import build_lm

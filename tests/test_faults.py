@@ -137,7 +137,7 @@ def test_checkpoint_without_metadata_is_skipped(tmp_path):
   ck.wait()
   os.remove(tmp_path / "checkpoints" / "rolling" / "2" / "_CHECKPOINT_METADATA")
   shard = jax.tree.map(lambda x: x.sharding, state)
-  with pytest.warns(UserWarning, match="rolling/2 has no _CHECKPOINT_METADATA"):
+  with pytest.warns(UserWarning, match=r"rolling/2 is unreadable \(no _CHECKPOINT_METADATA"):
     restored, meta = ck.restore(abstract_like(state, shard))
   assert meta == {"n": 1} and np.asarray(restored["w"]).tolist() == [0.0, 1.0, 2.0, 3.0]
   assert (tmp_path / "checkpoints" / "unreadable" / "rolling-2").is_dir()

@@ -2,7 +2,8 @@
 
 The fixtures under tests/fixtures/hf/ were written by scripts/make_hf_fixtures.py with transformers + PyTorch
 (CPU, float32): tiny random llama (GQA, Llama-3.1 RoPE scaling, sharded files), mistral (sliding window,
-tied), qwen2 (q/k/v biases, untied) and gpt2 models with their reference logits. This file needs neither.
+tied), qwen2 (q/k/v biases, untied) and gpt2 models with their reference logits, and the further families
+(MORE_FAMILIES: qwen3, gemma2, phi3, olmo2, gemma3_text), checked by one test each. This file needs neither.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from cl_jax.models.transformer import build_lm, model_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+# Later entries of the family table, each checked by one test (reference logits in both params layouts, KV-cache
+# decoding, export -> import) to keep the suite's time small.
+MORE_FAMILIES = ("qwen3", "gemma2", "phi3", "olmo2", "gemma3_text")
 
 
 def _fixture(family):
@@ -439,6 +443,13 @@ def test_cpt_hf_continues_pretraining_an_imported_model_through_run_py(tmp_path)
   for name in a:  # LoRA adapts the attention and MLP projections; everything else is the base, bit for bit
     changed = not np.array_equal(a[name], b[name])
     assert changed == (name.startswith("block_") and name.endswith("kernel")), name
+  # The adapter itself, in PEFT's format on the unchanged checkpoint: base + (alpha / r) A B = the merged export.
+  assert record["hf_adapter"] == str(workdir / "hf_adapter")
+  adapter, spec = hc.import_peft_adapter(record["hf_adapter"], base.config, base.params)
+  for path, layer in adapter.items():
+    kernel = a[path + "/kernel"]
+    delta = (spec.alpha / spec.rank) * np.asarray(layer["A"]) @ np.asarray(layer["B"])
+    np.testing.assert_allclose(b[path + "/kernel"], kernel + delta.reshape(kernel.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -472,3 +483,81 @@ def test_imported_model_in_the_stacked_layout_keeps_its_logits(family, tmp_path)
                       (hc.load(str(tmp_path), scan_layers=True), loaded.params)):
     a, b = _flat(again.params), _flat(want)
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+# How each further family is run: unrolled blocks (a Python loop; under remat a `jax.checkpoint` per block told its
+# static layer index) or scanned (`scan_layers`: one block over params stacked [L, ...], layers that differ get
+# their index scanned along with them, through `jax.checkpoint` under remat).
+MORE_FAMILY_RUNS = {"qwen3": dict(remat="full"), "gemma2": {}, "phi3": {}, "olmo2": dict(scan_layers=True),
+                    "gemma3_text": dict(scan_layers=True, remat="full")}
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_match_transformers_and_round_trip(family, tmp_path):
+  """qwen3 (per-head q/k norms, head dim 16 != 32 / 4, layer 1 of 2 sliding), gemma2 (sandwich norms with 1 + w
+  gains, scaled embeddings, attention and final soft-caps, query_pre_attn_scalar 12 != head dim 8, layer 0
+  sliding), phi3 (fused qkv_proj and gate_up_proj), olmo2 (post-norms, q/k norms over the whole projection) and
+  gemma3_text (q/k norms, linear RoPE scaling on the global layer, theta 10 on the sliding one), each run as
+  MORE_FAMILY_RUNS says: the reference logits, and export -> import bit-exact with the same config
+  (transformers' side of the export: scripts/make_hf_fixtures.py --check-export). gemma3_text's alternating
+  sliding / global layers also run scanned over a KV cache (what sampling does)."""
+  from flax import nnx
+  from cl_jax.models import scan_layout
+  from cl_jax.models.transformer import init_cache
+  ref = _reference(family)
+  loaded = hc.load(_fixture(family), **MORE_FAMILY_RUNS[family])
+  assert np.abs(ref["logits"]).max() > 1.0
+  np.testing.assert_allclose(_logits(loaded, ref["tokens"]), ref["logits"], rtol=0, atol=1e-4)
+  np.testing.assert_array_equal(loaded.tokenizer.encode(str(ref["text"])), ref["text_ids"])
+  if family == "gemma3_text":
+    assert loaded.config.per_layer and loaded.params["stacked_blocks"]["attn"]["q_norm"]["scale"].shape == (2, 8)
+    model = nnx.merge(loaded.model.graphdef, loaded.params)
+    cached, cache = jax.jit(model.forward_with_cache)(jnp.asarray(ref["tokens"]), jnp.int32(0),
+                                                       init_cache(loaded.config, 2, 16))
+    np.testing.assert_allclose(cached, ref["logits"], rtol=0, atol=1e-4)
+    assert cache[0]["k"].shape[:2] == (2, 2)  # [layers, batch, ...]: one stacked cache, scanned with the layers
+  hc.export(str(tmp_path), loaded.hf_config, loaded.params, tokenizer=loaded.tokenizer)
+  again = hc.load(str(tmp_path))
+  a, b = _flat(scan_layout.unstack_blocks(loaded.params)), _flat(again.params)
+  assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+  assert again.config == loaded.config.replace(remat="none", scan_layers=False)
+  # phi3 computes Llama's function: a TransformerConfig alone exports as llama, as phi3 only when asked.
+  assert hc.family_of(again.config) == ("llama" if family == "phi3" else family)
+  rope_keys = ("rope_scaling", "rope_parameters", "rope_theta")
+  assert {k: v for k, v in loaded.hf_config.items() if k not in rope_keys} == {
+      k: again.hf_config.get(k) for k in loaded.hf_config if k not in rope_keys}
+
+
+def test_each_feature_of_the_further_families_moves_the_logits():
+  """What the further fixtures carry is exercised: with the option off (params unchanged), the logits leave the
+  reference; and a model built in cl_jax with a family's conventions exports as that family."""
+  cfgs = {f: hc.transformer_config(hc.read_config(_fixture(f))) for f in ("qwen3", "gemma2", "gemma3_text")}
+  assert cfgs["qwen3"].global_layers == (0,) and cfgs["qwen3"].sliding_window == 5 and cfgs["qwen3"].qk_norm == "head"
+  assert cfgs["gemma2"].global_layers == (1,) and (cfgs["gemma2"].attn_softcap, cfgs["gemma2"].final_softcap,
+                                                   cfgs["gemma2"].attn_scale_dim) == (5.0, 10.0, 12.0)
+  assert cfgs["gemma3_text"].rope_local_base == 10.0 and cfgs["gemma3_text"].rope_scaling == "linear"
+  # Two overrides only, to keep the suite's time small (that a window moves the logits: mistral's check above).
+  for family, override in (("gemma2", dict(attn_softcap=0.0)), ("gemma3_text", dict(rope_local_base=0.0))):
+    ref = _reference(family)
+    changed = _logits(hc.load(_fixture(family), **override), ref["tokens"])
+    assert np.abs(changed - ref["logits"]).max() > 1e-3, (family, override)
+  gemma_like = model_config("tiny", vocab_size=16, d_model=16, num_heads=2, num_layers=2, mlp="geglu",
+                            block_norms="sandwich", norm_plus_one=True, embed_scale=True)
+  assert hc.family_of(gemma_like) == "gemma2"
+  assert hc.family_of(gemma_like.replace(qk_norm="head")) == "gemma3_text"
+  assert hc.family_of(gemma_like.replace(mlp="swiglu", block_norms="post", norm_plus_one=False, embed_scale=False,
+                                         qk_norm="full")) == "olmo2"
+  with pytest.raises(ConfigError, match="matches no Hugging Face family"):  # Gemma's layer without its 1 + w gains
+    hc.family_of(gemma_like.replace(norm_plus_one=False))
+  # A per-layer window pattern exports only to a family that states windows per layer.
+  mixed = gemma_like.replace(mlp="swiglu", block_norms="pre", norm_plus_one=False, embed_scale=False, qkv_bias=True,
+                             sliding_window=3, global_layers=(1,))
+  assert hc.family_of(mixed) == "qwen2"
+  with pytest.raises(ConfigError, match="family='mistral' cannot hold this model exactly"):
+    hc.hf_config(mixed, "mistral")
+  # Bad input is named: a layer index out of range, a config.json whose layer_types do not fit its layers.
+  with pytest.raises(ValueError, match=r"global_layers=\(2,\): expected a tuple of layer indices in \[0, 2\)"):
+    mixed.replace(global_layers=(2,))
+  hf = dict(hc.read_config(_fixture("gemma2")), layer_types=["sliding_attention"])
+  with pytest.raises(ConfigError, match=r"^x/config.json: layer_types=\['sliding_attention'\]: expected 2 entries"):
+    hc.transformer_config(hf, "x/config.json")

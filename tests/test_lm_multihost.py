@@ -1,9 +1,11 @@
 """Two real processes on 127.0.0.1 run continual pre-training as a two-host job: each process feeds only its own rows
 of every global batch (the mixture sampler decides rows from seed and step alone), the numbers match one process,
-and only process 0 writes the outputs."""
+and only process 0 writes the outputs. The domain corpus is a prepared cache (`cl-jax prepare`): each process reads
+only its own rows of each batch from the shards, and a killed pair resumes at the exact sequence."""
 import json
 import os
 import signal
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,10 +13,12 @@ import pytest
 from multihost_util import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Small local corpora (this repository's result notes as prose, its strategy sources as code): quick to load.
+# Small local corpora (this repository's result notes as prose, its strategy sources as code, prepared into a cache
+# by the module fixture below): quick to load.
+CACHE = os.path.join(tempfile.gettempdir(), f"cl_jax_lm_multihost_cache_{os.getpid()}")  # one per xdist worker
 ARGS = ["--config", "configs/cpt_lm.py:mixture=70_30", "--config.lm.d_model=32",
         "--config.lm.num_layers=1", "--config.lm.num_heads=2", "--config.lm.seq_len=32",
-        f"--config.text.general=files:{ROOT}/results/*.md", f"--config.text.domain=files:{ROOT}/cl_jax/strategies/*.py",
+        f"--config.text.general=files:{ROOT}/results/*.md", f"--config.text.domain=cache:{CACHE}",
         "--config.text.validation=0.25", "--config.text.test=0.25",
         "--config.text.max_train_sequences=256", "--config.text.eval_sequences=16",
         "--config.text.general_eval_sequences=16", "--config.text.cloze_items=8",
@@ -22,6 +26,20 @@ ARGS = ["--config", "configs/cpt_lm.py:mixture=70_30", "--config.lm.d_model=32",
         "--config.adapt.steps=8", "--config.adapt.batch_size=8", "--config.regression.eval_every=4",
         "--config.regression.eval_batch_size=16", "--config.regression.threshold=0.5",
         "--config.train.log_every_steps=4", "--config.checkpoint.every_steps=4", "--no_progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def domain_cache():
+  """The strategy sources tokenized once (byte tokenizer, the runs' seq_len and split): `cache:` in ARGS."""
+  import shutil
+
+  from cl_jax.data import prepare
+  from cl_jax.data.tokenizer import ByteTokenizer
+  shutil.rmtree(CACHE, ignore_errors=True)
+  prepare.prepare([f"files:{ROOT}/cl_jax/strategies/*.py"], ByteTokenizer(), CACHE, seq_len=32, validation=0.25,
+                  test=0.25, shard_sequences=64, progress=False)
+  yield CACHE
+  shutil.rmtree(CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -59,10 +59,13 @@ def test_checkpoint_chat_template_rendered_with_jinja(tmp_path):
   text = template.render([templates.Message(r, c) for r, c in CHAT[1:3]])
   assert text == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nYo.<|im_end|>\n"
   ids, mask = templates.encode_chat(CHAT[1:3], tok, template)
-  before = tok.encode("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
-  answer = tok.encode("Yo.<|im_end|>\n")
-  assert ids.tolist() == before.tolist() + answer.tolist()
-  assert mask.tolist() == [0] * len(before) + [1] * len(answer)
+  # The whole text at once, as transformers' apply_chat_template encodes it; targets: the tokens that overlap the
+  # answer and its end-of-turn text.
+  full = "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nYo.<|im_end|>\n"
+  assert ids.tolist() == tok.encode(full).tolist()
+  start = len(full) - len("Yo.<|im_end|>\n")
+  assert mask.tolist() == [int(end > start) for _, end in tok.encode_with_offsets(full)[1]]
+  assert 0 < mask.sum() < len(mask)
   # no template in the directory -> the plain one
   assert isinstance(templates.template_for(tok, os.path.join(ROOT, "tests", "fixtures", "hf", "qwen2")),
                     templates.PlainTemplate)

@@ -171,14 +171,14 @@ def _write_corpus(root, n_txt=30, n_jsonl=50):
   lines = [json.dumps({"text": f"Record {i}: the dose was {i * 3} mg twice daily. " * 6, "id": i})
            for i in range(n_jsonl)]
   (root / "records.jsonl").write_text("\n".join(lines[:25]) + "\n\n" + "\n".join(lines[25:]) + "\n")
-  (root / "README.md").write_text("not part of the corpus")
+  (root / "scan.pdf").write_bytes(b"%PDF not part of the corpus")  # no text format: skipped, with a warning
 
 
 def test_directory_domain_reads_txt_and_jsonl_and_splits_by_document(tmp_path):
   from cl_jax.models import hf_checkpoint
   _write_corpus(tmp_path)
   docs = text.directory_documents(str(tmp_path))
-  assert len(docs) == 30 + 50  # README.md and the blank line are not documents
+  assert len(docs) == 30 + 50  # scan.pdf and the blank line are not documents
   assert docs[0].group == "dir:notes/note00.txt" and docs[-1].group == "dir:records.jsonl:51"
   assert docs[-1].text.startswith("Record 49:")
   # Tokenized with a checkpoint's own tokenizer (tokenizer.json through `tokenizers`), also reachable as
@@ -205,10 +205,10 @@ def test_directory_domain_reads_txt_and_jsonl_and_splits_by_document(tmp_path):
 def test_directory_domain_errors_name_the_file(tmp_path):
   with pytest.raises(ConfigError, match="missing': no such directory"):
     text.domain_documents(f"dir:{tmp_path}/missing")
-  (tmp_path / "a.md").write_text("x")
-  with pytest.raises(ConfigError, match="a.md': not a directory"):
-    text.domain_documents(f"dir:{tmp_path}/a.md")
-  with pytest.raises(ConfigError, match=r"no .txt or .jsonl file under"):
+  (tmp_path / "a.png").write_bytes(b"x")
+  with pytest.raises(ConfigError, match="a.png': not a directory"):
+    text.domain_documents(f"dir:{tmp_path}/a.png")
+  with pytest.raises(ConfigError, match=r"no corpus file under"):
     text.domain_documents(f"dir:{tmp_path}")
   (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
   with pytest.raises(ValueError, match=r"b.jsonl:2 has no string 'text' field"):
@@ -235,12 +235,13 @@ def _refused(capsys, workdir, *overrides):
 def test_missing_or_empty_corpora_are_refused_at_validation_naming_the_key(tmp_path, capsys):
   missing, empty = tmp_path / "missing", tmp_path / "empty"
   empty.mkdir()
-  (empty / "notes.md").write_text("not a corpus file")  # neither .txt nor .jsonl
+  (empty / "notes.png").write_bytes(b"not a corpus file")  # no text format
   workdir = tmp_path / "w"
   err = _refused(capsys, workdir, f"--config.text.domain=dir:{missing}")
-  assert err == f"error: text.domain='dir:{missing}': no such directory (expected a directory of .txt / .jsonl files)"
+  assert err == (f"error: text.domain='dir:{missing}': no such directory (expected a directory of text or source "
+                 "files, .jsonl(.gz/.zst) or .parquet files)")
   err = _refused(capsys, workdir, f"--config.text.general=dir:{empty}")
-  assert err.startswith(f"error: text.general='dir:{empty}': no .txt or .jsonl file under {empty}")
+  assert err.startswith(f"error: text.general='dir:{empty}': no corpus file under {empty}")
   err = _refused(capsys, workdir, f"--config.text.domain=files:{tmp_path}/*.txt")
   assert err.startswith(f"error: text.domain='files:{tmp_path}/*.txt': no file matches the glob")
   err = _refused(capsys, workdir, "--config.text.domain=wikipedia")

@@ -4,10 +4,12 @@ Domains:
   * `general` - English prose: the `pydoc_data.topics` reference pages plus the docstrings of standard
     library modules, classes and functions (read with `ast`, so nothing is imported or executed).
   * `code` (alias `python`, `domain`) - Python source: standard-library `.py` files.
-  * `files:<glob>` - any local text files, one document per file.
-  * `dir:<directory>` - a local corpus: every `.txt` file under the directory (recursively) is one document,
-    and every line of every `.jsonl` file is one document (its "text" field). This is how a user's own
-    domain (medical notes, contracts, a code base) is named in a config.
+  * `files:<glob>` - any local files: a text file is one document, a record file one document per record.
+  * `dir:<directory>` - a local corpus: every text or source file under the directory (recursively; `TEXT_SUFFIXES`)
+    is one document, and every line of every `.jsonl` / `.jsonl.gz` / `.jsonl.zst` file and every row of every
+    `.parquet` file is one document (its "text" field); any other file is named in a warning, never dropped
+    silently. This is how a user's own domain (medical notes, contracts, a code base) is named in a config.
+  * `cache:<directory>` - a corpus tokenized once by `cl-jax prepare` (`cl_jax.data.prepare`), read on demand.
   * `tfds:<name>[:<split>[:<feature>]]` - a tensorflow-datasets text dataset read through
     `tfds.data_source` (imported lazily; the dataset must already be prepared in the tfds data dir).
 
@@ -29,10 +31,13 @@ import ast
 import dataclasses
 import functools
 import glob as globlib
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
+import sys
 import sysconfig
 from typing import NamedTuple, Sequence
 
@@ -56,8 +61,12 @@ class PackedSplit(NamedTuple):
 
 class TextDomain(NamedTuple):
   name: str
-  documents: dict        # split -> list[Document]
-  splits: dict           # split -> PackedSplit
+  documents: dict        # split -> list[Document] (a prepared cache: the decoded evaluation sequences only)
+  splits: dict           # split -> PackedSplit (a prepared cache: tokens read on demand, `prepare.CachedRows`)
+  num_documents: dict | None = None  # split -> documents, where `documents` does not hold them all
+
+  def count(self, split: str) -> int:
+    return self.num_documents[split] if self.num_documents is not None else len(self.documents[split])
 
 
 def _unit_hash(*parts) -> float:
@@ -141,11 +150,17 @@ def code_documents(*, code_share: float = 0.5, min_chars: int = 64,
 
 # ----------------------------------------------------------------------------- local corpora
 
-DIRECTORY_SUFFIXES = (".txt", ".jsonl")
+# What a `dir:` corpus reads: these files whole (prose, markup, source code), and these as one document per record
+# (a .jsonl line's or a .parquet row's text field). Anything else under the directory is named in a warning.
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java",
+                 ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".sql", ".html", ".css", ".yaml", ".yml", ".toml")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+DIRECTORY_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+_DIRECTORY_FORMS = "text or source files, .jsonl(.gz/.zst) or .parquet files"
 # The domain specs (module docstring): names of the built-in corpora, and the forms a spec may take.
 _ALIASES = {"python": "code", "domain": "code", "prose": "general"}
-_SPEC_FORMS = ("expected 'general', 'code' (alias 'python'/'domain'), 'files:<glob>', 'dir:<directory>' or "
-               "'tfds:<name>[:<split>[:<feature>]]'")
+_SPEC_FORMS = ("expected 'general', 'code' (alias 'python'/'domain'), 'files:<glob>', 'dir:<directory>', "
+               "'cache:<prepared directory>' or 'tfds:<name>[:<split>[:<feature>]]'")
 
 
 def _glob_files(pattern: str, key: str) -> list[str]:
@@ -157,23 +172,33 @@ def _glob_files(pattern: str, key: str) -> list[str]:
   return paths
 
 
-def _directory_files(directory: str, key: str) -> list[str]:
-  """The corpus files under `dir:<directory>`, sorted: every `.txt` and `.jsonl` file, hidden ones excepted."""
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def _directory_files(directory: str, key: str, warn=None) -> list[str]:
+  """The corpus files under `dir:<directory>`, sorted (hidden ones excepted); every other file is named in one
+  `warn` line (None: not reported, as when a config is only validated)."""
   spec = f"dir:{directory}"
   root = os.path.expanduser(directory)
-  wanted = " / ".join(DIRECTORY_SUFFIXES)
   if not os.path.exists(root):
-    raise ConfigError(f"{key}={spec!r}: no such directory (expected a directory of {wanted} files)")
+    raise ConfigError(f"{key}={spec!r}: no such directory (expected a directory of {_DIRECTORY_FORMS})")
   if not os.path.isdir(root):
-    raise ConfigError(f"{key}={spec!r}: not a directory (expected a directory of {wanted} files)")
-  paths = []
+    raise ConfigError(f"{key}={spec!r}: not a directory (expected a directory of {_DIRECTORY_FORMS})")
+  paths, skipped = [], []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                 if f.endswith(DIRECTORY_SUFFIXES) and not f.startswith("."))
+    for f in sorted(filenames):
+      if not f.startswith("."):
+        (paths if f.endswith(DIRECTORY_SUFFIXES) else skipped).append(os.path.join(dirpath, f))
   if not paths:
-    raise ConfigError(f"{key}={spec!r}: no {' or '.join(DIRECTORY_SUFFIXES)} file under {root} (each .txt file is "
-                      "one document, each .jsonl line one document)")
+    raise ConfigError(f"{key}={spec!r}: no corpus file under {root} ({_DIRECTORY_FORMS}: each text file is one "
+                      "document, each record one document)")
+  if skipped and warn is not None:
+    shown = ", ".join(os.path.relpath(p, root) for p in skipped[:8])
+    more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+    warn(f"{spec}: skipping {len(skipped)} file(s) of no known text format: {shown}{more} (read: "
+         f"{' '.join(DIRECTORY_SUFFIXES)})")
   return sorted(paths)
 
 
@@ -216,11 +241,24 @@ def _read_corpus_file(path: str) -> str:
     raise _not_utf8(path, e.start, data[e.start:e.start + 1]) from None
 
 
+def _open_records(path: str):
+  """A binary file object over a (possibly gzip- or zstandard-compressed) JSON-lines file."""
+  if path.endswith(".gz"):
+    return gzip.open(path, "rb")
+  if path.endswith(".zst"):
+    try:
+      import zstandard
+    except ImportError:
+      raise ConfigError(f"{path}: a .zst file needs the zstandard package (pip install zstandard)") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+  return open(path, "rb")
+
+
 def _jsonl_lines(path: str):
-  """(line number, text) of each line of a `.jsonl` file, streamed; ConfigError naming the file and the byte offset
-  of the first byte that is not UTF-8."""
+  """(line number, text) of each line of a `.jsonl` file (decompressed), streamed; ConfigError naming the file and
+  the byte offset of the first byte that is not UTF-8."""
   offset = 0
-  with open(path, "rb") as fh:
+  with _open_records(path) as fh:
     for line_no, raw in enumerate(fh, 1):
       try:
         line = raw.decode("utf-8")
@@ -230,49 +268,79 @@ def _jsonl_lines(path: str):
       yield line_no, line
 
 
+def _records(path: str, field: str):
+  """(record number, text) of a `.jsonl(.gz/.zst)` file's lines or a `.parquet` file's rows, streamed."""
+  if path.endswith(".parquet"):
+    try:
+      import pyarrow.parquet as pq
+    except ImportError:
+      raise ConfigError(f"{path}: a .parquet file needs pyarrow (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+      raise ConfigError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
+    row = 0
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+      for value in batch.column(0).to_pylist():
+        row += 1
+        if isinstance(value, str):
+          yield row, value
+    return
+  for line_no, line in _jsonl_lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+      raise ConfigError(f"{path}:{line_no} has no string {field!r} field (each line must be an object with the "
+                        "document's text under it)")
+    yield line_no, record[field]
+
+
+def path_documents(path: str, group: str, field: str = "text"):
+  """The documents of one corpus file, streamed: a text file whole, a record file's records (group `group:N`)."""
+  if path.endswith(RECORD_SUFFIXES):
+    for n, value in _records(path, field):
+      yield Document(value, f"{group}:{n}")
+  else:
+    yield Document(_read_corpus_file(path), group)
+
+
+def iter_directory_documents(directory: str, *, field: str = "text", warn=_warn):
+  """The documents of `dir:<directory>`, one file at a time, in sorted path order."""
+  root = os.path.expanduser(directory)
+  for path in _directory_files(directory, "domain", warn):
+    yield from path_documents(path, f"dir:{os.path.relpath(path, root)}", field)
+
+
 def file_documents(pattern: str, *, min_chars: int = 1, max_docs: int | None = None) -> list[Document]:
-  """One document per local text file matching `pattern` (a glob; `**` recurses)."""
+  """The documents of the local files matching `pattern` (a glob; `**` recurses): a text file whole, a record file
+  (.jsonl(.gz/.zst), .parquet) one document per record."""
   docs = []
-  for p in _glob_files(pattern, "domain")[:max_docs]:
-    text = _read_corpus_file(p)
-    if len(text) >= min_chars:
-      docs.append(Document(text, f"file:{p}"))
-  return docs
+  for p in _glob_files(pattern, "domain"):
+    docs.extend(d for d in path_documents(p, f"file:{p}") if len(d.text) >= min_chars)
+    if max_docs is not None and len(docs) >= max_docs:
+      break
+  return docs[:max_docs]
 
 
 def directory_documents(directory: str, *, field: str = "text", min_chars: int = 1,
                         max_docs: int | None = None) -> list[Document]:
-  """Documents of a local corpus directory: each `.txt` file whole, each `.jsonl` line's `field`.
+  """Documents of a local corpus directory: text and source files whole, each `.jsonl(.gz/.zst)` line's and
+  `.parquet` row's `field`; other files are named in a warning.
 
   Files are visited in sorted path order, so the corpus (and with it every split) is the same on every
-  machine. Each document is its own split unit (its group names the file, and the line for `.jsonl`), so
+  machine. Each document is its own split unit (its group names the file, and the record for record files), so
   train / validation / test are split by document.
   """
-  spec = f"dir:{directory}"
-  root = os.path.expanduser(directory)
   docs = []
-  for path in _directory_files(directory, "domain"):
-    rel = os.path.relpath(path, root)
-    if path.endswith(".txt"):
-      text = _read_corpus_file(path)
-      if len(text) >= min_chars:
-        docs.append(Document(text, f"dir:{rel}"))
-    else:
-      for line_no, line in _jsonl_lines(path):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"domain {spec!r}: {path}:{line_no} is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-          raise ValueError(f"domain {spec!r}: {path}:{line_no} has no string {field!r} field "
-                           "(each .jsonl line must be an object with the document's text under it)")
-        if len(record[field]) >= min_chars:
-          docs.append(Document(record[field], f"dir:{rel}:{line_no}"))
-    if max_docs is not None and len(docs) >= max_docs:
-      break
-  return docs[:max_docs]
+  for d in iter_directory_documents(directory, field=field):
+    if len(d.text) >= min_chars:
+      docs.append(d)
+      if max_docs is not None and len(docs) >= max_docs:
+        break
+  return docs
 
 
 def tfds_documents(name: str, split: str = "train", feature: str = "text", *,
@@ -387,13 +455,16 @@ def encode_all(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
 def load_domain(spec: str, tokenizer, seq_len: int, *, seed: int = 0, validation: float = 0.05,
                 test: float = 0.05, max_docs: int | None = None, name: str | None = None,
                 code_share: float = 0.5) -> TextDomain:
-  """Documents -> dedup -> split by group -> tokenize -> pack, for one domain."""
+  """Documents -> dedup -> split by group -> tokenize -> pack, for one domain (a prepared cache instead:
+  `prepare.load_domain`)."""
   docs = deduplicate(domain_documents(spec, max_docs=max_docs, code_share=code_share))
   if not docs:
     raise ValueError(f"domain {spec!r}: no documents")
   by_split = split_documents(docs, seed=seed, validation=validation, test=test)
-  packed = {s: pack(encode_all(tokenizer, [d.text for d in by_split[s]]), seq_len, tokenizer.eos_id)
-            for s in SPLITS}
+  # Between documents: the tokenizer's document separator (an HF tokenizer's end-of-text token, which an instruct
+  # model's eos need not be), else its eos.
+  separator = int(getattr(tokenizer, "separator_id", tokenizer.eos_id))
+  packed = {s: pack(encode_all(tokenizer, [d.text for d in by_split[s]]), seq_len, separator) for s in SPLITS}
   for s in SPLITS:
     want = {"train": 1.0, "validation": validation, "test": test}[s]
     if want > 0 and len(packed[s].tokens) == 0:

@@ -65,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, batch_size=1000, split="test"))  # split: test | validation
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = sharding.distributed_config()  # multi-host timeouts (cl_jax/sharding.py)
   from cl_jax.models.lora import default_config as lora_config
   c.lora = lora_config()  # adapters: targets, rank, alpha, dropout
   from cl_jax.strategies import default_configs  # strategy-owned sections (ewc, replay, ...), from the registry

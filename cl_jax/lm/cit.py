@@ -108,6 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=False, divergence_factor=100.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = sharding.distributed_config()  # multi-host timeouts (cl_jax/sharding.py)
   c.lock()
   return c
 
@@ -551,6 +552,11 @@ def execute(built: Built, ctx):
   data, plan, params, names, fraction, steps, t0 = built
   with Checkpoints(ctx.workdir, keep=c.checkpoint.keep) as checkpoints:
     out = run_tasks(plan, ctx.workdir, checkpoints, ctx.resume, ctx.progress, hooks=ctx.hooks)
+  tokenizer_dir = None
+  if c.lm.init_from:  # the tokenizer and chat template the run trained with travel with its checkpoints
+    from cl_jax.models import hf_checkpoint
+    tokenizer_dir = os.path.join(ctx.workdir, "tokenizer")
+    hf_checkpoint.write_tokenizer(tokenizer_dir, data.tokenizer, getattr(data.template, "source", None))
   r = np.asarray([rec["accuracy"] for rec in out.boundary], np.float64)
   set_history = [{"after_task": i, "sets": rec["sets"]} for i, rec in enumerate(out.boundary)]
   final = out.boundary[-1]
@@ -568,7 +574,7 @@ def execute(built: Built, ctx):
       "replay_share": final.get("replay_share"),
       "packing": [st._asdict() for st in data.pack_stats],
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-      "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0},
+      "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0}, "tokenizer_dir": tokenizer_dir,
       **strategy_record_cit(c, names)}
   return Results("cit", ctx.workdir, r, **summarize(r), extra=extra)
 

@@ -17,7 +17,7 @@ import ml_collections
 from cl_jax import sharding
 from cl_jax.config import COMMON_SCHEMA, integer, number, one_of
 from cl_jax.data import mixture as mx
-from cl_jax.data import text as textdata
+from cl_jax.data import prepare
 from cl_jax.models.transformer import SIZES
 from cl_jax.train.optim import OPTIMIZERS
 
@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lm = ml_collections.ConfigDict(dict(
       size="tiny", d_model=0, num_layers=0, num_heads=0,  # 0: the size's default
       seq_len=128, tokenizer="byte", tied_embeddings=True,
+      mlp="",  # '' = the size's own (gelu); 'swiglu' (with rmsnorm + RoPE: a Llama model lm.export_hf can write)
       # '' = the size's own (bfloat16 for 1b, float32 below); 'float32' | 'bfloat16' override it.
       compute_dtype="",
       # Scale (H9, issue 9 item 2): remat none|full|dots, layers under one lax.scan, params float32 (default) or
@@ -61,7 +62,12 @@ def default_config() -> ml_collections.ConfigDict:
       # A Hugging Face checkpoint directory to start from (cl_jax.models.hf_checkpoint): its architecture and
       # tokenizer replace size / d_model / num_layers / num_heads / tokenizer / tied_embeddings; '' = a new model.
       init_from="",
-      export_hf=True))  # with init_from: write the kept (best) model to <workdir>/hf in the same layout
+      # The token packed between documents: '' = the tokenizer's end-of-text (an instruct checkpoint's too, not its
+      # chat end-of-turn token; cl_jax.lm.data.run_tokenizer), else a token string of the vocabulary.
+      doc_separator="",
+      # Write the kept (best) model to <workdir>/hf in the Hugging Face layout (+ <workdir>/hf_adapter, PEFT, for
+      # lora / olora): an imported model in its own layout, a new one when a family holds it (lm.runner.export_hf).
+      export_hf=True))
   c.text = ml_collections.ConfigDict(dict(
       general="general", domain="code",  # domain specs (cl_jax.data.text.load_domain)
       # Document groups (source files) per split; 15% each gives the general corpus ~40-50 groups and ~150K
@@ -118,6 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, keep_tasks=0, keep_best=True,
                                                 async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.distributed = sharding.distributed_config()  # multi-host timeouts (cl_jax/sharding.py)
   # Issue 10 items 4-5 (stages before the adaptation): vocabulary extension, long-context extension.
   from cl_jax.lm.long_context import default_long_context_config
   from cl_jax.lm.vocab import default_vocab_config
@@ -179,7 +186,7 @@ def check_config(c) -> None:
   # The corpora's files are listed (not read) here, so a missing directory or an empty glob fails before the
   # workdir is made; a file that is not UTF-8 is found when the corpus is read (build, still before any write).
   for role in ("general", "domain"):
-    textdata.check_spec(c.text[role], f"text.{role}")
+    prepare.check_spec(c.text[role], f"text.{role}")
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
   check_vocab_config(c)
@@ -187,6 +194,11 @@ def check_config(c) -> None:
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     hf_checkpoint.check(c.lm.init_from, "lm.init_from", seq_len=int(c.lm.seq_len))
+  if c.lm.mlp not in ("", "gelu", "swiglu"):
+    raise ValueError(f"lm.mlp={c.lm.mlp!r}: expected '' (the size's own), 'gelu' or 'swiglu'")
+  if c.lm.doc_separator:
+    from cl_jax.lm.data import run_tokenizer
+    run_tokenizer(c)  # the token exists (reads the tokenizer file only)
   data, fsdp = sharding.mesh_shape(c.mesh.data, c.mesh.fsdp)
   accum = int(c.train.grad_accum)
   for section in ("pretrain", "adapt"):

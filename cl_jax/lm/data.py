@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cl_jax import sharding
+from cl_jax.data import prepare
 from cl_jax.data import text as textdata
 from cl_jax.data.tokenizer import load_tokenizer
 
@@ -43,36 +44,73 @@ def subset(n: int, k: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
+# A prepared cache's evaluation sets when the config asks for all of a split (`*eval_sequences=0`): all of a
+# multi-GB corpus's validation split would be scored at every evaluation; 4,096 sequences detect a 1% change in
+# mean loss many times over (the monitor's paired interval narrows as 1/sqrt(n)).
+CACHED_EVAL_SEQUENCES = 4096
+# The general sample a strategy consolidates on after the base phase (EWC's Fisher, MAS's importance, ...) when
+# general text is a prepared cache, instead of all of it.
+CACHED_CONSOLIDATION_SEQUENCES = 4096
+
+
+def run_tokenizer(c):
+  """The tokenizer an LM run reads its corpora with: the checkpoint's own (`lm.init_from`) or `lm.tokenizer`.
+
+  Documents are packed with `separator_id` between them (`cl_jax.data.text.pack`): the family's end-of-text token
+  (`cl_jax.models.hf_tokenizer.HFTokenizer`; an instruct model's chat end-of-turn token, which its config.json may
+  name as eos, is not what its pre-training put between documents), or the token `lm.doc_separator` names.
+  ConfigError when that token is not in the vocabulary or the tokenizer has no named tokens (byte)."""
+  from cl_jax.errors import ConfigError
+  sep = str(c.lm.get("doc_separator", "") or "")
+  try:
+    if c.lm.init_from:  # an imported model reads text through its own tokenizer
+      from cl_jax.models import hf_checkpoint
+      return hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from),
+                                          separator=sep or None)
+    tok = load_tokenizer(c.lm.tokenizer)
+    if sep:
+      if not hasattr(tok, "token_id"):
+        raise ConfigError(f"the {getattr(tok, 'name', type(tok).__name__)} tokenizer has no named tokens (its eos "
+                          "separates documents); leave it ''")
+      tok.separator_id = tok.token_id(sep, "separator")
+    return tok
+  except ValueError as e:
+    if not sep:
+      raise
+    raise ConfigError(f"lm.doc_separator={sep!r}: {e}") from None
+
+
 def load_data(c, tokenizer=None) -> CPTData:
   """Both corpora, packed; fixed evaluation subsets and cloze items (all a function of the config).
 
   `tokenizer`: read the corpora with this one instead of the config's (a vocabulary-extended run: cl_jax.lm.vocab)."""
-  if tokenizer is not None:
-    tok = tokenizer
-  elif c.lm.init_from:  # an imported model reads text through its own tokenizer
-    from cl_jax.models import hf_checkpoint
-    tok = hf_checkpoint.load_tokenizer(c.lm.init_from, hf_checkpoint.read_config(c.lm.init_from))
-  else:
-    tok = load_tokenizer(c.lm.tokenizer)
+  tok = tokenizer if tokenizer is not None else run_tokenizer(c)
   t = c.text
-  domains = {role: textdata.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
+  domains = {role: prepare.load_domain(spec, tok, c.lm.seq_len, seed=t.split_seed, validation=t.validation,
                                         test=t.test, name=role)
              for role, spec in ((GENERAL, t.general), (DOMAIN, t.domain))}
   train, doc_index, evals = {}, {}, {"validation": {}, "test": {}}
   for i, (role, dom) in enumerate(domains.items()):
     tr = dom.splits["train"]
     keep = subset(len(tr.tokens), t.max_train_sequences, 11 + i)
-    train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    if isinstance(tr.tokens, np.ndarray):
+      train[role], doc_index[role] = tr.tokens[keep], tr.doc_index[keep]
+    else:  # a prepared cache: rows stay on disk, read per batch (only this process's rows)
+      lazy = len(keep) == len(tr.tokens)
+      train[role] = tr.tokens if lazy else tr.tokens.view(keep)
+      doc_index[role] = tr.doc_index if lazy else np.asarray(tr.doc_index)[keep]
     cap = t.general_eval_sequences if role == GENERAL else t.eval_sequences
+    if not isinstance(dom.splits["validation"].tokens, np.ndarray) and cap <= 0:
+      cap = CACHED_EVAL_SEQUENCES
     for j, split in enumerate(("validation", "test")):
       ev = dom.splits[split].tokens
-      evals[split][role] = ev[subset(len(ev), cap, 101 + 10 * i + j)]
+      evals[split][role] = np.asarray(ev[subset(len(ev), cap, 101 + 10 * i + j)])
   cloze = {split: textdata.make_cloze_items(domains[GENERAL].documents[split], tok, num_items=t.cloze_items,
                                             context_tokens=t.cloze_context, num_choices=t.cloze_choices,
                                             seed=7 + j)
            for j, split in enumerate(("validation", "test"))}
   return CPTData(tok, train, doc_index, evals, cloze,
-                 {role: len(dom.documents["train"]) for role, dom in domains.items()})
+                 {role: dom.count("train") for role, dom in domains.items()})
 
 
 def eval_sizes(data: CPTData) -> dict:
@@ -100,12 +138,13 @@ def sampler_batch(sampler, step: int, data_by_role: dict, task: int) -> dict:
   ids, example = sampler.indices(step)
   rows = sharding.process_rows({"ids": ids, "example": example})
   ids, example = rows["ids"], rows["example"]
-  first = np.asarray(data_by_role[sampler.domains[0]])
-  tokens = np.empty((len(ids),) + first.shape[1:], first.dtype)
+  first = data_by_role[sampler.domains[0]]
+  tokens = np.empty((len(ids),) + tuple(first.shape[1:]), first.dtype)
   for d in np.unique(ids):
     where = ids == d
-    tokens[where] = np.asarray(data_by_role[sampler.domains[d]])[example[where]]
+    tokens[where] = data_by_role[sampler.domains[d]][example[where]]  # arrays, or cache rows read on demand
   return next_token_batch(tokens, task, ids)
 
 
-__all__ = ["CPTData", "load_data", "eval_sizes", "subset", "next_token_batch", "sampler_batch"]
+__all__ = ["CACHED_EVAL_SEQUENCES", "CACHED_CONSOLIDATION_SEQUENCES", "CPTData", "run_tokenizer", "load_data",
+           "eval_sizes", "subset", "next_token_batch", "sampler_batch"]

@@ -43,7 +43,7 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
 from cl_jax.lm.config import DOMAIN, GENERAL
-from cl_jax.lm.data import CPTData, eval_sizes, load_data, sampler_batch
+from cl_jax.lm.data import CACHED_CONSOLIDATION_SEQUENCES, CPTData, eval_sizes, load_data, sampler_batch, subset
 
 TASKS = (GENERAL, DOMAIN)
 
@@ -51,6 +51,8 @@ TASKS = (GENERAL, DOMAIN)
 def model_config(c, vocab_size: int):
   from cl_jax.models.transformer import SIZES, model_config as named
   overrides = {k: int(c.lm[k]) for k in ("d_model", "num_layers", "num_heads") if c.lm[k]}
+  if c.lm.get("mlp", ""):  # 'swiglu': a Llama-family model, exportable to the Hugging Face layout
+    overrides["mlp"] = c.lm.mlp
   # lm.compute_dtype '' keeps the size's own (bfloat16 for 1b): an explicit value overrides it.
   dtype = c.lm.compute_dtype or SIZES[c.lm.size].get("compute_dtype", "float32")
   return named(c.lm.size, vocab_size=vocab_size, max_len=c.lm.seq_len, compute_dtype=dtype,
@@ -277,6 +279,8 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
     if t != 0:  # the adapted model's own consolidation would only serve a further task
       return state
     general = data.train[GENERAL]
+    if not isinstance(general, np.ndarray):  # a prepared cache: the consolidation sample, not the whole corpus
+      general = general[subset(len(general), CACHED_CONSOLIDATION_SEQUENCES, 23)]
     task_data = TaskData(general[:, :-1], general[:, 1:], np.zeros(len(general), np.int32), 0)
     new = strategy.after_task(state.strategy_state, state.params, task_data, jax.random.fold_in(key, 1000))
     return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
@@ -510,16 +514,51 @@ def execute(built: Built, ctx):
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                         base_state.params["base"])
     record["lora_base_unchanged"] = bool(all(jax.tree.leaves(same)))
-  if imported is not None and c.lm.export_hf:
-    from cl_jax.models import hf_checkpoint
-    kept = best_state.params
-    if adapter:  # the kept model = base + its adapter(s), merged (O-LoRA's inference rule is their sum)
-      from cl_jax.strategies.lora import merged_params
-      kept = merged_params(kept, c)
-    record["hf_export"] = os.path.join(workdir, "hf")
-    hf_checkpoint.export(record["hf_export"], imported.hf_config, kept, tokenizer=imported.tokenizer)
+  if c.lm.export_hf:
+    record.update(export_hf(c, workdir, cfg, imported, best_state.params, adapter, data.tokenizer))
   record["row"] = table_row(record)
   return Results("lm", workdir, extra=record)
+
+
+def export_hf(c, workdir: str, cfg, imported, kept, adapter: str | None, tokenizer) -> dict:
+  """`lm.export_hf`: the kept (best) model in the Hugging Face layout, for an imported or a new model.
+
+  <workdir>/hf          the model (adapters merged: W + (alpha / r) sum_k A_k B_k, O-LoRA's inference rule), its
+                        tokenizer and chat template (`hf_checkpoint.export`); an imported model keeps its
+                        config.json fields, a new one is written as the family that holds it (`family_of`);
+  <workdir>/hf_adapter  with `lora` / `olora`: the adapter(s) in PEFT's format (`export_peft_adapter`; O-LoRA's
+                        slots as one adapter of their summed rank), on the unchanged base: the imported checkpoint
+                        (lm.init_from) or, for a new model, <workdir>/hf_base.
+  A new model no family holds (cl_jax's default gelu MLP with RoPE), or a tokenizer with no file (byte), is not
+  exported: a one-line notice says why and the record holds `hf_export_skipped`."""
+  from cl_jax.errors import ConfigError
+  from cl_jax.models import hf_checkpoint, hf_tokenizer
+  from cl_jax.strategies.lora import base_params, merged_params
+  if imported is not None:
+    model_config, tok = imported.hf_config, imported.tokenizer
+    template, _ = hf_tokenizer.chat_template_source(c.lm.init_from)
+  else:
+    model_config, tok, template = cfg, tokenizer, None
+    try:
+      hf_checkpoint.family_of(cfg)
+      if getattr(tok, "path", None) is None:
+        raise ConfigError(f"the {getattr(tok, 'name', 'byte')} tokenizer has no tokenizer file to ship with it "
+                          "(use lm.tokenizer=<a tokenizers .json file> for an exportable model)")
+    except ConfigError as e:
+      print(f"notice: lm.export_hf: the model is not exported to the Hugging Face layout: {e}")
+      return {"hf_export": None, "hf_export_skipped": str(e)}
+  out = {"hf_export": os.path.join(workdir, "hf")}
+  merged = merged_params(kept, c) if adapter else kept
+  hf_checkpoint.export(out["hf_export"], model_config, merged, tokenizer=tok, chat_template=template)
+  if adapter:
+    from cl_jax.models import lora as lora_lib
+    base_model = os.path.abspath(c.lm.init_from) if imported is not None else os.path.join(workdir, "hf_base")
+    if imported is None:
+      hf_checkpoint.export(base_model, model_config, base_params(kept), tokenizer=tok)
+    out["hf_adapter"] = os.path.join(workdir, "hf_adapter")
+    hf_checkpoint.export_peft_adapter(out["hf_adapter"], kept, lora_lib.adapter_names(kept),
+                                      lora_lib.spec_from_config(c.lora), model_config, base_model=base_model)
+  return out
 
 
 def report(results, workdir: str, config) -> None:

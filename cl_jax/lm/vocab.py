@@ -513,7 +513,11 @@ def extended_tokenizer(c, base_tokenizer, old_rows: int, workdir: str):
     if meta is None:
       os.makedirs(folder, exist_ok=True)
       tmp = f"{tok_path}.tmp{jax.process_index()}"  # every process learns the same file; each writes its own
-      new = extend_tokenizer_file(base_tokenizer.path, domain_train_texts(c), int(c.vocab.extend), old_rows, tmp,
+      source = base_tokenizer.path
+      if not source.endswith(".json"):  # a converted SentencePiece model: extend its tokenizers JSON
+        source = f"{tmp}.base.json"
+        base_tokenizer.save(source)
+      new = extend_tokenizer_file(source, domain_train_texts(c), int(c.vocab.extend), old_rows, tmp,
                                   min_frequency=int(c.vocab.min_frequency))
       _require_count(c, len(new))
       os.replace(tmp, tok_path)
@@ -524,6 +528,7 @@ def extended_tokenizer(c, base_tokenizer, old_rows: int, workdir: str):
       meta = {"settings": settings, "kind": "tokenizer_file", "new_tokens": new}
     tok = HFTokenizer(tok_path, eos_id=base_tokenizer.eos_id, bos_id=base_tokenizer.bos_id,
                       pad_id=base_tokenizer.pad_id)
+    tok.separator_id = base_tokenizer.separator_id  # lm.doc_separator's choice survives the extension
     tok.vocab_size = old_rows + int(c.vocab.extend)  # the model's rows: ids past the file's entries never occur
   else:
     raise ValueError(f"vocab.extend={c.vocab.extend}: the tokenizer {type(base_tokenizer).__name__} cannot be "

@@ -5,9 +5,13 @@
     hf_checkpoint.export("out/", loaded.hf_config, params, tokenizer=loaded.tokenizer)
 
 Families (config.json's `model_type`): `llama` (Llama 2 / 3 / 3.1+, RoPE scalings 'linear' and 'llama3',
-optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases) and `gpt2`
-(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]). All with
-grouped-query attention where the config has it, tied or untied embeddings. Each family is one entry of
+optional attention / MLP biases), `mistral` (sliding-window attention), `qwen2` (q/k/v biases), `gpt2`
+(learned positions, LayerNorm, gelu, biases everywhere, Conv1D weights stored [in, out]), `qwen3` (per-head q/k
+norms), `gemma2` (sandwich norms with `1 + w` gains, scaled embeddings, soft-capped scores and logits,
+query_pre_attn_scalar, GeGLU, alternating sliding / global layers), `phi3` (fused qkv_proj and gate_up_proj),
+`olmo2` (post-norms, q/k norms over the whole projection) and `gemma3_text` (Gemma 2's layer with q/k norms, no
+soft-caps by default, and the sliding layers' own RoPE theta). All with grouped-query attention where the config
+has it, sliding windows per layer where the family states them so, tied or untied embeddings. Each family is one entry of
 `cl_jax.models.hf_families.FAMILIES` (its config.json keys, conventions and tensor names); every function here
 reads that table, so a new family is a new entry, not new code.
 
@@ -44,8 +48,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any, NamedTuple
 
@@ -54,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cl_jax.errors import ConfigError
-from cl_jax.models import FunctionalModel, hf_families, scan_layout
+from cl_jax.models import FunctionalModel, hf_families, hf_tokenizer, scan_layout
 from cl_jax.models.hf_families import Family
 from cl_jax.models.hf_tokenizer import HFTokenizer
 from cl_jax.models.transformer import TransformerConfig, abstract_lm
@@ -66,7 +71,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Files that travel with tokenizer.json (transformers' AutoTokenizer reads them when present).
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                        "chat_template.jinja")
 
 
 class Loaded(NamedTuple):
@@ -101,10 +107,22 @@ def _fail(path: str, message: str):
   raise ConfigError(f"{path}: {message}")
 
 
-def _rope_settings(hf: dict, path: str, max_len_key: str) -> dict:
+def _rope_settings(hf: dict, path: str, max_len_key: str, by_layer_type: bool = False) -> dict:
   """theta and scaling from either transformers layout: v5 `rope_parameters` (theta inside) or v4
-  `rope_theta` + `rope_scaling`."""
+  `rope_theta` + `rope_scaling`. `by_layer_type` (Gemma 3): v5 nests one such dict per layer type, v4 gives the
+  sliding layers' theta as `rope_local_base_freq`; the global layers' settings are read as above, the sliding
+  layers' theta becomes `rope_local_base` (unscaled)."""
   params = dict(hf.get("rope_parameters") or {})
+  if by_layer_type:
+    nested = "full_attention" in params or "sliding_attention" in params
+    local = dict(params.get("sliding_attention") or {}) if nested else {}
+    if local.get("rope_type", "default") != "default":
+      _fail(path, f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r}: only 'default' RoPE is "
+                  "supported on the sliding layers")
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    glob = dict(params.get("full_attention") or {}) if nested else params
+    return {**_rope_settings({**hf, "rope_parameters": glob}, path, max_len_key),
+            "rope_local_base": float(local_theta)}
   scaling = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
   merged = {**params, **scaling}
@@ -168,13 +186,16 @@ def transformer_config(hf: Mapping, path: str = "config.json", **overrides) -> T
       mlp_hidden=int(value(keys.mlp_hidden, family.default_mlp_ratio * d or None)),
       tied_embeddings=bool(value("tie_word_embeddings")),
       norm=family.norm, norm_eps=float(value(keys.norm_eps)), positions=family.positions,
-      sliding_window=family.window.read(hf, path) if family.window else 0, **family.activations[act])
+      **(family.window.read(hf, path) if family.window else {}), **family.activations[act], **family.conventions)
+  for key, field in family.scalars.items():  # null turns the option off; absent means the family's default
+    v = hf[key] if key in hf else family.defaults.get(key)
+    fields[field] = float(v) if v else 0.0
   if keys.num_kv_heads:  # absent: one key / value head per query head
     fields["num_kv_heads"] = int(hf.get(keys.num_kv_heads) or heads)
   for field, setting in family.bias_settings():  # a flag that is absent reads as false, as in transformers
     fields[field] = setting if isinstance(setting, bool) else bool(hf.get(setting))
   if family.positions == "rope":
-    fields.update(_rope_settings(hf, path, keys.max_len))
+    fields.update(_rope_settings(hf, path, keys.max_len, family.rope_by_layer_type))
   try:
     return TransformerConfig(**{**fields, **overrides})
   except (TypeError, ValueError) as e:
@@ -187,6 +208,18 @@ def _fits(cfg: TransformerConfig, family: Family) -> bool:
   if (cfg.norm, cfg.positions) != (family.norm, family.positions) or _activation(family, cfg) is None:
     return False
   if cfg.sliding_window and family.window is None:
+    return False
+  if len(set(cfg.layer_windows())) > 1 and not family.window.per_layer:
+    return False
+  defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+  if any(getattr(cfg, f) != family.conventions.get(f, defaults[f]) for f in hf_families.CONVENTION_FIELDS):
+    return False
+  if any(getattr(cfg, f) for f in hf_families.SCALAR_FIELDS if f not in family.scalars.values()):
+    return False
+  if family.rope_by_layer_type:  # its sliding layers have their own unscaled theta: no scaling shared with them
+    if not cfg.rope_local_base and cfg.rope_scaling != "none" and any(cfg.layer_windows()):
+      return False
+  elif any(cfg.layer_is_local()):
     return False
   # A dialect without these keys has plain multi-head attention with head dim d_model / heads.
   if not family.keys.num_kv_heads and cfg.kv_heads != cfg.num_heads:
@@ -213,9 +246,11 @@ def family_of(cfg: TransformerConfig) -> str:
   for name, family in FAMILIES.items():
     mlps = "/".join(dict.fromkeys(fields["mlp"] for fields in family.activations.values()))
     kinds.setdefault(f"{family.norm} + {mlps} + {family.positions} positions", []).append(name)
+  options = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in (*hf_families.CONVENTION_FIELDS, *hf_families.SCALAR_FIELDS))
   raise ConfigError(f"TransformerConfig(norm={cfg.norm!r}, mlp={cfg.mlp!r}, positions={cfg.positions!r}, "
                     f"biases q/k/v={cfg.qkv_bias} o={cfg.o_bias} mlp={cfg.mlp_bias}, "
-                    f"sliding_window={cfg.sliding_window}) matches no Hugging Face family; exportable: "
+                    f"sliding_window={cfg.sliding_window}, global_layers={cfg.global_layers}, {options}) matches "
+                    "no Hugging Face family; exportable: "
                     + "; ".join(f"{'/'.join(names)} ({kind})" for kind, names in kinds.items()))
 
 
@@ -229,9 +264,12 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
   if not _fits(cfg, entry):
     raise ConfigError(f"family={family!r} cannot hold this model exactly (it exports as {family_of(cfg)!r})")
   keys = entry.keys
-  out = {k: v for k, v in dict(base or {}).items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+  out = {k: v for k, v in dict(base or {}).items()
+         if k not in ("rope_scaling", "rope_parameters", "rope_theta", "rope_local_base_freq")}
   out.update(model_type=entry.model_type, architectures=[entry.architecture], vocab_size=cfg.vocab_size,
              tie_word_embeddings=cfg.tied_embeddings)
+  # Stated, not left to the family's default, which may lie outside a cl_jax-built model's vocabulary (Phi-3: 32000).
+  out.setdefault("pad_token_id", None)
   out.update({keys.d_model: cfg.d_model, keys.num_layers: cfg.num_layers, keys.num_heads: cfg.num_heads,
               keys.max_len: cfg.max_len, keys.mlp_hidden: cfg.mlp_dim, keys.norm_eps: cfg.norm_eps,
               keys.activation: _activation(entry, cfg)})
@@ -241,6 +279,12 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
     out[keys.head_dim] = cfg.head_dim
   out.update(entry.fixed)
   out.update({setting: getattr(cfg, field) for field, setting in entry.bias_settings() if isinstance(setting, str)})
+  for key, field in entry.scalars.items():  # 0 (off) is written as transformers states it: null, or the head dim
+    value = getattr(cfg, field)
+    if field == "attn_scale_dim":
+      value = value or cfg.head_dim
+      value = int(value) if float(value).is_integer() else value  # transformers types it int
+    out[key] = value or None
   if entry.window:
     out.update(entry.window.write(cfg))
   if entry.positions == "rope":
@@ -256,6 +300,11 @@ def hf_config(cfg: TransformerConfig, family: str | None = None, base: Mapping |
     out["rope_theta"] = cfg.rope_base
     out["rope_scaling"] = (None if cfg.rope_scaling == "none" else
                            {k: v for k, v in rope.items() if k != "rope_theta"})
+    if entry.rope_by_layer_type:  # Gemma 3: one dict per layer type; 4.x: `rope_local_base_freq`
+      local = cfg.rope_local_base or cfg.rope_base
+      out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": local}}
+      out["rope_local_base_freq"] = local
   return out
 
 
@@ -281,10 +330,10 @@ def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> li
     in_axis, out_axis = (1, 0) if stored == "out_in" else (0, 1)
     add(path, name, (in_axis, fan_in, 0), (out_axis, fan_out, offset))
 
-  def norm(path, name):
-    vector(path + "/scale", name + ".weight", (d,))
-    if cfg.norm == "layernorm":
-      vector(path + "/bias", name + ".bias", (d,))
+  def norm(path, name, size=d, rms=False):
+    vector(path + "/scale", name + ".weight", (size,))
+    if cfg.norm == "layernorm" and not rms:
+      vector(path + "/bias", name + ".bias", (size,))
 
   # Embedding tables are [rows, D] in every family (nn.Embedding / wte): no transpose.
   add("embed/embedding", p + entry.tensors["embed"] + ".weight", (0, (v,), 0), (1, (d,), 0))
@@ -295,13 +344,16 @@ def layout(cfg: TransformerConfig, family: str, prefix: str | None = None) -> li
                  ("attn", "v", (d,), (kv, dh), cfg.qkv_bias), ("attn", "o", (h, dh), (d,), cfg.o_bias),
                  ("mlp", "gate", (d,), (f,), cfg.mlp_bias), ("mlp", "up", (d,), (f,), cfg.mlp_bias),
                  ("mlp", "down", (f,), (d,), cfg.mlp_bias)]
-  if cfg.mlp != "swiglu":
+  if cfg.mlp not in hf_families.GATED_MLPS:
     projections = [proj for proj in projections if proj[1] != "gate"]
   for i in range(cfg.num_layers):
     b = f"block_{i}/"
     names = {role: p + entry.tensors[role].format(i=i) for role in hf_families.LAYER_ROLES if role in entry.tensors}
-    norm(b + "attn_norm", names["attn_norm"])
-    norm(b + "mlp_norm", names["mlp_norm"])
+    for role in hf_families.BLOCK_NORM_ROLES[cfg.block_norms]:
+      norm(b + role, names[role])
+    if cfg.qk_norm != "none":  # RMSNorms (every family): a gain per head dim shared by the heads, or per unit
+      norm(b + "attn/q_norm", names["q_norm"], dh if cfg.qk_norm == "head" else h * dh, rms=True)
+      norm(b + "attn/k_norm", names["k_norm"], dh if cfg.qk_norm == "head" else kv * dh, rms=True)
     filled: dict[str, int] = {}  # fused tensor -> output rows the projections before this one take
     for module, role, fan_in, fan_out, bias in projections:
       offset = filled.get(names[role], 0)
@@ -473,15 +525,40 @@ def _token_id(value):
   return value[0] if isinstance(value, list) and value else value
 
 
-def load_tokenizer(path: str, hf: Mapping | None = None):
-  """tokenizer.json of a checkpoint directory through `tokenizers` (None when there is none); the eos / bos
-  ids come from config.json where it names them."""
-  file = os.path.join(path, TOKENIZER_FILE)
-  if not os.path.exists(file):
-    return None
+def load_tokenizer(path: str, hf: Mapping | None = None, *, separator: str | None = None):
+  """tokenizer.json of a checkpoint directory through `tokenizers`, else its SentencePiece tokenizer.model
+  converted (`hf_tokenizer.sentencepiece_tokenizer`, with tokenizer_config.json's `legacy` / `add_prefix_space`);
+  None when it has neither. The eos / bos / pad
+  ids come from config.json where it names them, else from tokenizer_config.json's token strings (what
+  transformers' tokenizer uses), else the usual spellings. separator: the document separator's token string
+  (`HFTokenizer.separator_id`; default the family's end-of-text token)."""
+  file, spm_file = os.path.join(path, TOKENIZER_FILE), os.path.join(path, hf_tokenizer.SPM_FILE)
   hf = dict(hf or {})
-  return HFTokenizer(file, eos_id=_token_id(hf.get("eos_token_id")), bos_id=_token_id(hf.get("bos_token_id")),
-                     pad_id=_token_id(hf.get("pad_token_id")))
+  try:
+    strings = hf_tokenizer.special_tokens(path)
+    if os.path.exists(file):
+      from tokenizers import Tokenizer
+      backend = Tokenizer.from_file(file)
+    elif os.path.exists(spm_file):  # SentencePiece only (Llama 2, Mistral v0.1): converted, as transformers does
+      settings = hf_tokenizer.read_json_object(os.path.join(path, hf_tokenizer.TOKENIZER_CONFIG_FILE))
+      backend = hf_tokenizer.sentencepiece_tokenizer(spm_file, legacy=bool(settings.get("legacy", False)),
+                                                     add_prefix_space=settings.get("add_prefix_space") is not False)
+      file = spm_file
+    else:
+      return None
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  vocab = backend.get_vocab(with_added_tokens=True)
+  ids = {}
+  for attr, key in (("eos_id", "eos"), ("bos_id", "bos"), ("pad_id", "pad")):
+    ident = _token_id(hf.get(f"{key}_token_id"))
+    if ident is None and strings.get(f"{key}_token") in vocab:
+      ident = vocab[strings[f"{key}_token"]]
+    ids[attr] = ident
+  try:
+    return HFTokenizer(file, separator=separator, tokenizer=backend, **ids)
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
@@ -494,8 +571,10 @@ def check(path: str, key: str = "lm.init_from", *, seq_len: int | None = None,
     hf = read_config(path)
     cfg = transformer_config(hf, os.path.join(path, CONFIG_FILE))
     _check_weight_headers(_weight_files(path).values())
-    if need_tokenizer and not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
-      _fail(path, f"no {TOKENIZER_FILE} (the run tokenizes its text with the checkpoint's own tokenizer)")
+    if need_tokenizer and not any(os.path.exists(os.path.join(path, f))
+                                  for f in (TOKENIZER_FILE, hf_tokenizer.SPM_FILE)):
+      _fail(path, f"no {TOKENIZER_FILE} or {hf_tokenizer.SPM_FILE} (the run tokenizes its text with the "
+                  "checkpoint's own tokenizer)")
     if seq_len is not None and cfg.positions == "learned" and seq_len > cfg.max_len:
       _fail(path, f"sequences of {seq_len} tokens exceed the model's {cfg.max_len} learned positions")
   except ConfigError as e:
@@ -590,25 +669,87 @@ def _merged_base(params, adapter: str | None, lora_spec):
   return params
 
 
-def _write_tokenizer(path: str, tokenizer) -> None:
+def _tokenizer_source(tokenizer) -> str:
   if isinstance(tokenizer, str):
     source = tokenizer if tokenizer.endswith(".json") else os.path.join(tokenizer, TOKENIZER_FILE)
     if not os.path.exists(source):
       raise ConfigError(f"export: tokenizer={tokenizer!r}: no such tokenizer.json")
-  else:
-    source = getattr(tokenizer, "path", None)
-    if source is None or not os.path.exists(source):
-      raise ConfigError(f"export: tokenizer {tokenizer!r} has no tokenizer.json to copy (expected a "
-                        "cl_jax.models.hf_tokenizer.HFTokenizer or a path)")
-  shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
+    return source
+  source = getattr(tokenizer, "path", None)
+  if source is None or not os.path.exists(source):
+    raise ConfigError(f"export: tokenizer {tokenizer!r} has no tokenizer.json to copy (expected a "
+                      "cl_jax.models.hf_tokenizer.HFTokenizer or a path)")
+  return source
+
+
+def write_tokenizer(path: str, tokenizer, chat_template=None) -> list[str]:
+  """Writes a tokenizer beside a checkpoint (or into a run's workdir) the way transformers reads it: tokenizer.json,
+  the side files that travel with it (tokenizer_config.json, special_tokens_map.json, generation_config.json,
+  chat_template.jinja) and the chat template.
+
+  chat_template: a `cl_jax.lm.templates.HFChatTemplate`, a Jinja string, or None for the one beside the
+    tokenizer's own file (either place transformers keeps it). A template is written to both chat_template.jinja
+    (transformers >= 5 reads it first) and tokenizer_config.json["chat_template"] (older readers), so every
+    transformers version's `apply_chat_template` on the written directory renders it. Without any, the directory
+    has none (and `cl_jax.lm.templates.template_for` says so when it is read).
+  A tokenizer without its own tokenizer_config.json gets a minimal one naming its special tokens. Returns the files
+  written (process 0 writes)."""
+  source = _tokenizer_source(tokenizer)
+  source_dir = os.path.dirname(os.path.abspath(source))
+  if chat_template is None:
+    chat_template, _ = hf_tokenizer.chat_template_source(source_dir)
+  text = getattr(chat_template, "source", chat_template)
+  if text is not None and not isinstance(text, str):
+    raise ConfigError(f"export: chat_template must be an HFChatTemplate or a Jinja string, got "
+                      f"{type(chat_template).__name__}")
+  written = [TOKENIZER_FILE]
+  if jax.process_index() != 0:
+    return written
+  os.makedirs(path, exist_ok=True)
+  if source.endswith(".model"):  # a converted SentencePiece model: its tokenizer.json, and the model file beside it
+    tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+    if os.path.abspath(source) != os.path.abspath(os.path.join(path, hf_tokenizer.SPM_FILE)):
+      shutil.copyfile(source, os.path.join(path, hf_tokenizer.SPM_FILE))
+    written.append(hf_tokenizer.SPM_FILE)
+  elif os.path.abspath(source) != os.path.abspath(os.path.join(path, TOKENIZER_FILE)):
+    shutil.copyfile(source, os.path.join(path, TOKENIZER_FILE))
   for side in TOKENIZER_SIDE_FILES:
-    other = os.path.join(os.path.dirname(source), side)
-    if os.path.exists(other):
+    other = os.path.join(source_dir, side)
+    if os.path.exists(other) and os.path.abspath(other) != os.path.abspath(os.path.join(path, side)):
       shutil.copyfile(other, os.path.join(path, side))
+      written.append(side)
+  config_path = os.path.join(path, hf_tokenizer.TOKENIZER_CONFIG_FILE)
+  config = _read_json(config_path) if os.path.exists(config_path) else {}
+  if not config:  # e.g. the byte model's file: name its specials as transformers' TokenizersBackend expects
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "backend": "tokenizers"}
+    with open(os.path.join(path, TOKENIZER_FILE), encoding="utf-8") as fh:
+      added = json.load(fh).get("added_tokens", [])
+    vocab = {int(t["id"]): t["content"] for t in added if isinstance(t, dict)}
+    for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
+      ident = getattr(tokenizer, attr, None)
+      if ident is not None and int(ident) in vocab:
+        config[key] = vocab[int(ident)]
+  jinja = os.path.join(path, hf_tokenizer.CHAT_TEMPLATE_FILE)
+  if text is not None:
+    config["chat_template"] = text
+    with open(jinja, "w", encoding="utf-8") as fh:
+      fh.write(text)
+  else:
+    config.pop("chat_template", None)
+    if os.path.exists(jinja):
+      os.remove(jinja)
+  with open(config_path, "w", encoding="utf-8") as fh:
+    json.dump(config, fh, indent=2, ensure_ascii=False)
+  if hf_tokenizer.TOKENIZER_CONFIG_FILE not in written:
+    written.append(hf_tokenizer.TOKENIZER_CONFIG_FILE)
+  if text is not None:
+    written.append(hf_tokenizer.CHAT_TEMPLATE_FILE)
+  return written
 
 
 def export(path: str, model_config, params, tokenizer=None, *, family: str | None = None,
-           max_shard_bytes: int = 5 * 2**30, dtype=None, adapter: str | None = None, lora_spec=None) -> list[str]:
+           max_shard_bytes: int = 5 * 2**30, dtype=None, adapter: str | None = None, lora_spec=None,
+           chat_template=None) -> list[str]:
   """Writes `params` as an HF checkpoint directory: config.json + safetensors (+ tokenizer.json).
 
   model_config: the imported config.json dict (`Loaded.hf_config`: its family and token ids are kept) or a
@@ -617,6 +758,7 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
     (`lora_spec`: its `cl_jax.models.lora.LoraSpec`).
   max_shard_bytes: larger checkpoints are split into shards with model.safetensors.index.json.
   dtype: the stored dtype (default: each param's own, so export -> import is bit-exact).
+  chat_template: with `tokenizer`, the template to write (`write_tokenizer`; default: the tokenizer's own).
   Only process 0 writes. Returns the files written.
   """
   from safetensors.numpy import save_file
@@ -634,7 +776,7 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
   if vocab != cfg.vocab_size:  # e.g. after cl_jax.lm.vocab.extend_vocab
     cfg = cfg.replace(vocab_size=int(vocab))
   out_config = hf_config(cfg, family, base)
-  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id")):
+  for key, attr in (("eos_token_id", "eos_id"), ("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
     if base is None and getattr(tokenizer, attr, None) is not None:
       out_config[key] = int(getattr(tokenizer, attr))
   family = out_config["model_type"]
@@ -701,11 +843,229 @@ def export(path: str, model_config, params, tokenizer=None, *, family: str | Non
       written.append(INDEX_FILE)
     with open(os.path.join(path, CONFIG_FILE), "w") as fh:
       json.dump(out_config, fh, indent=2, sort_keys=True)
-    if tokenizer is not None:
-      _write_tokenizer(path, tokenizer)
-      written.append(TOKENIZER_FILE)
+  if tokenizer is not None:
+    written += write_tokenizer(path, tokenizer, chat_template)
   return written
 
 
-__all__ = ["FAMILIES", "Loaded", "Piece", "check", "export", "family_of", "hf_config", "layout", "load",
-           "load_tokenizer", "read_config", "transformer_config"]
+# ----------------------------------------------------------------------------------------------- PEFT adapters
+#
+# PEFT (huggingface/peft) stores a LoRA adapter as adapter_config.json + adapter_model.safetensors, one pair of
+# tensors per adapted nn.Linear `module` of the *ForCausalLM model:
+#
+#   base_model.model.<module>.lora_A.weight  [r, in]     base_model.model.<module>.lora_B.weight  [out, r]
+#
+# and adds (lora_alpha / r) * x A^T B^T (alpha / sqrt(r) with use_rslora; per-module r and alpha from
+# rank_pattern / alpha_pattern, regexes matched against the module name's tail). cl_jax's adapter on the same
+# module is A [in, r], B [r, out] with scale alpha / r (`cl_jax.models.lora`): the same convention, so
+# A_cl = lora_A^T, and B_cl = lora_B^T times (PEFT's scale / cl_jax's) -- exactly 1 unless the adapter used
+# rslora or an alpha_pattern, whose scales cl_jax's single `alpha` cannot hold otherwise. The in / out axes are
+# the HF weight's, flattened as `layout` maps them (q: out = head-major H*Dh, o: in = H*Dh), which is the
+# row-major flattening of the cl_jax kernel's axes that `lora.init_adapter` uses.
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _config_and_family(model_config, family: str | None, what: str) -> tuple[TransformerConfig, str]:
+  if isinstance(model_config, TransformerConfig):
+    return model_config, family or family_of(model_config)
+  if isinstance(model_config, Mapping):
+    return transformer_config(model_config, f"{what}: model_config"), family or model_config["model_type"]
+  raise ConfigError(f"{what}: model_config must be a config.json dict or a TransformerConfig, got "
+                    f"{type(model_config).__name__}")
+
+
+def _adaptable_modules(cfg: TransformerConfig, family: str, prefix: str | None = None) -> dict[str, tuple]:
+  """{cl_jax module path ('block_0/attn/q'): (HF module name, d_in, d_out)} of every projection stored as a whole
+  HF tensor of its own (not a slice of a fused one, e.g. GPT-2's c_attn, which a per-projection adapter cannot
+  be written as)."""
+  pieces = layout(cfg, family, prefix)
+  count: dict[str, int] = {}
+  for piece in pieces:
+    count[piece.name] = count.get(piece.name, 0) + 1
+  out = {}
+  for piece in pieces:
+    if piece.path[-1] != "kernel" or count[piece.name] != 1 or len(piece.groups) != 2:
+      continue
+    (_, fan_in, _), (_, fan_out, _) = piece.groups
+    out["/".join(piece.path[:-1])] = (piece.name[:-len(".weight")], math.prod(fan_in), math.prod(fan_out))
+  return out
+
+
+def _target_modules(modules: Sequence[str], all_modules: Sequence[str]):
+  """PEFT's `target_modules`: the modules' last names when those select exactly these modules among all the
+  model's, else one regex PEFT fullmatches against module names."""
+  tails = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  if {m for m in all_modules if m.rsplit(".", 1)[-1] in tails} == set(modules):
+    return tails
+  return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
+
+
+def export_peft_adapter(path: str, params, adapter, spec, model_config, *, family: str | None = None,
+                        base_model: str = "", dtype=None) -> list[str]:
+  """Writes LoRA adapter(s) of a cl_jax params pytree {'base', 'adapters'} as a PEFT adapter directory that
+  `peft.PeftModel.from_pretrained(<the exported base>, path)` loads.
+
+  adapter: a name, or several (O-LoRA's slots): written as one adapter of rank sum r_k holding their sum
+    (`lora.combined_factors`), the function `LoraModel.apply(..., adapter=names)` computes.
+  spec: the adapters' `lora.LoraSpec` (its alpha sets the scale). model_config: the base's config.json dict or
+    `TransformerConfig` (as `export`). base_model: written as base_model_name_or_path (the exported base's
+    directory or hub id). dtype: the stored dtype (default float32).
+  lora_alpha is alpha * R / rank for the common combined rank R (so one adapter of rank `spec.rank` is written
+  with lora_alpha = alpha and its B unchanged); a module of another rank gets a rank_pattern entry and its scale
+  folded into lora_B. Only process 0 writes. Returns the files written.
+  """
+  from cl_jax.models import lora
+  from safetensors.numpy import save_file
+  cfg, family = _config_and_family(model_config, family, "export_peft_adapter")
+  names = (adapter,) if isinstance(adapter, str) else tuple(adapter)
+  try:
+    factors = lora.combined_factors(params, names, spec)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"export_peft_adapter: {e}") from None
+  modules = _adaptable_modules(cfg, family)
+  unknown = sorted(set(factors) - set(modules))
+  if unknown:
+    raise ConfigError(f"export_peft_adapter: adapters on {unknown} have no whole {family} weight to sit on "
+                      f"(adaptable: {sorted(modules)[:7]} ...)")
+  ranks = {p: a.shape[-1] for p, (a, _) in factors.items()}
+  common = max(set(ranks.values()), key=lambda r: (list(ranks.values()).count(r), r))
+  lora_alpha = float(spec.alpha) * common / spec.rank
+  out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
+  tensors, rank_pattern = {}, {}
+  for p, (a, s) in factors.items():
+    name, d_in, d_out = modules[p]
+    if a.shape[0] != d_in or s.shape[-1] != d_out:
+      raise ConfigError(f"export_peft_adapter: adapter at {p!r} is [{a.shape[0]}, r] x [r, {s.shape[-1]}], but "
+                        f"{name} is [{d_out}, {d_in}] ([out, in])")
+    r = a.shape[-1]
+    if r != common:
+      rank_pattern[re.escape(name)] = int(r)
+    # PEFT adds (lora_alpha / r) A B: B = S / that scale (exactly the stored B when r = rank and one adapter).
+    b = s / np.float32(lora_alpha / r)
+    tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(out_dtype))
+    tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(out_dtype))
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+      "r": int(common), "lora_alpha": lora_alpha, "lora_dropout": float(spec.dropout),
+      "target_modules": _target_modules([modules[p][0] for p in factors], [m for m, _, _ in modules.values()]),
+      "rank_pattern": rank_pattern, "alpha_pattern": {}, "bias": "none", "use_rslora": False, "use_dora": False,
+      "fan_in_fan_out": FAMILIES[family].weight_layout != "out_in", "modules_to_save": None,
+      "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+      "revision": None}
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(path, PEFT_CONFIG_FILE), "w") as fh:
+      json.dump(config, fh, indent=2, sort_keys=True)
+  return [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+  """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the module name's tail."""
+  for key, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def import_peft_adapter(path: str, model_config, base_params=None, *, family: str | None = None):
+  """Reads a PEFT LoRA adapter directory into a cl_jax adapter: (adapter {module path: {'A', 'B'}}, LoraSpec).
+
+  The spec's alpha is PEFT's lora_alpha and its rank PEFT's r; a module whose PEFT scale differs from
+  alpha / r_module (rslora, alpha_pattern) has the ratio folded into B, so `LoraModel(model, spec).apply(
+  lora_params(base, {name: adapter}), x, adapter=name)` computes PEFT's model. `base_params` given: the adapter
+  is checked against its kernels, cast to their dtype and put in their layout (stacked under scan_layers).
+  Refused with ConfigError naming the file: another PEFT type, DoRA, trained biases, modules_to_save, or a
+  tensor on a module the model does not have.
+  """
+  from safetensors.numpy import load_file
+  from cl_jax.models import lora
+  cfg, family = _config_and_family(model_config, family, "import_peft_adapter")
+  config_file, weights_file = os.path.join(path, PEFT_CONFIG_FILE), os.path.join(path, PEFT_WEIGHTS_FILE)
+  if not os.path.exists(config_file):
+    _fail(path, f"no {PEFT_CONFIG_FILE}; expected a PEFT adapter directory ({PEFT_CONFIG_FILE} + {PEFT_WEIGHTS_FILE})")
+  if not os.path.exists(weights_file):
+    _fail(path, f"no {PEFT_WEIGHTS_FILE} (only safetensors adapters are read; re-save with "
+                "save_pretrained(safe_serialization=True))")
+  pc = _read_json(config_file)
+  if not isinstance(pc, dict):
+    _fail(config_file, "expected a JSON object")
+  checks = (("peft_type", lambda v: v in (None, "LORA"), "'LORA'"), ("use_dora", lambda v: not v, "false"),
+            ("bias", lambda v: v in (None, "none"), "'none'"), ("lora_bias", lambda v: not v, "false"),
+            ("modules_to_save", lambda v: not v, "null"), ("target_parameters", lambda v: not v, "null"),
+            ("layer_replication", lambda v: not v, "null"), ("trainable_token_indices", lambda v: not v, "null"))
+  for key, ok, allowed in checks:
+    if not ok(pc.get(key)):
+      _fail(config_file, f"{key}={pc.get(key)!r}: only plain LoRA adapters are imported ({key} must be {allowed})")
+  r, alpha = int(pc.get("r", 8)), float(pc.get("lora_alpha", 8))
+  rslora = bool(pc.get("use_rslora"))
+  modules = {}
+  for prefix in (None, ""):  # *ForCausalLM module names, or a bare model's
+    for p, (name, d_in, d_out) in _adaptable_modules(cfg, family, prefix).items():
+      modules.setdefault(name, (p, d_in, d_out))
+  try:
+    raw = load_file(weights_file)
+  except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+    _fail(weights_file, f"not a readable safetensors file ({' '.join(str(e).split())})")
+  factors: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in raw.items():
+    m = _PEFT_KEY.match(key)
+    if m is None:
+      _fail(weights_file, f"tensor {key!r} is not a LoRA factor (<module>.lora_A.weight / lora_B.weight)")
+    if m["module"] not in modules:
+      _fail(weights_file, f"tensor {key!r} adapts {m['module']!r}, which this {family} model has no whole linear "
+                          f"weight for (adaptable: {sorted(modules)[:4]} ...)")
+    factors.setdefault(m["module"], {})[m["factor"]] = np.asarray(value, np.float32)
+  adapter = {}
+  for name, f in sorted(factors.items()):
+    p, d_in, d_out = modules[name]
+    if set(f) != {"A", "B"}:
+      _fail(weights_file, f"{name} has lora_{''.join(f)} without its partner")
+    a, b = f["A"], f["B"]
+    rm = a.shape[0]
+    if a.shape != (rm, d_in) or b.shape != (d_out, rm):
+      _fail(weights_file, f"{name}: lora_A {list(a.shape)} / lora_B {list(b.shape)}, expected [r, {d_in}] / "
+                          f"[{d_out}, r]")
+    am = float(_pattern_value(pc.get("alpha_pattern"), name, alpha))
+    peft_scale = am / math.sqrt(rm) if rslora else am / rm
+    ratio = np.float32(peft_scale / (alpha / rm))
+    adapter[p] = {"A": a.T.copy(), "B": b.T * ratio if ratio != 1 else b.T.copy()}
+  if not adapter:
+    _fail(weights_file, "holds no LoRA factors")
+  spec = lora.LoraSpec(targets=tuple(sorted(adapter)), rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout") or 0))
+  if base_params is None:
+    return adapter, spec
+  dtypes = {}
+  for p, layer in adapter.items():
+    kernel = scan_layout.get_layer(base_params, (*p.split("/"), "kernel"))
+    if kernel.size != layer["A"].shape[0] * layer["B"].shape[1]:
+      _fail(weights_file, f"{p}: the adapter is [{layer['A'].shape[0]}, r] x [r, {layer['B'].shape[1]}] but the "
+                          f"base kernel has shape {tuple(kernel.shape)}")
+    dtypes[p] = kernel.dtype
+  if scan_layout.is_stacked(base_params):  # one adapter per layer along the stacked kernel's layer axis
+    groups: dict[str, dict[int, str]] = {}
+    for p in adapter:
+      stacked_path, i = scan_layout.split_layer(p)
+      groups.setdefault(stacked_path, {})[i] = p
+    layers = scan_layout.num_layers(base_params)
+    stacked = {}
+    for stacked_path, by_layer in groups.items():
+      if sorted(by_layer) != list(range(layers)):
+        _fail(weights_file, f"adapts {stacked_path} in layers {sorted(by_layer)} only; the stacked layout "
+                            f"(scan_layers) needs all {layers} (load the base with scan_layers=False)")
+      paths = [by_layer[i] for i in range(layers)]
+      stacked[stacked_path] = {f: jnp.asarray(np.stack([adapter[q][f] for q in paths]), dtypes[paths[0]])
+                               for f in "AB"}
+    return stacked, dataclasses.replace(spec, targets=tuple(sorted(stacked)))
+  return {p: {f: jnp.asarray(v, dtypes[p]) for f, v in layer.items()} for p, layer in adapter.items()}, spec
+
+
+__all__ = ["FAMILIES", "Loaded", "Piece", "check", "export", "export_peft_adapter", "family_of", "hf_config",
+           "import_peft_adapter", "layout", "load", "load_tokenizer", "read_config", "transformer_config",
+           "write_tokenizer"]

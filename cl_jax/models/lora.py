@@ -18,6 +18,11 @@ several, or a per-example choice of adapters; the optimizer sees only adapter le
 `trainable_mask`, so the base -- and with it the base model's outputs -- is unchanged bit for bit by
 construction. `merge_adapter` folds `W <- W + (alpha / r) A B` into the base; `save_adapter` /
 `load_adapter` store one adapter by name (through `cl_jax.checkpoint.save_params` / `load_params`).
+
+Other libraries' adapters: `combined_factors` gives one or several adapters as a single update A S (scale folded
+in), which `cl_jax.models.hf_checkpoint.export_peft_adapter` writes in PEFT's layout (adapter_config.json +
+adapter_model.safetensors, PEFT's scale lora_alpha / r, the same convention as here); `import_peft_adapter` reads
+one back as a cl_jax adapter with its `LoraSpec`.
 """
 from __future__ import annotations
 
@@ -295,6 +300,33 @@ def merge_adapter(params, name: str, spec: LoraSpec) -> dict:
   return {"base": base, "adapters": {k: v for k, v in params["adapters"].items() if k != name}}
 
 
+def combined_factors(params, names: str | Sequence[str], spec: LoraSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{module path: (A [d_in, R], S [R, d_out])} on the host, float32: the named adapters as ONE low-rank update
+  with its scale folded into the second factor,
+
+      sum_k (alpha / r_k) A_k B_k = [A_1 ... A_K] [(alpha / r_1) B_1; ...; (alpha / r_K) B_K] = A S,
+      R = sum_k r_k over the adapters that adapt the module,
+
+  what `LoraModel.apply(..., adapter=names)` adds to the module's kernel (O-LoRA's inference rule is the sum of its
+  slots). Paths are per-block (`block_{i}/...`) whatever the layout; used to write an adapter in another library's
+  format (`cl_jax.models.hf_checkpoint.export_peft_adapter`)."""
+  names = (names,) if isinstance(names, str) else tuple(names)
+  if not names:
+    raise ValueError("combined_factors: name at least one adapter")
+  adapters = [to_layout(_require(params, n), False) for n in names]
+  out = {}
+  for path in sorted({p for a in adapters for p in a}):
+    a_parts, s_parts = [], []
+    for adapter in adapters:
+      if path in adapter:
+        a = np.asarray(jax.device_get(adapter[path]["A"]), np.float32)
+        b = np.asarray(jax.device_get(adapter[path]["B"]), np.float32)
+        a_parts.append(a)
+        s_parts.append(b * np.float32(spec.alpha / a.shape[-1]))
+    out[path] = (np.concatenate(a_parts, -1), np.concatenate(s_parts, 0))
+  return out
+
+
 def lora_to_layout(params, scan_layers: bool) -> dict:
   """A LoRA pytree with its base and every adapter in the layout of a model with `scan_layers`
   (`cl_jax.models.scan_layout.to_layout`: stacked adapters `stacked_blocks/attn/q` [L, ...] <-> `block_{i}/attn/q`)."""
@@ -492,5 +524,5 @@ def load_adapter(directory: str, name: str, params=None) -> tuple[dict, LoraSpec
 
 __all__ = ["LoraSpec", "LoraModel", "ALL_LINEAR", "HEAD_NAMES", "default_config", "spec_from_config",
            "target_paths", "linear_kernels", "kernel_in_axes", "init_adapter", "lora_params", "adapter_names", "add_adapter", "remove_adapter",
-           "trainable_mask", "adapter_delta", "merge_adapter", "lora_to_layout", "num_adapter_params", "save_adapter",
+           "trainable_mask", "adapter_delta", "merge_adapter", "combined_factors", "lora_to_layout", "num_adapter_params", "save_adapter",
            "load_adapter"]

@@ -21,9 +21,11 @@ that row is filled with `eos_id`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cl_jax.models.transformer import init_cache
@@ -64,6 +66,16 @@ def _finish(new, done, eos_id):
   return new, done | (new == eos_id)
 
 
+def _left_padded(cache, valid, max_new_tokens):
+  """The cache of left-padded prompts (`valid [B, P]`, 1 on real tokens, its zeros all on the left): 'valid' masks
+  the padding slots out of every query's keys, and 'offset' [B] (the row's padding count) makes the token in slot s
+  sit at position s - offset, so each row is computed as its prompt alone would be (learned positions too)."""
+  batch = valid.shape[0]
+  keys = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), valid.dtype)], axis=1)
+  offset = jnp.sum(valid == 0, axis=1).astype(jnp.int32)
+  return tuple({**layer, "valid": keys, "offset": offset} for layer in cache)
+
+
 def _start(model, params, prompt, max_new_tokens, temperature, top_k, eos_id):
   """Checks the arguments; returns the module and the output buffer: the prompt, then eos (or 0) fill."""
   module = nnx.merge(model.graphdef, params)
@@ -84,9 +96,8 @@ def _generate_cached(model, params, prompt, key, valid=None, *, max_new_tokens, 
   total = out.shape[1]
 
   cache = init_cache(module.config, batch, total)
-  if valid is not None:  # left-padded prompts: the cache's key mask hides the padding from every query
-    keys = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), valid.dtype)], axis=1)
-    cache = tuple({**layer, "valid": keys} for layer in cache)
+  if valid is not None:  # left-padded prompts: the padding is hidden from every query, positions start per row
+    cache = _left_padded(cache, valid, max_new_tokens)
   logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache)
   first, done = _finish(sample_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k),
                         jnp.zeros((batch,), bool), eos_id)
@@ -162,6 +173,152 @@ def generate(model, params, prompt: jax.Array, key: jax.Array, *, max_new_tokens
     return _generate_cached(model, params, jnp.asarray(prompt), key, jnp.asarray(valid), **kw)
   fn = _generate_cached if use_cache else _generate_recompute
   return fn(model, params, jnp.asarray(prompt), key, **kw)
+
+
+# ----------------------------------------------------------------------------- logits processors
+
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+  """The repetition penalty of CTRL (Keskar et al. 2019), as transformers' RepetitionPenaltyLogitsProcessor applies
+  it: for every token v already present (`seen [B, V]`, prompt and generated tokens alike, each counted once)
+
+      logit_v <- logit_v / penalty   if logit_v > 0
+      logit_v <- logit_v * penalty   otherwise
+
+  so penalty > 1 makes every repeated token less likely whatever its sign; other tokens are unchanged."""
+  logits = logits.astype(jnp.float32)
+  hit = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, hit, logits)
+
+
+def top_k_top_p_filter(logits: jax.Array, top_k, top_p) -> jax.Array:
+  """`logits [B, V]` with the tokens outside the nucleus set to -inf (top-k, then top-p, in transformers' order).
+
+  top_k (0 = off): keep the tokens whose logit is >= the k-th largest (ties at the k-th value stay, as in
+  transformers' TopKLogitsWarper). top_p (1.0 = off), nucleus sampling (Holtzman et al. 2020): with the survivors
+  sorted by probability p_(1) >= p_(2) >= ..., keep rank r iff sum_{j<r} p_(j) < top_p, i.e. the smallest set
+  whose cumulative probability reaches top_p, and always the most likely token (TopPLogitsWarper, which removes a
+  token iff the probabilities of it and everything below it sum to <= 1 - top_p: the same set). Both are traced
+  values, so changing them recompiles nothing: one sort serves both."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  ranked = -jnp.sort(-logits, axis=-1)  # descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, ranked.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
+  ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each rank
+  keep = (before < top_p).at[..., 0].set(True) & (ranked > -jnp.inf)
+  cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+class Decoding(NamedTuple):
+  """The static part of a `decode` call (one compilation each): whether it samples, filters (top-k / top-p),
+  penalises repeats, and how many stop strings it tracks. The numbers themselves (temperature, top_k, top_p,
+  penalty) are traced, so changing them compiles nothing."""
+  sample: bool = False
+  filter: bool = False
+  penalize: bool = False
+  stops: int = 0
+
+
+def _draw(logits, key, seen, setting: Decoding, temperature, top_k, top_p, penalty):
+  """One token per row: repetition penalty, then argmax (greedy) or temperature, top-k / top-p and a draw."""
+  logits = logits.astype(jnp.float32)
+  if setting.penalize:
+    logits = repetition_penalty(logits, seen, penalty)
+  if not setting.sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if setting.filter:
+    logits = top_k_top_p_filter(logits, top_k, top_p)
+  # One key per row (row_keys), so a prompt's draws do not depend on its batch mates or its place in the batch.
+  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(key, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "setting"))
+def _decode(model, params, prompt, valid, key, rows_index, knobs, eos_ids, pad_id, stop_next, stop_hit, stop_state,
+            *, max_new_tokens, setting):
+  module = nnx.merge(model.graphdef, params)
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows_index)
+  temperature, top_k, top_p, penalty = knobs
+  batch, prompt_len = prompt.shape
+  vocab = module.config.vocab_size
+  cache = _left_padded(init_cache(module.config, batch, prompt_len + max_new_tokens), valid, max_new_tokens)
+  # Tokens present so far (the repetition penalty's set): the prompt's real tokens, then each generated one.
+  seen = jnp.zeros((batch, vocab), bool)
+  if setting.penalize:
+    seen = seen.at[jnp.arange(batch)[:, None], prompt].max(valid > 0)
+  rows = jnp.arange(batch)
+  which = jnp.arange(setting.stops)[None]
+
+  def step(logits, i, seen, state, done):
+    """Draws token i from its logits; advances the stop-string automata; returns the token (pad once done)."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+    new = _draw(logits, keys, seen, setting, temperature, top_k, top_p, penalty)
+    new = jnp.where(done, pad_id, new)
+    stopped = jnp.any(new[:, None] == eos_ids[None], axis=1)
+    if setting.stops:
+      stopped = stopped | jnp.any(stop_hit[which, new[:, None], state], axis=1)
+      state = stop_next[which, new[:, None], state]
+    seen = seen.at[rows, new].set(True) if setting.penalize else seen
+    return new, seen, state, done | stopped
+
+  logits, cache = module.forward_with_cache(prompt, jnp.int32(0), cache, last_only=True)
+  done = jnp.zeros((batch,), bool)
+  first, seen, state, done_after = step(logits[:, -1], 0, seen, stop_state, done)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  lengths = jnp.ones((batch,), jnp.int32)
+
+  def cond(carry):
+    i, *_, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, out, lengths, cache, last, seen, state, done = carry
+    step_module = nnx.merge(model.graphdef, params)
+    logits, cache = step_module.forward_with_cache(last[:, None], prompt_len + i - 1, cache)
+    new, seen, state, now_done = step(logits[:, 0], i, seen, state, done)
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+    return i + 1, out, lengths + (~done).astype(jnp.int32), cache, new, seen, state, now_done
+
+  carry = (jnp.int32(1), out, lengths, cache, first, seen, state, done_after)
+  _, out, lengths, *_ = jax.lax.while_loop(cond, body, carry)
+  return out, lengths
+
+
+def decode(model, params, prompt, valid, key, rows_index, *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eos_ids=(), pad_id: int = 0,
+           stops=None):
+  """Continues left-padded prompts: (new tokens int32 [B, max_new_tokens], lengths int32 [B]).
+
+  prompt [B, P] int32, right-aligned; valid [B, P] 1 on real tokens (0s only on the left); row r draws its token i
+  with the key fold_in(fold_in(key, rows_index[r]), i), so a row's draws depend on its index, not its batch mates. A row stops after emitting one of `eos_ids`
+  or completing a stop string (`stops`: (next [S, V, M], hit [S, V, M], state [B, S]) automata over the token
+  stream, see `cl_jax.lm.generation.StopStrings`); its later tokens are `pad_id` and `lengths` counts its tokens
+  up to and including the one that stopped it. temperature 0 is greedy (argmax after the repetition penalty).
+
+  The prefill and the whole token loop are one jitted program (a `lax.while_loop` that exits once every row has
+  stopped), compiled once per (model, B, P, max_new_tokens, `Decoding`): callers bucket P to bound compilations.
+  """
+  setting = Decoding(sample=float(temperature) > 0, filter=float(temperature) > 0 and (int(top_k) > 0 or
+                                                                                       float(top_p) < 1.0),
+                     penalize=float(repetition_penalty) != 1.0, stops=0 if stops is None else int(stops[0].shape[0]))
+  # Host (numpy) arguments: jit transfers them with the call, where jnp constructors would each be an eager dispatch
+  # (most of a short call's overhead).
+  if stops is None:
+    stops = (np.zeros((0, 1, 1), np.int32), np.zeros((0, 1, 1), bool), np.zeros((prompt.shape[0], 0), np.int32))
+  knobs = (np.float32(max(float(temperature), 1e-6)), np.int32(top_k), np.float32(top_p),
+           np.float32(repetition_penalty))
+  eos = np.asarray(list(eos_ids) or [-1], np.int32)
+  return _decode(model, params, np.asarray(prompt, np.int32), np.asarray(valid, np.int32), key,
+                 np.asarray(rows_index, np.int32), knobs, eos, np.int32(pad_id), *(np.asarray(x) for x in stops),
+                 max_new_tokens=int(max_new_tokens), setting=setting)
+
+
+def compilations() -> int:
+  """How many programs `decode` has compiled so far in this process (one per distinct static signature)."""
+  return int(_decode._cache_size())
 
 
 def replay_batch(model, params, prompts: jax.Array, key: jax.Array, *, max_new_tokens: int,

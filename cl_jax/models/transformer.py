@@ -1,6 +1,7 @@
 """A decoder-only (causal) transformer language model in Flax NNX, config-driven over the families it imports.
 
-Architecture (pre-norm; GPT-2, Llama 2/3, Mistral and Qwen2 are all instances of it):
+Architecture (pre-norm by default; GPT-2, Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3 and OLMo 2 are all
+instances of it, the last ones through the options below):
 
   h_0     = E[tokens] (+ P[positions] with learned positions, GPT-2)     embedding, E in R^{V x D}
   h'_l    = h_{l-1} + Attn_l(Norm(h_{l-1}))                               causal self-attention
@@ -25,13 +26,34 @@ Architecture (pre-norm; GPT-2, Llama 2/3, Mistral and Qwen2 are all instances of
             the band between interpolated with s = (L_orig / wavelength - low) / (high - low):
             f' = (1 - s) f / factor + s f). Or 'learned' absolute position embeddings P (GPT-2).
 
+Options (`TransformerConfig`; each defaults to the plain model above and is resolved when the model is traced, so
+a model that leaves it off runs the same program as before it existed):
+  qk_norm        RMSNorm of q and k before RoPE, per head over Dh ('head': Qwen3, Gemma 3; Dehghani et al. 2023)
+                 or over the whole projection [H Dh] ('full': OLMo 2, OLMo et al. 2024).
+  block_norms    'sandwich': h' = h + Norm(Attn(Norm(h))), h'' = h' + Norm(MLP(Norm(h'))) (Gemma 2/3);
+                 'post':     h' = h + Norm(Attn(h)),       h'' = h' + Norm(MLP(h'))        (OLMo 2).
+  norm_plus_one  RMSNorm gain (1 + w) with w stored (and initialised at 0) (Gemma).
+  embed_scale    h_0 = sqrt(D) E[tokens] (Gemma).
+  attn_scale_dim scores q.k / sqrt(s) with s = query_pre_attn_scalar instead of Dh (Gemma).
+  attn_softcap,  soft-capping c tanh(x / c) of the attention scores (before the mask) and of the logits
+  final_softcap  (Gemma 2; Gemma Team 2024, after Bello et al. 2016).
+  mlp='geglu'    W_down (gelu(W_gate x) * W_up x) (Shazeer 2020; Gemma, tanh gelu).
+  global_layers  layers exempt from `sliding_window` (Gemma 2: every other layer; Gemma 3: one in six);
+  rope_local_base  theta of the sliding layers' RoPE, unscaled (Gemma 3: 10k local, 1M global).
+  Where layers differ (windows / RoPE), every block holds the same static tables (window and RoPE kind per layer)
+  and is told its index: a Python int in the unrolled loop (static: the same program as one window), a traced one
+  under `scan_layers`, scanned along with the stacked params (the window mask and the RoPE frequencies are then
+  picked from the tables; everything else is unchanged, so the stacked layout keeps one block's program).
+
 Every projection is an explicit `einsum` over a named-axes kernel (`q: [D, H, Dh]`, `k, v: [D, K, Dh]`,
 `o: [H, Dh, D]`, `up, gate: [D, F]`, `down: [F, D]`), so GSPMD can shard any axis of any kernel (FSDP over
 `fsdp`, heads or MLP width over a model axis) and the batch over `data` without code changes. Parameter paths
 are stable strings: `embed.embedding`, `pos_embed.embedding` (learned positions only),
 `block_{i}.attn.{q,k,v,o}.{kernel,bias}`, `block_{i}.mlp.{gate,up,down}.{kernel,bias}`,
 `block_{i}.{attn_norm,mlp_norm}.{scale,bias}`, `final_norm.{scale,bias}`, `lm_head.kernel` (untied only);
-biases, `gate` and the norms' `bias` exist only where the config asks for them. With `scan_layers=True` the blocks
+biases, `gate` and the norms' `bias` exist only where the config asks for them, and so do
+`block_{i}.{attn_post_norm,mlp_post_norm}.scale` (block_norms 'sandwich' / 'post'; 'post' has no attn_norm /
+mlp_norm) and `block_{i}.attn.{q_norm,k_norm}.scale` ([Dh], or [H Dh] / [K Dh] for qk_norm='full'). With `scan_layers=True` the blocks
 are stored stacked instead: `stacked_blocks.attn.q.kernel [L, D, H, Dh]` and so on, one leaf per kind with a leading
 layer axis, `stacked_blocks.*[i]` being `block_{i}.*` (`cl_jax.models.scan_layout` converts between the layouts).
 `cl_jax.models.hf_checkpoint` maps Hugging Face checkpoints onto these paths and back, in either layout.
@@ -59,7 +81,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 _NORMS = ("rmsnorm", "layernorm")
-_MLPS = ("gelu", "swiglu")
+_MLPS = ("gelu", "swiglu", "geglu")
+_QK_NORMS = ("none", "head", "full")
+_BLOCK_NORMS = ("pre", "sandwich", "post")
 _POSITIONS = ("rope", "learned")
 _ROPE_SCALINGS = ("none", "linear", "llama3")
 
@@ -108,6 +132,17 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   sliding_window: int = 0  # 0: none; W: a query sees the W most recent keys (itself included)
+  # Architecture options of further families (module docstring, "Options"); the defaults are the plain pre-norm
+  # model above, and each is resolved when the model is traced, so a model that does not use one pays nothing.
+  global_layers: tuple[int, ...] = ()  # layers that ignore `sliding_window` (Gemma 2/3's full-attention layers)
+  rope_local_base: float = 0.0  # > 0: RoPE theta of the sliding layers, unscaled (Gemma 3); 0: as the others
+  qk_norm: str = "none"  # 'none' | 'head' (over Dh, Qwen3 / Gemma 3) | 'full' (over all of q / k, OLMo 2)
+  block_norms: str = "pre"  # 'pre' | 'sandwich' (pre + post, Gemma 2/3) | 'post' (after each branch, OLMo 2)
+  norm_plus_one: bool = False  # RMSNorm gain (1 + w), w stored (Gemma)
+  embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  attn_scale_dim: float = 0.0  # scores q.k / sqrt(attn_scale_dim) (Gemma's query_pre_attn_scalar); 0: head dim
+  attn_softcap: float = 0.0  # > 0: scores c tanh(s / c) before the mask (Gemma 2)
+  final_softcap: float = 0.0  # > 0: logits c tanh(z / c) (Gemma 2)
   # Memory / compile at scale (numerics unchanged up to float reduction order; see `_blocks`):
   remat: str = "none"  # 'none' | 'full' | 'dots': rematerialise each block's activations in the backward pass
   # Run the blocks under one lax.scan over params stored stacked (`stacked_blocks.*`, a leading layer axis; see
@@ -140,6 +175,17 @@ class TransformerConfig:
       raise ValueError(f"TransformerConfig.norm_eps={self.norm_eps!r}: expected a positive number")
     if self.mlp not in _MLPS:
       raise ValueError(f"TransformerConfig.mlp={self.mlp!r}: expected one of {_MLPS}")
+    if self.qk_norm not in _QK_NORMS:
+      raise ValueError(f"TransformerConfig.qk_norm={self.qk_norm!r}: expected one of {_QK_NORMS}")
+    if self.block_norms not in _BLOCK_NORMS:
+      raise ValueError(f"TransformerConfig.block_norms={self.block_norms!r}: expected one of {_BLOCK_NORMS}")
+    if not isinstance(self.global_layers, tuple) or any(
+        not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_layers for i in self.global_layers):
+      raise ValueError(f"TransformerConfig.global_layers={self.global_layers!r}: expected a tuple of layer indices "
+                       f"in [0, {self.num_layers})")
+    for name in ("rope_local_base", "attn_scale_dim", "attn_softcap", "final_softcap"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r}: expected a number >= 0 (0: off)")
     if self.rope_scaling not in _ROPE_SCALINGS:
       raise ValueError(f"TransformerConfig.rope_scaling={self.rope_scaling!r}: expected one of {_ROPE_SCALINGS}")
     if self.rope_scaling != "none" and not self.rope_factor > 0:
@@ -168,6 +214,19 @@ class TransformerConfig:
   @property
   def dtype(self):
     return _DTYPES[self.compute_dtype]
+
+  def layer_windows(self) -> tuple[int, ...]:
+    """Each layer's sliding window (0: it sees every earlier key)."""
+    return tuple(0 if i in self.global_layers else int(self.sliding_window) for i in range(self.num_layers))
+
+  def layer_is_local(self) -> tuple[bool, ...]:
+    """Each layer's RoPE kind: True where it slides and has its own theta (`rope_local_base`)."""
+    return tuple(bool(self.rope_local_base) and w > 0 for w in self.layer_windows())
+
+  @property
+  def per_layer(self) -> bool:
+    """Whether the layers differ (window or RoPE): then each block is told its index, a traced one in a scan."""
+    return len(set(zip(self.layer_windows(), self.layer_is_local()))) > 1
 
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
@@ -245,12 +304,14 @@ class Projection(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """RMSNorm `x / rms(x) * scale` or LayerNorm `(x - mean) / std * scale + bias`, computed in float32."""
+  """RMSNorm `x / rms(x) * scale` or LayerNorm `(x - mean) / std * scale + bias`, computed in float32; with
+  `plus_one` (Gemma) the gain is `1 + scale` and `scale` starts at 0."""
 
-  def __init__(self, dim: int, kind: str, eps: float = 1e-6):
+  def __init__(self, dim: int, kind: str, eps: float = 1e-6, plus_one: bool = False):
     self.kind = kind
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.plus_one = bool(plus_one)
+    self.scale = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), jnp.float32))
     if kind == "layernorm":
       self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
@@ -259,19 +320,22 @@ class Norm(nnx.Module):
     if self.kind == "layernorm":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    y = y * self.scale[...]
+    y = y * (1.0 + self.scale[...] if self.plus_one else self.scale[...])
     if self.kind == "layernorm":
       y = y + self.bias[...]
     return y.astype(x.dtype)
 
 
-def rope_frequencies(cfg: TransformerConfig) -> np.ndarray:
-  """The RoPE angular frequencies f_i = theta^(-2i/Dh), i < Dh/2, after the config's scaling (float32).
+def rope_frequencies(cfg: TransformerConfig, local: bool = False) -> np.ndarray:
+  """The RoPE angular frequencies f_i = theta^(-2i/Dh), i < Dh/2, after the config's scaling (float32); `local`:
+  those of the sliding layers, theta = `rope_local_base` and no scaling (Gemma 3).
 
   Computed once on the host in float64, so a scaled model's frequencies are as exact as the unscaled ones.
   """
   dh = cfg.head_dim
-  freqs = 1.0 / cfg.rope_base ** (np.arange(0, dh, 2, dtype=np.float64) / dh)
+  freqs = 1.0 / (cfg.rope_local_base if local else cfg.rope_base) ** (np.arange(0, dh, 2, dtype=np.float64) / dh)
+  if local:
+    return freqs.astype(np.float32)
   if cfg.rope_scaling == "linear":
     freqs = freqs / cfg.rope_factor
   elif cfg.rope_scaling == "llama3":
@@ -305,10 +369,13 @@ def rope(x: jax.Array, positions: jax.Array, base: float, freqs=None) -> jax.Arr
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                     k_positions: jax.Array, sliding_window: int = 0, q_segments: jax.Array | None = None,
-                     k_segments: jax.Array | None = None, query_chunk: int = 0) -> jax.Array:
+                     k_positions: jax.Array, sliding_window=0, q_segments: jax.Array | None = None,
+                     k_segments: jax.Array | None = None, query_chunk: int = 0, *, scale: float | None = None,
+                     softcap: float = 0.0) -> jax.Array:
   """softmax(q k^T / sqrt(Dh) + M) v with M[t, s] = 0 if k_pos[s] <= q_pos[t] (and, with a sliding window W,
-  q_pos[t] - k_pos[s] < W) else -inf.
+  q_pos[t] - k_pos[s] < W) else -inf. `scale` replaces 1 / sqrt(Dh); `softcap` c > 0 caps the scores,
+  s -> c tanh(s / c), before the mask (Gemma 2). `sliding_window` is a Python int (0: none) or a traced int
+  (a scanned layer's own window; 0 means none there as well).
 
   q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with K dividing H (grouped-query attention: query head h reads
   key/value head h // (H / K)). Positions are absolute token indices, so the same function serves the full
@@ -329,19 +396,33 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
     def one(args):
       qc, qpc, qsc = args
-      return causal_attention(qc, k, v, qpc, k_positions, sliding_window, qsc, k_segments)
+      return causal_attention(qc, k, v, qpc, k_positions, sliding_window, qsc, k_segments, scale=scale,
+                              softcap=softcap)
 
     out = jax.lax.map(jax.checkpoint(one), (blocks(q), blocks(qp), blocks(q_segments)))
     return jnp.swapaxes(out, 0, 1).reshape(q.shape)
   visible = kp[:, None, :] <= qp[:, :, None]  # [B or 1, T, S]
-  if sliding_window:
+  if isinstance(sliding_window, jax.Array):  # traced per layer: 0 (a global layer) hides nothing
+    visible = visible & ((qp[:, :, None] - kp[:, None, :] < sliding_window) | (sliding_window == 0))
+  elif sliding_window:
     visible = visible & (qp[:, :, None] - kp[:, None, :] < sliding_window)
   if q_segments is not None:
     visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
   # jax.nn.dot_product_attention: XLA's fused kernels where the backend has them (cuDNN flash attention on GPU
   # when the mask allows), the reference softmax(q k^T / sqrt(Dh)) v in float32 logits otherwise; it reads
   # grouped-query k/v ([B, S, K, Dh], K dividing H) directly.
-  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible[:, None])
+  if softcap:
+    # No fused kernel caps scores: the reference computation, float32 scores, grouped-query heads h = (k, g).
+    n_kv = k.shape[2]
+    qg = q.reshape(*q.shape[:2], n_kv, q.shape[2] // n_kv, q.shape[3])
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = softcap * jnp.tanh(scores / softcap)
+    # A finite floor, as the fused path uses: a row with no visible key (a left-padding query) stays finite.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(q.shape)
+  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible[:, None], scale=scale)
 
 
 class Attention(nnx.Module):
@@ -362,28 +443,68 @@ class Attention(nnx.Module):
                         bias_shape=(kv, dh) if cfg.qkv_bias else None, **common)
     self.o = Projection("bthk,hkd->btd", (h, dh, d), std=out_std, bias_shape=(d,) if cfg.o_bias else None,
                         **common)
+    if cfg.qk_norm != "none":  # RMSNorm of q and k before RoPE: per head over Dh, or over the whole projection
+      per = 1 if cfg.qk_norm == "head" else None
+      self.q_norm = Norm(dh * (per or h), "rmsnorm", cfg.norm_eps, cfg.norm_plus_one)
+      self.k_norm = Norm(dh * (per or kv), "rmsnorm", cfg.norm_eps, cfg.norm_plus_one)
+    self.qk_norm = cfg.qk_norm
     self.rope_base = cfg.rope_base
     self.use_rope = cfg.positions == "rope"
-    self.sliding_window = int(cfg.sliding_window)
     self.attn_chunk = int(cfg.attn_chunk)
-    # A tuple of Python floats (static, hashable), not an array: the module's state stays params only.
+    self.scale = float(cfg.attn_scale_dim) ** -0.5 if cfg.attn_scale_dim else None
+    self.softcap = float(cfg.attn_softcap)
+    # Static per-layer tables, the same in every block (a scan runs one block's graph over all layers): each
+    # layer's window and RoPE kind. Tuples of Python numbers (hashable), not arrays: the state stays params only.
+    self.per_layer = cfg.per_layer
+    self.windows = cfg.layer_windows()
+    self.local_layers = cfg.layer_is_local()
     self.rope_freqs = tuple(float(f) for f in rope_frequencies(cfg)) if self.use_rope else None
+    self.local_freqs = (tuple(float(f) for f in rope_frequencies(cfg, local=True))
+                        if self.use_rope and any(self.local_layers) else None)
 
-  def _rotate(self, x, positions):
-    if not self.use_rope:
-      return x
-    return rope(x, positions, self.rope_base, np.asarray(self.rope_freqs, np.float32))
+  def _layer(self, layer):
+    """(sliding window, RoPE frequencies) of layer `layer`: static when the layers agree or `layer` is a Python
+    int (the unrolled blocks), looked up from the tables when it is traced (the scanned blocks)."""
+    freqs = None if self.rope_freqs is None else np.asarray(self.rope_freqs, np.float32)
+    local = None if self.local_freqs is None else np.asarray(self.local_freqs, np.float32)
+    if not self.per_layer:  # every layer alike (all of them sliding with their own theta, possibly)
+      return self.windows[0], (local if self.local_layers[0] else freqs)
+    if layer is None:
+      raise ValueError("Attention: this model's layers differ (windows / RoPE); the block needs its layer index")
+    if isinstance(layer, (int, np.integer)):
+      return self.windows[layer], (local if self.local_layers[layer] else freqs)
+    window = jnp.asarray(self.windows, jnp.int32)[layer]
+    if local is not None:
+      freqs = jnp.where(jnp.asarray(self.local_layers)[layer], local, freqs)
+    return window, freqs
+
+  def _norm_qk(self, norm: Norm, x: jax.Array) -> jax.Array:
+    if self.qk_norm == "full":  # over the whole projection [H Dh], as OLMo 2 normalises q_proj(x) before the split
+      return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
+    return norm(x)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, layer=None):
     """Returns (output, new_cache). With a cache `{'k','v': [B, S, K, Dh]}` the new keys/values are
-    written at `positions` (which must be contiguous) and attention runs over the whole cache."""
-    q = self._rotate(self.q(x), positions)
-    k = self._rotate(self.k(x), positions)
-    v = self.v(x)
+    written at `positions` (which must be contiguous) and attention runs over the whole cache. `layer`: this
+    block's index (a Python or traced int), needed only when the layers differ (`TransformerConfig.per_layer`)."""
+    window, freqs = self._layer(layer)
+    # A cache's optional 'offset' [B] (left padding per row): the token in slot s sits at position s - offset, so a
+    # left-padded row is rotated exactly as the same prompt alone would be (the causal mask compares slots).
+    offset = None if cache is None else cache.get("offset")
+    rotated = positions if offset is None else positions[None] - offset[:, None]
+
+    def project(proj, norm):  # projection, q/k norm, RoPE (in the order the plain model always traced them)
+      y = proj(x)
+      if self.qk_norm != "none":
+        y = self._norm_qk(getattr(self, norm), y)
+      return rope(y, rotated, self.rope_base, freqs) if self.use_rope else y
+
+    q, k, v = project(self.q, "q_norm"), project(self.k, "k_norm"), self.v(x)
+    options = dict(scale=self.scale, softcap=self.softcap)
     if cache is None:
-      return self.o(causal_attention(q, k, v, positions, positions, self.sliding_window, segment_ids,
-                                     segment_ids, self.attn_chunk)), None
+      return self.o(causal_attention(q, k, v, positions, positions, window, segment_ids, segment_ids,
+                                     self.attn_chunk, **options)), None
     start = positions[0]
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
@@ -391,12 +512,13 @@ class Attention(nnx.Module):
     # An optional cache["valid"] [B, S] (1: a real key) hides left padding of prompts of unequal lengths.
     valid = cache.get("valid")
     q_seg = None if valid is None else jnp.ones(q.shape[:2], valid.dtype)
-    out = causal_attention(q, k_all, v_all, positions, k_positions, self.sliding_window, q_seg, valid)
+    out = causal_attention(q, k_all, v_all, positions, k_positions, window, q_seg, valid, **options)
     return self.o(out), {**cache, "k": k_all, "v": v_all}
 
 
 class MLP(nnx.Module):
-  """'gelu': `down(gelu(up(x)))`; 'swiglu': `down(silu(gate(x)) * up(x))`. up/gate `[D, F]`, down `[F, D]`."""
+  """'gelu': `down(gelu(up(x)))`; 'swiglu': `down(silu(gate(x)) * up(x))`; 'geglu': `down(gelu(gate(x)) * up(x))`
+  (Shazeer 2020; Gemma, tanh gelu). up/gate `[D, F]`, down `[F, D]`."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
@@ -404,7 +526,7 @@ class MLP(nnx.Module):
     common = dict(dtype=cfg.dtype, rngs=rngs)
     self.kind = cfg.mlp
     self.gelu_approximate = bool(cfg.gelu_approximate)
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in ("swiglu", "geglu"):
       self.gate = Projection("btd,df->btf", (d, f), std=cfg.init_std, bias_shape=(f,) if cfg.mlp_bias else None,
                              **common)
     self.up = Projection("btd,df->btf", (d, f), std=cfg.init_std, bias_shape=(f,) if cfg.mlp_bias else None,
@@ -415,23 +537,41 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kind == "swiglu":
       return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    if self.kind == "geglu":
+      return self.down(jax.nn.gelu(self.gate(x), approximate=self.gelu_approximate) * self.up(x))
     return self.down(jax.nn.gelu(self.up(x), approximate=self.gelu_approximate))
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Residual block, by `block_norms`:
+    'pre'      x + attn(norm(x)), then + mlp(norm(.))                     (GPT-2, Llama, ...)
+    'sandwich' x + post(attn(norm(x))), then + post(mlp(norm(.)))          (Gemma 2/3)
+    'post'     x + post(attn(x)), then + post(mlp(.))                      (OLMo 2)
+  norms `attn_norm` / `mlp_norm` before each branch, `attn_post_norm` / `mlp_post_norm` on its output."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    def norm():
+      return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_plus_one)
+
+    if cfg.block_norms != "post":
+      self.attn_norm = norm()
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    if cfg.block_norms != "pre":
+      self.attn_post_norm = norm()
+    if cfg.block_norms != "post":
+      self.mlp_norm = norm()
     self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.block_norms != "pre":
+      self.mlp_post_norm = norm()
+    self.block_norms = cfg.block_norms
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-               segment_ids: jax.Array | None = None):
-    a, cache = self.attn(self.attn_norm(x), positions, cache, segment_ids)
-    x = x + a
-    x = x + self.mlp(self.mlp_norm(x))
+               segment_ids: jax.Array | None = None, layer=None):
+    pre, post = self.block_norms != "post", self.block_norms != "pre"
+    a, cache = self.attn(self.attn_norm(x) if pre else x, positions, cache, segment_ids, layer)
+    x = x + (self.attn_post_norm(a) if post else a)
+    m = self.mlp(self.mlp_norm(x) if pre else x)
+    x = x + (self.mlp_post_norm(m) if post else m)
     return x, cache
 
 
@@ -460,7 +600,7 @@ class TransformerLM(nnx.Module):
     else:
       for i in range(cfg.num_layers):
         setattr(self, block_key(i), Block(cfg, rngs=rngs))
-    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_plus_one)
     if not cfg.tied_embeddings:
       self.lm_head = Projection("btd,dv->btv", (cfg.d_model, cfg.vocab_size), std=cfg.init_std,
                                 dtype=cfg.dtype, rngs=rngs)
@@ -472,13 +612,18 @@ class TransformerLM(nnx.Module):
       logits = jnp.einsum("btd,vd->btv", h.astype(self.config.dtype), table)
     else:
       logits = self.lm_head(h)
-    return constrain(logits.astype(jnp.float32), BATCH)
+    logits = logits.astype(jnp.float32)
+    if self.config.final_softcap:
+      logits = self.config.final_softcap * jnp.tanh(logits / self.config.final_softcap)
+    return constrain(logits, BATCH)
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     table = constrain(self.embed.embedding[...])
     # The residual stream stays float32 (each projection casts its input to the compute dtype), so bf16
     # rounding does not accumulate over the depth of the network.
     h = jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(jnp.float32)
+    if self.config.embed_scale:
+      h = h * np.float32(np.sqrt(self.config.d_model))
     if self.config.positions == "learned":
       pos = jnp.take(self.pos_embed.embedding[...], positions, axis=0)
       h = h + (pos if pos.ndim == 3 else pos[None]).astype(jnp.float32)
@@ -511,50 +656,57 @@ class TransformerLM(nnx.Module):
     else:
       blocks = [getattr(self, block_key(i)) for i in range(cfg.num_layers)]
       if cfg.remat == "none":
-        for block in blocks:
-          h, _ = block(h, positions, None, segment_ids)
+        for i, block in enumerate(blocks):
+          h, _ = block(h, positions, None, segment_ids, i)
           h = constrain(h, BATCH)
         return h
       graphdef, first = nnx.split(blocks[0])
       states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
 
-    def block_fn(x, state):
-      return constrain(nnx.merge(graphdef, state)(x, positions, None, segment_ids)[0], BATCH)
+    def block_fn(x, state, layer):
+      return constrain(nnx.merge(graphdef, state)(x, positions, None, segment_ids, layer)[0], BATCH)
 
     if cfg.remat != "none":
       policy = REMAT_POLICIES[cfg.remat]
+      # Unrolled, the layer index is a Python int (static); scanned, it is traced (or None: identical layers).
       block_fn = jax.checkpoint(block_fn, prevent_cse=not cfg.scan_layers,
+                                static_argnums=() if cfg.scan_layers else (2,),
                                 policy=None if policy is None else getattr(jax.checkpoint_policies, policy))
     if not cfg.scan_layers:
-      for state in states:
-        h = block_fn(h, state)
+      for i, state in enumerate(states):
+        h = block_fn(h, state, i)
       return h
-    h, _ = jax.lax.scan(lambda x, state: (block_fn(x, state), None), h, stacked)
+    # Layers that differ (alternating local / global attention) scan their index along with their params.
+    layers = jnp.arange(cfg.num_layers) if cfg.per_layer else None
+    h, _ = jax.lax.scan(lambda x, xs: (block_fn(x, *xs), None), h, (stacked, layers))
     return h
 
-  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple):
+  def forward_with_cache(self, tokens: jax.Array, start: jax.Array, cache: tuple, last_only: bool = False):
     """Runs `tokens [B, T]` at positions start..start+T-1 against a KV cache (prefill: start=0 and the
     whole prompt; decode: T=1). Returns (logits [B, T, V] float32, new cache). The cache is `init_cache`'s:
-    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks."""
+    one dict per layer, or under `scan_layers` one dict whose k/v carry the layer axis, scanned with the blocks.
+    `last_only`: logits of the last position only ([B, 1, V]), what a prefill needs (the LM head is skipped elsewhere)."""
     positions = start + jnp.arange(tokens.shape[1])
-    h = self._embed(tokens, positions)
+    offset = cache[0].get("offset")  # left padding per row (see Attention): learned positions shift with it too
+    h = self._embed(tokens, positions if offset is None else jnp.maximum(positions[None] - offset[:, None], 0))
     if self.config.scan_layers:
       (stacked_cache,) = cache
       graphdef, stacked = nnx.split(getattr(self, STACK))
-      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # e.g. 'valid', the same per layer
+      shared = {k: v for k, v in stacked_cache.items() if k not in ("k", "v")}  # 'valid', 'offset': the same per layer
 
       def body(x, layer):
-        state, k, v = layer
-        x, c = nnx.merge(graphdef, state)(x, positions, {**shared, "k": k, "v": v})
+        state, k, v, index = layer
+        x, c = nnx.merge(graphdef, state)(x, positions, {**shared, "k": k, "v": v}, None, index)
         return x, (c["k"], c["v"])
 
-      h, (ks, vs) = jax.lax.scan(body, h, (stacked, stacked_cache["k"], stacked_cache["v"]))
-      return self._logits(h), ({**stacked_cache, "k": ks, "v": vs},)
+      index = jnp.arange(self.config.num_layers) if self.config.per_layer else None
+      h, (ks, vs) = jax.lax.scan(body, h, (stacked, stacked_cache["k"], stacked_cache["v"], index))
+      return self._logits(h[:, -1:] if last_only else h), ({**stacked_cache, "k": ks, "v": vs},)
     new_cache = []
     for i in range(self.config.num_layers):
-      h, c = getattr(self, block_key(i))(h, positions, cache[i])
+      h, c = getattr(self, block_key(i))(h, positions, cache[i], None, i)
       new_cache.append(c)
-    return self._logits(h), tuple(new_cache)
+    return self._logits(h[:, -1:] if last_only else h), tuple(new_cache)
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> tuple:
@@ -610,7 +762,7 @@ def matmul_flops_per_token(cfg: TransformerConfig, seq_len: int) -> dict[str, fl
   """
   d, f, n_layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
   hd, kd = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-  n_mlp = 3 if cfg.mlp == "swiglu" else 2
+  n_mlp = 3 if cfg.mlp in ("swiglu", "geglu") else 2
   proj = 2.0 * n_layers * (2 * d * hd + 2 * d * kd + n_mlp * d * f)
   attn = 2.0 * n_layers * 2 * seq_len * hd
   head = 2.0 * d * cfg.vocab_size

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from cl_jax import sharding
-from cl_jax.checkpoint import Checkpoints, abstract_like, params_only
+from cl_jax.checkpoint import METRICS, Checkpoints, abstract_like, params_only
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, config_dict, is_writer
 from cl_jax.train.step import with_finite_flag  # noqa: F401  (re-exported: the loop's divergence flag)
@@ -227,6 +227,18 @@ def _metric_column(v) -> list:
   return np.asarray(v).astype(np.float64).tolist()
 
 
+def run_identity(workdir: str) -> dict:
+  """What makes a checkpoint this run's (`cl_jax.checkpoint`): the sha256 of the workdir's config.json (written
+  once when the run started, so every legitimate resume sees the same one; `cl_jax.results.config_sha256`, the
+  hash provenance records), the seed, and the code version (git commit, else the package version)."""
+  from cl_jax.results import config_sha256, git_commit, package_versions
+  from cl_jax.workdir import read_config
+  config = read_config(workdir) or {}
+  commit = git_commit()
+  code = commit["rev"] if commit else f"cl-jax=={package_versions().get('cl-jax')}"
+  return {"config_sha256": config_sha256(config) if config else None, "seed": config.get("seed"), "code": code}
+
+
 def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, progress: bool = True,
               open_log: Callable[[int | None], MetricsLog] | None = None, hooks: Sequence = ()) -> LoopResult:
   """Runs `plan` to its end (or its hook's stop), resuming from the newest intact checkpoint when `resume`.
@@ -243,6 +255,8 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
   state = plan.state
   boundary, task_seconds, prior_seconds, clock = [], [], 0.0, {"task_start": time.time()}
   start_task, iterator_state, resume_step, div_state, stopped = 0, None, None, None, None
+  if checkpoints.identity is None:  # the run's identity, recorded in every checkpoint and checked on resume
+    checkpoints.identity = run_identity(workdir)
   restored = checkpoints.restore(abstract_like(state, plan.state_sharding)) if resume else None
   if restored is not None:
     state, meta = restored
@@ -257,6 +271,9 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     print(f"Resuming {workdir} from step {resume_step} ({names[min(start_task, num_tasks - 1)]}"
           f"{', start' if iterator_state is None else ', mid-task'}).")
   log = (open_log or (lambda s: MetricsLog(workdir, s, tb_every=plan.log_every)))(resume_step)
+  if restored is not None:  # a torn or deleted metrics.jsonl: rewritten from the checkpoint's copy
+    log.recover(restored[1].pop(METRICS, None), resume_step)
+  checkpoints.log = log  # every checkpoint keeps metrics.jsonl up to its step
   divergence = _Divergence(plan.divergence_factor, div_state)
   seconds = lambda: prior_seconds + time.time() - t_start
 
