@@ -17,7 +17,8 @@ current task, as the task loss does. Both terms are 0 while the buffer is empty.
 The reference code's class-IL protocol trains every output unit from the first task on (no mask of the classes not
 seen yet: `scenario.mask_unseen=False`), so a stored z holds strongly negative logits for the classes still to come
 and the matching term keeps them low for old examples; under this codebase's default mask those logits were never
-trained, and DER with a small buffer loses ~7 points on Split MNIST (results/der_protocol.md measures it).
+trained when z was stored. At the paper's Split MNIST protocol DER with 200 examples scores 84.5 unmasked (paper:
+84.55) and 76.1 masked (results/der_protocol.md).
 
 State: the rehearsal strategies' one `buffer.Buffer`, with the stored logits as its extra field 'logits'
 [capacity, C] (C: the model's outputs), of static shape, sharded along its slots. On a language model (continual
