@@ -170,7 +170,7 @@ def write_report(a, table: dict, ablations: dict) -> None:
       lines.append(f"| {row} | reference protocol | {fmt_ci(table[row]['acc'])} | |")
       for name, s in variants.items():
         lines.append(f"| {row} | {name} | {fmt_ci(s['acc'])} | {s['acc']['mean'] - ref:+.1f} |")
-  write_markdown(a.out, lines)
+  write_markdown(a.out, [*lines, ""])
   write_json(os.path.splitext(a.out)[0] + ".json",
              {"command": "python experiments/der_protocol.py --ablations", "seeds": a.seeds, "published": {
                  m: {str(k): v for k, v in d.items()} for m, d in PUBLISHED.items()},
