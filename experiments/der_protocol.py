@@ -49,7 +49,9 @@ BEST = {
     "er": ("replay", {200: {"optim.lr": 0.01, "replay.batch_size": 10}, 500: {"optim.lr": 0.1, "replay.batch_size": 10},
                       5120: {"optim.lr": 0.1, "replay.batch_size": 10}}),
     "agem": ("agem", {b: {"optim.lr": 0.1, "agem.batch_size": 128} for b in (200, 500, 5120)}),
-    "icarl": ("icarl", {b: {"optim.lr": 0.1, "icarl.batch_size": 10} for b in (200, 500, 5120)}),
+    # iCaRL reads the old classes off the class-IL mask, so it keeps it (cl_jax/strategies/icarl.py).
+    "icarl": ("icarl", {b: {"optim.lr": 0.1, "icarl.batch_size": 10, "scenario.mask_unseen": True}
+                        for b in (200, 500, 5120)}),
     "der": ("der", {200: {"optim.lr": 0.03, "der.batch_size": 10, "der.alpha": 0.2},
                     500: {"optim.lr": 0.03, "der.batch_size": 128, "der.alpha": 1.0},
                     5120: {"optim.lr": 0.1, "der.batch_size": 128, "der.alpha": 0.5}}),
