@@ -204,11 +204,21 @@ def _masked_ce(learner):
   return loss_fn
 
 
-def test_der_and_derpp_losses_by_hand():
+@pytest.mark.parametrize("replacement", [False, True])
+def test_der_and_derpp_losses_by_hand(replacement):
   from cl_jax.strategies import buffer as buffer_lib, der as der_lib
   alpha, beta = 0.4, 0.7
+
+  def draw(key):   # the loss's draw of 5 of the 8 stored: distinct slots (the reference code's), or with replacement
+    if replacement:
+      return np.asarray(jax.random.randint(key, (5,), 0, 8))
+    idx = np.asarray(buffer_lib.epoch_order(buffer, key))[:5]
+    assert len(set(idx.tolist())) == 5 and idx.max() < 8
+    return idx
+
   for name in ("der", "derpp"):
-    learner, params, strategy, buffer = _der_setup(name, **{"der.alpha": alpha, "der.beta": beta})
+    learner, params, strategy, buffer = _der_setup(name, **{"der.alpha": alpha, "der.beta": beta,
+                                                            "der.replacement": replacement})
     base = _masked_ce(learner)
     loss = strategy.loss(base)
     batch = _batch(6, 1, seed=3)
@@ -220,13 +230,13 @@ def test_der_and_derpp_losses_by_hand():
     ctx = ctx._replace(strategy_state=buffer)
     value, aux = loss(params, batch, ctx)
     # The two draws, reproduced with the loss's own streams.
-    i1 = jax.random.randint(jax.random.fold_in(ctx.rng, der_lib._LOGIT_STREAM), (5,), 0, 8)
-    x1, z1 = np.asarray(old["x"])[np.asarray(i1)], np.asarray(stored)[np.asarray(i1)]
+    i1 = draw(jax.random.fold_in(ctx.rng, der_lib._LOGIT_STREAM))
+    x1, z1 = np.asarray(old["x"])[i1], np.asarray(stored)[i1]
     w, b = np.asarray(params["w"]), np.asarray(params["b"])
     mse = np.mean((x1 @ w + b - z1) ** 2)
     expected = float(base(params, batch, ctx)[0]) + alpha * mse
     if name == "derpp":
-      i2 = np.asarray(jax.random.randint(jax.random.fold_in(ctx.rng, der_lib._LABEL_STREAM), (5,), 0, 8))
+      i2 = draw(jax.random.fold_in(ctx.rng, der_lib._LABEL_STREAM))
       z2 = np.asarray(old["x"])[i2] @ w + b
       z2 = np.where(np.arange(NUM_CLASSES) < 4, z2, -1e9)   # task index 1: classes 0..3
       y2 = np.asarray(old["y"])[i2]
@@ -236,6 +246,24 @@ def test_der_and_derpp_losses_by_hand():
     np.testing.assert_allclose(aux["der_logit_mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     assert mse > 1e-2
+
+
+def test_der_draw_without_replacement_uses_each_stored_example_once():
+  """The reference code's buffer draw (mammoth `Buffer.get_data`) asks for 5 and, with 3 stored, gets those 3 once
+  each: the logit term is then exactly the MSE over the 3, whatever the rng (with replacement it is not)."""
+  from cl_jax.strategies import buffer as buffer_lib
+  learner, params, strategy, buffer = _der_setup("der", **{"der.alpha": 1.0})
+  old = _batch(3, 0, seed=4)
+  stored = old["x"] @ params["w"] * 0.5
+  buffer = buffer_lib.reservoir_add(buffer, {**old, "logits": stored}, jax.random.key(1))
+  exact = np.mean((np.asarray(old["x"] @ params["w"] + params["b"]) - np.asarray(stored)) ** 2)
+  loss = strategy.loss(_masked_ce(learner))
+  for key in range(3):
+    ctx = LossContext(buffer, jax.random.key(key), jnp.int32(1))
+    np.testing.assert_allclose(loss(params, _batch(6, 1, seed=3), ctx)[1]["der_logit_mse"], exact, rtol=1e-5)
+  rows, valid = buffer_lib.sample_distinct(buffer, jax.random.key(0), 5)
+  assert valid.tolist() == [True] * 3 + [False] * 2
+  assert sorted(np.asarray(rows["y"][:3]).tolist()) == sorted(np.asarray(old["y"]).tolist())
 
 
 # --------------------------------------------------------------------------------------------- A-GEM

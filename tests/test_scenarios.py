@@ -207,3 +207,12 @@ def test_pool_array_copies_arrays_that_do_not_share_a_buffer():
   assert np.array_equal(spanning_view([whole[:4], whole[4:7]]), whole[:7])
   joined = pool_array([a, b])
   assert np.array_equal(joined, np.concatenate([a, b])) and joined.ctypes.data % 64 == 0
+
+
+def test_class_il_without_the_mask_of_unseen_classes():
+  """`scenario.mask_unseen=False` (the DER paper's code): every output unit is trained and scored from task 1 on;
+  a single-head task-IL scenario keeps its own-task mask."""
+  s = make_scenario(_data(), _cfg(kind="class", mask_unseen=False))
+  assert s.logit_mask(np.array([0, 4]), 0) is None and s.num_outputs == 10
+  s_task = make_scenario(_data(), _cfg(kind="task", mask_unseen=False), multi_head=False)
+  assert np.asarray(s_task.logit_mask(np.array([1]), 0)).sum() == 2

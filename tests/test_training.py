@@ -200,14 +200,15 @@ def test_chunk_divergence_check_agrees_with_step_by_step():
 
 def test_torch_init_matches_pytorch_linear_defaults():
   """model.init='torch': kernel and bias uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear), so std 1/sqrt(3 fan_in);
-  the default stays Flax's (kernel std 1/sqrt(fan_in), bias 0); other values are refused before any work."""
+  the default stays Flax's (kernel std 1/sqrt(fan_in), bias 0); 'xavier' is Glorot uniform; other values are refused
+  before any work."""
   from cl_jax.kinds import base_config, validate
   from cl_jax.errors import ConfigError
   from cl_jax.models import build_model
   c = base_config()
   c.model.hidden = [300]
   stats = {}
-  for init in ("lecun", "torch"):
+  for init in ("lecun", "torch", "xavier"):
     c.model.init = init
     validate(c)
     _, p = build_model(c.model, (28, 28), 10, 1, 0)
@@ -220,6 +221,12 @@ def test_torch_init_matches_pytorch_linear_defaults():
     k, b = stats["lecun"][layer]
     np.testing.assert_allclose(k.std(), 1 / np.sqrt(fan_in), rtol=0.05)
     assert not b.any()
+  # 'xavier' (mammoth's MNIST MLP, Buzzega et al. 2020): Glorot uniform U(±sqrt(6 / (fan_in + fan_out))), bias 0.
+  for layer, fans in (("dense_0", 784 + 300), ("head", 300 + 10)):
+    k, b = stats["xavier"][layer]
+    bound = np.sqrt(6.0 / fans)
+    assert np.abs(k).max() <= bound and np.abs(k).max() > 0.95 * bound and not b.any()
+    np.testing.assert_allclose(k.std(), bound / np.sqrt(3), rtol=0.05)
   c.model.init = "kaiming"
   with pytest.raises(ConfigError, match="model.init='kaiming'"):
     validate(c)

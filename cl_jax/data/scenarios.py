@@ -7,7 +7,8 @@
 Three ways to label them (van de Ven & Tolias 2019, "Three scenarios for continual learning"):
 `class`   one head over every class of every task; the logits of classes not seen yet are masked: training on
           task t uses the classes of tasks 0..t; evaluating task i after training task j uses the classes of
-          tasks 0..max(i, j) (so a future task can be scored for FWT).
+          tasks 0..max(i, j) (so a future task can be scored for FWT). `scenario.mask_unseen=False` masks nothing:
+          every output unit is trained and scored from task 1 on (the protocol of Buzzega et al. 2020's code).
 `task`    the task id is given: by default one head per task (`model.multi_head=True`) with labels local to
           the task; with a single head the logits are masked to the example's own task's classes, which gives
           the same gradients as separate heads.
@@ -241,7 +242,10 @@ def make_scenario(data: LabelledData, scenario_config, multi_head: bool = True, 
   num_heads = num_tasks if (kind == "task" and multi_head) else 1
   num_outputs = classes_per_task if kind == "domain" or num_heads > 1 else classes_per_task * num_tasks
   mask_table = None
-  if kind == "class" or (kind == "task" and num_heads == 1):
+  # scenario.mask_unseen=False (class-IL): no mask at all, every output unit trained and scored from the start, as
+  # in mammoth (Buzzega et al. 2020's code), where the CE of task 1 already pushes down the logits of classes 2..9.
+  mask_unseen = bool(scenario_config.get("mask_unseen", True))
+  if (kind == "class" and mask_unseen) or (kind == "task" and num_heads == 1):
     mask_table = np.zeros((num_tasks, num_outputs), bool)
     for t in range(num_tasks):
       if kind == "class":

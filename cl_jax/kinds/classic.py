@@ -40,10 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
                                           validation_fraction=0.0))
   c.scenario = ml_collections.ConfigDict(dict(
       name="split", kind="class", num_tasks=5, class_order=[], shuffle_classes=False,
-      first_task_identity=False, angles=[], max_angle=180.0, train_sizes=[], seed=0))
+      first_task_identity=False, angles=[], max_angle=180.0, train_sizes=[], seed=0, mask_unseen=True))
+  # scenario.mask_unseen (class-IL): mask the logits of classes not seen yet; False trains every output unit from the
+  # start (mammoth's protocol, experiments/der_protocol.py). See cl_jax/data/scenarios.py.
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=[400, 400], channels=[32, 64], cnn_hidden=128,
                                            multi_head=True, init_from="", init="lecun"))
-  # model.init (mlp): 'lecun' (Flax's default) or 'torch' (PyTorch nn.Linear's default), see models/mlp.py.
+  # model.init (mlp): 'lecun' (Flax's default), 'torch' (PyTorch nn.Linear's default) or 'xavier' (Glorot uniform,
+  # bias 0), see models/mlp.py.
   # model.init_from: start from another run's params instead of a random init: "RUN_DIR:task=K" (the task-boundary
   # checkpoint after task K), "RUN_DIR" (its last one) or a params directory (cl_jax.checkpoint.save_params).
   c.optim = ml_collections.ConfigDict(dict(
@@ -113,7 +116,8 @@ def check_config(c) -> None:
                       f"{c.scenario.num_tasks}] ([] trains every task)")
   scenarios.check_validation(c.data.validation_fraction, c.eval.split)
   if c.model.get("init", "lecun") not in INITS or (c.model.get("init", "lecun") != "lecun" and c.model.name != "mlp"):
-    raise ConfigError(f"model.init={c.model.get('init')!r}: expected one of {INITS} ('torch' for model.name='mlp')")
+    raise ConfigError(f"model.init={c.model.get('init')!r}: expected one of {INITS} "
+                      "(all but 'lecun' need model.name='mlp')")
   if c.model.get("init_from", ""):
     from cl_jax.checkpoint import resolve
     try:

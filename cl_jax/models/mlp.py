@@ -7,15 +7,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INITS = ("lecun", "torch")
+INITS = ("lecun", "torch", "xavier")
 
 
 def linear(fan_in: int, fan_out: int, init: str, rngs: nnx.Rngs) -> nnx.Linear:
   """A dense layer with Flax's default init ('lecun': kernel N(0, 1/fan_in) truncated, bias 0) or PyTorch's
   `nn.Linear` default ('torch': kernel and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. kaiming_uniform with
-  a = sqrt(5)), for reproducing results of PyTorch code, whose forgetting can depend on the init scale."""
+  a = sqrt(5)), for reproducing results of PyTorch code, whose forgetting can depend on the init scale; or 'xavier'
+  (Glorot & Bengio 2010 uniform: kernel U(±sqrt(6 / (fan_in + fan_out))), bias 0: the init of mammoth's MNIST MLP,
+  Buzzega et al. 2020)."""
   if init == "lecun":
     return nnx.Linear(fan_in, fan_out, rngs=rngs)
+  if init == "xavier":
+    return nnx.Linear(fan_in, fan_out, kernel_init=nnx.initializers.glorot_uniform(), rngs=rngs)
   if init != "torch":
     raise ValueError(f"model.init={init!r}: expected one of {INITS}")
   bound = 1.0 / float(fan_in) ** 0.5

@@ -26,8 +26,10 @@ Insertion policies are pure functions of (buffer, examples, rng); `examples` is 
                          with k = capacity // (classes seen), store it while there is room; else, if its class holds
                          fewer than k, replace a uniformly random member of the largest class; else drop it.
 
-Drawing: `sample` draws uniformly with replacement from the valid slots; `epoch_order` is a random permutation of
-the valid slots (sampling without replacement, an epoch at a time).
+Drawing: `sample` draws uniformly with replacement from the valid slots; `sample_distinct` draws min(batch, size)
+distinct valid slots (without replacement, as mammoth's `Buffer.get_data`, Buzzega et al. 2020) and says which rows
+of its fixed-size draw are real; `epoch_order` is a random permutation of the valid slots (sampling without
+replacement, an epoch at a time).
 """
 from __future__ import annotations
 
@@ -204,6 +206,16 @@ def sample(buffer: Buffer, rng, batch_size: int) -> dict:
   field, by name."""
   idx = jax.random.randint(rng, (batch_size,), 0, jnp.maximum(buffer.size, 1))
   return {k: v[idx] for k, v in slots(buffer).items()}
+
+
+def sample_distinct(buffer: Buffer, rng, batch_size: int) -> tuple[dict, jax.Array]:
+  """`batch_size` rows drawn uniformly *without* replacement from the valid slots: (every stored field by name,
+  valid [batch_size] bool). Only the first min(batch_size, size) rows are distinct valid slots (valid=True); the rest
+  repeat slots and must be left out of any mean (a buffer of 3 examples answers a draw of 10 with 3)."""
+  order = epoch_order(buffer, rng)
+  rows = jnp.arange(batch_size)
+  idx = order[rows % capacity_of(buffer)]
+  return {k: v[idx] for k, v in slots(buffer).items()}, rows < jnp.minimum(buffer.size, capacity_of(buffer))
 
 
 def epoch_order(buffer: Buffer, rng) -> jax.Array:

@@ -120,6 +120,8 @@ def icarl(config, learner) -> Strategy:
       weight = jnp.concatenate([jnp.ones(batch["y"].shape[0]), jnp.full((batch_size,), jnp.any(filled), jnp.float32)])
       z = learner.apply(params, x, task).astype(jnp.float32)
       seen = learner.logit_mask(jnp.full_like(task, ti), ti)
+      if seen is None:   # the old classes are read off the class-IL mask
+        raise ValueError("icarl: needs the class-IL mask of unseen classes (scenario.mask_unseen=True)")
       prev = jnp.maximum(ti - 1, 0)
       old = (ti > 0) & learner.logit_mask(jnp.full_like(task, prev), prev)   # classes of earlier tasks
       teacher = jax.nn.sigmoid(jax.lax.stop_gradient(learner.apply(st["teacher"], x, task).astype(jnp.float32)))
