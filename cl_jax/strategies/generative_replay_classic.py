@@ -77,10 +77,12 @@ def check_classic_config(config) -> None:
 
 
 def _key_from_params(params) -> jax.Array:
-  """A key that depends on the classifier's initial params (its first leaf's sum, bit for bit)."""
-  first = jax.tree.leaves(params)[0]
-  bits = jax.lax.bitcast_convert_type(jnp.sum(first.astype(jnp.float32)), jnp.uint32)
-  return jax.random.fold_in(jax.random.key(0xD6E0), bits)
+  """A key that depends on the classifier's initial params: every leaf's sum, bit for bit, folded in (biases may
+  all start at 0, so no single leaf would do)."""
+  key = jax.random.key(0xD6E0)
+  for leaf in jax.tree.leaves(params):
+    key = jax.random.fold_in(key, jax.lax.bitcast_convert_type(jnp.sum(leaf.astype(jnp.float32)), jnp.uint32))
+  return key
 
 
 def _copy(tree):
