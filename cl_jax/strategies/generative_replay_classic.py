@@ -6,7 +6,7 @@ A generator, a VAE (`cl_jax.models.vae`: fully connected, `generative_replay.vae
 `generative_replay.latent`-d Gaussian latent; the paper's 2 x 400 and 100), is trained beside the classifier
 (the solver), one Adam step (lr `generative_replay.vae_lr`) per train step, inside the same jitted step
 (the strategy's `update` hook). At the end of each task `after_task` freezes copies of both: the previous generator
-G' and the previous solver S'. While task t (1-based) trains, every step draws R = `generative_replay.batch_size`
+G' and the previous solver S'. While task t (1-based) trains, every step draws R = `generative_replay.replay_batch_size`
 inputs x' = sigmoid(G'(z)), z ~ N(0, I), labels them with S' and adds their loss with the paper's weighting
 
   L = (1/t) L_current + (1 - 1/t) L_replay        (t = 1: L = L_current, nothing is replayed)
@@ -43,7 +43,7 @@ from cl_jax.models import vae as vae_lib
 from cl_jax.strategies.base import LossContext, StepInfo, Strategy
 
 TARGETS = ("hard", "soft")
-_REPLAY_STREAM, _VAE_STREAM = 0xD6E1, 0xD6E2
+_REPLAY_STREAM = 0xD6E1  # the loss's draw of generated inputs, apart from other strategies' ctx.rng streams
 
 
 def classic_defaults() -> dict:
@@ -175,13 +175,6 @@ def generative_replay_classic(config, learner) -> Strategy:
   return Strategy(init=init, loss=loss, after_task=after_task, name="generative_replay", update=update)
 
 
-def sample_inputs(strategy_state, input_shape, n: int, rng, config) -> jax.Array:
-  """`n` inputs from the current generator of a DGR state (for looking at what it replays)."""
-  g = config.generative_replay
-  model, _ = vae_lib.vae_initializer(vae_lib.in_features(input_shape), tuple(g.vae_hidden), int(g.latent))
-  return vae_lib.vae_sample(model, strategy_state["vae"], rng, n, int(g.latent), tuple(input_shape))
-
-
 # One name, `generative_replay`, for both kinds: the kind of the run picks the implementation (a language model
 # writes its own replay text, `strategies.generative_replay`; a classifier gets a VAE, this module). They share the
 # config section; each reads its own keys.
@@ -236,4 +229,4 @@ generative_replay.check_config = check_config
 generative_replay.config_sections = ("generative_replay",)
 
 __all__ = ["generative_replay", "generative_replay_classic", "default_config", "classic_defaults", "check_config",
-           "check_classic_config", "config_needs", "sample_inputs", "TARGETS", "NEEDS_BY_KIND"]
+           "check_classic_config", "config_needs", "TARGETS", "NEEDS_BY_KIND"]
