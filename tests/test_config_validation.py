@@ -187,13 +187,13 @@ def test_kinds_allow_the_strategies_whose_needs_they_meet():
   from cl_jax.strategies import CAPABILITIES, REGISTRY, allowed, check_allowed
   for name, entry in REGISTRY.items():
     assert entry.needs <= set(CAPABILITIES), name
-  assert set(allowed(CLASSIC_PROVIDES)) == set(REGISTRY) - {"generative_replay", "lora_per_task"}
+  assert set(allowed(CLASSIC_PROVIDES)) == set(REGISTRY) - {"lora_per_task"}
   assert {"si", "mas", "agem", "olora", "lora", "ewc", "distill"} <= set(lm_strategies())
   assert {"replay", "lora_per_task", "olora", "distill"} <= set(cit_strategies())
   c = base_config()
-  c.strategy = "ewc+generative_replay"
-  with pytest.raises(ConfigError, match=r"^strategy='ewc\+generative_replay': kind 'classic' cannot run "
-                                        r"generative_replay \(needs mixture: .*token_logits: ") as e:
+  c.strategy = "ewc+lora_per_task"
+  with pytest.raises(ConfigError, match=r"^strategy='ewc\+lora_per_task': kind 'classic' cannot run "
+                                        r"lora_per_task \(needs routing: ") as e:
     validate(c)
   assert "\n" not in str(e.value)
   assert check_allowed("naive+replay", {"class_labels"}, "toy", own=("replay",)) == ["naive", "replay"]

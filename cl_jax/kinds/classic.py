@@ -103,7 +103,7 @@ def check_config(c) -> None:
   from cl_jax.train import schedules, seeds
   parse_strategy_spec(c.strategy)
   if hasattr(strategies, "check_allowed"):  # TEMP until the needs table lands
-    strategies.check_allowed(c.strategy, PROVIDES, "classic")
+    strategies.check_allowed(c.strategy, PROVIDES, "classic", config=c)
   sources.check_source(c.data)
   check_on_device(c.data.on_device)
   seeds.check_config(c)

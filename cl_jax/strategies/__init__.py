@@ -23,6 +23,10 @@ The contract of an entry (README "Adding a strategy"):
                   `check_allowed` refuses the rest in one line naming the capability a kind lacks.
   config_needs    (config) -> {capability: 'key=value'}, or None: what a setting adds to `needs` (A-GEM's
                   class-balanced memory needs class labels; its reservoir memory does not).
+  needs_one_of    sets of capabilities, one of which a kind must provide as well (a strategy with one
+                  implementation per kind: generative replay needs token logits and a mixture on a language model,
+                  class logits and the step's hooks on a classifier); its `config_needs` names the set of the
+                  config's kind, for the error.
 
 Registering a strategy is one line below:
 
@@ -68,6 +72,7 @@ class StrategyEntry(NamedTuple):
   config_sections: tuple[str, ...] = ()
   needs: frozenset[str] = frozenset()
   config_needs: Callable | None = None
+  needs_one_of: tuple[frozenset, ...] = ()
 
 
 def entry_from_builder(build, default_config: Mapping[str, Callable] | None = None,
@@ -119,9 +124,8 @@ REGISTRY: dict[str, StrategyEntry] = {
     "olora": StrategyEntry(_olora.olora, {"olora": _olora.default_config}, _olora.check_config, ("olora", "lora"),
                            _ADAPTERS),
 }
-# LoRA (one adapter on the frozen base, through `prepare`; reads the base config's `lora` section) and the LM's
-# generative replay (H3).
-from cl_jax.strategies import generative_replay as _generative_replay, lora as _lora  # noqa: E402
+# LoRA (one adapter on the frozen base, through `prepare`; reads the base config's `lora` section).
+from cl_jax.strategies import lora as _lora  # noqa: E402
 from cl_jax.strategies import progressive as _progressive  # noqa: E402
 REGISTRY["lora"] = StrategyEntry(_lora.lora, {}, _lora.check_config, ("lora",), frozenset({"model_rewrite"}))
 from cl_jax.strategies import lora_per_task as _lora_per_task  # noqa: E402
@@ -131,10 +135,13 @@ REGISTRY["lora_per_task"] = entry_from_builder(_lora_per_task.lora_per_task, nee
 REGISTRY["progressive"] = StrategyEntry(_progressive.progressive, {"progressive": _progressive.default_config},
                                         _progressive.check_config, ("progressive", "model"),
                                         _ADAPTERS | {"task_ids", "class_logits"}, _router_needs)
-# The model writes the replay data itself, which takes the place of the mixture's general rows.
+# Generative replay, by the run's kind: a language model writes the replay data itself, which takes the place of
+# the mixture's general rows; a classifier replays a VAE's samples labelled by the previous model (DGR, Shin et al.
+# 2017). What each needs comes from the config's kind (`config_needs`).
+from cl_jax.strategies import generative_replay_classic as _dgr  # noqa: E402
 REGISTRY["generative_replay"] = StrategyEntry(
-    _generative_replay.generative_replay, {"generative_replay": _generative_replay.default_config},
-    _generative_replay.check_config, ("generative_replay",), frozenset({"token_logits", "mixture"}))
+    _dgr.generative_replay, {"generative_replay": _dgr.default_config}, _dgr.check_config, ("generative_replay",),
+    frozenset(), _dgr.config_needs, _dgr.NEEDS_BY_KIND)
 # Classic methods (H4): SI, MAS, DER / DER++ (one `der` section), A-GEM.
 from cl_jax.strategies import agem as _agem, der as _der, mas as _mas, si as _si  # noqa: E402
 # SI's path integral runs in the step (update hook); MAS takes per-example gradients of the output norm.
@@ -238,7 +245,9 @@ def allowed(provides) -> list[str]:
   unknown = set(provides) - set(CAPABILITIES)
   if unknown:
     raise ValueError(f"provides: unknown capabilities {sorted(unknown)}; expected among {sorted(CAPABILITIES)}")
-  return [name for name, entry in REGISTRY.items() if entry.needs <= set(provides)]
+  provides = set(provides)
+  return [name for name, entry in REGISTRY.items()
+          if entry.needs <= provides and (not entry.needs_one_of or any(n <= provides for n in entry.needs_one_of))]
 
 
 def refused(spec: str, provides, config=None) -> dict[str, dict[str, str]]:
