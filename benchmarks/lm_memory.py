@@ -226,11 +226,11 @@ def main(args=None):
   ap.add_argument("--code", default=ROOT, help="the cl_jax checkout the cl_jax run imports (e.g. an older commit's "
                   "worktree: the before of a before/after)")
   ap.add_argument("--only", choices=("cl_jax", "transformers"), default=None)
-  ap.add_argument("--step-analysis", action="store_true", help="print XLA's memory analysis of the train step "
+  ap.add_argument("--step-analysis", action="store_true", help="print XLA's memory analysis of the train step of "
+                  "the installed cl_jax (PYTHONPATH=<checkout> for another) "
                   "(needs --model and --corpus) and exit")
   a = ap.parse_args(args)
   if a.step_analysis:
-    sys.path.insert(0, os.path.abspath(a.code))
     print("STEP " + json.dumps(step_analysis(a.model, a.corpus)))
     return None
   if a.child == "cl_jax":
