@@ -96,7 +96,7 @@ def step_tokens_per_s(seq_len: int, batch: int, repeats: int) -> float:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = float(sys.argv[1])
 import cl_jax
 from configs import cpt_lm
@@ -110,7 +110,9 @@ c.text.validation = c.text.test = 0.05  # the split the caches were prepared wit
 c.pretrain.steps, c.adapt.steps, c.regression.eval_every = 2, 2, 2
 c.pretrain.batch_size = c.adapt.batch_size = c.regression.eval_batch_size = 8  # logits: 8 x seq_len x 32k
 cl_jax.run(c, sys.argv[6], progress=False)
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "wall": time.time() - t0}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rss_mb": hwm / 1024, "wall": time.time() - t0}))
 """
 
 
