@@ -27,6 +27,7 @@ import tempfile
 import time
 
 
+from benchmarks.common import emit  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -145,12 +146,7 @@ def main():
       "",
       "Per-round times (s): " + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in times.items()),
   ]
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if a.out:
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(text)
+  emit(lines, a.out)
   return np.asarray([v / w for _, w, v in rows])
 
 

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: medians over repeats, peak matmul FLOP/s measured in-run."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -52,3 +53,14 @@ def matmul_fn(n: int = 2048):
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
   return (lambda: f(a, b).block_until_ready()), 2 * n ** 3
+
+
+def emit(lines, out: str | None) -> str:
+  """A benchmark's report: printed, and written to `out` (its folder made) unless `out` is empty."""
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if out:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+      f.write(text)
+  return text

@@ -197,9 +197,8 @@ def main(argv=None):
       f"**{wall['large'] / wall['small']:.2f}x** (goal <= 1.5x). This benchmark process peaked at "
       f"{self_rss:.0f} MB (prepare of both corpora included).",
   ]
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  from benchmarks.common import emit
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

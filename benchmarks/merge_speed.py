@@ -20,6 +20,8 @@ import statistics
 import time
 
 import jax
+
+from benchmarks.common import emit
 import jax.numpy as jnp
 
 from cl_jax import merging  # noqa: E402
@@ -115,12 +117,7 @@ def main(argv=None):
       "fused pass over base + models. The DARE methods draw one threefry random number per entry and",
       "model; on CPU that hash costs several times the memory pass, on accelerators it is cheap.",
   ]
-  table = "\n".join(lines) + "\n"
-  print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(table)
+  emit(lines, args.out)
 
 
 if __name__ == "__main__":

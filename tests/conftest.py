@@ -26,6 +26,12 @@ def tiny_config(strategy="naive", kind="class", steps=60, **overrides):
   return c
 
 
+def metrics_bytes(workdir) -> bytes:
+  """A run's metrics.jsonl, byte for byte: what resumed runs are compared on."""
+  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+    return f.read()
+
+
 @pytest.fixture
 def mnist_path():
   if not os.path.exists(MNIST_NPZ):

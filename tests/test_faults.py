@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import metrics_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.train.steps_per_task=20", "--config.model.hidden=[32]", "--config.checkpoint.every_steps=8",
         "--config.eval.every_steps=10", "--no_progress"]
@@ -33,11 +35,6 @@ def results(workdir):
     r = json.load(f)
   r.pop("timing")
   return r
-
-
-def metrics_bytes(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
-    return f.read()
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,18 @@
 replays inputs labelled by the previous model. Two-task Split Digits, class-IL (where fine-tuning forgets task 1
 completely), a small MLP and VAE."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import metrics_bytes, tiny_config
 
 DGR = {"scenario.num_tasks": 2, "optim.lr": 3e-3, "train.steps_per_call": 10, "train.log_norms": False,
        "checkpoint.every_steps": 50, "generative_replay.latent": 8, "generative_replay.vae_hidden": [64],
        "generative_replay.replay_batch_size": 32, "generative_replay.vae_lr": 3e-3}
 STEPS = 100
-
-
-def metrics_bytes(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
-    return f.read()
 
 
 @pytest.fixture(scope="module")
