@@ -44,8 +44,11 @@ BEST = {
     "sgd": ("naive", {None: {"optim.lr": 0.03}}),
     "oewc": ("online_ewc", {None: {"optim.lr": 0.03, "ewc.lam": 180.0, "ewc.gamma": 1.0}}),
     "si": ("si", {None: {"optim.lr": 0.1, "si.c": 1.0, "si.xi": 0.9}}),
-    "lwf": ("lwf", {None: {"optim.lr": 0.03, "distill.alpha": 1.0, "distill.temperature": 2.0,
-                           "optim.weight_decay": 0.0005}}),
+    # mammoth's LwF (models/lwf.py): cross-entropy over the classes seen so far (the class-IL mask), the KL at T=2
+    # without Hinton's T^2 factor (our alpha = its alpha / T^2 = 0.25), and `wd_reg * sum(theta^2)` in the loss
+    # (our coupled weight_decay = 2 * wd_reg). Not reproduced: its one-epoch warm-up of the new head before each task.
+    "lwf": ("lwf", {None: {"optim.lr": 0.03, "distill.alpha": 0.25, "distill.temperature": 2.0,
+                           "optim.weight_decay": 0.001, "scenario.mask_unseen": True}}),
     "er": ("replay", {200: {"optim.lr": 0.01, "replay.batch_size": 10}, 500: {"optim.lr": 0.1, "replay.batch_size": 10},
                       5120: {"optim.lr": 0.1, "replay.batch_size": 10}}),
     "agem": ("agem", {b: {"optim.lr": 0.1, "agem.batch_size": 128} for b in (200, 500, 5120)}),

@@ -51,3 +51,25 @@ def test_constant_has_one_meaning_warmup_then_lr():
   warm = build_schedule(_optim(schedule="constant", warmup_fraction=0.1), 100, 1)
   assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.5)
   assert float(warm(10)) == pytest.approx(1.0) and float(warm(99)) == pytest.approx(1.0)
+
+
+def test_weight_decay_is_the_l2_gradient_for_sgd_momentum_adam_and_decoupled_for_adamw():
+  """sgd / momentum / adam step on g + wd * theta (torch's coupled weight_decay); adamw decays decoupled."""
+  import ml_collections
+  import jax.numpy as jnp
+  from cl_jax.train.optim import build_optimizer
+  theta, g, lr, wd = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25]), 0.1, 0.01
+  for name in ("sgd", "momentum", "adam", "adamw"):
+    c = ml_collections.ConfigDict(dict(name=name, b1=0.9, b2=0.999, momentum=0.9, weight_decay=wd, grad_clip=0.0))
+    tx = build_optimizer(c, lambda step: lr)
+    update, _ = tx.update(g, tx.init(theta), theta)
+    plain_c = ml_collections.ConfigDict(dict(c.to_dict(), weight_decay=0.0))
+    plain = build_optimizer(plain_c, lambda step: lr)
+    coupled, _ = plain.update(g + wd * theta, plain.init(theta), theta)
+    if name == "adamw":  # decoupled: -lr * (adam direction + wd * theta)
+      adam_only, _ = plain.update(g, plain.init(theta), theta)
+      np.testing.assert_allclose(update, adam_only - lr * wd * theta, rtol=1e-6)
+    else:
+      np.testing.assert_allclose(update, coupled, rtol=1e-6)
+      if name != "adam":  # Adam's first step is lr * sign(g) whatever the gradient's size
+        assert not np.allclose(update, plain.update(g, plain.init(theta), theta)[0])
