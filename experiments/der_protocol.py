@@ -65,7 +65,8 @@ BEST = {
 CAPACITY_KEY = {"er": "replay.capacity", "agem": "agem.capacity", "icarl": "icarl.capacity",
                 "der": "der.capacity", "derpp": "der.capacity"}
 FILL = {"er": {"replay.policy": "reservoir", "replay.fill": "online", "replay.weight": 1.0},
-        "agem": {"agem.policy": "reservoir"}}
+        # mammoth's A-GEM stores buffer_size // N_TASKS examples of each task at its end (models/agem.py end_task).
+        "agem": {"agem.policy": "task_quota"}}
 ORDER = ["der_200", "der_500", "der_5120", "derpp_200", "derpp_500", "derpp_5120", "sgd", "er_200", "er_500",
          "er_5120", "agem_200", "agem_500", "agem_5120", "icarl_200", "icarl_500", "icarl_5120", "oewc", "si", "lwf"]
 # One difference from the reference code put back at a time (DER rows at buffer 200).

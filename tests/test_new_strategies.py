@@ -316,6 +316,25 @@ def test_agem_step_projects_against_the_memory_gradient():
   assert 0 < projected < 6, projected
 
 
+def test_agem_task_quota_stores_capacity_over_tasks_of_each_task():
+  """mammoth's A-GEM fill: capacity // num_tasks random examples of each task, earlier tasks' kept as they were."""
+  learner, params = _logreg()
+  c = _config(**{"agem.capacity": 12, "agem.policy": "task_quota"})
+  quota = 12 // int(c.scenario.num_tasks)
+  strategy = build_strategy("agem", c, learner)
+  memory = strategy.init(params, TaskInfo(3, NUM_CLASSES, (DIM,)))
+  first = strategy.after_task(memory, params, _task_data(16, 0, seed=2), jax.random.key(3))
+  assert int(first["size"]) == quota
+  second = strategy.after_task(first, params, _task_data(16, 1, seed=5), jax.random.key(4))
+  assert int(second["size"]) == 2 * quota
+  tasks = np.asarray(second["task"][:2 * quota])
+  assert sorted(tasks.tolist()) == [0] * quota + [1] * quota
+  kept = {tuple(r) for r, t in zip(np.asarray(second["x"][:2 * quota]), tasks) if t == 0}
+  assert kept == {tuple(r) for r in np.asarray(first["x"][:quota])}
+  with pytest.raises(ValueError, match="task_quota"):
+    build_strategy("agem", _config(**{"agem.capacity": 1, "agem.policy": "task_quota"}), learner)
+
+
 # ------------------------------------------------------------------------------------- online replay
 
 

@@ -35,7 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       capacity=1000,             # episodic memory slots (examples), over all tasks
       batch_size=256,            # memory examples behind each reference gradient (Chaudhry et al. use 256)
-      policy="class_balanced",   # how the memory is filled at task ends: class_balanced | reservoir
+      # How the memory is filled at task ends: class_balanced | reservoir | task_quota (capacity // num_tasks
+      # random examples of each task, the memory full only after the last task: mammoth's A-GEM, Buzzega et al.
+      # 2020, whose `end_task` stores `buffer_size // N_TASKS` examples of the task just learned).
+      policy="class_balanced",
   ))
 
 
@@ -73,8 +76,21 @@ def check_config(config) -> None:
     raise ValueError(f"agem.capacity={capacity}: expected a positive number of examples")
   if batch_size < 1:
     raise ValueError(f"agem.batch_size={batch_size}: expected a positive batch size")
-  if policy not in replay_lib.POLICIES:
-    raise ValueError(f"agem.policy={policy!r}: expected one of {replay_lib.POLICIES}")
+  if policy not in POLICIES:
+    raise ValueError(f"agem.policy={policy!r}: expected one of {POLICIES}")
+  if policy == "task_quota" and capacity < _num_tasks(config):
+    raise ValueError(f"agem.capacity={capacity}: the task_quota policy stores capacity // scenario.num_tasks "
+                     f"examples per task; need at least one per task ({_num_tasks(config)} tasks)")
+
+
+POLICIES = (*replay_lib.POLICIES, "task_quota")
+
+
+def _num_tasks(config) -> int:
+  scenario = config.get("scenario") if hasattr(config, "get") else None
+  if scenario is None or "num_tasks" not in scenario:
+    raise ValueError("agem.policy='task_quota' needs scenario.num_tasks (the quota is capacity // num_tasks)")
+  return int(scenario.num_tasks)
 
 
 def agem(config, learner) -> Strategy:
@@ -82,6 +98,7 @@ def agem(config, learner) -> Strategy:
   check_config(config)
   ac = config.agem
   capacity, batch_size, policy = int(ac.capacity), int(ac.batch_size), ac.policy
+  quota = capacity // _num_tasks(config) if policy == "task_quota" else -1
 
   def init(params, task_info):
     del params
@@ -104,6 +121,8 @@ def agem(config, learner) -> Strategy:
                   jnp.asarray(task_data.task, jnp.int32))
     if policy == "reservoir":
       return replay_lib.reservoir_add(memory, x, y, task, rng)
+    if policy == "task_quota":  # a uniformly random quota of this task; earlier tasks keep theirs
+      return buffer_lib.balanced_add(memory, {"x": x, "y": y, "task": task}, rng, per_group=quota, by="task")
     return replay_lib.class_balanced_add(memory, x, y, task, rng)
 
   return Strategy(init=init, after_task=after_task, name="agem", grads=grads)
