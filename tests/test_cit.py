@@ -259,6 +259,71 @@ def test_imported_instruct_checkpoint_with_a_user_set_exports_and_chats(tmp_path
       data.eval_prompts["faq"][0][0][data.eval_prompts["faq"][1][0] == 1].tolist()
 
 
+def test_user_file_split_is_by_content_and_deterministic(tmp_path):
+  """`file:TRAIN` alone: ceil(heldout * n) lines held out by the SHA-256 of their content, a duplicate line on the
+  same side as its copy; the same lines in another order, or gzipped, give the same split."""
+  from cl_jax.data import instructions as ins
+  rows = user_rows(14) + [user_rows(14)[3]]  # line 15 repeats line 4
+  a = ins.load_user_set(write_jsonl(tmp_path / "a.jsonl", rows), heldout=0.2)
+  held = [e for e in a if e["split"] == ins.HELDOUT]
+  assert len(a) == 15 and 3 <= len(held) <= 4  # ceil(0.2 * 15) = 3, plus the copy of a held-out line
+  side = {}
+  for e in a:
+    side.setdefault(e["messages"], set()).add(e["split"])
+  assert all(len(v) == 1 for v in side.values())  # copies never straddle train and held out
+  key = lambda examples: sorted((e["messages"], e["split"]) for e in examples)
+  b = ins.load_user_set(write_jsonl(tmp_path / "b.jsonl.gz", rows[::-1], gz=True), heldout=0.2)
+  assert key(b) == key(a)
+  assert ins.split_of(a, "test") == ins.split_of(a, "validation") == held  # one held-out split serves both
+  assert [e["target"] for e in held] == [e["messages"][-1][1] for e in held]
+  assert {e["messages"] for e in held} != {e["messages"] for e in ins.load_user_set(  # another fraction, another cut
+      write_jsonl(tmp_path / "c.jsonl", rows), heldout=0.5) if e["split"] == ins.HELDOUT}
+
+
+GOOD = {"prompt": "p", "response": "r"}
+
+
+@pytest.mark.parametrize("name,lines,message", [
+    ("gone.jsonl", None, "gone.jsonl: no such instruction file"),
+    ("empty.jsonl", ["", "  "], "empty.jsonl: empty (no conversations)"),
+    ("noreply.jsonl", [GOOD, {"messages": [{"role": "user", "content": "hi"}]}], "noreply.jsonl:2: no assistant turn"),
+    ("role.jsonl", [GOOD, {"messages": [{"role": "bot", "content": "hi"}]}], "role.jsonl:2: message 0 has role 'bot'"),
+    ("last.jsonl", [GOOD, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "c"}]}], "last.jsonl:2: the last message is the user's"),
+    ("half.jsonl", [GOOD, {"prompt": "hi"}], "half.jsonl:2: has no 'response'"),
+    ("json.jsonl", [GOOD, "{not json"], "json.jsonl:2: not valid JSON"),
+    ("notes.txt", [], "notes.txt: an instruction file must be .jsonl / .jsonl.gz / .jsonl.zst"),
+    ("name.jsonl", [], "would be named 'name', a built-in set's name"),
+])
+def test_bad_user_files_are_one_line_naming_file_and_line(tmp_path, name, lines, message):
+  """Each bad file is one ConfigError line naming the file (and line), from validation: nothing is written."""
+  from cl_jax.errors import ConfigError
+  path = tmp_path / name
+  if lines is not None:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+  c = tiny_cit_config(**{"cit.tasks": f"refusal,file:{path}"})
+  with pytest.raises(ConfigError) as e:
+    cl_jax.run(c, str(tmp_path / "w"), progress=False)
+  assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+def test_byte_model_run_chats_from_its_workdir(whole_run):
+  """A byte-model CIT run is not exported (a notice, recorded) and `generation.load` reads its final checkpoint
+  with the plain template: the reply to an evaluated prompt is the run's own greedy answer to it."""
+  from cl_jax.data import instructions as ins
+  from cl_jax.lm import generation
+  e = whole_run.extra
+  assert e["hf_export"] is None and "byte model" in e["hf_export_skipped"]
+  assert not os.path.exists(os.path.join(whole_run.workdir, "hf"))
+  m = generation.load(whole_run.workdir)
+  assert m.max_len == e["model"]["max_len"] and m.vocab_size == 259
+  example = ins.split_of(ins.load_sets(["name"])["name"], "test")[0]
+  reply = generation.chat_reply(m, ins.conversation(example, "tag", answer=False), max_new_tokens=8)
+  last = [r for r in whole_run.metrics("eval") if r.get("boundary")][-1]
+  assert reply == last["examples"]["name"][0]
+
+
 def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypatch):
   """SIGTERM mid-task 2 -> Preempted; rerunning resumes (replay source by step, counts via checkpoint meta) and ends
   with the results of the uninterrupted run."""
