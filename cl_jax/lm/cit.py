@@ -2,7 +2,9 @@
 
 The CIT kind's parts (`cl_jax.kinds.cit`; run with `cl_jax.run(config, workdir)`, `kind='cit'`). Each task is one or more instruction sets (`cit.tasks`, e.g.
 "name,signature,module_qa,refusal+benign": four tasks, the last one the refusal set with its matched benign set),
-from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
+from `cl_jax.data.instructions`: a built-in set, or a JSON-lines file of one's own, `file:TRAIN` or
+`file:TRAIN:EVAL`, named by its file name (`parse_spec`; format, held-out rule and errors:
+`instructions.load_user_set`). The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
 
   batches     packed SFT rows of the task's sets (`cl_jax.lm.sft`, assistant-only loss mask, segment ids), chat
               template `cl_jax.lm.templates` (plain for the byte model; the checkpoint's own chat_template when
@@ -32,7 +34,12 @@ system prompts or task tags are a data choice, `sft.task_prompt` = 'off' | 'syst
 strategy.
 
 The accuracy matrix R (row 0 before training, row j after task j) gives ACC / BWT / FWT / forgetting through
-`cl_jax.eval.metrics`; results.json (`Results(kind='cit')`) also holds every boundary's per-set scores.
+`cl_jax.eval.metrics`; results.json (`Results(kind='cit')`) also holds every boundary's per-set scores, the model's
+config ("model"), and each user set's files, SHA-256 and split sizes ("user_sets").
+
+After the last task, `lm.export_hf` hands the final model over in the Hugging Face layout (`export_final`, through
+the LM kind's `cl_jax.lm.runner.export_hf`): <workdir>/hf, and <workdir>/hf_adapter for LoRA / O-LoRA on an
+imported checkpoint. `cl-jax chat` / `cl-jax generate --model <workdir>` read it (`cl_jax.lm.generation.load`).
 """
 from __future__ import annotations
 
@@ -752,6 +759,7 @@ def summary_markdown(results) -> str:
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
+__all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_spec", "parse_tasks",
+           "load_sets", "load_data", "export_final", "model_config_of", "CITData", "ReplaySource",
            "greedy_decode", "decode_text", "evaluate_sets", "evaluate_routed", "route_prompts", "prompt_features",
            "task_scores", "CIT_PROVIDES", "cit_strategies", "adapter_strategies"]
