@@ -113,8 +113,8 @@ def _from_workdir(path: str, run: dict) -> Model:
     record = _read_json(os.path.join(path, "results.json")) if os.path.isfile(
         os.path.join(path, "results.json")) else {}
     if "model" not in record:
-      raise ConfigError(f"--model={path!r}: a CIT run without results.json's model record (not finished, or run "
-                        "before it was kept); finish the run first")
+      raise ConfigError(f"--model={path!r}: a CIT run with no model record in results.json (the run has not "
+                        "finished, or finished before CIT runs recorded their model); run it to its end")
     cfg, tok = cit.model_config_of(record["model"]), ByteTokenizer()
     model, params = _boundary_params(path, cfg, c)
     return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path,
