@@ -221,6 +221,8 @@ def test_imported_instruct_checkpoint_with_a_user_set_exports_and_chats(tmp_path
   assert len(results.metrics("train")) == 4
   u = results.extra["user_sets"]["faq"]
   assert u["rows"] == {"train": 12, "heldout": 2} and u["evaluated"] == 2 and u["eval"] == held
+  summary = (workdir / "summary.md").read_text()
+  assert f"User set `faq`: {faq} (12 training lines" in summary and f"{workdir / 'hf_adapter'}" in summary
   # hf/: the final params with the adapter folded in, its tokenizer and chat template
   assert results.extra["hf_export"] == str(workdir / "hf")
   final = cit.decoding_params(checkpoint.boundary_params(str(workdir)), c)
@@ -439,6 +441,7 @@ def test_lora_per_task_run_keeps_the_first_sets_answers(tmp_path):
                  str(tmp_path / "w"), progress=False)
   evals = [m for m in r.metrics("eval") if m.get("boundary")]
   assert len(evals) == 3 and r.extra["routing_accuracy"]["name"] == 1.0
+  assert r.extra["hf_export_skipped"].startswith("lora_per_task keeps one adapter per task")  # no single model
   assert evals[1]["examples"]["name"] == evals[2]["examples"]["name"]
   assert evals[0]["examples"]["name"] != evals[1]["examples"]["name"]
   assert r.accuracy_matrix[2][0] == r.accuracy_matrix[1][0] and r.bwt == 0.0
