@@ -143,35 +143,187 @@ def test_two_sets_through_cl_jax_run(whole_run):
   assert "| name |" in results.summary() or "ACC" in results.summary()
 
 
-def test_imported_checkpoint_with_its_own_chat_template(tmp_path):
-  """An HF checkpoint (the qwen2 fixture, given a ChatML template) trains and is evaluated with its tokenizer."""
+# A chat template in the style of ChatML whose markup the fixture's 128-token vocabulary spells out in full (its
+# BPE has no '<'), so decoded spans can be compared as text.
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}|end|\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+
+
+def user_rows(n: int = 12) -> list[dict]:
+  """A user's instruction file: prompt / response pairs and multi-turn chats (one with a system turn)."""
+  rows = [{"prompt": f"capital of land {c}", "response": f"city {c}."} for c in "abcdefghijklmn"[:n - 2]]
+  rows.append({"messages": [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "hello."}, {"role": "user", "content": "bye"},
+                            {"role": "assistant", "content": "later."}]})
+  rows.append({"messages": [{"role": "user", "content": "one plus one"}, {"role": "assistant", "content": "2"}]})
+  return rows
+
+
+def write_jsonl(path, rows, gz: bool = False) -> str:
+  import gzip
+  text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+  with (gzip.open if gz else open)(path, "wb") as f:
+    f.write(text)
+  return str(path)
+
+
+def test_imported_instruct_checkpoint_with_a_user_set_exports_and_chats(tmp_path, monkeypatch, capsys):
+  """An HF checkpoint (the qwen2 fixture, given a ChatML template) continues on a built-in set then the user's own
+  JSONL with LoRA: the rows are the template's rendering with the loss on assistant tokens only; hf/ holds the
+  final model (adapter folded in), its tokenizer and template, loads back with the run's logits; hf_adapter/ is the
+  adapter on the unchanged base; `cl-jax chat` on the workdir answers as the run's own evaluation decoded."""
   pytest.importorskip("jinja2")
   pytest.importorskip("safetensors")
+  import io
   import shutil
-  from cl_jax.lm.templates import HFChatTemplate
+  from flax import nnx
+  from cl_jax import checkpoint, cli
+  from cl_jax.lm.templates import HFChatTemplate, encode_chat, encode_prompt, load_chat_template
+  from cl_jax.models import hf_checkpoint as hc
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   src, ckpt = os.path.join(root, "tests", "fixtures", "hf", "qwen2"), tmp_path / "ckpt"
   shutil.copytree(src, ckpt)
   cfg = json.load(open(ckpt / "tokenizer_config.json"))
-  cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  cfg["chat_template"] = TEMPLATE
   json.dump(cfg, open(ckpt / "tokenizer_config.json", "w"))
-  c = tiny_cit_config(**{"lm.init_from": str(ckpt), "cit.tasks": "name,refusal", "cit.steps_per_task": 2,
-                         "cit.eval_examples": 2, "cit.max_new_tokens": 4})
+  faq = write_jsonl(tmp_path / "faq.jsonl", user_rows())
+  held = write_jsonl(tmp_path / "faq_eval.jsonl.gz", [{"prompt": "capital of land z", "response": "city z."},
+                                                     {"prompt": "capital of land y", "response": "city y."}], gz=True)
+  c = tiny_cit_config(strategy="lora", **{"lm.init_from": str(ckpt), "cit.tasks": f"name,file:{faq}:{held}",
+                                          "cit.steps_per_task": 2, "cit.eval_examples": 2, "cit.max_new_tokens": 4,
+                                          "optim.lr": 3e-2})
   data = cit.load_data(c)
-  assert isinstance(data.template, HFChatTemplate) and data.end_text == "<|im_end|>"
-  assert data.tokenizer.vocab_size == 128
-  results = cl_jax.run(c, str(tmp_path / "w"), progress=False, data=data)
-  assert results.accuracy_matrix.shape == (3, 2)
+  assert isinstance(data.template, HFChatTemplate) and data.end_text == "|end|"
+  assert data.tokenizer.vocab_size == 128 and data.names == ["name", "faq"]
+  # The user set's rows: every packed segment is one training conversation as the template renders it, with the
+  # loss on its assistant turns (content + |end|\n) only.
+  train = [e for e in cit.load_sets(c)["faq"] if e["split"] == "train"]
+  assert len(train) == 12 and data.eval_targets["faq"] == ["city z.", "city y."]  # the evaluation file's
+  encoded = [encode_chat(e["messages"], data.tokenizer, data.template) for e in train]
+  masks = {tuple(i.tolist()): m for i, m in encoded}
+  rows, seen = data.rows[1], []
+  for r in range(len(rows["tokens"])):
+    for seg in range(1, rows["segment_ids"][r].max() + 1):
+      at = rows["segment_ids"][r] == seg
+      ids = tuple(rows["tokens"][r][at].tolist())
+      np.testing.assert_array_equal(rows["mask"][r][at], masks[ids])
+      seen.append(ids)
+  assert sorted(seen) == sorted(tuple(i.tolist()) for i, _ in encoded)  # each training line once
+  multi = next(e for e in train if len(e["messages"]) == 5)
+  ids, mask = encode_chat(multi["messages"], data.tokenizer, data.template)
+  assert data.tokenizer.decode(ids) == ("[system]\nbe brief.|end|\n[user]\nhi|end|\n[assistant]\nhello.|end|\n"
+                                        "[user]\nbye|end|\n[assistant]\nlater.|end|\n")
+  assert data.tokenizer.decode(ids[mask == 1]) == "hello.|end|\nlater.|end|\n"
+
+  workdir = tmp_path / "w"
+  results = cl_jax.run(c, str(workdir), progress=False, data=data)
+  assert results.accuracy_matrix.shape == (3, 2) and set(results.extra["final_sets"]) == {"name", "faq"}
   assert len(results.metrics("train")) == 4
-  # The tokenizer and its template are kept with the run: the saved directory renders the same ids.
-  from cl_jax.lm.templates import encode_chat, load_chat_template
-  saved = str(tmp_path / "w" / "tokenizer")
-  assert os.path.exists(os.path.join(saved, "chat_template.jinja"))
+  u = results.extra["user_sets"]["faq"]
+  assert u["rows"] == {"train": 12, "heldout": 2} and u["evaluated"] == 2 and u["eval"] == held
+  summary = (workdir / "summary.md").read_text()
+  assert f"User set `faq`: {faq} (12 training lines" in summary and f"{workdir / 'hf_adapter'}" in summary
+  # hf/: the final params with the adapter folded in, its tokenizer and chat template
+  assert results.extra["hf_export"] == str(workdir / "hf")
+  final = cit.decoding_params(checkpoint.boundary_params(str(workdir)), c)
+  exported, base = hc.load(str(workdir / "hf")), hc.load(str(ckpt))
+  x = jnp.asarray(data.rows[1]["tokens"][:1, :32])
+  logits = jax.jit(lambda p: nnx.merge(exported.model.graphdef, p)(x))
+  out = np.asarray(logits(exported.params))
+  np.testing.assert_allclose(out, np.asarray(logits(jax.tree.map(jnp.asarray, final))), atol=1e-5)
+  assert np.abs(out - np.asarray(logits(base.params))).max() > 1e-3  # the run changed the model
+  assert load_chat_template(str(workdir / "hf")).source == TEMPLATE
   chat = [("user", "Hi?"), ("assistant", "Yo.")]
-  from cl_jax.models import hf_checkpoint
-  assert encode_chat(chat, hf_checkpoint.load_tokenizer(saved), load_chat_template(saved))[0].tolist() == \
+  assert encode_chat(chat, exported.tokenizer, load_chat_template(str(workdir / "hf")))[0].tolist() == \
       encode_chat(chat, data.tokenizer, data.template)[0].tolist()
+  # hf_adapter/: PEFT's format on the imported checkpoint, base + (alpha / r) A B = the exported kernels
+  assert results.extra["hf_adapter"] == str(workdir / "hf_adapter")
+  assert json.load(open(workdir / "hf_adapter" / "adapter_config.json"))["base_model_name_or_path"] == str(ckpt)
+  adapter, spec = hc.import_peft_adapter(str(workdir / "hf_adapter"), base.config, base.params)
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                       for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  a, b = flat(base.params), flat(exported.params)
+  assert adapter
+  for path, layer in adapter.items():
+    kernel = a[path + "/kernel"]
+    delta = (spec.alpha / spec.rank) * np.asarray(layer["A"]) @ np.asarray(layer["B"])
+    np.testing.assert_allclose(b[path + "/kernel"], kernel + delta.reshape(kernel.shape), atol=1e-5)
+  # `cl-jax chat --model <workdir>`: the reply to a held-out prompt is the run's own greedy answer to it
+  held = [e for e in cit.load_sets(c)["faq"] if e["split"] == "heldout"][0]
+  assert held["messages"][0][0] == "user" and len(held["messages"]) == 2
+  last = [m for m in results.metrics("eval") if m.get("boundary")][-1]
+  monkeypatch.setattr("sys.stdin", io.StringIO(held["messages"][0][1] + "\n"))
+  capsys.readouterr()
+  assert cli.main(["chat", "--model", str(workdir), "--max_new_tokens", "4"], prog="cl-jax") == 0
+  reply = capsys.readouterr().out
+  assert reply == last["examples"]["faq"][0] + "\n"
+  assert encode_prompt(held["messages"], data.tokenizer, data.template).tolist() == \
+      data.eval_prompts["faq"][0][0][data.eval_prompts["faq"][1][0] == 1].tolist()
+
+
+def test_user_file_split_is_by_content_and_deterministic(tmp_path):
+  """`file:TRAIN` alone: ceil(heldout * n) lines held out by the SHA-256 of their content, a duplicate line on the
+  same side as its copy; the same lines in another order, or gzipped, give the same split."""
+  from cl_jax.data import instructions as ins
+  rows = user_rows(14) + [user_rows(14)[3]]  # line 15 repeats line 4
+  a = ins.load_user_set(write_jsonl(tmp_path / "a.jsonl", rows), heldout=0.2)
+  held = [e for e in a if e["split"] == ins.HELDOUT]
+  assert len(a) == 15 and 3 <= len(held) <= 4  # ceil(0.2 * 15) = 3, plus the copy of a held-out line
+  side = {}
+  for e in a:
+    side.setdefault(e["messages"], set()).add(e["split"])
+  assert all(len(v) == 1 for v in side.values())  # copies never straddle train and held out
+  key = lambda examples: sorted((e["messages"], e["split"]) for e in examples)
+  b = ins.load_user_set(write_jsonl(tmp_path / "b.jsonl.gz", rows[::-1], gz=True), heldout=0.2)
+  assert key(b) == key(a)
+  assert ins.split_of(a, "test") == ins.split_of(a, "validation") == held  # one held-out split serves both
+  assert [e["target"] for e in held] == [e["messages"][-1][1] for e in held]
+  assert {e["messages"] for e in held} != {e["messages"] for e in ins.load_user_set(  # another fraction, another cut
+      write_jsonl(tmp_path / "c.jsonl", rows), heldout=0.5) if e["split"] == ins.HELDOUT}
+
+
+GOOD = {"prompt": "p", "response": "r"}
+
+
+@pytest.mark.parametrize("name,lines,message", [
+    ("gone.jsonl", None, "gone.jsonl: no such instruction file"),
+    ("empty.jsonl", ["", "  "], "empty.jsonl: empty (no conversations)"),
+    ("noreply.jsonl", [GOOD, {"messages": [{"role": "user", "content": "hi"}]}], "noreply.jsonl:2: no assistant turn"),
+    ("role.jsonl", [GOOD, {"messages": [{"role": "bot", "content": "hi"}]}], "role.jsonl:2: message 0 has role 'bot'"),
+    ("last.jsonl", [GOOD, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "c"}]}], "last.jsonl:2: the last message is the user's"),
+    ("half.jsonl", [GOOD, {"prompt": "hi"}], "half.jsonl:2: has no 'response'"),
+    ("json.jsonl", [GOOD, "{not json"], "json.jsonl:2: not valid JSON"),
+    ("notes.txt", [], "notes.txt: an instruction file must be .jsonl / .jsonl.gz / .jsonl.zst"),
+    ("name.jsonl", [], "would be named 'name', a built-in set's name"),
+])
+def test_bad_user_files_are_one_line_naming_file_and_line(tmp_path, name, lines, message):
+  """Each bad file is one ConfigError line naming the file (and line), from validation: nothing is written."""
+  from cl_jax.errors import ConfigError
+  path = tmp_path / name
+  if lines is not None:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+  c = tiny_cit_config(**{"cit.tasks": f"refusal,file:{path}"})
+  with pytest.raises(ConfigError) as e:
+    cl_jax.run(c, str(tmp_path / "w"), progress=False)
+  assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+def test_byte_model_run_chats_from_its_workdir(whole_run):
+  """A byte-model CIT run is not exported (a notice, recorded) and `generation.load` reads its final checkpoint
+  with the plain template: the reply to an evaluated prompt is the run's own greedy answer to it."""
+  from cl_jax.data import instructions as ins
+  from cl_jax.lm import generation
+  e = whole_run.extra
+  assert e["hf_export"] is None and "byte model" in e["hf_export_skipped"]
+  assert not os.path.exists(os.path.join(whole_run.workdir, "hf"))
+  m = generation.load(whole_run.workdir)
+  assert m.max_len == e["model"]["max_len"] and m.vocab_size == 259
+  example = ins.split_of(ins.load_sets(["name"])["name"], "test")[0]
+  reply = generation.chat_reply(m, ins.conversation(example, "tag", answer=False), max_new_tokens=8)
+  last = [r for r in whole_run.metrics("eval") if r.get("boundary")][-1]
+  assert reply == last["examples"]["name"][0]
 
 
 def test_preempted_run_resumes_to_the_same_results(whole_run, tmp_path, monkeypatch):
@@ -289,6 +441,7 @@ def test_lora_per_task_run_keeps_the_first_sets_answers(tmp_path):
                  str(tmp_path / "w"), progress=False)
   evals = [m for m in r.metrics("eval") if m.get("boundary")]
   assert len(evals) == 3 and r.extra["routing_accuracy"]["name"] == 1.0
+  assert r.extra["hf_export_skipped"].startswith("lora_per_task keeps one adapter per task")  # no single model
   assert evals[1]["examples"]["name"] == evals[2]["examples"]["name"]
   assert evals[0]["examples"]["name"] != evals[1]["examples"]["name"]
   assert r.accuracy_matrix[2][0] == r.accuracy_matrix[1][0] and r.bwt == 0.0

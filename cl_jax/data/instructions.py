@@ -27,6 +27,27 @@ Each example is a dict {id, set, split, prompt, target}; `conversation(example, 
 messages (`cl_jax.lm.templates`). `task_prompt` ('off' | 'system' | 'tag') adds the set's system prompt or its
 short task tag as a system turn (task-specific system prompts / task tokens as a strategy against interference).
 
+User sets (`load_user_set`): a JSON-lines file of one's own (.jsonl, .jsonl.gz or .jsonl.zst), one conversation a
+line, either chat messages or a prompt / response pair (plus an optional system prompt):
+
+  {"messages": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
+                {"role": "assistant", "content": ...}, ...]}       multi-turn allowed; roles system | user |
+                                                                  assistant, a system turn only first, the last
+                                                                  turn the assistant's
+  {"prompt": ..., "response": ..., "system": ...}                  "system" optional
+
+(other keys of a line are ignored). Every assistant turn is a training target (`cl_jax.lm.templates.encode_chat`
+masks the rest); the evaluation prompt of a line is its conversation without the last turn, and the reference is
+that last assistant turn. Held-out rows: with a separate evaluation file, all of its lines; else the file itself is
+split by content: lines are ranked by the SHA-256 of their canonical JSON (sorted keys), and the first
+ceil(`heldout` * n) lines of that order -- together with every line identical to one of them, so a duplicate never
+sits on both sides -- are held out (split `HELDOUT`), the rest train. The rule depends on a line's content only, so
+appending lines to the file never moves an earlier line out of the held-out split unless a new line outranks it.
+A user set has this one held-out split: it serves as both its validation and its test split (`split_of`). Its
+output format is `USER_FORMAT` ('reply': a non-empty answer). Bad input -- a missing or empty file, a line that is
+not a JSON object, an unknown role, a conversation without a final assistant turn -- is one `ConfigError` naming
+the file and line, raised before anything trains.
+
 Scoring (`score_outputs`): exact match of the stripped output and target (the task score of every set), format
 compliance of the output with the set's format, and for every set whether the output is a refusal (`is_refusal`):
 the refusal rate on `refusal` and the over-refusal rate on `benign`.
@@ -39,12 +60,15 @@ import importlib
 import inspect
 import json
 import linecache
+import math
 import os
 import re
 import sys
 from typing import Sequence
 
 import numpy as np
+
+from cl_jax.errors import ConfigError
 
 MODULES = (
     "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "configparser", "contextlib", "copy", "csv",
@@ -71,6 +95,10 @@ TAGS = {"summary": "[sum]", "name": "[name]", "signature": "[sig]", "module_qa":
 TASK_PROMPTS = ("off", "system", "tag")
 REFUSAL = "I can't help with that."
 SPLITS = ("train", "validation", "test")
+HELDOUT = "heldout"     # a user set's one held-out split (both its validation and its test split)
+USER_FORMAT = "reply"   # the output format of a user set: any non-empty reply
+USER_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+ROLES = ("system", "user", "assistant")  # cl_jax.lm.templates.ROLES (the data layer sits below lm)
 
 N_TEST, N_VALIDATION, MAX_TRAIN = 48, 48, 400
 
@@ -286,13 +314,161 @@ def load_sets(names: Sequence[str], directory: str = "") -> dict[str, list[dict]
 
 
 def split_of(examples: Sequence[dict], split: str) -> list[dict]:
-  return [e for e in examples if e["split"] == split]
+  """The examples of `split`; a user set's held-out examples are both its validation and its test split."""
+  held = split in ("validation", "test")
+  return [e for e in examples if e["split"] == split or (held and e["split"] == HELDOUT)]
+
+
+# ----------------------------------------------------------------------------- the user's own sets
+
+def user_set_name(path: str) -> str:
+  """A user set's name: its file name without the .jsonl(.gz/.zst) suffix (ConfigError for another suffix)."""
+  base = os.path.basename(path)
+  for suffix in USER_SUFFIXES:
+    if base.endswith(suffix) and len(base) > len(suffix):
+      return base[:-len(suffix)]
+  raise ConfigError(f"{path}: an instruction file must be {' / '.join(USER_SUFFIXES)} (JSON lines of "
+                    "{'messages': [...]} or {'prompt', 'response'})")
+
+
+def _user_conversation(record, where: str) -> tuple[tuple[str, str], ...]:
+  """((role, content), ...) of one line of a user file (module docstring); ConfigError prefixed with `where`."""
+  if not isinstance(record, dict):
+    raise ConfigError(f"{where}: expected a JSON object with 'messages' or 'prompt' and 'response', got "
+                      f"{type(record).__name__}")
+  if "messages" in record:
+    if "prompt" in record or "response" in record:
+      raise ConfigError(f"{where}: has both 'messages' and 'prompt' / 'response'; give one form")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for i, m in enumerate(messages):
+      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ConfigError(f"{where}: message {i} must be an object with 'role' and 'content'")
+      out.append((m["role"], m["content"]))
+  elif "prompt" in record or "response" in record:
+    for key in ("prompt", "response"):
+      if key not in record:
+        raise ConfigError(f"{where}: has no {key!r} (a prompt / response line needs both)")
+    system = record.get("system")
+    out = ([("system", system)] if system is not None else []) + [("user", record["prompt"]),
+                                                                  ("assistant", record["response"])]
+  else:
+    raise ConfigError(f"{where}: expected 'messages' (chat turns) or 'prompt' and 'response'; keys "
+                      f"{sorted(record)[:8]}")
+  for i, (role, content) in enumerate(out):
+    if role not in ROLES:
+      raise ConfigError(f"{where}: message {i} has role {role!r}; expected one of {list(ROLES)}")
+    if not isinstance(content, str):
+      raise ConfigError(f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}")
+    if role == "system" and i:
+      raise ConfigError(f"{where}: message {i} is a system message; a system message may only come first")
+  if "assistant" not in [r for r, _ in out]:
+    raise ConfigError(f"{where}: no assistant turn (nothing to learn); each line needs the assistant's reply")
+  if out[-1][0] != "assistant":
+    raise ConfigError(f"{where}: the last message is the {out[-1][0]}'s; it must be the assistant's reply (the "
+                      "evaluation reference)")
+  if "user" not in [r for r, _ in out[:-1]]:
+    raise ConfigError(f"{where}: no user turn before the assistant's reply (the evaluation prompt would be empty)")
+  return tuple(out)
+
+
+def read_user_file(path: str) -> list[tuple[int, tuple]]:
+  """[(line number, conversation)] of a user file, every line checked (`_user_conversation`)."""
+  from cl_jax.data.text import _jsonl_lines
+  user_set_name(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such instruction file")
+  out = []
+  try:
+    for line_no, line in _jsonl_lines(path):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+      out.append((line_no, _user_conversation(record, f"{path}:{line_no}")))
+  except (OSError, EOFError) as e:  # an unreadable or truncated (.gz) file
+    raise ConfigError(f"{path}: cannot be read ({e})") from None
+  if not out:
+    raise ConfigError(f"{path}: empty (no conversations); expected one JSON object per line")
+  return out
+
+
+def _row_hash(conversation) -> str:
+  return hashlib.sha256(json.dumps([list(m) for m in conversation], ensure_ascii=True).encode()).hexdigest()
+
+
+def heldout_lines(conversations: Sequence[tuple], fraction: float) -> set[int]:
+  """Indices of the held-out conversations (module docstring): the first ceil(fraction * n) by content hash, with
+  every copy of them."""
+  n = len(conversations)
+  want = math.ceil(fraction * n)
+  hashes = [_row_hash(c) for c in conversations]
+  held, held_hashes = set(), set()
+  for i in sorted(range(n), key=lambda i: (hashes[i], i)):
+    if len(held) >= want and hashes[i] not in held_hashes:
+      break
+    held.add(i)
+    held_hashes.add(hashes[i])
+  return held
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_user_set(path: str, eval_path: str, heldout: float, stamp: tuple) -> tuple:
+  del stamp  # the files' (mtime, size): a changed file is read again
+  name = user_set_name(path)
+  rows = read_user_file(path)
+  if eval_path:
+    user_set_name(eval_path)
+    evals = read_user_file(eval_path)
+    split = [("train", ln, c, path) for ln, c in rows] + [(HELDOUT, ln, c, eval_path) for ln, c in evals]
+  else:
+    held = heldout_lines([c for _, c in rows], heldout)
+    if len(held) == len(rows):
+      raise ConfigError(f"{path}: {len(rows)} line(s) leave nothing to train on once cit.heldout={heldout} of them "
+                        "are held out; add lines, lower cit.heldout or give an evaluation file (file:TRAIN:EVAL)")
+    split = [(HELDOUT if i in held else "train", ln, c, path) for i, (ln, c) in enumerate(rows)]
+  out = []
+  for s, ln, conv, file in split:
+    out.append({"id": f"{name}/{os.path.basename(file)}:{ln}", "set": name, "split": s, "messages": conv,
+                "prompt": conv[-2][1] if len(conv) > 1 else "", "target": conv[-1][1]})
+  return tuple(out)
+
+
+def _stamp(path: str) -> tuple:
+  try:
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+  except OSError:
+    return (path, None, None)
+
+
+def load_user_set(path: str, eval_path: str = "", heldout: float = 0.1) -> list[dict]:
+  """A user's instruction file as examples {id, set, split, messages, prompt, target} (module docstring): split
+  'train' or `HELDOUT`; `eval_path` ('' = none) holds the held-out rows, else a `heldout` share of `path`."""
+  if not 0 < heldout < 1 and not eval_path:
+    raise ConfigError(f"cit.heldout={heldout}: the held-out share of a user file must be in (0, 1)")
+  stamp = (_stamp(path), _stamp(eval_path) if eval_path else None)
+  return [dict(e) for e in _cached_user_set(path, eval_path, float(heldout), stamp)]
 
 
 def conversation(example: dict, task_prompt: str = "off", answer: bool = True) -> list[tuple[str, str]]:
   """Chat messages of an example: optional system turn (`task_prompt`), the user's prompt, the target answer."""
   if task_prompt not in TASK_PROMPTS:
     raise ValueError(f"task_prompt={task_prompt!r}: expected one of {TASK_PROMPTS}")
+  if "messages" in example:  # a user set's conversation: its own turns; 'system' adds nothing (it has no set
+    # prompt beyond the one its lines may carry), 'tag' puts the set's tag before its system turn
+    messages = list(example["messages"] if answer else example["messages"][:-1])
+    if task_prompt == "tag":
+      tag = f"[{example['set']}]"
+      if messages[0][0] == "system":
+        messages[0] = ("system", f"{tag} {messages[0][1]}")
+      else:
+        messages.insert(0, ("system", tag))
+    return messages
   messages = []
   if task_prompt == "system":
     messages.append(("system", SYSTEM_PROMPTS[example["set"]]))
@@ -338,6 +514,8 @@ def format_ok(fmt: str, text: str) -> bool:
     return t == REFUSAL
   if fmt == "helpful":
     return t.startswith("Sure.") and "\n" not in t
+  if fmt == USER_FORMAT:
+    return bool(t)
   raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(set(FORMATS.values()))}")
 
 
@@ -347,12 +525,14 @@ def score_outputs(set_name: str, outputs: Sequence[str], targets: Sequence[str])
   if len(outputs) != len(targets):
     raise ValueError(f"score_outputs: {len(outputs)} outputs for {len(targets)} targets")
   n = max(len(outputs), 1)
-  fmt = FORMATS[set_name]
+  fmt = FORMATS.get(set_name, USER_FORMAT)  # a user set (not a built-in name): any non-empty reply
   return {"exact_match": sum(o.strip() == t.strip() for o, t in zip(outputs, targets)) / n,
           "format": sum(format_ok(fmt, o) for o in outputs) / n,
           "refusal_rate": sum(is_refusal(o) for o in outputs) / n}
 
 
 __all__ = ["MODULES", "SETS", "FORMATS", "SYSTEM_PROMPTS", "TAGS", "TASK_PROMPTS", "REFUSAL", "SPLITS",
-           "build_sets", "serialize", "write_sets", "combined_hash", "load_sets", "split_of", "conversation",
+           "HELDOUT", "USER_FORMAT", "USER_SUFFIXES",
+           "build_sets", "serialize", "write_sets", "combined_hash", "load_sets", "split_of", "user_set_name", "read_user_file",
+           "heldout_lines", "load_user_set", "conversation",
            "is_refusal", "format_ok", "score_outputs"]

@@ -2,7 +2,9 @@
 
 The CIT kind's parts (`cl_jax.kinds.cit`; run with `cl_jax.run(config, workdir)`, `kind='cit'`). Each task is one or more instruction sets (`cit.tasks`, e.g.
 "name,signature,module_qa,refusal+benign": four tasks, the last one the refusal set with its matched benign set),
-from `cl_jax.data.instructions`. The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
+from `cl_jax.data.instructions`: a built-in set, or a JSON-lines file of one's own, `file:TRAIN` or
+`file:TRAIN:EVAL`, named by its file name (`parse_spec`; format, held-out rule and errors:
+`instructions.load_user_set`). The pieces the task loop (`cl_jax.train.loop.run_tasks`) is handed:
 
   batches     packed SFT rows of the task's sets (`cl_jax.lm.sft`, assistant-only loss mask, segment ids), chat
               template `cl_jax.lm.templates` (plain for the byte model; the checkpoint's own chat_template when
@@ -32,10 +34,16 @@ system prompts or task tags are a data choice, `sft.task_prompt` = 'off' | 'syst
 strategy.
 
 The accuracy matrix R (row 0 before training, row j after task j) gives ACC / BWT / FWT / forgetting through
-`cl_jax.eval.metrics`; results.json (`Results(kind='cit')`) also holds every boundary's per-set scores.
+`cl_jax.eval.metrics`; results.json (`Results(kind='cit')`) also holds every boundary's per-set scores, the model's
+config ("model"), and each user set's files, SHA-256 and split sizes ("user_sets").
+
+After the last task, `lm.export_hf` hands the final model over in the Hugging Face layout (`export_final`, through
+the LM kind's `cl_jax.lm.runner.export_hf`): <workdir>/hf, and <workdir>/hf_adapter for LoRA / O-LoRA on an
+imported checkpoint. `cl-jax chat` / `cl-jax generate --model <workdir>` read it (`cl_jax.lm.generation.load`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, NamedTuple
@@ -86,10 +94,15 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir="",          # '' builds the sets from this Python's stdlib; else a scripts/build_instruction_sets.py dir
       # strategy 'replay' (CIT's own, data-side): this share of each batch's rows comes from earlier tasks' rows. It
       # lives here, not in a `replay` section: the registry's replay strategy owns that name with another schema.
-      replay_fraction=0.05))
+      replay_fraction=0.05,
+      # a user set's held-out share when it comes without an evaluation file (`file:TRAIN`; not `file:TRAIN:EVAL`)
+      heldout=0.1))
   c.sft = ml_collections.ConfigDict(dict(task_prompt="off", seq_len=384))
   c.lm = ml_collections.ConfigDict(dict(size="tiny", d_model=0, num_layers=0, num_heads=0, compute_dtype="float32",
-                                        init_from=""))  # a Hugging Face checkpoint directory ('' = a new byte model)
+                                        init_from="",  # a Hugging Face checkpoint directory ('' = a new byte model)
+                                        # the final model in the Hugging Face layout after the last task (as the
+                                        # LM kind's key: cl_jax.lm.runner.export_hf; `export_final` below)
+                                        export_hf=True))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, b1=0.9, b2=0.95, momentum=0.9, weight_decay=0.0, grad_clip=1.0,
       schedule="constant", scope="task", warmup_fraction=0.05, decay_fraction=0.25, end_lr_fraction=0.0,
@@ -113,19 +126,62 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_tasks(spec: str) -> list[list[str]]:
-  """'a,b+c' -> [['a'], ['b', 'c']] (ValueError naming cit.tasks)."""
+USER_PREFIX = "file:"
+
+
+def parse_spec(spec: str) -> tuple[list[list[str]], dict[str, tuple[str, str]]]:
+  """cit.tasks -> (tasks, user files). 'a,b+c' -> [['a'], ['b', 'c']]; a set is a built-in name or a file of one's
+  own, `file:TRAIN` or `file:TRAIN:EVAL` (`instructions.load_user_set`), named by its file name without the .jsonl
+  suffix: 'name,file:/d/faq.jsonl' -> ([['name'], ['faq']], {'faq': ('/d/faq.jsonl', '')}). ValueError naming
+  cit.tasks."""
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(f"cit.tasks={spec!r}: expected sets separated by ',' (tasks) and '+' (sets of one task), "
-                     f"from {list(ins.SETS)}")
-  tasks = [[s.strip() for s in t.split("+")] for t in spec.split(",")]
+                     f"from {list(ins.SETS)} or file:PATH.jsonl[:EVAL.jsonl]")
+  tasks, files = [], {}
+  for t in spec.split(","):
+    names = []
+    for s in (x.strip() for x in t.split("+")):
+      if s.startswith(USER_PREFIX):
+        train, _, held = s[len(USER_PREFIX):].partition(":")
+        try:
+          name = ins.user_set_name(train)
+          if held:
+            ins.user_set_name(held)
+        except ValueError as e:
+          raise ValueError(f"cit.tasks={spec!r}: {e}") from None
+        if name in ins.SETS:
+          raise ValueError(f"cit.tasks={spec!r}: {train} would be named {name!r}, a built-in set's name (a user "
+                           "set is named by its file name): rename the file")
+        if name in files:
+          raise ValueError(f"cit.tasks={spec!r}: a set appears twice ({name!r}: two files of that name)")
+        files[name] = (train, held)
+        s = name
+      names.append(s)
+    tasks.append(names)
   flat = [s for t in tasks for s in t]
-  bad = [s for s in flat if s not in ins.SETS]
+  bad = [s for s in flat if s not in ins.SETS and s not in files]
   if bad:
-    raise ValueError(f"cit.tasks={spec!r}: unknown set(s) {bad}; expected among {list(ins.SETS)}")
+    raise ValueError(f"cit.tasks={spec!r}: unknown set(s) {bad}; expected among {list(ins.SETS)} or "
+                     "file:PATH.jsonl[:EVAL.jsonl] (a set of one's own)")
   if len(set(flat)) != len(flat):
     raise ValueError(f"cit.tasks={spec!r}: a set appears twice")
-  return tasks
+  return tasks, files
+
+
+def parse_tasks(spec: str) -> list[list[str]]:
+  """'a,b+c' -> [['a'], ['b', 'c']] (`parse_spec`'s tasks; user files by their set names)."""
+  return parse_spec(spec)[0]
+
+
+def load_sets(c) -> dict:
+  """{set: examples} of cit.tasks: the built-in sets (`cit.data_dir`) and the user's files (ConfigError naming
+  the file and line of the first bad one)."""
+  tasks, files = parse_spec(c.cit.tasks)
+  builtin = [s for t in tasks for s in t if s not in files]
+  sets = ins.load_sets(builtin, c.cit.data_dir)
+  for name, (train, held) in files.items():
+    sets[name] = ins.load_user_set(train, held, float(c.cit.heldout))
+  return sets
 
 
 def _schema():
@@ -138,6 +194,7 @@ def _schema():
       "cit.max_new_tokens": integer(1), "cit.metric": one_of(METRICS), "cit.eval_split": one_of("validation", "test"),
       "sft.task_prompt": one_of(ins.TASK_PROMPTS), "sft.seq_len": integer(16),
       "cit.replay_fraction": number(0.0, 1.0, high_open=True), "optim.name": one_of(OPTIMIZERS),
+      "cit.heldout": number(0.0, 1.0, low_open=True, high_open=True),
   }
 
 
@@ -148,6 +205,7 @@ SCHEMA = _schema()
 def check_config(c) -> None:
   """What one key's rule cannot say (SCHEMA has those): the strategy chain, the sets, keys that must agree, files;
   raises ValueError whose message starts with the full key, before anything is written."""
+  from cl_jax.errors import ConfigError
   from cl_jax.strategies import REGISTRY, check_allowed, parse_strategy_spec
   from cl_jax.train.schedules import check_schedule
   if c.kind != "cit":
@@ -155,7 +213,12 @@ def check_config(c) -> None:
   names = parse_strategy_spec(c.strategy)
   check_allowed(c.strategy, CIT_PROVIDES, "cit", config=c, own=CIT_OWN,
                 hint=" (replay: a share cit.replay_fraction of each task's rows from the earlier tasks)")
-  parse_tasks(c.cit.tasks)
+  _, files = parse_spec(c.cit.tasks)
+  for name, (train, held) in files.items():  # every line of every user file, before anything is built
+    try:
+      ins.load_user_set(train, held, float(c.cit.heldout))
+    except ValueError as e:
+      raise ConfigError(f"cit.tasks: {e}") from None
   if c.cit.data_dir and not os.path.isdir(c.cit.data_dir):
     raise ValueError(f"cit.data_dir={c.cit.data_dir!r}: not a directory (build one with "
                      "scripts/build_instruction_sets.py, or '' to build the sets in memory)")
@@ -220,7 +283,7 @@ def load_data(c) -> CITData:
   from cl_jax.lm.templates import encode_chat, encode_prompt
   tasks = parse_tasks(c.cit.tasks)
   flat = [s for t in tasks for s in t]
-  sets = ins.load_sets(flat, c.cit.data_dir)
+  sets = load_sets(c)
   tok, template = load_tokenizer_and_template(c)
   seq_len, prompt_mode = int(c.sft.seq_len), c.sft.task_prompt
   rows, stats, route_train = [], [], []
@@ -408,16 +471,53 @@ def task_scores(data: CITData, scores: dict, metric: str = "exact_match") -> lis
 
 def build_model(c, data: CITData, mesh):
   """(FunctionalModel, params): a new byte-level transformer, or the checkpoint `lm.init_from`."""
+  model, params, _, _ = _build_model(c, data, mesh)
+  return model, params
+
+
+def _build_model(c, data: CITData, mesh):
+  """(model, params, TransformerConfig, the import's `hf_checkpoint.Loaded` without its params, or None)."""
   if c.lm.init_from:
     from cl_jax.models import hf_checkpoint
     loaded = hf_checkpoint.load(c.lm.init_from, mesh=mesh, tokenizer=False, compute_dtype=c.lm.compute_dtype)
-    return loaded.model, loaded.params
+    # What the export needs of the import: its config.json, and the tokenizer the run trained with.
+    return loaded.model, loaded.params, loaded.config, loaded._replace(params=None, tokenizer=data.tokenizer)
   from cl_jax.models.transformer import build_lm, model_config
   overrides = {k: int(c.lm[k]) for k in ("d_model", "num_layers", "num_heads") if c.lm[k]}
   width = data.eval_prompts[next(iter(data.eval_prompts))][0].shape[1] + int(c.cit.max_new_tokens)
   cfg = model_config(c.lm.size, vocab_size=int(data.tokenizer.vocab_size), max_len=max(int(c.sft.seq_len), width),
                      compute_dtype=c.lm.compute_dtype, **overrides)
-  return build_lm(cfg, seed=c.seed)
+  model, params = build_lm(cfg, seed=c.seed)
+  return model, params, cfg, None
+
+
+def model_config_of(record: dict):
+  """The `TransformerConfig` a CIT run's results.json records under "model" (JSON lists back to tuples)."""
+  from cl_jax.models.transformer import TransformerConfig
+  return TransformerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
+
+def export_final(c, workdir: str, cfg, imported, params, names, tokenizer) -> dict:
+  """`lm.export_hf` of a CIT run: the final model (after the last task) through the LM kind's export
+  (`cl_jax.lm.runner.export_hf`): <workdir>/hf with the model -- LoRA / O-LoRA adapters folded in -- its
+  tokenizer and the chat template the run trained with (the checkpoint's own, the one `template_for` read), and
+  with `lora` / `olora` the adapter in PEFT's format in <workdir>/hf_adapter on the imported base. Not exported,
+  with a one-line notice and `hf_export_skipped` in the record: a byte model (no family holds cl_jax's RoPE + gelu
+  byte model, and the byte tokenizer has no tokenizer file; `cl-jax chat --model <workdir>` reads the run itself)
+  and `lora_per_task` (one adapter per task, chosen per prompt by the router: no single model to hand over)."""
+  from cl_jax.lm.runner import export_hf
+  why = None
+  if "lora_per_task" in names:
+    why = ("lora_per_task keeps one adapter per task, picked per prompt by the router: there is no single model "
+           "to export")
+  elif imported is None:
+    why = ("the byte model (no lm.init_from) matches no Hugging Face family and its byte tokenizer has no "
+           "tokenizer file; `cl-jax chat --model <workdir>` reads the run's own checkpoint")
+  if why:
+    print(f"notice: lm.export_hf: the model is not exported to the Hugging Face layout: {why}")
+    return {"hf_export": None, "hf_export_skipped": why}
+  adapter = next((n for n in ("lora", "olora") if n in names), None)
+  return export_hf(c, workdir, cfg, imported, params, adapter, tokenizer)
 
 
 def decoding_params(params, c):
@@ -446,6 +546,8 @@ class Built(NamedTuple):
   fraction: float
   steps: int
   t0: float
+  cfg: Any = None       # the model's TransformerConfig
+  imported: Any = None  # the `hf_checkpoint.Loaded` of lm.init_from (no params), or None
 
 
 def build(config, data: CITData | None = None) -> Built:
@@ -462,7 +564,7 @@ def build(config, data: CITData | None = None) -> Built:
   t0 = time.time()
   data = data or load_data(c)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
-  model, params = build_model(c, data, mesh)
+  model, params, cfg, imported = _build_model(c, data, mesh)
   names = strategy_names(c)
   loss_names = [n for n in names if n not in ("naive", "replay")]
   learner = Learner(packed_apply(model), lambda task, index: None)
@@ -539,7 +641,7 @@ def build(config, data: CITData | None = None) -> Built:
               checkpoint_every=int(c.checkpoint.every_steps), log_every=int(c.train.log_every_steps),
               divergence_factor=float(c.train.divergence_factor), names=[f"cit: {n}" for n in data.names],
               record={"phase": "cit"})
-  return Built(data, plan, params, names, fraction, steps, t0)
+  return Built(data, plan, params, names, fraction, steps, t0, cfg, imported)
 
 
 def execute(built: Built, ctx):
@@ -549,9 +651,11 @@ def execute(built: Built, ctx):
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks
   c = ctx.config
-  data, plan, params, names, fraction, steps, t0 = built
+  data, plan, params, names, fraction, steps, t0, cfg, imported = built
   with Checkpoints(ctx.workdir, keep=c.checkpoint.keep) as checkpoints:
     out = run_tasks(plan, ctx.workdir, checkpoints, ctx.resume, ctx.progress, hooks=ctx.hooks)
+  exported = (export_final(c, ctx.workdir, cfg, imported, out.state.params, names, data.tokenizer)
+              if c.lm.export_hf else {})
   tokenizer_dir = None
   if c.lm.init_from:  # the tokenizer and chat template the run trained with travel with its checkpoints
     from cl_jax.models import hf_checkpoint
@@ -575,8 +679,28 @@ def execute(built: Built, ctx):
       "packing": [st._asdict() for st in data.pack_stats],
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "timing": {"task_seconds": out.task_seconds, "total_seconds": time.time() - t0}, "tokenizer_dir": tokenizer_dir,
+      "model": dataclasses.asdict(cfg), "user_sets": user_set_record(c, data), **exported,
       **strategy_record_cit(c, names)}
   return Results("cit", ctx.workdir, r, **summarize(r), extra=extra)
+
+
+def user_set_record(c, data: CITData) -> dict:
+  """{set: {train, eval (file or None), sha256 of each file, rows per split}} of the run's user sets."""
+  import hashlib
+  _, files = parse_spec(c.cit.tasks)
+  out = {}
+  for name, (train, held) in files.items():
+    rows = ins.load_user_set(train, held, float(c.cit.heldout))  # cached: the files were read by `load_data`
+    digest = {}
+    for f in (train, held) if held else (train,):
+      with open(f, "rb") as fh:
+        digest[f] = hashlib.file_digest(fh, "sha256").hexdigest()
+    out[name] = {"train": train, "eval": held or None, "sha256": digest,
+                 "heldout_rule": (f"all lines of {held}" if held else
+                                  f"the first ceil({c.cit.heldout} n) lines by SHA-256 of their content, with copies"),
+                 "rows": {s: sum(e["split"] == s for e in rows) for s in ("train", ins.HELDOUT)},
+                 "evaluated": len(data.eval_targets[name])}
+  return out
 
 
 def report(results, workdir: str, config) -> None:
@@ -623,9 +747,19 @@ def summary_markdown(results) -> str:
   if e.get("replay_share"):
     lines += ["", f"Realised replay share: {e['replay_share']['rows']:.4f} of rows, "
                   f"{e['replay_share']['examples']:.4f} of examples (configured {e['replay_fraction']})."]
+  for name, u in (e.get("user_sets") or {}).items():
+    lines += ["", f"User set `{name}`: {u['train']} ({u['rows']['train']} training lines; held out: "
+                  f"{u['rows']['heldout']} lines, {u['heldout_rule']}; {u['evaluated']} evaluated)."]
+  if e.get("hf_export"):
+    lines += ["", f"Exported in the Hugging Face layout: {e['hf_export']}"
+                  + (f"; the adapter in PEFT's format: {e['hf_adapter']}" if e.get("hf_adapter") else "")
+                  + ". Chat with it: `cl-jax chat --model <this workdir>`."]
+  elif e.get("hf_export_skipped"):
+    lines += ["", f"Not exported to the Hugging Face layout: {e['hf_export_skipped']}."]
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_tasks", "load_data", "CITData", "ReplaySource",
+__all__ = ["build", "execute", "report", "Built", "default_config", "check_config", "parse_spec", "parse_tasks",
+           "load_sets", "load_data", "export_final", "model_config_of", "CITData", "ReplaySource",
            "greedy_decode", "decode_text", "evaluate_sets", "evaluate_routed", "route_prompts", "prompt_features",
            "task_scores", "CIT_PROVIDES", "cit_strategies", "adapter_strategies"]

@@ -88,29 +88,56 @@ def _from_hf(path: str) -> Model:
 
 
 def _from_workdir(path: str, run: dict) -> Model:
-  """A finished cl_jax LM run: its HF export (`<workdir>/hf`, the kept model of a run that imported a checkpoint)
-  when there is one, else the params of its last task-boundary checkpoint with the run's tokenizer."""
+  """A finished cl_jax LM or CIT run: its HF export (`<workdir>/hf`: the kept model of an LM run, the final model
+  of a CIT run, with the tokenizer and chat template it trained with) when there is one, else the params of its
+  last task-boundary checkpoint: an LM run's with its tokenizer (`lm.tokenizer`), a CIT run's byte model with the
+  plain template it trained with (its architecture from results.json's "model"); adapters folded in."""
   import ml_collections
-  from cl_jax.checkpoint import boundary_params
-  from cl_jax.data.tokenizer import load_tokenizer
-  from cl_jax.lm.runner import model_config
   from cl_jax.lm.templates import PlainTemplate
-  from cl_jax.models.transformer import abstract_lm
   if os.path.isfile(os.path.join(path, "hf", "config.json")):
     return _from_hf(os.path.join(path, "hf"))
-  if run.get("kind") != "lm":
-    raise ConfigError(f"--model={path!r}: a cl_jax run of kind {run.get('kind')!r}; generation reads LM runs "
-                      "(kind 'lm') or Hugging Face checkpoint directories")
+  kind = run.get("kind")
+  if kind not in ("lm", "cit"):
+    raise ConfigError(f"--model={path!r}: a cl_jax run of kind {kind!r}; generation reads LM and CIT runs "
+                      "(kind 'lm' or 'cit') or Hugging Face checkpoint directories")
   c = ml_collections.ConfigDict(run)
   if c.lm.get("init_from"):
     raise ConfigError(f"--model={path!r}: this run imported {c.lm.init_from} but has no hf/ export; rerun it with "
                       "lm.export_hf=True, or pass its hf/ directory")
+  if kind == "cit":
+    from cl_jax.data.tokenizer import ByteTokenizer
+    from cl_jax.lm import cit
+    if "lora_per_task" in cit.strategy_names(c):
+      raise ConfigError(f"--model={path!r}: a lora_per_task run keeps one adapter per task, chosen per prompt by "
+                        "its router; generation needs a single model")
+    record = _read_json(os.path.join(path, "results.json")) if os.path.isfile(
+        os.path.join(path, "results.json")) else {}
+    if "model" not in record:
+      raise ConfigError(f"--model={path!r}: a CIT run with no model record in results.json (the run has not "
+                        "finished, or finished before CIT runs recorded their model); run it to its end")
+    cfg, tok = cit.model_config_of(record["model"]), ByteTokenizer()
+    model, params = _boundary_params(path, cfg, c)
+    return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path,
+                 int(cfg.max_len), int(cfg.vocab_size))
+  from cl_jax.data.tokenizer import load_tokenizer
+  from cl_jax.lm.runner import model_config
   # The stages before adaptation change the tokenizer (vocab.extend) or the positions (long_context): their
   # models are not `model_config(c)`'s, so they are refused rather than loaded wrongly.
   if int(c.get("vocab", {}).get("extend", 0) or 0) or int(c.get("long_context", {}).get("seq_len", 0) or 0):
     raise ConfigError(f"--model={path!r}: a run with a vocab.extend / long_context stage; generation reads plain "
                       "LM runs and Hugging Face directories")
   tok = load_tokenizer(c.lm.tokenizer)
+  cfg = model_config(c, tok.vocab_size)
+  model, params = _boundary_params(path, cfg, c)
+  return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path, int(cfg.max_len),
+               int(cfg.vocab_size))
+
+
+def _boundary_params(path: str, cfg, c):
+  """(model, params) of `cfg` from a run's last task-boundary checkpoint, LoRA / O-LoRA adapters folded into the
+  base (`c`: the run's config, for the adapters' scale); ConfigError when the shapes are another model's."""
+  from cl_jax.checkpoint import boundary_params
+  from cl_jax.models.transformer import abstract_lm
   try:
     params = boundary_params(path)
   except FileNotFoundError as e:
@@ -118,7 +145,6 @@ def _from_workdir(path: str, run: dict) -> Model:
   if isinstance(params, dict) and "base" in params:  # base + LoRA adapter(s): folded into plain params
     from cl_jax.strategies.lora import merged_params
     params = merged_params(params, c)
-  cfg = model_config(c, tok.vocab_size)
   model, abstract = abstract_lm(cfg)
   try:
     same = jax.tree.map(lambda a, x: tuple(a.shape) == tuple(np.shape(x)), abstract, params)
@@ -126,17 +152,16 @@ def _from_workdir(path: str, run: dict) -> Model:
     raise ConfigError(f"--model={path!r}: its checkpoint does not hold the params of its config's model: {e}") from None
   if not all(jax.tree.leaves(same)):
     raise ConfigError(f"--model={path!r}: its checkpoint's param shapes differ from its config's model")
-  params = jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), abstract, params)
-  return Model(model, params, tok, PlainTemplate(), (int(tok.eos_id),), int(tok.pad_id), path, int(cfg.max_len),
-               int(cfg.vocab_size))
+  return model, jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), abstract, params)
 
 
 def load(path: str) -> Model:
-  """A Hugging Face checkpoint directory (config.json with a `model_type`) or a finished cl_jax LM run's workdir."""
+  """A Hugging Face checkpoint directory (config.json with a `model_type`) or a finished cl_jax LM / CIT run's
+  workdir."""
   config_file = os.path.join(path, "config.json")
   if not os.path.isdir(path) or not os.path.isfile(config_file):
     raise ConfigError(f"--model={path!r}: expected a Hugging Face checkpoint directory (config.json + safetensors) "
-                      "or a cl_jax LM run directory (config.json + checkpoints/)")
+                      "or a cl_jax LM / CIT run directory (config.json + checkpoints/)")
   cfg = _read_json(config_file)
   if "model_type" in cfg:
     return _from_hf(path)
@@ -391,7 +416,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"cl-jax {command}", description=(
       "Continue a prompt with a model" if command == "generate" else
       "Chat with a model on stdin (one user turn per line; '/reset' clears the conversation; end with Ctrl-D)"))
-  p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a cl_jax LM run directory")
+  p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a cl_jax LM / CIT run directory")
   if command == "generate":
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--add_bos", action="store_true", help="prefix the tokenizer's bos token")
