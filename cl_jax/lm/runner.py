@@ -168,6 +168,14 @@ def _common_plan_fields(c, mesh) -> dict:
               log_every=c.train.log_every_steps, divergence_factor=float(c.train.divergence_factor))
 
 
+def pretrain_mixture(c, data: CPTData) -> tuple:
+  """(sampler, {source: rows}) of pre-training: the general sources, each drawn in proportion to its size (as one
+  corpus of them all would be); with one general source, that source alone."""
+  general = {n: data.train[n] for n in roles_of(data)[GENERAL]}
+  sizes = {n: len(rows) for n, rows in general.items()}
+  return mx.MixtureSampler(mx.constant(sizes), sizes, c.pretrain.batch_size, seed=c.seed + 1000), general
+
+
 def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
   from cl_jax.losses import next_token_loss
@@ -186,10 +194,7 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
                                                   (int(c.lm.seq_len) - 1,), "int32"))
   state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
                                 mesh)
-  # The general sources, each in proportion to its size (as one corpus of them all would be drawn).
-  general = {n: data.train[n] for n in roles_of(data)[GENERAL]}
-  sampler = mx.MixtureSampler(mx.constant({n: len(rows) for n, rows in general.items()}),
-                              {n: len(rows) for n, rows in general.items()}, c.pretrain.batch_size, seed=c.seed + 1000)
+  sampler, general = pretrain_mixture(c, data)
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
               batches=lambda t, it: MixtureSource(sampler, general, 0, it),
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh, mesh,
@@ -665,5 +670,5 @@ def write_summary(workdir: str, record: dict) -> str:
   return path
 
 
-__all__ = ["model_config", "adaptation_stages", "mixture_label", "power_lines", "source_lines", "difficulty_order_for", "pretrain_phase",
+__all__ = ["model_config", "adaptation_stages", "mixture_label", "power_lines", "source_lines", "difficulty_order_for", "pretrain_mixture", "pretrain_phase",
            "adapt_phase", "MixtureSource", "table_row", "write_summary", "build", "execute", "report", "Built"]
