@@ -11,7 +11,8 @@ train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the 
                  task 1 'general'  0 steps: its end is the base. `after_task` hands the strategies the general
                                    training sequences (EWC's Fisher and anchor, distillation's teacher, generative
                                    replay's pool), and its boundary evaluation is the monitor's baseline;
-                 task 2 'domain'   `adapt.steps` steps on the mixture `adapt.mixture` (`cl_jax.data.mixture`), peak
+                 task 2 'domain'   `adapt.steps` steps on the mixture over the run's sources (`data.stages`, or
+                                   the preset `adapt.mixture` over the roles: `adaptation_stages`), peak
                                    LR `adapt.lr_ratio * optim.lr` (continual pre-training re-warms to a fraction of
                                    the pre-training LR: Gupta et al. 2023; Ibrahim et al. 2024), the `optim.schedule`.
                Every `regression.eval_every` steps the evaluator measures general / domain perplexity, next-token
