@@ -33,11 +33,13 @@ def set_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     node, parts = config, dotted.split(".")
     for i, part in enumerate(parts):
       keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      if part not in keys:
+      # An unlocked section takes new keys (an LM's `data.sources.<name>`); the others name theirs.
+      adds = i == len(parts) - 1 and isinstance(node, ml_collections.ConfigDict) and not node.is_locked
+      if part not in keys and not adds:
         prefix = ".".join(parts[:i])
         raise ConfigError(unknown_key_message(prefix, part, keys))
       if i == len(parts) - 1:
-        if isinstance(node[part], ml_collections.ConfigDict):
+        if part in keys and isinstance(node[part], ml_collections.ConfigDict):
           raise ConfigError(section_override_message(dotted, value, node[part]))
         try:
           node[part] = value

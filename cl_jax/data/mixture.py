@@ -14,6 +14,12 @@ Sampling is a pure function of `(seed, step, position)`:
     positions in this batch.
 So a run resumed at any step (mid-stage included) gets exactly the batches an uninterrupted run gets, and
 different hosts can each take their own slice of positions without communicating.
+
+Stages in a config (`data.stages` of an LM run, `check_stages`) follow the same convention as levanter's
+`train_weights` list: each pair is `(start_step, weights)`, the weights in force from that step on, the first
+pair at step 0 (a list of `until_step`s never starts at 0, so it is refused rather than read shifted by a stage).
+The named presets (`from_spec`) are stages over two roles; `expand_roles` spreads a role's weight over the
+sources that share it.
 """
 from __future__ import annotations
 
@@ -166,6 +172,75 @@ def from_spec(spec: str, total_steps: int, *, domain: str = "code", general: str
                    "three_phase, two_phase, cyclical or difficulty")
 
 
+def check_stages(stages, names: Sequence[str], total_steps: int | None = None, key: str = "data.stages") -> list:
+  """Config stages `[(start_step, {name: weight}), ...]` checked against the source `names`: returns them as
+  `[(int start, {name: float weight})]` (weights as given; `normalize_stages` divides by each stage's sum), or
+  raises ConfigError, one line naming `key` and the stage: not a pair, a stage with no weights, an unknown name, a
+  weight that is negative / not finite, all zero, a first start other than 0, starts not increasing, a start at or
+  past `total_steps` (that stage would never run)."""
+  from cl_jax.errors import ConfigError
+  names = list(names)
+  if isinstance(stages, Mapping) or not isinstance(stages, (list, tuple)) or not stages:
+    raise ConfigError(f"{key}={stages!r}: expected a non-empty list of [start_step, {{source: weight}}] pairs, "
+                      f"sources {names}")
+  out, prev = [], -1
+  for i, pair in enumerate(stages):
+    where = f"{key}[{i}]"
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not hasattr(pair[1], "keys"):
+      raise ConfigError(f"{where}={pair!r}: expected a [start_step, {{source: weight}}] pair")
+    start, given = pair[0], pair[1]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+      raise ConfigError(f"{where}: start step {start!r} must be an integer >= 0")
+    weights = {str(k): given[k] for k in given.keys()}
+    if not weights:
+      raise ConfigError(f"{where}: an empty stage (no weights); give at least one source a positive weight, "
+                        f"sources {names}")
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+      raise ConfigError(f"{where}: unknown source(s) {unknown}; the sources are {names}")
+    bad = {k: v for k, v in weights.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0}
+    if bad:
+      raise ConfigError(f"{where}: weight(s) {bad} must be finite numbers >= 0")
+    if sum(weights.values()) <= 0:
+      raise ConfigError(f"{where}: weights {weights} are all zero; a stage draws from at least one source")
+    if i == 0 and start != 0:
+      raise ConfigError(f"{where}: starts at step {start}; stages are [start_step, weights] pairs (levanter's "
+                        "convention), the first starting at step 0")
+    if start <= prev:
+      raise ConfigError(f"{where}: starts at step {start}, not after the stage before it ({prev}); start steps must "
+                        "strictly increase")
+    if total_steps is not None and start >= total_steps:
+      raise ConfigError(f"{where}: starts at step {start}, at or past the run's {total_steps} steps: it would "
+                        "never run")
+    out.append((int(start), {k: float(v) for k, v in weights.items()}))
+    prev = start
+  return out
+
+
+def expand_roles(stages: Stages, roles: Mapping[str, Sequence[str]],
+                 sizes: Mapping[str, int] | None = None) -> list:
+  """Stages over roles (`{role: weight}`, e.g. a preset's `general` / `domain`) as stages over sources: a role with
+  one source passes its weight to it unchanged; a role with several splits it in proportion to their sizes
+  (`sizes`: train sequences), as drawing from their concatenation would: w_s = w_role * n_s / sum_role n."""
+  out = []
+  for start, weights in stages:
+    spread = {}
+    for role, w in dict(weights).items():
+      members = list(roles[role])
+      if len(members) == 1:
+        spread[members[0]] = w
+        continue
+      if sizes is None:
+        raise ValueError(f"expand_roles: role {role!r} has sources {members}; their sizes are needed to share "
+                         "its weight")
+      total = sum(int(sizes[m]) for m in members)
+      for m in members:
+        spread[m] = w * int(sizes[m]) / total if total else 0.0
+    out.append((start, spread))
+  return out
+
+
 # ----------------------------------------------------------------------------- sampler
 
 def difficulty_order(doc_index: np.ndarray, doc_perplexity: np.ndarray) -> np.ndarray:
@@ -314,5 +389,5 @@ def grain_dataset(sampler: MixtureSampler, data: Mapping[str, np.ndarray], num_s
 
 
 __all__ = ["Stages", "normalize_stages", "weights_at", "constant", "domain_ratio", "three_phase",
-           "cyclical", "two_phase", "from_spec", "difficulty_order", "MixtureSampler", "grain_dataset",
-           "uniform"]
+           "cyclical", "two_phase", "from_spec", "check_stages", "expand_roles", "difficulty_order", "MixtureSampler",
+           "grain_dataset", "uniform"]

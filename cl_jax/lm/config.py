@@ -5,7 +5,10 @@ section a registered strategy owns), so a strategy reads the same keys whichever
 LM-specific:
 
   lm          the model (size preset and overrides, sequence length, tokenizer, compute dtype)
-  text        the two corpora (`general`, `domain`), their splits, evaluation subsets and cloze items
+  text        the two corpora (`general`, `domain`: the shorthand for two sources), their splits, evaluation
+              subsets and cloze items
+  data        any number of sources (`data.sources`, each general or domain) and the adaptation mixture's stages
+              over them (`data.stages`), with a default evaluation budget per source (`data.eval_tokens`)
   pretrain    task 1: the base, trained on general text (or loaded from `base_dir`)
   adapt       task 2: adaptation on the mixture `adapt.mixture`, peak LR `adapt.lr_ratio * optim.lr`
   regression  the regression monitor (cl_jax.lm.monitor): threshold, evaluation interval, hard stop
@@ -21,7 +24,7 @@ from cl_jax.data import prepare
 from cl_jax.models.transformer import SIZES
 from cl_jax.train.optim import OPTIMIZERS
 
-from cl_jax.lm.data import DOMAIN, GENERAL  # noqa: F401  (the two roles of an LM run's corpora)
+from cl_jax.lm.data import DOMAIN, EVAL_TOKENS, GENERAL  # noqa: F401  (the two roles of an LM run's sources)
 
 # What an LM run gives a strategy (cl_jax.strategies.CAPABILITIES); the strategies it chains are those whose needs
 # these meet (`lm_strategies()`). Token logits [B, L, V] and fixed-length sequences (a buffer can keep them, and each
@@ -87,6 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
       base_dir=""))  # a finished LM run's workdir whose base to start from instead of pre-training
   c.adapt = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr_ratio=0.1, mixture="70_30",
                                            difficulty=False))
+  # Sources beyond the two of `text` (cl_jax.lm.data.run_sources): `sources = {name: spec}` or `{name: {'spec',
+  # 'role': 'general' | 'domain', 'eval_sequences'}}` (empty: text.general / text.domain); `stages` = [[start_step,
+  # {source: weight}], ...] (levanter's convention; empty: the preset `adapt.mixture` over the roles); a source
+  # that states no eval_sequences is scored on floor(eval_tokens / lm.seq_len) sequences per split.
+  c.data = ml_collections.ConfigDict(dict(sources=ml_collections.ConfigDict(), stages=[],
+                                          eval_tokens=EVAL_TOKENS))
   c.lora = lora_config()
   for name, default in default_configs().items():
     c[name] = default()
@@ -131,6 +140,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.vocab = default_vocab_config()
   c.long_context = default_long_context_config()
   c.lock()
+  c.data.sources.unlock()  # named by the user: `c.data.sources.code = "cache:/path"`
   return c
 
 
@@ -146,7 +156,7 @@ SCHEMA = {
     "regression.bootstrap_samples": integer(100),
     "text.validation": number(0, 0.5, low_open=True, high_open=True),
     "text.test": number(0, 0.5, low_open=True, high_open=True),
-    "text.eval_sequences": integer(0), "text.general_eval_sequences": integer(0),
+    "text.eval_sequences": integer(0), "text.general_eval_sequences": integer(0), "data.eval_tokens": integer(1),
     "lm.attn_chunk": integer(0), "train.grad_accum": integer(1), "checkpoint.keep_tasks": integer(0),
     "lm.size": one_of(tuple(SIZES)),
 }
@@ -176,6 +186,7 @@ def check_config(c) -> None:
                      f"(a sum over every label sequence) is out of reach; expected one of {FISHER_KINDS}")
   check_schedule(c.optim)
   mx.from_spec(c.adapt.mixture, c.adapt.steps)  # raises naming adapt.mixture's value
+  sources = check_data_keys(c)
   check_regression_keys(c)
   if c.lm.seq_len < 2 or c.text.cloze_context + 1 > c.lm.seq_len:
     raise ValueError(f"lm.seq_len={c.lm.seq_len}, text.cloze_context={c.text.cloze_context}: need "
@@ -185,8 +196,8 @@ def check_config(c) -> None:
   check_scale_keys(c)
   # The corpora's files are listed (not read) here, so a missing directory or an empty glob fails before the
   # workdir is made; a file that is not UTF-8 is found when the corpus is read (build, still before any write).
-  for role in ("general", "domain"):
-    prepare.check_spec(c.text[role], f"text.{role}")
+  for s in sources:
+    prepare.check_spec(s.spec, f"text.{s.name}" if not c.data.sources else f"data.sources.{s.name}")
   from cl_jax.lm.long_context import check_long_context_config
   from cl_jax.lm.vocab import check_vocab_config
   check_vocab_config(c)
@@ -211,6 +222,27 @@ def check_config(c) -> None:
     if check is not None and check not in seen:
       seen.add(check)
       check(c)
+
+
+def check_data_keys(c) -> tuple:
+  """`data.sources` / `data.stages` (cl_jax.lm.data.run_sources, cl_jax.data.mixture.check_stages): returns the
+  run's sources; ConfigError naming the key on a bad entry, an unknown source or weight in a stage, a corpus named
+  both ways, or a stage that could not apply."""
+  from cl_jax.errors import ConfigError
+  from cl_jax.lm.data import run_sources
+  sources = run_sources(c)
+  if c.data.sources:
+    ref = default_config().text
+    both = [k for k in ("general", "domain") if c.text[k] != ref[k]]
+    if both:
+      raise ConfigError(f"text.{both[0]}={c.text[both[0]]!r} and data.sources both name corpora; with data.sources "
+                        "set, name every source there (text.general / text.domain are its two-source shorthand)")
+    if int(c.vocab.extend) > 0:
+      raise ConfigError(f"vocab.extend={c.vocab.extend}: the extension learns its tokens on text.domain; with "
+                        "data.sources set, leave vocab.extend=0")
+  if c.data.stages:
+    mx.check_stages(c.data.stages, [s.name for s in sources], int(c.adapt.steps))
+  return sources
 
 
 def check_regression_keys(c) -> None:
@@ -240,5 +272,5 @@ def check_scale_keys(c) -> None:
   check_param_dtype(c.lm.param_dtype, "lm.param_dtype")
 
 
-__all__ = ["default_config", "check_config", "check_scale_keys", "check_regression_keys", "GENERAL", "DOMAIN",
-           "LM_PROVIDES", "lm_strategies", "FISHER_KINDS"]
+__all__ = ["default_config", "check_config", "check_scale_keys", "check_regression_keys", "check_data_keys", "GENERAL",
+           "DOMAIN", "LM_PROVIDES", "lm_strategies", "FISHER_KINDS"]

@@ -153,7 +153,7 @@ def stage_for_run(c, data, model, base_params, workdir: str, imported=None):
   long = load_data(stage, tokenizer=data.tokenizer)
   evals = {split: {**data.eval[split], **{LONG_ROLES[r]: long.eval[split][r] for r in LONG_ROLES}}
            for split in data.eval}
-  data = CPTData(data.tokenizer, long.train, long.doc_index, evals, data.cloze, long.num_docs)
+  data = CPTData(data.tokenizer, long.train, long.doc_index, evals, data.cloze, long.num_docs, long.roles, data.parts)
   model = model_with_config(cfg)
   if imported is not None:
     from cl_jax.models import hf_checkpoint

@@ -11,7 +11,8 @@ train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the 
                  task 1 'general'  0 steps: its end is the base. `after_task` hands the strategies the general
                                    training sequences (EWC's Fisher and anchor, distillation's teacher, generative
                                    replay's pool), and its boundary evaluation is the monitor's baseline;
-                 task 2 'domain'   `adapt.steps` steps on the mixture `adapt.mixture` (`cl_jax.data.mixture`), peak
+                 task 2 'domain'   `adapt.steps` steps on the mixture over the run's sources (`data.stages`, or
+                                   the preset `adapt.mixture` over the roles: `adaptation_stages`), peak
                                    LR `adapt.lr_ratio * optim.lr` (continual pre-training re-warms to a fraction of
                                    the pre-training LR: Gupta et al. 2023; Ibrahim et al. 2024), the `optim.schedule`.
                Every `regression.eval_every` steps the evaluator measures general / domain perplexity, next-token
@@ -43,7 +44,9 @@ import numpy as np
 from cl_jax import sharding
 from cl_jax.data import mixture as mx
 from cl_jax.lm.config import DOMAIN, GENERAL
-from cl_jax.lm.data import CACHED_CONSOLIDATION_SEQUENCES, CPTData, eval_sizes, load_data, sampler_batch, subset
+from cl_jax.lm.data import (ROLES, CPTData, eval_sizes, general_sample, load_data, roles_of, run_sources,
+                            sampler_batch, source_metric, source_metrics, source_order,
+                            with_source_metrics)
 
 TASKS = (GENERAL, DOMAIN)
 
@@ -67,10 +70,11 @@ def no_logit_mask(task, task_index):
 
 
 class MixtureSource:
-  """The task loop's batch source: this process's rows of the mixture's batch at each step (resumable by step)."""
+  """The task loop's batch source: this process's rows of the mixture's batch at each step (resumable by step).
+  `data_by_source`: {source: rows} for each of the sampler's domains (the run's sources)."""
 
-  def __init__(self, sampler, data_by_role: dict, task: int, state: dict | None = None):
-    self.sampler, self.data, self.task = sampler, data_by_role, task
+  def __init__(self, sampler, data_by_source: dict, task: int, state: dict | None = None):
+    self.sampler, self.data, self.task = sampler, data_by_source, task
     self.step = 0 if state is None else int(state["step"])
 
   def __iter__(self):
@@ -85,18 +89,31 @@ class MixtureSource:
     return {"step": self.step}
 
 
-def adaptation_stages(c) -> list:
-  """The adaptation mixture's stages; the two-phase switch sits exactly at the WSD decay start."""
+def adaptation_stages(c, sizes: dict | None = None) -> list:
+  """The adaptation mixture's stages `[(start_step, {source: weight})]` over the run's sources: `data.stages` as
+  given, else the preset `adapt.mixture` over the two roles (the two-phase switch exactly at the WSD decay start),
+  each role's weight spread over its sources in proportion to `sizes` (their train sequences; needed only when a
+  role has several sources). With one source per role (`text.general` / `text.domain`) the preset's stages are
+  the sources' own, unchanged."""
+  sources = run_sources(c)
+  if c.data.stages:
+    return mx.check_stages(c.data.stages, [s.name for s in sources], int(c.adapt.steps))
   steps = c.adapt.steps
   decay_start = steps - int(round(c.optim.decay_fraction * steps))
-  return mx.from_spec(c.adapt.mixture, steps, domain=DOMAIN, general=GENERAL, stable_fraction=decay_start / steps)
+  stages = mx.from_spec(c.adapt.mixture, steps, domain=DOMAIN, general=GENERAL, stable_fraction=decay_start / steps)
+  return mx.expand_roles(stages, {r: [s.name for s in sources if s.role == r] for r in ROLES}, sizes)
 
 
-def difficulty_order_for(apply, params, data: CPTData, batch_size: int, mesh) -> np.ndarray:
-  """Domain train sequences ordered by their document's base-model perplexity (moderate first)."""
+def mixture_label(c) -> str:
+  """The adaptation mixture as the record and summary name it: the preset, or 'stages' for `data.stages`."""
+  return ("stages" if c.data.stages else c.adapt.mixture) + ("+difficulty" if c.adapt.difficulty else "")
+
+
+def difficulty_order_for(apply, params, data: CPTData, batch_size: int, mesh, source: str = DOMAIN) -> np.ndarray:
+  """A domain source's train sequences ordered by their document's base-model perplexity (moderate first)."""
   from cl_jax.eval.evaluator import pad_rows, padded_size
   from cl_jax.losses import token_cross_entropy
-  tokens, doc = data.train[DOMAIN], data.doc_index[DOMAIN]
+  tokens, doc = data.train[source], data.doc_index[source]
 
   def seq_nll(p, t):
     return jnp.mean(token_cross_entropy(apply(p, t[:, :-1]), t[:, 1:]), -1)
@@ -152,6 +169,14 @@ def _common_plan_fields(c, mesh) -> dict:
               log_every=c.train.log_every_steps, divergence_factor=float(c.train.divergence_factor))
 
 
+def pretrain_mixture(c, data: CPTData) -> tuple:
+  """(sampler, {source: rows}) of pre-training: the general sources, each drawn in proportion to its size (as one
+  corpus of them all would be); with one general source, that source alone."""
+  general = {n: data.train[n] for n in roles_of(data)[GENERAL]}
+  sizes = {n: len(rows) for n, rows in general.items()}
+  return mx.MixtureSampler(mx.constant(sizes), sizes, c.pretrain.batch_size, seed=c.seed + 1000), general
+
+
 def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Phase:
   """Task 'general' of the base: next-token loss on general text, cosine schedule with peak `optim.lr`."""
   from cl_jax.losses import next_token_loss
@@ -170,10 +195,9 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
                                                   (int(c.lm.seq_len) - 1,), "int32"))
   state, state_sh = build_state(params, optimizer, strategy_state, jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
                                 mesh)
-  sampler = mx.MixtureSampler(mx.constant({GENERAL: 1.0}), {GENERAL: len(data.train[GENERAL])},
-                              c.pretrain.batch_size, seed=c.seed + 1000)
+  sampler, general = pretrain_mixture(c, data)
   plan = Plan(state=state, state_sharding=state_sh, steps=[steps],
-              batches=lambda t, it: MixtureSource(sampler, {GENERAL: data.train[GENERAL]}, 0, it),
+              batches=lambda t, it: MixtureSource(sampler, general, 0, it),
               train_step=_compiled_step(strategy.loss(next_token_loss(learner)), optimizer, schedule, state_sh, mesh,
                                         c, model_cfg or model_config(c, data.tokenizer.vocab_size),
                                         c.pretrain.batch_size, strategy),
@@ -264,12 +288,12 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
 
   orders = None
   if c.adapt.difficulty:
-    orders = {DOMAIN: difficulty_order_for(model.apply, base_params, data, eval_rows(c, model.apply, base_params),
-                                           mesh)}
-  sampler = mx.MixtureSampler(adaptation_stages(c), {r: len(data.train[r]) for r in TASKS}, c.adapt.batch_size,
-                              seed=c.seed, orders=orders)
+    orders = {n: difficulty_order_for(model.apply, base_params, data, eval_rows(c, model.apply, base_params),
+                                      mesh, n) for n in roles_of(data)[DOMAIN]}
+  sizes = {n: len(data.train[n]) for n in source_order(data)}
+  sampler = mx.MixtureSampler(adaptation_stages(c, sizes), sizes, c.adapt.batch_size, seed=c.seed, orders=orders)
   rows = eval_rows(c, learner.apply, params)
-  evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh)
+  evaluator = with_source_metrics(make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh), data)
   hook = _MonitorHook(c)
 
   def batches(t, iterator_state):
@@ -278,9 +302,7 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   def after_task(state, t):
     if t != 0:  # the adapted model's own consolidation would only serve a further task
       return state
-    general = data.train[GENERAL]
-    if not isinstance(general, np.ndarray):  # a prepared cache: the consolidation sample, not the whole corpus
-      general = general[subset(len(general), CACHED_CONSOLIDATION_SEQUENCES, 23)]
+    general = general_sample(data)  # a prepared cache: the consolidation sample, not the whole corpus
     task_data = TaskData(general[:, :-1], general[:, 1:], np.zeros(len(general), np.int32), 0)
     new = strategy.after_task(state.strategy_state, state.params, task_data, jax.random.fold_in(key, 1000))
     return state._replace(strategy_state=sharding.put_global(new, state_sh.strategy_state))
@@ -493,10 +515,10 @@ def execute(built: Built, ctx):
                                               confidence=monitor.confidence, interval=monitor.interval,
                                               samples=monitor.samples, seed=[c.seed, 1 << 30],
                                               threshold=monitor.threshold)
-                           for m in monitor.general}
+                           for m in monitor.general + source_metrics(data)}
                     for name in ("best", "final")}
   record = {
-      "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
+      "mixture": mixture_label(c),
       "stages": [[s, dict(zip(phase.sampler.domains, w))] for s, w in phase.sampler.stages],
       "schedule": c.optim.schedule, "method": adapter or "full", "strategy": c.strategy,
       "seed": c.seed, "adapt_lr": float(c.optim.lr * c.adapt.lr_ratio), "pretrain_lr": c.optim.lr,
@@ -602,7 +624,29 @@ def power_lines(record: dict) -> list[str]:
                   "threshold with 80% power at this set size (`detectable`; cl_jax.lm.monitor).", "",
               "| general metric | validation estimate [interval] | validation detectable | test estimate [interval] "
               "| test detectable |", "|---|---|---|---|---|", *rows]
-  return lines + [""]
+  return lines + source_lines(record) + [""]
+
+
+def source_lines(record: dict) -> list[str]:
+  """summary.md's per-source account when a role has several sources: each source's share of its role's
+  evaluation sets and, on the test split, its own perplexity change (final vs base) with the regression that set
+  size resolves; recorded, not guarded (the monitor decides on the role's whole set)."""
+  sizes = record.get("eval_sets") or {}
+  if "sources" not in sizes.get("test", {}):
+    return []
+  test = record.get("test_intervals", {}).get("final", {})
+  lines = ["", "Per source (the role's evaluation set is its sources' sets concatenated; each source is capped by "
+               "its `eval_sequences`, by default `data.eval_tokens` tokens):", "",
+           "| source | role | validation sequences | validation tokens | test sequences | test tokens | "
+           "test perplexity change (%) [interval] | test detectable (%) |", "|---|---|---|---|---|---|---|---|"]
+  for name, t in sizes["test"]["sources"].items():
+    v = sizes["validation"]["sources"].get(name, {"sequences": 0, "tokens": 0})
+    iv = test.get(source_metric(name))
+    cells = ("- | -" if not iv or iv.get("se") is None else
+             f"{100 * iv['estimate']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}] | {100 * iv['detectable']:.2f}")
+    lines.append(f"| {name} | {t['role']} | {v['sequences']:,} | {v['tokens']:,} | {t['sequences']:,} | "
+                 f"{t['tokens']:,} | {cells} |")
+  return lines
 
 
 def write_summary(workdir: str, record: dict) -> str:
@@ -627,5 +671,5 @@ def write_summary(workdir: str, record: dict) -> str:
   return path
 
 
-__all__ = ["model_config", "adaptation_stages", "power_lines", "difficulty_order_for", "pretrain_phase",
+__all__ = ["model_config", "adaptation_stages", "mixture_label", "power_lines", "source_lines", "difficulty_order_for", "pretrain_mixture", "pretrain_phase",
            "adapt_phase", "MixtureSource", "table_row", "write_summary", "build", "execute", "report", "Built"]
