@@ -106,6 +106,8 @@ def test_committed_files_are_the_generators_output():
 def test_sets_are_well_formed():
   know, comp = _rows("knowledge_test.jsonl"), _rows("completion_test.jsonl")
   assert len(know) == 2000 and len(comp) >= 1700
+  for name, n in (("knowledge", len(know)), ("completion", len(comp)), ("arithmetic", 2000)):
+    assert re.search(rf"`cl_jax_{name}` +\| [^|]+\| {n:,} ", B.__doc__), name  # the docstring's item counts
   for r in know[:300]:
     gold = r["choices"][r["answer"]]
     assert len(set(r["choices"])) == 4 and r["question"].count("____") == 1
@@ -221,6 +223,15 @@ def test_score_equals_lm_eval_on_the_yaml_tasks(monkeypatch):
       lm_name = metric.split("_flexible")[0]
       np.testing.assert_array_equal(per[metric], [float(s[lm_name]) for s in rows], err_msg=f"{name} {metric}")
     assert 0 < sum(per[B.SPECS[name].primary]) < limit  # the comparison is not between two all-0 / all-1 arrays
+  # Another number of worked examples (lm-eval's --num_fewshot): MMLU's description + dev examples, GSM8K's prefix.
+  for name in ("knowledge", "arithmetic"):
+    ref, mine = FakeEngine(answers), FakeEngine(answers)
+    out = simple_evaluate(model=FakeLM(ref), tasks=[B.TASK_NAMES[name]], task_manager=manager, limit=4,
+                          num_fewshot=2)
+    means, _ = B.score(B.load(name, limit=4, num_fewshot=2), mine)
+    assert mine.seen == ref.seen and len(B.load(name, num_fewshot=2).fewshot) == 2
+    key = "acc,none" if name == "knowledge" else "exact_match,strict-match"
+    assert means[B.SPECS[name].primary] == pytest.approx(float(out["results"][B.TASK_NAMES[name]][key]))
   assert torch_before or "torch" not in sys.modules
 
 
@@ -254,12 +265,19 @@ def test_load_refuses_bad_input(tmp_path):
     B.load("knowledge", split="validation")
   with pytest.raises(ConfigError, match=r"limit=0"):
     B.load("completion", limit=0)
+  with pytest.raises(ConfigError, match=r"num_fewshot=1, but the set has no few-shot split"):
+    B.load("completion", num_fewshot=1)
+  with pytest.raises(ConfigError, match=r"num_fewshot=6, but its dev split holds 5 rows"):
+    B.load("knowledge", num_fewshot=6)
   assert len(B.load("cl_jax_arithmetic", split="train").items) == 1000
 
 
 def test_detectable_difference_is_mcnemars_power():
   # The docstring's numbers, then a simulation: at the computed d, McNemar's test rejects in ~80% of paired runs.
-  assert [round(100 * B.detectable_difference(2000, p), 2) for p in (0.05, 0.10, 0.20)] == [1.40, 1.98, 2.80]
+  table = {n: [round(100 * B.detectable_difference(n, p), 2) for p in (0.05, 0.10, 0.20)] for n in (2000, 1725, 500)}
+  assert table == {2000: [1.40, 1.98, 2.80], 1725: [1.51, 2.13, 3.01], 500: [2.79, 3.95, 5.59]}
+  for n, row in table.items():  # the module docstring's table holds these numbers
+    assert re.search(rf"\| {n:,}.*\| " + r" +\| ".join(f"{v:.2f}" for v in row), B.__doc__), n
   n, p_d = 2000, 0.10
   d = B.detectable_difference(n, p_d)
   rng = np.random.default_rng(0)

@@ -1,48 +1,62 @@
-"""Offline benchmark sets in the three formats practice reports forgetting with, generated from local material.
+"""Offline benchmark sets in the formats practice reports forgetting with, generated from local material.
 
 Continual pre-training is judged by general-benchmark deltas -- MMLU (Hendrycks et al. 2021), HellaSwag (Zellers
-et al. 2019), GSM8K (Cobbe et al. 2021) -- and a machine without network has none of them. These three sets are
-built here, deterministically, from what ships with CPython (the `general` corpus of `cl_jax.data.text`: the
+et al. 2019), GSM8K (Cobbe et al. 2021) -- and a machine without network has none of them. These sets are built
+here, deterministically, from what ships with CPython (the `general` corpus of `cl_jax.data.text`: the
 `pydoc_data.topics` reference pages and the docstrings of the general half of the standard library) and from
 seeded templates; no benchmark text is copied. Each is an lm-eval task (YAML + JSONL in `task_dir()`) and a
-monitor benchmark (`load` + `score`, which scores exactly as the YAML does in lm-eval 0.4.13).
+monitor benchmark (`load` + `score`, which scores exactly as lm-eval 0.4.13 scores the YAML).
 
-| name         | lm-eval task          | format (scored like)                                  | items (test) | primary    |
-| ------------ | --------------------- | ----------------------------------------------------- | ------------ | ---------- |
-| `knowledge`  | `cl_jax_knowledge`    | 4 choices, letter answer " A".." D" (MMLU, 0-shot)    | 2,000        | acc        |
-| `completion` | `cl_jax_completion`   | 4 endings, continuation = ending (HellaSwag)          | 2,000        | acc_norm   |
-| `arithmetic` | `cl_jax_arithmetic`   | 4-shot word problems, "#### N" answer (GSM8K)         | 2,000        | exact_match|
+| name              | lm-eval task             | scored like                                            | test items | primary     |
+| ----------------- | ------------------------ | ------------------------------------------------------ | ---------- | ----------- |
+| `knowledge`       | `cl_jax_knowledge`       | MMLU: 4 choices, continuations " A".." D", 0-shot      | 2,000      | acc         |
+| `knowledge_cloze` | `cl_jax_knowledge_cloze` | the same items, the answer's text as continuation      | 2,000      | acc_norm    |
+| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,725      | acc_norm    |
+| `arithmetic`      | `cl_jax_arithmetic`      | GSM8K: 4-shot, "#### N", strict-match exact_match      | 2,000      | exact_match |
 
 What a model needs to know:
   * `knowledge` -- facts stated in the general corpus's TRAIN split (the documents an LM run pre-trains on, split
-    as the LM runs split it: `text.split_documents(seed=0, validation=0.15, test=0.15)`): a sentence of a pydoc
-    page or docstring with one term blanked (a built-in type, exception, constant, dunder method, keyword, built-in
-    function or module name), the true term and three distractors of the same kind. A model that read the corpus
-    and still remembers it picks the term the document states ("Return a ____ of strings": list, not dict); a
-    model that forgets general text loses exactly these facts. The letter format is MMLU's: answering needs the
-    "Answer: X" convention too, which small models lack (MMLU is at chance below a few billion parameters);
-    `completion` is the set such models are measured with.
-  * `completion` -- held-out language: a sentence from the corpus's TEST split (never trained on) cut at a word
-    boundary near its middle, after the sentence before it; the true ending against the endings of three
-    sentences of similar length from other test documents. Grammar, topic coherence and the documentation's style
-    decide it, the skills general pre-training builds and domain training erodes.
-  * `arithmetic` -- templated multi-step word problems (seeded; names, objects, numbers), a worked solution ending
-    "#### N". A 4-shot prefix of the first train items precedes every test question (lm-eval's `first_n`
-    sampler on the `train` split). The train split (1,000 committed; `arithmetic_items(n=...)` makes more, disjoint
-    from test) may be mixed into general pre-training so that a small model learns the format; say so when a run
-    does. Test and train problems never share a question text.
+    as the LM runs split them: `text.split_documents(seed=0, validation=0.15, test=0.15)`), as MMLU asks for what
+    pre-training taught: a sentence of a pydoc page or docstring with one term blanked -- a stdlib module, built-in
+    function, keyword, exception, dunder name, constant, built-in type or documentation noun ("argument",
+    "iterator", ...), the most specific kind present -- the true term and three distractors of its kind that the
+    sentence does not contain ("Return a ____ of strings": list, not dict or tuple). A model that read the corpus
+    and still remembers it picks the documented term; forgetting general text loses exactly these facts. The
+    prompt is MMLU's ("Question\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", continuations " A".." D"), which also
+    needs the letter-answer convention that small models lack (MMLU is near chance below billions of parameters).
+  * `knowledge_cloze` -- the same items as a cloze: context = the sentence up to the blank, continuation = each
+    term followed by the rest of the sentence (lm-eval `target_delimiter: ""`; acc_norm by characters), the form a
+    small model trained on the corpus is measured with.
+  * `completion` -- held-out language: a sentence of the corpus's TEST and VALIDATION splits (an LM run trains on
+    neither) cut at a word boundary between 40% and 60% of its words, after the sentence before it; the true
+    ending against the endings of three sentences of similar length (the 40 nearest by length) from other
+    documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
+    builds and domain training erodes. Every usable held-out sentence is an item (1,725 of the 2,000 asked for).
+  * `arithmetic` -- templated multi-step word problems (8 templates; seeded names, objects and numbers 2-99), each
+    with a worked solution ending "#### N". The first 4 train items precede every test question (lm-eval's
+    `first_n` sampler on the `train` split; `load(num_fewshot=k)` / `--num_fewshot k` choose k). Prompts are
+    ~880 bytes at 4-shot: a model with a short context (the byte tokenizer at seq_len 128) is scored on a
+    left-truncated prompt. The train split (1,000 committed; `arithmetic_items("train", n)` makes more, drawn
+    disjoint from the test questions) may be mixed into general pre-training so a small model learns the format;
+    a run that does so must say it, as its arithmetic score then measures retention of a trained skill.
 
 Detectable difference. Two checkpoints are compared on the same items (the monitor's paired rule); McNemar's test
-with discordance rate p_d (the fraction of items whose correctness differs) needs (Connor 1987)
-  n = (z_{a/2} sqrt(p_d) + z_b sqrt(p_d - d^2))^2 / d^2
-items to detect a difference d in accuracy with power 1-b at two-sided level a. Solved for d at n = 2,000, a = 0.05,
-power 0.8 (`detectable_difference`): d = 1.40 points at p_d = 0.05, 1.98 at p_d = 0.10, 2.80 at p_d = 0.20. So a
-2-point change is detectable when at most 10% of items flip between the checkpoints; arithmetic (greedy
-generation) and completion flip less than that between nearby checkpoints. `limit` trades this away: at n = 500,
-p_d = 0.10 gives 3.97 points.
+at two-sided level a with power 1-b, when a fraction p_d of the items changes correctness between them, needs
+(Connor 1987)
+  n = (z_{1-a/2} sqrt(p_d) + z_{1-b} sqrt(p_d - d^2))^2 / d^2
+items to detect an accuracy difference d. Solved for d at a = 0.05, power 0.8 (`detectable_difference`):
 
-Regenerate (byte-identical for the same seed and Python version; the general corpus is the running CPython's, so
-`MANIFEST.json` records the version the committed files were built with):
+| n            | p_d = 0.05 | p_d = 0.10 | p_d = 0.20 |
+| ------------ | ---------- | ---------- | ---------- |
+| 2,000        | 1.40       | 1.98       | 2.80       |
+| 1,725        | 1.51       | 2.13       | 3.01       |
+| 500 (limit)  | 2.79       | 3.95       | 5.59       |
+
+(points). So a 2-point change is detectable on the 2,000-item sets when at most 10% of items flip between the
+checkpoints (completion: at most ~8.5%); a larger flip rate or a `limit` needs a larger change.
+
+Regenerate (byte-identical for the same seed and CPython: the general corpus is the running interpreter's, so
+`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each):
   python -m cl_jax.eval.benchmark_sets --write
 Run through lm-eval (`cl-jax lm-eval` registers the `cl_jax` model):
   cl-jax lm-eval --model cl_jax --model_args pretrained=<dir> --tasks cl_jax_knowledge --include_path <task_dir()>
@@ -454,7 +468,8 @@ def _yaml(name: str) -> str:
          f"custom_dataset: !function _local.load_json\ntest_split: test\noutput_type: {spec.kind}\n")
   if spec.fewshot_split:
     out += f"fewshot_split: {spec.fewshot_split}\nfewshot_config:\n  sampler: first_n\n"
-  out += f"num_fewshot: {spec.num_fewshot}\n"
+  if spec.num_fewshot:  # a 0 written here would make lm-eval ignore --num_fewshot (MMLU's YAML leaves it out too)
+    out += f"num_fewshot: {spec.num_fewshot}\n"
   if name == "knowledge":  # MMLU's (lm-eval tasks/mmlu/default)
     out += (f"description: {_yaml_str(KNOWLEDGE_DESCRIPTION)}\n"
             "doc_to_text: \"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n"
@@ -594,12 +609,17 @@ def _read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def load(name_or_path: str, split: str = "test", limit: int | None = None) -> Benchmark:
+def load(name_or_path: str, split: str = "test", limit: int | None = None,
+         num_fewshot: int | None = None) -> Benchmark:
   """A built-in set (a name of `BUILTIN`, or its lm-eval task name `cl_jax_<name>`) or a user's .jsonl file in
   the same row format (the set's style read from each row's "style" key or its keys; a user's file is scored
-  0-shot). `limit` keeps the first items (lm-eval's `--limit`)."""
+  0-shot). `limit` keeps the first items (lm-eval's `--limit`); `num_fewshot` replaces the YAML's number of worked
+  examples of a built-in set (lm-eval's `--num_fewshot`: the first k rows of its few-shot split)."""
   if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
     raise ConfigError(f"benchmark {name_or_path!r}: limit={limit!r}, expected a positive int or None")
+  if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                  or num_fewshot < 0):
+    raise ConfigError(f"benchmark {name_or_path!r}: num_fewshot={num_fewshot!r}, expected an int >= 0 or None")
   name = next((b for b in BUILTIN if name_or_path in (b, TASK_NAMES[b])), None)
   fewshot = ()
   if name is not None:
@@ -607,12 +627,20 @@ def load(name_or_path: str, split: str = "test", limit: int | None = None) -> Be
     if split not in SIZES[spec.data]:
       raise ConfigError(f"benchmark {name!r}: split={split!r}, expected one of {sorted(SIZES[spec.data])}")
     rows = _read_jsonl(os.path.join(task_dir(), f"{spec.data}_{split}.jsonl"))
-    if spec.num_fewshot:
+    k = spec.num_fewshot if num_fewshot is None else num_fewshot
+    if k:
+      if spec.fewshot_split is None:
+        raise ConfigError(f"benchmark {name!r}: num_fewshot={k}, but the set has no few-shot split (0 only)")
       fewshot_rows = _read_jsonl(os.path.join(task_dir(), f"{spec.data}_{spec.fewshot_split}.jsonl"))
-      fewshot = tuple(fewshot_rows[:spec.num_fewshot])
+      if k > len(fewshot_rows):
+        raise ConfigError(f"benchmark {name!r}: num_fewshot={k}, but its {spec.fewshot_split} split holds "
+                          f"{len(fewshot_rows)} rows")
+      fewshot = tuple(fewshot_rows[:k])
     style = name
   else:
     path = name_or_path
+    if num_fewshot:
+      raise ConfigError(f"benchmark {path!r}: num_fewshot={num_fewshot}: a user's file is scored 0-shot")
     if not str(path).endswith(".jsonl") or not os.path.isfile(path):
       raise ConfigError(f"benchmark {path!r}: expected one of {list(BUILTIN)} or an existing .jsonl file")
     rows = _read_jsonl(path)
