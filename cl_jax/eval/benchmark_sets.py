@@ -70,6 +70,7 @@ import json
 import keyword
 import math
 import os
+import platform
 import re
 import statistics
 import sys
@@ -534,7 +535,7 @@ def generate(seed: int = SEED) -> dict[str, str]:
     files[f"{TASK_NAMES[name]}.yaml"] = _yaml(name)
   files["_local.py"] = _LOCAL_PY
   manifest = {"generator": "python -m cl_jax.eval.benchmark_sets --write", "seed": seed,
-              "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+              "python": platform.python_version(),  # pydoc_data and docstrings change between releases
               "corpus_split": {"seed": SPLIT_SEED, "validation": SPLIT_VALIDATION, "test": SPLIT_TEST},
               "items": {f: t.count("\n") for f, t in sorted(files.items()) if f.endswith(".jsonl")},
               "sha256": {f: hashlib.sha256(t.encode("utf-8")).hexdigest() for f, t in sorted(files.items())}}
