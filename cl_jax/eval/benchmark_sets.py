@@ -40,6 +40,10 @@ What a model needs to know:
     disjoint from the test questions) may be mixed into general pre-training so a small model learns the format;
     a run that does so must say it, as its arithmetic score then measures retention of a trained skill.
 
+How much of each set general text answers, and how far a model without it falls (character 6-gram models counted
+on the general train split vs on code only, scored by `score`): results/benchmark_sets_baseline.md
+(`python scripts/benchmark_sets_baseline.py`).
+
 Detectable difference. Two checkpoints are compared on the same items (the monitor's paired rule); McNemar's test
 at two-sided level a with power 1-b, when a fraction p_d of the items changes correctness between them, needs
 (Connor 1987)
