@@ -11,7 +11,7 @@ monitor benchmark (`load` + `score`, which scores exactly as lm-eval 0.4.13 scor
 | ----------------- | ------------------------ | ------------------------------------------------------ | ---------- | ----------- |
 | `knowledge`       | `cl_jax_knowledge`       | MMLU: 4 choices, continuations " A".." D", 0-shot      | 2,000      | acc         |
 | `knowledge_cloze` | `cl_jax_knowledge_cloze` | the same items, the answer's text as continuation      | 2,000      | acc_norm    |
-| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,725      | acc_norm    |
+| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,714      | acc_norm    |
 | `arithmetic`      | `cl_jax_arithmetic`      | GSM8K: 4-shot, "#### N", strict-match exact_match      | 2,000      | exact_match |
 
 What a model needs to know:
@@ -26,12 +26,14 @@ What a model needs to know:
     needs the letter-answer convention that small models lack (MMLU is near chance below billions of parameters).
   * `knowledge_cloze` -- the same items as a cloze: context = the sentence up to the blank, continuation = each
     term followed by the rest of the sentence (lm-eval `target_delimiter: ""`; acc_norm by characters), the form a
-    small model trained on the corpus is measured with.
+    small model trained on the corpus is measured with. Every scored continuation (here and in `completion`) is
+    at most 100 UTF-8 bytes, so a byte-level model at the LM runs' lm.seq_len = 128 scores every item (contexts
+    beyond a model's window are left-truncated, as lm-eval does).
   * `completion` -- held-out language: a sentence of the corpus's TEST and VALIDATION splits (an LM run trains on
-    neither) cut at a word boundary between 40% and 60% of its words, after the sentence before it; the true
-    ending against the endings of three sentences of similar length (the 40 nearest by length) from other
-    documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
-    builds and domain training erodes. Every usable held-out sentence is an item (1,725 of the 2,000 asked for).
+    neither) cut at a word boundary between 40% and 60% of its words (later where the ending would exceed 100
+    bytes), after the sentence before it; the true ending against the endings of three sentences of similar
+    length (the 40 nearest by length) from other documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
+    builds and domain training erodes. Every usable held-out sentence is an item (1,714 of the 2,000 asked for).
   * `arithmetic` -- templated multi-step word problems (8 templates; seeded names, objects and numbers 2-99), each
     with a worked solution ending "#### N". The first 4 train items precede every test question (lm-eval's
     `first_n` sampler on the `train` split; `load(num_fewshot=k)` / `--num_fewshot k` choose k). Prompts are
@@ -53,7 +55,7 @@ items to detect an accuracy difference d. Solved for d at a = 0.05, power 0.8 (`
 | n            | p_d = 0.05 | p_d = 0.10 | p_d = 0.20 |
 | ------------ | ---------- | ---------- | ---------- |
 | 2,000        | 1.40       | 1.98       | 2.80       |
-| 1,725        | 1.51       | 2.13       | 3.01       |
+| 1,714        | 1.51       | 2.14       | 3.02       |
 | 500 (limit)  | 2.79       | 3.95       | 5.59       |
 
 (points). So a 2-point change is detectable on the 2,000-item sets when at most 10% of items flip between the
@@ -93,6 +95,12 @@ SPLIT_SEED, SPLIT_VALIDATION, SPLIT_TEST = 0, 0.15, 0.15
 # Items per data file (completion holds every usable held-out sentence, fewer than asked for).
 SIZES = {"knowledge": {"dev": 5, "test": 2000}, "completion": {"test": 2000},
          "arithmetic": {"train": 1000, "test": 2000}}
+
+
+# A scored continuation (the delimiter, an ending or a cloze term with the rest of its sentence) is at most this many
+# UTF-8 bytes, so a byte-level model with lm.seq_len = 128 (the LM runs' default) can score every item; contexts
+# longer than a model's window are left-truncated, as lm-eval truncates them.
+MAX_CONTINUATION_BYTES = 100
 
 
 class _Spec(NamedTuple):
@@ -306,6 +314,8 @@ def knowledge_candidates(docs, *, seed: int = SEED) -> list[tuple[str, dict]]:
     # The cloze form: the sentence up to the blank is the context, each term with the rest of the sentence a
     # continuation (the space before the blank, where there is one, begins it: the text reads as written).
     space = " " if pre.endswith(" ") else ""
+    if max(len((space + c + post).encode("utf-8")) for c in choices) > MAX_CONTINUATION_BYTES:
+      continue
     out.append((key, {"question": f"Which term completes this statement about Python? {pre}____{post}",
                       "choices": choices, "answer": answer, "kind": k, "source": group,
                       "cloze_context": pre[:len(pre) - len(space)],
@@ -337,6 +347,10 @@ def completion_pool(docs, *, seed: int = SEED) -> list[tuple[str, str, str, str]
     if len(words) < 8:
       continue
     cut = min(max(int(len(words) * (0.4 + 0.2 * _h(seed, "cut", key))), 3), len(words) - 3)
+    while len(" ".join(words[cut:]).encode("utf-8")) + 1 > MAX_CONTINUATION_BYTES and cut < len(words) - 3:
+      cut += 1  # a long sentence is cut later: its ending (with the delimiter's space) must fit the cap
+    if len(" ".join(words[cut:]).encode("utf-8")) + 1 > MAX_CONTINUATION_BYTES:
+      continue
     query = ((before if len(before) <= 240 else "") + " " + " ".join(words[:cut])).strip()
     pool.append((key, group, query, " ".join(words[cut:])))
   return pool
