@@ -80,6 +80,7 @@ import platform
 import re
 import statistics
 import sys
+import types
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -183,7 +184,7 @@ def _paragraph_sentences(text: str) -> list[list[str]]:
   grammar, argument tables -- and ruled tables dropped) as lists of whitespace-normalised sentences."""
   out = []
   for para in re.split(r"\n\s*\n", text):
-    # A bullet ("* ", "- ") starts a new item; a line that starts with anything else non-letter ends the prose.
+    # A bullet ("* ", "- ") starts its own item; an item with an indented or ruled line is code, grammar or a table.
     items = re.split(r"\n(?=[*-] )", para)
     for item in items:
       lines = item.splitlines()
@@ -220,10 +221,12 @@ def _vocabularies() -> dict[str, tuple[str, ...]]:
   exceptions = tuple(n for n in names if isinstance(getattr(builtins, n), type)
                      and issubclass(getattr(builtins, n), BaseException) and not n.startswith("_"))
   # Not "set", "object", "range", "type": in running text they are English words more often than Python names.
-  types = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "frozenset", "bool",
-           "memoryview")
-  functions = tuple(n for n in names if not n.startswith("_") and n.islower() and callable(getattr(builtins, n))
-                    and not isinstance(getattr(builtins, n), type))
+  type_names = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "frozenset", "bool",
+                "memoryview")
+  # Built-in functions proper: not the helpers `site` adds (help, exit, license) or a notebook's, so the set does not
+  # depend on how the interpreter was started.
+  functions = tuple(n for n in names if not n.startswith("_")
+                    and isinstance(getattr(builtins, n), types.BuiltinFunctionType))
   modules = tuple(sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m.isidentifier()))
   plural = {c: c[:-1] + "ies" if c.endswith("y") else c + "es" if c.endswith(("s", "x", "ch")) else c + "s"
             for c in _CONCEPTS}
@@ -232,7 +235,7 @@ def _vocabularies() -> dict[str, tuple[str, ...]]:
                          BaseException, property, range, slice, memoryview) for a in dir(t)}
   dunders = tuple(sorted({a for a in dunders if a.startswith("__") and a.endswith("__")} | set(_MORE_DUNDERS)))
   return {"module": modules, "function": functions, "keyword": tuple(keyword.kwlist), "exception": exceptions,
-          "dunder": dunders, "constant": ("True", "False", "None"), "type": types, "concept": _CONCEPTS,
+          "dunder": dunders, "constant": ("True", "False", "None"), "type": type_names, "concept": _CONCEPTS,
           "concepts": tuple(plural[c] for c in _CONCEPTS)}
 
 
