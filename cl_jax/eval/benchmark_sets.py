@@ -62,8 +62,9 @@ items to detect an accuracy difference d. Solved for d at a = 0.05, power 0.8 (`
 checkpoints (completion: at most ~8.5%); a larger flip rate or a `limit` needs a larger change.
 
 Regenerate (byte-identical for the same seed and CPython: the general corpus is the running interpreter's, so
-`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each):
+`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each), or compare:
   python -m cl_jax.eval.benchmark_sets --write
+  python -m cl_jax.eval.benchmark_sets --check        # exit 1 naming the files a fresh generation changes
 Run through lm-eval (`cl-jax lm-eval` registers the `cl_jax` model):
   cl-jax lm-eval --model cl_jax --model_args pretrained=<dir> --tasks cl_jax_knowledge --include_path <task_dir()>
 """
@@ -778,12 +779,29 @@ def score(bench: Benchmark, engine) -> tuple[dict, dict]:
   return {m: float(v.mean()) for m, v in per.items()}, per
 
 
+def check(directory: str | None = None, seed: int = SEED) -> list[str]:
+  """The files of `directory` (default `task_dir()`) that differ from a fresh generation (empty: all identical)."""
+  directory = directory or task_dir()
+  differ = []
+  for name, text in generate(seed).items():
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path) or open(path, encoding="utf-8", newline="").read() != text:
+      differ.append(name)
+  return differ
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m cl_jax.eval.benchmark_sets", description=__doc__.split("\n")[0])
   p.add_argument("--write", action="store_true", help="regenerate the files of task_dir() (or --dir)")
-  p.add_argument("--dir", default=None, help="write here instead of the package's task directory")
+  p.add_argument("--check", action="store_true",
+                 help="regenerate in memory and compare with task_dir() (or --dir): exit 1 naming what differs")
+  p.add_argument("--dir", default=None, help="the directory to write or check instead of the package's")
   p.add_argument("--seed", type=int, default=SEED)
   a = p.parse_args(argv)
+  if a.check:
+    differ = check(a.dir, a.seed)
+    print(f"differ from a fresh generation: {', '.join(differ)}" if differ else "identical to a fresh generation")
+    return 1 if differ else 0
   if not a.write:
     p.print_help()
     return 0
