@@ -121,6 +121,15 @@ def test_sets_are_well_formed():
     assert np.all(np.abs(counts - 0.25) < 0.03), counts
   # Completion endings come from other documents: a distractor is never the query's own ending.
   assert all(len(set(r["choices"])) == 4 for r in comp)
+  # Arithmetic solutions are right: every "a op b = c" step holds, the answer is the last step's result, and all 8
+  # templates occur.
+  arith = _rows("arithmetic_test.jsonl")
+  for r in arith:
+    steps = re.findall(r"(\d+(?: [-+*/] \d+)+) = (\d+)", r["answer"])
+    assert steps and all(eval(lhs) == int(rhs) for lhs, rhs in steps), r  # noqa: S307 (digits and operators only)
+    assert _number(r["answer"]) == int(steps[-1][1])
+  marks = ("buys", "costs", "pages a day", "shares", "A shelf holds", "lost", "walks", "twice as many")
+  assert all(sum(m in r["question"] for r in arith) > 150 for m in marks)
   # Every scored continuation fits a byte-level model at lm.seq_len = 128.
   for name in ("completion", "knowledge_cloze"):
     assert max(len(x.encode("utf-8")) for _, x in B.requests(B.load(name))) <= B.MAX_CONTINUATION_BYTES == 100
