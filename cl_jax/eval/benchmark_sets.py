@@ -23,7 +23,7 @@ What a model needs to know:
     sentence does not contain ("Return a ____ of strings": list, not dict or tuple). A model that read the corpus
     and still remembers it picks the documented term; forgetting general text loses exactly these facts. The
     prompt is MMLU's ("Question\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", continuations " A".." D"), which also
-    needs the letter-answer convention that small models lack (MMLU is near chance below billions of parameters).
+    needs the letter-answer convention, which small models lack (they score MMLU near chance).
   * `knowledge_cloze` -- the same items as a cloze: context = the sentence up to the blank, continuation = each
     term followed by the rest of the sentence (lm-eval `target_delimiter: ""`; acc_norm by characters), the form a
     small model trained on the corpus is measured with. Every scored continuation (here and in `completion`) is
@@ -32,8 +32,9 @@ What a model needs to know:
   * `completion` -- held-out language: a sentence of the corpus's TEST and VALIDATION splits (an LM run trains on
     neither) cut at a word boundary between 40% and 60% of its words (later where the ending would exceed 100
     bytes), after the sentence before it; the true ending against the endings of three sentences of similar
-    length (the 40 nearest by length) from other documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
-    builds and domain training erodes. Every usable held-out sentence is an item (1,714 of the 2,000 asked for).
+    length (the 40 nearest by length) from other documents. Grammar, topic coherence and the documentation's
+    style decide it -- what general pre-training builds and domain training erodes. Every usable held-out
+    sentence is an item (1,714 of the 2,000 asked for).
   * `arithmetic` -- templated multi-step word problems (8 templates; seeded names, objects and numbers 2-99), each
     with a worked solution ending "#### N". The first 4 train items precede every test question (lm-eval's
     `first_n` sampler on the `train` split; `load(num_fewshot=k)` / `--num_fewshot k` choose k). Prompts are
