@@ -185,8 +185,11 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
 class _MonitorHook:
   """The adaptation's per-evaluation hook state: the regression monitor and the realised-mixture log (JSON)."""
 
-  def __init__(self, c):
+  def __init__(self, c, benchmarks: dict | None = None):
     self.c = c
+    self.benchmarks = benchmarks or {}  # RegressionMonitor(benchmarks=...): the guarded benchmark metrics
+    self.bench_specs: list = []         # cl_jax.lm.benchmarks.specs, as loaded (for the report)
+    self.bench_items: dict = {}         # benchmark label -> its item count
     self.monitor = None
     self.mixture: list = []
     self.last_eval = 0
@@ -197,7 +200,8 @@ class _MonitorHook:
     r = self.c.regression
     return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, base_items=base_items,
                              confidence=r.confidence, interval=r.interval, samples=r.bootstrap_samples,
-                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop, stop_threshold=r.stop_threshold)
+                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop, stop_threshold=r.stop_threshold,
+                             benchmarks=self.benchmarks)
 
   def meta(self) -> dict:
     return {"monitor": None if self.monitor is None else self.monitor.state_dict(), "mixture": self.mixture,
@@ -270,7 +274,14 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
                               seed=c.seed, orders=orders)
   rows = eval_rows(c, learner.apply, params)
   evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh)
-  hook = _MonitorHook(c)
+  # `regression.benchmarks` (cl_jax.lm.benchmarks): scored by one engine at every evaluation, step 0 included (the
+  # baseline, before the first step); generation needs the plain model's KV cache, so an adapter's run has none.
+  from cl_jax.lm.benchmarks import Scorer, load_all, monitor_settings
+  loaded = load_all(c.regression.get("benchmarks"))
+  bench = Scorer(loaded, learner.apply, data.tokenizer, max_len=int(c.lm.seq_len), mesh=mesh,
+                 model=model if strategy.prepare is None else None, batch_size=rows)
+  hook = _MonitorHook(c, monitor_settings(loaded))
+  hook.bench_specs, hook.bench_items = [spec for spec, _ in loaded], {spec["label"]: len(b.items) for spec, b in loaded}
 
   def batches(t, iterator_state):
     return MixtureSource(sampler, data.train, t, iterator_state)
@@ -289,11 +300,16 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
     step = int(jax.device_get(state.step))
     items = {}
     metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"], per_item=items)
+    scores = bench(state.params, per_item=items) if bench else {}
+    metrics.update(scores)
     if hook.monitor is None and baseline_model is not None:
-      # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed.
+      # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed (its
+      # benchmarks are scored at the new context, as every later evaluation is).
       base_items = {}
       reference = make_lm_evaluator(baseline_model.apply, rows, mesh)(
           state.params, data.eval["validation"], data.cloze["validation"], per_item=base_items)
+      reference.update(scores)
+      base_items.update({k: items[k] for k in scores})
       hook.monitor = hook.make(reference, base_items)
     if hook.monitor is None:
       hook.monitor = hook.make(metrics, items)
@@ -510,6 +526,8 @@ def execute(built: Built, ctx):
                  "total_seconds": time.time() - t0},
       **strategy_record(c),
   }
+  if hook.bench_specs:  # absent without benchmarks: such a run's record is what it always was
+    record["benchmarks"] = benchmark_table(hook.bench_specs, hook.bench_items, monitor.history, best_step)
   if adapter:
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                         base_state.params["base"])
@@ -518,6 +536,56 @@ def execute(built: Built, ctx):
     record.update(export_hf(c, workdir, cfg, imported, best_state.params, adapter, data.tokenizer))
   record["row"] = table_row(record)
   return Results("lm", workdir, extra=record)
+
+
+def benchmark_table(specs: list, sizes: dict, history: list, best_step: int) -> list[dict]:
+  """Each benchmark's guarded metric before adaptation (step 0), after it (the last evaluation) and in the kept
+  checkpoint, with the monitor's paired interval and call at those two evaluations (from its history)."""
+  from cl_jax.lm.benchmarks import metric_name
+  by_step = {h["step"]: h for h in history}
+  first, last = history[0], history[-1]
+  kept = by_step.get(best_step, last)
+
+  def at(h, name):
+    return {"step": h["step"], "score": h["metrics"][name], "interval": h["intervals"].get(name),
+            "decision": h["decisions"].get(name, "recorded")}
+  rows = []
+  for s in specs:
+    name = metric_name(s)
+    rows.append({"benchmark": s["label"], "source": s["source"], "role": s["role"], "metric": s["metric"],
+                 "name": name, "items": sizes[s["label"]], "threshold": s["threshold"],
+                 "stop_threshold": s["stop_threshold"] or s["threshold"], "relative": s["relative"],
+                 "before": first["metrics"][name], "after": at(last, name), "kept": at(kept, name)})
+  return rows
+
+
+def benchmark_lines(record: dict) -> list[str]:
+  """summary.md's benchmark table: before / after / kept, the change and its interval in points (or %)."""
+  rows = record.get("benchmarks")
+  if not rows:
+    return []
+
+  def change(cell, relative):
+    iv, unit = cell["interval"], "%" if relative else ""
+    if iv is None:
+      return "-"
+    # The monitor's r is a regression (> 0 worse); the table shows the change (> 0 better), in points or %.
+    text = f"{-100 * iv['estimate']:+.2f}{unit}"
+    return text + (f" [{-100 * iv['hi']:+.2f}, {-100 * iv['lo']:+.2f}]" if iv.get("se") is not None else "")
+  lines = ["## Benchmarks", "",
+           "Scores (%) before adaptation (step 0), after it (the last evaluation) and in the kept checkpoint; change: "
+           "points (% where relative) with the monitor's paired interval "
+           "over the same items; a general benchmark is guarded at its threshold, a domain one recorded.", "",
+           "| benchmark | role | metric | items | threshold | before | after | change [interval] | call | kept | "
+           "change [interval] | call |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    a, k = r["after"], r["kept"]
+    thr = f"{r['threshold']:g}{'%' if r['relative'] else ' pts'}"
+    lines.append(f"| {r['benchmark']} | {r['role']} | {r['metric']} | {r['items']:,} | {thr} | "
+                 f"{100 * r['before']:.1f} | {100 * a['score']:.1f} (step {a['step']}) | "
+                 f"{change(a, r['relative'])} | {a['decision']} | {100 * k['score']:.1f} (step {k['step']}) | "
+                 f"{change(k, r['relative'])} | {k['decision']} |")
+  return lines + ["", "Every benchmark over the steps: monitor.png (right panel).", ""]
 
 
 def export_hf(c, workdir: str, cfg, imported, kept, adapter: str | None, tokenizer) -> dict:
@@ -568,7 +636,7 @@ def report(results, workdir: str, config) -> None:
   plot_monitor(record["history"], record["baseline"], config.regression.threshold,
                os.path.join(workdir, "monitor.png"), title=f"{record['mixture']} / {record['schedule']} / {config.strategy}",
                stopped_step=None if record["stopped"] is None else record["stopped"]["step"],
-               best_step=record["best_step"])
+               best_step=record["best_step"], benchmarks=record.get("benchmarks"))
   write_summary(workdir, record)
 
 
@@ -621,11 +689,12 @@ def write_summary(workdir: str, record: dict) -> str:
   lines += ["", f"Kept model: domain perplexity gain {row['domain_ppl_gain_pct']:+.2f}%, general perplexity "
                 f"regression {row['general_ppl_regression_pct']:+.2f}%.", ""]
   lines += power_lines(record)
+  lines += benchmark_lines(record)
   path = os.path.join(workdir, "summary.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
 
 
-__all__ = ["model_config", "adaptation_stages", "power_lines", "difficulty_order_for", "pretrain_phase",
+__all__ = ["model_config", "adaptation_stages", "power_lines", "benchmark_table", "benchmark_lines", "difficulty_order_for", "pretrain_phase",
            "adapt_phase", "MixtureSource", "table_row", "write_summary", "build", "execute", "report", "Built"]
