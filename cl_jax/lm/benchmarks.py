@@ -71,7 +71,7 @@ def specs(value) -> list[dict]:
   """`regression.benchmarks` as a list of complete settings, each with 'source' (the builtin name or the file's
   absolute path) and 'label' (the name in metric names); raises ValueError naming the key and what is allowed.
   Reads nothing but the file system's listing (`check` loads the sets)."""
-  if value is None:
+  if value is None or (isinstance(value, (list, tuple, str)) and not value):
     return []
   from cl_jax.eval.benchmark_sets import BUILTIN
   out, labels = [], set()
@@ -116,9 +116,12 @@ def specs(value) -> list[dict]:
 
 def load_all(value) -> list:
   """[(spec, Benchmark)] of `regression.benchmarks`, each loaded and its metric checked (ValueError naming it)."""
+  wanted = specs(value)
+  if not wanted:  # no benchmarks: nothing imported or read
+    return []
   from cl_jax.eval import benchmark_sets
   out = []
-  for s in specs(value):
+  for s in wanted:
     where = f"{KEY}[{s['name']!r}]"
     try:
       bench = benchmark_sets.load(s["source"], limit=s["limit"])
