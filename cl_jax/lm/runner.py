@@ -452,7 +452,7 @@ def build(c, data: CPTData | None = None) -> Built:
 def execute(built: Built, ctx):
   """Continual pre-training end to end in the opened workdir (see the module docstring); returns the Results."""
   from cl_jax.checkpoint import Checkpoints, abstract_like, params_only, retention
-  from cl_jax.lm.monitor import paired_interval
+  from cl_jax.lm.monitor import BENCH, paired_interval
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks, strategy_record
   from cl_jax.workdir import MetricsLog
@@ -509,7 +509,7 @@ def execute(built: Built, ctx):
                                               confidence=monitor.confidence, interval=monitor.interval,
                                               samples=monitor.samples, seed=[c.seed, 1 << 30],
                                               threshold=monitor.threshold)
-                           for m in monitor.general}
+                           for m in monitor.general if BENCH not in m}  # benchmarks: record["benchmarks"]
                     for name in ("best", "final")}
   record = {
       "mixture": c.adapt.mixture + ("+difficulty" if c.adapt.difficulty else ""),
