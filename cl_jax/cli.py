@@ -329,6 +329,8 @@ def main(argv, prog: str = "run.py") -> int:
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
   if argv and argv[0] in GENERATION_COMMANDS:
     return _generation(argv)
+  if argv and argv[0] == LM_EVAL_COMMAND:
+    return _lm_eval(argv[1:])
   previous = errors.install_signal_handlers()
   captured = errors.capture_library_output()
   try:
@@ -394,6 +396,22 @@ def _generation(argv) -> int:
   try:
     from cl_jax.lm.generation import main as generation_main
     return generation_main(argv)
+  except CLJaxError as e:
+    return _fail(e, e.exit_code)
+
+
+# `cl-jax lm-eval ...`: lm-evaluation-harness's own command line with the `cl_jax` model registered
+# (cl_jax.lm.lm_eval_model); lm-eval 0.4.13 loads no model plugins by entry point.
+LM_EVAL_COMMAND = "lm-eval"
+
+
+def _lm_eval(argv) -> int:
+  try:
+    from cl_jax.lm.lm_eval_model import main as lm_eval_main
+  except ImportError as e:
+    return _fail(ConfigError(f"cl-jax lm-eval needs the lm-eval package ({e}): pip install 'cl_jax[eval]'"), 2)
+  try:
+    return lm_eval_main(argv)
   except CLJaxError as e:
     return _fail(e, e.exit_code)
 

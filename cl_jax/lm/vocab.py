@@ -55,6 +55,7 @@ import optax
 from flax import nnx
 
 from cl_jax.models import FunctionalModel, functional
+from cl_jax.models.hf_tokenizer import BYTE_CHARS  # GPT-2's byte alphabet (re-exported)
 from cl_jax.models.transformer import TransformerConfig, TransformerLM
 
 # Vocabulary-indexed leaves and the axis that indexes the vocabulary in each.
@@ -227,21 +228,6 @@ def learn_merges(words: Sequence[Sequence[int]], counts: Sequence[int], num_merg
   return merges
 
 
-def _byte_chars() -> list[str]:
-  """The byte-level alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other bytes for the
-  code points 256, 257, ... in byte order, so every byte string is a printable string without spaces."""
-  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-  out, extra = [], 0
-  for b in range(256):
-    if b in printable:
-      out.append(chr(b))
-    else:
-      out.append(chr(256 + extra))
-      extra += 1
-  return out
-
-
-BYTE_CHARS = _byte_chars()
 _CHAR_BYTE = {ch: b for b, ch in enumerate(BYTE_CHARS)}
 # Names of the byte model's specials in the tokenizer file: spaces never occur in a byte-level token, so no
 # learned token can collide with them.

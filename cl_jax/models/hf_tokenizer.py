@@ -39,6 +39,25 @@ def _special_id(lookup, names: Sequence[str], what: str, path: str, default: int
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
+def _byte_chars() -> list[str]:
+  """The byte-level alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other bytes for the
+  code points 256, 257, ... in byte order, so every byte string is a printable string without spaces."""
+  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+  out, extra = [], 0
+  for b in range(256):
+    if b in printable:
+      out.append(chr(b))
+    else:
+      out.append(chr(256 + extra))
+      extra += 1
+  return out
+
+
+# Byte-level BPE files (GPT-2, Llama 3, Qwen) spell every byte with this alphabet: `tokenizer.json`'s vocabulary
+# strings decode to bytes through it (`cl_jax.models.decoding.token_bytes`, `cl_jax.lm.vocab`).
+BYTE_CHARS = _byte_chars()
+
+
 class HFTokenizer:
   """A Hugging Face `tokenizers` JSON file. Specials are found by their usual spellings unless given: a
   checkpoint's config.json names its eos / bos / pad ids (`cl_jax.models.hf_checkpoint` passes them).
@@ -87,16 +106,18 @@ class HFTokenizer:
     e = self._tok.encode(text, add_special_tokens=False)
     return np.asarray(e.ids, dtype=np.int32), [tuple(o) for o in e.offsets]
 
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+  def encode(self, text: str, add_special_tokens: bool = False) -> np.ndarray:
+    """The ids of `text`; `add_special_tokens=True` applies the file's post-processor (e.g. a Llama bos), as a
+    transformers tokenizer's default `encode` does (lm-eval's HF model encodes so: `cl_jax.eval.lm_engine`)."""
+    return np.asarray(self._tok.encode(text, add_special_tokens=bool(add_special_tokens)).ids, dtype=np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode` of many texts at once (the Rust tokenizer runs them in parallel)."""
     return [np.asarray(e.ids, dtype=np.int32)
             for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- chat templates
@@ -285,6 +306,6 @@ def sentencepiece_tokenizer(path: str, *, legacy: bool = False, add_prefix_space
   return tok
 
 
-__all__ = ["CHAT_TEMPLATE_FILE", "HFTokenizer", "SPECIAL_TOKENS_MAP_FILE", "TOKENIZER_CONFIG_FILE",
+__all__ = ["BYTE_CHARS", "CHAT_TEMPLATE_FILE", "HFTokenizer", "SPECIAL_TOKENS_MAP_FILE", "TOKENIZER_CONFIG_FILE",
            "SPM_FILE", "chat_template_source", "read_json_object", "read_sentencepiece", "require_package",
            "sentencepiece_tokenizer", "special_tokens"]

@@ -1,0 +1,692 @@
+"""Offline benchmark sets in the three formats practice reports forgetting with, generated from local material.
+
+Continual pre-training is judged by general-benchmark deltas -- MMLU (Hendrycks et al. 2021), HellaSwag (Zellers
+et al. 2019), GSM8K (Cobbe et al. 2021) -- and a machine without network has none of them. These three sets are
+built here, deterministically, from what ships with CPython (the `general` corpus of `cl_jax.data.text`: the
+`pydoc_data.topics` reference pages and the docstrings of the general half of the standard library) and from
+seeded templates; no benchmark text is copied. Each is an lm-eval task (YAML + JSONL in `task_dir()`) and a
+monitor benchmark (`load` + `score`, which scores exactly as the YAML does in lm-eval 0.4.13).
+
+| name         | lm-eval task          | format (scored like)                                  | items (test) | primary    |
+| ------------ | --------------------- | ----------------------------------------------------- | ------------ | ---------- |
+| `knowledge`  | `cl_jax_knowledge`    | 4 choices, letter answer " A".." D" (MMLU, 0-shot)    | 2,000        | acc        |
+| `completion` | `cl_jax_completion`   | 4 endings, continuation = ending (HellaSwag)          | 2,000        | acc_norm   |
+| `arithmetic` | `cl_jax_arithmetic`   | 4-shot word problems, "#### N" answer (GSM8K)         | 2,000        | exact_match|
+
+What a model needs to know:
+  * `knowledge` -- facts stated in the general corpus's TRAIN split (the documents an LM run pre-trains on, split
+    as the LM runs split it: `text.split_documents(seed=0, validation=0.15, test=0.15)`): a sentence of a pydoc
+    page or docstring with one term blanked (a built-in type, exception, constant, dunder method, keyword, built-in
+    function or module name), the true term and three distractors of the same kind. A model that read the corpus
+    and still remembers it picks the term the document states ("Return a ____ of strings": list, not dict); a
+    model that forgets general text loses exactly these facts. The letter format is MMLU's: answering needs the
+    "Answer: X" convention too, which small models lack (MMLU is at chance below a few billion parameters);
+    `completion` is the set such models are measured with.
+  * `completion` -- held-out language: a sentence from the corpus's TEST split (never trained on) cut at a word
+    boundary near its middle, after the sentence before it; the true ending against the endings of three
+    sentences of similar length from other test documents. Grammar, topic coherence and the documentation's style
+    decide it, the skills general pre-training builds and domain training erodes.
+  * `arithmetic` -- templated multi-step word problems (seeded; names, objects, numbers), a worked solution ending
+    "#### N". A 4-shot prefix of the first train items precedes every test question (lm-eval's `first_n`
+    sampler on the `train` split). The train split (1,000 committed; `arithmetic_items(n=...)` makes more, disjoint
+    from test) may be mixed into general pre-training so that a small model learns the format; say so when a run
+    does. Test and train problems never share a question text.
+
+Detectable difference. Two checkpoints are compared on the same items (the monitor's paired rule); McNemar's test
+with discordance rate p_d (the fraction of items whose correctness differs) needs (Connor 1987)
+  n = (z_{a/2} sqrt(p_d) + z_b sqrt(p_d - d^2))^2 / d^2
+items to detect a difference d in accuracy with power 1-b at two-sided level a. Solved for d at n = 2,000, a = 0.05,
+power 0.8 (`detectable_difference`): d = 1.40 points at p_d = 0.05, 1.98 at p_d = 0.10, 2.80 at p_d = 0.20. So a
+2-point change is detectable when at most 10% of items flip between the checkpoints; arithmetic (greedy
+generation) and completion flip less than that between nearby checkpoints. `limit` trades this away: at n = 500,
+p_d = 0.10 gives 3.97 points.
+
+Regenerate (byte-identical for the same seed and Python version; the general corpus is the running CPython's, so
+`MANIFEST.json` records the version the committed files were built with):
+  python -m cl_jax.eval.benchmark_sets --write
+Run through lm-eval (`cl-jax lm-eval` registers the `cl_jax` model):
+  cl-jax lm-eval --model cl_jax --model_args pretrained=<dir> --tasks cl_jax_knowledge --include_path <task_dir()>
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import hashlib
+import json
+import keyword
+import math
+import os
+import re
+import sys
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from cl_jax.errors import ConfigError
+
+BUILTIN = ("knowledge", "completion", "arithmetic")
+TASK_NAMES = {name: f"cl_jax_{name}" for name in BUILTIN}
+SEED = 0
+# The general corpus is split as the LM runs split it (cl_jax/lm/config.py: text.split_seed, validation, test);
+# tests/test_benchmark_sets.py checks these equal the LM config's defaults.
+SPLIT_SEED, SPLIT_VALIDATION, SPLIT_TEST = 0, 0.15, 0.15
+SIZES = {"knowledge": {"dev": 5, "test": 2000}, "completion": {"test": 2000},
+         "arithmetic": {"train": 1000, "test": 2000}}
+MAX_PER_GROUP = 1000  # knowledge items per document group (a module's docstrings, a pydoc page)
+NUM_FEWSHOT = {"knowledge": 0, "completion": 0, "arithmetic": 4}
+
+# The prompt conventions of the three lm-eval tasks (MMLU's, HellaSwag's, GSM8K's). The YAML files are written from
+# these same constants, so `score` and lm-eval cannot drift apart.
+KNOWLEDGE_DESCRIPTION = "The following are multiple choice questions (with answers) about the Python language.\n\n"
+LETTERS = ("A", "B", "C", "D")
+GEN_KWARGS = {"until": ["Question:", "</s>", "<|im_end|>", "\n\n"], "do_sample": False, "temperature": 0.0}
+STRICT_REGEX = r"#### (\-?[0-9\.\,]+)"
+FLEXIBLE_REGEX = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+IGNORE_REGEXES = (",", "\\$", "(?s).*#### ", "\\.$")  # GSM8K's exact_match: ignore_case, these removed
+FALLBACK = "[invalid]"  # lm-eval's regex filter's answer when nothing matches
+
+
+class Benchmark(NamedTuple):
+  name: str
+  kind: str            # 'multiple_choice' | 'generate_until'
+  items: list          # dicts (the JSONL rows)
+  metrics: tuple       # e.g. ('acc', 'acc_norm') or ('exact_match', 'exact_match_flexible')
+  primary: str         # the metric the monitor guards by default
+  style: str = ""      # 'knowledge' | 'completion' | 'arithmetic': how a row becomes a prompt
+  fewshot: tuple = ()  # rows prepended as worked examples (lm-eval's first_n sampler)
+
+
+def _h(*parts) -> float:
+  """A uniform number in [0, 1) from the parts: order and choices without RNG state (stable across versions)."""
+  digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") / 2.0**64
+
+
+def _order(keys, *salt):
+  return sorted(keys, key=lambda k: _h(*salt, k))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _z(p: float) -> float:
+  from scipy.stats import norm
+  return float(norm.ppf(p))
+
+
+def detectable_difference(n: int, discordance: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+  """The smallest paired accuracy difference d that McNemar's test detects with `power` at two-sided `alpha` on n
+  items when a fraction `discordance` of them flips: the root of
+  n d^2 = (z_{1-a/2} sqrt(p_d) + z_power sqrt(p_d - d^2))^2 (Connor 1987), by bisection on d in (0, sqrt(p_d))."""
+  za, zb = _z(1 - alpha / 2), _z(power)
+  lo, hi = 0.0, math.sqrt(discordance)
+  for _ in range(100):
+    d = (lo + hi) / 2
+    need = (za * math.sqrt(discordance) + zb * math.sqrt(max(discordance - d * d, 0.0))) ** 2 / (d * d)
+    lo, hi = (d, hi) if need > n else (lo, d)
+  return hi
+
+
+# ----------------------------------------------------------------------------- sentences of the general corpus
+
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\"'’”][.!?:])\s+(?=[A-Z\"“])")
+
+
+def _paragraph_sentences(text: str) -> list[list[str]]:
+  """Prose paragraphs (blank-line separated; a bullet item is its own paragraph; indented blocks -- examples,
+  grammar, argument tables -- and ruled tables dropped) as lists of whitespace-normalised sentences."""
+  out = []
+  for para in re.split(r"\n\s*\n", text):
+    # A bullet ("* ", "- ") starts a new item; a line that starts with anything else non-letter ends the prose.
+    items = re.split(r"\n(?=[*-] )", para)
+    for item in items:
+      lines = item.splitlines()
+      if not lines or any(ln.startswith((" ", "\t", ">>>", "=", "+", "|")) for ln in lines):
+        continue
+      flat = " ".join(item.split())
+      flat = flat[2:] if flat.startswith(("* ", "- ")) else flat
+      if "::=" in flat or ">>>" in flat:
+        continue
+      out.append([s for s in _SENTENCE_END.split(flat) if s])
+  return out
+
+
+_PROSE_CHARS = set(" ,.;:'\"()-?!’‘“”")
+
+
+def _prose(sentence: str, lo: int, hi: int) -> bool:
+  """A sentence of running text: length in [lo, hi], at least 85% letters, spaces and punctuation, and it ends."""
+  plain = sum(c.isalpha() or c in _PROSE_CHARS for c in sentence)
+  return lo <= len(sentence) <= hi and plain >= 0.85 * len(sentence) and sentence[-1] in ".!?:)\""
+
+
+def _general_splits():
+  from cl_jax.data import text as textdata
+  docs = textdata.deduplicate(textdata.general_documents())
+  return textdata.split_documents(docs, seed=SPLIT_SEED, validation=SPLIT_VALIDATION, test=SPLIT_TEST)
+
+
+# ----------------------------------------------------------------------------- knowledge (MMLU-like)
+
+def _vocabularies() -> dict[str, tuple[str, ...]]:
+  """The closed term kinds a knowledge item blanks; distractors are drawn from the blanked term's own kind."""
+  names = dir(builtins)
+  exceptions = tuple(n for n in names if isinstance(getattr(builtins, n), type)
+                     and issubclass(getattr(builtins, n), BaseException) and not n.startswith("_"))
+  # Not "set", "object", "range", "type": in running text they are English words more often than Python names.
+  types = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "frozenset", "bool",
+           "memoryview")
+  functions = tuple(n for n in names if not n.startswith("_") and n.islower() and callable(getattr(builtins, n))
+                    and not isinstance(getattr(builtins, n), type))
+  modules = tuple(sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m.isidentifier()))
+  plural = {c: c[:-1] + "ies" if c.endswith("y") else c + "es" if c.endswith(("s", "x", "ch")) else c + "s"
+            for c in _CONCEPTS}
+  return {"module": modules, "function": functions, "keyword": tuple(keyword.kwlist), "exception": exceptions,
+          "constant": ("True", "False", "None"), "type": types, "concept": _CONCEPTS,
+          "concepts": tuple(plural[c] for c in _CONCEPTS)}
+
+
+# Nouns of the language's documentation (the "concept" kind; its plurals are the "concepts" kind): a sentence that
+# states what something is, takes or returns is answered by the noun the documentation uses.
+_CONCEPTS = ("argument", "attribute", "buffer", "bytecode", "callback", "character", "class", "coroutine",
+             "decorator", "descriptor", "dictionary", "directory", "encoding", "exception", "expression", "file",
+             "function", "generator", "handler", "header", "identifier", "index", "instance", "integer",
+             "interpreter", "iterator", "keyword", "line", "list", "loop", "mapping", "message", "method", "module",
+             "name", "namespace", "number", "object", "operator", "package", "parameter", "path", "pattern",
+             "process", "protocol", "queue", "request", "scope", "sequence", "server", "signal", "socket",
+             "statement", "stream", "string", "subclass", "thread", "timeout", "token", "tuple", "value",
+             "variable", "warning", "widget")
+
+
+def _term_pattern(kind: str, term: str) -> str:
+  """Where a term counts as that kind of term (plain English words like "list", "in" or "time" only in the places
+  where the documentation uses them as Python names)."""
+  t = re.escape(term)
+  if kind == "keyword":
+    return rf'(?<=")({t})(?=")'                       # pydoc quotes keywords: "for", "while"
+  if kind == "function":
+    return rf"(?<![\w.])({t})(?=\(\))"                # len(), isinstance()
+  if kind == "module":
+    return rf"(?<=the )({t})(?= module)"              # the os module
+  return rf"(?<![\w.])({t})(?![\w])"                  # types, exceptions, constants as words
+
+
+def knowledge_items(docs, n: int, *, seed: int = SEED, dunders: Sequence[str] = ()) -> list[dict]:
+  """n MMLU-style items from the documents: a sentence with one term blanked, the term and three distractors."""
+  vocab = _vocabularies()
+  if dunders:
+    vocab = {**{k: v for k, v in vocab.items() if k in ("module", "function", "keyword", "exception")},
+             "dunder": tuple(dunders), **{k: v for k, v in vocab.items() if k not in ("module", "function",
+                                                                                        "keyword", "exception")}}
+  patterns = {(k, t): re.compile(_term_pattern(k, t) if k != "dunder" else rf"(?<![\w.])({re.escape(t)})(?!\w)")
+              for k, ts in vocab.items() for t in ts}
+  kinds = list(vocab)
+  candidates = []  # (key, group, sentence, kind, term)
+  for d in docs:
+    for p, sentences in enumerate(_paragraph_sentences(d.text)):
+      for s_i, s in enumerate(sentences):
+        if not _prose(s, 40, 320):
+          continue
+        words = set(re.findall(r"\w+", s))
+        found = [(k, t) for k, ts in vocab.items() for t in ts if t in words and len(patterns[(k, t)].findall(s)) == 1
+                 and len(re.findall(rf"(?<!\w){re.escape(t)}(?!\w)", s)) == 1]
+        if found:
+          # The most specific kind present (a module or function name before a common noun), a hashed pick within it.
+          first = min(kinds.index(k) for k, _ in found)
+          k, t = _order([f for f in found if kinds.index(f[0]) == first], seed, "term", d.group, s)[0]
+          candidates.append((f"{d.group}|{p}|{s_i}", d.group, s, k, t))
+  items, per_group, seen = [], {}, set()
+  # At most 8 items per document group keeps one long reference page from dominating the set.
+  for key, group, s, k, t in sorted(candidates, key=lambda c: _h(seed, "knowledge", c[0], c[2])):
+    if len(items) == n:
+      break
+    if per_group.get(group, 0) >= MAX_PER_GROUP or s in seen:
+      continue
+    others = [o for o in vocab[k] if o != t and not re.search(rf"(?<!\w){re.escape(o)}(?!\w)", s)]
+    if len(others) < 3:
+      continue
+    distractors = _order(others, seed, "distractor", key)[:3]
+    answer = int(_h(seed, "position", key) * 4)
+    choices = distractors[:answer] + [t] + distractors[answer:]
+    m = patterns[(k, t)].search(s)
+    question = f"Which term completes this statement about Python? {s[:m.start(1)]}____{s[m.end(1):]}"
+    items.append({"question": question, "choices": choices, "answer": answer, "kind": k, "source": group})
+    per_group[group] = per_group.get(group, 0) + 1
+    seen.add(s)
+  return items
+
+
+def _dunders(docs) -> tuple[str, ...]:
+  """Dunder names the corpus mentions at least 3 times (a closed kind drawn from the corpus itself)."""
+  counts = {}
+  for d in docs:
+    for m in re.findall(r"(?<![\w.])(__[a-z][a-z0-9_]*[a-z0-9]__)(?!\w)", d.text):
+      counts[m] = counts.get(m, 0) + 1
+  return tuple(sorted(k for k, c in counts.items() if c >= 3))
+
+
+# ----------------------------------------------------------------------------- completion (HellaSwag-like)
+
+def completion_items(docs, n: int, *, seed: int = SEED) -> list[dict]:
+  """n HellaSwag-style items: the sentence before + a sentence's first half; its ending vs three other endings."""
+  pool = []  # (key, group, query, ending)
+  for d in docs:
+    for p, sentences in enumerate(_paragraph_sentences(d.text)):
+      for s_i, s in enumerate(sentences):
+        if not _prose(s, 40, 320):
+          continue
+        words = s.split(" ")
+        if len(words) < 8:
+          continue
+        # The cut: a word boundary between 40% and 60% of the words, placed by the hash (no RNG state).
+        cut = int(len(words) * (0.4 + 0.2 * _h(seed, "cut", d.group, p, s_i)))
+        cut = min(max(cut, 3), len(words) - 3)
+        before = sentences[s_i - 1] if s_i > 0 and len(sentences[s_i - 1]) <= 240 else ""
+        query = (before + " " + " ".join(words[:cut])).strip()
+        pool.append((f"{d.group}|{p}|{s_i}", d.group, query, " ".join(words[cut:])))
+  by_len = sorted(range(len(pool)), key=lambda i: (len(pool[i][3]), pool[i][0]))
+  rank = {i: r for r, i in enumerate(by_len)}
+  items, seen = [], set()
+  for i in sorted(range(len(pool)), key=lambda i: _h(seed, "completion", pool[i][0], pool[i][2])):
+    if len(items) == n:
+      break
+    key, group, query, ending = pool[i]
+    if query in seen:
+      continue
+    # Distractors: endings of similar length (the 40 nearest by length) from other documents, so length alone
+    # does not give the answer away (acc_norm divides by it).
+    r = rank[i]
+    near = [by_len[j] for j in range(max(0, r - 20), min(len(by_len), r + 21))]
+    others = sorted({pool[j][3] for j in near if pool[j][1] != group and pool[j][3] != ending})
+    if len(others) < 3:
+      continue
+    distractors = _order(others, seed, "ending", key)[:3]
+    label = int(_h(seed, "label", key) * 4)
+    items.append({"query": query, "choices": distractors[:label] + [ending] + distractors[label:], "label": label,
+                  "source": group})
+    seen.add(query)
+  return items
+
+
+# ----------------------------------------------------------------------------- arithmetic (GSM8K-like)
+
+_NAMES = ("Ada", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mateo",
+          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Viktor", "Wen", "Yusuf", "Zoe")
+_THINGS = ("apples", "stamps", "marbles", "books", "pencils", "cards", "shells", "stickers", "coins", "cookies",
+           "buttons", "tickets")
+_CONTAINERS = ("boxes", "bags", "jars", "packs", "crates", "baskets")
+
+
+def _problem(r: np.random.Generator, template: int) -> tuple[str, str]:
+  """One word problem from template `template`: (question, worked answer ending '#### N')."""
+  name, other = [_NAMES[i] for i in r.choice(len(_NAMES), 2, replace=False)]
+  thing = _THINGS[r.integers(len(_THINGS))]
+  box = _CONTAINERS[r.integers(len(_CONTAINERS))]
+  a, b, c, d = (int(x) for x in r.integers(2, 13, size=4))
+  big = int(r.integers(20, 100))
+  if template == 0:
+    total = big + a * b - c
+    q = f"{name} has {big} {thing}. {name} buys {a} {box} with {b} {thing} each and gives {c} to {other}. " \
+        f"How many {thing} does {name} have now?"
+    s = f"{a} {box} of {b} is {a} * {b} = {a * b}. {big} + {a * b} = {big + a * b}. " \
+        f"{big + a * b} - {c} = {total}."
+  elif template == 1:
+    price, total = a + 1, (a + 1) * b + c * d
+    q = f"A {thing[:-1]} costs ${price} and a pack of {thing} costs ${c}. {name} buys {b} single {thing} and " \
+        f"{d} packs. How many dollars does {name} spend?"
+    s = f"{b} * {price} = {b * price}. {d} * {c} = {d * c}. {b * price} + {d * c} = {total}."
+  elif template == 2:
+    total = big * a
+    q = f"{name} reads {big} pages a day. How many pages does {name} read in {a} days?"
+    s = f"{big} * {a} = {total}."
+  elif template == 3:
+    each, rest = big // a, big % a
+    total = each
+    q = f"{name} shares {big} {thing} equally among {a} friends and keeps the {rest} left over. " \
+        f"How many {thing} does each friend get?"
+    s = f"{big} - {rest} = {big - rest}. {big - rest} / {a} = {each}."
+  elif template == 4:
+    total = a * b * c
+    q = f"A shelf holds {a} {box}, each {box[:-1] if not box.endswith('xes') else box[:-2]} holds {b} rows, " \
+        f"and each row holds {c} {thing}. How many {thing} are on the shelf?"
+    s = f"{a} * {b} = {a * b}. {a * b} * {c} = {total}."
+  elif template == 5:
+    total = big - a - b + c
+    q = f"{name} had {big} {thing}, lost {a}, gave {b} to {other}, then found {c}. How many {thing} does " \
+        f"{name} have?"
+    s = f"{big} - {a} = {big - a}. {big - a} - {b} = {big - a - b}. {big - a - b} + {c} = {total}."
+  elif template == 6:
+    total = (a + b) * c
+    q = f"{name} walks {a} km in the morning and {b} km in the evening. How many km does {name} walk in {c} days?"
+    s = f"{a} + {b} = {a + b}. {a + b} * {c} = {total}."
+  else:
+    total = big + (big + a) + 2 * big
+    q = f"{name} has {big} {thing}. {other} has {a} more than {name}, and a friend has twice as many as {name}. " \
+        f"How many {thing} do they have together?"
+    s = f"{other} has {big} + {a} = {big + a}. The friend has 2 * {big} = {2 * big}. " \
+        f"{big} + {big + a} + {2 * big} = {total}."
+  return q, f"{s}\n#### {total}"
+
+
+def arithmetic_items(split: str, n: int, *, seed: int = SEED, exclude: Sequence[str] = ()) -> list[dict]:
+  """n GSM8K-style items of `split` ('train' / 'test': separate seeded streams; a question in `exclude` is
+  skipped, so train can be drawn disjoint from test)."""
+  r = np.random.default_rng([seed, {"train": 1, "test": 2}[split]])
+  skip, items = set(exclude), []
+  while len(items) < n:
+    q, a = _problem(r, int(r.integers(8)))
+    if q in skip:
+      continue
+    skip.add(q)
+    items.append({"question": q, "answer": a})
+  return items
+
+
+# ----------------------------------------------------------------------------- files: JSONL + lm-eval YAML
+
+def task_dir() -> str:
+  """The directory holding the YAML tasks and their JSONL data (`lm_eval --include_path <this>`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+
+
+def _jsonl(rows) -> str:
+  return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+
+
+def _yaml_str(s: str) -> str:
+  return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid double-quoted YAML scalar
+
+
+def _yaml(name: str) -> str:
+  """The lm-eval task of a set. Data: `dataset_path: json` + `data_files`, which lm-eval passes to
+  `datasets.load_dataset` unchanged, so a relative path would resolve against the caller's working directory;
+  `custom_dataset` (`_local.py`, next to this file) resolves them against the YAML's own directory instead."""
+  splits = SIZES[name]
+  files = "".join(f"    {s}: {name}_{s}.jsonl\n" for s in splits)
+  head = (f"# Generated by `python -m cl_jax.eval.benchmark_sets --write` (cl_jax.eval.benchmark_sets): do not edit.\n"
+          f"task: {TASK_NAMES[name]}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}"
+          f"custom_dataset: !function _local.load_json\ntest_split: test\n")
+  if name == "knowledge":
+    return head + (
+        "fewshot_split: dev\nfewshot_config:\n  sampler: first_n\noutput_type: multiple_choice\n"
+        f"description: {_yaml_str(KNOWLEDGE_DESCRIPTION)}\n"
+        "doc_to_text: \"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n"
+        "D. {{choices[3]}}\\nAnswer:\"\n"
+        "doc_to_choice: [\"A\", \"B\", \"C\", \"D\"]\ndoc_to_target: answer\n"
+        f"num_fewshot: {NUM_FEWSHOT[name]}\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n")
+  if name == "completion":
+    return head + (
+        "output_type: multiple_choice\ndoc_to_text: \"{{query}}\"\ndoc_to_target: label\ndoc_to_choice: choices\n"
+        f"num_fewshot: {NUM_FEWSHOT[name]}\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n")
+  until = "".join(f"    - {_yaml_str(u)}\n" for u in GEN_KWARGS["until"])
+  ignore = "".join(f"      - {_yaml_str(x)}\n" for x in IGNORE_REGEXES)
+  return head + (
+      "training_split: train\nfewshot_split: train\nfewshot_config:\n  sampler: first_n\n"
+      "output_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: \"{{answer}}\"\n"
+      f"num_fewshot: {NUM_FEWSHOT[name]}\n"
+      "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+      f"    ignore_case: true\n    ignore_punctuation: false\n    regexes_to_ignore:\n{ignore}"
+      f"generation_kwargs:\n  until:\n{until}  do_sample: false\n  temperature: 0.0\nrepeats: 1\n"
+      "filter_list:\n"
+      f"  - name: \"strict-match\"\n    filter:\n      - function: \"regex\"\n"
+      f"        regex_pattern: {_yaml_str(STRICT_REGEX)}\n      - function: \"take_first\"\n"
+      f"  - name: \"flexible-extract\"\n    filter:\n      - function: \"regex\"\n        group_select: -1\n"
+      f"        regex_pattern: {_yaml_str(FLEXIBLE_REGEX)}\n      - function: \"take_first\"\n"
+      "metadata:\n  version: 1.0\n")
+
+
+_LOCAL_PY = '''"""lm-eval `custom_dataset` of the cl_jax offline sets (generated by cl_jax.eval.benchmark_sets: do not edit).
+
+lm-eval 0.4.13 hands `dataset_kwargs.data_files` to `datasets.load_dataset` unchanged, so a relative path would
+resolve against the working directory; here it resolves against this directory. The rows are read with `json` and
+wrapped in a `datasets.DatasetDict` directly: nothing is written to the Hugging Face cache, nothing is downloaded.
+"""
+import json
+import os
+
+
+def load_json(data_files=None, **_metadata):
+  import datasets
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = {}
+  for split, path in data_files.items():
+    with open(os.path.join(here, path), encoding="utf-8") as f:
+      out[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
+  return datasets.DatasetDict(out)
+'''
+
+
+def generate(seed: int = SEED) -> dict[str, str]:
+  """Every file of `task_dir()`: file name -> text (JSONL rows, the YAML tasks, the loader, MANIFEST.json)."""
+  split = _general_splits()
+  files = {}
+  dunders = _dunders(split["train"])
+  know = knowledge_items(split["train"], SIZES["knowledge"]["test"], seed=seed, dunders=dunders)
+  dev = knowledge_items(split["validation"], SIZES["knowledge"]["dev"], seed=seed, dunders=dunders)
+  files["knowledge_test.jsonl"], files["knowledge_dev.jsonl"] = _jsonl(know), _jsonl(dev)
+  # Completion needs held-out prose: the test and validation splits (an LM run trains on neither) together.
+  held_out = split["test"] + split["validation"]
+  files["completion_test.jsonl"] = _jsonl(completion_items(held_out, SIZES["completion"]["test"], seed=seed))
+  test = arithmetic_items("test", SIZES["arithmetic"]["test"], seed=seed)
+  train = arithmetic_items("train", SIZES["arithmetic"]["train"], seed=seed, exclude=[r["question"] for r in test])
+  files["arithmetic_test.jsonl"], files["arithmetic_train.jsonl"] = _jsonl(test), _jsonl(train)
+  for name in BUILTIN:
+    files[f"{TASK_NAMES[name]}.yaml"] = _yaml(name)
+  files["_local.py"] = _LOCAL_PY
+  manifest = {"generator": "python -m cl_jax.eval.benchmark_sets --write", "seed": seed,
+              "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+              "corpus_split": {"seed": SPLIT_SEED, "validation": SPLIT_VALIDATION, "test": SPLIT_TEST},
+              "items": {f: t.count("\n") for f, t in sorted(files.items()) if f.endswith(".jsonl")},
+              "sha256": {f: hashlib.sha256(t.encode("utf-8")).hexdigest() for f, t in sorted(files.items())}}
+  files["MANIFEST.json"] = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+  return files
+
+
+def write(directory: str | None = None, seed: int = SEED) -> dict[str, str]:
+  directory = directory or task_dir()
+  os.makedirs(directory, exist_ok=True)
+  files = generate(seed)
+  for name, text in files.items():
+    with open(os.path.join(directory, name), "w", encoding="utf-8", newline="\n") as f:
+      f.write(text)
+  return files
+
+
+# ----------------------------------------------------------------------------- load
+
+_STYLES = {  # style -> (kind, metrics, primary, keys a row must have)
+    "knowledge": ("multiple_choice", ("acc",), "acc", ("question", "choices", "answer")),
+    "completion": ("multiple_choice", ("acc", "acc_norm"), "acc_norm", ("query", "choices", "label")),
+    "arithmetic": ("generate_until", ("exact_match", "exact_match_flexible"), "exact_match", ("question", "answer")),
+}
+
+
+def _row_style(row, where: str) -> str:
+  if not isinstance(row, dict):
+    raise ConfigError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+  if "query" in row:
+    style = "completion"
+  elif "choices" in row:
+    style = "knowledge"
+  elif "question" in row and "answer" in row:
+    style = "arithmetic"
+  else:
+    raise ConfigError(f"{where}: a row needs {{question, choices, answer}} (4-choice knowledge), "
+                      "{query, choices, label} (completion) or {question, answer} (arithmetic); got keys "
+                      f"{sorted(row)}")
+  keys = _STYLES[style][3]
+  missing = [k for k in keys if k not in row]
+  if missing:
+    raise ConfigError(f"{where}: a {style} row needs {list(keys)}; missing {missing}")
+  if style == "arithmetic":
+    if not isinstance(row["question"], str) or not isinstance(row["answer"], str) or "#### " not in row["answer"]:
+      raise ConfigError(f"{where}: 'question' and 'answer' must be strings, the answer ending '#### N'")
+    return style
+  choices, gold = row["choices"], row["answer" if style == "knowledge" else "label"]
+  if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+    raise ConfigError(f"{where}: 'choices' must be a list of at least 2 strings")
+  if style == "knowledge" and len(choices) != 4:
+    raise ConfigError(f"{where}: a knowledge row has exactly 4 choices (letters A-D), got {len(choices)}")
+  if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+    raise ConfigError(f"{where}: the gold index must be an int in [0, {len(choices)}), got {gold!r}")
+  return style
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+  return rows
+
+
+def load(name_or_path: str, split: str = "test", limit: int | None = None) -> Benchmark:
+  """A built-in set (`BUILTIN`, or its lm-eval task name) or a user's .jsonl file in the same row format (the
+  style is read from the rows' keys; a user's file is scored 0-shot). `limit` keeps the first items."""
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    raise ConfigError(f"benchmark {name_or_path!r}: limit={limit!r}, expected a positive int or None")
+  name = next((b for b in BUILTIN if name_or_path in (b, TASK_NAMES[b])), None)
+  fewshot = ()
+  if name is not None:
+    if split not in SIZES[name]:
+      raise ConfigError(f"benchmark {name!r}: split={split!r}, expected one of {sorted(SIZES[name])}")
+    rows = _read_jsonl(os.path.join(task_dir(), f"{name}_{split}.jsonl"))
+    style = name
+    if NUM_FEWSHOT[name]:
+      fewshot_split = "train" if name == "arithmetic" else "dev"
+      fewshot = tuple(_read_jsonl(os.path.join(task_dir(), f"{name}_{fewshot_split}.jsonl"))[:NUM_FEWSHOT[name]])
+  else:
+    path = name_or_path
+    if not path.endswith(".jsonl") or not os.path.isfile(path):
+      raise ConfigError(f"benchmark {path!r}: expected one of {list(BUILTIN)} or an existing .jsonl file")
+    rows = _read_jsonl(path)
+    if not rows:
+      raise ConfigError(f"benchmark {path!r}: no rows")
+    styles = {_row_style(r, f"{path}:{i + 1}") for i, r in enumerate(rows)}
+    if len(styles) != 1:
+      raise ConfigError(f"benchmark {path!r}: rows of several styles {sorted(styles)}; one file holds one style")
+    style = styles.pop()
+    name = os.path.splitext(os.path.basename(path))[0]
+  kind, metrics, primary, _ = _STYLES[style]
+  return Benchmark(name, kind, rows[:limit], metrics, primary, style, fewshot)
+
+
+# ----------------------------------------------------------------------------- score (as lm-eval scores the YAML)
+
+def _text(style: str, row: dict) -> str:
+  if style == "knowledge":
+    c = row["choices"]
+    return f"{row['question'].strip()}\n" + "".join(f"{LETTERS[i]}. {c[i]}\n" for i in range(4)) + "Answer:"
+  if style == "completion":
+    return row["query"]
+  return f"Question: {row['question']}\nAnswer:"
+
+
+def _target(style: str, row: dict) -> str:
+  if style == "knowledge":
+    return LETTERS[row["answer"]]
+  if style == "completion":
+    return row["choices"][row["label"]]
+  return row["answer"]
+
+
+def _choices(style: str, row: dict) -> list[str]:
+  return list(LETTERS) if style == "knowledge" else list(row["choices"])
+
+
+def context(bench: Benchmark, row: dict) -> str:
+  """lm-eval's prompt for a row (`Task.fewshot_context`, plain text): the description, each few-shot example as
+  text + " " + target + "\\n\\n", then the row's text."""
+  out = KNOWLEDGE_DESCRIPTION if bench.style == "knowledge" else ""
+  for ex in bench.fewshot:
+    out += _text(bench.style, ex) + " " + _target(bench.style, ex) + "\n\n"
+  return out + _text(bench.style, row)
+
+
+def requests(bench: Benchmark) -> list:
+  """The engine requests of the set in item order: (context, " " + choice) pairs, choices of an item adjacent, for a
+  multiple-choice set; (context, generation kwargs) for a generation set."""
+  if bench.kind == "multiple_choice":
+    return [(context(bench, r), " " + c) for r in bench.items for c in _choices(bench.style, r)]
+  return [(context(bench, r), json.loads(json.dumps(GEN_KWARGS))) for r in bench.items]
+
+
+def _extract(text: str, regex: str, group_select: int) -> str:
+  """lm-eval's `regex` filter followed by `take_first`."""
+  match = re.findall(regex, text if isinstance(text, str) else "")
+  if not match:
+    return FALLBACK
+  match = match[group_select]
+  if isinstance(match, tuple):
+    match = next((m for m in match if m), FALLBACK)
+  return match.strip()
+
+
+def _normalise_answer(s: str) -> str:
+  """GSM8K's exact_match normalisation (lm-eval `exact_match_hf_evaluate`): regexes removed, then lower-cased."""
+  for r in IGNORE_REGEXES:
+    s = re.sub(r, "", s)
+  return s.lower()
+
+
+def score(bench: Benchmark, engine) -> tuple[dict, dict]:
+  """Scores the set with `engine.loglikelihood` / `engine.generate_until` exactly as lm-eval scores its YAML task.
+
+  Multiple choice (lm-eval `ConfigurableTask.process_results`): acc = [argmax_i ll_i == gold]; acc_norm =
+  [argmax_i ll_i / len(choice_i) == gold], len in characters of the choice without the leading space (first index
+  wins a tie, as np.argmax). Generation: the strict-match filter (`#### (-?[0-9.,]+)`, first match) and the
+  flexible-extract one (last number), each compared with the answer after `,`, `$`, everything up to `#### ` and a
+  final `.` are removed and both are lower-cased.
+  Returns ({metric: mean}, {metric: per-item float64 array, item order}).
+  """
+  if not bench.items:
+    raise ConfigError(f"benchmark {bench.name!r}: no items to score")
+  reqs = requests(bench)
+  per = {}
+  if bench.kind == "multiple_choice":
+    out = engine.loglikelihood(reqs)
+    acc, acc_norm, k = [], [], 0
+    for row in bench.items:
+      choices = _choices(bench.style, row)
+      lls = np.array([float(ll) for ll, _ in out[k:k + len(choices)]])
+      k += len(choices)
+      gold = row["answer"] if bench.style == "knowledge" else row["label"]
+      acc.append(float(np.argmax(lls) == gold))
+      acc_norm.append(float(np.argmax(lls / np.array([float(len(c)) for c in choices])) == gold))
+    per = {"acc": np.array(acc), "acc_norm": np.array(acc_norm)}
+  else:
+    outs = engine.generate_until(reqs)
+    gold = [_normalise_answer(r["answer"]) for r in bench.items]
+    for metric, (regex, group) in {"exact_match": (STRICT_REGEX, 0), "exact_match_flexible": (FLEXIBLE_REGEX, -1)}.items():
+      per[metric] = np.array([float(_normalise_answer(_extract(o, regex, group)) == g) for o, g in zip(outs, gold)])
+  per = {m: per[m] for m in bench.metrics}
+  return {m: float(v.mean()) for m, v in per.items()}, per
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m cl_jax.eval.benchmark_sets", description=__doc__.split("\n")[0])
+  p.add_argument("--write", action="store_true", help="regenerate the files of task_dir() (or --dir)")
+  p.add_argument("--dir", default=None, help="write here instead of the package's task directory")
+  p.add_argument("--seed", type=int, default=SEED)
+  a = p.parse_args(argv)
+  if not a.write:
+    p.print_help()
+    return 0
+  files = write(a.dir, a.seed)
+  manifest = json.loads(files["MANIFEST.json"])
+  for f, n in manifest["items"].items():
+    print(f"{f}: {n} items")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
