@@ -127,3 +127,43 @@ def test_benchmark_settings_are_checked():
     RegressionMonitor(base, benchmarks={KN: {"threshold": 0.0}})
   # A benchmark metric the settings do not list is a value, not a guarded metric.
   assert RegressionMonitor(base).general == ["general/perplexity"]
+
+
+def test_regression_benchmarks_are_validated_before_any_work(tmp_path, capsys):
+  from cl_jax import lm
+  from cl_jax.cli import main
+  from cl_jax.kinds import validate
+  from cl_jax.lm.benchmarks import load_all, monitor_settings, specs
+  items = tmp_path / "items.jsonl"
+  items.write_text("".join(json.dumps({"query": f"q{i}", "choices": ["a", "b"], "label": i % 2}) + "\n"
+                           for i in range(3)))
+  # The plain list: general, 2 points, the set's primary metric; a builtin by its lm-eval task name too.
+  loaded = load_all(["knowledge", {"name": str(items), "role": "domain", "relative": True, "threshold": 5.0}])
+  assert [(s["label"], s["role"], s["metric"]) for s, _ in loaded] == [("knowledge", "general", "acc"),
+                                                                      ("items", "domain", "acc_norm")]
+  assert monitor_settings(loaded) == {
+      "general/bench/knowledge/acc": {"threshold": 0.02, "absolute": True, "stop_threshold": None},
+      "domain/bench/items/acc_norm": {"threshold": 0.05, "absolute": False, "stop_threshold": None}}
+  assert specs({"cl_jax_completion": {"threshold": 1.0}})[0]["label"] == "completion"
+  assert specs(None) == [] and specs([]) == []
+  c = lm.default_config()
+  for value, match in ((["mmlu_pro"], r"^regression.benchmarks\['mmlu_pro'\]: not a builtin benchmark"),
+                       ([str(tmp_path / "missing.jsonl")], "no such file"),
+                       ([{"name": "knowledge", "role": "both"}], r"role='both': expected one of \('general'"),
+                       ([{"name": "knowledge", "threshold": 0}], "threshold=0: expected points in"),
+                       ([{"name": "knowledge", "threshold": 2.0, "stop_threshold": 1.0}], "stop_threshold=1.0"),
+                       ([{"name": "knowledge", "treshold": 2.0}], r"unknown setting\(s\) \['treshold'\]"),
+                       ([{"name": "knowledge", "metric": "f1"}], r"metric='f1': the set measures \['acc'"),
+                       (["knowledge", "cl_jax_knowledge"], "a second benchmark named 'knowledge'"),
+                       (7, "expected a list")):
+    c.regression.benchmarks = None
+    c.regression.benchmarks = value
+    with pytest.raises(ValueError, match=match):
+      validate(c)
+  # From the command line: one line naming the key, exit 2, nothing written.
+  workdir = tmp_path / "w"
+  rc = main(["--config", "configs/cpt_lm.py", "--config.regression.benchmarks=['knowledge', 'no_such_set']",
+             "--workdir", str(workdir), "--no_progress"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("error: regression.benchmarks['no_such_set']: not a builtin benchmark")
+  assert "\n" not in err and not workdir.exists()

@@ -73,7 +73,10 @@ def specs(value) -> list[dict]:
   Reads nothing but the file system's listing (`check` loads the sets)."""
   if value is None or (isinstance(value, (list, tuple, str)) and not value):
     return []
-  from cl_jax.eval.benchmark_sets import BUILTIN
+  from cl_jax.eval import benchmark_sets
+  # A builtin set by its name or its lm-eval task name (cl_jax_knowledge, ...).
+  builtin = {**{t: b for b, t in getattr(benchmark_sets, "TASK_NAMES", {}).items()},
+             **{b: b for b in benchmark_sets.BUILTIN}}
   out, labels = [], set()
   for e in _entries(value):
     name = e.pop("name")
@@ -82,15 +85,16 @@ def specs(value) -> list[dict]:
     if unknown:
       raise ValueError(f"{where}: unknown setting(s) {unknown}; allowed: {sorted(SETTINGS)}")
     s = {**SETTINGS, **e}
-    if name in BUILTIN:
-      source, label = name, name
+    if name in builtin:
+      source = label = builtin[name]
     elif name.endswith(".jsonl") or os.sep in name:
       source = os.path.abspath(os.path.expanduser(name))
       if not os.path.isfile(source):
         raise ValueError(f"{where}: no such file {source}")
       label = os.path.splitext(os.path.basename(source))[0]
     else:
-      raise ValueError(f"{where}: not a builtin benchmark {list(BUILTIN)} nor a .jsonl file of benchmark rows")
+      raise ValueError(f"{where}: not a builtin benchmark {list(benchmark_sets.BUILTIN)} nor a .jsonl file of "
+                       "benchmark rows")
     if s["role"] not in ROLES:
       raise ValueError(f"{where}: role={s['role']!r}: expected one of {ROLES}")
     if not _number(s["threshold"]) or not 0 < s["threshold"] < 100:
