@@ -155,7 +155,8 @@ def test_regression_benchmarks_are_validated_before_any_work(tmp_path, capsys):
                        ([{"name": "knowledge", "treshold": 2.0}], r"unknown setting\(s\) \['treshold'\]"),
                        ([{"name": "knowledge", "metric": "f1"}], r"metric='f1': the set measures \['acc'"),
                        (["knowledge", "cl_jax_knowledge"], "a second benchmark named 'knowledge'"),
-                       (7, "expected a list")):
+                       (7, "expected a list"),
+                       (["arithmetic"], r"generates up to 256 tokens per answer, so lm.seq_len=128")):
     c.regression.benchmarks = None
     c.regression.benchmarks = value
     with pytest.raises(ValueError, match=match):

@@ -118,8 +118,9 @@ def specs(value) -> list[dict]:
   return out
 
 
-def load_all(value) -> list:
-  """[(spec, Benchmark)] of `regression.benchmarks`, each loaded and its metric checked (ValueError naming it)."""
+def load_all(value, max_len: int | None = None) -> list:
+  """[(spec, Benchmark)] of `regression.benchmarks`, each loaded and its metric checked (ValueError naming it);
+  with `max_len` (the run's `lm.seq_len`, the engine's context), a generating set must leave room for its answer."""
   wanted = specs(value)
   if not wanted:  # no benchmarks: nothing imported or read
     return []
@@ -136,6 +137,13 @@ def load_all(value) -> list:
       raise ValueError(f"{where}: metric={metric!r}: the set measures {list(bench.metrics)}")
     if len(bench.items) < 2:
       raise ValueError(f"{where}: {len(bench.items)} item(s); a paired interval needs at least 2")
+    if max_len is not None and bench.kind == "generate_until":
+      from cl_jax.eval.lm_engine import Engine
+      (_, kw), = benchmark_sets.requests(bench._replace(items=bench.items[:1]))
+      new = Engine.gen_settings(kw)["max_new_tokens"]
+      if int(max_len) <= new:
+        raise ValueError(f"{where}: generates up to {new} tokens per answer, so lm.seq_len={max_len} (the "
+                         f"evaluation's context) must exceed {new}")
     out.append(({**s, "metric": metric}, bench))
   return out
 
@@ -153,10 +161,13 @@ def monitor_settings(loaded) -> dict:
 
 class Scorer:
   """Scores every benchmark of a run on the params it is handed: one `Engine`, built at the first call and reused
-  with other params (`Engine.with_params`: the same compiled programs) at every evaluation."""
+  with other params (`Engine.with_params`: the same compiled programs) at every evaluation. `plain`: maps the run's
+  params to the plain model's (an adapter run: its adapters merged into the base), so that `model`'s KV-cache
+  generation serves generate_until benchmarks in every run."""
 
-  def __init__(self, loaded, apply, tokenizer, *, max_len: int, mesh=None, model=None, batch_size: int = 16):
-    self.loaded = loaded
+  def __init__(self, loaded, apply, tokenizer, *, max_len: int, mesh=None, model=None, batch_size: int = 16,
+               plain=None):
+    self.loaded, self.plain = loaded, plain
     self.apply, self.tokenizer, self.model = apply, tokenizer, model
     self.max_len, self.mesh, self.batch_size = int(max_len), mesh, int(batch_size)
     self.engine = None
@@ -168,6 +179,8 @@ class Scorer:
     """{'<role>/bench/<name>/<metric>': score} for every metric of every benchmark; per-item scores in `per_item`."""
     from cl_jax.eval import benchmark_sets
     from cl_jax.eval.lm_engine import Engine
+    if self.plain is not None:
+      params = self.plain(params)
     if self.engine is None:
       eos = getattr(self.tokenizer, "eos_id", None)
       self.engine = Engine(self.apply, params, self.tokenizer, max_len=self.max_len, batch_size=self.batch_size,

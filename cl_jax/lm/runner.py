@@ -20,9 +20,12 @@ train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the 
                base's, and a general metric whose `regression.confidence` interval on the relative regression lies
                wholly beyond `regression.threshold` is a hard stop; the best keepable evaluation (`regression.keep`)
                is kept as the `best` checkpoint. Every decision (estimate, interval, verdict) is in metrics.jsonl.
+               `regression.benchmarks` (cl_jax.lm.benchmarks) adds benchmark scores to each evaluation, step 0's
+               included: general ones guarded in absolute points with their own thresholds, domain ones recorded.
   3. report    test-split metrics of the base, the kept (best) and the final model, with paired intervals against
                the base: results.json (`Results`, kind 'lm', the record in `extra`), summary.md (with the evaluation
-               sets' sizes and the regression size they resolve), monitor.png; metrics.jsonl holds both phases
+               sets' sizes and the regression size they resolve; with benchmarks, their before / after / kept
+               table), monitor.png; metrics.jsonl holds both phases
                (records carry `phase`), with the realised mixture per evaluation interval.
 
 Rerunning on the same workdir resumes either phase from its newest intact checkpoint (the sampler is a pure
@@ -275,11 +278,16 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   rows = eval_rows(c, learner.apply, params)
   evaluator = make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh)
   # `regression.benchmarks` (cl_jax.lm.benchmarks): scored by one engine at every evaluation, step 0 included (the
-  # baseline, before the first step); generation needs the plain model's KV cache, so an adapter's run has none.
+  # baseline, before the first step); an adapter's run is scored on its merged params (W + (alpha / r) A B), the
+  # plain model's, so that its KV-cache generation serves generate_until benchmarks too.
   from cl_jax.lm.benchmarks import Scorer, load_all, monitor_settings
   loaded = load_all(c.regression.get("benchmarks"))
-  bench = Scorer(loaded, learner.apply, data.tokenizer, max_len=int(c.lm.seq_len), mesh=mesh,
-                 model=model if strategy.prepare is None else None, batch_size=rows)
+  plain = None
+  if strategy.prepare is not None:
+    from cl_jax.strategies.lora import merged_params
+    plain = lambda p: merged_params(p, c)  # noqa: E731
+  bench = Scorer(loaded, model.apply if plain else learner.apply, data.tokenizer, max_len=int(c.lm.seq_len),
+                 mesh=mesh, model=model, batch_size=rows, plain=plain)
   hook = _MonitorHook(c, monitor_settings(loaded))
   hook.bench_specs, hook.bench_items = [spec for spec, _ in loaded], {spec["label"]: len(b.items) for spec, b in loaded}
 
@@ -570,8 +578,9 @@ def benchmark_lines(record: dict) -> list[str]:
     if iv is None:
       return "-"
     # The monitor's r is a regression (> 0 worse); the table shows the change (> 0 better), in points or %.
-    text = f"{-100 * iv['estimate']:+.2f}{unit}"
-    return text + (f" [{-100 * iv['hi']:+.2f}, {-100 * iv['lo']:+.2f}]" if iv.get("se") is not None else "")
+    pts = lambda r: f"{-100 * r + 0.0:+.2f}"  # + 0.0: no '-0.00'  # noqa: E731
+    text = pts(iv["estimate"]) + unit
+    return text + (f" [{pts(iv['hi'])}, {pts(iv['lo'])}]" if iv.get("se") is not None else "")
   lines = ["## Benchmarks", "",
            "Scores (%) before adaptation (step 0), after it (the last evaluation) and in the kept checkpoint; change: "
            "points (% where relative) with the monitor's paired interval "
@@ -655,7 +664,7 @@ def power_lines(record: dict) -> list[str]:
   last = record["history"][-1].get("intervals", {}) if record["history"] else {}
   test = record.get("test_intervals", {}).get("final", {})
   rows = []
-  for m in sorted(set(last) | set(test)):
+  for m in sorted(m for m in set(last) | set(test) if "/bench/" not in m):  # benchmarks: their own table
     cells = []
     for iv in (last.get(m), test.get(m)):
       if not iv or iv.get("se") is None:
