@@ -156,9 +156,11 @@ def test_regression_benchmarks_are_validated_before_any_work(tmp_path, capsys):
                        ([{"name": "knowledge", "metric": "f1"}], r"metric='f1': the set measures \['acc'"),
                        (["knowledge", "cl_jax_knowledge"], "a second benchmark named 'knowledge'"),
                        (7, "expected a list"),
-                       (["arithmetic"], r"generates up to 256 tokens per answer, so lm.seq_len=128")):
+                       (["arithmetic"], r"generates up to 256 tokens per answer, so lm.seq_len=128"),
+                       (["completion"], r"its longest answer is \d+ tokens, more than lm.seq_len=32 holds")):
     c.regression.benchmarks = None
     c.regression.benchmarks = value
+    c.lm.seq_len, c.text.cloze_context = (32, 16) if value == ["completion"] else (128, 48)
     with pytest.raises(ValueError, match=match):
       validate(c)
   # From the command line: one line naming the key, exit 2, nothing written.

@@ -118,9 +118,10 @@ def specs(value) -> list[dict]:
   return out
 
 
-def load_all(value, max_len: int | None = None) -> list:
-  """[(spec, Benchmark)] of `regression.benchmarks`, each loaded and its metric checked (ValueError naming it);
-  with `max_len` (the run's `lm.seq_len`, the engine's context), a generating set must leave room for its answer."""
+def load_all(value, max_len: int | None = None, tokenizer=None) -> list:
+  """[(spec, Benchmark)] of `regression.benchmarks`, each loaded and its metric checked (ValueError naming it).
+  With `max_len` (the run's `lm.seq_len`, the engine's context) a generating set must leave room for its answer,
+  and with the run's `tokenizer` too every scored continuation must fit (as the engine encodes it)."""
   wanted = specs(value)
   if not wanted:  # no benchmarks: nothing imported or read
     return []
@@ -144,6 +145,13 @@ def load_all(value, max_len: int | None = None) -> list:
       if int(max_len) <= new:
         raise ValueError(f"{where}: generates up to {new} tokens per answer, so lm.seq_len={max_len} (the "
                          f"evaluation's context) must exceed {new}")
+    elif max_len is not None and tokenizer is not None:
+      from cl_jax.eval.lm_engine import Engine
+      encoder = Engine(lambda p, x: None, None, tokenizer, max_len=int(max_len))  # its encoding only, no model
+      longest = max(len(encoder.encode_pair(ctx, cont)[1]) for ctx, cont in benchmark_sets.requests(bench))
+      if longest > int(max_len):
+        raise ValueError(f"{where}: its longest answer is {longest} tokens, more than lm.seq_len={max_len} holds "
+                         "(use a larger lm.seq_len, or a set with shorter answers)")
     out.append(({**s, "metric": metric}, bench))
   return out
 

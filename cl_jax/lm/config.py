@@ -233,7 +233,8 @@ def check_regression_keys(c) -> None:
     raise ValueError(f"regression.keep={r.keep!r}: expected one of {KEEP_RULES}")
   if r.get("benchmarks") is not None:  # every set loaded (a user's file read) and its metric checked, before work
     from cl_jax.lm.benchmarks import load_all
-    load_all(r.benchmarks, max_len=int(c.lm.seq_len))
+    from cl_jax.lm.data import run_tokenizer
+    load_all(r.benchmarks, max_len=int(c.lm.seq_len), tokenizer=run_tokenizer(c))
 
 
 def check_scale_keys(c) -> None:
