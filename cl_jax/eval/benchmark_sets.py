@@ -1,48 +1,62 @@
-"""Offline benchmark sets in the three formats practice reports forgetting with, generated from local material.
+"""Offline benchmark sets in the formats practice reports forgetting with, generated from local material.
 
 Continual pre-training is judged by general-benchmark deltas -- MMLU (Hendrycks et al. 2021), HellaSwag (Zellers
-et al. 2019), GSM8K (Cobbe et al. 2021) -- and a machine without network has none of them. These three sets are
-built here, deterministically, from what ships with CPython (the `general` corpus of `cl_jax.data.text`: the
+et al. 2019), GSM8K (Cobbe et al. 2021) -- and a machine without network has none of them. These sets are built
+here, deterministically, from what ships with CPython (the `general` corpus of `cl_jax.data.text`: the
 `pydoc_data.topics` reference pages and the docstrings of the general half of the standard library) and from
 seeded templates; no benchmark text is copied. Each is an lm-eval task (YAML + JSONL in `task_dir()`) and a
-monitor benchmark (`load` + `score`, which scores exactly as the YAML does in lm-eval 0.4.13).
+monitor benchmark (`load` + `score`, which scores exactly as lm-eval 0.4.13 scores the YAML).
 
-| name         | lm-eval task          | format (scored like)                                  | items (test) | primary    |
-| ------------ | --------------------- | ----------------------------------------------------- | ------------ | ---------- |
-| `knowledge`  | `cl_jax_knowledge`    | 4 choices, letter answer " A".." D" (MMLU, 0-shot)    | 2,000        | acc        |
-| `completion` | `cl_jax_completion`   | 4 endings, continuation = ending (HellaSwag)          | 2,000        | acc_norm   |
-| `arithmetic` | `cl_jax_arithmetic`   | 4-shot word problems, "#### N" answer (GSM8K)         | 2,000        | exact_match|
+| name              | lm-eval task             | scored like                                            | test items | primary     |
+| ----------------- | ------------------------ | ------------------------------------------------------ | ---------- | ----------- |
+| `knowledge`       | `cl_jax_knowledge`       | MMLU: 4 choices, continuations " A".." D", 0-shot      | 2,000      | acc         |
+| `knowledge_cloze` | `cl_jax_knowledge_cloze` | the same items, the answer's text as continuation      | 2,000      | acc_norm    |
+| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,725      | acc_norm    |
+| `arithmetic`      | `cl_jax_arithmetic`      | GSM8K: 4-shot, "#### N", strict-match exact_match      | 2,000      | exact_match |
 
 What a model needs to know:
   * `knowledge` -- facts stated in the general corpus's TRAIN split (the documents an LM run pre-trains on, split
-    as the LM runs split it: `text.split_documents(seed=0, validation=0.15, test=0.15)`): a sentence of a pydoc
-    page or docstring with one term blanked (a built-in type, exception, constant, dunder method, keyword, built-in
-    function or module name), the true term and three distractors of the same kind. A model that read the corpus
-    and still remembers it picks the term the document states ("Return a ____ of strings": list, not dict); a
-    model that forgets general text loses exactly these facts. The letter format is MMLU's: answering needs the
-    "Answer: X" convention too, which small models lack (MMLU is at chance below a few billion parameters);
-    `completion` is the set such models are measured with.
-  * `completion` -- held-out language: a sentence from the corpus's TEST split (never trained on) cut at a word
-    boundary near its middle, after the sentence before it; the true ending against the endings of three
-    sentences of similar length from other test documents. Grammar, topic coherence and the documentation's style
-    decide it, the skills general pre-training builds and domain training erodes.
-  * `arithmetic` -- templated multi-step word problems (seeded; names, objects, numbers), a worked solution ending
-    "#### N". A 4-shot prefix of the first train items precedes every test question (lm-eval's `first_n`
-    sampler on the `train` split). The train split (1,000 committed; `arithmetic_items(n=...)` makes more, disjoint
-    from test) may be mixed into general pre-training so that a small model learns the format; say so when a run
-    does. Test and train problems never share a question text.
+    as the LM runs split them: `text.split_documents(seed=0, validation=0.15, test=0.15)`), as MMLU asks for what
+    pre-training taught: a sentence of a pydoc page or docstring with one term blanked -- a stdlib module, built-in
+    function, keyword, exception, dunder name, constant, built-in type or documentation noun ("argument",
+    "iterator", ...), the most specific kind present -- the true term and three distractors of its kind that the
+    sentence does not contain ("Return a ____ of strings": list, not dict or tuple). A model that read the corpus
+    and still remembers it picks the documented term; forgetting general text loses exactly these facts. The
+    prompt is MMLU's ("Question\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", continuations " A".." D"), which also
+    needs the letter-answer convention that small models lack (MMLU is near chance below billions of parameters).
+  * `knowledge_cloze` -- the same items as a cloze: context = the sentence up to the blank, continuation = each
+    term followed by the rest of the sentence (lm-eval `target_delimiter: ""`; acc_norm by characters), the form a
+    small model trained on the corpus is measured with.
+  * `completion` -- held-out language: a sentence of the corpus's TEST and VALIDATION splits (an LM run trains on
+    neither) cut at a word boundary between 40% and 60% of its words, after the sentence before it; the true
+    ending against the endings of three sentences of similar length (the 40 nearest by length) from other
+    documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
+    builds and domain training erodes. Every usable held-out sentence is an item (1,725 of the 2,000 asked for).
+  * `arithmetic` -- templated multi-step word problems (8 templates; seeded names, objects and numbers 2-99), each
+    with a worked solution ending "#### N". The first 4 train items precede every test question (lm-eval's
+    `first_n` sampler on the `train` split; `load(num_fewshot=k)` / `--num_fewshot k` choose k). Prompts are
+    ~880 bytes at 4-shot: a model with a short context (the byte tokenizer at seq_len 128) is scored on a
+    left-truncated prompt. The train split (1,000 committed; `arithmetic_items("train", n)` makes more, drawn
+    disjoint from the test questions) may be mixed into general pre-training so a small model learns the format;
+    a run that does so must say it, as its arithmetic score then measures retention of a trained skill.
 
 Detectable difference. Two checkpoints are compared on the same items (the monitor's paired rule); McNemar's test
-with discordance rate p_d (the fraction of items whose correctness differs) needs (Connor 1987)
-  n = (z_{a/2} sqrt(p_d) + z_b sqrt(p_d - d^2))^2 / d^2
-items to detect a difference d in accuracy with power 1-b at two-sided level a. Solved for d at n = 2,000, a = 0.05,
-power 0.8 (`detectable_difference`): d = 1.40 points at p_d = 0.05, 1.98 at p_d = 0.10, 2.80 at p_d = 0.20. So a
-2-point change is detectable when at most 10% of items flip between the checkpoints; arithmetic (greedy
-generation) and completion flip less than that between nearby checkpoints. `limit` trades this away: at n = 500,
-p_d = 0.10 gives 3.97 points.
+at two-sided level a with power 1-b, when a fraction p_d of the items changes correctness between them, needs
+(Connor 1987)
+  n = (z_{1-a/2} sqrt(p_d) + z_{1-b} sqrt(p_d - d^2))^2 / d^2
+items to detect an accuracy difference d. Solved for d at a = 0.05, power 0.8 (`detectable_difference`):
 
-Regenerate (byte-identical for the same seed and Python version; the general corpus is the running CPython's, so
-`MANIFEST.json` records the version the committed files were built with):
+| n            | p_d = 0.05 | p_d = 0.10 | p_d = 0.20 |
+| ------------ | ---------- | ---------- | ---------- |
+| 2,000        | 1.40       | 1.98       | 2.80       |
+| 1,725        | 1.51       | 2.13       | 3.01       |
+| 500 (limit)  | 2.79       | 3.95       | 5.59       |
+
+(points). So a 2-point change is detectable on the 2,000-item sets when at most 10% of items flip between the
+checkpoints (completion: at most ~8.5%); a larger flip rate or a `limit` needs a larger change.
+
+Regenerate (byte-identical for the same seed and CPython: the general corpus is the running interpreter's, so
+`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each):
   python -m cl_jax.eval.benchmark_sets --write
 Run through lm-eval (`cl-jax lm-eval` registers the `cl_jax` model):
   cl-jax lm-eval --model cl_jax --model_args pretrained=<dir> --tasks cl_jax_knowledge --include_path <task_dir()>
@@ -57,6 +71,7 @@ import keyword
 import math
 import os
 import re
+import statistics
 import sys
 from typing import NamedTuple, Sequence
 
@@ -64,16 +79,35 @@ import numpy as np
 
 from cl_jax.errors import ConfigError
 
-BUILTIN = ("knowledge", "completion", "arithmetic")
+BUILTIN = ("knowledge", "completion", "arithmetic", "knowledge_cloze")
 TASK_NAMES = {name: f"cl_jax_{name}" for name in BUILTIN}
 SEED = 0
 # The general corpus is split as the LM runs split it (cl_jax/lm/config.py: text.split_seed, validation, test);
 # tests/test_benchmark_sets.py checks these equal the LM config's defaults.
 SPLIT_SEED, SPLIT_VALIDATION, SPLIT_TEST = 0, 0.15, 0.15
+# Items per data file (completion holds every usable held-out sentence, fewer than asked for).
 SIZES = {"knowledge": {"dev": 5, "test": 2000}, "completion": {"test": 2000},
          "arithmetic": {"train": 1000, "test": 2000}}
-MAX_PER_GROUP = 1000  # knowledge items per document group (a module's docstrings, a pydoc page)
-NUM_FEWSHOT = {"knowledge": 0, "completion": 0, "arithmetic": 4}
+
+
+class _Spec(NamedTuple):
+  data: str             # the stem of the JSONL files (`<data>_<split>.jsonl`)
+  kind: str             # lm-eval output type
+  metrics: tuple
+  primary: str
+  fewshot_split: str | None
+  num_fewshot: int
+  delimiter: str = " "  # lm-eval's target_delimiter: between the context and a choice / a few-shot answer
+
+
+# knowledge_cloze scores the knowledge items by the text of the answer, as ARC and HellaSwag score theirs (a model
+# without MMLU's letter-answer convention is measured too): the sentence up to the blank, then each term with the
+# rest of the sentence.
+SPECS = {"knowledge": _Spec("knowledge", "multiple_choice", ("acc",), "acc", "dev", 0),
+         "completion": _Spec("completion", "multiple_choice", ("acc", "acc_norm"), "acc_norm", None, 0),
+         "arithmetic": _Spec("arithmetic", "generate_until", ("exact_match", "exact_match_flexible"), "exact_match",
+                             "train", 4),
+         "knowledge_cloze": _Spec("knowledge", "multiple_choice", ("acc", "acc_norm"), "acc_norm", "dev", 0, "")}
 
 # The prompt conventions of the three lm-eval tasks (MMLU's, HellaSwag's, GSM8K's). The YAML files are written from
 # these same constants, so `score` and lm-eval cannot drift apart.
@@ -92,7 +126,7 @@ class Benchmark(NamedTuple):
   items: list          # dicts (the JSONL rows)
   metrics: tuple       # e.g. ('acc', 'acc_norm') or ('exact_match', 'exact_match_flexible')
   primary: str         # the metric the monitor guards by default
-  style: str = ""      # 'knowledge' | 'completion' | 'arithmetic': how a row becomes a prompt
+  style: str = ""      # the BUILTIN name whose prompt format the rows take ('knowledge', 'completion', ...)
   fewshot: tuple = ()  # rows prepended as worked examples (lm-eval's first_n sampler)
 
 
@@ -109,8 +143,7 @@ def _order(keys, *salt):
 # ----------------------------------------------------------------------------- statistics
 
 def _z(p: float) -> float:
-  from scipy.stats import norm
-  return float(norm.ppf(p))
+  return statistics.NormalDist().inv_cdf(p)
 
 
 def detectable_difference(n: int, discordance: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -128,7 +161,8 @@ def detectable_difference(n: int, discordance: float, *, alpha: float = 0.05, po
 
 # ----------------------------------------------------------------------------- sentences of the general corpus
 
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\"'’”][.!?:])\s+(?=[A-Z\"“])")
+# A sentence ends at . ! ? or : after a word (not after "e.g." / "i.e.") and before a capital or an opening quote.
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\"'’”][.!?:])(?<!\be\.g\.)(?<!\bi\.e\.)\s+(?=[A-Z\"“])")
 
 
 def _paragraph_sentences(text: str) -> list[list[str]]:
@@ -180,10 +214,21 @@ def _vocabularies() -> dict[str, tuple[str, ...]]:
   modules = tuple(sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m.isidentifier()))
   plural = {c: c[:-1] + "ies" if c.endswith("y") else c + "es" if c.endswith(("s", "x", "ch")) else c + "s"
             for c in _CONCEPTS}
+  # Dunder names: those of the built-in types plus the protocol and module ones no built-in type carries.
+  dunders = {a for t in (object, type, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
+                         BaseException, property, range, slice, memoryview) for a in dir(t)}
+  dunders = tuple(sorted({a for a in dunders if a.startswith("__") and a.endswith("__")} | set(_MORE_DUNDERS)))
   return {"module": modules, "function": functions, "keyword": tuple(keyword.kwlist), "exception": exceptions,
-          "constant": ("True", "False", "None"), "type": types, "concept": _CONCEPTS,
+          "dunder": dunders, "constant": ("True", "False", "None"), "type": types, "concept": _CONCEPTS,
           "concepts": tuple(plural[c] for c in _CONCEPTS)}
 
+
+_MORE_DUNDERS = ("__enter__", "__exit__", "__aenter__", "__aexit__", "__await__", "__aiter__", "__anext__", "__get__",
+                 "__set__", "__delete__", "__set_name__", "__missing__", "__call__", "__main__", "__name__",
+                 "__file__", "__all__", "__slots__", "__path__", "__spec__", "__loader__", "__package__",
+                 "__debug__", "__future__", "__builtins__", "__import__", "__annotations__", "__qualname__",
+                 "__module__", "__wrapped__", "__code__", "__defaults__", "__kwdefaults__", "__globals__",
+                 "__closure__", "__self__", "__func__", "__version__")
 
 # Nouns of the language's documentation (the "concept" kind; its plurals are the "concepts" kind): a sentence that
 # states what something is, takes or returns is answered by the noun the documentation uses.
@@ -210,79 +255,92 @@ def _term_pattern(kind: str, term: str) -> str:
   return rf"(?<![\w.])({t})(?![\w])"                  # types, exceptions, constants as words
 
 
-def knowledge_items(docs, n: int, *, seed: int = SEED, dunders: Sequence[str] = ()) -> list[dict]:
-  """n MMLU-style items from the documents: a sentence with one term blanked, the term and three distractors."""
-  vocab = _vocabularies()
-  if dunders:
-    vocab = {**{k: v for k, v in vocab.items() if k in ("module", "function", "keyword", "exception")},
-             "dunder": tuple(dunders), **{k: v for k, v in vocab.items() if k not in ("module", "function",
-                                                                                        "keyword", "exception")}}
-  patterns = {(k, t): re.compile(_term_pattern(k, t) if k != "dunder" else rf"(?<![\w.])({re.escape(t)})(?!\w)")
-              for k, ts in vocab.items() for t in ts}
-  kinds = list(vocab)
-  candidates = []  # (key, group, sentence, kind, term)
+def _sentences(docs, lo: int, hi: int):
+  """(key, group, sentence, the sentence before it or "") for every prose sentence of length in [lo, hi]. The key
+  names the document by its ordinal within its group (the docstrings of one file share the group), so an item's
+  construction depends on its own document alone."""
+  ordinal = {}
   for d in docs:
+    j = ordinal[d.group] = ordinal.get(d.group, -1) + 1
     for p, sentences in enumerate(_paragraph_sentences(d.text)):
       for s_i, s in enumerate(sentences):
-        if not _prose(s, 40, 320):
-          continue
-        words = set(re.findall(r"\w+", s))
-        found = [(k, t) for k, ts in vocab.items() for t in ts if t in words and len(patterns[(k, t)].findall(s)) == 1
-                 and len(re.findall(rf"(?<!\w){re.escape(t)}(?!\w)", s)) == 1]
-        if found:
-          # The most specific kind present (a module or function name before a common noun), a hashed pick within it.
-          first = min(kinds.index(k) for k, _ in found)
-          k, t = _order([f for f in found if kinds.index(f[0]) == first], seed, "term", d.group, s)[0]
-          candidates.append((f"{d.group}|{p}|{s_i}", d.group, s, k, t))
-  items, per_group, seen = [], {}, set()
-  # At most 8 items per document group keeps one long reference page from dominating the set.
-  for key, group, s, k, t in sorted(candidates, key=lambda c: _h(seed, "knowledge", c[0], c[2])):
-    if len(items) == n:
-      break
-    if per_group.get(group, 0) >= MAX_PER_GROUP or s in seen:
+        if _prose(s, lo, hi):
+          yield f"{d.group}|{j}|{p}|{s_i}", d.group, s, sentences[s_i - 1] if s_i else ""
+
+
+def _word(t: str) -> str:
+  return rf"(?<!\w){re.escape(t)}(?!\w)"
+
+
+def knowledge_candidates(docs, *, seed: int = SEED) -> list[tuple[str, dict]]:
+  """(key, item) for every sentence of the documents that holds exactly one term of a known kind (`_vocabularies`):
+  the most specific kind present (a module or function name before a common noun), a hashed pick within it, blanked;
+  three distractors of the same kind that the sentence does not contain; the answer at a hashed position."""
+  vocab = _vocabularies()
+  patterns = {(k, t): re.compile(_term_pattern(k, t)) for k, ts in vocab.items() for t in ts}
+  kinds = list(vocab)
+  out = []
+  for key, group, s, _ in _sentences(docs, 40, 320):
+    words = set(re.findall(r"\w+", s))
+    found = [(k, t) for k, ts in vocab.items() for t in ts if t in words and len(patterns[(k, t)].findall(s)) == 1
+             and len(re.findall(_word(t), s)) == 1]
+    if not found:
       continue
-    others = [o for o in vocab[k] if o != t and not re.search(rf"(?<!\w){re.escape(o)}(?!\w)", s)]
+    first = min(kinds.index(k) for k, _ in found)
+    k, t = _order([f for f in found if kinds.index(f[0]) == first], seed, "term", key)[0]
+    others = [o for o in vocab[k] if o != t and not re.search(_word(o), s)]
     if len(others) < 3:
       continue
     distractors = _order(others, seed, "distractor", key)[:3]
     answer = int(_h(seed, "position", key) * 4)
-    choices = distractors[:answer] + [t] + distractors[answer:]
     m = patterns[(k, t)].search(s)
-    question = f"Which term completes this statement about Python? {s[:m.start(1)]}____{s[m.end(1):]}"
-    items.append({"question": question, "choices": choices, "answer": answer, "kind": k, "source": group})
-    per_group[group] = per_group.get(group, 0) + 1
-    seen.add(s)
+    pre, post = s[:m.start(1)], s[m.end(1):]
+    if not pre.strip():  # the cloze form needs a context before the blank
+      continue
+    choices = distractors[:answer] + [t] + distractors[answer:]
+    # The cloze form: the sentence up to the blank is the context, each term with the rest of the sentence a
+    # continuation (the space before the blank, where there is one, begins it: the text reads as written).
+    space = " " if pre.endswith(" ") else ""
+    out.append((key, {"question": f"Which term completes this statement about Python? {pre}____{post}",
+                      "choices": choices, "answer": answer, "kind": k, "source": group,
+                      "cloze_context": pre[:len(pre) - len(space)],
+                      "cloze_choices": [space + c + post for c in choices]}))
+  return out
+
+
+def knowledge_items(docs, n: int, *, seed: int = SEED) -> list[dict]:
+  """n MMLU-style items: the first n candidates (`knowledge_candidates`) in hashed order, one per sentence text."""
+  items, seen = [], set()
+  for key, item in sorted(knowledge_candidates(docs, seed=seed), key=lambda c: _h(seed, "knowledge", c[0])):
+    if len(items) == n:
+      break
+    if item["question"] not in seen:
+      seen.add(item["question"])
+      items.append(item)
   return items
-
-
-def _dunders(docs) -> tuple[str, ...]:
-  """Dunder names the corpus mentions at least 3 times (a closed kind drawn from the corpus itself)."""
-  counts = {}
-  for d in docs:
-    for m in re.findall(r"(?<![\w.])(__[a-z][a-z0-9_]*[a-z0-9]__)(?!\w)", d.text):
-      counts[m] = counts.get(m, 0) + 1
-  return tuple(sorted(k for k, c in counts.items() if c >= 3))
 
 
 # ----------------------------------------------------------------------------- completion (HellaSwag-like)
 
+def completion_pool(docs, *, seed: int = SEED) -> list[tuple[str, str, str, str]]:
+  """(key, group, query, true ending) for every prose sentence of 8+ words: the cut is a word boundary between 40%
+  and 60% of its words (placed by the hash), the query the sentence before it (when at most 240 characters) and
+  the words before the cut."""
+  pool = []
+  for key, group, s, before in _sentences(docs, 40, 320):
+    words = s.split(" ")
+    if len(words) < 8:
+      continue
+    cut = min(max(int(len(words) * (0.4 + 0.2 * _h(seed, "cut", key))), 3), len(words) - 3)
+    query = ((before if len(before) <= 240 else "") + " " + " ".join(words[:cut])).strip()
+    pool.append((key, group, query, " ".join(words[cut:])))
+  return pool
+
+
 def completion_items(docs, n: int, *, seed: int = SEED) -> list[dict]:
-  """n HellaSwag-style items: the sentence before + a sentence's first half; its ending vs three other endings."""
-  pool = []  # (key, group, query, ending)
-  for d in docs:
-    for p, sentences in enumerate(_paragraph_sentences(d.text)):
-      for s_i, s in enumerate(sentences):
-        if not _prose(s, 40, 320):
-          continue
-        words = s.split(" ")
-        if len(words) < 8:
-          continue
-        # The cut: a word boundary between 40% and 60% of the words, placed by the hash (no RNG state).
-        cut = int(len(words) * (0.4 + 0.2 * _h(seed, "cut", d.group, p, s_i)))
-        cut = min(max(cut, 3), len(words) - 3)
-        before = sentences[s_i - 1] if s_i > 0 and len(sentences[s_i - 1]) <= 240 else ""
-        query = (before + " " + " ".join(words[:cut])).strip()
-        pool.append((f"{d.group}|{p}|{s_i}", d.group, query, " ".join(words[cut:])))
+  """n HellaSwag-style items: a query of `completion_pool`, its true ending and three endings of similar length
+  from other documents."""
+  pool = completion_pool(docs, seed=seed)
   by_len = sorted(range(len(pool)), key=lambda i: (len(pool[i][3]), pool[i][0]))
   rank = {i: r for r, i in enumerate(by_len)}
   items, seen = [], set()
@@ -396,47 +454,46 @@ def _yaml_str(s: str) -> str:
   return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid double-quoted YAML scalar
 
 
+_METRIC = "  - metric: {}\n    aggregation: mean\n    higher_is_better: true\n"
+
+
 def _yaml(name: str) -> str:
   """The lm-eval task of a set. Data: `dataset_path: json` + `data_files`, which lm-eval passes to
   `datasets.load_dataset` unchanged, so a relative path would resolve against the caller's working directory;
   `custom_dataset` (`_local.py`, next to this file) resolves them against the YAML's own directory instead."""
-  splits = SIZES[name]
-  files = "".join(f"    {s}: {name}_{s}.jsonl\n" for s in splits)
-  head = (f"# Generated by `python -m cl_jax.eval.benchmark_sets --write` (cl_jax.eval.benchmark_sets): do not edit.\n"
-          f"task: {TASK_NAMES[name]}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}"
-          f"custom_dataset: !function _local.load_json\ntest_split: test\n")
-  if name == "knowledge":
-    return head + (
-        "fewshot_split: dev\nfewshot_config:\n  sampler: first_n\noutput_type: multiple_choice\n"
-        f"description: {_yaml_str(KNOWLEDGE_DESCRIPTION)}\n"
-        "doc_to_text: \"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n"
-        "D. {{choices[3]}}\\nAnswer:\"\n"
-        "doc_to_choice: [\"A\", \"B\", \"C\", \"D\"]\ndoc_to_target: answer\n"
-        f"num_fewshot: {NUM_FEWSHOT[name]}\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n")
-  if name == "completion":
-    return head + (
-        "output_type: multiple_choice\ndoc_to_text: \"{{query}}\"\ndoc_to_target: label\ndoc_to_choice: choices\n"
-        f"num_fewshot: {NUM_FEWSHOT[name]}\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n")
-  until = "".join(f"    - {_yaml_str(u)}\n" for u in GEN_KWARGS["until"])
-  ignore = "".join(f"      - {_yaml_str(x)}\n" for x in IGNORE_REGEXES)
-  return head + (
-      "training_split: train\nfewshot_split: train\nfewshot_config:\n  sampler: first_n\n"
-      "output_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: \"{{answer}}\"\n"
-      f"num_fewshot: {NUM_FEWSHOT[name]}\n"
-      "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-      f"    ignore_case: true\n    ignore_punctuation: false\n    regexes_to_ignore:\n{ignore}"
-      f"generation_kwargs:\n  until:\n{until}  do_sample: false\n  temperature: 0.0\nrepeats: 1\n"
-      "filter_list:\n"
-      f"  - name: \"strict-match\"\n    filter:\n      - function: \"regex\"\n"
-      f"        regex_pattern: {_yaml_str(STRICT_REGEX)}\n      - function: \"take_first\"\n"
-      f"  - name: \"flexible-extract\"\n    filter:\n      - function: \"regex\"\n        group_select: -1\n"
-      f"        regex_pattern: {_yaml_str(FLEXIBLE_REGEX)}\n      - function: \"take_first\"\n"
-      "metadata:\n  version: 1.0\n")
+  spec = SPECS[name]
+  files = "".join(f"    {s}: {spec.data}_{s}.jsonl\n" for s in SIZES[spec.data])
+  out = (f"# Generated by `python -m cl_jax.eval.benchmark_sets --write` (cl_jax.eval.benchmark_sets): do not edit.\n"
+         f"task: {TASK_NAMES[name]}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}"
+         f"custom_dataset: !function _local.load_json\ntest_split: test\noutput_type: {spec.kind}\n")
+  if spec.fewshot_split:
+    out += f"fewshot_split: {spec.fewshot_split}\nfewshot_config:\n  sampler: first_n\n"
+  if spec.num_fewshot:  # a 0 written here would make lm-eval ignore --num_fewshot (MMLU's YAML leaves it out too)
+    out += f"num_fewshot: {spec.num_fewshot}\n"
+  if name == "knowledge":  # MMLU's (lm-eval tasks/mmlu/default)
+    out += (f"description: {_yaml_str(KNOWLEDGE_DESCRIPTION)}\n"
+            "doc_to_text: \"{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n"
+            "D. {{choices[3]}}\\nAnswer:\"\n"
+            "doc_to_choice: [\"A\", \"B\", \"C\", \"D\"]\ndoc_to_target: answer\n")
+  elif name == "knowledge_cloze":  # the answer's text as the continuation (as ARC / HellaSwag score)
+    out += ("doc_to_text: cloze_context\ndoc_to_choice: cloze_choices\ndoc_to_target: answer\n"
+            "target_delimiter: \"\"\n")
+  elif name == "completion":  # HellaSwag's (lm-eval tasks/hellaswag), on rows already in its processed form
+    out += "doc_to_text: \"{{query}}\"\ndoc_to_target: label\ndoc_to_choice: choices\n"
+  else:  # GSM8K's (lm-eval tasks/gsm8k), with "\n\n" among the stop sequences
+    until = "".join(f"    - {_yaml_str(u)}\n" for u in GEN_KWARGS["until"])
+    out += ("training_split: train\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: \"{{answer}}\"\n"
+            f"generation_kwargs:\n  until:\n{until}  do_sample: false\n  temperature: 0.0\nrepeats: 1\n"
+            "filter_list:\n"
+            f"  - name: \"strict-match\"\n    filter:\n      - function: \"regex\"\n"
+            f"        regex_pattern: {_yaml_str(STRICT_REGEX)}\n      - function: \"take_first\"\n"
+            f"  - name: \"flexible-extract\"\n    filter:\n      - function: \"regex\"\n        group_select: -1\n"
+            f"        regex_pattern: {_yaml_str(FLEXIBLE_REGEX)}\n      - function: \"take_first\"\n")
+  out += "metric_list:\n" + "".join(_METRIC.format(m) for m in spec.metrics if m != "exact_match_flexible")
+  if spec.kind == "generate_until":
+    out += ("    ignore_case: true\n    ignore_punctuation: false\n    regexes_to_ignore:\n"
+            + "".join(f"      - {_yaml_str(x)}\n" for x in IGNORE_REGEXES))
+  return out + "metadata:\n  version: 1.0\n"
 
 
 _LOCAL_PY = '''"""lm-eval `custom_dataset` of the cl_jax offline sets (generated by cl_jax.eval.benchmark_sets: do not edit).
@@ -464,9 +521,8 @@ def generate(seed: int = SEED) -> dict[str, str]:
   """Every file of `task_dir()`: file name -> text (JSONL rows, the YAML tasks, the loader, MANIFEST.json)."""
   split = _general_splits()
   files = {}
-  dunders = _dunders(split["train"])
-  know = knowledge_items(split["train"], SIZES["knowledge"]["test"], seed=seed, dunders=dunders)
-  dev = knowledge_items(split["validation"], SIZES["knowledge"]["dev"], seed=seed, dunders=dunders)
+  know = knowledge_items(split["train"], SIZES["knowledge"]["test"], seed=seed)
+  dev = knowledge_items(split["validation"], SIZES["knowledge"]["dev"], seed=seed)
   files["knowledge_test.jsonl"], files["knowledge_dev.jsonl"] = _jsonl(know), _jsonl(dev)
   # Completion needs held-out prose: the test and validation splits (an LM run trains on neither) together.
   held_out = split["test"] + split["validation"]
@@ -498,125 +554,153 @@ def write(directory: str | None = None, seed: int = SEED) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- load
 
-_STYLES = {  # style -> (kind, metrics, primary, keys a row must have)
-    "knowledge": ("multiple_choice", ("acc",), "acc", ("question", "choices", "answer")),
-    "completion": ("multiple_choice", ("acc", "acc_norm"), "acc_norm", ("query", "choices", "label")),
-    "arithmetic": ("generate_until", ("exact_match", "exact_match_flexible"), "exact_match", ("question", "answer")),
-}
+_ROW_KEYS = {"knowledge": ("question", "choices", "answer"), "knowledge_cloze": ("cloze_context", "cloze_choices", "answer"),
+             "completion": ("query", "choices", "label"), "arithmetic": ("question", "answer")}
 
 
 def _row_style(row, where: str) -> str:
+  """The set a row belongs to: its "style" key when it has one (one of `BUILTIN`), else read from its keys."""
   if not isinstance(row, dict):
     raise ConfigError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-  if "query" in row:
-    style = "completion"
-  elif "choices" in row:
-    style = "knowledge"
-  elif "question" in row and "answer" in row:
-    style = "arithmetic"
-  else:
-    raise ConfigError(f"{where}: a row needs {{question, choices, answer}} (4-choice knowledge), "
-                      "{query, choices, label} (completion) or {question, answer} (arithmetic); got keys "
-                      f"{sorted(row)}")
-  keys = _STYLES[style][3]
-  missing = [k for k in keys if k not in row]
+  style = row.get("style")
+  if style is None:
+    style = ("completion" if "query" in row else "knowledge" if "choices" in row
+             else "knowledge_cloze" if "cloze_choices" in row
+             else "arithmetic" if "question" in row and "answer" in row else None)
+  if style not in SPECS:
+    raise ConfigError(f"{where}: a row is {{question, choices, answer}} (4-choice knowledge), {{cloze_context, "
+                      f"cloze_choices, answer}} (knowledge cloze), {{query, choices, label}} (completion) or "
+                      f"{{question, answer}} (arithmetic), with an optional \"style\" in "
+                      f"{list(BUILTIN)}; got keys {sorted(row)}" + (f", style {style!r}" if "style" in row else ""))
+  missing = [k for k in _ROW_KEYS[style] if k not in row]
   if missing:
-    raise ConfigError(f"{where}: a {style} row needs {list(keys)}; missing {missing}")
+    raise ConfigError(f"{where}: a {style} row needs {list(_ROW_KEYS[style])}; missing {missing}")
   if style == "arithmetic":
     if not isinstance(row["question"], str) or not isinstance(row["answer"], str) or "#### " not in row["answer"]:
       raise ConfigError(f"{where}: 'question' and 'answer' must be strings, the answer ending '#### N'")
     return style
-  choices, gold = row["choices"], row["answer" if style == "knowledge" else "label"]
-  if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-    raise ConfigError(f"{where}: 'choices' must be a list of at least 2 strings")
+  field = "cloze_choices" if style == "knowledge_cloze" else "choices"
+  choices, gold = row[field], row["label" if style == "completion" else "answer"]
+  if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+    raise ConfigError(f"{where}: '{field}' must be a list of at least 2 non-empty strings")
   if style == "knowledge" and len(choices) != 4:
     raise ConfigError(f"{where}: a knowledge row has exactly 4 choices (letters A-D), got {len(choices)}")
   if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
     raise ConfigError(f"{where}: the gold index must be an int in [0, {len(choices)}), got {gold!r}")
+  text = {"knowledge": "question", "knowledge_cloze": "cloze_context", "completion": "query"}[style]
+  if not isinstance(row[text], str):
+    raise ConfigError(f"{where}: '{text}' must be a string")
   return style
 
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+  try:
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   return rows
 
 
-def load(name_or_path: str, split: str = "test", limit: int | None = None) -> Benchmark:
-  """A built-in set (`BUILTIN`, or its lm-eval task name) or a user's .jsonl file in the same row format (the
-  style is read from the rows' keys; a user's file is scored 0-shot). `limit` keeps the first items."""
+def load(name_or_path: str, split: str = "test", limit: int | None = None,
+         num_fewshot: int | None = None) -> Benchmark:
+  """A built-in set (a name of `BUILTIN`, or its lm-eval task name `cl_jax_<name>`) or a user's .jsonl file in
+  the same row format (the set's style read from each row's "style" key or its keys; a user's file is scored
+  0-shot). `limit` keeps the first items (lm-eval's `--limit`); `num_fewshot` replaces the YAML's number of worked
+  examples of a built-in set (lm-eval's `--num_fewshot`: the first k rows of its few-shot split)."""
   if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
     raise ConfigError(f"benchmark {name_or_path!r}: limit={limit!r}, expected a positive int or None")
+  if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                  or num_fewshot < 0):
+    raise ConfigError(f"benchmark {name_or_path!r}: num_fewshot={num_fewshot!r}, expected an int >= 0 or None")
   name = next((b for b in BUILTIN if name_or_path in (b, TASK_NAMES[b])), None)
   fewshot = ()
   if name is not None:
-    if split not in SIZES[name]:
-      raise ConfigError(f"benchmark {name!r}: split={split!r}, expected one of {sorted(SIZES[name])}")
-    rows = _read_jsonl(os.path.join(task_dir(), f"{name}_{split}.jsonl"))
+    spec = SPECS[name]
+    if split not in SIZES[spec.data]:
+      raise ConfigError(f"benchmark {name!r}: split={split!r}, expected one of {sorted(SIZES[spec.data])}")
+    rows = _read_jsonl(os.path.join(task_dir(), f"{spec.data}_{split}.jsonl"))
+    k = spec.num_fewshot if num_fewshot is None else num_fewshot
+    if k:
+      if spec.fewshot_split is None:
+        raise ConfigError(f"benchmark {name!r}: num_fewshot={k}, but the set has no few-shot split (0 only)")
+      fewshot_rows = _read_jsonl(os.path.join(task_dir(), f"{spec.data}_{spec.fewshot_split}.jsonl"))
+      if k > len(fewshot_rows):
+        raise ConfigError(f"benchmark {name!r}: num_fewshot={k}, but its {spec.fewshot_split} split holds "
+                          f"{len(fewshot_rows)} rows")
+      fewshot = tuple(fewshot_rows[:k])
     style = name
-    if NUM_FEWSHOT[name]:
-      fewshot_split = "train" if name == "arithmetic" else "dev"
-      fewshot = tuple(_read_jsonl(os.path.join(task_dir(), f"{name}_{fewshot_split}.jsonl"))[:NUM_FEWSHOT[name]])
   else:
     path = name_or_path
-    if not path.endswith(".jsonl") or not os.path.isfile(path):
+    if num_fewshot:
+      raise ConfigError(f"benchmark {path!r}: num_fewshot={num_fewshot}: a user's file is scored 0-shot")
+    if not str(path).endswith(".jsonl") or not os.path.isfile(path):
       raise ConfigError(f"benchmark {path!r}: expected one of {list(BUILTIN)} or an existing .jsonl file")
     rows = _read_jsonl(path)
     if not rows:
-      raise ConfigError(f"benchmark {path!r}: no rows")
+      raise ConfigError(f"benchmark {path!r}: the file has no rows")
     styles = {_row_style(r, f"{path}:{i + 1}") for i, r in enumerate(rows)}
     if len(styles) != 1:
-      raise ConfigError(f"benchmark {path!r}: rows of several styles {sorted(styles)}; one file holds one style")
+      raise ConfigError(f"benchmark {path!r}: rows of several styles {sorted(styles)}; one file holds one set")
     style = styles.pop()
     name = os.path.splitext(os.path.basename(path))[0]
-  kind, metrics, primary, _ = _STYLES[style]
-  return Benchmark(name, kind, rows[:limit], metrics, primary, style, fewshot)
+  spec = SPECS[style]
+  return Benchmark(name, spec.kind, rows[:limit], spec.metrics, spec.primary, style, fewshot)
 
 
 # ----------------------------------------------------------------------------- score (as lm-eval scores the YAML)
 
 def _text(style: str, row: dict) -> str:
+  """lm-eval's `doc_to_text` of the set's YAML."""
   if style == "knowledge":
     c = row["choices"]
     return f"{row['question'].strip()}\n" + "".join(f"{LETTERS[i]}. {c[i]}\n" for i in range(4)) + "Answer:"
+  if style == "knowledge_cloze":
+    return row["cloze_context"]
   if style == "completion":
     return row["query"]
   return f"Question: {row['question']}\nAnswer:"
 
 
-def _target(style: str, row: dict) -> str:
-  if style == "knowledge":
-    return LETTERS[row["answer"]]
-  if style == "completion":
-    return row["choices"][row["label"]]
-  return row["answer"]
-
-
 def _choices(style: str, row: dict) -> list[str]:
-  return list(LETTERS) if style == "knowledge" else list(row["choices"])
+  """lm-eval's `doc_to_choice` (multiple choice)."""
+  if style == "knowledge":
+    return list(LETTERS)
+  return list(row["cloze_choices" if style == "knowledge_cloze" else "choices"])
+
+
+def _gold(style: str, row: dict) -> int:
+  return row["label"] if style == "completion" else row["answer"]
+
+
+def _target(style: str, row: dict) -> str:
+  """lm-eval's `doc_to_target` as text: the gold choice, or the worked answer."""
+  return row["answer"] if style == "arithmetic" else _choices(style, row)[_gold(style, row)]
 
 
 def context(bench: Benchmark, row: dict) -> str:
-  """lm-eval's prompt for a row (`Task.fewshot_context`, plain text): the description, each few-shot example as
-  text + " " + target + "\\n\\n", then the row's text."""
+  """lm-eval's prompt for a row (`Task.fewshot_context`, plain text, no chat template): the description, each
+  few-shot example as text + " " + target + "\\n\\n", then the row's text."""
   out = KNOWLEDGE_DESCRIPTION if bench.style == "knowledge" else ""
   for ex in bench.fewshot:
-    out += _text(bench.style, ex) + " " + _target(bench.style, ex) + "\n\n"
+    out += _text(bench.style, ex) + SPECS[bench.style].delimiter + _target(bench.style, ex) + "\n\n"
   return out + _text(bench.style, row)
 
 
 def requests(bench: Benchmark) -> list:
-  """The engine requests of the set in item order: (context, " " + choice) pairs, choices of an item adjacent, for a
-  multiple-choice set; (context, generation kwargs) for a generation set."""
+  """The engine requests of the set in item order: (context, delimiter + choice) pairs, choices of an item adjacent,
+  for a multiple-choice set (the delimiter is " ", "" for knowledge_cloze); (context, generation kwargs) for a
+  generation set."""
   if bench.kind == "multiple_choice":
-    return [(context(bench, r), " " + c) for r in bench.items for c in _choices(bench.style, r)]
+    d = SPECS[bench.style].delimiter
+    return [(context(bench, r), d + c) for r in bench.items for c in _choices(bench.style, r)]
   return [(context(bench, r), json.loads(json.dumps(GEN_KWARGS))) for r in bench.items]
 
 
@@ -659,7 +743,7 @@ def score(bench: Benchmark, engine) -> tuple[dict, dict]:
       choices = _choices(bench.style, row)
       lls = np.array([float(ll) for ll, _ in out[k:k + len(choices)]])
       k += len(choices)
-      gold = row["answer"] if bench.style == "knowledge" else row["label"]
+      gold = _gold(bench.style, row)
       acc.append(float(np.argmax(lls) == gold))
       acc_norm.append(float(np.argmax(lls / np.array([float(len(c)) for c in choices])) == gold))
     per = {"acc": np.array(acc), "acc_norm": np.array(acc_norm)}
