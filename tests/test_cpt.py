@@ -303,7 +303,7 @@ def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, bench, 
   assert [e["step"] for e in records if e["type"] == "train"] == list(range(1, 21))
 
 
-def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, tmp_path):
+def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, bench, tmp_path):
   """Issue 23 on the LM kind (the checkpoint code is the classic kind's, tests/test_trust_checkpoints.py): the
   newest adaptation checkpoint with flipped bytes is set aside for the one before it, a deleted metrics.jsonl is
   rewritten from that checkpoint's copy, and the run ends with the same numbers."""
@@ -323,7 +323,8 @@ def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, t
   os.remove(os.path.join(workdir, "metrics.jsonl"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    r = cl_jax.run(_tiny(regression__threshold=0.5), workdir, progress=False, data=data).extra
+    r = cl_jax.run(_tiny(regression__threshold=0.5, regression__benchmarks=bench), workdir, progress=False,
+                   data=data).extra
   said = [str(w.message) for w in caught]
   set_aside = [m for m in said if m.startswith("checkpoint ")]
   assert len(set_aside) == 1 and set_aside[0].startswith(f"checkpoint {newest} is corrupt (array digest mismatch"), said
