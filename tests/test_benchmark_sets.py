@@ -8,6 +8,7 @@ import hashlib
 import importlib.machinery
 import json
 import os
+import platform
 import re
 import sys
 import tomllib
@@ -88,7 +89,7 @@ def test_committed_files_are_the_generators_output():
   assert (len(test), len(train)) == (B.SIZES["arithmetic"]["test"], B.SIZES["arithmetic"]["train"])
   # Knowledge and completion come from the running CPython's corpus: rebuild the items of the pydoc pages (cheap:
   # no source file is parsed) and find every committed item of those pages among them, exactly.
-  if manifest["python"] != f"{sys.version_info.major}.{sys.version_info.minor}":
+  if manifest["python"] != platform.python_version():
     pytest.skip(f"the sets were built with Python {manifest['python']}: the corpus differs on this one")
   from pydoc_data.topics import topics
   know, comp = _rows("knowledge_test.jsonl"), _rows("completion_test.jsonl")
@@ -120,6 +121,18 @@ def test_sets_are_well_formed():
     assert np.all(np.abs(counts - 0.25) < 0.03), counts
   # Completion endings come from other documents: a distractor is never the query's own ending.
   assert all(len(set(r["choices"])) == 4 for r in comp)
+  # Arithmetic solutions are right: every "a op b = c" step holds, the answer is the last step's result, and all 8
+  # templates occur.
+  arith = _rows("arithmetic_test.jsonl")
+  for r in arith:
+    steps = re.findall(r"(\d+(?: [-+*/] \d+)+) = (\d+)", r["answer"])
+    assert steps and all(eval(lhs) == int(rhs) for lhs, rhs in steps), r  # noqa: S307 (digits and operators only)
+    assert _number(r["answer"]) == int(steps[-1][1])
+  marks = ("buys", "costs", "pages a day", "shares", "A shelf holds", "lost", "walks", "twice as many")
+  assert all(sum(m in r["question"] for r in arith) > 150 for m in marks)
+  # Every scored continuation fits a byte-level model at lm.seq_len = 128.
+  for name in ("completion", "knowledge_cloze"):
+    assert max(len(x.encode("utf-8")) for _, x in B.requests(B.load(name))) <= B.MAX_CONTINUATION_BYTES == 100
 
 
 def test_score_numbers_with_known_engines():
@@ -274,8 +287,8 @@ def test_load_refuses_bad_input(tmp_path):
 
 def test_detectable_difference_is_mcnemars_power():
   # The docstring's numbers, then a simulation: at the computed d, McNemar's test rejects in ~80% of paired runs.
-  table = {n: [round(100 * B.detectable_difference(n, p), 2) for p in (0.05, 0.10, 0.20)] for n in (2000, 1725, 500)}
-  assert table == {2000: [1.40, 1.98, 2.80], 1725: [1.51, 2.13, 3.01], 500: [2.79, 3.95, 5.59]}
+  table = {n: [round(100 * B.detectable_difference(n, p), 2) for p in (0.05, 0.10, 0.20)] for n in (2000, 1714, 500)}
+  assert table == {2000: [1.40, 1.98, 2.80], 1714: [1.51, 2.14, 3.02], 500: [2.79, 3.95, 5.59]}
   for n, row in table.items():  # the module docstring's table holds these numbers
     assert re.search(rf"\| {n:,}.*\| " + r" +\| ".join(f"{v:.2f}" for v in row), B.__doc__), n
   n, p_d = 2000, 0.10

@@ -11,7 +11,7 @@ monitor benchmark (`load` + `score`, which scores exactly as lm-eval 0.4.13 scor
 | ----------------- | ------------------------ | ------------------------------------------------------ | ---------- | ----------- |
 | `knowledge`       | `cl_jax_knowledge`       | MMLU: 4 choices, continuations " A".." D", 0-shot      | 2,000      | acc         |
 | `knowledge_cloze` | `cl_jax_knowledge_cloze` | the same items, the answer's text as continuation      | 2,000      | acc_norm    |
-| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,725      | acc_norm    |
+| `completion`      | `cl_jax_completion`      | HellaSwag: 4 endings, acc_norm by characters           | 1,714      | acc_norm    |
 | `arithmetic`      | `cl_jax_arithmetic`      | GSM8K: 4-shot, "#### N", strict-match exact_match      | 2,000      | exact_match |
 
 What a model needs to know:
@@ -23,15 +23,18 @@ What a model needs to know:
     sentence does not contain ("Return a ____ of strings": list, not dict or tuple). A model that read the corpus
     and still remembers it picks the documented term; forgetting general text loses exactly these facts. The
     prompt is MMLU's ("Question\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:", continuations " A".." D"), which also
-    needs the letter-answer convention that small models lack (MMLU is near chance below billions of parameters).
+    needs the letter-answer convention, which small models lack (they score MMLU near chance).
   * `knowledge_cloze` -- the same items as a cloze: context = the sentence up to the blank, continuation = each
     term followed by the rest of the sentence (lm-eval `target_delimiter: ""`; acc_norm by characters), the form a
-    small model trained on the corpus is measured with.
+    small model trained on the corpus is measured with. Every scored continuation (here and in `completion`) is
+    at most 100 UTF-8 bytes, so a byte-level model at the LM runs' lm.seq_len = 128 scores every item (contexts
+    beyond a model's window are left-truncated, as lm-eval does).
   * `completion` -- held-out language: a sentence of the corpus's TEST and VALIDATION splits (an LM run trains on
-    neither) cut at a word boundary between 40% and 60% of its words, after the sentence before it; the true
-    ending against the endings of three sentences of similar length (the 40 nearest by length) from other
-    documents. Grammar, topic coherence and the documentation's style decide it -- what general pre-training
-    builds and domain training erodes. Every usable held-out sentence is an item (1,725 of the 2,000 asked for).
+    neither) cut at a word boundary between 40% and 60% of its words (later where the ending would exceed 100
+    bytes), after the sentence before it; the true ending against the endings of three sentences of similar
+    length (the 40 nearest by length) from other documents. Grammar, topic coherence and the documentation's
+    style decide it -- what general pre-training builds and domain training erodes. Every usable held-out
+    sentence is an item (1,714 of the 2,000 asked for).
   * `arithmetic` -- templated multi-step word problems (8 templates; seeded names, objects and numbers 2-99), each
     with a worked solution ending "#### N". The first 4 train items precede every test question (lm-eval's
     `first_n` sampler on the `train` split; `load(num_fewshot=k)` / `--num_fewshot k` choose k). Prompts are
@@ -39,6 +42,10 @@ What a model needs to know:
     left-truncated prompt. The train split (1,000 committed; `arithmetic_items("train", n)` makes more, drawn
     disjoint from the test questions) may be mixed into general pre-training so a small model learns the format;
     a run that does so must say it, as its arithmetic score then measures retention of a trained skill.
+
+How much of each set general text answers, and how far a model without it falls (character 6-gram models counted
+on the general train split vs on code only, scored by `score`): results/benchmark_sets_baseline.md
+(`python scripts/benchmark_sets_baseline.py`).
 
 Detectable difference. Two checkpoints are compared on the same items (the monitor's paired rule); McNemar's test
 at two-sided level a with power 1-b, when a fraction p_d of the items changes correctness between them, needs
@@ -49,15 +56,16 @@ items to detect an accuracy difference d. Solved for d at a = 0.05, power 0.8 (`
 | n            | p_d = 0.05 | p_d = 0.10 | p_d = 0.20 |
 | ------------ | ---------- | ---------- | ---------- |
 | 2,000        | 1.40       | 1.98       | 2.80       |
-| 1,725        | 1.51       | 2.13       | 3.01       |
+| 1,714        | 1.51       | 2.14       | 3.02       |
 | 500 (limit)  | 2.79       | 3.95       | 5.59       |
 
 (points). So a 2-point change is detectable on the 2,000-item sets when at most 10% of items flip between the
 checkpoints (completion: at most ~8.5%); a larger flip rate or a `limit` needs a larger change.
 
 Regenerate (byte-identical for the same seed and CPython: the general corpus is the running interpreter's, so
-`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each):
+`MANIFEST.json` records the version the committed files were built with, and the SHA-256 of each), or compare:
   python -m cl_jax.eval.benchmark_sets --write
+  python -m cl_jax.eval.benchmark_sets --check        # exit 1 naming the files a fresh generation changes
 Run through lm-eval (`cl-jax lm-eval` registers the `cl_jax` model):
   cl-jax lm-eval --model cl_jax --model_args pretrained=<dir> --tasks cl_jax_knowledge --include_path <task_dir()>
 """
@@ -70,9 +78,11 @@ import json
 import keyword
 import math
 import os
+import platform
 import re
 import statistics
 import sys
+import types
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -88,6 +98,12 @@ SPLIT_SEED, SPLIT_VALIDATION, SPLIT_TEST = 0, 0.15, 0.15
 # Items per data file (completion holds every usable held-out sentence, fewer than asked for).
 SIZES = {"knowledge": {"dev": 5, "test": 2000}, "completion": {"test": 2000},
          "arithmetic": {"train": 1000, "test": 2000}}
+
+
+# A scored continuation (the delimiter, an ending or a cloze term with the rest of its sentence) is at most this many
+# UTF-8 bytes, so a byte-level model with lm.seq_len = 128 (the LM runs' default) can score every item; contexts
+# longer than a model's window are left-truncated, as lm-eval truncates them.
+MAX_CONTINUATION_BYTES = 100
 
 
 class _Spec(NamedTuple):
@@ -170,7 +186,7 @@ def _paragraph_sentences(text: str) -> list[list[str]]:
   grammar, argument tables -- and ruled tables dropped) as lists of whitespace-normalised sentences."""
   out = []
   for para in re.split(r"\n\s*\n", text):
-    # A bullet ("* ", "- ") starts a new item; a line that starts with anything else non-letter ends the prose.
+    # A bullet ("* ", "- ") starts its own item; an item with an indented or ruled line is code, grammar or a table.
     items = re.split(r"\n(?=[*-] )", para)
     for item in items:
       lines = item.splitlines()
@@ -207,10 +223,12 @@ def _vocabularies() -> dict[str, tuple[str, ...]]:
   exceptions = tuple(n for n in names if isinstance(getattr(builtins, n), type)
                      and issubclass(getattr(builtins, n), BaseException) and not n.startswith("_"))
   # Not "set", "object", "range", "type": in running text they are English words more often than Python names.
-  types = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "frozenset", "bool",
-           "memoryview")
-  functions = tuple(n for n in names if not n.startswith("_") and n.islower() and callable(getattr(builtins, n))
-                    and not isinstance(getattr(builtins, n), type))
+  type_names = ("int", "float", "complex", "str", "bytes", "bytearray", "list", "tuple", "dict", "frozenset", "bool",
+                "memoryview")
+  # Built-in functions proper: not the helpers `site` adds (help, exit, license) or a notebook's, so the set does not
+  # depend on how the interpreter was started.
+  functions = tuple(n for n in names if not n.startswith("_")
+                    and isinstance(getattr(builtins, n), types.BuiltinFunctionType))
   modules = tuple(sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m.isidentifier()))
   plural = {c: c[:-1] + "ies" if c.endswith("y") else c + "es" if c.endswith(("s", "x", "ch")) else c + "s"
             for c in _CONCEPTS}
@@ -219,7 +237,7 @@ def _vocabularies() -> dict[str, tuple[str, ...]]:
                          BaseException, property, range, slice, memoryview) for a in dir(t)}
   dunders = tuple(sorted({a for a in dunders if a.startswith("__") and a.endswith("__")} | set(_MORE_DUNDERS)))
   return {"module": modules, "function": functions, "keyword": tuple(keyword.kwlist), "exception": exceptions,
-          "dunder": dunders, "constant": ("True", "False", "None"), "type": types, "concept": _CONCEPTS,
+          "dunder": dunders, "constant": ("True", "False", "None"), "type": type_names, "concept": _CONCEPTS,
           "concepts": tuple(plural[c] for c in _CONCEPTS)}
 
 
@@ -301,6 +319,8 @@ def knowledge_candidates(docs, *, seed: int = SEED) -> list[tuple[str, dict]]:
     # The cloze form: the sentence up to the blank is the context, each term with the rest of the sentence a
     # continuation (the space before the blank, where there is one, begins it: the text reads as written).
     space = " " if pre.endswith(" ") else ""
+    if max(len((space + c + post).encode("utf-8")) for c in choices) > MAX_CONTINUATION_BYTES:
+      continue
     out.append((key, {"question": f"Which term completes this statement about Python? {pre}____{post}",
                       "choices": choices, "answer": answer, "kind": k, "source": group,
                       "cloze_context": pre[:len(pre) - len(space)],
@@ -332,6 +352,10 @@ def completion_pool(docs, *, seed: int = SEED) -> list[tuple[str, str, str, str]
     if len(words) < 8:
       continue
     cut = min(max(int(len(words) * (0.4 + 0.2 * _h(seed, "cut", key))), 3), len(words) - 3)
+    while len(" ".join(words[cut:]).encode("utf-8")) + 1 > MAX_CONTINUATION_BYTES and cut < len(words) - 3:
+      cut += 1  # a long sentence is cut later: its ending (with the delimiter's space) must fit the cap
+    if len(" ".join(words[cut:]).encode("utf-8")) + 1 > MAX_CONTINUATION_BYTES:
+      continue
     query = ((before if len(before) <= 240 else "") + " " + " ".join(words[:cut])).strip()
     pool.append((key, group, query, " ".join(words[cut:])))
   return pool
@@ -534,7 +558,7 @@ def generate(seed: int = SEED) -> dict[str, str]:
     files[f"{TASK_NAMES[name]}.yaml"] = _yaml(name)
   files["_local.py"] = _LOCAL_PY
   manifest = {"generator": "python -m cl_jax.eval.benchmark_sets --write", "seed": seed,
-              "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+              "python": platform.python_version(),  # pydoc_data and docstrings change between releases
               "corpus_split": {"seed": SPLIT_SEED, "validation": SPLIT_VALIDATION, "test": SPLIT_TEST},
               "items": {f: t.count("\n") for f, t in sorted(files.items()) if f.endswith(".jsonl")},
               "sha256": {f: hashlib.sha256(t.encode("utf-8")).hexdigest() for f, t in sorted(files.items())}}
@@ -756,12 +780,29 @@ def score(bench: Benchmark, engine) -> tuple[dict, dict]:
   return {m: float(v.mean()) for m, v in per.items()}, per
 
 
+def check(directory: str | None = None, seed: int = SEED) -> list[str]:
+  """The files of `directory` (default `task_dir()`) that differ from a fresh generation (empty: all identical)."""
+  directory = directory or task_dir()
+  differ = []
+  for name, text in generate(seed).items():
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path) or open(path, encoding="utf-8", newline="").read() != text:
+      differ.append(name)
+  return differ
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m cl_jax.eval.benchmark_sets", description=__doc__.split("\n")[0])
   p.add_argument("--write", action="store_true", help="regenerate the files of task_dir() (or --dir)")
-  p.add_argument("--dir", default=None, help="write here instead of the package's task directory")
+  p.add_argument("--check", action="store_true",
+                 help="regenerate in memory and compare with task_dir() (or --dir): exit 1 naming what differs")
+  p.add_argument("--dir", default=None, help="the directory to write or check instead of the package's")
   p.add_argument("--seed", type=int, default=SEED)
   a = p.parse_args(argv)
+  if a.check:
+    differ = check(a.dir, a.seed)
+    print(f"differ from a fresh generation: {', '.join(differ)}" if differ else "identical to a fresh generation")
+    return 1 if differ else 0
   if not a.write:
     p.print_help()
     return 0
