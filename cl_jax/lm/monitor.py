@@ -357,10 +357,12 @@ class RegressionMonitor:
       called = [h["step"] for h in self.history if h["crossed"]]
       n_inc = sum(h.get("decision") == "inconclusive" for h in self.history)
       extra = f" ({n_inc} evaluation(s) above it but not significantly)" if n_inc else ""
+      # With benchmarks the thresholds are per metric: the sentence names them (and keeps its old form without).
+      own = " (benchmarks: their own thresholds, in the rule)" if self.bench else ""
       if called:
-        return (f"Regressed beyond {100 * self.threshold:.1f}% at step(s) {', '.join(map(str, called))} (not kept), "
-                f"never beyond the {100 * self.stop_threshold:.1f}% stop{extra}; {best}.")
-      return f"No general metric regressed significantly beyond {100 * self.threshold:.1f}%{extra}; {best}."
+        return (f"Regressed beyond {100 * self.threshold:.1f}%{own} at step(s) {', '.join(map(str, called))} (not "
+                f"kept), never beyond the {100 * self.stop_threshold:.1f}% stop{extra}; {best}.")
+      return f"No general metric regressed significantly beyond {100 * self.threshold:.1f}%{own}{extra}; {best}."
     iv = self.stopped.get("intervals", {})
     parts = ", ".join(f"{m} {self.fmt(m, r)}" + (f" [{100 * iv[m][0]:+.2f}, {100 * iv[m][1]:+.2f}]" if m in iv else "")
                       for m, r in self.stopped["regressions"].items())
