@@ -155,16 +155,39 @@ def relative_regression(base: float, value: float, higher_better: bool) -> float
   return (base - value) / abs(base) if higher_better else (value - base) / abs(base)
 
 
+def draw_benchmarks(ax, history: list[dict], benchmarks: list[dict]):
+  """Each benchmark's guarded score (%) over the steps (general solid, domain dashed), its paired interval as a band
+  and, for a general one, the score its threshold allows (dotted)."""
+  steps = [h["step"] for h in history]
+  for b in benchmarks:
+    name, before = b["name"], b["before"]
+    sign = 1.0 if higher_is_better(name) else -1.0
+    # The monitor's r is a regression: before - sign r in points, before (1 - r) when relative.
+    score = (lambda r: before * (1 - r)) if b["relative"] else (lambda r: before - sign * r)
+    line, = ax.plot(steps, [100 * h["metrics"][name] for h in history], marker="o", ms=3,
+                    ls="-" if b["role"] == "general" else "--", label=f"{b['benchmark']} {b['metric']}")
+    if all(name in h.get("intervals", {}) and h["intervals"][name].get("se") is not None for h in history[1:]):
+      ax.fill_between(steps[1:], [100 * score(h["intervals"][name]["hi"]) for h in history[1:]],
+                      [100 * score(h["intervals"][name]["lo"]) for h in history[1:]], color=line.get_color(),
+                      alpha=0.15)
+    if b["role"] == "general":
+      ax.axhline(100 * score(b["threshold"] / 100), color=line.get_color(), ls=":", lw=1)
+  ax.set_xlabel("adaptation step")
+  ax.set_ylabel("benchmark score (%)")
+  ax.set_title("benchmarks (dotted: threshold; band: interval)")
+
+
 def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold: float, *, title: str = "",
-                   stopped_step: int | None = None, best_step: int | None = None):
+                   stopped_step: int | None = None, best_step: int | None = None, benchmarks: list | None = None):
   """A matplotlib Figure (built without pyplot, so nothing is displayed or kept alive): general metrics' relative
-  regression with its interval (left, with the threshold drawn) and domain metrics' improvement (right)."""
+  regression with its interval (left, with the threshold drawn), domain metrics' improvement (middle) and, with
+  `benchmarks` (an LM record's `benchmarks` rows), each benchmark's score (right)."""
   from matplotlib.figure import Figure
   steps = [h["step"] for h in history]
-  general = sorted({m for h in history for m in h["regressions"]})
-  domain = sorted(m for m in baseline if m.startswith("domain/"))
-  fig = Figure(figsize=(11, 4))
-  axes = fig.subplots(1, 2)
+  general = sorted({m for h in history for m in h["regressions"] if "/bench/" not in m})
+  domain = sorted(m for m in baseline if m.startswith("domain/") and "/bench/" not in m)
+  fig = Figure(figsize=(16, 4) if benchmarks else (11, 4))
+  axes = fig.subplots(1, 3 if benchmarks else 2)
   ax = axes[0]
   for m in general:
     line, = ax.plot(steps, [100 * h["regressions"][m] for h in history], marker="o", ms=3, label=m)
@@ -185,6 +208,8 @@ def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold
   ax.set_xlabel("adaptation step")
   ax.set_ylabel("domain improvement vs base (%)")
   ax.set_title("domain (higher = better)")
+  if benchmarks:
+    draw_benchmarks(axes[2], history, benchmarks)
   for ax in axes:
     if stopped_step is not None:
       ax.axvline(stopped_step, color="red", lw=1, label="regression called")
@@ -198,7 +223,8 @@ def monitor_figure(history: list[dict], baseline: Mapping[str, float], threshold
 
 
 def plot_monitor(history: list[dict], baseline: Mapping[str, float], threshold: float, path: str,
-                 title: str = "", stopped_step: int | None = None, best_step: int | None = None) -> None:
+                 title: str = "", stopped_step: int | None = None, best_step: int | None = None,
+                 benchmarks: list | None = None) -> None:
   """`monitor_figure` saved as a PNG at `path`."""
   monitor_figure(history, baseline, threshold, title=title, stopped_step=stopped_step,
-                 best_step=best_step).savefig(path, dpi=110)
+                 best_step=best_step, benchmarks=benchmarks).savefig(path, dpi=110)

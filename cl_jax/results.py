@@ -172,7 +172,7 @@ class Results:
     if self.kind == "lm" and "history" in self.extra:
       e = self.extra
       return report.monitor_figure(e["history"], e["baseline"], e["threshold"], best_step=e.get("best_step"),
-                            stopped_step=(e.get("stopped") or {}).get("step"))
+                            stopped_step=(e.get("stopped") or {}).get("step"), benchmarks=e.get("benchmarks"))
     if self.accuracy_matrix is None:
       raise ValueError(f"{self.kind} results in {self.workdir} have nothing to plot")
     return report.overview_figure(self.accuracy_matrix, self.metrics("eval"))

@@ -76,19 +76,53 @@ def data():
   return load_data(_tiny())
 
 
+def completion_items(data, path, n=64, seed=0):
+  """A user's completion benchmark (JSONL, HellaSwag's row format) from the general TRAINING text: the true ending of
+  a sentence against three strings of control bytes of its length, which neither corpus holds. The base scores 100%;
+  a model that loses general text (domain-only at a high learning rate) loses it."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for r in np.asarray(data.train["general"]):
+    text = data.tokenizer.decode(r)
+    cut = text.find(" ", 12)
+    if cut < 0 or len(text) - cut < 9 or not text.isascii():
+      continue
+    noise = [bytes(rng.integers(1, 8, len(text) - cut - 1).astype(np.uint8)).decode() for _ in range(3)]
+    label = int(rng.integers(4))
+    rows.append({"query": text[:cut], "choices": noise[:label] + [text[cut + 1:]] + noise[label:], "label": label})
+    if len(rows) == n:
+      break
+  with open(path, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  return str(path)
+
+
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  """A finished run through `cl_jax.run` with a loose threshold: pretraining, adaptation to the end, all outputs."""
+def bench(data, tmp_path_factory):
+  """`regression.benchmarks`: the completion items above, general, guarded on acc at 2 points."""
+  path = completion_items(data, tmp_path_factory.mktemp("bench") / "general_completion.jsonl")
+  return [{"name": path, "threshold": 2.0, "metric": "acc"}]
+
+
+BENCH_ACC = "general/bench/general_completion/acc"
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, bench):
+  """A finished run through `cl_jax.run` with a loose threshold: pretraining, adaptation to the end, all outputs;
+  with a general benchmark (guarded at 2 points) in the monitor."""
   workdir = str(tmp_path_factory.mktemp("cpt") / "run")
-  c = _tiny(regression__threshold=0.5)
+  c = _tiny(regression__threshold=0.5, regression__benchmarks=bench)
   return cl_jax.run(c, workdir, progress=False), workdir
 
 
 def test_run_writes_outputs_and_logs_realised_mixture(base_run):
   results, workdir = base_run
   assert results.kind == "lm" and cl_jax.Results.load(workdir).extra["test"] == results.extra["test"]
-  fig = results.plot()  # the monitor plot, as a matplotlib Figure
-  assert len(fig.axes) == 2 and "general/perplexity" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  fig = results.plot()  # the monitor plot, as a matplotlib Figure: general, domain, benchmarks
+  assert len(fig.axes) == 3 and "general/perplexity" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert [t.get_text() for t in fig.axes[2].get_legend().get_texts()][0] == "general_completion acc"
+  assert all("/bench/" not in t.get_text() for t in fig.axes[0].get_legend().get_texts())
   r = results.extra
   for f in ("results.json", "summary.md", "monitor.png", "metrics.jsonl", "config.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
@@ -108,20 +142,42 @@ def test_run_writes_outputs_and_logs_realised_mixture(base_run):
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   evals = [e for e in records if e["type"] == "eval" and e["phase"] == "adapt"]
   assert [e["step"] for e in evals] == [0, 5, 10, 15, 20] and "realised_mixture" in evals[1]
+  # The benchmark: its scores (every metric) in every evaluation, the guarded one with its interval and call; the
+  # base read the general text it was built from.
+  assert evals[0][BENCH_ACC] == 1.0 and "general/bench/general_completion/acc_norm" in evals[0]
+  for e in evals:
+    lo, hi = e["regression_intervals"][BENCH_ACC]
+    assert lo <= e["regressions"][BENCH_ACC] <= hi and e["regressions"][BENCH_ACC] == pytest.approx(1 - e[BENCH_ACC])
+    assert e["regression_decisions"][BENCH_ACC] in ("within", "inconclusive", "regressed")
+  # summary.md: before / after / kept per benchmark.
+  row = r["benchmarks"][0]
+  assert (row["benchmark"], row["role"], row["metric"], row["items"]) == ("general_completion", "general", "acc", 64)
+  assert row["before"] == 1.0 and row["after"]["step"] == 20 and row["kept"]["step"] == r["best_step"]
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  assert "## Benchmarks" in summary and "| general_completion | general | acc | 64 | 2 pts | 100.0 | " in summary
+  # TensorBoard has the curve (the event files hold the tag of every numeric eval field).
+  tb = os.path.join(workdir, "tensorboard")
+  events = b"".join(open(os.path.join(tb, f), "rb").read() for f in os.listdir(tb))
+  assert b"adapt/eval/" + BENCH_ACC.encode() in events
   # Both phases through the one loop: 30 pre-training and 20 adaptation train records, each step once.
   for phase, n in (("pretrain", 30), ("adapt", 20)):
     steps = [e["step"] for e in records if e["type"] == "train" and e["phase"] == phase]
     assert steps == list(range(1, n + 1)), phase
 
 
-def test_hard_stop_fires_on_forced_regression(data, base_run, tmp_path):
+def test_hard_stop_fires_on_forced_regression(data, base_run, bench, tmp_path):
   _, base_workdir = base_run
   # Force a regression: adapt on code only with a learning rate 30x the pre-training one.
-  c = _tiny(adapt__mixture="domain_only", adapt__lr_ratio=30.0, pretrain__base_dir=base_workdir)
+  c = _tiny(adapt__mixture="domain_only", adapt__lr_ratio=30.0, pretrain__base_dir=base_workdir,
+            regression__benchmarks=bench)
   r = cl_jax.run(c, str(tmp_path / "stop"), progress=False, data=data).extra
   assert r["stopped"] is not None and r["stopped"]["step"] == 5 and r["steps_run"] == 5
   # Called on the paired interval: its lower end (not only the estimate) is beyond 2%.
   assert "general/perplexity" in r["stopped"]["metrics"]
+  # The benchmark is lost too, beyond its 2 points on its paired interval, and the stop record names it.
+  assert BENCH_ACC in r["stopped"]["metrics"] and r["stopped"]["benchmarks"] == ["general_completion"]
+  assert r["stopped"]["intervals"][BENCH_ACC][0] > 0.02 and r["history"][1]["decisions"][BENCH_ACC] == "regressed"
+  assert "general/bench/general_completion/acc +" in r["monitor"] and " points" in r["monitor"]
   assert all(r["history"][1]["intervals"][m]["lo"] > 0.02 for m in r["stopped"]["metrics"])
   assert r["history"][1]["decision"] == "regressed"
   assert "Hard stop at step 5" in r["monitor"]
@@ -133,17 +189,20 @@ def test_hard_stop_fires_on_forced_regression(data, base_run, tmp_path):
   assert r["row"]["stopped"] and r["row"]["stopped_step"] == 5
 
 
-def test_benign_run_at_the_default_threshold_keeps_an_adapted_model(data, base_run, tmp_path):
+def test_benign_run_at_the_default_threshold_keeps_an_adapted_model(data, base_run, bench, tmp_path):
   """Issue 9 item 5: with the default monitor (2%, paired 95% interval), a 70/30 run whose general text does not
-  regress must not stop on noise and must hand back an adapted checkpoint, not the base."""
+  regress must not stop on noise and must hand back an adapted checkpoint, not the base; with a general benchmark
+  guarded at 2 points (issue 21 item 4) too."""
   _, base_workdir = base_run
-  c = _tiny(pretrain__base_dir=base_workdir)
+  c = _tiny(pretrain__base_dir=base_workdir, regression__benchmarks=bench)
   assert c.regression.threshold == 0.02 and c.regression.hard_stop
   workdir = str(tmp_path / "benign")
   r = cl_jax.run(c, workdir, progress=False, data=data).extra
   assert r["stopped"] is None and r["steps_run"] == 20
   assert r["test_intervals"]["best"]["general/perplexity"]["estimate"] <= 0.02
   assert r["best_step"] > 0 and r["test"]["best"]["domain/perplexity"] < r["test"]["base"]["domain/perplexity"]
+  kept = r["benchmarks"][0]["kept"]
+  assert kept["step"] == r["best_step"] and kept["decision"] == "within" and kept["interval"]["lo"] <= 0.02
   # Every decision is in metrics.jsonl: estimate, interval, verdict per evaluation.
   evals = [e for e in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if e["type"] == "eval"]
   assert [e["step"] for e in evals] == [0, 5, 10, 15, 20]
@@ -215,10 +274,10 @@ def test_unknown_model_size_exits_2_naming_the_sizes(tmp_path, capsys):
   assert rc == 2 and err == f"error: lm.size='huge': expected one of {list(SIZES)}"
   assert not workdir.exists()
 
-def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_path, monkeypatch):
+def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, bench, tmp_path, monkeypatch):
   reference, base_workdir = base_run
-  # Same adaptation as `base_run` (same seed, same base restored from it), crashing after step 10.
-  c = _tiny(regression__threshold=0.5, pretrain__base_dir=base_workdir)
+  # Same adaptation as `base_run` (same seed, same base restored from it, same benchmark), crashing after step 10.
+  c = _tiny(regression__threshold=0.5, pretrain__base_dir=base_workdir, regression__benchmarks=bench)
   workdir = str(tmp_path / "resume")
   monkeypatch.setenv(faults.CRASH_ENV, "10")
   with pytest.raises(faults.SimulatedCrash):
@@ -231,13 +290,20 @@ def test_resume_after_a_crash_ends_with_the_same_numbers(data, base_run, tmp_pat
     for k, v in ref["test"][split_model].items():
       assert r["test"][split_model][k] == pytest.approx(v, rel=1e-5), (split_model, k)
   assert r["realised_mixture"] == ref["realised_mixture"]
+  # The monitor's state came back from the checkpoint's meta: every decision after the resume is the same, the
+  # benchmark's included (its baseline items are the step-0 ones, its bootstrap seeded by the step).
+  for h, g in zip(r["history"], ref["history"]):
+    assert (h["decisions"], h["decision"], h["kept"]) == (g["decisions"], g["decision"], g["kept"]), h["step"]
+    assert h["metrics"][BENCH_ACC] == g["metrics"][BENCH_ACC]
+    assert h["intervals"][BENCH_ACC] == g["intervals"][BENCH_ACC]
+  assert r["benchmarks"] == ref["benchmarks"] and r["best_step"] == ref["best_step"]
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [e["step"] for e in records if e["type"] == "eval"] == [0, 5, 10, 15, 20]  # nothing logged twice
   assert all(e["phase"] == "adapt" for e in records)  # the base came from base_dir: no pre-training here
   assert [e["step"] for e in records if e["type"] == "train"] == list(range(1, 21))
 
 
-def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, tmp_path):
+def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, bench, tmp_path):
   """Issue 23 on the LM kind (the checkpoint code is the classic kind's, tests/test_trust_checkpoints.py): the
   newest adaptation checkpoint with flipped bytes is set aside for the one before it, a deleted metrics.jsonl is
   rewritten from that checkpoint's copy, and the run ends with the same numbers."""
@@ -257,7 +323,8 @@ def test_lm_checkpoints_prove_themselves_and_metrics_come_back(data, base_run, t
   os.remove(os.path.join(workdir, "metrics.jsonl"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    r = cl_jax.run(_tiny(regression__threshold=0.5), workdir, progress=False, data=data).extra
+    r = cl_jax.run(_tiny(regression__threshold=0.5, regression__benchmarks=bench), workdir, progress=False,
+                   data=data).extra
   said = [str(w.message) for w in caught]
   set_aside = [m for m in said if m.startswith("checkpoint ")]
   assert len(set_aside) == 1 and set_aside[0].startswith(f"checkpoint {newest} is corrupt (array digest mismatch"), said

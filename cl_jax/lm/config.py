@@ -11,7 +11,7 @@ LM-specific:
               over them (`data.stages`), with a default evaluation budget per source (`data.eval_tokens`)
   pretrain    task 1: the base, trained on general text (or loaded from `base_dir`)
   adapt       task 2: adaptation on the mixture `adapt.mixture`, peak LR `adapt.lr_ratio * optim.lr`
-  regression  the regression monitor (cl_jax.lm.monitor): threshold, evaluation interval, hard stop
+  regression  the regression monitor (cl_jax.lm.monitor): threshold, evaluation interval, hard stop, benchmarks
 """
 from __future__ import annotations
 
@@ -119,7 +119,11 @@ def default_config() -> ml_collections.ConfigDict:
       # The paired decision (cl_jax.lm.monitor): an evaluation whose `confidence` interval on a general metric's
       # relative regression lies beyond `threshold` is never kept; beyond `stop_threshold` the run stops (a re-warmed
       # LR makes general loss dip past 2% and recover: stopping there returned the base); `keep` picks the kept one.
-      confidence=0.95, interval="bootstrap", bootstrap_samples=2000, keep="not_regressed", stop_threshold=0.05))
+      confidence=0.95, interval="bootstrap", bootstrap_samples=2000, keep="not_regressed", stop_threshold=0.05,
+      # Benchmarks measured before the first adaptation step and at every evaluation (cl_jax.lm.benchmarks):
+      # None, a list of builtin names / .jsonl paths (general, 2 points each), a mapping name -> settings or a list
+      # of settings with 'name' ({'threshold': 2.0, 'role': 'general' | 'domain', 'metric': None, ...}).
+      benchmarks=None))
   # divergence_factor > 0: stop when a loss exceeds that many times its early value (cl_jax.train.loop).
   # grad_accum: micro-batches per optimizer step (the batch is split k ways; same update, 1/k activations).
   c.train = ml_collections.ConfigDict(dict(log_every_steps=25, log_norms=True, divergence_factor=100.0,
@@ -246,7 +250,8 @@ def check_data_keys(c) -> tuple:
 
 
 def check_regression_keys(c) -> None:
-  """regression.confidence / interval / bootstrap_samples / keep / stop_threshold (cl_jax.lm.monitor)."""
+  """regression.confidence / interval / bootstrap_samples / keep / stop_threshold (cl_jax.lm.monitor), benchmarks
+  (cl_jax.lm.benchmarks)."""
   from cl_jax.lm.monitor import INTERVALS, KEEP_RULES
   r = c.regression
   if not 0 < r.confidence < 1:
@@ -258,6 +263,10 @@ def check_regression_keys(c) -> None:
                      "max(regression.threshold, regression.stop_threshold))")
   if r.keep not in KEEP_RULES:
     raise ValueError(f"regression.keep={r.keep!r}: expected one of {KEEP_RULES}")
+  if r.get("benchmarks") is not None:  # every set loaded (a user's file read) and its metric checked, before work
+    from cl_jax.lm.benchmarks import load_all
+    from cl_jax.lm.data import run_tokenizer
+    load_all(r.benchmarks, max_len=int(c.lm.seq_len), tokenizer=run_tokenizer(c))
 
 
 def check_scale_keys(c) -> None:

@@ -54,6 +54,24 @@ when log(1 + r*) - log(1 + tau) = (z_{1 - alpha/2} + z_0.8) SE (perplexity; for 
 r* - tau = (z_{1 - alpha/2} + z_0.8) SE / mean b).
 `Decision.detectable` records that r* at every evaluation, and the LM summary reports it with the set's size.
 
+Benchmarks (`regression.benchmarks`, cl_jax.lm.benchmarks; the practice's "a 2% drop on any general benchmark is a
+hard stop"). A benchmark metric m is named '<group>/bench/<benchmark>/<metric>' and its items are per-item scores
+(0/1 correctness for acc, acc_norm and exact match), the same items at every evaluation. Its regression is in
+absolute points by default, not relative to the base:
+
+    absolute (default)  r = sign (mean_i b_i - mean_i a_i)     (sign = +1 higher-is-better; 0.02 = 2 points)
+    relative            r as for the accuracies above
+
+with the same paired interval on the differences d_i = a_i - b_i (for 0/1 items the paired bootstrap resamples the
+items' (b_i, a_i) pairs: McNemar's setting, where only the items that changed move the estimate), detectable size
+tau + (z_{1-alpha/2} + z_0.8) SE in points. Each benchmark has its own tau (its `threshold`) and tau_stop (its
+`stop_threshold`, tau unless given: the practice's hard stop at the threshold itself), used in the three calls
+above in place of the run's; a general benchmark called regressed is never the kept checkpoint and one whose lower
+bound exceeds its tau_stop stops the run (the stop record lists it under `metrics` and its name under
+`benchmarks`). A domain benchmark gets the same estimate and interval at every evaluation, recorded and never
+guarded. Metrics other than benchmarks keep the relative rule and the run's thresholds; a monitor without
+benchmarks records and decides exactly as before.
+
 Metrics measured without per-item values (a caller handing only floats) get a degenerate interval [r, r], so the
 rule reduces to "r > tau stops".
 
@@ -76,21 +94,26 @@ from cl_jax.report import (LOWER_IS_BETTER, higher_is_better, monitor_figure, pl
 INTERVALS = ("bootstrap", "t")
 KEEP_RULES = ("not_regressed", "within")
 POWER = 0.8  # the power at which `detectable` is quoted
+BENCH = "/bench/"  # benchmark metrics are named '<group>/bench/<benchmark>/<metric>' (cl_jax.lm.benchmarks)
 
 
-def _from_means(name: str, mean_value, mean_base):
-  """r of the module docstring from item means (NumPy-broadcasting, for the bootstrap)."""
+def _from_means(name: str, mean_value, mean_base, absolute: bool = False):
+  """r of the module docstring from item means (NumPy-broadcasting, for the bootstrap); `absolute`: the change in
+  the metric's own units (a benchmark's points / 100), not relative to the base."""
+  sign = 1.0 if higher_is_better(name) else -1.0
+  if absolute:
+    return sign * (mean_base - mean_value)
   if name.endswith("perplexity"):  # items are per-sequence NLLs
     return np.expm1(mean_value - mean_base)
-  sign = 1.0 if higher_is_better(name) else -1.0
   with np.errstate(divide="ignore", invalid="ignore"):  # a zero base: 0/0 is no change, x/0 is +-inf
     return np.nan_to_num(sign * (mean_base - mean_value) / np.abs(mean_base), nan=0.0, posinf=np.inf,
                          neginf=-np.inf)
 
 
 def paired_interval(name: str, base_items, items, *, confidence: float = 0.95, interval: str = "bootstrap",
-                    samples: int = 2000, seed=0, threshold: float = 0.0) -> dict:
-  """The relative regression of metric `name` from paired items, its interval and its 80%-power detectable size.
+                    samples: int = 2000, seed=0, threshold: float = 0.0, absolute: bool = False) -> dict:
+  """The regression of metric `name` from paired items, its interval and its 80%-power detectable size: relative
+  to the base, or with `absolute` the difference of means in the metric's units (a benchmark's rule).
 
   Returns {'estimate', 'lo', 'hi', 'se' (of the mean difference), 'n', 'detectable'} (module docstring).
   """
@@ -100,24 +123,26 @@ def paired_interval(name: str, base_items, items, *, confidence: float = 0.95, i
                      f"{b.shape} and {a.shape}")
   n = len(a)
   alpha = 1.0 - confidence
-  estimate = float(_from_means(name, a.mean(), b.mean()))
+  estimate = float(_from_means(name, a.mean(), b.mean(), absolute))
   d = a - b
   se = float(d.std(ddof=1) / math.sqrt(n))
   if interval == "bootstrap":
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(samples, n))
-    boot = _from_means(name, a[idx].mean(1), b[idx].mean(1))
+    boot = _from_means(name, a[idx].mean(1), b[idx].mean(1), absolute)
     # No interpolation between order statistics: a zero base makes some resamples infinite (inf - inf = nan).
     lo, hi = (float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2], method="inverted_cdf"))
   elif interval == "t":
     from scipy.stats import t
     half = float(t.ppf(1 - alpha / 2, n - 1)) * se
-    ends = [float(_from_means(name, b.mean() + d.mean() + s * half, b.mean())) for s in (-1.0, 1.0)]
+    ends = [float(_from_means(name, b.mean() + d.mean() + s * half, b.mean(), absolute)) for s in (-1.0, 1.0)]
     lo, hi = min(ends), max(ends)
   else:
     raise ValueError(f"regression.interval={interval!r}: expected one of {INTERVALS}")
   shift = (NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)) * se
-  if name.endswith("perplexity"):
+  if absolute:
+    detectable = threshold + shift
+  elif name.endswith("perplexity"):
     detectable = math.expm1(math.log1p(threshold) + shift)
   else:
     detectable = threshold + shift / max(abs(float(b.mean())), 1e-12)
@@ -153,13 +178,19 @@ class RegressionMonitor:
     hard_stop: whether the stop ends training (the caller acts on `should_stop`); only `describe` depends on it.
     patience: how many consecutive `regressed` evaluations stop the run (1: the first). Continual pre-training
       often dips at its first evaluations and recovers (the "stability gap", De Lange et al. 2023).
+    benchmarks: `{metric name: {'threshold', 'stop_threshold' (None: the same), 'absolute'}}` for benchmark
+      metrics (names '<group>/bench/<benchmark>/<metric>'; thresholds as fractions of the metric's units, 0.02 = 2
+      points for an accuracy when absolute). A general one is guarded by its own thresholds (and decided in
+      absolute points when `absolute`); any other group's is recorded (its interval in every evaluation), never
+      guarded. Benchmark-named metrics not listed here are values only.
   """
 
   def __init__(self, baseline: Mapping[str, float], threshold: float = 0.02, *,
                select: str = "domain/perplexity", general_prefix: str = "general/",
                base_items: Mapping[str, object] | None = None, confidence: float = 0.95,
                interval: str = "bootstrap", samples: int = 2000, seed: int = 0, hard_stop: bool = True,
-               patience: int = 1, keep: str = "not_regressed", stop_threshold: float | None = None):
+               patience: int = 1, keep: str = "not_regressed", stop_threshold: float | None = None,
+               benchmarks: Mapping[str, Mapping] | None = None):
     if not isinstance(patience, int) or patience < 1:
       raise ValueError(f"regression.patience={patience!r}: must be a positive integer")
     if not threshold > 0:
@@ -173,14 +204,25 @@ class RegressionMonitor:
     if not isinstance(samples, int) or samples < 100:
       raise ValueError(f"regression.bootstrap_samples={samples!r}: must be an integer >= 100")
     self.baseline = {k: float(v) for k, v in baseline.items()}
-    self.general = sorted(k for k in self.baseline if k.startswith(general_prefix))
+    self.bench = {m: {"threshold": float(b["threshold"]), "absolute": bool(b.get("absolute", True)),
+                      "stop_threshold": max(float(b["threshold"]), float(b.get("stop_threshold") or 0.0))}
+                  for m, b in (benchmarks or {}).items()}
+    for m, b in self.bench.items():
+      if m not in self.baseline:
+        raise ValueError(f"RegressionMonitor: benchmark metric {m!r} was not measured: {sorted(self.baseline)}")
+      if not b["threshold"] > 0:
+        raise ValueError(f"RegressionMonitor: benchmark metric {m!r}: threshold {b['threshold']} must be > 0")
+    self.general = sorted(k for k in self.baseline if k.startswith(general_prefix)
+                          and (BENCH not in k or k in self.bench))
+    # Other groups' benchmarks (the domain's): an interval every evaluation, no decision.
+    self.recorded = sorted(k for k in self.bench if k not in self.general)
     if not self.general:
       raise ValueError(f"RegressionMonitor: the baseline has no general metric (names starting with "
                        f"{general_prefix!r}): {sorted(self.baseline)}")
     if select not in self.baseline:
       raise ValueError(f"regression.select={select!r}: not a measured metric; metrics: {sorted(self.baseline)}")
     self.base_items = {k: [float(x) for x in np.asarray(v).ravel()] for k, v in (base_items or {}).items()
-                       if k in self.general}
+                       if k in self.general or k in self.recorded}
     self.threshold = float(threshold)
     # The stop is never below the keep threshold: max(tau, tau_stop).
     self.stop_threshold = max(self.threshold, float(stop_threshold or 0.0))
@@ -192,34 +234,50 @@ class RegressionMonitor:
     self.best: dict | None = None     # {'step', 'score', 'metrics'} of the best in-threshold evaluation
     self.stopped: dict | None = None  # {'step', 'metrics': [regressed...], 'regressions', 'intervals'} at the stop
 
+  def threshold_of(self, name: str) -> float:
+    """tau of metric `name`: its benchmark's own, else `threshold`."""
+    return self.bench[name]["threshold"] if name in self.bench else self.threshold
+
+  def stop_threshold_of(self, name: str) -> float:
+    """tau_stop of metric `name`: its benchmark's own (the benchmark's threshold unless given), else the run's."""
+    return self.bench[name]["stop_threshold"] if name in self.bench else self.stop_threshold
+
+  def is_absolute(self, name: str) -> bool:
+    return name in self.bench and self.bench[name]["absolute"]
+
   def interval_of(self, name: str, step: int, value: float, items=None) -> dict:
-    """`paired_interval` of one general metric at `step` (degenerate [r, r] without items)."""
+    """`paired_interval` of one general (or recorded) metric at `step` (degenerate [r, r] without items)."""
+    absolute = self.is_absolute(name)
     if items is not None and name in self.base_items:
       return paired_interval(name, self.base_items[name], items, confidence=self.confidence,
                              interval=self.interval, samples=self.samples, seed=[self.seed, int(step)],
-                             threshold=self.threshold)
-    r = relative_regression(self.baseline[name], float(value), higher_is_better(name))
+                             threshold=self.threshold_of(name), absolute=absolute)
+    if absolute:
+      r = (self.baseline[name] - float(value)) * (1.0 if higher_is_better(name) else -1.0)
+    else:
+      r = relative_regression(self.baseline[name], float(value), higher_is_better(name))
     return {"estimate": r, "lo": r, "hi": r, "se": None, "n": None, "detectable": None}
 
   def check(self, step: int, metrics: Mapping[str, float], items: Mapping[str, object] | None = None) -> Verdict:
     """Records one evaluation (`items`: per-item values, as for `base_items`) and returns its verdict."""
-    missing = [m for m in self.general + [self.select] if m not in metrics]
+    missing = [m for m in self.general + self.recorded + [self.select] if m not in metrics]
     if missing:
       raise KeyError(f"RegressionMonitor.check: metrics {missing} were not measured at step {step}")
     items = items or {}
-    intervals = {m: self.interval_of(m, step, metrics[m], items.get(m)) for m in self.general}
+    intervals = {m: self.interval_of(m, step, metrics[m], items.get(m)) for m in self.general + self.recorded}
     regressions = {m: iv["estimate"] for m, iv in intervals.items()}
     decisions = {}
-    for m, iv in intervals.items():
-      if iv["lo"] > self.threshold or math.isnan(iv["estimate"]) or iv["estimate"] == math.inf:
+    for m in self.general:
+      iv, tau = intervals[m], self.threshold_of(m)
+      if iv["lo"] > tau or math.isnan(iv["estimate"]) or iv["estimate"] == math.inf:
         decisions[m] = "regressed"
-      elif iv["estimate"] <= self.threshold:
+      elif iv["estimate"] <= tau:
         decisions[m] = "within"
       else:
         decisions[m] = "inconclusive"
     crossed = [m for m in self.general if decisions[m] == "regressed"]
-    harmful = [m for m in crossed if intervals[m]["lo"] > self.stop_threshold or intervals[m]["estimate"] == math.inf
-               or math.isnan(intervals[m]["estimate"])]
+    harmful = [m for m in crossed if intervals[m]["lo"] > self.stop_threshold_of(m)
+               or intervals[m]["estimate"] == math.inf or math.isnan(intervals[m]["estimate"])]
     decision = ("regressed" if crossed else "within" if all(v == "within" for v in decisions.values())
                 else "inconclusive")
     within = decision == "within" if self.keep == "within" else not crossed
@@ -238,6 +296,9 @@ class RegressionMonitor:
     if harmful and self.stopped is None and streak + 1 >= self.patience:
       self.stopped = {"step": int(step), "metrics": harmful, "regressions": {m: regressions[m] for m in harmful},
                       "intervals": {m: [intervals[m]["lo"], intervals[m]["hi"]] for m in harmful}}
+      stopped_by = [m.split(BENCH, 1)[1].rsplit("/", 1)[0] for m in harmful if BENCH in m]
+      if stopped_by:  # the benchmarks that stopped the run, by name (only where one did: older records unchanged)
+        self.stopped["benchmarks"] = stopped_by
     self.history.append({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()},
                          "regressions": regressions, "intervals": intervals, "decisions": decisions,
                          "decision": decision, "crossed": crossed, "stop_metrics": harmful, "kept": is_best})
@@ -266,7 +327,27 @@ class RegressionMonitor:
     return (f"a general metric is called regressed when the lower end of its {100 * self.confidence:g}% interval "
             f"({how}) on the relative regression exceeds {100 * self.threshold:g}%, and {stop}; "
             + ("the kept checkpoint is the best one with no metric called regressed" if self.keep == "not_regressed"
-               else f"the kept checkpoint is the best one whose every estimate is within {100 * self.threshold:g}%"))
+               else f"the kept checkpoint is the best one whose every estimate is within {100 * self.threshold:g}%")
+            + self._bench_rule())
+
+  def _bench_rule(self) -> str:
+    if not self.bench:
+      return ""
+    guarded = [f"{m} {self.fmt(m, self.threshold_of(m), sign=False)}"
+               + (f" (stop {self.fmt(m, self.stop_threshold_of(m), sign=False)})"
+                  if self.stop_threshold_of(m) > self.threshold_of(m) else "") for m in self.general if m in self.bench]
+    text = ""
+    if guarded:
+      text += ("; each general benchmark is held to its own threshold, on the same paired interval of its per-item "
+               "scores, beyond which it is never kept and the run stops: " + ", ".join(guarded))
+    if self.recorded:
+      text += "; recorded, not guarded: " + ", ".join(self.recorded)
+    return text
+
+  def fmt(self, name: str, r: float, sign: bool = True) -> str:
+    """A regression of metric `name` for reports: points for an absolute (benchmark) metric, else percent."""
+    number = f"{100 * r:+.2f}" if sign else f"{100 * r:g}"
+    return number + (" points" if self.is_absolute(name) else "%")
 
   def describe(self) -> str:
     """One sentence for the report: whether and why training stopped, and which checkpoint is kept."""
@@ -276,15 +357,19 @@ class RegressionMonitor:
       called = [h["step"] for h in self.history if h["crossed"]]
       n_inc = sum(h.get("decision") == "inconclusive" for h in self.history)
       extra = f" ({n_inc} evaluation(s) above it but not significantly)" if n_inc else ""
+      # With benchmarks the thresholds are per metric: the sentence names them (and keeps its old form without).
+      own = " (benchmarks: their own thresholds, in the rule)" if self.bench else ""
       if called:
-        return (f"Regressed beyond {100 * self.threshold:.1f}% at step(s) {', '.join(map(str, called))} (not kept), "
-                f"never beyond the {100 * self.stop_threshold:.1f}% stop{extra}; {best}.")
-      return f"No general metric regressed significantly beyond {100 * self.threshold:.1f}%{extra}; {best}."
+        return (f"Regressed beyond {100 * self.threshold:.1f}%{own} at step(s) {', '.join(map(str, called))} (not "
+                f"kept), never beyond the {100 * self.stop_threshold:.1f}% stop{extra}; {best}.")
+      return f"No general metric regressed significantly beyond {100 * self.threshold:.1f}%{own}{extra}; {best}."
     iv = self.stopped.get("intervals", {})
-    parts = ", ".join(f"{m} {100 * r:+.2f}%" + (f" [{100 * iv[m][0]:+.2f}, {100 * iv[m][1]:+.2f}]" if m in iv else "")
+    parts = ", ".join(f"{m} {self.fmt(m, r)}" + (f" [{100 * iv[m][0]:+.2f}, {100 * iv[m][1]:+.2f}]" if m in iv else "")
                       for m, r in self.stopped["regressions"].items())
     what = "Hard stop" if self.hard_stop else "Regression called (record-only, training continued)"
-    return f"{what} at step {self.stopped['step']}: {parts} (stop threshold {100 * self.stop_threshold:.1f}%); {best}."
+    stops = sorted({f"{100 * self.stop_threshold_of(m):.1f}" + (" points" if self.is_absolute(m) else "%")
+                    for m in self.stopped["regressions"]})
+    return f"{what} at step {self.stopped['step']}: {parts} (stop threshold {', '.join(stops)}); {best}."
 
 
 __all__ = ["RegressionMonitor", "Verdict", "paired_interval", "relative_regression", "higher_is_better",

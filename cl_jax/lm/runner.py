@@ -21,9 +21,12 @@ train step (`make_train_step`), the strategy registry, `cl_jax.checkpoint`, the 
                base's, and a general metric whose `regression.confidence` interval on the relative regression lies
                wholly beyond `regression.threshold` is a hard stop; the best keepable evaluation (`regression.keep`)
                is kept as the `best` checkpoint. Every decision (estimate, interval, verdict) is in metrics.jsonl.
+               `regression.benchmarks` (cl_jax.lm.benchmarks) adds benchmark scores to each evaluation, step 0's
+               included: general ones guarded in absolute points with their own thresholds, domain ones recorded.
   3. report    test-split metrics of the base, the kept (best) and the final model, with paired intervals against
                the base: results.json (`Results`, kind 'lm', the record in `extra`), summary.md (with the evaluation
-               sets' sizes and the regression size they resolve), monitor.png; metrics.jsonl holds both phases
+               sets' sizes and the regression size they resolve; with benchmarks, their before / after / kept
+               table), monitor.png; metrics.jsonl holds both phases
                (records carry `phase`), with the realised mixture per evaluation interval.
 
 Rerunning on the same workdir resumes either phase from its newest intact checkpoint (the sampler is a pure
@@ -209,8 +212,11 @@ def pretrain_phase(c, data: CPTData, model, params, mesh, model_cfg=None) -> Pha
 class _MonitorHook:
   """The adaptation's per-evaluation hook state: the regression monitor and the realised-mixture log (JSON)."""
 
-  def __init__(self, c):
+  def __init__(self, c, benchmarks: dict | None = None):
     self.c = c
+    self.benchmarks = benchmarks or {}  # RegressionMonitor(benchmarks=...): the guarded benchmark metrics
+    self.bench_specs: list = []         # cl_jax.lm.benchmarks.specs, as loaded (for the report)
+    self.bench_items: dict = {}         # benchmark label -> its item count
     self.monitor = None
     self.mixture: list = []
     self.last_eval = 0
@@ -221,7 +227,8 @@ class _MonitorHook:
     r = self.c.regression
     return RegressionMonitor(baseline, r.threshold, select=r.select, patience=r.patience, base_items=base_items,
                              confidence=r.confidence, interval=r.interval, samples=r.bootstrap_samples,
-                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop, stop_threshold=r.stop_threshold)
+                             seed=self.c.seed, keep=r.keep, hard_stop=r.hard_stop, stop_threshold=r.stop_threshold,
+                             benchmarks=self.benchmarks)
 
   def meta(self) -> dict:
     return {"monitor": None if self.monitor is None else self.monitor.state_dict(), "mixture": self.mixture,
@@ -294,7 +301,19 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
   sampler = mx.MixtureSampler(adaptation_stages(c, sizes), sizes, c.adapt.batch_size, seed=c.seed, orders=orders)
   rows = eval_rows(c, learner.apply, params)
   evaluator = with_source_metrics(make_lm_evaluator(lambda p, x: learner.apply(p, x), rows, mesh), data)
-  hook = _MonitorHook(c)
+  # `regression.benchmarks` (cl_jax.lm.benchmarks): scored by one engine at every evaluation, step 0 included (the
+  # baseline, before the first step); an adapter's run is scored on its merged params (W + (alpha / r) A B), the
+  # plain model's, so that its KV-cache generation serves generate_until benchmarks too.
+  from cl_jax.lm.benchmarks import Scorer, load_all, monitor_settings
+  loaded = load_all(c.regression.get("benchmarks"))
+  plain = None
+  if strategy.prepare is not None:
+    from cl_jax.strategies.lora import merged_params
+    plain = lambda p: merged_params(p, c)  # noqa: E731
+  bench = Scorer(loaded, model.apply if plain else learner.apply, data.tokenizer, max_len=int(c.lm.seq_len),
+                 mesh=mesh, model=model, batch_size=rows, plain=plain)
+  hook = _MonitorHook(c, monitor_settings(loaded))
+  hook.bench_specs, hook.bench_items = [spec for spec, _ in loaded], {spec["label"]: len(b.items) for spec, b in loaded}
 
   def batches(t, iterator_state):
     return MixtureSource(sampler, data.train, t, iterator_state)
@@ -311,11 +330,16 @@ def adapt_phase(c, data: CPTData, model, base_params, mesh, baseline_model=None,
     step = int(jax.device_get(state.step))
     items = {}
     metrics = evaluator(state.params, data.eval["validation"], data.cloze["validation"], per_item=items)
+    scores = bench(state.params, per_item=items) if bench else {}
+    metrics.update(scores)
     if hook.monitor is None and baseline_model is not None:
-      # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed.
+      # A long-context stage (cl_jax.lm.long_context): the baseline is the model before its RoPE changed (its
+      # benchmarks are scored at the new context, as every later evaluation is).
       base_items = {}
       reference = make_lm_evaluator(baseline_model.apply, rows, mesh)(
           state.params, data.eval["validation"], data.cloze["validation"], per_item=base_items)
+      reference.update(scores)
+      base_items.update({k: items[k] for k in scores})
       hook.monitor = hook.make(reference, base_items)
     if hook.monitor is None:
       hook.monitor = hook.make(metrics, items)
@@ -458,7 +482,7 @@ def build(c, data: CPTData | None = None) -> Built:
 def execute(built: Built, ctx):
   """Continual pre-training end to end in the opened workdir (see the module docstring); returns the Results."""
   from cl_jax.checkpoint import Checkpoints, abstract_like, params_only, retention
-  from cl_jax.lm.monitor import paired_interval
+  from cl_jax.lm.monitor import BENCH, paired_interval
   from cl_jax.results import Results
   from cl_jax.train.loop import run_tasks, strategy_record
   from cl_jax.workdir import MetricsLog
@@ -515,7 +539,7 @@ def execute(built: Built, ctx):
                                               confidence=monitor.confidence, interval=monitor.interval,
                                               samples=monitor.samples, seed=[c.seed, 1 << 30],
                                               threshold=monitor.threshold)
-                           for m in monitor.general + source_metrics(data)}
+                           for m in [g for g in monitor.general if BENCH not in g] + source_metrics(data)}
                     for name in ("best", "final")}
   record = {
       "mixture": mixture_label(c),
@@ -532,6 +556,8 @@ def execute(built: Built, ctx):
                  "total_seconds": time.time() - t0},
       **strategy_record(c),
   }
+  if hook.bench_specs:  # absent without benchmarks: such a run's record is what it always was
+    record["benchmarks"] = benchmark_table(hook.bench_specs, hook.bench_items, monitor.history, best_step)
   if adapter:
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), out.state.params["base"],
                         base_state.params["base"])
@@ -540,6 +566,57 @@ def execute(built: Built, ctx):
     record.update(export_hf(c, workdir, cfg, imported, best_state.params, adapter, data.tokenizer))
   record["row"] = table_row(record)
   return Results("lm", workdir, extra=record)
+
+
+def benchmark_table(specs: list, sizes: dict, history: list, best_step: int) -> list[dict]:
+  """Each benchmark's guarded metric before adaptation (step 0), after it (the last evaluation) and in the kept
+  checkpoint, with the monitor's paired interval and call at those two evaluations (from its history)."""
+  from cl_jax.lm.benchmarks import metric_name
+  by_step = {h["step"]: h for h in history}
+  first, last = history[0], history[-1]
+  kept = by_step.get(best_step, last)
+
+  def at(h, name):
+    return {"step": h["step"], "score": h["metrics"][name], "interval": h["intervals"].get(name),
+            "decision": h["decisions"].get(name, "recorded")}
+  rows = []
+  for s in specs:
+    name = metric_name(s)
+    rows.append({"benchmark": s["label"], "source": s["source"], "role": s["role"], "metric": s["metric"],
+                 "name": name, "items": sizes[s["label"]], "threshold": s["threshold"],
+                 "stop_threshold": s["stop_threshold"] or s["threshold"], "relative": s["relative"],
+                 "before": first["metrics"][name], "after": at(last, name), "kept": at(kept, name)})
+  return rows
+
+
+def benchmark_lines(record: dict) -> list[str]:
+  """summary.md's benchmark table: before / after / kept, the change and its interval in points (or %)."""
+  rows = record.get("benchmarks")
+  if not rows:
+    return []
+
+  def change(cell, relative):
+    iv, unit = cell["interval"], "%" if relative else ""
+    if iv is None:
+      return "-"
+    # The monitor's r is a regression (> 0 worse); the table shows the change (> 0 better), in points or %.
+    pts = lambda r: f"{-100 * r + 0.0:+.2f}"  # + 0.0: no '-0.00'  # noqa: E731
+    text = pts(iv["estimate"]) + unit
+    return text + (f" [{pts(iv['hi'])}, {pts(iv['lo'])}]" if iv.get("se") is not None else "")
+  lines = ["## Benchmarks", "",
+           "Scores (%) before adaptation (step 0), after it (the last evaluation) and in the kept checkpoint; change: "
+           "points (% where relative) with the monitor's paired interval "
+           "over the same items; a general benchmark is guarded at its threshold, a domain one recorded.", "",
+           "| benchmark | role | metric | items | threshold | before | after | change [interval] | call | kept | "
+           "change [interval] | call |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    a, k = r["after"], r["kept"]
+    thr = f"{r['threshold']:g}{'%' if r['relative'] else ' pts'}"
+    lines.append(f"| {r['benchmark']} | {r['role']} | {r['metric']} | {r['items']:,} | {thr} | "
+                 f"{100 * r['before']:.1f} | {100 * a['score']:.1f} (step {a['step']}) | "
+                 f"{change(a, r['relative'])} | {a['decision']} | {100 * k['score']:.1f} (step {k['step']}) | "
+                 f"{change(k, r['relative'])} | {k['decision']} |")
+  return lines + ["", "Every benchmark over the steps: monitor.png (right panel).", ""]
 
 
 def export_hf(c, workdir: str, cfg, imported, kept, adapter: str | None, tokenizer) -> dict:
@@ -590,7 +667,7 @@ def report(results, workdir: str, config) -> None:
   plot_monitor(record["history"], record["baseline"], config.regression.threshold,
                os.path.join(workdir, "monitor.png"), title=f"{record['mixture']} / {record['schedule']} / {config.strategy}",
                stopped_step=None if record["stopped"] is None else record["stopped"]["step"],
-               best_step=record["best_step"])
+               best_step=record["best_step"], benchmarks=record.get("benchmarks"))
   write_summary(workdir, record)
 
 
@@ -609,7 +686,7 @@ def power_lines(record: dict) -> list[str]:
   last = record["history"][-1].get("intervals", {}) if record["history"] else {}
   test = record.get("test_intervals", {}).get("final", {})
   rows = []
-  for m in sorted(set(last) | set(test)):
+  for m in sorted(m for m in set(last) | set(test) if "/bench/" not in m):  # benchmarks: their own table
     cells = []
     for iv in (last.get(m), test.get(m)):
       if not iv or iv.get("se") is None:
@@ -665,11 +742,13 @@ def write_summary(workdir: str, record: dict) -> str:
   lines += ["", f"Kept model: domain perplexity gain {row['domain_ppl_gain_pct']:+.2f}%, general perplexity "
                 f"regression {row['general_ppl_regression_pct']:+.2f}%.", ""]
   lines += power_lines(record)
+  lines += benchmark_lines(record)
   path = os.path.join(workdir, "summary.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
 
 
-__all__ = ["model_config", "adaptation_stages", "mixture_label", "power_lines", "source_lines", "difficulty_order_for", "pretrain_mixture", "pretrain_phase",
+__all__ = ["model_config", "adaptation_stages", "mixture_label", "power_lines", "source_lines", "benchmark_table",
+           "benchmark_lines", "difficulty_order_for", "pretrain_mixture", "pretrain_phase",
            "adapt_phase", "MixtureSource", "table_row", "write_summary", "build", "execute", "report", "Built"]
