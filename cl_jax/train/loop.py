@@ -150,6 +150,18 @@ class PreemptionFlag:
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
+def release(state, keep=None) -> None:
+  """Deletes the device buffers of `state` (a train state nothing reads again), except those `keep` also holds.
+
+  Dropping the Python references is not enough where a caller still holds the arrays (an LM run's imported params
+  are the fresh state's own buffers, `adapt_phase(own_base=True)`): the buffers would stay allocated until that
+  caller lets go. Shapes and dtypes stay readable on a deleted array (`abstract_like` still works on it)."""
+  kept = {id(x) for x in jax.tree.leaves(keep)} if keep is not None else set()
+  for x in jax.tree.leaves(state):
+    if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
+      x.delete()
+
+
 # ----------------------------------------------------------------------------- batches
 
 def fetch_batches(source, n: int, put_batch, stacked: bool):
@@ -259,6 +271,10 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     checkpoints.identity = run_identity(workdir)
   restored = checkpoints.restore(abstract_like(state, plan.state_sharding)) if resume else None
   if restored is not None:
+    # The restored state replaces the fresh one the plan was built with: its buffers go now (as the first step's
+    # donation would take them in a fresh run), not at the end of the run. Kept, they were a second train state
+    # for the whole of a resumed run (float32 AdamW: 3 params' bytes; the imported base among them).
+    release(plan.state, restored[0])
     state, meta = restored
     boundary, task_seconds = meta["boundary"], meta["task_seconds"]
     start_task, iterator_state = meta["task"], meta["iterator"]
