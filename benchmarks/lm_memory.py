@@ -148,6 +148,11 @@ class PhaseProbe:
 
 def child_cl_jax(argv: list[str]) -> None:
   """The run through the CLI, its phases probed (monkeypatched wrappers: the run's code is unchanged)."""
+  try:  # what `run.py` does first (cli.launch), done here before the probe's thread allocates (older code: none)
+    from cl_jax import host_memory
+    host_memory.configure()
+  except ImportError:
+    pass
   probe = PhaseProbe()
   from cl_jax import checkpoint, cli
   from cl_jax.eval import evaluator
@@ -173,7 +178,7 @@ def child_cl_jax(argv: list[str]) -> None:
   checkpoint.Checkpoints.wait = probe.wrap(checkpoint.Checkpoints.wait, "checkpoint wait (writing)")
   checkpoint.Checkpoints.restore = probe.wrap(checkpoint.Checkpoints.restore, "checkpoint restore")
   hf_checkpoint.export = probe.wrap(hf_checkpoint.export, "export to HF layout")
-  code = cli.main(argv)
+  code = cli.launch(argv)
   probe.stop()
   params = 4 * 134_515_008
   print("PROBE " + json.dumps({"code": code, "order": probe.order, "peak": probe.peak, "live": probe.live,

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from cl_jax import sharding
+from cl_jax import host_memory, sharding
 from cl_jax.checkpoint import METRICS, Checkpoints, abstract_like, params_only
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, config_dict, is_writer
@@ -311,6 +311,12 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     # evaluation allocates its own, so the peak is the larger of the two, not their sum.
     if getattr(checkpoints, "synchronous", False):
       checkpoints.wait()
+      host_memory.trim()  # the write's staging and encoding buffers, freed in its threads' arenas
+
+  def evaluate(state, t):
+    fields = plan.evaluate(state, t)
+    host_memory.trim()  # the evaluation's buffers, and a finished asynchronous write's, back to the kernel
+    return fields
 
   def write_eval(step, t_record, fields, is_boundary):
     rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
@@ -323,7 +329,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
   try:
     with PreemptionFlag() as preempt:
       if not boundary and plan.eval_before and plan.evaluate is not None:
-        rec, verdict = write_eval(int(state.step), 0, plan.evaluate(state, 0), True)
+        rec, verdict = write_eval(int(state.step), 0, evaluate(state, 0), True)
         boundary.append(rec)
         if verdict.best:
           save_best(int(state.step), state, meta(0, None))
@@ -394,7 +400,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             flush_metrics()
           if plan.eval_every and k % plan.eval_every == 0 and k < task_steps and plan.evaluate is not None:
             flush_metrics()
-            _, verdict = write_eval(step_no, t + 1, plan.evaluate(state, t), False)
+            _, verdict = write_eval(step_no, t + 1, evaluate(state, t), False)
             if verdict.best:
               save_best(step_no, state, meta(t, source.get_state()))
             if verdict.stop:
@@ -419,7 +425,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           break
         if plan.after_task is not None:
           state = plan.after_task(state, t)
-        fields = plan.evaluate(state, t) if plan.evaluate is not None else {}
+        fields = evaluate(state, t) if plan.evaluate is not None else {}
         task_seconds.append(time.time() - clock["task_start"])
         rec, verdict = write_eval(int(state.step), t + 1, fields, True)
         boundary.append(rec)
