@@ -23,7 +23,10 @@ the kernel's `ru_maxrss` of that process (`os.wait4`):
 The cl_jax child also prints where its memory goes: a sampling thread reads the process's RSS every 20 ms and
 charges it to the phase the run is in (loading, building the train state, the first step with its compilation,
 later steps, evaluations, checkpoint saves and restores, the export), and the bytes of live JAX arrays at the end
-of each phase, in units of the parameters' own size (params + two AdamW moments = 3 copies).
+of each phase, in units of the parameters' own size (params + two AdamW moments = 3 copies), glibc's `mallinfo2`
+(bytes malloc has handed out / free bytes it still holds), and a TIMELINE line: every phase entry with its own peak
+(which step, evaluation or write the peak is in). `CL_JAX_MALLOC=default` before the command measures the run
+without `cl_jax.host_memory`.
 """
 from __future__ import annotations
 
