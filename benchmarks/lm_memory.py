@@ -23,7 +23,10 @@ the kernel's `ru_maxrss` of that process (`os.wait4`):
 The cl_jax child also prints where its memory goes: a sampling thread reads the process's RSS every 20 ms and
 charges it to the phase the run is in (loading, building the train state, the first step with its compilation,
 later steps, evaluations, checkpoint saves and restores, the export), and the bytes of live JAX arrays at the end
-of each phase, in units of the parameters' own size (params + two AdamW moments = 3 copies).
+of each phase, in units of the parameters' own size (params + two AdamW moments = 3 copies), glibc's `mallinfo2`
+(bytes malloc has handed out / free bytes it still holds), and a TIMELINE line: every phase entry with its own peak
+(which step, evaluation or write the peak is in). `CL_JAX_MALLOC=default` before the command measures the run
+without `cl_jax.host_memory`.
 """
 from __future__ import annotations
 
@@ -81,11 +84,27 @@ def _rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _heap() -> dict:
+  """glibc's own account (`mallinfo2`, summed over its arenas): bytes in use by malloc's callers (`used`: XLA's
+  CPU buffers are malloc'd), bytes malloc holds free in its arenas and has not handed back to the kernel
+  (`free`: fragmentation; resident when touched before), bytes in mmapped blocks (`mmapped`, inside `used`)."""
+  import ctypes
+
+  class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+  libc = ctypes.CDLL("libc.so.6")
+  libc.mallinfo2.restype = Info
+  m = libc.mallinfo2()
+  return {"used": m.uordblks + m.hblkhd, "free": m.fordblks, "mmapped": m.hblkhd}
+
+
 class PhaseProbe:
   """Charges sampled RSS to the current phase; live JAX array bytes at each phase's end."""
 
   def __init__(self, every: float = 0.02):
-    self.phase, self.peak, self.live, self.order = "start-up", {}, {}, []
+    self.phase, self.peak, self.live, self.order, self.heap = "start-up", {}, {}, [], {}
+    self.timeline, self.t0 = [["start-up", 0.0, 0]], time.time()  # every entry of a phase: [name, start s, peak]
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
     self._thread.start()
@@ -94,11 +113,13 @@ class PhaseProbe:
     while not self._stop.is_set():
       rss = _rss_bytes()
       self.peak[self.phase] = max(self.peak.get(self.phase, 0), rss)
+      self.timeline[-1][2] = max(self.timeline[-1][2], rss)
       time.sleep(every)
 
   def enter(self, name):
     import jax
     previous, self.phase = self.phase, name
+    self.timeline.append([name, round(time.time() - self.t0, 2), _rss_bytes()])
     if name not in self.order:
       self.order.append(name)
     self.peak[name] = max(self.peak.get(name, 0), _rss_bytes())
@@ -107,7 +128,11 @@ class PhaseProbe:
   def leave(self, previous, jax, name):
     self.peak[name] = max(self.peak.get(name, 0), _rss_bytes())
     self.live[name] = max(self.live.get(name, 0), sum(a.nbytes for a in jax.live_arrays()))
+    heap, old = _heap(), self.heap.get(name)
+    if old is None or heap["used"] + heap["free"] >= old["used"] + old["free"]:
+      self.heap[name] = heap  # at the phase end where malloc held the most
     self.phase = previous
+    self.timeline.append([previous, round(time.time() - self.t0, 2), _rss_bytes()])
 
   def wrap(self, fn, name):
     def wrapped(*args, **kwargs):
@@ -126,6 +151,11 @@ class PhaseProbe:
 
 def child_cl_jax(argv: list[str]) -> None:
   """The run through the CLI, its phases probed (monkeypatched wrappers: the run's code is unchanged)."""
+  try:  # what `run.py` does first (cli.launch), done here before the probe's thread allocates (older code: none)
+    from cl_jax import host_memory
+    host_memory.configure()
+  except ImportError:
+    pass
   probe = PhaseProbe()
   from cl_jax import checkpoint, cli
   from cl_jax.eval import evaluator
@@ -151,11 +181,12 @@ def child_cl_jax(argv: list[str]) -> None:
   checkpoint.Checkpoints.wait = probe.wrap(checkpoint.Checkpoints.wait, "checkpoint wait (writing)")
   checkpoint.Checkpoints.restore = probe.wrap(checkpoint.Checkpoints.restore, "checkpoint restore")
   hf_checkpoint.export = probe.wrap(hf_checkpoint.export, "export to HF layout")
-  code = cli.main(argv)
+  code = cli.launch(argv)
   probe.stop()
   params = 4 * 134_515_008
   print("PROBE " + json.dumps({"code": code, "order": probe.order, "peak": probe.peak, "live": probe.live,
-                               "param_bytes": params}), flush=True)
+                               "heap": probe.heap, "param_bytes": params}), flush=True)
+  print("TIMELINE " + json.dumps([[n, t, round(b / 2 ** 20)] for n, t, b in probe.timeline]), flush=True)
 
 
 def step_analysis(model: str, corpus: str) -> dict:
@@ -255,6 +286,8 @@ def main(args=None):
                             str(a.eval_batch), "--code", code], env, cwd=code)
         ours.append(mb)
         probes.append(json.loads(out.split("PROBE ", 1)[1].splitlines()[0]))
+        if "TIMELINE " in out:  # each phase entry with its own peak, in order (which step or save the peak is in)
+          print("TIMELINE " + out.split("TIMELINE ", 1)[1].splitlines()[0], flush=True)
         ckpt = {}
         for kind in ("tasks", "rolling", "best"):
           d = os.path.join(workdir, "checkpoints", kind)
@@ -292,11 +325,13 @@ def report(a, ours, theirs, probe) -> str:
   if probe is None:
     return "\n".join(lines) + "\n"
   lines += ["| phase (in order of first entry) | peak RSS in phase (MB) | live JAX arrays at its end (MB) | "
-            "/ param bytes |", "|---|---|---|---|"]
+            "/ param bytes | malloc: in use / held free (MB) |", "|---|---|---|---|---|"]
   p = probe["param_bytes"]
   for name in probe["order"]:
     live = probe["live"].get(name, 0)
-    lines.append(f"| {name} | {mb(probe['peak'][name]):.0f} | {mb(live):.0f} | {live / p:.2f} |")
+    h = probe.get("heap", {}).get(name)
+    heap = f"{mb(h['used']):.0f} / {mb(h['free']):.0f}" if h else "-"
+    lines.append(f"| {name} | {mb(probe['peak'][name]):.0f} | {mb(live):.0f} | {live / p:.2f} | {heap} |")
   lines += ["", f"params: {mb(p):.0f} MB (float32)", "", "| checkpoint | size (MB) |", "|---|---|"]
   for kind, steps in probe.get("checkpoints", {}).items():
     for s, size in steps.items():

@@ -431,6 +431,8 @@ SUPERVISED_ENV = "CL_JAX_SUPERVISED"  # set in the supervised child: it runs `ma
 def launch(argv, prog: str = "run.py") -> int:
   """What `run.py` and `cl-jax` run: `main(argv)` here, or on a multi-host launch (`errors.multihost_launch`) in a
   child process this one supervises (`supervise`), whose exit it reports."""
+  from cl_jax import host_memory
+  host_memory.configure()  # before JAX's and orbax's threads allocate (each would get a malloc arena of its own)
   try:
     if not errors.multihost_launch() or os.environ.get(SUPERVISED_ENV):
       return main(argv, prog)

@@ -35,6 +35,8 @@ def run(config, workdir: str, overwrite: bool = False, progress: bool = True, *,
   `validated=True`: the caller has just run `cl_jax.kinds.validate(config)` (the command line does, to fail before
   choosing a workdir), so it is not run twice.
   """
+  from cl_jax import host_memory
+  host_memory.configure()  # run.py / cl-jax did it at start; in Python, effective when the run comes first
   previous = errors.install_signal_handlers()  # no-op change when run.py / cl-jax installed them already
   try:
     return _run(config, workdir, overwrite, progress, validated, **parts)

@@ -131,8 +131,12 @@ def test_task_loop_runs_any_plan_with_stop_best_and_resume(tmp_path):
   assert [r["task"] for r in read_metrics(str(tmp_path)) if r["type"] == "eval"] == [0, 1, 1, 1, 2]
   assert abs(out.boundary[1]["value"] - (1 - 0.8 ** 10)) < 1e-5  # task 1 pulled the scalar toward 1
   seen["evals"] = 0
-  again = run_tasks(plan(), str(tmp_path), ck, resume=True, progress=False)
+  fresh = plan()
+  again = run_tasks(fresh, str(tmp_path), ck, resume=True, progress=False)
   assert again.stopped == out.stopped and int(again.state.step) == 14 and seen["evals"] == 5
+  # The resume let the fresh state go (one train state in memory, not two); the restored one is intact.
+  assert all(x.is_deleted() for x in jax.tree.leaves(fresh.state))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(again.state))
   ck.close()
 
 

@@ -133,7 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
   # `keep_tasks` task-boundary ones (0: all; step 0's, the base the test split compares with, always stays), and
   # the best (`keep_best`), which holds the params alone: it serves the test split and the HF export, never a
   # resume. keep_best=False keeps none and the kept model is the final one.
-  # async_save=False: each save's write finishes before training goes on (its buffers never overlap a step's).
+  # async_save=False: each save's write finishes before training goes on (its buffers never overlap a step's);
+  # on the CPU backend saves are synchronous whatever it says (cl_jax.checkpoint.host_is_device).
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, keep_tasks=0, keep_best=True,
                                                 async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

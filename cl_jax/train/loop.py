@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from cl_jax import sharding
+from cl_jax import host_memory, sharding
 from cl_jax.checkpoint import METRICS, Checkpoints, abstract_like, params_only
 from cl_jax.errors import ConfigError, DivergenceError, Preempted, WorkdirError
 from cl_jax.workdir import MetricsLog, config_dict, is_writer
@@ -150,6 +150,18 @@ class PreemptionFlag:
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
+def release(state, keep=None) -> None:
+  """Deletes the device buffers of `state` (a train state nothing reads again), except those `keep` also holds.
+
+  Dropping the Python references is not enough where a caller still holds the arrays (an LM run's imported params
+  are the fresh state's own buffers, `adapt_phase(own_base=True)`): the buffers would stay allocated until that
+  caller lets go. Shapes and dtypes stay readable on a deleted array (`abstract_like` still works on it)."""
+  kept = {id(x) for x in jax.tree.leaves(keep)} if keep is not None else set()
+  for x in jax.tree.leaves(state):
+    if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
+      x.delete()
+
+
 # ----------------------------------------------------------------------------- batches
 
 def fetch_batches(source, n: int, put_batch, stacked: bool):
@@ -259,6 +271,10 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     checkpoints.identity = run_identity(workdir)
   restored = checkpoints.restore(abstract_like(state, plan.state_sharding)) if resume else None
   if restored is not None:
+    # The restored state replaces the fresh one the plan was built with: its buffers go now (as the first step's
+    # donation would take them in a fresh run), not at the end of the run. Kept, they were a second train state
+    # for the whole of a resumed run (float32 AdamW: 3 params' bytes; the imported base among them).
+    release(plan.state, restored[0])
     state, meta = restored
     boundary, task_seconds = meta["boundary"], meta["task_seconds"]
     start_task, iterator_state = meta["task"], meta["iterator"]
@@ -295,6 +311,12 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
     # evaluation allocates its own, so the peak is the larger of the two, not their sum.
     if getattr(checkpoints, "synchronous", False):
       checkpoints.wait()
+      host_memory.trim()  # the write's staging and encoding buffers, freed in its threads' arenas
+
+  def evaluate(state, t):
+    fields = plan.evaluate(state, t)
+    host_memory.trim()  # the evaluation's buffers, and a finished asynchronous write's, back to the kernel
+    return fields
 
   def write_eval(step, t_record, fields, is_boundary):
     rec = {"type": "eval", **plan.record, "step": step, "task": t_record, **fields, "boundary": is_boundary}
@@ -307,7 +329,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
   try:
     with PreemptionFlag() as preempt:
       if not boundary and plan.eval_before and plan.evaluate is not None:
-        rec, verdict = write_eval(int(state.step), 0, plan.evaluate(state, 0), True)
+        rec, verdict = write_eval(int(state.step), 0, evaluate(state, 0), True)
         boundary.append(rec)
         if verdict.best:
           save_best(int(state.step), state, meta(0, None))
@@ -378,7 +400,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
             flush_metrics()
           if plan.eval_every and k % plan.eval_every == 0 and k < task_steps and plan.evaluate is not None:
             flush_metrics()
-            _, verdict = write_eval(step_no, t + 1, plan.evaluate(state, t), False)
+            _, verdict = write_eval(step_no, t + 1, evaluate(state, t), False)
             if verdict.best:
               save_best(step_no, state, meta(t, source.get_state()))
             if verdict.stop:
@@ -403,7 +425,7 @@ def run_tasks(plan: Plan, workdir: str, checkpoints: Checkpoints, resume: bool, 
           break
         if plan.after_task is not None:
           state = plan.after_task(state, t)
-        fields = plan.evaluate(state, t) if plan.evaluate is not None else {}
+        fields = evaluate(state, t) if plan.evaluate is not None else {}
         task_seconds.append(time.time() - clock["task_start"])
         rec, verdict = write_eval(int(state.step), t + 1, fields, True)
         boundary.append(rec)
