@@ -6,6 +6,7 @@ anchors, a replay buffer). Each interrupted run must end as the uninterrupted on
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,16 +47,29 @@ def straight(tmp_path_factory):
   return w
 
 
+@pytest.fixture(scope="module")
+def killed_at_50(tmp_path_factory):
+  """A run SIGKILLed at step 50 (task 3; the newest checkpoint is the rolling one at step 48), left as it died.
+  Tests resume (or corrupt, then resume) their own copy of it."""
+  w = tmp_path_factory.mktemp("killed") / "w"
+  assert run_py(w, kill_at_step=50).returncode == -signal.SIGKILL
+  assert not (w / "results.json").exists()
+  return w
+
+
+def copy_of(workdir, tmp_path):
+  w = tmp_path / "w"
+  shutil.copytree(workdir, w, symlinks=True)
+  return w
+
+
 def assert_same_run(workdir, reference):
   assert results(workdir) == results(reference)
   assert metrics_bytes(workdir) == metrics_bytes(reference)
 
 
-def test_kill_mid_task_then_resume_gives_identical_results(tmp_path, straight):
-  w = tmp_path / "w"
-  # Step 50 is in task 3 (20 steps a task); the newest checkpoint then is the rolling one at step 48.
-  assert run_py(w, kill_at_step=50).returncode == -signal.SIGKILL
-  assert not (w / "results.json").exists()
+def test_kill_mid_task_then_resume_gives_identical_results(tmp_path, straight, killed_at_50):
+  w = copy_of(killed_at_50, tmp_path)
   out = run_py(w)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "Resuming" in out.stdout and "from step 48" in out.stdout
@@ -107,9 +121,8 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_is_identical(tmp_path
   assert len(timing["task_seconds"]) == 5 and 0 < sum(timing["task_seconds"]) <= timing["total_seconds"]
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, straight):
-  w = tmp_path / "w"
-  assert run_py(w, kill_at_step=50).returncode == -signal.SIGKILL
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, straight, killed_at_50):
+  w = copy_of(killed_at_50, tmp_path)
   newest = w / "checkpoints" / "rolling" / "48"
   blobs = sorted((newest / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
   with open(blobs[-1], "r+b") as f:  # a truncated array file

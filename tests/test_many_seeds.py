@@ -30,6 +30,13 @@ def three_seeds(tmp_path_factory):
   return run(_config(seed=3, **{"train.num_seeds": 3}), str(workdir), progress=False)
 
 
+@pytest.fixture(scope="module")
+def alone_weight_3(tmp_path_factory):
+  """One run at replay.weight=3.0: what a sweep's setting, or a one-setting sweep, must equal."""
+  from cl_jax import run
+  return run(_config(**{"replay.weight": 3.0}), str(tmp_path_factory.mktemp("alone_weight_3")), progress=False)
+
+
 def test_each_run_equals_its_seed_run_alone(three_seeds, tmp_path):
   from cl_jax import run
   many = _train_losses(three_seeds.workdir)
@@ -58,21 +65,20 @@ def test_results_hold_every_run_and_the_spread(three_seeds):
   np.testing.assert_allclose(r["accuracy_matrix"], np.mean([run["accuracy_matrix"] for run in r["runs"]], 0))
 
 
-def test_a_sweep_setting_equals_that_setting_run_alone(tmp_path):
+def test_a_sweep_setting_equals_that_setting_run_alone(tmp_path, alone_weight_3):
   from cl_jax import run
   swept = run(_config(**{"train.sweep": "replay.weight=0.0,3.0"}), str(tmp_path / "sweep"), progress=False)
   assert [s["overrides"] for s in swept.extra["settings"]] == [{"replay.weight": 0.0}, {"replay.weight": 3.0}]
   losses = _train_losses(swept.workdir)
-  alone = run(_config(**{"replay.weight": 3.0}), str(tmp_path / "alone"), progress=False)
-  np.testing.assert_allclose(losses[:, 1], _train_losses(alone.workdir), rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(losses[:, 1], _train_losses(alone_weight_3.workdir), rtol=2e-4, atol=1e-5)
   assert np.abs(losses[12:, 0] - losses[12:, 1]).max() > 1e-2   # replay weight matters once the buffer fills
 
 
-def test_a_one_setting_sweep_sets_its_value_in_a_single_run(tmp_path):
+def test_a_one_setting_sweep_sets_its_value_in_a_single_run(tmp_path, alone_weight_3):
   # One seed and one setting run as a plain single run; the sweep's value must still apply.
   from cl_jax import run
   one = run(_config(**{"train.sweep": "replay.weight=3.0"}), str(tmp_path / "one"), progress=False)
-  alone = run(_config(**{"replay.weight": 3.0}), str(tmp_path / "alone"), progress=False)
+  alone = alone_weight_3
   default = run(_config(**{"replay.weight": 0.0}), str(tmp_path / "default"), progress=False)
   np.testing.assert_allclose(_train_losses(one.workdir), _train_losses(alone.workdir), rtol=2e-4, atol=1e-5)
   assert np.abs(_train_losses(one.workdir)[12:] - _train_losses(default.workdir)[12:]).max() > 1e-2
