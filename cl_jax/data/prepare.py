@@ -24,10 +24,23 @@ records of its own rows.
 
 The pipeline streams: documents are read one source file at a time, deduplicated exactly (whitespace-normalised,
 128-bit blake2b; only the hashes are kept), assigned to train / validation / test by the hash of their group as in
-`text.split_documents`, tokenized in batches (`encode_batch`: the `tokenizers` library spreads a batch over every
-core) and written as soon as a shard is full. Memory is one tokenization batch plus one shard per split, whatever the
-corpus size. The same inputs give the same bytes: nothing depends on time, host or thread timing. An interrupted
-prepare resumes: after each shard the consumed document count and the partly filled shards are saved atomically
+`text.split_documents`, tokenized in batches of `batch_documents` and written as soon as a shard is full. Memory
+is two tokenization batches plus one shard per split, whatever the corpus size. The same inputs give the same bytes:
+nothing depends on time, host or thread timing.
+
+Where the time goes (`results/data_throughput.md`, a 32k byte-level BPE from `tokenizers` on CPython text): the BPE
+encoding itself, about 90% of the CPU time before this layout; reading JSON, dedup hashing, packing and ArrayRecord
+writing share the rest. So (1) a batch is encoded with `encode_batch_fast` where `tokenizers` has it (the same ids
+without each token's character offsets, which take about 30% of `encode_batch`'s time), inside Rust threads over
+every core with the GIL released; (2) that runs in a worker thread while this one reads, hashes and splits the next
+batch and packs and writes the previous one, so the Python work overlaps the encoding instead of leaving the cores
+idle. Processes instead of threads would not help: the encoding is already parallel, and per CPU-second prepare now
+runs at about 95% of `encode_batch_fast` alone on the same text, the ceiling of this tokenizer library. Past it,
+tiktoken's BPE loaded with the same vocabulary encoded the benchmark text 4.7x faster per CPU-second with identical
+ids, but it is not used: its rank-ordered merging equals `tokenizers`' merge-list BPE only for some vocabularies,
+and it treats added tokens inside the text differently, so the bytes could change for other tokenizers.
+
+An interrupted prepare resumes: after each shard the consumed document count and the partly filled shards are saved atomically
 (`.progress/`); a rerun re-reads (but does not tokenize) the consumed documents to restore the dedup set, then goes
 on. A shard takes whole `seq_len` windows from the head of its split's stream and the rest waits for the next, so
 the shards of a split, read in order, are exactly `text.pack` of the split's documents (the tail shorter than
