@@ -31,13 +31,13 @@ nothing depends on time, host or thread timing.
 Where the time goes (`results/data_throughput.md`, a 32k byte-level BPE from `tokenizers` on CPython text): the BPE
 encoding itself, about 90% of the CPU time before this layout; reading JSON, dedup hashing, packing and ArrayRecord
 writing share the rest. So (1) a batch is encoded with `encode_batch_fast` where `tokenizers` has it (the same ids
-without each token's character offsets, which take about 30% of `encode_batch`'s time), inside Rust threads over
+without each token's character offsets, about 20% of `encode_batch`'s CPU time), inside Rust threads over
 every core with the GIL released; (2) that runs in a worker thread while this one reads, hashes and splits the next
 batch and packs and writes the previous one, so the Python work overlaps the encoding instead of leaving the cores
 idle. Processes instead of threads would not help: the encoding is already parallel, and per CPU-second prepare now
-runs at about 95% of `encode_batch_fast` alone on the same text, the ceiling of this tokenizer library. Past it,
-tiktoken's BPE loaded with the same vocabulary encoded the benchmark text 4.7x faster per CPU-second with identical
-ids, but it is not used: its rank-ordered merging equals `tokenizers`' merge-list BPE only for some vocabularies,
+runs as fast as `encode_batch_fast` alone on the same text (within the noise of a loaded machine), the ceiling of
+this tokenizer library. Past it, tiktoken's BPE loaded with the same vocabulary encoded the benchmark text about 5x
+faster per CPU-second with identical ids, but it is not used: its rank-ordered merging equals `tokenizers`' merge-list BPE only for some vocabularies,
 and it treats added tokens inside the text differently, so the bytes could change for other tokenizers.
 
 An interrupted prepare resumes: after each shard the consumed document count and the partly filled shards are saved atomically

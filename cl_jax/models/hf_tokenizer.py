@@ -93,7 +93,7 @@ class HFTokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode` of many texts at once (the Rust tokenizer runs them in parallel, without the GIL).
     `encode_batch_fast` (tokenizers >= 0.20) gives the same ids without computing each token's character offsets,
-    which take about 30% of `encode_batch`'s time (`results/data_throughput.md`)."""
+    about 20% of `encode_batch`'s CPU time (`results/data_throughput.md`)."""
     batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
     return [np.asarray(e.ids, dtype=np.int32) for e in batch(list(texts), add_special_tokens=False)]
 
