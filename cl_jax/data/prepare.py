@@ -24,10 +24,23 @@ records of its own rows.
 
 The pipeline streams: documents are read one source file at a time, deduplicated exactly (whitespace-normalised,
 128-bit blake2b; only the hashes are kept), assigned to train / validation / test by the hash of their group as in
-`text.split_documents`, tokenized in batches (`encode_batch`: the `tokenizers` library spreads a batch over every
-core) and written as soon as a shard is full. Memory is one tokenization batch plus one shard per split, whatever the
-corpus size. The same inputs give the same bytes: nothing depends on time, host or thread timing. An interrupted
-prepare resumes: after each shard the consumed document count and the partly filled shards are saved atomically
+`text.split_documents`, tokenized in batches of `batch_documents` and written as soon as a shard is full. Memory
+is two tokenization batches plus one shard per split, whatever the corpus size. The same inputs give the same bytes:
+nothing depends on time, host or thread timing.
+
+Where the time goes (`results/data_throughput.md`, a 32k byte-level BPE from `tokenizers` on CPython text): the BPE
+encoding itself, about 90% of the CPU time before this layout; reading JSON, dedup hashing, packing and ArrayRecord
+writing share the rest. So (1) a batch is encoded with `encode_batch_fast` where `tokenizers` has it (the same ids
+without each token's character offsets, about 20% of `encode_batch`'s CPU time), inside Rust threads over
+every core with the GIL released; (2) that runs in a worker thread while this one reads, hashes and splits the next
+batch and packs and writes the previous one, so the Python work overlaps the encoding instead of leaving the cores
+idle. Processes instead of threads would not help: the encoding is already parallel, and per CPU-second prepare now
+runs as fast as `encode_batch_fast` alone on the same text (within the noise of a loaded machine), the ceiling of
+this tokenizer library. Past it, tiktoken's BPE loaded with the same vocabulary encoded the benchmark text about 5x
+faster per CPU-second with identical ids, but it is not used: its rank-ordered merging equals `tokenizers`' merge-list BPE only for some vocabularies,
+and it treats added tokens inside the text differently, so the bytes could change for other tokenizers.
+
+An interrupted prepare resumes: after each shard the consumed document count and the partly filled shards are saved atomically
 (`.progress/`); a rerun re-reads (but does not tokenize) the consumed documents to restore the dedup set, then goes
 on. A shard takes whole `seq_len` windows from the head of its split's stream and the rest waits for the next, so
 the shards of a split, read in order, are exactly `text.pack` of the split's documents (the tail shorter than
@@ -42,6 +55,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -296,52 +310,75 @@ def prepare(sources: Sequence[str], tokenizer, out: str, *, seq_len: int, seed: 
   pending: dict = {s: [] for s in textdata.SPLITS}
   written = sum(len(w.shards) for w in writers.values())
   start, index = time.time(), 0
+  # One batch is tokenized in a worker thread while this thread reads, deduplicates and splits the next one and
+  # packs and writes the previous one: `tokenizers` releases the GIL while it encodes, so the Python work no longer
+  # leaves the cores idle. Batches are handed to the writers strictly in the order they were cut, so the bytes do
+  # not depend on thread timing.
+  pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-encode")
+  inflight: list = []   # [(future of {split: token arrays}, the resume point as of the end of that batch)]
 
-  def flush(final: bool = False) -> bool:
-    """Tokenizes the pending documents; writes full shards; saves the resume point after each shard."""
+  def encode(texts: dict) -> dict:
+    return {s: textdata.encode_all(tokenizer, t) for s, t in texts.items() if t}
+
+  def drain() -> bool:
+    """Packs the oldest in-flight batch; writes full shards; saves the resume point after each shard (as of the
+    end of that batch: later documents, already read, are tokenized again on resume)."""
     nonlocal written
-    for s, docs in pending.items():
-      if docs:
-        writers[s].add(textdata.encode_all(tokenizer, [d.text for d in docs]), separator)
-        pending[s] = []
+    future, (consumed_at, counters_at) = inflight.pop(0)
+    for s, token_lists in future.result().items():
+      writers[s].add(token_lists, separator)
     for w in writers.values():
       while w.full_shards():
         w.write_shard()
         written += 1
-        counters["digest"] = digest.hexdigest()
-        _save_progress(out, index, counters, writers)
+        _save_progress(out, consumed_at, counters_at, writers)
         if _stop_after_shards is not None and written >= _stop_after_shards:
           return True
+    return False
+
+  def flush(final: bool = False) -> bool:
+    """Starts tokenizing the pending documents; packs the batch before them meanwhile (all of them when `final`)."""
+    texts = {s: [d.text for d in docs] for s, docs in pending.items()}
+    for s in pending:
+      pending[s] = []
+    inflight.append((pool.submit(encode, texts), (index, dict(counters, digest=digest.hexdigest()))))
+    while len(inflight) > (0 if final else 1):
+      if drain():
+        return True
     if final:
       for w in writers.values():
         w.write_shard(final=True)
     return False
 
-  for spec in sources:
-    for doc in iter_documents(spec, field=field, warn=warn):
-      index += 1
-      key = hashlib.blake2b(textdata._normalise(doc.text).encode("utf-8"), digest_size=16).digest()
-      if key in seen:
-        if index > consumed:
-          counters["duplicates"] += 1
-        continue
-      seen.add(key)
-      digest.update(key)
-      if index <= consumed:
-        continue  # tokenized before the interruption: only its dedup key was needed
-      counters["documents"] += 1
-      counters["characters"] += len(doc.text)
-      u = textdata._unit_hash("split", seed, doc.group)
-      split = "test" if u < test else "validation" if u < test + validation else "train"
-      pending[split].append(doc)
-      if sum(len(p) for p in pending.values()) >= batch_documents:
-        if flush():
-          return Manifest(out, {})
-        if progress:
-          mb = counters["characters"] / 1e6
-          print(f"\rprepare: {counters['documents']} documents, {mb:.1f} MB, {written} shards, "
-                f"{mb / max(time.time() - start, 1e-9):.2f} MB/s", end="", file=sys.stderr, flush=True)
-  flush(final=True)
+  try:
+    for spec in sources:
+      for doc in iter_documents(spec, field=field, warn=warn):
+        index += 1
+        key = hashlib.blake2b(textdata._normalise(doc.text).encode("utf-8"), digest_size=16).digest()
+        if key in seen:
+          if index > consumed:
+            counters["duplicates"] += 1
+          continue
+        seen.add(key)
+        digest.update(key)
+        if index <= consumed:
+          continue  # tokenized before the interruption: only its dedup key was needed
+        counters["documents"] += 1
+        counters["characters"] += len(doc.text)
+        u = textdata._unit_hash("split", seed, doc.group)
+        split = "test" if u < test else "validation" if u < test + validation else "train"
+        pending[split].append(doc)
+        if sum(len(p) for p in pending.values()) >= batch_documents:
+          if flush():
+            return Manifest(out, {})
+          if progress:
+            mb = counters["characters"] / 1e6
+            print(f"\rprepare: {counters['documents']} documents, {mb:.1f} MB, {written} shards, "
+                  f"{mb / max(time.time() - start, 1e-9):.2f} MB/s", end="", file=sys.stderr, flush=True)
+    if flush(final=True):
+      return Manifest(out, {})
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
   if progress:
     print(file=sys.stderr)
   if counters["documents"] == 0:

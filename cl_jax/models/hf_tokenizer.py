@@ -112,9 +112,11 @@ class HFTokenizer:
     return np.asarray(self._tok.encode(text, add_special_tokens=bool(add_special_tokens)).ids, dtype=np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    """`encode` of many texts at once (the Rust tokenizer runs them in parallel)."""
-    return [np.asarray(e.ids, dtype=np.int32)
-            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    """`encode` of many texts at once (the Rust tokenizer runs them in parallel, without the GIL).
+    `encode_batch_fast` (tokenizers >= 0.20) gives the same ids without computing each token's character offsets,
+    about 20% of `encode_batch`'s CPU time (`results/data_throughput.md`)."""
+    batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+    return [np.asarray(e.ids, dtype=np.int32) for e in batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
