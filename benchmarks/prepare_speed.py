@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,12 +58,17 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--corpus_mb", type=float, default=20)
   p.add_argument("--seq_len", type=int, default=256)
-  p.add_argument("--code", default=None, help="a directory holding another commit's cl_jax/ to time its prepare")
+  p.add_argument("--code", default=None, help="a directory holding another commit's cl_jax/ to time its prepare "
+                 "(the script re-runs itself with that directory first on PYTHONPATH)")
   p.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
   args = p.parse_args(argv)
-  if args.code:
-    sys.path.insert(0, os.path.abspath(args.code))
-  sys.path.insert(1 if args.code else 0, ROOT)
+  code = os.path.abspath(args.code) if args.code else None
+  if code and os.environ.get("CL_JAX_PREPARE_SPEED_CODE") != code:
+    # Another commit's cl_jax goes first on the import path of a child process: nothing edits sys.path here.
+    env = dict(os.environ, CL_JAX_PREPARE_SPEED_CODE=code,
+               PYTHONPATH=os.pathsep.join([code, ROOT] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])],
+                          env=env).returncode
   from benchmarks.data_throughput import train_tokenizer, write_corpus
   from cl_jax.data import prepare
   from cl_jax.data.tokenizer import load_tokenizer

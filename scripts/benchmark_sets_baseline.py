@@ -22,11 +22,10 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from cl_jax.data import text as textdata
+from cl_jax.eval import benchmark_sets as B
 
-from cl_jax.data import text as textdata  # noqa: E402
-from cl_jax.eval import benchmark_sets as B  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ORDER = 6
 SETS = ("knowledge", "knowledge_cloze", "completion")
