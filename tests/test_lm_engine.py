@@ -167,3 +167,18 @@ def test_bad_requests_are_refused_before_any_work(engines):
     Engine(engine.apply, engine.params, engine.tokenizer, max_len=64, batch_size=0)
   other = engine.with_params(engine.params)
   assert other._score is engine._score and other.stats["loglikelihood"]["items"] == 0
+
+
+def test_chat_template_renders_as_lm_eval_asks(engines):
+  import copy
+  from cl_jax.lm.templates import HFChatTemplate
+  source = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  engine = copy.copy(engines["gpt2"])
+  engine.template = HFChatTemplate(source)
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+  assert engine.apply_chat_template(chat) == "<|system|>Be brief.<|end|>\n<|user|>2+2?<|end|>\n<|assistant|>"
+  # without the generation prompt the text ends right after the final message (transformers' continue_final_message)
+  chat.append({"role": "assistant", "content": "The answer is"})
+  assert engine.apply_chat_template(chat, add_generation_prompt=False).endswith("<|assistant|>The answer is")
+  assert engine.chat_template == source and engines["gpt2"].chat_template == ""
