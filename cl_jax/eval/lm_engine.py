@@ -31,10 +31,12 @@ the conventions of its Hugging Face model (`lm_eval/models/huggingface.py`, 0.4.
   eos token's text, as lm-eval adds it) found in the new text; the text is cut before that stop string (lm-eval's
   `postprocess_generated_text`: the stop string itself is not returned).
 
-Batching. Requests are sorted by length, longest first (lm-eval's order), cut into batches of `batch_size` rows,
-each right-padded to its length bucket (powers of two, `cl_jax.models.decoding.bucket_of`, or `buckets`) and its
-rows to a power of two (a multiple of the mesh's devices), so at most log2(max_len) x log2(batch_size) programs are
-compiled; padding never changes a score (causal attention: a row's padding lies after its last scored position).
+Batching. Requests are sorted by length, longest first (lm-eval's order), cut into batches of `batch_size` rows
+(rounded up to a multiple of the mesh's devices; a short last batch is filled with empty rows), each right-padded to
+its length bucket (powers of two from MIN_BUCKET = 64, or `buckets`; `cl_jax.models.decoding.bucket_of`), so one
+program is compiled per bucket: at most log2(max_len) - 5; padding never changes a score (causal attention: a row's padding lies after its last
+scored position). Generation likewise: one decoding program per (prompt bucket, power-of-two new-token budget,
+power-of-two number of stop strings, greedy or sampled).
 The log-probabilities and the greedy test are computed on the device: one [B] float and one [B] bool come back per
 batch. Results are returned in the requests' order. `stats` counts items, tokens and seconds per request type.
 """
@@ -57,6 +59,7 @@ from cl_jax.models.decoding import bucket_of, generate_ids
 # lm-eval's gen_kwargs aliases of the new-token budget, in its priority order (normalize_gen_kwargs).
 MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model's max_gen_toks
+MIN_BUCKET = 64  # the shortest default length bucket
 # gen_kwargs the engine understands (others are refused by name: a silently ignored setting changes the scores).
 GEN_KEYS = set(MAX_TOKEN_KEYS) | {"until", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                                   "seed"}
@@ -120,7 +123,9 @@ class Engine:
       raise ConfigError(f"buckets={list(buckets)!r}: must be positive integers")
     self.apply, self.params, self.tokenizer = apply, params, tokenizer
     self.max_len, self.batch_size, self.mesh = int(max_len), int(batch_size), mesh
-    self.buckets = None if buckets is None else tuple(sorted(int(b) for b in buckets))
+    # Default buckets: powers of two from MIN_BUCKET. Shorter ones would save little work and cost a compilation each.
+    self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets is not None else tuple(
+        1 << k for k in range(MIN_BUCKET.bit_length() - 1, max(int(max_len), MIN_BUCKET).bit_length()))
     self.model, self.eos_ids, self.pad_id = model, tuple(int(e) for e in eos_ids), int(pad_id)
     self.prefix_id = int(tokenizer.bos_id if prefix_id is None else prefix_id)
     self.template, self.name, self.seed = template, name, int(seed)
@@ -221,12 +226,12 @@ class Engine:
 
   # ------------------------------------------------------------------------------------------- scoring
 
-  def _rows(self, n: int) -> int:
-    rows = min(self.batch_size, _next_pow2(n))
-    if self.mesh is not None:
-      from cl_jax.eval.evaluator import padded_size
-      rows = padded_size(rows, self.mesh)
-    return rows
+  def _rows(self) -> int:
+    """Rows of every batch: batch_size, rounded up to a multiple of the mesh's devices."""
+    if self.mesh is None:
+      return self.batch_size
+    from cl_jax.eval.evaluator import padded_size
+    return padded_size(self.batch_size, self.mesh)
 
   def _width(self, n: int) -> int:
     return min(bucket_of(n, self.buckets), self.max_len)
@@ -259,7 +264,7 @@ class Engine:
     for at in range(0, len(order), self.batch_size):
       chunk = order[at:at + self.batch_size]
       width = self._width(max(len(rows[i][0]) - 1 for i in chunk))
-      n = self._rows(len(chunk))
+      n = self._rows()
       tokens = np.full((n, width + 1), self.pad_id, np.int32)
       weights = np.zeros((n, width), np.float32)
       for r, i in enumerate(chunk):
@@ -323,6 +328,17 @@ class Engine:
     return _Decoder(self.model, self.params, self.tokenizer, self.eos_ids, self.pad_id, self.max_len,
                     self.vocab_size)
 
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
+                   seed: int | None = None, ignore_eos: bool = False, stop_in_prompt: bool = False) -> list:
+    """Token-level generation (`cl_jax.models.decoding.generate_ids` with this engine's model, params, batch size
+    and buckets): one `Output(text, ids, stopped)` per prompt, in order."""
+    return generate_ids(self._generation_model(), [np.asarray(p, np.int32) for p in prompts],
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, stop=stop, seed=self.seed if seed is None else seed,
+                        batch_size=self._rows(), buckets=self.buckets, ignore_eos=ignore_eos,
+                        stop_in_prompt=stop_in_prompt, fixed_rows=True)
+
   @staticmethod
   def gen_settings(gen_kwargs: dict, eot_text: str = "") -> dict:
     """lm-eval's gen_kwargs (normalize_gen_kwargs, handle_stop_sequences) as generate_ids settings:
@@ -361,7 +377,7 @@ class Engine:
     """The continuation of each context under its gen_kwargs (`until`, `max_gen_toks`, `do_sample`,
     `temperature`, ...), cut before the first stop string, in the requests' order."""
     start = time.perf_counter()
-    m = self._generation_model()
+    self._generation_model()  # refuses before any work when there is no decoder
     groups: dict[str, list[int]] = {}
     for i, (_, kw) in enumerate(requests):
       groups.setdefault(json.dumps(kw, sort_keys=True, default=str), []).append(i)
@@ -377,15 +393,22 @@ class Engine:
       for j, p in enumerate(prompts):
         if len(p) == 0:  # an empty context continues from the prefix token
           prompts[j] = np.asarray([self.prefix_id], np.int32)
+      # Compilation is bounded as for the prompts' lengths: the decoder runs a power-of-two number of new tokens
+      # (at least 16, within the positions) and tracks a power-of-two number of stop strings (the first repeated:
+      # a duplicate stops nothing new); the ids past the request's own budget are dropped before decoding the text.
+      # Greedy and sampled tokens alike are unchanged (row r's token i uses key fold_in(fold_in(seed, r), i)).
       stops = [u for u in s["until"] if u]
-      seed = self.seed if s["seed"] is None else int(s["seed"])
-      results = generate_ids(m, prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                             top_k=s["top_k"], top_p=s["top_p"], repetition_penalty=s["repetition_penalty"],
-                             stop=stops, seed=seed, batch_size=self.batch_size, buckets=self.buckets,
-                             stop_in_prompt=False)
+      stops += stops[:1] * (_next_pow2(len(stops)) - len(stops))
+      budget = s["max_new_tokens"]
+      longest = max(len(p) for p in prompts)
+      steps = max(budget, min(max(16, _next_pow2(budget)), self.max_len - longest))
+      results = self.generate_ids(prompts, max_new_tokens=steps, temperature=s["temperature"], top_k=s["top_k"],
+                                  top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], stop=stops,
+                                  seed=None if s["seed"] is None else int(s["seed"]))
       for i, r in zip(members, results):
-        out[i] = self.cut(self.tokenizer.decode(r.ids), s["until"])
-        new_tokens += len(r.ids)
+        ids = r.ids[:budget]
+        out[i] = self.cut(self.tokenizer.decode(ids), s["until"])
+        new_tokens += len(ids)
     self._count("generate_until", len(requests), new_tokens, start)
     return out
 

@@ -23,6 +23,7 @@ It lives in `cl_jax.lm` (not beside the engine in `cl_jax.eval`) because it load
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -58,6 +59,23 @@ def _as_int(value, key: str, default: int | None) -> int | None:
   return out
 
 
+_LAST: dict = {}  # the last engine load_engine built, by its arguments
+
+
+def load_engine(pretrained: str, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = None,
+                add_bos_token: bool | None = None, seed: int = 0) -> Engine:
+  """The engine of a model directory (`cl_jax.lm.generation.load`). The last one built is kept: evaluating the same
+  model again in this process (a notebook, lm-eval called task by task) reuses its params and compiled programs."""
+  key = (os.path.realpath(pretrained), batch_size, max_length, add_bos_token, seed)
+  if key not in _LAST:
+    from cl_jax.lm import generation
+    m = generation.load(pretrained)
+    _LAST.clear()
+    _LAST[key] = Engine.from_model(m, batch_size=batch_size, max_len=max_length or m.max_len,
+                                   add_bos_token=add_bos_token, seed=seed)
+  return _LAST[key]
+
+
 def _as_seed(value) -> int:
   try:
     return int(value)
@@ -79,12 +97,9 @@ class ClJaxLM(LM):
     if engine is None:
       if not pretrained:
         raise ConfigError("model_args pretrained=<Hugging Face directory or cl_jax LM workdir> is required")
-      from cl_jax.lm import generation
-      m = generation.load(str(pretrained))
-      engine = Engine.from_model(m, batch_size=_as_int(batch_size, "batch_size", DEFAULT_BATCH_SIZE),
-                                 max_len=_as_int(max_length, "max_length", m.max_len),
-                                 add_bos_token=_as_bool(add_bos_token, "add_bos_token"),
-                                 seed=_as_seed(seed))
+      engine = load_engine(str(pretrained), batch_size=_as_int(batch_size, "batch_size", DEFAULT_BATCH_SIZE),
+                           max_length=_as_int(max_length, "max_length", None),
+                           add_bos_token=_as_bool(add_bos_token, "add_bos_token"), seed=_as_seed(seed))
     self.engine = engine
 
   # ------------------------------------------------------------------------------------------- requests
@@ -146,4 +161,4 @@ def main(argv: Sequence[str]) -> int:
   return 0
 
 
-__all__ = ["ClJaxLM", "main"]
+__all__ = ["ClJaxLM", "load_engine", "main"]

@@ -82,8 +82,8 @@ def _automaton(pattern: bytes) -> np.ndarray:
 
 class StopStrings:
   """Stop strings as per-token automaton tables (module docstring): next [S, V, M] and hit [S, V, M], M = the
-  longest stop string's byte length + 1. Feeding token v in state q moves stop string s to next[s, v, q]; hit says
-  whether s was completed on the way."""
+  longest stop string's byte length + 1, rounded up to a power of two (at least 16). Feeding token v in state q
+  moves stop string s to next[s, v, q]; hit says whether s was completed on the way."""
 
   def __init__(self, strings: Sequence[str], tokenizer, vocab_size: int):
     self.strings = [s for s in strings]
@@ -91,7 +91,9 @@ class StopStrings:
       if not isinstance(s, str) or not s:
         raise ConfigError(f"stop={s!r}: stop strings must be non-empty strings")
     patterns = [s.encode("utf-8") for s in self.strings]
-    width = max(len(p) for p in patterns) + 1
+    # M rounded up to a power of two (at least 16): the tables' shape is part of the decoding program, so stop
+    # strings of other lengths reuse it (the states past a pattern's own length are never reached).
+    width = max(16, 1 << max(len(p) for p in patterns).bit_length())
     toks = token_bytes(tokenizer, vocab_size)
     longest = max(1, max(len(b) for b in toks))
     data = np.zeros((vocab_size, longest), np.int32)
@@ -172,7 +174,7 @@ class Output(NamedTuple):
 def generate_ids(m, prompts: Sequence[np.ndarray], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                  seed: int = 0, batch_size: int = 8, buckets: Sequence[int] | None = None,
-                 ignore_eos: bool = False, stop_in_prompt: bool = True) -> list[Output]:
+                 ignore_eos: bool = False, stop_in_prompt: bool = True, fixed_rows: bool = False) -> list[Output]:
   """Continues token-id prompts (`cl_jax.lm.generation`'s docstring); one `Output` per prompt, in order.
 
   m: a `cl_jax.lm.generation.Model` (or anything with its fields model, params, tokenizer, eos_ids, pad_id,
@@ -202,7 +204,7 @@ def generate_ids(m, prompts: Sequence[np.ndarray], *, max_new_tokens: int = 64, 
   for width, members in sorted(groups.items()):
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
-      rows = _rows(len(chunk), batch_size)
+      rows = batch_size if fixed_rows else _rows(len(chunk), batch_size)
       index = chunk + [chunk[0]] * (rows - len(chunk))  # filler rows repeat the first prompt; their output is dropped
       tokens = np.full((rows, width), m.pad_id, np.int32)
       valid = np.zeros((rows, width), np.int32)
