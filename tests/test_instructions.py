@@ -31,10 +31,14 @@ def test_rebuild_is_byte_identical_in_a_fresh_interpreter_and_matches_the_pin(tm
   for name in ins.SETS:
     data = open(out / f"{name}.jsonl", "rb").read()
     assert hashlib.sha256(data).hexdigest() == manifest["files"][f"{name}.jsonl"]
-  assert manifest["sha256"] == _hash_of_build()  # this process's build == the fresh interpreter's
   version = "%d.%d" % sys.version_info[:2]
-  if version in PINNED:
+  if version in PINNED:  # the pin was taken under other hash seeds: set orders must not leak into the files
     assert manifest["sha256"] == PINNED[version]
+  else:
+    # This process's build == the fresh interpreter's. Only where nothing is pinned: the sets read live stdlib
+    # objects, and a test process that earlier tests have touched (a patched function, a wrapped method) need not
+    # build what a fresh interpreter builds.
+    assert manifest["sha256"] == _hash_of_build()
   if os.path.exists(os.path.join(COMMITTED, "MANIFEST.json")):
     committed = json.load(open(os.path.join(COMMITTED, "MANIFEST.json")))
     if committed["python"] == version:
