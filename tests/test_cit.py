@@ -293,7 +293,7 @@ GOOD = {"prompt": "p", "response": "r"}
     ("last.jsonl", [GOOD, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                   {"role": "user", "content": "c"}]}], "last.jsonl:2: the last message is the user's"),
     ("half.jsonl", [GOOD, {"prompt": "hi"}], "half.jsonl:2: has no 'response'"),
-    ("json.jsonl", [GOOD, "{not json"], "json.jsonl:2: not valid JSON"),
+    ("json.jsonl", [GOOD, "{not json"], "json.jsonl:2 is not valid JSON"),
     ("notes.txt", [], "notes.txt: an instruction file must be .jsonl / .jsonl.gz / .jsonl.zst"),
     ("name.jsonl", [], "would be named 'name', a built-in set's name"),
 ])

@@ -376,19 +376,13 @@ def _user_conversation(record, where: str) -> tuple[tuple[str, str], ...]:
 
 def read_user_file(path: str) -> list[tuple[int, tuple]]:
   """[(line number, conversation)] of a user file, every line checked (`_user_conversation`)."""
-  from cl_jax.data.text import _jsonl_lines
+  from cl_jax.data.text import jsonl_records
   user_set_name(path)
   if not os.path.isfile(path):
     raise ConfigError(f"{path}: no such instruction file")
   out = []
   try:
-    for line_no, line in _jsonl_lines(path):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, record in jsonl_records(path):
       out.append((line_no, _user_conversation(record, f"{path}:{line_no}")))
   except (OSError, EOFError) as e:  # an unreadable or truncated (.gz) file
     raise ConfigError(f"{path}: cannot be read ({e})") from None

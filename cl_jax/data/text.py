@@ -268,6 +268,18 @@ def _jsonl_lines(path: str):
       yield line_no, line
 
 
+def jsonl_records(path: str):
+  """(line number, decoded JSON value) of each non-blank line of a `.jsonl(.gz/.zst)` file, streamed; one
+  ConfigError naming the file and line for a line that is not JSON (or not UTF-8)."""
+  for line_no, line in _jsonl_lines(path):
+    if not line.strip():
+      continue
+    try:
+      yield line_no, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+
+
 def _records(path: str, field: str):
   """(record number, text) of a `.jsonl(.gz/.zst)` file's lines or a `.parquet` file's rows, streamed."""
   if path.endswith(".parquet"):
@@ -285,13 +297,7 @@ def _records(path: str, field: str):
         if isinstance(value, str):
           yield row, value
     return
-  for line_no, line in _jsonl_lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+  for line_no, record in jsonl_records(path):
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
       raise ConfigError(f"{path}:{line_no} has no string {field!r} field (each line must be an object with the "
                         "document's text under it)")
