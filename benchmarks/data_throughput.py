@@ -13,9 +13,11 @@
 4. Streaming throughput: the LM run's batch path (`MixtureSampler` over the cache's rows, `lm.data.sampler_batch`:
    this process's rows, read on demand from the shards) in tokens/s, against the jitted train step's tokens/s of the
    125M preset (AdamW, float32) at the same sequence length, timed in this process (median of repeats).
-5. Whole runs in fresh processes (`cl_jax.run` of `configs/cpt_lm.py` with both `text.general` and `text.domain` on a
-   cache, a small model, 2 + 2 steps): peak RSS of the process and launch-to-exit wall time, on the small and the
-   large cache, run alternately twice.
+5. Whole runs in fresh processes: continued pre-training of a checkpoint in the Hugging Face layout (a Llama saved by
+   `transformers`, `--model_shape`, with the trained tokenizer as its `tokenizer.json`) through `configs/cpt_hf.py`,
+   the domain source a prepared cache (small or large) and the general source the small cache, `--steps`
+   adaptation steps with an evaluation and a checkpoint every `--steps // 2`: peak RSS of the process and
+   launch-to-exit wall time, on the small and the large cache, run alternately twice.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
@@ -59,10 +62,43 @@ def train_tokenizer(path: str, sample_dir: str, vocab: int = 32000) -> str:
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                     # all 256 byte symbols, as GPT-2 / Llama 3 / SmolLM have
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                      show_progress=False))
   out = os.path.join(path, "tokenizer.json")
   tok.save(out)
   return out
+
+
+MODEL_SHAPES = {  # Llama shapes saved by transformers (tied embeddings, 32k vocabulary of the trained tokenizer)
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "smollm135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3),
+}
+
+
+def make_model(path: str, tokenizer_json: str, shape: str) -> str:
+  """A Llama checkpoint directory in the Hugging Face layout, written by `transformers` (random init, seed 0:
+  the weights' values do not move memory or start-up), its tokenizer the one the caches were prepared with."""
+  import torch
+  import transformers as tf
+  if not os.path.exists(os.path.join(path, "config.json")):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=0, **MODEL_SHAPES[shape])
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+  shutil.copy(tokenizer_json, os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+  return path
+
+
+def _params(model: str) -> int:
+  """Parameter count from the checkpoint's safetensors header (no weights read)."""
+  with open(os.path.join(model, "model.safetensors"), "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  return sum(int(__import__("math").prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
 
 
 def streaming_tokens_per_s(cache: str, tokenizer, batch: int, steps: int) -> float:
@@ -99,27 +135,36 @@ CHILD = r"""
 import json, sys, time
 t0 = float(sys.argv[1])
 import cl_jax
-from configs import cpt_lm
-c = cpt_lm.get_config()
-c.lm.tokenizer = sys.argv[2]
-c.lm.seq_len = int(sys.argv[3])
-c.lm.d_model, c.lm.num_layers, c.lm.num_heads = 64, 2, 2
-c.text.general, c.text.domain = "cache:" + sys.argv[4], "cache:" + sys.argv[5]
-c.text.eval_sequences, c.text.general_eval_sequences, c.text.cloze_items = 64, 64, 32
+from configs import cpt_hf
+model, seq_len, general, domain, workdir, steps = sys.argv[2:8]
+steps = int(steps)
+c = cpt_hf.get_config(f"path={model},domain=cache:{domain},general=cache:{general},steps={steps},seq_len={seq_len}")
 c.text.validation = c.text.test = 0.05  # the split the caches were prepared with (prepare's default)
-c.pretrain.steps, c.adapt.steps, c.regression.eval_every = 2, 2, 2
-c.pretrain.batch_size = c.adapt.batch_size = c.regression.eval_batch_size = 8  # logits: 8 x seq_len x 32k
-cl_jax.run(c, sys.argv[6], progress=False)
+c.text.eval_sequences, c.text.general_eval_sequences, c.text.cloze_items = 64, 64, 32
+c.adapt.batch_size = c.regression.eval_batch_size = 8
+c.regression.eval_every = max(steps // 2, 1)
+first = {}
+def watch():  # the first training record in metrics.jsonl: launch to first step
+  import os, threading
+  path = os.path.join(workdir, "metrics.jsonl")
+  while not first:
+    if os.path.exists(path) and '"type": "train"' in open(path).read():
+      first["s"] = time.time() - t0
+    time.sleep(0.05)
+import threading
+threading.Thread(target=watch, daemon=True).start()
+cl_jax.run(c, workdir, progress=False)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"rss_mb": hwm / 1024, "wall": time.time() - t0}))
+print(json.dumps({"rss_mb": hwm / 1024, "wall": time.time() - t0, "first_step": first.get("s", float("nan"))}))
 """
 
 
-def run_child(tokenizer: str, seq_len: int, general: str, domain: str, workdir: str) -> dict:
+def run_child(model: str, seq_len: int, general: str, domain: str, workdir: str, steps: int) -> dict:
   t0 = time.time()
-  out = subprocess.run([sys.executable, "-c", CHILD, str(t0), tokenizer, str(seq_len), general, domain, workdir],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run([sys.executable, "-c", CHILD, str(t0), model, str(seq_len), general, domain, workdir,
+                        str(steps)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   if out.returncode:
     raise RuntimeError(f"exit {out.returncode}: {out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -132,7 +177,11 @@ def main(argv=None):
   p.add_argument("--seq_len", type=int, default=256)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+  p.add_argument("--model_shape", default="small", choices=sorted(MODEL_SHAPES),
+                 help="the Llama the runs continue (written by transformers into the work directory)")
+  p.add_argument("--steps", type=int, default=4, help="adaptation steps per run (evaluation + checkpoint at half)")
+  p.add_argument("--work", default=None, help="scratch directory (default: a temporary one); corpora, tokenizer and "
+                 "finished caches already in it are reused, with the prepare timings recorded beside them")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "data_throughput.md"))
   args = p.parse_args(argv)
   from cl_jax.data import prepare
@@ -142,20 +191,33 @@ def main(argv=None):
   rows, sizes = {}, {}
   for name, mb in (("small", args.small_mb), ("large", args.large_mb)):
     t = time.perf_counter()
-    sizes[name] = write_corpus(os.path.join(work, f"corpus-{name}"), mb)
-    print(f"{name} corpus: {sizes[name]:.0f} MB written in {time.perf_counter() - t:.0f} s", flush=True)
-  tok_path = train_tokenizer(work, os.path.join(work, "corpus-small"))
+    done = os.path.join(work, f"corpus-{name}.json")
+    if os.path.exists(done) and json.load(open(done))["target_mb"] == mb:
+      sizes[name] = json.load(open(done))["mb"]
+    else:
+      shutil.rmtree(os.path.join(work, f"corpus-{name}"), ignore_errors=True)
+      sizes[name] = write_corpus(os.path.join(work, f"corpus-{name}"), mb)
+      json.dump({"target_mb": mb, "mb": sizes[name]}, open(done, "w"))
+    print(f"{name} corpus: {sizes[name]:.0f} MB ready in {time.perf_counter() - t:.0f} s", flush=True)
+  tok_path = os.path.join(work, "tokenizer.json")
+  if not os.path.exists(tok_path):
+    tok_path = train_tokenizer(work, os.path.join(work, "corpus-small"))
   tok = load_tokenizer(tok_path)
+  model = make_model(os.path.join(work, f"model-{args.model_shape}"), tok_path, args.model_shape)
   for name in ("small", "large"):
-    out = os.path.join(work, f"cache-{name}")
-    t = time.perf_counter()
-    m = prepare.prepare([f"dir:{os.path.join(work, f'corpus-{name}')}"], tok, out, seq_len=args.seq_len,
-                        tokenizer_spec=tok_path)
-    secs = time.perf_counter() - t
+    out, timing = os.path.join(work, f"cache-{name}"), os.path.join(work, f"cache-{name}.timing.json")
+    if os.path.exists(timing):  # a finished prepare of this corpus: its own timing, measured when it ran
+      m, (secs, cpu) = prepare.open_prepared(out, tok), json.load(open(timing))
+    else:
+      t, c = time.perf_counter(), time.process_time()
+      m = prepare.prepare([f"dir:{os.path.join(work, f'corpus-{name}')}"], tok, out, seq_len=args.seq_len,
+                          tokenizer_spec=tok_path)
+      secs, cpu = time.perf_counter() - t, time.process_time() - c
+      json.dump([secs, cpu], open(timing, "w"))
     tokens = sum(s["tokens"] for s in m.data["splits"].values())
     disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 1e6
     rows[name] = {"mb": sizes[name], "prepare_s": secs, "mb_per_s": sizes[name] / secs,
-                  "tokens": tokens, "disk_mb": disk}
+                  "mb_per_cpu_s": sizes[name] / cpu, "tokens": tokens, "disk_mb": disk}
     print(f"prepare {name}: {sizes[name] / secs:.2f} MB/s ({sizes[name] / secs / cores:.2f} per core), "
           f"{tokens / 1e6:.1f} M tokens, {disk:.0f} MB on disk", flush=True)
   stream = streaming_tokens_per_s(os.path.join(work, "cache-large"), tok, args.batch, 50)
@@ -165,12 +227,15 @@ def main(argv=None):
   runs = {"small": [], "large": []}
   for r in range(2):
     for name in ("small", "large"):
-      res = run_child(tok_path, args.seq_len, os.path.join(work, "cache-small"),
-                      os.path.join(work, f"cache-{name}"), os.path.join(work, f"run-{name}-{r}"))
+      shutil.rmtree(os.path.join(work, f"run-{name}-{r}"), ignore_errors=True)
+      res = run_child(model, args.seq_len, os.path.join(work, "cache-small"), os.path.join(work, f"cache-{name}"),
+                      os.path.join(work, f"run-{name}-{r}"), args.steps)
       runs[name].append(res)
-      print(f"run on {name}: peak RSS {res['rss_mb']:.0f} MB, launch to exit {res['wall']:.1f} s", flush=True)
+      print(f"run on {name}: peak RSS {res['rss_mb']:.0f} MB, launch to first step {res['first_step']:.1f} s, "
+            f"to exit {res['wall']:.1f} s", flush=True)
   rss = {n: max(x["rss_mb"] for x in v) for n, v in runs.items()}
   wall = {n: statistics.median(x["wall"] for x in v) for n, v in runs.items()}
+  first = {n: statistics.median(x["first_step"] for x in v) for n, v in runs.items()}
   self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   lines = [
       "# Tokenize-once corpora: prepare, stream, run",
@@ -180,21 +245,28 @@ def main(argv=None):
       "source and docstrings, each document unique), a 32,000-token byte-level BPE (`tokenizers`), "
       f"`seq_len` {args.seq_len}. Timings are medians; compare ratios, not absolute times (a shared machine).",
       "",
-      "| corpus | text MB | prepare MB/s | MB/s per core | tokens (M) | cache on disk MB |",
-      "|---|---:|---:|---:|---:|---:|",
-      *[f"| {n} | {r['mb']:.0f} | {r['mb_per_s']:.2f} | {r['mb_per_s'] / cores:.2f} | {r['tokens'] / 1e6:.1f} | "
-        f"{r['disk_mb']:.0f} |" for n, r in rows.items()],
+      "| corpus | text MB | prepare MB/s | MB/s per core | MB per CPU-second | tokens (M) | cache on disk MB |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+      *[f"| {n} | {r['mb']:.0f} | {r['mb_per_s']:.2f} | {r['mb_per_s'] / cores:.2f} | {r['mb_per_cpu_s']:.2f} | "
+        f"{r['tokens'] / 1e6:.1f} | {r['disk_mb']:.0f} |" for n, r in rows.items()],
       "",
       f"Streaming (the run's batch path over the large cache, batch {args.batch} x {args.seq_len}): "
       f"**{stream:,.0f} tokens/s**, against the 125M preset's jitted train step at {step:,.0f} tokens/s: "
       f"**{stream / step:,.0f}x** what the step consumes (goal >= 20x).",
       "",
-      "| run (general: small cache; domain: this cache) | peak RSS MB | launch to exit s (2+2 steps, median) |",
-      "|---|---:|---:|",
-      *[f"| {n} ({rows[n]['mb']:.0f} MB of text) | {rss[n]:.0f} | {wall[n]:.1f} |" for n in ("small", "large")],
+      f"Runs: `configs/cpt_hf.py` continuing a Llama checkpoint in the Hugging Face layout ({args.model_shape}: "
+      f"{_params(model) / 1e6:.1f} M parameters, written by transformers), domain source `cache:` the corpus's "
+      f"cache, general source the small cache, {args.steps} adaptation steps of 8 x {args.seq_len} tokens, "
+      f"evaluation and checkpoint every {max(args.steps // 2, 1)}; two runs of each, alternating.",
       "",
-      f"Peak RSS large / small: **{rss['large'] / rss['small']:.2f}x** (goal <= 1.2x); start-up large / small: "
-      f"**{wall['large'] / wall['small']:.2f}x** (goal <= 1.5x). This benchmark process peaked at "
+      "| run (domain: this cache) | peak RSS MB (max) | launch to first step s (median) | launch to exit s (median) |",
+      "|---|---:|---:|---:|",
+      *[f"| {n} ({rows[n]['mb']:.0f} MB of text) | {rss[n]:.0f} | {first[n]:.1f} | {wall[n]:.1f} |"
+        for n in ("small", "large")],
+      "",
+      f"Peak RSS large / small: **{rss['large'] / rss['small']:.2f}x** (goal <= 1.2x); launch to first step large / "
+      f"small: **{first['large'] / first['small']:.2f}x** (goal <= 1.5x; to exit: {wall['large'] / wall['small']:.2f}x)."
+      " This benchmark process peaked at "
       f"{self_rss:.0f} MB (prepare of both corpora included).",
   ]
   from benchmarks.common import emit
