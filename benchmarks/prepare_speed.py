@@ -10,15 +10,17 @@ input per CPU-second is what one otherwise idle core would do, and it is the fig
 means. Measured on the same corpus and tokenizer as `data_throughput.py` (CPython text as JSON lines, a 32,000-token
 byte-level BPE trained here):
 
-  prepare         `cl_jax.data.prepare.prepare` of the corpus (MB of the .jsonl files)
+  prepare/B       `cl_jax.data.prepare.prepare` of the corpus (MB of the .jsonl files) with tokenizer_backend B
+                  (tokenizers, then tiktoken, whose shards must equal the first's byte for byte)
   encode_batch    `tokenizers.Tokenizer.encode_batch` alone on the same texts, in batches of 512 (MB of UTF-8 text)
   encode_fast     `encode_batch_fast` alone (no character offsets): the ceiling of this tokenizer library
-  tiktoken        (when `tiktoken` is importable) the same vocabulary and GPT-2 pattern in tiktoken, one thread,
-                  with the count of documents whose ids equal `tokenizers`' ids
+  tiktoken        `cl_jax.data.tokenizer.tiktoken_encoder` alone, one thread, with the count of documents whose
+                  ids equal `tokenizers`' ids
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -36,22 +38,11 @@ def _timed(fn):
   return out, time.perf_counter() - t, time.process_time() - c
 
 
-def _tiktoken_encoding(tok):
-  """tiktoken over a byte-level BPE's vocabulary: GPT-2's byte <-> character table read backwards, ranks = ids."""
-  import tiktoken
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  extra = 0
-  byte_of = {chr(b): b for b in printable}
-  for b in range(256):
-    if b not in printable:
-      byte_of[chr(256 + extra)] = b
-      extra += 1
-  added = {t.content for t in tok.get_added_tokens_decoder().values()}
-  vocab = tok.get_vocab(with_added_tokens=True)
-  ranks = {bytes(byte_of[ch] for ch in t): i for t, i in vocab.items() if t not in added}
-  pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-  return tiktoken.Encoding("bench", pat_str=pattern, mergeable_ranks=ranks,
-                           special_tokens={t: vocab[t] for t in added})
+def _same_files(a: str, b: str) -> bool:
+  """Two cache directories hold the same shards and indexes, byte for byte (the manifests name their encoder)."""
+  names = sorted(n for n in os.listdir(a) if n != "manifest.json")
+  return names == sorted(n for n in os.listdir(b) if n != "manifest.json") and all(
+    open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
 
 
 def main(argv=None):
@@ -92,12 +83,18 @@ def main(argv=None):
     print(f"{name:13s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  {mb / wall:5.2f} MB/s  {mb / cpu:5.2f} MB/cpu-s{extra}",
           flush=True)
 
-  out = os.path.join(work, "cache")
-  shutil.rmtree(out, ignore_errors=True)
   tok = load_tokenizer(tok_path)
-  _, wall, cpu = _timed(lambda: prepare.prepare([f"dir:{corpus}"], tok, out, seq_len=args.seq_len,
-                                                tokenizer_spec=tok_path, progress=False))
-  report("prepare", file_mb, wall, cpu)
+  outs = []
+  for backend in ("tokenizers", "tiktoken") if "tokenizer_backend" in inspect.signature(prepare.prepare).parameters \
+      else (None,):
+    out = os.path.join(work, f"cache-{backend or 'default'}")
+    shutil.rmtree(out, ignore_errors=True)
+    kw = {"tokenizer_backend": backend} if backend else {}
+    _, wall, cpu = _timed(lambda: prepare.prepare([f"dir:{corpus}"], tok, out, seq_len=args.seq_len,
+                                                  tokenizer_spec=tok_path, progress=False, **kw))
+    outs.append(out)
+    report(f"prepare{'/' + backend if backend else ''}", file_mb, wall, cpu,
+           f"  shards identical to prepare/tokenizers: {_same_files(outs[0], out)}" if len(outs) > 1 else "")
   raw = Tokenizer.from_file(tok_path)
   batches = [texts[i:i + 512] for i in range(0, len(texts), 512)]
   for name, fn in (("encode_batch", raw.encode_batch), ("encode_fast", getattr(raw, "encode_batch_fast", None))):
@@ -105,11 +102,12 @@ def main(argv=None):
       ids, wall, cpu = _timed(lambda: [e.ids for b in batches for e in fn(b, add_special_tokens=False)])
       report(name, text_mb, wall, cpu)
   try:
-    enc = _tiktoken_encoding(raw)
+    from cl_jax.data.tokenizer import tiktoken_encoder
+    enc = tiktoken_encoder(tok, threads=1)
   except ImportError:
-    print("tiktoken   not installed")
+    print("tiktoken   not installed (or this commit has no fast path)")
   else:
-    got, wall, cpu = _timed(lambda: [enc.encode_ordinary(t) for t in texts])
+    got, wall, cpu = _timed(lambda: [enc.encode(t).tolist() for t in texts])
     report("tiktoken", text_mb, wall, cpu, f"  identical ids in {sum(a == b for a, b in zip(got, ids))}/{len(ids)} "
                                            "documents")
   if not args.work:
