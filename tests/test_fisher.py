@@ -67,6 +67,21 @@ def test_empirical_fisher_of_logistic_regression_is_its_closed_form():
   np.testing.assert_allclose(fisher["b"], err.mean(0), rtol=2e-5)
 
 
+def test_predicted_fisher_of_logistic_regression_is_its_closed_form():
+  """The paper code's Fisher (van de Ven & Tolias 2019): the squared gradient at the predicted label."""
+  x, y, t, w, b = _logreg_data()
+  params = {"w": jnp.asarray(w), "b": jnp.asarray(b)}
+  learner = Learner(lambda p, x, task: x @ p["w"] + p["b"], _no_mask)
+  fisher = fisher_diagonal(learner, params, x, y, t, 0, kind="predicted", chunk_size=16)
+  z = x.astype(np.float64) @ w + b
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  assert np.mean(p.argmax(1) != y) > 0.2   # the predicted label often differs from the true one: not empirical
+  err = (p - np.eye(3)[p.argmax(1)]) ** 2
+  np.testing.assert_allclose(fisher["w"], (x.astype(np.float64) ** 2).T @ err / len(x), rtol=2e-5)
+  np.testing.assert_allclose(fisher["b"], err.mean(0), rtol=2e-5)
+
+
 def _mlp_learner(num_heads, mask_kind):
   model, params = functional(MLP(12, (16, 8), 3, num_heads=num_heads, rngs=nnx.Rngs(1)))
 
@@ -83,7 +98,7 @@ def _mlp_learner(num_heads, mask_kind):
 
 @pytest.mark.parametrize("kind,num_heads,mask_kind", [
     ("exact", 1, "class"), ("empirical", 1, "class"), ("sampled", 1, "class"),
-    ("exact", 2, "task"), ("sampled", 2, "task"), ("exact", 1, None)])
+    ("exact", 2, "task"), ("sampled", 2, "task"), ("exact", 1, None), ("predicted", 2, "task")])
 def test_dense_path_equals_vmap_path(kind, num_heads, mask_kind):
   learner, params = _mlp_learner(num_heads, mask_kind)
   rng = np.random.default_rng(2)

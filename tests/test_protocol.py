@@ -191,3 +191,17 @@ def test_a_row_whose_setting_diverges_on_a_reported_seed_runs_at_the_next_valida
   with pytest.raises(DivergenceError, match="lam=1e\\+08"):   # all diverge: the last one's error reaches the caller
     protocol.run_reported(make, [{"ewc.lam": 1e9}, {"ewc.lam": 1e8}, {"ewc.lam": 1e9}], "/nowhere", print)
   assert asked == [1e9, 1e8]
+
+
+def test_the_papers_digit_grouping_gives_digit_d_the_papers_label():
+  """van de Ven & Tolias' data.py relabels digit d as perm[d] (perm drawn right after np.random.seed(seed)) and task
+  t holds labels 2t, 2t+1: our class order must put digit d at position perm[d]."""
+  import numpy as np
+
+  from experiments.split_mnist_gaps import paper_class_order
+  for seed in (1, 7):
+    np.random.seed(seed)
+    perm = np.random.permutation(list(range(10)))
+    order = paper_class_order(seed)
+    assert [order.index(d) for d in range(10)] == perm.tolist()
+    assert sorted(order) == list(range(10)) and order != list(range(10))

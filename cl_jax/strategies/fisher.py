@@ -10,6 +10,10 @@ Fisher Information in continual learning", arXiv:2502.11756):
   exact      q = p(· | x_n, θ): every label, weighted by the model's own probability (the true Fisher)
   sampled    one label drawn from p(· | x_n, θ) per example (an unbiased one-sample estimate of exact)
   empirical  q = δ(y_n): the true label (the "empirical Fisher", Kunstner et al. 2019)
+  predicted  q = δ(argmax_c p(c | x_n, θ)): the model's most likely label (among the classes the logit mask
+             leaves), the EWC of van de Ven & Tolias 2019's code (continual_learner.py, `output.max(1)[1]`). For
+             a confident two-class example with p = (1 − ε, ε) it gives 2ε² where exact gives 2ε(1 − ε): a
+             λ tuned for one is not the other's.
   batched    F_i = 1/M Σ_m (∂/∂θ_i mean_{n ∈ batch m} log p(y_n | x_n, θ))² over M mini-batches of
              `batch_size`: the square of a *mean* gradient, where opposite per-example gradients cancel.
              Not a Fisher estimate; offered only to reproduce other libraries' EWC numbers.
@@ -51,7 +55,7 @@ import numpy as np
 
 Params = Any
 
-KINDS = ("exact", "sampled", "empirical", "batched")
+KINDS = ("exact", "sampled", "empirical", "predicted", "batched")
 METHODS = ("auto", "vmap", "dense")
 
 
@@ -65,7 +69,7 @@ def example_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def default_config() -> ml_collections.ConfigDict:
   """The `fisher` config section (used by EWC and online EWC)."""
   return ml_collections.ConfigDict(dict(
-      kind="exact",        # exact | sampled | empirical | batched (see module docstring)
+      kind="exact",        # exact | sampled | empirical | predicted | batched (see module docstring)
       num_samples=-1,      # examples of the task the Fisher averages over; -1 = all of them
       batch_size=128,      # mini-batch size of the `batched` kind only
       chunk_size=0,        # examples per vectorised chunk (bounds memory); 0 = auto (see fisher_diagonal)
@@ -97,7 +101,7 @@ def fisher_diagonal(learner, params: Params, x, y, task, task_index: int, *, kin
     params: the params pytree the Fisher is taken at.
     x, y, task: the task's data (host or device arrays; y and task int).
     task_index: the task being finished (class-IL masks show the classes seen up to it).
-    kind: exact | sampled | empirical | batched (module docstring).
+    kind: exact | sampled | empirical | predicted | batched (module docstring).
     rng: for the subset of `num_samples` examples and the labels of `sampled`.
     num_samples: average over this many examples drawn without replacement; -1 = all.
     chunk_size: examples per vectorised chunk (per-example kinds); 0 = auto: 256 on the dense path;
@@ -222,6 +226,8 @@ def _vmap_fisher(learner, params, xs, ys, ts, ws, task_index, label_rng, kind, n
     else:
       if kind == "sampled":
         y = jax.random.categorical(key, jax.lax.stop_gradient(example_logits(params, x, t)))
+      elif kind == "predicted":   # the masked logits: a masked class is never the prediction
+        y = jnp.argmax(jax.lax.stop_gradient(example_logits(params, x, t)))
       g = jax.grad(lambda p: example_nll(example_logits(p, x, t)[None], y[None])[0])(params)
       out = jax.tree.map(jnp.square, g)
     return jax.tree.map(lambda o: w * o, out)
@@ -336,6 +342,8 @@ def _dense_fisher(learner, layout, params, xs, ys, ts, ws, task_index, label_rng
     else:
       if kind == "sampled":
         y = jax.vmap(jax.random.categorical)(key, logits)
+      elif kind == "predicted":
+        y = jnp.argmax(logits, axis=-1)
       delta = (prob - jax.nn.one_hot(y, num_outputs))[:, None, :]            # [B, 1, C]
     if mask is not None:
       delta = delta * mask[:, None, :]   # masked logits get no gradient (jnp.where in apply_mask)
