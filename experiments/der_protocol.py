@@ -78,6 +78,19 @@ ABLATIONS = {
     "Flax default init (lecun normal)": {"model.init": "lecun"},
 }
 ABLATED_ROWS = ("der_200", "derpp_200")
+# iCaRL: what mammoth's models/icarl.py (5dc82be, "Fix denorm in icarl", the first release that runs on seq-mnist)
+# does differently from Rebuffi et al.'s algorithm, one at a time and together (cl_jax/strategies/icarl.py docstring).
+ICARL_ABLATIONS = {
+    "loss_mean": ("BCE averaged over the seen classes", {"icarl.loss_mean": True}),
+    "raw_features": ("herding and nearest mean on unnormalised features", {"icarl.features": "raw"}),
+    "dataset_replay": ("exemplars join the training set (once per epoch)", {"icarl.replay": "dataset"}),
+    "uint8_exemplars": ("trained-on exemplars cast to uint8 (floor(x)/255)", {"icarl.exemplar_input": "uint8_cast"}),
+    "mammoth_exact": ("all of mammoth's but uint8 (a correct denormalisation)",
+                      {"icarl.loss_mean": True, "icarl.features": "raw", "icarl.replay": "dataset"}),
+    "mammoth": ("all four (mammoth 5dc82be as it runs)",
+                {"icarl.loss_mean": True, "icarl.features": "raw", "icarl.replay": "dataset",
+                 "icarl.exemplar_input": "uint8_cast"}),
+}
 
 
 def parse_row(row: str) -> tuple[str, int | None]:
@@ -112,6 +125,8 @@ def main(argv=None):
   p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, one program per row")
   p.add_argument("--rows", default=",".join(ORDER))
   p.add_argument("--ablations", action="store_true", help="also the DER ablations (ABLATIONS) at buffer 200")
+  p.add_argument("--icarl_ablations", default="", help="comma list of ICARL_ABLATIONS keys (or 'all')")
+  p.add_argument("--icarl_buffers", default="200", help="buffer sizes for --icarl_ablations, e.g. 200,500,5120")
   p.add_argument("--workroot", default=os.path.join(ROOT, "..", "runs", "der_protocol"))
   p.add_argument("--out", default=os.path.join(ROOT, "results", "der_protocol.md"))
   p.add_argument("--only_cached", action="store_true", help="train nothing: report the finished rows only")
@@ -121,9 +136,15 @@ def main(argv=None):
   jobs = [(row, None) for row in rows]
   if a.ablations:
     jobs += [(row, name) for name in ABLATIONS for row in ABLATED_ROWS]
+  icarl_names = list(ICARL_ABLATIONS) if a.icarl_ablations == "all" else [n for n in a.icarl_ablations.split(",") if n]
+  for name in icarl_names:
+    if name not in ICARL_ABLATIONS:
+      p.error(f"--icarl_ablations: {name!r} is not one of {', '.join(ICARL_ABLATIONS)}")
+  jobs += [(f"icarl_{b}", name) for name in icarl_names for b in a.icarl_buffers.split(",") if b]
   table, ablations = {}, {}
   for row, name in jobs:
-    c = der_config(row, 0, a.seeds, ABLATIONS[name] if name else None)
+    change = ICARL_ABLATIONS[name][1] if name in ICARL_ABLATIONS else ABLATIONS[name] if name else None
+    c = der_config(row, 0, a.seeds, change)
     try:
       with only_cached() if a.only_cached else contextlib.nullcontext():
         record = run_cached(c, a.workroot, log)
@@ -140,6 +161,14 @@ def main(argv=None):
         try:
           with only_cached():
             ablations.setdefault(row, {})[name] = row_stats(run_cached(der_config(row, 0, a.seeds, change), a.workroot))
+        except NotCached:
+          pass
+    for b in (200, 500, 5120):
+      for name, (_, change) in ICARL_ABLATIONS.items():
+        try:
+          with only_cached():
+            record = run_cached(der_config(f"icarl_{b}", 0, a.seeds, change), a.workroot)
+          ablations.setdefault(f"icarl_{b}", {})[name] = row_stats(record)
         except NotCached:
           pass
     write_report(a, table, ablations)
@@ -175,7 +204,8 @@ def write_report(a, table: dict, ablations: dict) -> None:
       ref = table[row]["acc"]["mean"]
       lines.append(f"| {row} | reference protocol | {fmt_ci(table[row]['acc'])} | |")
       for name, s in variants.items():
-        lines.append(f"| {row} | {name} | {fmt_ci(s['acc'])} | {s['acc']['mean'] - ref:+.1f} |")
+        label = f"`{name}`: {ICARL_ABLATIONS[name][0]}" if name in ICARL_ABLATIONS else name
+        lines.append(f"| {row} | {label} | {fmt_ci(s['acc'])} | {s['acc']['mean'] - ref:+.1f} |")
   write_markdown(a.out, [*lines, ""])
   write_json(os.path.splitext(a.out)[0] + ".json",
              {"command": "python experiments/der_protocol.py --ablations", "seeds": a.seeds, "published": {

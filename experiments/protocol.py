@@ -101,9 +101,18 @@ def _equivalent_run(want: dict, workroot: str, defaults: dict | None = None) -> 
       if not os.path.exists(results):
         continue
     with open(os.path.join(workroot, name, "config.json")) as f:
-      if _agree(json.load(f), want, defaults):
+      if _agree(_real_data_path(json.load(f)), _real_data_path(want), defaults):
         found.append((os.path.getmtime(results), results))
   return min(found)[1] if found else None
+
+
+def _real_data_path(config: dict) -> dict:
+  """`config` with data.path resolved: the same file reached from another worktree (`/work/main/../shared/...`) is
+  the same run."""
+  data = config.get("data")
+  if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+    return {**config, "data": {**data, "path": os.path.realpath(data["path"])}}
+  return config
 
 
 def _agree(have, want, defaults=None) -> bool:

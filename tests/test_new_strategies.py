@@ -607,6 +607,46 @@ def test_icarl_loss_by_hand():
   np.testing.assert_allclose(value, bce.sum(1).mean(), rtol=1e-5)
 
 
+def test_icarl_reference_code_options_by_hand():
+  """The DER paper's reference-code variants (icarl.py docstring): the trained-on exemplars cast to floor(x)/255,
+  exemplars weighted λ = E·B/(N·b) as if in the training set, the BCE averaged over the seen classes; raw features
+  for the class means."""
+  from cl_jax.strategies.icarl import _EXEMPLAR_STREAM
+  learner, params = _identity_features_learner()
+  options = {"icarl.capacity": 4, "icarl.batch_size": 2, "icarl.loss_mean": True, "icarl.replay": "dataset",
+             "icarl.exemplar_input": "uint8_cast", "icarl.features": "raw"}
+  strategy = build_strategy("icarl", _config(**options), learner)
+  state = strategy.init(params, TaskInfo(2, NUM_CLASSES, (DIM,)))
+  d0 = _task_data(6, 0, seed=1)
+  d0 = TaskData(np.clip(2 * np.abs(d0.x), 0, 1), d0.y, d0.task, 0)   # pixels in [0, 1], some saturated at 1
+  teacher = jax.tree.map(lambda p: p * 0.5, params)
+  state = strategy.after_task(state, teacher, d0, jax.random.key(0))
+  assert float(state["task_size"]) == 6
+  rank, ys, xs = np.asarray(state["rank"]), np.asarray(state["y"]), np.asarray(state["x"])
+  for c in np.unique(ys[rank >= 0]):   # raw: the plain mean of the exemplars' features, not normalised
+    np.testing.assert_allclose(state["means"][c], xs[(rank >= 0) & (ys == c)].mean(0), rtol=1e-6)
+  batch = _batch(3, 1, seed=2)
+  ctx = LossContext(state, jax.random.key(4), jnp.int32(1))
+  value = float(strategy.loss(None)(params, batch, ctx)[0])
+  idx = np.asarray(jax.random.choice(jax.random.fold_in(ctx.rng, _EXEMPLAR_STREAM), 4, (2,),
+                                     p=jnp.asarray((rank >= 0) / 4.0)))
+  assert (xs[idx] == 1).any() and ((xs[idx] > 0) & (xs[idx] < 1)).any()   # both kinds of pixel are drawn
+  x = np.concatenate([np.asarray(batch["x"]), np.floor(xs[idx]) / 255])
+  y = np.concatenate([np.asarray(batch["y"]), ys[idx]])
+
+  def sig(z):
+    return 1 / (1 + np.exp(-z))
+
+  w, b = np.asarray(params["w"]), np.asarray(params["b"])
+  z, zt = x @ w + b, x @ (0.5 * w) + 0.5 * b
+  target = np.concatenate([sig(zt[:, :2]), np.eye(4)[y][:, 2:]], axis=1)
+  per_example = -(target * np.log(sig(z)) + (1 - target) * np.log(1 - sig(z))).mean(1)   # 4 classes seen
+  lam = 4 * 3 / (6 * 2)   # E = 4 exemplars, B = 3, N = 6 (the task before), b = 2
+  np.testing.assert_allclose(value, (per_example[:3].sum() + lam * per_example[3:].sum()) / 3, rtol=1e-5)
+  with pytest.raises(ValueError, match="icarl.replay='ring'"):
+    build_strategy("icarl", _config(**{"icarl.replay": "ring"}), learner)
+
+
 def test_icarl_end_to_end(tmp_path):
   import cl_jax
   from conftest import tiny_config

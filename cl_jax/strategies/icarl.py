@@ -26,8 +26,26 @@ Classification (the strategy's `predict` hook): nearest mean of exemplars,
 
 with the means computed at each task end from the params then (the params every boundary evaluation scores).
 
+Reference-code fidelity (opt-in; the defaults are the algorithm above). The DER paper's iCaRL rows (Buzzega et al.
+2020, Table 2) come from mammoth's `models/icarl.py` (aimagelab/mammoth 5dc82be, "Fix denorm in icarl"), which
+differs from the paper's algorithm in four ways, each a key here (results/der_protocol.md measures them):
+  `loss_mean=True`           BCE averaged over the seen classes (torch's `binary_cross_entropy_with_logits` mean)
+                             instead of summed: the step is 1/(classes seen) as large.
+  `features='raw'`           herding, class means and the nearest-mean distance on unnormalised features.
+  `replay='dataset'`         the exemplars join the next task's training set (each seen once per epoch, mixed into
+                             the batches) instead of `batch_size` drawn every step. Emulated in expectation: the
+                             loss is (Σ_batch ℓ + λ Σ_drawn ℓ) / B with λ = E·B / (N·b), E the exemplars held, B the
+                             batch size, b = `batch_size` draws, N the size of the task (taken as that of the task
+                             before, which is what the state knows), so a task's summed gradient is that of one pass
+                             over its N examples and E exemplars in batches of B.
+  `exemplar_input='uint8_cast'` the copies of the exemplars that are trained on are `floor(x) / 255`: mammoth adds
+                             them to the training set as `tensor.type(torch.uint8)` of the [0, 1] floats, which
+                             truncates every pixel below 1 to 0 (MNIST's saturated pixels become 1/255), then reads
+                             them back through `ToTensor`. Inputs are assumed in [0, 1]. The nearest-mean classifier's
+                             exemplars (mammoth's buffer) stay exact.
+
 State: {'x', 'y', 'task' [K, ...], 'rank' [K] (herding position, -1 = empty slot), 'teacher' (params), 'means'
-[C, D], 'has_mean' [C]}. The exemplars are not a `buffer.Buffer` (whose valid slots are its first `size`): cutting
+[C, D], 'has_mean' [C], 'task_size' (examples in the last task trained, for `replay='dataset'`)}. The exemplars are not a `buffer.Buffer` (whose valid slots are its first `size`): cutting
 every list to its first m entries frees slots all over the memory, and they stay where they are, because moving the
 kept exemplars to the front would change which ones the uniform draw over filled slots picks, and so the published
 runs (results/split_mnist).
@@ -50,6 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       capacity=2000,     # K: exemplars over all classes (Rebuffi et al. use 2000 on CIFAR-100)
       batch_size=32,     # exemplars added to every training batch
+      # Fidelity to the DER paper's reference code (module docstring); the defaults are Rebuffi et al.'s algorithm.
+      loss_mean=False,            # True: BCE averaged over the seen classes instead of summed
+      features="normalized",      # 'raw': herding and nearest mean on unnormalised features
+      replay="batch",             # 'dataset': exemplars weighted as if they joined the task's training set
+      exemplar_input="exact",     # 'uint8_cast': trained-on exemplar copies are floor(x) / 255
   ))
 
 
@@ -80,6 +103,10 @@ def check_config(config) -> None:
     raise ValueError(f"icarl.capacity={ic.capacity}: expected a positive number of exemplars")
   if int(ic.batch_size) < 1:
     raise ValueError(f"icarl.batch_size={ic.batch_size}: expected a positive batch size")
+  for key, allowed in (("features", ("normalized", "raw")), ("replay", ("batch", "dataset")),
+                       ("exemplar_input", ("exact", "uint8_cast"))):
+    if ic.get(key, allowed[0]) not in allowed:
+      raise ValueError(f"icarl.{key}={ic.get(key)!r}: expected one of {', '.join(map(repr, allowed))}")
   kind = config.scenario.get("kind", "class") if "scenario" in config else "class"
   if kind != "class":
     raise ValueError(f"scenario.kind={kind!r}: iCaRL is a class-incremental method; use scenario.kind='class'")
@@ -88,7 +115,13 @@ def check_config(config) -> None:
 def icarl(config, learner) -> Strategy:
   """iCaRL from `config.icarl`; see the module docstring."""
   check_config(config)
-  capacity, batch_size = int(config.icarl.capacity), int(config.icarl.batch_size)
+  ic = config.icarl
+  capacity, batch_size = int(ic.capacity), int(ic.batch_size)
+  loss_mean = bool(ic.get("loss_mean", False))
+  raw = ic.get("features", "normalized") == "raw"
+  dataset_replay = ic.get("replay", "batch") == "dataset"
+  uint8_cast = ic.get("exemplar_input", "exact") == "uint8_cast"
+  norm = (lambda f: f) if raw else normalize
 
   def features(params, x, task):
     return learner.apply(params, x, task, method="features").astype(jnp.float32)
@@ -102,7 +135,7 @@ def icarl(config, learner) -> Strategy:
     return dict(x=jnp.zeros((capacity, *task_info.input_shape), jnp.float32), y=jnp.zeros((capacity,), jnp.int32),
                 task=jnp.zeros((capacity,), jnp.int32), rank=jnp.full((capacity,), -1, jnp.int32),
                 teacher=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
-                means=jnp.zeros((c, d), jnp.float32), has_mean=jnp.zeros((c,), bool))
+                means=jnp.zeros((c, d), jnp.float32), has_mean=jnp.zeros((c,), bool), task_size=jnp.float32(1))
 
   def loss(loss_fn):
     del loss_fn  # iCaRL's objective replaces the classification loss (module docstring)
@@ -114,7 +147,10 @@ def icarl(config, learner) -> Strategy:
       # Exemplars drawn uniformly among the filled slots (weight 0 while there are none).
       p = filled.astype(jnp.float32) / jnp.maximum(jnp.sum(filled), 1)
       idx = jax.random.choice(jax.random.fold_in(ctx.rng, _EXEMPLAR_STREAM), capacity, (batch_size,), p=p)
-      x = jnp.concatenate([batch["x"].astype(jnp.float32), st["x"][idx]])
+      xe = st["x"][idx]
+      if uint8_cast:   # mammoth's `.type(torch.uint8)` of [0, 1] floats, read back / 255 (module docstring)
+        xe = jnp.floor(xe) / 255.0
+      x = jnp.concatenate([batch["x"].astype(jnp.float32), xe])
       y = jnp.concatenate([batch["y"].astype(jnp.int32), st["y"][idx]])
       task = jnp.concatenate([batch["task"].astype(jnp.int32), st["task"][idx]])
       weight = jnp.concatenate([jnp.ones(batch["y"].shape[0]), jnp.full((batch_size,), jnp.any(filled), jnp.float32)])
@@ -128,7 +164,15 @@ def icarl(config, learner) -> Strategy:
       target = jnp.where(old, teacher, jax.nn.one_hot(y, z.shape[-1]))
       bce = jnp.maximum(z, 0) - z * target + jnp.log1p(jnp.exp(-jnp.abs(z)))   # BCE with logits, stable
       per_example = jnp.sum(jnp.where(seen, bce, 0.0), -1)
-      value = jnp.sum(weight * per_example) / jnp.sum(weight)
+      if loss_mean:
+        per_example = per_example / jnp.maximum(jnp.sum(seen, -1), 1)
+      if dataset_replay:   # λ = E·B / (N·b) per drawn exemplar, the sum over B (module docstring)
+        n_batch = batch["y"].shape[0]
+        lam = jnp.sum(filled) * n_batch / (st["task_size"] * batch_size)
+        weight = jnp.concatenate([jnp.ones(n_batch), jnp.full((batch_size,), lam, jnp.float32)])
+        value = jnp.sum(weight * per_example) / n_batch
+      else:
+        value = jnp.sum(weight * per_example) / jnp.sum(weight)
       return value, {"icarl_loss": value, "_raw_logits": z[:batch["y"].shape[0]]}
     return icarl_loss
 
@@ -144,24 +188,24 @@ def icarl(config, learner) -> Strategy:
     for c in new_classes:
       xs = np.asarray(task_data.x)[task_data.y == c].astype(np.float32)
       ts = np.asarray(task_data.task)[task_data.y == c].astype(np.int32)
-      f = np.asarray(normalize(features_jit(params, jnp.asarray(xs), jnp.asarray(ts))))
+      f = np.asarray(norm(features_jit(params, jnp.asarray(xs), jnp.asarray(ts))))
       for r, i in enumerate(herding(f, m)):
         slot = free.pop(0)
         x_mem[slot], y_mem[slot], t_mem[slot], rank[slot] = xs[i], c, ts[i], r
     # Class means of the exemplars' normalised features, with the params every boundary evaluation scores.
     valid = rank >= 0
-    f = np.asarray(normalize(features_jit(params, jnp.asarray(x_mem), jnp.asarray(t_mem))))
+    f = np.asarray(norm(features_jit(params, jnp.asarray(x_mem), jnp.asarray(t_mem))))
     means = np.zeros(state["means"].shape, np.float32)
     has_mean = np.zeros(state["has_mean"].shape, bool)
     for c in np.unique(y_mem[valid]):
       mu = f[valid & (y_mem == c)].mean(0)
-      means[c], has_mean[c] = mu / max(np.linalg.norm(mu), 1e-12), True
+      means[c], has_mean[c] = (mu if raw else mu / max(np.linalg.norm(mu), 1e-12)), True
     return dict(x=jnp.asarray(x_mem), y=jnp.asarray(y_mem), task=jnp.asarray(t_mem), rank=jnp.asarray(rank),
                 teacher=jax.tree.map(lambda p: jnp.array(p, copy=True), params), means=jnp.asarray(means),
-                has_mean=jnp.asarray(has_mean))
+                has_mean=jnp.asarray(has_mean), task_size=jnp.float32(len(task_data.y)))
 
   def predict(state, params, x, task, task_index):
-    f = normalize(features(params, x, task))
+    f = norm(features(params, x, task))
     dist = jnp.sum(jnp.square(f[:, None, :] - state["means"][None]), -1)
     score = jnp.where(state["has_mean"][None], -dist, MASK_VALUE)
     mask = learner.logit_mask(task, task_index)
