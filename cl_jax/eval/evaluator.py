@@ -43,6 +43,15 @@ def padded_size(batch_size: int, mesh) -> int:
   return -(-int(batch_size) // mesh.size) * mesh.size
 
 
+def chunk_rows(n: int, size: int, mesh) -> int:
+  """Rows to pad a chunk of `n` rows to: `size` for a full chunk, else the next power of two (on the mesh), so a
+  short last chunk (or a small evaluation set) costs about its own rows, not a whole batch, with at most
+  log2(size) extra shapes to compile."""
+  if n >= size:
+    return size
+  return min(size, padded_size(1 << max(int(n) - 1, 0).bit_length(), mesh))
+
+
 def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   """`x` with zero rows appended up to n rows (their `valid` is False)."""
   x = np.asarray(x)
@@ -144,8 +153,9 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     nll, hit = [], []
     for i in range(0, len(tokens), size):
       chunk = tokens[i:i + size]
-      valid = pad_rows(np.ones(len(chunk), bool), size)
-      batch = sharding.put_global_batch({"t": pad_rows(chunk, size), "v": valid}, mesh)
+      rows = chunk_rows(len(chunk), size, mesh)
+      valid = pad_rows(np.ones(len(chunk), bool), rows)
+      batch = sharding.put_global_batch({"t": pad_rows(chunk, rows), "v": valid}, mesh)
       a, h = jax.device_get(nll_batch(params, batch["t"], batch["v"]))
       nll.append(np.asarray(a, np.float64)[:len(chunk)])
       hit.append(np.asarray(h, np.float64)[:len(chunk)])
@@ -159,8 +169,10 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
     for i in range(0, len(items.answer), per):
       sl = slice(i, i + per)
       n = len(items.answer[sl])
-      batch = sharding.put_global_batch({"c": pad_rows(items.context[sl], per), "x": pad_rows(items.choices[sl], per),
-                                         "m": pad_rows(items.choice_mask[sl], per)}, mesh)
+      rows = chunk_rows(n, per, mesh)
+      batch = sharding.put_global_batch({"c": pad_rows(items.context[sl], rows),
+                                         "x": pad_rows(items.choices[sl], rows),
+                                         "m": pad_rows(items.choice_mask[sl], rows)}, mesh)
       scores.append(np.asarray(jax.device_get(cloze_batch(params, batch["c"], batch["x"], batch["m"])))[:n])
     correct = (np.argmax(np.concatenate(scores), -1) == items.answer).astype(np.float64)
     return float(np.mean(correct)), correct
@@ -181,5 +193,5 @@ def make_lm_evaluator(apply: Callable, batch_size: int, mesh):
   return evaluate
 
 
-__all__ = ["padded_size", "pad_rows", "make_accuracy_fn", "task_accuracy", "accuracy_row", "AccuracyEvaluator",
+__all__ = ["padded_size", "chunk_rows", "pad_rows", "make_accuracy_fn", "task_accuracy", "accuracy_row", "AccuracyEvaluator",
            "accuracy_evaluator", "make_lm_evaluator"]

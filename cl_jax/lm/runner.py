@@ -531,9 +531,16 @@ def execute(built: Built, ctx):
   out = dataclasses.replace(out, state=final_state)
   monitor = hook.monitor
   test, test_items = {}, {}
-  for name, s in (("base", base_state), ("best", best_state), ("final", out.state)):
-    test_items[name] = {}
-    test[name] = phase.evaluator(s.params, data.eval["test"], data.cloze["test"], per_item=test_items[name])
+  # A kept model saved at the final step is the final model: scored once (a whole test-split pass saved; with
+  # `checkpoint.keep_best=False` it always is).
+  same = best_step == int(jax.device_get(out.state.step))
+  for name, s in (("base", base_state), ("best", None if same else best_state), ("final", out.state)):
+    if s is not None:
+      test_items[name] = {}
+      test[name] = phase.evaluator(s.params, data.eval["test"], data.cloze["test"], per_item=test_items[name])
+  if same:
+    test = {"base": test["base"], "best": dict(test["final"]), "final": test["final"]}
+    test_items["best"] = test_items["final"]
   # The same paired intervals on the test split: the kept and the final model against the base.
   test_intervals = {name: {m: paired_interval(m, test_items["base"][m], test_items[name][m],
                                               confidence=monitor.confidence, interval=monitor.interval,
