@@ -54,30 +54,20 @@ def test_exact_fisher_of_logistic_regression_is_its_closed_form(method):
   np.testing.assert_allclose(got_b, fb, rtol=2e-5, atol=1e-7)
 
 
-def test_empirical_fisher_of_logistic_regression_is_its_closed_form():
+@pytest.mark.parametrize("kind", ["empirical", "predicted"])
+def test_one_label_fisher_of_logistic_regression_is_its_closed_form(kind):
+  """The squared gradient at one label per example: the true one (empirical Fisher) or the predicted one (the
+  paper code's Fisher, van de Ven & Tolias 2019)."""
   x, y, t, w, b = _logreg_data()
   params = {"w": jnp.asarray(w), "b": jnp.asarray(b)}
   learner = Learner(lambda p, x, task: x @ p["w"] + p["b"], _no_mask)
-  fisher = fisher_diagonal(learner, params, x, y, t, 0, kind="empirical", chunk_size=16)
+  fisher = fisher_diagonal(learner, params, x, y, t, 0, kind=kind, chunk_size=16)
   z = x.astype(np.float64) @ w + b
   p = np.exp(z - z.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
-  err = (p - np.eye(3)[y]) ** 2   # per-example gradient wrt logits is p − e_y
-  np.testing.assert_allclose(fisher["w"], (x.astype(np.float64) ** 2).T @ err / len(x), rtol=2e-5)
-  np.testing.assert_allclose(fisher["b"], err.mean(0), rtol=2e-5)
-
-
-def test_predicted_fisher_of_logistic_regression_is_its_closed_form():
-  """The paper code's Fisher (van de Ven & Tolias 2019): the squared gradient at the predicted label."""
-  x, y, t, w, b = _logreg_data()
-  params = {"w": jnp.asarray(w), "b": jnp.asarray(b)}
-  learner = Learner(lambda p, x, task: x @ p["w"] + p["b"], _no_mask)
-  fisher = fisher_diagonal(learner, params, x, y, t, 0, kind="predicted", chunk_size=16)
-  z = x.astype(np.float64) @ w + b
-  p = np.exp(z - z.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  assert np.mean(p.argmax(1) != y) > 0.2   # the predicted label often differs from the true one: not empirical
-  err = (p - np.eye(3)[p.argmax(1)]) ** 2
+  assert np.mean(p.argmax(1) != y) > 0.2   # the two kinds differ on these data
+  label = y if kind == "empirical" else p.argmax(1)
+  err = (p - np.eye(3)[label]) ** 2   # per-example gradient wrt logits is p − e_label
   np.testing.assert_allclose(fisher["w"], (x.astype(np.float64) ** 2).T @ err / len(x), rtol=2e-5)
   np.testing.assert_allclose(fisher["b"], err.mean(0), rtol=2e-5)
 
